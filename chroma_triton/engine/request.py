@@ -1,0 +1,126 @@
+"""What goes into the engine (a prepared request) and what comes out (a stream of events)."""
+
+from __future__ import annotations
+
+import os
+import queue
+import threading
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from ..errors import InvalidRequestError
+
+MAX_SEED = 2**63 - 1
+
+
+@dataclass
+class SamplingParams:
+    temperature: float = 1.0
+    top_k: int | None = None  # None: the checkpoint's generation_config (or 50)
+    top_p: float = 1.0
+    seed: int | None = None  # None: a fresh random seed
+    max_tokens: int = 1000  # audio frames (80 ms each)
+
+    def validated(self, default_top_k: int, max_frames: int) -> "SamplingParams":
+        def bad(msg, param):
+            raise InvalidRequestError(msg, param=param)
+
+        if not isinstance(self.max_tokens, int) or isinstance(self.max_tokens, bool) or self.max_tokens < 1:
+            bad(f"max_tokens must be an integer >= 1 (audio frames of 80 ms), got {self.max_tokens!r}", "max_tokens")
+        if self.max_tokens > max_frames:
+            bad(f"max_tokens {self.max_tokens} exceeds this server's limit of {max_frames} frames", "max_tokens")
+        if not (isinstance(self.temperature, (int, float)) and 0 <= self.temperature <= 100) or self.temperature != self.temperature:
+            bad(f"temperature must be a number in [0, 100], got {self.temperature!r}", "temperature")
+        if not (isinstance(self.top_p, (int, float)) and 0 < self.top_p <= 1):
+            bad(f"top_p must be in (0, 1], got {self.top_p!r}", "top_p")
+        top_k = default_top_k if self.top_k is None else self.top_k
+        if not isinstance(top_k, int) or isinstance(top_k, bool) or top_k < 0:
+            bad(f"top_k must be an integer >= 0 (0 disables it), got {top_k!r}", "top_k")
+        seed = self.seed
+        if seed is None:
+            seed = int.from_bytes(os.urandom(8), "little") & MAX_SEED
+        elif not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed <= MAX_SEED:
+            bad(f"seed must be an integer in [0, 2**63-1], got {seed!r}", "seed")
+        return SamplingParams(float(self.temperature), top_k, float(self.top_p), seed, self.max_tokens)
+
+
+@dataclass
+class GenerationRequest:
+    """A conversation already turned into model inputs (see `processor.ChromaProcessor`)."""
+
+    thinker_ids: list[int]  # chat-templated prompt with <|AUDIO|> runs expanded
+    prompt_text_ids: list[int]  # reference transcript tokens
+    prompt_codes: np.ndarray  # reference voice codes [frames, K]
+    audio_embeds: torch.Tensor | None = None  # [num <|AUDIO|> tokens, hidden]
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    request_id: str = ""
+
+
+# -- events -----------------------------------------------------------------------------------
+@dataclass
+class TextDelta:
+    text: str
+
+
+@dataclass
+class AudioChunk:
+    codes: np.ndarray  # [context + new frames, K]
+    context_frames: int  # leading frames already sent earlier (decode context only)
+    start_frame: int  # index of the first new frame
+
+
+@dataclass
+class Finished:
+    reason: str  # "stop" (EOS frame), "length" (max_tokens or context full) or "cancelled"
+    prompt_tokens: int
+    text_tokens: int
+    audio_frames: int
+    text: str
+
+
+@dataclass
+class RequestFailed:
+    message: str
+    client_error: bool = False
+
+
+Event = TextDelta | AudioChunk | Finished | RequestFailed
+
+
+class RequestStream:
+    """The caller's handle: iterate events (blocking), or cancel. Thread-safe."""
+
+    _END = object()
+
+    def __init__(self, request_id: str):
+        self.request_id = request_id
+        self._queue: queue.Queue = queue.Queue()
+        self._cancelled = threading.Event()
+
+    # engine side
+    def put(self, event: Event) -> None:
+        self._queue.put(event)
+        if isinstance(event, (Finished, RequestFailed)):
+            self._queue.put(self._END)
+
+    # caller side
+    def cancel(self) -> None:
+        self._cancelled.set()
+
+    @property
+    def cancelled(self) -> bool:
+        return self._cancelled.is_set()
+
+    def get(self, timeout: float | None = None) -> Event | None:
+        """Next event, or None once the stream has ended."""
+        item = self._queue.get(timeout=timeout)
+        if item is self._END:
+            self._queue.put(self._END)  # stay ended for later calls
+            return None
+        return item
+
+    def __iter__(self):
+        while (event := self.get()) is not None:
+            yield event

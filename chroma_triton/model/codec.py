@@ -1,0 +1,48 @@
+"""Mimi codec (transformers' `MimiModel`): reference audio -> codes, codes -> 24 kHz audio.
+
+Streaming decode is stateless: each chunk is decoded together with up to `context_frames`
+frames before it and only the new part is kept. Mimi's decoder is causal, so enough left
+context reproduces the one-shot decode; what remains differs only through the decoder
+transformer's attention to frames older than the context (measured in tests/docs).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+
+class Codec:
+    def __init__(self, mimi: torch.nn.Module, num_codebooks: int, codebook_size: int, sample_rate: int, frame_size: int):
+        self.mimi = mimi
+        self.num_codebooks = num_codebooks
+        self.codebook_size = codebook_size
+        self.sample_rate = sample_rate
+        self.frame_size = frame_size
+        p = next(mimi.parameters())
+        self.device, self.dtype = p.device, p.dtype
+
+    @torch.inference_mode()
+    def encode(self, wav: np.ndarray) -> np.ndarray:
+        """Mono float32 at `sample_rate` -> codes [frames, num_codebooks] (int64)."""
+        x = torch.as_tensor(wav, dtype=torch.float32).to(self.device, self.dtype)[None, None]
+        codes = self.mimi.encode(x, num_quantizers=self.num_codebooks).audio_codes  # [1, K, T]
+        return codes[0, : self.num_codebooks].T.contiguous().cpu().numpy().astype(np.int64)
+
+    @torch.inference_mode()
+    def decode(self, codes: np.ndarray | torch.Tensor) -> np.ndarray:
+        """codes [frames, K] -> float32 mono [frames * frame_size]; codes are clamped to the codebook."""
+        c = torch.as_tensor(codes, dtype=torch.long)
+        if c.ndim != 2 or c.shape[1] != self.num_codebooks:
+            raise ValueError(f"codes must have shape [frames, {self.num_codebooks}], got {tuple(c.shape)}")
+        if c.shape[0] == 0:
+            return np.zeros(0, dtype=np.float32)
+        c = c.clamp(0, self.codebook_size - 1).T[None].to(self.device)
+        audio = self.mimi.decode(c).audio_values  # [1, 1, samples]
+        return audio[0, 0].float().cpu().numpy()
+
+    def decode_chunk(self, codes: np.ndarray, context_frames: int) -> np.ndarray:
+        """Decode [context + new, K] codes and return only the new frames' samples."""
+        if not 0 <= context_frames <= len(codes):
+            raise ValueError(f"context_frames {context_frames} outside 0..{len(codes)}")
+        return self.decode(codes)[context_frames * self.frame_size :]

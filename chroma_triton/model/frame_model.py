@@ -1,0 +1,119 @@
+"""Backbone + depth decoder: one audio frame (all codebooks) per step, for a batch of requests.
+
+Backbone (Llama-3 trunk over embeddings) predicts codebook 0 from its last state; the depth
+decoder then predicts codebooks 1..K-1 from [projection(backbone state), projection(embed(c0)),
+...], with a fresh short cache every frame ("the decoder cache is reset every frame").
+The audio embedding table is shared: codebook k, code c is row k * audio_vocab + c.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..config import ChromaConfig
+from ..sampling import sample, stream_keys
+from .trunk import KVCache, RotaryTable, Trunk
+
+
+class AudioEmbedding(nn.Module):
+    def __init__(self, num_codebooks: int, audio_vocab: int, dim: int):
+        super().__init__()
+        self.embed_audio_tokens = nn.Embedding(num_codebooks * audio_vocab, dim)
+        self.audio_vocab = audio_vocab
+
+    def codebook(self, codes: torch.Tensor, k: int) -> torch.Tensor:
+        """codes [...] of codebook k -> [..., dim]."""
+        return self.embed_audio_tokens(codes + k * self.audio_vocab)
+
+    def frame(self, codes: torch.Tensor) -> torch.Tensor:
+        """codes [..., K] -> summed frame embedding [..., dim]."""
+        offsets = torch.arange(codes.shape[-1], device=codes.device) * self.audio_vocab
+        return self.embed_audio_tokens(codes + offsets).sum(dim=-2)
+
+
+class Backbone(nn.Module):
+    def __init__(self, cfg: ChromaConfig):
+        super().__init__()
+        bb = cfg.backbone
+        self.model = Trunk(bb.trunk)
+        self.codebook0_head = nn.Linear(bb.trunk.hidden_size, bb.audio_vocab_size, bias=False)
+        self.audio_embedding = AudioEmbedding(cfg.num_codebooks, bb.audio_vocab_size, bb.trunk.hidden_size)
+
+
+class DepthDecoder(nn.Module):
+    def __init__(self, cfg: ChromaConfig):
+        super().__init__()
+        dec = cfg.decoder
+        self.projection = nn.Linear(dec.audio_embedding_dim, dec.trunk.hidden_size, bias=False)
+        self.model = Trunk(dec.trunk)
+        self.codebook_head = CodebookHeads(cfg.num_codebooks - 1, dec.trunk.hidden_size, dec.audio_vocab_size)
+
+
+class CodebookHeads(nn.Module):
+    """weight [K-1, hidden, vocab]: codebook k (1..K-1) uses weight[k-1]."""
+
+    def __init__(self, heads: int, hidden: int, vocab: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(heads, hidden, vocab))
+
+
+class SamplingTensors:
+    """Per-row sampling settings as device tensors (shape [B]) for one batched step."""
+
+    def __init__(self, temperature, top_k, top_p, seeds, frames):
+        self.temperature, self.top_k, self.top_p = temperature, top_k, top_p
+        self.seeds, self.frames = seeds, frames
+
+
+class FrameModel(nn.Module):
+    """Owns backbone and decoder weights and their static caches; does one frame per call."""
+
+    def __init__(self, cfg: ChromaConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.backbone = Backbone(cfg)
+        self.decoder = DepthDecoder(cfg)
+        self.num_codebooks = cfg.num_codebooks
+        self.backbone_cache: KVCache | None = None
+        self.backbone_rotary: RotaryTable | None = None
+
+    # -- caches -------------------------------------------------------------------------------
+    def setup_caches(self, rows: int, backbone_len: int) -> None:
+        p = self.backbone.codebook0_head.weight
+        self.backbone_cache, self.backbone_rotary = self.backbone.model.new_cache(rows, backbone_len, p.device, p.dtype)
+        # decoder positions: backbone state, then codebooks 0..K-2
+        self.decoder_cache, self.decoder_rotary = self.decoder.model.new_cache(rows, self.num_codebooks, p.device, p.dtype)
+
+    # -- embeddings ---------------------------------------------------------------------------
+    def frame_embedding(self, codes: torch.Tensor) -> torch.Tensor:
+        return self.backbone.audio_embedding.frame(codes)
+
+    # -- backbone -----------------------------------------------------------------------------
+    def backbone_step(self, x: torch.Tensor, rows: torch.Tensor, positions: torch.Tensor, last: torch.Tensor, key_len: int):
+        """x [B, L, H] at positions [B, L]; returns the state at index `last` [B] of each row: [B, H]."""
+        h = self.backbone.model(x, self.backbone_cache, self.backbone_rotary, rows, positions, key_len)
+        return h[torch.arange(h.shape[0], device=h.device), last]
+
+    # -- one frame ----------------------------------------------------------------------------
+    def sample_frame(self, state: torch.Tensor, rows: torch.Tensor, params: SamplingTensors) -> torch.Tensor:
+        """Backbone last state [B, H] -> codes [B, K] (codebook 0 by the backbone head, the rest by
+        the depth decoder)."""
+        b = state.shape[0]
+        codes = torch.empty(b, self.num_codebooks, dtype=torch.long, device=state.device)
+        codes[:, 0] = self._sample(self.backbone.codebook0_head(state), params, 0)
+        emb = self.backbone.audio_embedding
+        x = self.decoder.projection(torch.stack([state, emb.codebook(codes[:, 0], 0)], dim=1))  # [B, 2, Hd]
+        positions = torch.arange(2, device=state.device).expand(b, 2)
+        for k in range(1, self.num_codebooks):
+            h = self.decoder.model(x, self.decoder_cache, self.decoder_rotary, rows, positions, k + 1)
+            logits = h[:, -1] @ self.decoder.codebook_head.weight[k - 1]
+            codes[:, k] = self._sample(logits, params, k)
+            if k + 1 < self.num_codebooks:
+                x = self.decoder.projection(emb.codebook(codes[:, k], k))[:, None]
+                positions = positions[:, -1:] + 1
+        return codes
+
+    def _sample(self, logits: torch.Tensor, p: SamplingTensors, codebook: int) -> torch.Tensor:
+        keys = stream_keys(p.seeds, p.frames, codebook)
+        return sample(logits, p.temperature, p.top_k, p.top_p, keys)

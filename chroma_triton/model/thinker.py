@@ -1,0 +1,89 @@
+"""The thinker: Qwen2.5-Omni's language model, greedy, with post-norm hidden states.
+
+`Thinker` is the small interface the engine talks to; `TorchThinker` implements it with plain
+PyTorch over static caches (runs anywhere, CPU included). An SGLang-backed thinker can sit
+beside it with the same three calls.
+
+Why plain 1-D rope is exact here: Qwen2.5-Omni uses multimodal rope (three position streams
+for time/height/width). For text and audio inputs (no image/video) transformers' `get_rope_index`
+gives all three streams the same sequential positions, and mrope over equal streams is ordinary
+rope. A test checks our outputs against transformers' own thinker.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+from torch import nn
+
+from ..config import ThinkerConfig
+from .trunk import Trunk
+
+
+class Thinker(Protocol):
+    hidden_size: int
+
+    def embed(self, token_ids: torch.Tensor) -> torch.Tensor:
+        """Token embeddings (also the backbone's text embeddings)."""
+
+    def prefill(self, row: int, input_ids: torch.Tensor, audio_embeds: torch.Tensor | None) -> tuple[torch.Tensor, int]:
+        """Run the prompt into cache row `row`; return (last post-norm state [H], greedy next id)."""
+
+    def decode(self, rows: list[int], tokens: torch.Tensor, positions: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Feed one token per row at its position; return (post-norm states [B, H], greedy ids [B])."""
+
+
+class ThinkerLM(nn.Module):
+    """Weights of the thinker's text model in transformers 4.5x naming (`model.*`, `lm_head`)."""
+
+    def __init__(self, cfg: ThinkerConfig):
+        super().__init__()
+        self.model = Trunk(cfg.text)
+        self.model.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.text.hidden_size)
+        self.lm_head = nn.Linear(cfg.text.hidden_size, cfg.vocab_size, bias=False)
+
+
+class TorchThinker:
+    def __init__(self, lm: ThinkerLM, cfg: ThinkerConfig, rows: int, max_len: int):
+        self.lm, self.cfg = lm, cfg
+        self.hidden_size = cfg.text.hidden_size
+        self.max_len = max_len
+        p = lm.lm_head.weight
+        self.device = p.device
+        self.cache, self.rotary = lm.model.new_cache(rows, max_len, p.device, p.dtype)
+
+    def embed(self, token_ids: torch.Tensor) -> torch.Tensor:
+        return self.lm.model.embed_tokens(token_ids.to(self.device))
+
+    def prompt_embeddings(self, input_ids: torch.Tensor, audio_embeds: torch.Tensor | None) -> torch.Tensor:
+        """Token embeddings with the audio tower's outputs in place of the <|AUDIO|> run(s)."""
+        x = self.embed(input_ids)
+        is_audio = input_ids.to(self.device) == self.cfg.audio_token_id
+        n = int(is_audio.sum())
+        got = 0 if audio_embeds is None else audio_embeds.shape[0]
+        if n != got:
+            raise ValueError(f"prompt has {n} audio placeholder tokens but {got} audio embeddings")
+        if n:
+            x = x.clone()
+            x[is_audio] = audio_embeds.to(device=x.device, dtype=x.dtype)
+        return x
+
+    @torch.inference_mode()
+    def prefill(self, row, input_ids, audio_embeds):
+        x = self.prompt_embeddings(input_ids, audio_embeds)[None]
+        length = x.shape[1]
+        positions = torch.arange(length, device=self.device)[None]
+        rows = torch.tensor([row], device=self.device)
+        h = self.lm.model(x, self.cache, self.rotary, rows, positions, length)[0, -1]
+        return h, int(self._greedy(h[None])[0])
+
+    @torch.inference_mode()
+    def decode(self, rows, tokens, positions):
+        x = self.embed(tokens)[:, None]
+        pos = torch.tensor(positions, device=self.device)[:, None]
+        h = self.lm.model(x, self.cache, self.rotary, torch.tensor(rows, device=self.device), pos, max(positions) + 1)[:, 0]
+        return h, self._greedy(h)
+
+    def _greedy(self, h: torch.Tensor) -> torch.Tensor:
+        return self.lm.lm_head(h).float().argmax(dim=-1)

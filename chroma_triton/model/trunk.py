@@ -1,0 +1,180 @@
+"""A Llama/Qwen2-style decoder stack over preallocated, fixed-shape KV caches.
+
+One module serves three parts of Chroma: the thinker's Qwen2.5 LM (q/k/v biases, plain rope),
+the backbone and the depth decoder (Llama-3 rope). Parameter names follow transformers'
+`LlamaModel` / `Qwen2Model` (`layers.N.self_attn.q_proj.weight`, ...), so checkpoint tensors load
+directly.
+
+Every forward works on a batch of *cache rows* with per-row positions, so requests of different
+lengths share one call (continuous batching) and shapes stay fixed for CUDA graphs later.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import RopeConfig, TrunkConfig
+
+
+def rope_inv_freq(rope: RopeConfig, head_dim: int) -> torch.Tensor:
+    """Inverse frequencies [head_dim/2], with Llama-3's long-context rescaling when asked."""
+    inv = 1.0 / (rope.theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
+    if rope.kind == "llama3":
+        low_wavelen = rope.original_max_position_embeddings / rope.low_freq_factor
+        high_wavelen = rope.original_max_position_embeddings / rope.high_freq_factor
+        wavelen = 2 * math.pi / inv
+        smooth = (rope.original_max_position_embeddings / wavelen - rope.low_freq_factor) / (
+            rope.high_freq_factor - rope.low_freq_factor
+        )
+        scaled = torch.where(wavelen > low_wavelen, inv / rope.factor, inv)
+        mid = (1 - smooth) * inv / rope.factor + smooth * inv
+        is_mid = (wavelen <= low_wavelen) & (wavelen >= high_wavelen)
+        inv = torch.where(is_mid, mid, scaled)
+    return inv.float()
+
+
+class RotaryTable:
+    """cos/sin for positions 0..max_len-1, computed once (gpt-fast's `setup_caches` habit)."""
+
+    def __init__(self, rope: RopeConfig, head_dim: int, max_len: int, device, dtype):
+        freqs = torch.outer(torch.arange(max_len, dtype=torch.float32), rope_inv_freq(rope, head_dim))
+        emb = torch.cat([freqs, freqs], dim=-1)
+        self.cos = emb.cos().to(device=device, dtype=dtype)
+        self.sin = emb.sin().to(device=device, dtype=dtype)
+
+    def lookup(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """positions [B, L] -> cos, sin [B, 1, L, D] (broadcast over heads)."""
+        return self.cos[positions].unsqueeze(1), self.sin[positions].unsqueeze(1)
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    return x * cos + _rotate_half(x) * sin
+
+
+class KVCache:
+    """Static K/V buffers [layers, rows, kv_heads, max_len, head_dim] for one trunk.
+
+    A row belongs to one request for its lifetime; positions are absolute within the row.
+    Nothing is ever freed or reallocated: releasing a row is the engine's bookkeeping only,
+    since a new owner overwrites positions before any query can read them (causal mask).
+    """
+
+    def __init__(self, cfg: TrunkConfig, rows: int, max_len: int, device, dtype):
+        shape = (cfg.num_layers, rows, cfg.num_kv_heads, max_len, cfg.head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.rows = rows
+        self.max_len = max_len
+
+    def nbytes(self) -> int:
+        return self.k.numel() * self.k.element_size() * 2
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: TrunkConfig):
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        self.q_proj = nn.Linear(cfg.hidden_size, cfg.num_heads * cfg.head_dim, bias=cfg.qkv_bias)
+        self.k_proj = nn.Linear(cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
+        self.v_proj = nn.Linear(cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
+        self.o_proj = nn.Linear(cfg.num_heads * cfg.head_dim, cfg.hidden_size, bias=False)
+
+    def forward(self, x, cos, sin, k_cache, v_cache, rows, positions, mask, key_len):
+        """x [B, L, H]; k_cache/v_cache [R, kvh, T, D] of this layer; rows [B]; positions [B, L];
+        mask [B, 1, L, key_len] (True = may attend)."""
+        b, length, _ = x.shape
+        q = self.q_proj(x).view(b, length, self.num_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(b, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(b, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        # write this step's keys/values at (row, position); advanced indices go first: [B, L, kvh, D]
+        k_cache[rows[:, None], :, positions] = k.transpose(1, 2)
+        v_cache[rows[:, None], :, positions] = v.transpose(1, 2)
+        keys = k_cache[rows, :, :key_len]
+        values = v_cache[rows, :, :key_len]
+        out = F.scaled_dot_product_attention(
+            q, keys, values, attn_mask=mask, enable_gqa=self.num_heads != self.num_kv_heads
+        )
+        return self.o_proj(out.transpose(1, 2).reshape(b, length, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: TrunkConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: TrunkConfig):
+        super().__init__()
+        self.self_attn = Attention(cfg)
+        self.mlp = MLP(cfg)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+    def forward(self, x, cos, sin, k_cache, v_cache, rows, positions, mask, key_len):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, k_cache, v_cache, rows, positions, mask, key_len)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Trunk(nn.Module):
+    """layers + final norm; input and output are hidden states [B, L, H]."""
+
+    def __init__(self, cfg: TrunkConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+    def new_cache(self, rows: int, max_len: int, device, dtype) -> tuple[KVCache, RotaryTable]:
+        return KVCache(self.cfg, rows, max_len, device, dtype), RotaryTable(
+            self.cfg.rope, self.cfg.head_dim, max_len, device, dtype
+        )
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        cache: KVCache,
+        rotary: RotaryTable,
+        rows: torch.Tensor,
+        positions: torch.Tensor,
+        key_len: int,
+    ) -> torch.Tensor:
+        """x [B, L, H] at `positions` [B, L] of cache `rows` [B]; returns post-norm states [B, L, H].
+
+        `key_len` bounds the keys read (max position in the batch + 1), a host-side number the
+        engine already knows, so no device sync is needed.
+        """
+        cos, sin = rotary.lookup(positions)
+        key_pos = torch.arange(key_len, device=x.device)
+        mask = (key_pos[None, None, :] <= positions[:, :, None]).unsqueeze(1)  # [B, 1, L, key_len]
+        for i, layer in enumerate(self.layers):
+            x = layer(x, cos, sin, cache.k[i], cache.v[i], rows, positions, mask, key_len)
+        return self.norm(x)

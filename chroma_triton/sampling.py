@@ -1,0 +1,76 @@
+"""Batched temperature / top-k / top-p sampling with per-request, counter-based randomness.
+
+Each request's noise is a pure function of (seed, frame, codebook, token id): a murmur3-style
+integer hash evaluated with tensor ops. So a request draws the same codes whatever else shares
+its batch (batch invariance), on CPU and GPU alike, with no generator objects and no host sync
+(the exponential-race trick: argmax(p / E) with E ~ Exp(1) samples from p).
+"""
+
+from __future__ import annotations
+
+import torch
+
+_MASK32 = 0xFFFFFFFF
+
+
+def _mul32(x: torch.Tensor, c: int) -> torch.Tensor:
+    """(x * c) mod 2**32 for x in [0, 2**32) without int64 overflow (16-bit split of c)."""
+    lo, hi = c & 0xFFFF, c >> 16
+    return (x * lo + (((x * hi) & 0xFFFF) << 16)) & _MASK32
+
+
+def mix32(x: torch.Tensor) -> torch.Tensor:
+    """murmur3's 32-bit finaliser on int64 tensors holding values in [0, 2**32)."""
+    x = x ^ (x >> 16)
+    x = _mul32(x, 0x85EBCA6B)
+    x = x ^ (x >> 13)
+    x = _mul32(x, 0xC2B2AE35)
+    return x ^ (x >> 16)
+
+
+def stream_keys(seeds: torch.Tensor, frames: torch.Tensor, codebook: int) -> torch.Tensor:
+    """One 32-bit key per row for (seed, frame, codebook); seeds/frames are int64 [B]."""
+    k = mix32((seeds & _MASK32) ^ 0x3C6EF372)
+    k = mix32(k ^ ((seeds >> 32) & _MASK32))
+    k = mix32(k ^ ((frames * 64 + codebook) & _MASK32))
+    return k
+
+
+def exponential_noise(keys: torch.Tensor, vocab: int) -> torch.Tensor:
+    """Exp(1) noise [B, vocab] from row keys [B]: -log(u), u uniform on (0, 1) with 24 bits."""
+    ids = torch.arange(vocab, device=keys.device, dtype=torch.int64)
+    h = mix32(keys[:, None] ^ mix32(ids * 0x9E3779B1 & _MASK32)[None, :])
+    u = ((h >> 8).to(torch.float32) + 0.5) * (1.0 / (1 << 24))
+    return -torch.log(u)
+
+
+def sample(
+    logits: torch.Tensor,
+    temperature: torch.Tensor,
+    top_k: torch.Tensor,
+    top_p: torch.Tensor,
+    keys: torch.Tensor,
+) -> torch.Tensor:
+    """Sample one id per row.
+
+    logits [B, V]; temperature [B] float (<= 0 means greedy); top_k [B] int (<= 0 or >= V: off);
+    top_p [B] float in (0, 1]; keys [B] from `stream_keys`. Order as in transformers:
+    temperature, then top-k, then top-p over what is left.
+    """
+    logits = logits.float()
+    vocab = logits.shape[-1]
+    greedy = temperature <= 0
+    scaled = logits / torch.where(greedy, torch.ones_like(temperature), temperature)[:, None]
+    sorted_logits, order = scaled.sort(dim=-1, descending=True)
+    ranks = torch.arange(vocab, device=logits.device)[None, :]
+    k = torch.where((top_k <= 0) | (top_k > vocab), torch.full_like(top_k, vocab), top_k)
+    keep = ranks < k[:, None]
+    probs = torch.softmax(sorted_logits.masked_fill(~keep, float("-inf")), dim=-1)
+    mass_before = probs.cumsum(dim=-1) - probs
+    keep = keep & (mass_before < top_p[:, None])
+    keep[:, 0] = True
+    probs = torch.softmax(sorted_logits.masked_fill(~keep, float("-inf")), dim=-1)
+    noise = exponential_noise(keys, vocab).gather(1, order)  # noise belongs to the token id, not the rank
+    choice = torch.argmax(probs / noise, dim=-1)
+    sampled = order.gather(1, choice[:, None]).squeeze(1)
+    return torch.where(greedy, order[:, 0], sampled)
