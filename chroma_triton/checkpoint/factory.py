@@ -116,6 +116,7 @@ def build_config(preset: str) -> dict:
         "im_end_token_id": THINKER_SPECIAL_TOKENS["<|im_end|>"],
         "audio_frame_freq": 1920,
         "torch_dtype": "bfloat16",
+        "transformers_version": "4.57.1",  # what the real checkpoint records
     }
 
 

@@ -222,7 +222,7 @@ class ChromaEngine:
         sp = self.special
         text_ids = torch.tensor([sp.text_start, *req.prompt_text_ids, sp.text_end], dtype=torch.long)
         text = self.thinker.embed(text_ids)
-        codes = torch.as_tensor(np.asarray(req.prompt_codes), dtype=torch.long, device=self.device)
+        codes = torch.tensor(np.asarray(req.prompt_codes), dtype=torch.long, device=self.device)
         audio = self.frames.frame_embedding(codes)
         zero = torch.zeros(1, text.shape[-1], device=self.device, dtype=text.dtype)
         return torch.cat([text, audio, zero], dim=0).to(self._dtype)

@@ -119,12 +119,17 @@ def _read_top_k(folder: Path) -> int:
 
 def _load_tokenizer(ckpt: Checkpoint):
     from transformers import AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
     folder = ckpt.asset_folder("tokenizer.json", "vocab.json", "tokenizer_config.json")
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # AutoTokenizer warns that model_type "chroma" is not a tokenizer type
     try:
         return AutoTokenizer.from_pretrained(str(folder))
     except Exception as exc:
         raise CheckpointError(f"{folder}: cannot load the tokenizer ({exc})") from None
+    finally:
+        hf_logging.set_verbosity(level)
 
 
 def _load_meta_module(ckpt, build, prefix, device, dtype, aliases=None):
