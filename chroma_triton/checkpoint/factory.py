@@ -33,12 +33,16 @@ def _llama3_rope(theta, factor, low, high, original):
 
 def _thinker_config(text: dict, audio: dict, vision: dict) -> dict:
     ids = THINKER_SPECIAL_TOKENS
+    # mrope splits the rotary half-dim into (time, height, width) sections: [16, 24, 24] for the
+    # real head_dim 128; keep the same 2:3:3 split so transformers' thinker accepts other sizes.
+    half = text["hidden_size"] // text["num_attention_heads"] // 2
+    mrope_section = [half // 4, half * 3 // 8, half - half // 4 - half * 3 // 8]
     return {
         "model_type": "qwen2_5_omni_thinker",
         "text_config": {"model_type": "qwen2_5_omni_text", "vocab_size": QWEN_VOCAB, "rms_norm_eps": 1e-6,
                         "hidden_act": "silu", "max_position_embeddings": 32768, "tie_word_embeddings": False,
                         "rope_theta": 1000000.0,
-                        "rope_scaling": {"type": "mrope", "rope_type": "default", "mrope_section": [16, 24, 24]},
+                        "rope_scaling": {"type": "mrope", "rope_type": "default", "mrope_section": mrope_section},
                         **text},
         "audio_config": {"model_type": "qwen2_5_omni_audio_encoder", "num_mel_bins": 128, "max_source_positions": 1500,
                          "n_window": 100, **audio},
@@ -147,10 +151,21 @@ def _hf_state(build, prefix: str, seed: int, dtype) -> dict[str, torch.Tensor]:
     return {prefix + k: v.detach().to(dtype).contiguous() for k, v in module.state_dict().items()}
 
 
+def _mimi_state(codec_config: dict, seed: int) -> dict[str, torch.Tensor]:
+    """Mimi as transformers initialises it, but with random codebooks: its init leaves every
+    codebook vector at zero (embed_sum = 0), which would make the decoded audio ignore the codes."""
+    from transformers import MimiConfig, MimiModel
+
+    state = _hf_state(lambda: MimiModel(MimiConfig(**codec_config)), "codec_model.", seed, torch.float32)
+    for key in [k for k in state if k.endswith("codebook.embed_sum")]:
+        g = torch.Generator().manual_seed(_key_seed(seed, key))
+        state[key] = torch.randn(state[key].shape, generator=g)
+    return state
+
+
 def make_checkpoint(out_dir: str | os.PathLike, preset: str = "tiny", seed: int = 0, *, with_visual: bool = True,
                     dtype: torch.dtype = torch.bfloat16) -> Path:
     """Write the checkpoint into `out_dir` (created; existing files are overwritten)."""
-    from transformers import MimiConfig, MimiModel
     from transformers.models.qwen2_5_omni.configuration_qwen2_5_omni import (
         Qwen2_5OmniAudioEncoderConfig,
         Qwen2_5OmniVisionEncoderConfig,
@@ -179,7 +194,7 @@ def make_checkpoint(out_dir: str | os.PathLike, preset: str = "tiny", seed: int 
     state.update(frame_state)
     # stored tied copy, as the real checkpoint has it
     state["decoder.audio_embedding.embed_audio_tokens.weight"] = frame_state["backbone.audio_embedding.embed_audio_tokens.weight"]
-    state.update(_hf_state(lambda: MimiModel(MimiConfig(**raw["codec_config"])), "codec_model.", seed, torch.float32))
+    state.update(_mimi_state(raw["codec_config"], seed))
 
     _write_shards(out, state, PRESETS[preset]["shard_bytes"])
     (out / "config.json").write_text(json.dumps(raw, indent=2) + "\n")

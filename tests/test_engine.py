@@ -1,0 +1,364 @@
+"""The engine's algorithm and its continuous batching, on the tiny checkpoint (CPU)."""
+
+from __future__ import annotations
+
+import copy
+import threading
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from chroma_triton.engine import (AudioChunk, ChromaEngine, EngineOptions, Finished, GenerationRequest,
+                                  RequestFailed, SamplingParams, TextDelta)
+from chroma_triton.errors import InvalidRequestError
+from chroma_triton.pipeline import ChromaPipeline
+
+
+@pytest.fixture(scope="module")
+def pipe(tiny_checkpoint):
+    p = ChromaPipeline.from_pretrained(tiny_checkpoint, options=EngineOptions(max_batch=8))
+    yield p
+    p.close()
+
+
+@pytest.fixture(scope="module")
+def parts(pipe):
+    return pipe.parts
+
+
+def make_engine(pipe, **kw) -> ChromaEngine:
+    pipe.engine.shutdown()  # one engine at a time owns the model's caches
+    return ChromaEngine(pipe.parts, EngineOptions(**kw)).start()
+
+
+def request(pipe, question_wav, ref_voice, text="Tell me something.", **sampling) -> GenerationRequest:
+    content = [{"type": "audio", "audio": question_wav}, {"type": "text", "text": text}]
+    return pipe.prepare([{"role": "user", "content": content}], ref_voice[0], ref_voice[1],
+                        SamplingParams(**{"seed": 7, "max_tokens": 16, **sampling}))
+
+
+def run(engine: ChromaEngine, req: GenerationRequest) -> dict:
+    return collect(engine.submit(copy.deepcopy(req)))
+
+
+def collect(stream) -> dict:
+    out = {"text": "", "chunks": [], "finished": None, "failed": None}
+    for ev in stream:
+        if isinstance(ev, TextDelta):
+            out["text"] += ev.text
+        elif isinstance(ev, AudioChunk):
+            out["chunks"].append(ev)
+        elif isinstance(ev, Finished):
+            out["finished"] = ev
+        elif isinstance(ev, RequestFailed):
+            out["failed"] = ev
+    chunks = out["chunks"]
+    out["codes"] = np.concatenate([c.codes[c.context_frames:] for c in chunks]) if chunks else np.zeros((0, 8), int)
+    return out
+
+
+def wait_idle(engine, timeout=10.0):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        s = engine.stats()
+        if s["active"] == 0 and s["queued"] == 0 and s["free_rows"] == s["max_batch"]:
+            return s
+        time.sleep(0.01)
+    raise AssertionError(f"engine not idle: {engine.stats()}")
+
+
+# -- algorithm ----------------------------------------------------------------------------------
+def test_backbone_prompt_layout(pipe, question_wav, ref_voice):
+    req = request(pipe, question_wav, ref_voice)
+    engine = pipe.engine
+    x = engine._backbone_prompt(req)
+    sp = pipe.parts.special
+    thinker, frames = engine.thinker, engine.frames
+    n_text = len(req.prompt_text_ids)
+    n_frames = len(req.prompt_codes)
+    assert x.shape[0] == 1 + n_text + 1 + n_frames + 1
+    emb = thinker.embed(torch.tensor([sp.text_start, *req.prompt_text_ids, sp.text_end]))
+    torch.testing.assert_close(x[: n_text + 2], emb)
+    audio = frames.frame_embedding(torch.as_tensor(np.array(req.prompt_codes)))
+    torch.testing.assert_close(x[n_text + 2 : n_text + 2 + n_frames], audio)
+    # a frame embedding is the sum of its K codebook rows (codebook k uses rows k*V + code)
+    table = frames.backbone.audio_embedding.embed_audio_tokens.weight
+    v = pipe.cfg.backbone.audio_vocab_size
+    manual = sum(table[k * v + int(req.prompt_codes[0][k])] for k in range(pipe.cfg.num_codebooks))
+    torch.testing.assert_close(audio[0], manual)
+    assert torch.count_nonzero(x[-1]) == 0, "the reference audio ends with an all-zero vector"
+
+
+def test_interleave_schedule(pipe, question_wav, ref_voice, monkeypatch):
+    engine = make_engine(pipe, max_batch=2)
+    widths, thinker_calls = [], []
+    orig_step, orig_decode = engine.frames.backbone_step, engine.thinker.decode
+
+    def spy_step(x, rows, positions, last, key_len):
+        widths.append((x.shape[1], last.tolist(), positions[:, 0].tolist()))
+        return orig_step(x, rows, positions, last, key_len)
+
+    def spy_decode(rows, tokens, positions):
+        h, nxt = orig_decode(rows, tokens, positions)
+        thinker_calls.append((tokens.tolist(), positions, h.clone(), nxt.tolist()))
+        return h, nxt
+
+    monkeypatch.setattr(engine.frames, "backbone_step", spy_step)
+    monkeypatch.setattr(engine.thinker, "decode", spy_decode)
+    req = request(pipe, question_wav, ref_voice, max_tokens=12)
+    try:
+        out = run(engine, req)
+    finally:
+        engine.shutdown()
+    prompt_len = engine._backbone_prompt(req).shape[0]
+    # frame 0: the whole reference prompt + [h0, embed(t1)]; then per frame n: 3 wide on even n, else 1
+    assert widths[0][0] == prompt_len + 2 and widths[0][1] == [prompt_len + 1]
+    frames = out["finished"].audio_frames
+    steps = widths[1:frames]
+    expect_pos = prompt_len + 2
+    for n, (width, last, pos) in enumerate(steps, start=1):
+        talking = n % 2 == 0 and n // 2 <= len(thinker_calls)
+        assert width == (3 if talking else 1), f"frame {n}"
+        assert last == [width - 1] and pos == [expect_pos]
+        expect_pos += width
+    # the thinker fed its own greedy tokens back at consecutive positions
+    for (tok_a, pos_a, _, nxt_a), (tok_b, pos_b, _, _) in zip(thinker_calls, thinker_calls[1:]):
+        assert tok_b == nxt_a and pos_b[0] == pos_a[0] + 1
+    assert thinker_calls[0][1] == [len(req.thinker_ids)]
+
+
+def test_thinker_stops_after_im_end_pair(pipe, question_wav, ref_voice, monkeypatch):
+    """Force <|im_end|> as the 3rd token: that pair is still fed (width 3), then frames only."""
+    engine = make_engine(pipe, max_batch=1)
+    im_end = pipe.parts.special.im_end
+    orig_decode, orig_step = engine.thinker.decode, engine.frames.backbone_step
+    calls, widths = [], []
+
+    def decode(rows, tokens, positions):
+        h, nxt = orig_decode(rows, tokens, positions)
+        calls.append(1)
+        if len(calls) == 2:
+            nxt = torch.full_like(nxt, im_end)
+        return h, nxt
+
+    def step(x, *a):
+        widths.append(x.shape[1])
+        return orig_step(x, *a)
+
+    monkeypatch.setattr(engine.thinker, "decode", decode)
+    monkeypatch.setattr(engine.frames, "backbone_step", step)
+    try:
+        out = run(engine, request(pipe, question_wav, ref_voice, max_tokens=14))
+    finally:
+        engine.shutdown()
+    assert len(calls) == 2
+    assert widths[1:] == [1, 3, 1, 3] + [1] * (len(widths) - 5)
+    assert out["finished"].text_tokens == 2  # t1 and t2; <|im_end|> is not text
+
+
+def _forced_frames(engine, monkeypatch, forced: dict[int, list[int]]):
+    """Make frame n (counted per engine step) take the given codes."""
+    orig = engine.frames.sample_frame
+    count = [0]
+
+    def sample_frame(state, rows, params):
+        codes = orig(state, rows, params)
+        if count[0] in forced:
+            codes[:] = torch.tensor(forced[count[0]])
+        count[0] += 1
+        return codes
+
+    monkeypatch.setattr(engine.frames, "sample_frame", sample_frame)
+
+
+def test_eos_rule(pipe, question_wav, ref_voice, monkeypatch):
+    engine = make_engine(pipe, max_batch=1)
+    # frame 3: six zeros is not EOS; frame 5: first seven zeros (last one not) is EOS
+    _forced_frames(engine, monkeypatch, {3: [0, 0, 0, 0, 0, 0, 5, 5], 5: [0, 0, 0, 0, 0, 0, 0, 9]})
+    try:
+        out = run(engine, request(pipe, question_wav, ref_voice, max_tokens=40))
+    finally:
+        engine.shutdown()
+    assert out["finished"].reason == "stop"
+    assert out["finished"].audio_frames == 5 == len(out["codes"])
+    assert out["codes"][3].tolist() == [0, 0, 0, 0, 0, 0, 5, 5]
+
+
+def test_max_tokens_is_frames(pipe, question_wav, ref_voice):
+    engine = make_engine(pipe, max_batch=2)
+    try:
+        for n in (1, 7):
+            out = run(engine, request(pipe, question_wav, ref_voice, max_tokens=n))
+            assert out["finished"].reason == "length"
+            assert out["finished"].audio_frames == n == len(out["codes"])
+    finally:
+        engine.shutdown()
+
+
+def test_codes_are_clamped_before_decoding(parts):
+    codec = parts.codec
+    size = parts.config.codebook_size
+    codes = np.random.default_rng(0).integers(0, size, (6, 8))
+    over = codes.copy()
+    over[2, 3] = size + 2  # a special id (e.g. pad) reaching the codec
+    clamped = codes.copy()
+    clamped[2, 3] = size - 1
+    np.testing.assert_array_equal(codec.decode(over), codec.decode(clamped))
+    assert len(codec.decode(codes)) == 6 * parts.config.frame_size
+
+
+def test_chunks_stream_small_first_then_regular(pipe, question_wav, ref_voice):
+    engine = make_engine(pipe, max_batch=1, first_chunk_frames=2, chunk_frames=5, context_frames=3)
+    try:
+        out = run(engine, request(pipe, question_wav, ref_voice, max_tokens=14))
+    finally:
+        engine.shutdown()
+    new = [len(c.codes) - c.context_frames for c in out["chunks"]]
+    assert new == [2, 5, 5, 2]
+    assert [c.context_frames for c in out["chunks"]] == [0, 2, 3, 3]
+    starts = [c.start_frame for c in out["chunks"]]
+    assert starts == [0, 2, 7, 12]
+
+
+# -- batching -----------------------------------------------------------------------------------
+TEXTS = ["Hi.", "What is the capital of France and why?", "Count to five.", "Tell me a long story about a dragon.",
+         "OK", "Explain tacos.", "Weather?", "Sing."]
+
+
+def _requests(pipe, question_wav, ref_voice):
+    return [request(pipe, question_wav, ref_voice, text=t, seed=100 + i, max_tokens=6 + 3 * i,
+                    temperature=[1.0, 0.8][i % 2], top_p=[1.0, 0.9][i % 2]) for i, t in enumerate(TEXTS)]
+
+
+def test_batch_invariance_alone_vs_concurrent_vs_joining(pipe, question_wav, ref_voice):
+    reqs = _requests(pipe, question_wav, ref_voice)
+    engine = make_engine(pipe, max_batch=8)
+    try:
+        alone = [run(engine, r) for r in reqs]
+        # all 8 at once
+        streams = [engine.submit(copy.deepcopy(r)) for r in reqs]
+        together = [collect(s) for s in streams]
+        # joining mid-run: start 4, wait for their first audio, then add the other 4
+        first = [engine.submit(copy.deepcopy(r)) for r in reqs[:4]]
+        results: dict[int, dict] = {}
+        threads = [threading.Thread(target=lambda i=i, s=s: results.__setitem__(i, collect(s))) for i, s in enumerate(first)]
+        for t in threads:
+            t.start()
+        time.sleep(0.05)
+        late = [collect(engine.submit(copy.deepcopy(r))) for r in reqs[4:]]
+        for t in threads:
+            t.join()
+        joined = [results[i] for i in range(4)] + late
+    finally:
+        engine.shutdown()
+    for i, a in enumerate(alone):
+        assert a["finished"].audio_frames > 0
+        for other in (together[i], joined[i]):
+            np.testing.assert_array_equal(other["codes"], a["codes"], err_msg=f"request {i}")
+            assert other["text"] == a["text"]
+            assert other["finished"].reason == a["finished"].reason
+
+
+def test_rows_are_reused_without_leaking_state(pipe, question_wav, ref_voice):
+    """More requests than rows: queued requests reuse freed rows and still match their solo run."""
+    reqs = _requests(pipe, question_wav, ref_voice)
+    engine = make_engine(pipe, max_batch=8)
+    try:
+        alone = [run(engine, r) for r in reqs]
+    finally:
+        engine.shutdown()
+    engine = make_engine(pipe, max_batch=3)
+    try:
+        streams = [engine.submit(copy.deepcopy(r)) for r in reqs]
+        queued = [collect(s) for s in streams]
+        wait_idle(engine)
+    finally:
+        engine.shutdown()
+    for a, q in zip(alone, queued):
+        np.testing.assert_array_equal(q["codes"], a["codes"])
+
+
+def test_seed_controls_the_audio(pipe, question_wav, ref_voice):
+    engine = make_engine(pipe, max_batch=2)
+    try:
+        a = run(engine, request(pipe, question_wav, ref_voice, seed=1, max_tokens=10))
+        b = run(engine, request(pipe, question_wav, ref_voice, seed=1, max_tokens=10))
+        c = run(engine, request(pipe, question_wav, ref_voice, seed=2, max_tokens=10))
+        greedy = run(engine, request(pipe, question_wav, ref_voice, temperature=0.0, max_tokens=10))
+        tiny_p = run(engine, request(pipe, question_wav, ref_voice, seed=3, top_p=1e-6, max_tokens=10))
+        top1 = run(engine, request(pipe, question_wav, ref_voice, seed=4, top_k=1, max_tokens=10))
+    finally:
+        engine.shutdown()
+    np.testing.assert_array_equal(a["codes"], b["codes"])
+    assert not np.array_equal(a["codes"], c["codes"])
+    assert a["text"] == c["text"], "the thinker is greedy: text does not depend on the seed"
+    # top_p is honoured: a vanishing nucleus is greedy decoding, as is top_k = 1
+    np.testing.assert_array_equal(tiny_p["codes"], greedy["codes"])
+    np.testing.assert_array_equal(top1["codes"], greedy["codes"])
+
+
+def test_cancellation_frees_the_row(pipe, question_wav, ref_voice):
+    engine = make_engine(pipe, max_batch=2)
+    try:
+        stream = engine.submit(request(pipe, question_wav, ref_voice, max_tokens=2000))
+        other = engine.submit(request(pipe, question_wav, ref_voice, seed=9, max_tokens=12))
+        for ev in stream:
+            if isinstance(ev, AudioChunk):
+                break
+        stream.cancel()
+        rest = list(stream)
+        assert isinstance(rest[-1], Finished) and rest[-1].reason == "cancelled"
+        assert collect(other)["finished"].reason == "length"
+        stats = wait_idle(engine)
+        assert stats["cancelled"] >= 1
+    finally:
+        engine.shutdown()
+
+
+def test_bad_requests_do_not_disturb_good_ones(pipe, question_wav, ref_voice, monkeypatch):
+    good = request(pipe, question_wav, ref_voice, seed=11, max_tokens=12)
+    engine = make_engine(pipe, max_batch=4)
+    try:
+        baseline = run(engine, good)
+        # rejected at submit: clear client errors
+        bad = copy.deepcopy(good)
+        bad.prompt_codes = np.full((3, 8), 10**6)
+        with pytest.raises(InvalidRequestError, match="prompt_codes"):
+            engine.submit(bad)
+        bad = copy.deepcopy(good)
+        bad.audio_embeds = None
+        with pytest.raises(InvalidRequestError, match="audio"):
+            engine.submit(bad)
+        with pytest.raises(InvalidRequestError, match="max_tokens"):
+            engine.submit(request(pipe, question_wav, ref_voice, max_tokens=0))
+        # fails inside the engine: only that request fails
+        orig = engine.thinker.prefill
+        poison = len(good.thinker_ids) + 1
+
+        def prefill(row, ids, audio):
+            if len(ids) == poison:
+                raise RuntimeError("injected failure")
+            return orig(row, ids, audio)
+
+        monkeypatch.setattr(engine.thinker, "prefill", prefill)
+        failing = copy.deepcopy(good)
+        failing.thinker_ids = good.thinker_ids[:1] + [good.thinker_ids[1]] + good.thinker_ids[1:]
+        s_bad = engine.submit(failing)
+        s_good = engine.submit(copy.deepcopy(good))
+        out_bad, out_good = collect(s_bad), collect(s_good)
+        assert out_bad["failed"] is not None and "injected failure" in out_bad["failed"].message
+        np.testing.assert_array_equal(out_good["codes"], baseline["codes"])
+        wait_idle(engine)
+    finally:
+        engine.shutdown()
+
+
+def test_prompt_longer_than_context_is_rejected(pipe, question_wav, ref_voice):
+    engine = make_engine(pipe, max_batch=1, thinker_max_len=64)
+    try:
+        with pytest.raises(InvalidRequestError, match="at most"):
+            engine.submit(request(pipe, question_wav, ref_voice))
+    finally:
+        engine.shutdown()

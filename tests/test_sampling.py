@@ -1,0 +1,42 @@
+from __future__ import annotations
+
+import torch
+
+from chroma_triton.sampling import exponential_noise, sample, stream_keys
+
+
+def _params(b, temperature=1.0, top_k=0, top_p=1.0):
+    return (torch.full((b,), temperature), torch.full((b,), top_k, dtype=torch.long), torch.full((b,), top_p))
+
+
+def test_samples_follow_the_distribution():
+    logits = torch.tensor([[2.0, 1.0, 0.0, -1.0]]).repeat(20000, 1)
+    keys = stream_keys(torch.arange(20000), torch.zeros(20000, dtype=torch.long), 0)
+    ids = sample(logits, *_params(20000), keys)
+    freq = torch.bincount(ids, minlength=4).float() / 20000
+    torch.testing.assert_close(freq, torch.softmax(logits[0], -1), atol=0.015, rtol=0)
+
+
+def test_temperature_top_k_top_p():
+    logits = torch.tensor([[3.0, 2.0, 1.0, 0.0, -1.0]]).repeat(4000, 1)
+    keys = stream_keys(torch.arange(4000), torch.zeros(4000, dtype=torch.long), 0)
+    assert set(sample(logits, *_params(4000, top_k=2), keys).tolist()) == {0, 1}
+    p = torch.softmax(logits[0], -1)  # [0.636, 0.234, 0.086, ...]
+    assert set(sample(logits, *_params(4000, top_p=0.8), keys).tolist()) == {0, 1}
+    assert set(sample(logits, *_params(4000, top_p=float(p[0]) - 0.01), keys).tolist()) == {0}
+    assert set(sample(logits, *_params(4000, temperature=0.0), keys).tolist()) == {0}
+    hot = torch.bincount(sample(logits, *_params(4000, temperature=5.0), keys), minlength=5)
+    assert (hot > 300).all(), "high temperature flattens the distribution"
+
+
+def test_noise_depends_only_on_seed_frame_codebook():
+    seeds = torch.tensor([1, 2, 1, 2**62 + 5])
+    frames = torch.tensor([0, 0, 0, 7])
+    k = stream_keys(seeds, frames, 3)
+    assert k[0] == k[2] and k[0] != k[1]
+    assert stream_keys(seeds, frames, 4)[0] != k[0]
+    assert stream_keys(seeds, frames + 1, 3)[0] != k[0]
+    n = exponential_noise(k, 50)
+    assert torch.equal(n[0], n[2]) and (n > 0).all()
+    alone = exponential_noise(k[3:], 50)
+    assert torch.equal(alone[0], n[3]), "a row's noise does not depend on its batch"
