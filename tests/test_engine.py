@@ -96,13 +96,13 @@ def test_interleave_schedule(pipe, question_wav, ref_voice, monkeypatch):
     widths, thinker_calls = [], []
     orig_step, orig_decode = engine.frames.backbone_step, engine.thinker.decode
 
-    def spy_step(x, rows, positions, last, key_len):
+    def spy_step(x, positions, last, key_len, row_start=0):
         widths.append((x.shape[1], last.tolist(), positions[:, 0].tolist()))
-        return orig_step(x, rows, positions, last, key_len)
+        return orig_step(x, positions, last, key_len, row_start)
 
-    def spy_decode(rows, tokens, positions):
-        h, nxt = orig_decode(rows, tokens, positions)
-        thinker_calls.append((tokens.tolist(), positions, h.clone(), nxt.tolist()))
+    def spy_decode(tokens, positions, key_len):
+        h, nxt = orig_decode(tokens, positions, key_len)
+        thinker_calls.append((tokens.tolist(), positions.tolist(), h.clone(), nxt.tolist()))
         return h, nxt
 
     monkeypatch.setattr(engine.frames, "backbone_step", spy_step)
@@ -113,16 +113,17 @@ def test_interleave_schedule(pipe, question_wav, ref_voice, monkeypatch):
     finally:
         engine.shutdown()
     prompt_len = engine._backbone_prompt(req).shape[0]
-    # frame 0: the whole reference prompt + [h0, embed(t1)]; then per frame n: 3 wide on even n, else 1
+    # frame 0: the whole reference prompt + [h0, embed(t1)]; then frame n feeds [frame n-1] and, on
+    # even n while the thinker talks, [h, embed(t)] (a 3-wide step whose state is read at index 2)
     assert widths[0][0] == prompt_len + 2 and widths[0][1] == [prompt_len + 1]
     frames = out["finished"].audio_frames
     steps = widths[1:frames]
     expect_pos = prompt_len + 2
     for n, (width, last, pos) in enumerate(steps, start=1):
         talking = n % 2 == 0 and n // 2 <= len(thinker_calls)
-        assert width == (3 if talking else 1), f"frame {n}"
-        assert last == [width - 1] and pos == [expect_pos]
-        expect_pos += width
+        assert width == (3 if talking else 1), f"frame {n}"  # alone, a silent row never pads to 3
+        assert last == [2 if talking else 0] and pos == [expect_pos], f"frame {n}"
+        expect_pos += last[0] + 1
     # the thinker fed its own greedy tokens back at consecutive positions
     for (tok_a, pos_a, _, nxt_a), (tok_b, pos_b, _, _) in zip(thinker_calls, thinker_calls[1:]):
         assert tok_b == nxt_a and pos_b[0] == pos_a[0] + 1
@@ -136,16 +137,16 @@ def test_thinker_stops_after_im_end_pair(pipe, question_wav, ref_voice, monkeypa
     orig_decode, orig_step = engine.thinker.decode, engine.frames.backbone_step
     calls, widths = [], []
 
-    def decode(rows, tokens, positions):
-        h, nxt = orig_decode(rows, tokens, positions)
+    def decode(tokens, positions, key_len):
+        h, nxt = orig_decode(tokens, positions, key_len)
         calls.append(1)
         if len(calls) == 2:
             nxt = torch.full_like(nxt, im_end)
         return h, nxt
 
-    def step(x, *a):
-        widths.append(x.shape[1])
-        return orig_step(x, *a)
+    def step(x, positions, last, key_len, row_start=0):
+        widths.append(int(last[0]) + 1)  # inputs the row really fed
+        return orig_step(x, positions, last, key_len, row_start)
 
     monkeypatch.setattr(engine.thinker, "decode", decode)
     monkeypatch.setattr(engine.frames, "backbone_step", step)
@@ -153,7 +154,7 @@ def test_thinker_stops_after_im_end_pair(pipe, question_wav, ref_voice, monkeypa
         out = run(engine, request(pipe, question_wav, ref_voice, max_tokens=14))
     finally:
         engine.shutdown()
-    assert len(calls) == 2
+    assert len(calls) == 2  # after the <|im_end|> pair the thinker is not called again
     assert widths[1:] == [1, 3, 1, 3] + [1] * (len(widths) - 5)
     assert out["finished"].text_tokens == 2  # t1 and t2; <|im_end|> is not text
 
@@ -163,8 +164,8 @@ def _forced_frames(engine, monkeypatch, forced: dict[int, list[int]]):
     orig = engine.frames.sample_frame
     count = [0]
 
-    def sample_frame(state, rows, params):
-        codes = orig(state, rows, params)
+    def sample_frame(state, params):
+        codes = orig(state, params)
         if count[0] in forced:
             codes[:] = torch.tensor(forced[count[0]])
         count[0] += 1

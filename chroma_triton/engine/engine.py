@@ -11,15 +11,24 @@ cancellation or error, freeing their row for the next one. Per step, for every a
       the pair carrying <|im_end|> is still fed, then the thinker stops.
   then codebook 0 from the backbone head and codebooks 1..K-1 from the depth decoder.
 A frame whose first K-1 codebooks are all EOS ends the request (finish "stop", not emitted).
+
+Batch shape, kept simple for CUDA graphs: active requests occupy cache rows 0..B-1 (a leaving
+request's row is refilled by the last one), and every request's frame parity is the same, because
+new requests are admitted only on even ("talking") global steps. So a talking step is one thinker
+call over rows 0..B-1 and one width-3 backbone call (silent rows feed zeros they never attend
+to), and the other steps are one width-1 backbone call. Host state is authoritative; inputs go
+to the device in one packed copy and codes (+ thinker tokens) come back in one sync per step.
 """
 
 from __future__ import annotations
 
 import logging
 import queue
+from collections import deque
 import threading
 import time
 from dataclasses import dataclass, field
+from functools import partial
 
 import numpy as np
 import torch
@@ -29,6 +38,7 @@ from ..model.frame_model import FrameModel, SamplingTensors
 from ..model.loading import ChromaParts
 from ..model.thinker import Thinker, TorchThinker
 from .detokenizer import IncrementalDetokenizer
+from .graphs import StepRunner, batch_buckets, bucket, length_buckets
 from .request import AudioChunk, Finished, GenerationRequest, RequestFailed, RequestStream, SamplingParams, TextDelta
 
 log = logging.getLogger(__name__)
@@ -44,6 +54,8 @@ class EngineOptions:
     chunk_frames: int = 10
     context_frames: int = 12  # already-sent frames repeated before each chunk as decode context
     max_queue: int = 1024  # requests waiting for a row before submit() refuses
+    cuda_graphs: bool = True  # on CUDA: capture steps as graphs (ignored on CPU)
+    key_bucket: int = 256  # key-length bucket of captured graphs
 
 
 @dataclass
@@ -60,9 +72,15 @@ class _Active:
     backbone_pos: int
     step: int = 0
     text_tokens: int = 0
-    last_codes: torch.Tensor | None = None
+    last_codes: np.ndarray | None = None
     frames: list[np.ndarray] = field(default_factory=list)
     sent: int = 0  # frames already sent in chunks
+    finish: str | None = None
+
+
+# packed per-row integer inputs of one step (one host->device copy)
+_TOKEN, _TPOS, _BPOS, _TALK, _SEED, _FRAME, _TOPK = range(7)
+_NINT = 7
 
 
 class ChromaEngine:
@@ -79,9 +97,16 @@ class ChromaEngine:
         self.frames: FrameModel = parts.frame_model
         self.frames.setup_caches(self.opts.max_batch, self.opts.backbone_max_len)
         self.num_codebooks = self.cfg.num_codebooks
-        self._pending: queue.Queue[tuple[GenerationRequest, RequestStream]] = queue.Queue()
-        self._active: list[_Active] = []
-        self._free_rows = list(range(self.opts.max_batch - 1, -1, -1))
+        on_gpu = self.device.type == "cuda"
+        self.runner = StepRunner(use_graphs=on_gpu and self.opts.cuda_graphs)
+        # on a GPU, pad to buckets (graphs need static shapes); on a CPU, run exact shapes
+        self._batch_sizes = batch_buckets(self.opts.max_batch) if on_gpu else list(range(1, self.opts.max_batch + 1))
+        self._thinker_lens = length_buckets(self.opts.thinker_max_len, self.opts.key_bucket) if on_gpu else None
+        self._backbone_lens = length_buckets(self.opts.backbone_max_len, self.opts.key_bucket) if on_gpu else None
+        self._pending: queue.Queue[tuple[GenerationRequest, RequestStream] | None] = queue.Queue()
+        self._staged: deque = deque()  # taken off the queue while idle, admitted next
+        self._active: list[_Active] = []  # _active[i].row == i
+        self._global_step = 0
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -90,6 +115,7 @@ class ChromaEngine:
     # -- public API ---------------------------------------------------------------------------
     def start(self) -> "ChromaEngine":
         if self._thread is None:
+            self._stop.clear()
             self._thread = threading.Thread(target=self._loop, name="chroma-engine", daemon=True)
             self._thread.start()
         return self
@@ -103,25 +129,21 @@ class ChromaEngine:
 
     def submit(self, req: GenerationRequest) -> RequestStream:
         """Validate and queue a request; events arrive on the returned stream."""
+        if self._thread is None:
+            raise RuntimeError("engine not started: call start() first")
         req.sampling = req.sampling.validated(self.default_top_k, self.opts.max_frames)
         self._validate(req)
         if self._pending.qsize() >= self.opts.max_queue:
             raise CapacityError(f"server busy: {self.opts.max_queue} requests already waiting; retry later")
         stream = RequestStream(req.request_id)
         self._pending.put((req, stream))
-        if self._thread is None:
-            raise RuntimeError("engine not started: call start() first")
         return stream
 
     def stats(self) -> dict[str, int]:
         with self._lock:
-            return {
-                "active": len(self._active),
-                "queued": self._pending.qsize(),
-                "free_rows": len(self._free_rows),
-                "max_batch": self.opts.max_batch,
-                **self.counters,
-            }
+            active = len(self._active)
+        return {"active": active, "queued": self._pending.qsize(), "free_rows": self.opts.max_batch - active,
+                "max_batch": self.opts.max_batch, "graphs": len(self.runner), **self.counters}
 
     # -- validation ---------------------------------------------------------------------------
     def _validate(self, req: GenerationRequest) -> None:
@@ -149,29 +171,131 @@ class ChromaEngine:
     # -- the loop -----------------------------------------------------------------------------
     def _loop(self) -> None:
         torch.set_grad_enabled(False)
+        torch.inference_mode().__enter__()
         while not self._stop.is_set():
             try:
-                admitted = self._admit()
+                for a in [a for a in self._active if a.stream.cancelled]:
+                    a.finish = "cancelled"
+                self._retire()
                 if not self._active:
-                    continue
-                self._step(admitted)
+                    self._global_step = 0  # next step talks, so a new request is admitted at once
+                    item = self._pending.get()  # idle: block until work (or shutdown) arrives
+                    if item is None:
+                        continue
+                    self._staged.append(item)
+                self._step()
             except Exception as exc:  # a batched step failed: fail its requests, keep serving
                 log.exception("engine step failed")
                 self._fail_all(f"internal error during generation: {exc}")
 
-    def _admit(self) -> dict[int, torch.Tensor]:
-        """Drop cancelled requests, then admit waiting ones while rows are free.
-        Returns {row: backbone state} for the requests admitted now (their frame 0 is pending)."""
-        for a in [a for a in self._active if a.stream.cancelled]:
-            self._finish(a, "cancelled")
-        admitted: dict[int, torch.Tensor] = {}
-        block = not self._active
-        while self._free_rows:
+    def _step(self) -> None:
+        talk_step = self._global_step % 2 == 0  # admission happens on these steps only
+        old = list(self._active)
+        talk = talk_step and any(not a.thinker_done for a in old)  # else no thinker call at all
+        tokens = states = None
+        if old:
+            states, tokens = self._advance(old, talk)
+        new_states = self._admit() if talk_step else []
+        batch = self._active
+        if not batch:
+            return
+        if new_states:
+            fresh = torch.stack(new_states)
+            states = fresh if states is None else torch.cat([states[: len(old)], fresh])
+        host = self._sample(batch, states, tokens if talk and old else None)
+        self._global_step += 1
+        self.counters["steps"] += 1
+        k = self.num_codebooks
+        for a in old:
+            talked = talk and not a.thinker_done
+            a.backbone_pos += 3 if talked else 1
+            if talked:
+                a.thinker_pos += 1
+                a.thinker_token = int(host[a.row, k])
+                self._on_text_token(a, a.thinker_token)
+        for a in batch:
+            self._on_frame(a, host[a.row, :k])
+        self._retire()
+
+    # -- batched steps ------------------------------------------------------------------------
+    def _pad(self, n: int) -> int:
+        return bucket(n, self._batch_sizes)
+
+    def _key_len(self, needed: int, sizes) -> int:
+        return needed if sizes is None else bucket(needed, sizes)
+
+    def _pack(self, batch: list[_Active], size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Per-row step inputs, padded to `size` rows: ints [size, 7], floats [size, 2], prev codes [size, K]."""
+        ints = np.zeros((size, _NINT), dtype=np.int64)
+        floats = np.ones((size, 2), dtype=np.float32)
+        codes = np.zeros((size, self.num_codebooks), dtype=np.int64)
+        for a in batch:
+            p = a.params
+            ints[a.row] = (a.thinker_token, a.thinker_pos, a.backbone_pos, not a.thinker_done, p.seed, a.step, p.top_k)
+            floats[a.row] = (p.temperature, p.top_p)
+            if a.last_codes is not None:
+                codes[a.row] = a.last_codes
+        dev = self.device
+        return (torch.from_numpy(ints).to(dev, non_blocking=True), torch.from_numpy(floats).to(dev, non_blocking=True),
+                torch.from_numpy(codes).to(dev, non_blocking=True))
+
+    def _advance(self, batch: list[_Active], talk: bool):
+        """Thinker step (on talking steps) and backbone step for rows 0..len(batch)-1.
+        Returns (backbone states [Bp, H], thinker next ids [Bp] or None) on the device."""
+        size = self._pad(len(batch))
+        ints, _, prev = self._pack(batch, size)
+        width = 3 if talk else 1
+        bb_len = self._key_len(max(a.backbone_pos for a in batch) + width, self._backbone_lens)
+        if talk:
+            th_len = self._key_len(max(a.thinker_pos for a in batch) + 1, self._thinker_lens)
+            h, nxt = self.runner(("thinker", size, th_len), partial(self.thinker.decode, key_len=th_len),
+                                 ints[:, _TOKEN], ints[:, _TPOS])
+            states = self.runner(("backbone3", size, bb_len), partial(self._backbone_talk, key_len=bb_len),
+                                 prev, h, nxt, ints[:, _TALK], ints[:, _BPOS])
+            return states, nxt
+        states = self.runner(("backbone1", size, bb_len), partial(self._backbone_silent, key_len=bb_len),
+                             prev, ints[:, _BPOS])
+        return states, None
+
+    def _backbone_silent(self, prev, pos, *, key_len):
+        x = self.frames.frame_embedding(prev)[:, None]
+        return self.frames.backbone_step(x, pos[:, None], torch.zeros_like(pos), key_len)
+
+    def _backbone_talk(self, prev, h, nxt, talking, pos, *, key_len):
+        """[frame_emb(prev), h, embed(next)] for talking rows; silent rows feed zeros after the
+        frame and read their state at index 0 (the zeros land beyond what they attend to)."""
+        dtype = self._dtype
+        pair = torch.stack([h.to(dtype), self.thinker.embed(nxt).to(dtype)], dim=1)
+        pair = pair * talking.to(dtype)[:, None, None]
+        x = torch.cat([self.frames.frame_embedding(prev)[:, None], pair], dim=1)
+        positions = pos[:, None] + torch.arange(3, device=pos.device)
+        return self.frames.backbone_step(x, positions, talking * 2, key_len)
+
+    def _sample(self, batch: list[_Active], states: torch.Tensor, thinker_next: torch.Tensor | None) -> np.ndarray:
+        """Codes of this frame for every row, plus the thinker's tokens: host array [B, K+1]."""
+        size = self._pad(len(batch))
+        if states.shape[0] < size:
+            states = torch.cat([states, states.new_zeros(size - states.shape[0], states.shape[1])])
+        ints, floats, _ = self._pack(batch, size)
+        codes = self.runner(("sample", size), self._sample_fn, states[:size], ints[:, _SEED], ints[:, _FRAME],
+                            ints[:, _TOPK], floats[:, 0], floats[:, 1])
+        extra = thinker_next if thinker_next is not None else torch.zeros(size, dtype=torch.long, device=self.device)
+        if extra.shape[0] < size:
+            extra = torch.cat([extra, extra.new_zeros(size - extra.shape[0])])
+        return torch.cat([codes, extra[:size, None]], dim=1).cpu().numpy()  # the step's one sync
+
+    def _sample_fn(self, states, seeds, frames, top_k, temperature, top_p):
+        return self.frames.sample_frame(states, SamplingTensors(temperature, top_k, top_p, seeds, frames))
+
+    # -- admission ----------------------------------------------------------------------------
+    def _admit(self) -> list[torch.Tensor]:
+        """Prefill waiting requests into the next free rows; returns their backbone states."""
+        states = []
+        while len(self._active) < self.opts.max_batch:
             try:
-                item = self._pending.get(block=block, timeout=None if block else 0)
+                item = self._staged.popleft() if self._staged else self._pending.get_nowait()
             except queue.Empty:
                 break
-            block = False
             if item is None:  # shutdown wake-up
                 break
             req, stream = item
@@ -179,29 +303,26 @@ class ChromaEngine:
                 stream.put(Finished("cancelled", len(req.thinker_ids), 0, 0, ""))
                 self.counters["cancelled"] += 1
                 continue
-            a, state = self._prefill(req, stream)
-            if a is not None:
-                admitted[a.row] = state
-        return admitted
+            state = self._prefill(req, stream)
+            if state is not None:
+                states.append(state)
+        return states
 
     def _prefill(self, req: GenerationRequest, stream: RequestStream):
-        with self._lock:
-            row = self._free_rows.pop()
+        row = len(self._active)
         try:
             ids = torch.tensor(req.thinker_ids, dtype=torch.long, device=self.device)
             h0, t1 = self.thinker.prefill(row, ids, req.audio_embeds)
-            x = torch.cat([self._backbone_prompt(req), h0[None].to(self._dtype), self.thinker.embed(torch.tensor([t1]))], dim=0)
+            x = torch.cat([self._backbone_prompt(req), h0[None].to(self._dtype),
+                           self.thinker.embed(torch.tensor([t1], device=self.device)).to(self._dtype)], dim=0)
             n = x.shape[0]
-            state = self.frames.backbone_step(
-                x[None], torch.tensor([row], device=self.device), torch.arange(n, device=self.device)[None],
-                torch.tensor([n - 1], device=self.device), n)[0]
+            state = self.frames.backbone_step(x[None], torch.arange(n, device=self.device)[None],
+                                              torch.tensor([n - 1], device=self.device), n, row_start=row)[0]
         except Exception as exc:
             log.exception("prefill failed for %s", req.request_id)
-            with self._lock:
-                self._free_rows.append(row)
             self.counters["failed"] += 1
             stream.put(RequestFailed(f"could not start generation: {exc}"))
-            return None, None
+            return None
         skip = {self.special.im_end, self.special.im_start}
         a = _Active(req=req, stream=stream, row=row, params=req.sampling,
                     detok=IncrementalDetokenizer(self.tokenizer, skip), prompt_tokens=len(req.thinker_ids),
@@ -210,7 +331,7 @@ class ChromaEngine:
         with self._lock:
             self._active.append(a)
             self.counters["admitted"] += 1
-        return a, state
+        return state
 
     @property
     def _dtype(self) -> torch.dtype:
@@ -220,68 +341,12 @@ class ChromaEngine:
         """[<|text_start|>, transcript..., <|text_end|>] text embeddings, one summed embedding per
         reference frame, then an all-zero vector (end of reference audio): [P, H]."""
         sp = self.special
-        text_ids = torch.tensor([sp.text_start, *req.prompt_text_ids, sp.text_end], dtype=torch.long)
+        text_ids = torch.tensor([sp.text_start, *req.prompt_text_ids, sp.text_end], dtype=torch.long, device=self.device)
         text = self.thinker.embed(text_ids)
         codes = torch.tensor(np.asarray(req.prompt_codes), dtype=torch.long, device=self.device)
         audio = self.frames.frame_embedding(codes)
         zero = torch.zeros(1, text.shape[-1], device=self.device, dtype=text.dtype)
         return torch.cat([text, audio, zero], dim=0).to(self._dtype)
-
-    def _step(self, admitted: dict[int, torch.Tensor]) -> None:
-        old = [a for a in self._active if a.row not in admitted]
-        states = dict(admitted)
-        if old:
-            states.update(self._advance(old))
-        batch = [a for a in self._active if a.row in states]
-        rows = torch.tensor([a.row for a in batch], device=self.device)
-        state = torch.stack([states[a.row] for a in batch])
-        codes = self.frames.sample_frame(state, rows, self._sampling_tensors(batch)).cpu()
-        self.counters["steps"] += 1
-        for a, c in zip(batch, codes):
-            self._on_frame(a, c)
-
-    def _advance(self, batch: list[_Active]) -> dict[int, torch.Tensor]:
-        """One thinker step (for requests on an even frame) and one backbone step for `batch`."""
-        talk = [a for a in batch if a.step % 2 == 0 and not a.thinker_done]
-        pairs: dict[int, torch.Tensor] = {}
-        if talk:
-            h, nxt = self.thinker.decode([a.row for a in talk], torch.tensor([a.thinker_token for a in talk]),
-                                         [a.thinker_pos for a in talk])
-            emb = self.thinker.embed(nxt)
-            for i, (a, t) in enumerate(zip(talk, nxt.tolist())):
-                pairs[a.row] = torch.stack([h[i].to(self._dtype), emb[i].to(self._dtype)])
-                a.thinker_pos += 1
-                a.thinker_token = t
-                self._on_text_token(a, t)
-        width = 3 if pairs else 1
-        hidden = self.frames.backbone.model.cfg.hidden_size
-        x = torch.zeros(len(batch), width, hidden, device=self.device, dtype=self._dtype)
-        x[:, 0] = self.frames.frame_embedding(torch.stack([a.last_codes for a in batch]).to(self.device))
-        lengths = []
-        for i, a in enumerate(batch):
-            if a.row in pairs:
-                x[i, 1:3] = pairs[a.row]
-            lengths.append(3 if a.row in pairs else 1)
-        start = torch.tensor([a.backbone_pos for a in batch], device=self.device)
-        positions = start[:, None] + torch.arange(width, device=self.device)[None]
-        key_len = max(a.backbone_pos for a in batch) + width
-        out = self.frames.backbone_step(x, torch.tensor([a.row for a in batch], device=self.device), positions,
-                                        torch.tensor(lengths, device=self.device) - 1, key_len)
-        for a, n in zip(batch, lengths):
-            a.backbone_pos += n
-        return {a.row: out[i] for i, a in enumerate(batch)}
-
-    def _sampling_tensors(self, batch: list[_Active]) -> SamplingTensors:
-        def t(values, dtype):
-            return torch.tensor(values, dtype=dtype, device=self.device)
-
-        return SamplingTensors(
-            temperature=t([a.params.temperature for a in batch], torch.float32),
-            top_k=t([a.params.top_k for a in batch], torch.long),
-            top_p=t([a.params.top_p for a in batch], torch.float32),
-            seeds=t([a.params.seed for a in batch], torch.long),
-            frames=t([a.step for a in batch], torch.long),
-        )
 
     # -- per-request bookkeeping --------------------------------------------------------------
     def _on_text_token(self, a: _Active, token: int) -> None:
@@ -295,17 +360,16 @@ class ChromaEngine:
         if a.thinker_pos + 1 >= self.opts.thinker_max_len:
             a.thinker_done = True  # context full: the reply text ends here, audio goes on
 
-    def _on_frame(self, a: _Active, codes: torch.Tensor) -> None:
+    def _on_frame(self, a: _Active, codes: np.ndarray) -> None:
         a.step += 1
-        eos = bool((codes[: self.num_codebooks - 1] == self.cfg.codebook_eos_id).all())
-        if eos:
-            self._finish(a, "stop")
+        if bool((codes[: self.num_codebooks - 1] == self.cfg.codebook_eos_id).all()):
+            a.finish = "stop"
             return
-        a.last_codes = codes
-        a.frames.append(codes.numpy())
+        a.last_codes = codes.copy()
+        a.frames.append(a.last_codes)
         self.counters["frames"] += 1
         if len(a.frames) >= a.params.max_tokens or a.backbone_pos + 3 > self.opts.backbone_max_len:
-            self._finish(a, "length")
+            a.finish = "length"
             return
         want = self.opts.first_chunk_frames if a.sent == 0 else self.opts.chunk_frames
         if len(a.frames) - a.sent >= want:
@@ -319,21 +383,28 @@ class ChromaEngine:
         a.stream.put(AudioChunk(codes=codes, context_frames=ctx, start_frame=a.sent))
         a.sent = len(a.frames)
 
-    def _finish(self, a: _Active, reason: str) -> None:
-        if reason != "cancelled":
-            self._send_chunk(a)
-        a.stream.put(Finished(reason, a.prompt_tokens, a.text_tokens, len(a.frames), a.detok.text))
-        self._release(a)
-        self.counters["cancelled" if reason == "cancelled" else "finished"] += 1
+    def _retire(self) -> None:
+        """Finish flagged requests and compact: the last row moves into each freed row."""
+        for a in sorted((a for a in self._active if a.finish), key=lambda a: -a.row):
+            if a.finish != "cancelled":
+                self._send_chunk(a)
+            a.stream.put(Finished(a.finish, a.prompt_tokens, a.text_tokens, len(a.frames), a.detok.text))
+            self.counters["cancelled" if a.finish == "cancelled" else "finished"] += 1
+            self._remove(a)
 
-    def _release(self, a: _Active) -> None:
+    def _remove(self, a: _Active) -> None:
         with self._lock:
-            if a in self._active:
-                self._active.remove(a)
-                self._free_rows.append(a.row)
+            last = self._active[-1]
+            if last is not a:
+                self.thinker.move_row(last.row, a.row)
+                self.frames.move_row(last.row, a.row)
+                last.row = a.row
+                self._active[a.row] = last
+            self._active.pop()
 
     def _fail_all(self, message: str) -> None:
         for a in list(self._active):
             a.stream.put(RequestFailed(message))
-            self._release(a)
             self.counters["failed"] += 1
+        with self._lock:
+            self._active.clear()

@@ -90,15 +90,19 @@ class FrameModel(nn.Module):
         return self.backbone.audio_embedding.frame(codes)
 
     # -- backbone -----------------------------------------------------------------------------
-    def backbone_step(self, x: torch.Tensor, rows: torch.Tensor, positions: torch.Tensor, last: torch.Tensor, key_len: int):
-        """x [B, L, H] at positions [B, L]; returns the state at index `last` [B] of each row: [B, H]."""
-        h = self.backbone.model(x, self.backbone_cache, self.backbone_rotary, rows, positions, key_len)
+    def backbone_step(self, x: torch.Tensor, positions: torch.Tensor, last: torch.Tensor, key_len: int, row_start: int = 0):
+        """x [B, L, H] at positions [B, L] of rows row_start..; returns the state at index `last` [B]
+        of each row: [B, H]."""
+        h = self.backbone.model(x, self.backbone_cache, self.backbone_rotary, positions, key_len, row_start)
         return h[torch.arange(h.shape[0], device=h.device), last]
 
+    def move_row(self, src: int, dst: int) -> None:
+        self.backbone_cache.move_row(src, dst)
+
     # -- one frame ----------------------------------------------------------------------------
-    def sample_frame(self, state: torch.Tensor, rows: torch.Tensor, params: SamplingTensors) -> torch.Tensor:
-        """Backbone last state [B, H] -> codes [B, K] (codebook 0 by the backbone head, the rest by
-        the depth decoder)."""
+    def sample_frame(self, state: torch.Tensor, params: SamplingTensors) -> torch.Tensor:
+        """Backbone last states [B, H] of rows 0..B-1 -> codes [B, K] (codebook 0 by the backbone
+        head, the rest by the depth decoder). Pure tensor code: CUDA-graph capturable."""
         b = state.shape[0]
         codes = torch.empty(b, self.num_codebooks, dtype=torch.long, device=state.device)
         codes[:, 0] = self._sample(self.backbone.codebook0_head(state), params, 0)
@@ -106,7 +110,7 @@ class FrameModel(nn.Module):
         x = self.decoder.projection(torch.stack([state, emb.codebook(codes[:, 0], 0)], dim=1))  # [B, 2, Hd]
         positions = torch.arange(2, device=state.device).expand(b, 2)
         for k in range(1, self.num_codebooks):
-            h = self.decoder.model(x, self.decoder_cache, self.decoder_rotary, rows, positions, k + 1)
+            h = self.decoder.model(x, self.decoder_cache, self.decoder_rotary, positions, k + 1)
             logits = h[:, -1] @ self.decoder.codebook_head.weight[k - 1]
             codes[:, k] = self._sample(logits, params, k)
             if k + 1 < self.num_codebooks:

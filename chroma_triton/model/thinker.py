@@ -30,8 +30,12 @@ class Thinker(Protocol):
     def prefill(self, row: int, input_ids: torch.Tensor, audio_embeds: torch.Tensor | None) -> tuple[torch.Tensor, int]:
         """Run the prompt into cache row `row`; return (last post-norm state [H], greedy next id)."""
 
-    def decode(self, rows: list[int], tokens: torch.Tensor, positions: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Feed one token per row at its position; return (post-norm states [B, H], greedy ids [B])."""
+    def decode(self, tokens: torch.Tensor, positions: torch.Tensor, key_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Feed one token per row (rows 0..B-1) at its position; return (post-norm states [B, H],
+        greedy ids [B]). `key_len` > every position. Pure tensor code: CUDA-graph capturable."""
+
+    def move_row(self, src: int, dst: int) -> None:
+        """Row `src`'s state now belongs at row `dst` (batch compaction)."""
 
 
 class ThinkerLM(nn.Module):
@@ -74,16 +78,16 @@ class TorchThinker:
         x = self.prompt_embeddings(input_ids, audio_embeds)[None]
         length = x.shape[1]
         positions = torch.arange(length, device=self.device)[None]
-        rows = torch.tensor([row], device=self.device)
-        h = self.lm.model(x, self.cache, self.rotary, rows, positions, length)[0, -1]
+        h = self.lm.model(x, self.cache, self.rotary, positions, length, row_start=row)[0, -1]
         return h, int(self._greedy(h[None])[0])
 
-    @torch.inference_mode()
-    def decode(self, rows, tokens, positions):
+    def decode(self, tokens, positions, key_len):
         x = self.embed(tokens)[:, None]
-        pos = torch.tensor(positions, device=self.device)[:, None]
-        h = self.lm.model(x, self.cache, self.rotary, torch.tensor(rows, device=self.device), pos, max(positions) + 1)[:, 0]
+        h = self.lm.model(x, self.cache, self.rotary, positions[:, None], key_len)[:, 0]
         return h, self._greedy(h)
+
+    def move_row(self, src, dst):
+        self.cache.move_row(src, dst)
 
     def _greedy(self, h: torch.Tensor) -> torch.Tensor:
         return self.lm.lm_head(h).float().argmax(dim=-1)

@@ -78,6 +78,11 @@ class KVCache:
     def nbytes(self) -> int:
         return self.k.numel() * self.k.element_size() * 2
 
+    def move_row(self, src: int, dst: int) -> None:
+        """Copy row `src` over row `dst` (the engine compacts its batch when a request leaves)."""
+        self.k[:, dst].copy_(self.k[:, src])
+        self.v[:, dst].copy_(self.v[:, src])
+
 
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
@@ -101,21 +106,21 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
         self.o_proj = nn.Linear(cfg.num_heads * cfg.head_dim, cfg.hidden_size, bias=False)
 
-    def forward(self, x, cos, sin, k_cache, v_cache, rows, positions, mask, key_len):
-        """x [B, L, H]; k_cache/v_cache [R, kvh, T, D] of this layer; rows [B]; positions [B, L];
-        mask [B, 1, L, key_len] (True = may attend)."""
+    def forward(self, x, cos, sin, k_cache, v_cache, positions, mask, key_len):
+        """x [B, L, H]; k_cache/v_cache [B, kvh, T, D]: this layer's cache rows of the batch (a view);
+        positions [B, L]; mask [B, 1, L, key_len] (True = may attend)."""
         b, length, _ = x.shape
         q = self.q_proj(x).view(b, length, self.num_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(b, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(b, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        # write this step's keys/values at (row, position); advanced indices go first: [B, L, kvh, D]
-        k_cache[rows[:, None], :, positions] = k.transpose(1, 2)
-        v_cache[rows[:, None], :, positions] = v.transpose(1, 2)
-        keys = k_cache[rows, :, :key_len]
-        values = v_cache[rows, :, :key_len]
+        # write this step's keys/values at each row's positions; advanced indices go first: [B, L, kvh, D]
+        batch = torch.arange(b, device=x.device)[:, None]
+        k_cache[batch, :, positions] = k.transpose(1, 2)
+        v_cache[batch, :, positions] = v.transpose(1, 2)
         out = F.scaled_dot_product_attention(
-            q, keys, values, attn_mask=mask, enable_gqa=self.num_heads != self.num_kv_heads
+            q, k_cache[:, :, :key_len], v_cache[:, :, :key_len], attn_mask=mask,
+            enable_gqa=self.num_heads != self.num_kv_heads,
         )
         return self.o_proj(out.transpose(1, 2).reshape(b, length, -1))
 
@@ -139,8 +144,8 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def forward(self, x, cos, sin, k_cache, v_cache, rows, positions, mask, key_len):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, k_cache, v_cache, rows, positions, mask, key_len)
+    def forward(self, x, cos, sin, k_cache, v_cache, positions, mask, key_len):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, k_cache, v_cache, positions, mask, key_len)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -163,18 +168,22 @@ class Trunk(nn.Module):
         x: torch.Tensor,
         cache: KVCache,
         rotary: RotaryTable,
-        rows: torch.Tensor,
         positions: torch.Tensor,
         key_len: int,
+        row_start: int = 0,
     ) -> torch.Tensor:
-        """x [B, L, H] at `positions` [B, L] of cache `rows` [B]; returns post-norm states [B, L, H].
+        """x [B, L, H] at `positions` [B, L] of cache rows row_start..row_start+B-1; returns post-norm
+        states [B, L, H].
 
-        `key_len` bounds the keys read (max position in the batch + 1), a host-side number the
-        engine already knows, so no device sync is needed.
+        Rows of a batch are contiguous (the engine keeps them so), so each layer works on a view
+        of the cache. `key_len` bounds the keys read; the engine passes a host-side bucket at or
+        above max position + 1 (no device sync), so a captured graph fits many steps.
         """
+        b = x.shape[0]
         cos, sin = rotary.lookup(positions)
         key_pos = torch.arange(key_len, device=x.device)
         mask = (key_pos[None, None, :] <= positions[:, :, None]).unsqueeze(1)  # [B, 1, L, key_len]
+        rows = slice(row_start, row_start + b)
         for i, layer in enumerate(self.layers):
-            x = layer(x, cos, sin, cache.k[i], cache.v[i], rows, positions, mask, key_len)
+            x = layer(x, cos, sin, cache.k[i, rows], cache.v[i, rows], positions, mask, key_len)
         return self.norm(x)

@@ -1,0 +1,72 @@
+"""Step functions run eagerly, or through CUDA graphs captured once per shape.
+
+A captured graph replays a whole step (dozens of layers, sampling included) with one launch,
+which is what makes small-batch decoding fast on a GPU. Shapes must be static, so the engine
+pads its batch and its key length up to buckets; each (function, bucket) pair gets one graph,
+captured the first time it is needed. Step functions must be idempotent for their inputs
+(they are: KV writes land at the positions given, with the values given), because capture runs
+them a few extra times.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Hashable
+
+import torch
+
+
+def bucket(n: int, sizes: list[int]) -> int:
+    """Smallest size >= n."""
+    for s in sizes:
+        if s >= n:
+            return s
+    raise ValueError(f"{n} exceeds the largest bucket {sizes[-1]}")
+
+
+def batch_buckets(max_batch: int) -> list[int]:
+    sizes, s = [], 1
+    while s < max_batch:
+        sizes.append(s)
+        s *= 2
+    return sizes + [max_batch]
+
+
+def length_buckets(max_len: int, step: int = 256) -> list[int]:
+    return [*range(step, max_len, step), max_len]
+
+
+class StepRunner:
+    def __init__(self, use_graphs: bool):
+        self.use_graphs = use_graphs
+        self._graphs: dict[Hashable, tuple[torch.cuda.CUDAGraph, list[torch.Tensor], object]] = {}
+        self._pool = None
+
+    def __len__(self) -> int:
+        return len(self._graphs)
+
+    def __call__(self, key: Hashable, fn: Callable, *args: torch.Tensor):
+        if not self.use_graphs:
+            return fn(*args)
+        entry = self._graphs.get(key)
+        if entry is None:
+            entry = self._capture(fn, args)
+            self._graphs[key] = entry
+        graph, static_in, static_out = entry
+        for dst, src in zip(static_in, args):
+            dst.copy_(src, non_blocking=True)
+        graph.replay()
+        return static_out
+
+    def _capture(self, fn, args):
+        static_in = [a.clone() for a in args]
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(2):  # warm up kernels and workspaces outside the capture
+                fn(*static_in)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._pool):
+            static_out = fn(*static_in)
+        self._pool = graph.pool()
+        return graph, static_in, static_out
