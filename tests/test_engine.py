@@ -210,17 +210,17 @@ def test_codes_are_clamped_before_decoding(parts):
     assert len(codec.decode(codes)) == 6 * parts.config.frame_size
 
 
-def test_chunks_stream_small_first_then_regular(pipe, question_wav, ref_voice):
+def test_chunks_start_small_and_grow(pipe, question_wav, ref_voice):
     engine = make_engine(pipe, max_batch=1, first_chunk_frames=2, chunk_frames=5, context_frames=3)
     try:
         out = run(engine, request(pipe, question_wav, ref_voice, max_tokens=14))
     finally:
         engine.shutdown()
     new = [len(c.codes) - c.context_frames for c in out["chunks"]]
-    assert new == [2, 5, 5, 2]
-    assert [c.context_frames for c in out["chunks"]] == [0, 2, 3, 3]
+    assert new == [2, 2, 4, 5, 1]
+    assert [c.context_frames for c in out["chunks"]] == [0, 2, 3, 3, 3]
     starts = [c.start_frame for c in out["chunks"]]
-    assert starts == [0, 2, 7, 12]
+    assert starts == [0, 2, 4, 8, 13]
 
 
 # -- batching -----------------------------------------------------------------------------------

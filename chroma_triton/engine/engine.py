@@ -51,9 +51,10 @@ class EngineOptions:
     backbone_max_len: int = 4096  # backbone context per request (reference prompt + 1-3 per frame)
     max_frames: int = 4000  # upper bound a request may ask for with max_tokens
     first_chunk_frames: int = 2  # first audio chunk small for latency
-    chunk_frames: int = 10
+    chunk_frames: int = 10  # largest chunk
     context_frames: int = 12  # already-sent frames repeated before each chunk as decode context
     max_queue: int = 1024  # requests waiting for a row before submit() refuses
+    max_prefills_per_step: int = 4  # admissions per step, so a burst of arrivals does not stall running streams
     cuda_graphs: bool = True  # on CUDA: capture steps as graphs (ignored on CPU)
     key_bucket: int = 256  # key-length bucket of captured graphs
 
@@ -291,7 +292,7 @@ class ChromaEngine:
     def _admit(self) -> list[torch.Tensor]:
         """Prefill waiting requests into the next free rows; returns their backbone states."""
         states = []
-        while len(self._active) < self.opts.max_batch:
+        while len(self._active) < self.opts.max_batch and len(states) < self.opts.max_prefills_per_step:
             try:
                 item = self._staged.popleft() if self._staged else self._pending.get_nowait()
             except queue.Empty:
@@ -371,7 +372,9 @@ class ChromaEngine:
         if len(a.frames) >= a.params.max_tokens or a.backbone_pos + 3 > self.opts.backbone_max_len:
             a.finish = "length"
             return
-        want = self.opts.first_chunk_frames if a.sent == 0 else self.opts.chunk_frames
+        # chunk sizes grow with the audio already sent (2, 2, 4, 8, ... up to chunk_frames): the
+        # first chunk comes fast, and each next one is due before the buffered audio runs out
+        want = self.opts.first_chunk_frames if a.sent == 0 else min(self.opts.chunk_frames, a.sent)
         if len(a.frames) - a.sent >= want:
             self._send_chunk(a)
 

@@ -1,0 +1,223 @@
+#!/usr/bin/env python3
+"""Engine benchmark: the naive reference-style loop vs our engine (eager and CUDA graphs), in one run.
+
+    python scripts/bench_engine.py --model /data/chroma-full --device cuda --concurrency 1,8,64,256 \
+        --frames 100 --out results.json
+
+Without --model it writes a random checkpoint (--preset, default full) to --make-dir first.
+Measures, per concurrency level: time to first audio chunk (p50/p90/p99, from submit), per-stream
+steady-state ms per 80 ms frame (-> RTF and real-time margin), playback underruns (a chunk arriving
+after the audio before it would have finished playing), aggregate audio seconds per second, and GPU
+memory. Mimi decoding is timed separately (in the server it runs in codec_decoder, concurrently).
+Prints a markdown table last; the JSON has every number.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import statistics
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from chroma_triton.engine import AudioChunk, ChromaEngine, EngineOptions, Finished, SamplingParams  # noqa: E402
+from chroma_triton.model.loading import load_parts  # noqa: E402
+from chroma_triton.pipeline import ChromaPipeline  # noqa: E402
+
+ASSETS = Path(__file__).resolve().parent.parent / "assets"
+FRAME_S = 0.08
+
+
+def pct(xs, q):
+    return float(np.percentile(np.asarray(xs), q)) if xs else float("nan")
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def make_request(pipe, seed: int, frames: int):
+    messages = [{"role": "user", "content": [{"type": "audio", "audio": (ASSETS / "question_audio.wav").read_bytes()}]}]
+    return pipe.prepare(messages, (ASSETS / "ref_audio.wav").read_bytes(), (ASSETS / "ref_audio.txt").read_text().strip(),
+                        SamplingParams(seed=seed, max_tokens=frames, temperature=1.0, top_p=1.0))
+
+
+def run_level(engine: ChromaEngine, template, concurrency: int, frames: int) -> dict:
+    """Submit `concurrency` requests at once; time every chunk as it arrives."""
+    results = [None] * concurrency
+    t_submit = time.perf_counter()
+
+    def consume(i, stream):
+        first, arrivals, underruns, n = None, [], 0, 0
+        for ev in stream:
+            now = time.perf_counter()
+            if isinstance(ev, AudioChunk):
+                new = len(ev.codes) - ev.context_frames
+                if first is None:
+                    first = now
+                elif now > first + ev.start_frame * FRAME_S:
+                    underruns += 1
+                arrivals.append((now, ev.start_frame + new))
+                n = ev.start_frame + new
+            elif isinstance(ev, Finished):
+                results[i] = {"ttfa": first - t_submit if first else None, "frames": n, "reason": ev.reason,
+                              "arrivals": arrivals, "underruns": underruns}
+
+    streams = []
+    for i in range(concurrency):
+        req = copy.deepcopy(template)
+        req.sampling = SamplingParams(seed=1000 + i, max_tokens=frames)
+        streams.append(engine.submit(req))
+    threads = [threading.Thread(target=consume, args=(i, s)) for i, s in enumerate(streams)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - t_submit
+    per_frame = []
+    for r in results:
+        (t0, f0), (t1, f1) = r["arrivals"][0], r["arrivals"][-1]
+        if f1 > f0:
+            per_frame.append((t1 - t0) / (f1 - f0) * 1000)
+    total_frames = sum(r["frames"] for r in results)
+    ttfa = [r["ttfa"] * 1000 for r in results]
+    return {
+        "concurrency": concurrency, "frames_per_stream": frames, "wall_s": wall,
+        "ttfa_ms_p50": pct(ttfa, 50), "ttfa_ms_p90": pct(ttfa, 90), "ttfa_ms_p99": pct(ttfa, 99),
+        "ms_per_frame_p50": pct(per_frame, 50), "ms_per_frame_p99": pct(per_frame, 99),
+        "rtf_p50": pct(per_frame, 50) / (FRAME_S * 1000), "rtf_worst": max(per_frame) / (FRAME_S * 1000),
+        "realtime_margin_min": (FRAME_S * 1000) / max(per_frame),
+        "underrun_streams": sum(1 for r in results if r["underruns"]),
+        "audio_s_per_s": total_frames * FRAME_S / wall,
+        "finish": sorted({r["reason"] for r in results}),
+    }
+
+
+def time_reference(path, device, dtype, template, frames: int) -> dict:
+    from chroma_triton.reference import ReferenceChroma
+
+    ref = ReferenceChroma.from_checkpoint(path, device=device, dtype=dtype)
+    req = copy.deepcopy(template)
+    req.sampling = SamplingParams(seed=1, max_tokens=frames).validated(50, 10**6)
+    ref.generate(copy.deepcopy(req))  # warm-up
+    sync(device)
+    t = time.perf_counter()
+    _, codes, _ = ref.generate(req)
+    sync(device)
+    dt = time.perf_counter() - t
+    del ref
+    return {"frames": len(codes), "ms_per_frame": dt / len(codes) * 1000, "rtf": dt / len(codes) / FRAME_S}
+
+
+def graph_vs_eager(parts, template, frames: int) -> dict:
+    out = {}
+    for graphs in (False, True):
+        eng = ChromaEngine(parts, EngineOptions(max_batch=4, thinker_max_len=1024, backbone_max_len=1024,
+                                                cuda_graphs=graphs)).start()
+        req = copy.deepcopy(template)
+        req.sampling = SamplingParams(seed=42, max_tokens=frames)
+        chunks = [ev for ev in eng.submit(req) if isinstance(ev, AudioChunk)]
+        out[graphs] = np.concatenate([c.codes[c.context_frames:] for c in chunks])
+        eng.shutdown()
+    same = out[False].shape == out[True].shape and bool((out[False] == out[True]).all())
+    first_diff = None if same else int(np.argmax((out[False] != out[True]).any(axis=1)))
+    return {"frames": len(out[True]), "bitwise_equal": same, "first_differing_frame": first_diff}
+
+
+def time_codec(parts, device, chunk=10, context=12, reps=20) -> dict:
+    codec = parts.codec
+    codes = np.random.default_rng(0).integers(0, parts.config.codebook_size, (chunk + context, parts.config.num_codebooks))
+    codec.decode_chunk(codes, context)
+    sync(device)
+    t = time.perf_counter()
+    for _ in range(reps):
+        codec.decode_chunk(codes, context)
+    sync(device)
+    return {"chunk_frames": chunk, "context_frames": context, "ms_per_chunk": (time.perf_counter() - t) / reps * 1000}
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model")
+    ap.add_argument("--make-dir", default="/tmp/chroma-bench-ckpt")
+    ap.add_argument("--preset", default="full")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--concurrency", default="1,8,64,256")
+    ap.add_argument("--frames", type=int, default=100)
+    ap.add_argument("--baseline-frames", type=int, default=30)
+    ap.add_argument("--thinker-max-len", type=int, default=512)
+    ap.add_argument("--backbone-max-len", type=int, default=768)
+    ap.add_argument("--out", default="bench_engine.json")
+    args = ap.parse_args()
+    device = torch.device(args.device)
+    path = args.model
+    if path is None:
+        from chroma_triton.checkpoint.factory import make_checkpoint
+
+        t = time.perf_counter()
+        path = str(make_checkpoint(args.make_dir, args.preset, 0, with_visual=False))
+        print(f"made {args.preset} checkpoint in {time.perf_counter() - t:.0f} s", flush=True)
+    levels = [int(c) for c in args.concurrency.split(",")]
+    parts = load_parts(path, device=device)
+    report = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+              "dtype": str(parts.dtype), "torch": torch.__version__, "date": time.strftime("%Y-%m-%d")}
+    pipe = ChromaPipeline(parts, EngineOptions(max_batch=1, thinker_max_len=args.thinker_max_len,
+                                               backbone_max_len=args.backbone_max_len))
+    template = make_request(pipe, 0, args.frames)
+    pipe.close()
+    report["prompt_tokens"] = len(template.thinker_ids)
+    report["baseline_naive"] = time_reference(path, device, parts.dtype, template, args.baseline_frames)
+    print("baseline", report["baseline_naive"], flush=True)
+    eager = ChromaEngine(parts, EngineOptions(max_batch=1, thinker_max_len=args.thinker_max_len,
+                                              backbone_max_len=args.backbone_max_len, cuda_graphs=False)).start()
+    run_level(eager, template, 1, args.frames)
+    report["engine_eager_c1"] = run_level(eager, template, 1, args.frames)
+    eager.shutdown()
+    del eager
+    print("eager", report["engine_eager_c1"], flush=True)
+    if device.type == "cuda":
+        report["graph_vs_eager"] = graph_vs_eager(parts, template, 24)
+        print("graph_vs_eager", report["graph_vs_eager"], flush=True)
+    engine = ChromaEngine(parts, EngineOptions(max_batch=max(levels), thinker_max_len=args.thinker_max_len,
+                                               backbone_max_len=args.backbone_max_len)).start()
+    report["levels"] = []
+    for c in levels:
+        run_level(engine, template, c, args.frames)  # warm-up: captures this level's graphs
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        r = run_level(engine, template, c, args.frames)
+        if device.type == "cuda":
+            r["gpu_mem_peak_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+            r["gpu_mem_reserved_gib"] = torch.cuda.memory_reserved(device) / 2**30
+        r["speedup_vs_naive_per_stream"] = report["baseline_naive"]["ms_per_frame"] / r["ms_per_frame_p50"]
+        report["levels"].append(r)
+        print(json.dumps(r), flush=True)
+    report["graphs_captured"] = engine.stats()["graphs"]
+    engine.shutdown()
+    report["kv_cache_gib"] = (engine.thinker.cache.nbytes() + parts.frame_model.backbone_cache.nbytes()) / 2**30
+    report["codec"] = time_codec(parts, device)
+    Path(args.out).write_text(json.dumps(report, indent=2))
+    b = report["baseline_naive"]
+    print(f"\n{report['device']} {report['dtype']} prompt {report['prompt_tokens']} tokens, {args.frames} frames/stream")
+    print(f"naive reference loop (batch 1): {b['ms_per_frame']:.1f} ms/frame, RTF {b['rtf']:.3f}")
+    e = report["engine_eager_c1"]
+    print(f"engine eager (batch 1): {e['ms_per_frame_p50']:.1f} ms/frame, RTF {e['rtf_p50']:.3f}, TTFA {e['ttfa_ms_p50']:.0f} ms")
+    print("| streams | TTFA p50/p90/p99 ms | ms/frame p50 (worst) | RTF p50 | min real-time margin | underrun streams | audio s/s | x naive | GPU peak GiB |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for r in report["levels"]:
+        print(f"| {r['concurrency']} | {r['ttfa_ms_p50']:.0f}/{r['ttfa_ms_p90']:.0f}/{r['ttfa_ms_p99']:.0f} | "
+              f"{r['ms_per_frame_p50']:.2f} ({r['ms_per_frame_p99']:.2f}) | {r['rtf_p50']:.3f} | {r['realtime_margin_min']:.1f}x | "
+              f"{r['underrun_streams']} | {r['audio_s_per_s']:.1f} | {r['speedup_vs_naive_per_stream']:.1f} | {r.get('gpu_mem_peak_gib', 0):.1f} |")
+    print(f"codec: {report['codec']}; graphs captured: {report['graphs_captured']}; "
+          f"graph vs eager: {report.get('graph_vs_eager')}")
+
+
+if __name__ == "__main__":
+    main()
