@@ -39,7 +39,6 @@ class StepRunner:
     def __init__(self, use_graphs: bool):
         self.use_graphs = use_graphs
         self._graphs: dict[Hashable, tuple[torch.cuda.CUDAGraph, list[torch.Tensor], object]] = {}
-        self._pool = None
 
     def __len__(self) -> int:
         return len(self._graphs)
@@ -65,8 +64,9 @@ class StepRunner:
             for _ in range(2):  # warm up kernels and workspaces outside the capture
                 fn(*static_in)
         torch.cuda.current_stream().wait_stream(side)
+        # Each graph keeps a private memory pool: with a shared pool, one graph's replay reuses memory
+        # that a graph captured later holds its outputs in (our graphs replay in varying orders).
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._pool):
+        with torch.cuda.graph(graph):
             static_out = fn(*static_in)
-        self._pool = graph.pool()
         return graph, static_in, static_out

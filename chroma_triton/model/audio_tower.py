@@ -25,12 +25,18 @@ class AudioTower:
         return int(self.feature_extractor.sampling_rate)
 
     def features(self, wav16k: np.ndarray) -> torch.Tensor:
-        """Mono 16 kHz float32 -> log-mel features [num_mel_bins, frames] (no padding kept)."""
-        out = self.feature_extractor(
-            wav16k, sampling_rate=self.sampling_rate, return_attention_mask=True,
-            padding="longest", truncation=False, return_tensors="pt",
-        )
-        frames = int(out["attention_mask"][0].sum())
+        """Mono 16 kHz float32 -> log-mel features [num_mel_bins, frames] (no padding kept).
+
+        Same values and frame count as the Qwen2.5-Omni processor, which pads every clip with
+        zeros to `n_samples` ("max_length") and keeps ceil(samples / hop) frames: the last frames
+        see zeros, not the reflection padding an unpadded clip would get, and there is one frame
+        more than an unpadded extraction keeps. n_fft zeros are enough padding to reproduce that.
+        """
+        fe = self.feature_extractor
+        wav16k = np.asarray(wav16k, dtype=np.float32)
+        frames = -(-len(wav16k) // fe.hop_length)
+        padded = np.concatenate([wav16k, np.zeros(fe.n_fft, dtype=np.float32)])
+        out = fe(padded, sampling_rate=self.sampling_rate, padding="longest", truncation=False, return_tensors="pt")
         return out["input_features"][0, :, :frames]
 
     def token_count(self, wav16k: np.ndarray) -> int:
