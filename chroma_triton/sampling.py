@@ -36,12 +36,18 @@ def stream_keys(seeds: torch.Tensor, frames: torch.Tensor, codebook: int) -> tor
     return k
 
 
-def exponential_noise(keys: torch.Tensor, vocab: int) -> torch.Tensor:
-    """Exp(1) noise [B, vocab] from row keys [B]: -log(u), u uniform on (0, 1) with 24 bits."""
-    ids = torch.arange(vocab, device=keys.device, dtype=torch.int64)
-    h = mix32(keys[:, None] ^ mix32(ids * 0x9E3779B1 & _MASK32)[None, :])
+def token_noise(keys: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """Exp(1) noise for token ids [B, n] of rows with keys [B]: -log(u), u uniform on (0, 1), 24 bits.
+    A token's noise depends on (key, token id) only, not on where it sits in a sorted list."""
+    h = mix32(keys[:, None] ^ mix32(ids * 0x9E3779B1 & _MASK32))
     u = ((h >> 8).to(torch.float32) + 0.5) * (1.0 / (1 << 24))
     return -torch.log(u)
+
+
+def exponential_noise(keys: torch.Tensor, vocab: int) -> torch.Tensor:
+    """Noise [B, vocab] for every token id."""
+    ids = torch.arange(vocab, device=keys.device, dtype=torch.int64)
+    return token_noise(keys, ids[None, :].expand(keys.shape[0], vocab))
 
 
 def sample(
@@ -50,19 +56,24 @@ def sample(
     top_k: torch.Tensor,
     top_p: torch.Tensor,
     keys: torch.Tensor,
+    k_max: int | None = None,
 ) -> torch.Tensor:
     """Sample one id per row.
 
     logits [B, V]; temperature [B] float (<= 0 means greedy); top_k [B] int (<= 0 or >= V: off);
     top_p [B] float in (0, 1]; keys [B] from `stream_keys`. Order as in transformers:
-    temperature, then top-k, then top-p over what is left.
+    temperature, then top-k, then top-p over what is left. `k_max`, when given, is a bound on
+    every row's top_k: only the k_max best candidates are ranked (`topk` instead of a full sort).
     """
     logits = logits.float()
     vocab = logits.shape[-1]
     greedy = temperature <= 0
     scaled = logits / torch.where(greedy, torch.ones_like(temperature), temperature)[:, None]
-    sorted_logits, order = scaled.sort(dim=-1, descending=True)
-    ranks = torch.arange(vocab, device=logits.device)[None, :]
+    if k_max is not None and k_max < vocab:
+        sorted_logits, order = scaled.topk(k_max, dim=-1)
+    else:
+        sorted_logits, order = scaled.sort(dim=-1, descending=True)
+    ranks = torch.arange(order.shape[-1], device=logits.device)[None, :]
     k = torch.where((top_k <= 0) | (top_k > vocab), torch.full_like(top_k, vocab), top_k)
     keep = ranks < k[:, None]
     probs = torch.softmax(sorted_logits.masked_fill(~keep, float("-inf")), dim=-1)
@@ -70,7 +81,7 @@ def sample(
     keep = keep & (mass_before < top_p[:, None])
     keep[:, 0] = True
     probs = torch.softmax(sorted_logits.masked_fill(~keep, float("-inf")), dim=-1)
-    noise = exponential_noise(keys, vocab).gather(1, order)  # noise belongs to the token id, not the rank
+    noise = token_noise(keys, order)  # noise belongs to the token id, not the rank
     choice = torch.argmax(probs / noise, dim=-1)
     sampled = order.gather(1, choice[:, None]).squeeze(1)
     return torch.where(greedy, order[:, 0], sampled)

@@ -40,3 +40,15 @@ def test_noise_depends_only_on_seed_frame_codebook():
     assert torch.equal(n[0], n[2]) and (n > 0).all()
     alone = exponential_noise(k[3:], 50)
     assert torch.equal(alone[0], n[3]), "a row's noise does not depend on its batch"
+
+
+def test_topk_bound_gives_the_full_sort_result():
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(512, 300, generator=g) * 3
+    keys = stream_keys(torch.arange(512), torch.zeros(512, dtype=torch.long), 1)
+    top_k = torch.randint(1, 50, (512,), generator=g)
+    top_p = torch.rand(512, generator=g).clamp_min(0.05)
+    temperature = torch.rand(512, generator=g) + 0.2
+    full = sample(logits, temperature, top_k, top_p, keys)
+    bounded = sample(logits, temperature, top_k, top_p, keys, k_max=64)
+    assert torch.equal(full, bounded)

@@ -278,15 +278,26 @@ class ChromaEngine:
         if states.shape[0] < size:
             states = torch.cat([states, states.new_zeros(size - states.shape[0], states.shape[1])])
         ints, floats, _ = self._pack(batch, size)
-        codes = self.runner(("sample", size), self._sample_fn, states[:size], ints[:, _SEED], ints[:, _FRAME],
-                            ints[:, _TOPK], floats[:, 0], floats[:, 1])
+        k_max = self._k_max(batch)
+        codes = self.runner(("sample", size, k_max), partial(self._sample_fn, k_max=k_max), states[:size],
+                            ints[:, _SEED], ints[:, _FRAME], ints[:, _TOPK], floats[:, 0], floats[:, 1])
         extra = thinker_next if thinker_next is not None else torch.zeros(size, dtype=torch.long, device=self.device)
         if extra.shape[0] < size:
             extra = torch.cat([extra, extra.new_zeros(size - extra.shape[0])])
         return torch.cat([codes, extra[:size, None]], dim=1).cpu().numpy()  # the step's one sync
 
-    def _sample_fn(self, states, seeds, frames, top_k, temperature, top_p):
-        return self.frames.sample_frame(states, SamplingTensors(temperature, top_k, top_p, seeds, frames))
+    def _sample_fn(self, states, seeds, frames, top_k, temperature, top_p, *, k_max):
+        return self.frames.sample_frame(states, SamplingTensors(temperature, top_k, top_p, seeds, frames, k_max))
+
+    def _k_max(self, batch: list[_Active]) -> int | None:
+        """A power-of-two bound on the batch's top_k (few graph variants), or None when some row
+        samples from the whole audio vocabulary."""
+        vocab = self.cfg.backbone.audio_vocab_size
+        ks = [a.params.top_k for a in batch]
+        if min(ks) <= 0 or max(ks) >= vocab:
+            return None
+        bound = 1 << (max(ks) - 1).bit_length()
+        return bound if bound < vocab else None
 
     # -- admission ----------------------------------------------------------------------------
     def _admit(self) -> list[torch.Tensor]:
@@ -357,7 +368,7 @@ class ChromaEngine:
         a.text_tokens += 1
         delta = a.detok.add(token)
         if delta:
-            a.stream.put(TextDelta(delta))
+            a.stream.put(TextDelta(delta, a.text_tokens))
         if a.thinker_pos + 1 >= self.opts.thinker_max_len:
             a.thinker_done = True  # context full: the reply text ends here, audio goes on
 

@@ -62,6 +62,7 @@ class GenerationRequest:
 @dataclass
 class TextDelta:
     text: str
+    text_tokens: int = 0  # reply tokens so far, this delta's included (for streamed usage)
 
 
 @dataclass

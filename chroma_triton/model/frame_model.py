@@ -59,11 +59,13 @@ class CodebookHeads(nn.Module):
 
 
 class SamplingTensors:
-    """Per-row sampling settings as device tensors (shape [B]) for one batched step."""
+    """Per-row sampling settings as device tensors (shape [B]) for one batched step, and `k_max`,
+    a host-side bound on every row's top_k (None: some row samples from the whole vocabulary)."""
 
-    def __init__(self, temperature, top_k, top_p, seeds, frames):
+    def __init__(self, temperature, top_k, top_p, seeds, frames, k_max: int | None = None):
         self.temperature, self.top_k, self.top_p = temperature, top_k, top_p
         self.seeds, self.frames = seeds, frames
+        self.k_max = k_max
 
 
 class FrameModel(nn.Module):
@@ -120,4 +122,4 @@ class FrameModel(nn.Module):
 
     def _sample(self, logits: torch.Tensor, p: SamplingTensors, codebook: int) -> torch.Tensor:
         keys = stream_keys(p.seeds, p.frames, codebook)
-        return sample(logits, p.temperature, p.top_k, p.top_p, keys)
+        return sample(logits, p.temperature, p.top_k, p.top_p, keys, p.k_max)

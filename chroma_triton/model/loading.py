@@ -93,10 +93,13 @@ def load_parts(
         out.special = SpecialTokens.from_tokenizer(out.tokenizer, cfg)
     if "thinker" in parts:
         out.thinker_lm = _load_thinker_lm(ckpt, device, dtype)
+        out.thinker_lm.model.fuse()
     if "audio_tower" in parts:
         out.audio_tower = _load_audio_tower(ckpt, device, dtype)
     if "frame_model" in parts:
         out.frame_model = _load_meta_module(ckpt, lambda: FrameModel(cfg), "", device, dtype)
+        out.frame_model.backbone.model.fuse()
+        out.frame_model.decoder.model.fuse()
     if "codec" in parts:
         out.codec = _load_codec(ckpt, device)
     if parts == ALL_PARTS:

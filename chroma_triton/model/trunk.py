@@ -105,14 +105,37 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
         self.v_proj = nn.Linear(cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
         self.o_proj = nn.Linear(cfg.num_heads * cfg.head_dim, cfg.hidden_size, bias=False)
+        self.qkv: tuple[torch.Tensor, torch.Tensor | None] | None = None
+
+    def fuse(self) -> None:
+        """One [q; k; v] matrix (one matmul per step instead of three). The q/k/v parameters become
+        views into it, so weights are not duplicated and the state dict keeps its names."""
+        projs = (self.q_proj, self.k_proj, self.v_proj)
+        weight = torch.cat([p.weight.detach() for p in projs])
+        bias = torch.cat([p.bias.detach() for p in projs]) if self.q_proj.bias is not None else None
+        start = 0
+        for p in projs:
+            n = p.weight.shape[0]
+            p.weight = nn.Parameter(weight[start:start + n], requires_grad=False)
+            if bias is not None:
+                p.bias = nn.Parameter(bias[start:start + n], requires_grad=False)
+            start += n
+        self.qkv = (weight, bias)
+
+    def _project(self, x):
+        if self.qkv is None:
+            return self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        nq, nkv = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        return F.linear(x, *self.qkv).split([nq, nkv, nkv], dim=-1)
 
     def forward(self, x, cos, sin, k_cache, v_cache, positions, mask, key_len):
         """x [B, L, H]; k_cache/v_cache [B, kvh, T, D]: this layer's cache rows of the batch (a view);
         positions [B, L]; mask [B, 1, L, key_len] (True = may attend)."""
         b, length, _ = x.shape
-        q = self.q_proj(x).view(b, length, self.num_heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(b, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(b, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        q, k, v = self._project(x)
+        q = q.reshape(b, length, self.num_heads, self.head_dim).transpose(1, 2)
+        k = k.reshape(b, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v = v.reshape(b, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         # write this step's keys/values at each row's positions; advanced indices go first: [B, L, kvh, D]
         batch = torch.arange(b, device=x.device)[:, None]
@@ -131,9 +154,21 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
         self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+        self.gate_up: torch.Tensor | None = None
+
+    def fuse(self) -> None:
+        """One [gate; up] matrix; gate/up become views into it (see Attention.fuse)."""
+        weight = torch.cat([self.gate_proj.weight.detach(), self.up_proj.weight.detach()])
+        n = self.gate_proj.weight.shape[0]
+        self.gate_proj.weight = nn.Parameter(weight[:n], requires_grad=False)
+        self.up_proj.weight = nn.Parameter(weight[n:], requires_grad=False)
+        self.gate_up = weight
 
     def forward(self, x):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        if self.gate_up is None:
+            return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = F.linear(x, self.gate_up).chunk(2, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
 
 
 class DecoderLayer(nn.Module):
@@ -157,6 +192,13 @@ class Trunk(nn.Module):
         self.cfg = cfg
         self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+    def fuse(self) -> "Trunk":
+        """Fuse q/k/v and gate/up projections of every layer (after the weights are loaded)."""
+        for layer in self.layers:
+            layer.self_attn.fuse()
+            layer.mlp.fuse()
+        return self
 
     def new_cache(self, rows: int, max_len: int, device, dtype) -> tuple[KVCache, RotaryTable]:
         return KVCache(self.cfg, rows, max_len, device, dtype), RotaryTable(
