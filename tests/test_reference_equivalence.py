@@ -158,7 +158,8 @@ def test_thinker_matches_transformers(pipe, ours, reference):
     feats, mask = _processor_features(ours.audio_tower.feature_extractor, wav)
     steps, diffs, mine_ids, their_ids = 10, [], [], []
     with torch.inference_mode():
-        h, tok = thinker.prefill(0, ids, ours.audio_tower.embed(wav))
+        h, tok = thinker.prefill(0, [(ids, ours.audio_tower.embed(wav))])
+        h, tok = h[0], int(tok[0])
         out = reference.thinker(input_ids=ids[None], input_features=feats, feature_attention_mask=mask,
                                 attention_mask=torch.ones_like(ids[None]), past_key_values=(cache := DynamicCache()),
                                 use_cache=True, output_hidden_states=True)

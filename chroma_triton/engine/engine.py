@@ -36,7 +36,7 @@ import torch
 from ..errors import CapacityError, InvalidRequestError
 from ..model.frame_model import FrameModel, SamplingTensors
 from ..model.loading import ChromaParts
-from ..model.thinker import Thinker, TorchThinker
+from ..model.thinker import Thinker, TorchThinker, pad_batch
 from .detokenizer import IncrementalDetokenizer
 from .graphs import StepRunner, batch_buckets, bucket, length_buckets
 from .request import AudioChunk, Finished, GenerationRequest, RequestFailed, RequestStream, SamplingParams, TextDelta
@@ -54,7 +54,8 @@ class EngineOptions:
     chunk_frames: int = 10  # largest chunk
     context_frames: int = 12  # already-sent frames repeated before each chunk as decode context
     max_queue: int = 1024  # requests waiting for a row before submit() refuses
-    max_prefills_per_step: int = 4  # admissions per step, so a burst of arrivals does not stall running streams
+    max_prefills_per_step: int = 16  # requests prefilled together (one batched call) per step
+    prefill_token_budget: int = 4096  # ...and their prompt tokens, so a burst does not stall running streams
     cuda_graphs: bool = True  # on CUDA: capture steps as graphs (ignored on CPU)
     key_bucket: int = 256  # key-length bucket of captured graphs
 
@@ -301,9 +302,10 @@ class ChromaEngine:
 
     # -- admission ----------------------------------------------------------------------------
     def _admit(self) -> list[torch.Tensor]:
-        """Prefill waiting requests into the next free rows; returns their backbone states."""
-        states = []
-        while len(self._active) < self.opts.max_batch and len(states) < self.opts.max_prefills_per_step:
+        """Prefill waiting requests, batched, into the next free rows; returns their backbone states."""
+        items, tokens = [], 0
+        while (len(self._active) + len(items) < self.opts.max_batch and len(items) < self.opts.max_prefills_per_step
+               and tokens < self.opts.prefill_token_budget):
             try:
                 item = self._staged.popleft() if self._staged else self._pending.get_nowait()
             except queue.Empty:
@@ -315,35 +317,47 @@ class ChromaEngine:
                 stream.put(Finished("cancelled", len(req.thinker_ids), 0, 0, ""))
                 self.counters["cancelled"] += 1
                 continue
-            state = self._prefill(req, stream)
-            if state is not None:
-                states.append(state)
+            items.append(item)
+            tokens += len(req.thinker_ids)
+        if not items:
+            return []
+        try:
+            return self._prefill(items)
+        except Exception:  # find the request that broke the batch: retry one by one
+            log.warning("batched prefill of %d requests failed; retrying them one by one", len(items), exc_info=True)
+        states = []
+        for req, stream in items:
+            try:
+                states += self._prefill([(req, stream)])
+            except Exception as exc:
+                log.exception("prefill failed for %s", req.request_id)
+                self.counters["failed"] += 1
+                stream.put(RequestFailed(f"could not start generation: {exc}"))
         return states
 
-    def _prefill(self, req: GenerationRequest, stream: RequestStream):
+    def _prefill(self, items: list[tuple[GenerationRequest, RequestStream]]) -> list[torch.Tensor]:
+        """Thinker and backbone prefill of `items` in rows len(active).. (one batched call each)."""
         row = len(self._active)
-        try:
-            ids = torch.tensor(req.thinker_ids, dtype=torch.long, device=self.device)
-            h0, t1 = self.thinker.prefill(row, ids, req.audio_embeds)
-            x = torch.cat([self._backbone_prompt(req), h0[None].to(self._dtype),
-                           self.thinker.embed(torch.tensor([t1], device=self.device)).to(self._dtype)], dim=0)
-            n = x.shape[0]
-            state = self.frames.backbone_step(x[None], torch.arange(n, device=self.device)[None],
-                                              torch.tensor([n - 1], device=self.device), n, row_start=row)[0]
-        except Exception as exc:
-            log.exception("prefill failed for %s", req.request_id)
-            self.counters["failed"] += 1
-            stream.put(RequestFailed(f"could not start generation: {exc}"))
-            return None
+        dev = self.device
+        h0, t1 = self.thinker.prefill(row, [(torch.tensor(r.thinker_ids, dtype=torch.long, device=dev), r.audio_embeds)
+                                            for r, _ in items])
+        firsts = self.thinker.embed(t1).to(self._dtype)
+        prompts = [torch.cat([self._backbone_prompt(r), h0[i, None].to(self._dtype), firsts[i, None]])
+                   for i, (r, _) in enumerate(items)]
+        x, lengths = pad_batch(prompts)
+        positions = torch.arange(x.shape[1], device=dev).expand(len(items), -1)
+        states = self.frames.backbone_step(x, positions, lengths - 1, x.shape[1], row_start=row)
         skip = {self.special.im_end, self.special.im_start}
-        a = _Active(req=req, stream=stream, row=row, params=req.sampling,
-                    detok=IncrementalDetokenizer(self.tokenizer, skip), prompt_tokens=len(req.thinker_ids),
-                    thinker_pos=len(req.thinker_ids), thinker_token=t1, thinker_done=False, backbone_pos=n)
-        self._on_text_token(a, t1)
-        with self._lock:
-            self._active.append(a)
-            self.counters["admitted"] += 1
-        return state
+        for i, ((req, stream), token) in enumerate(zip(items, t1.tolist())):
+            a = _Active(req=req, stream=stream, row=row + i, params=req.sampling,
+                        detok=IncrementalDetokenizer(self.tokenizer, skip), prompt_tokens=len(req.thinker_ids),
+                        thinker_pos=len(req.thinker_ids), thinker_token=token, thinker_done=False,
+                        backbone_pos=prompts[i].shape[0])
+            self._on_text_token(a, token)
+            with self._lock:
+                self._active.append(a)
+                self.counters["admitted"] += 1
+        return list(states)
 
     @property
     def _dtype(self) -> torch.dtype:

@@ -27,8 +27,9 @@ class Thinker(Protocol):
     def embed(self, token_ids: torch.Tensor) -> torch.Tensor:
         """Token embeddings (also the backbone's text embeddings)."""
 
-    def prefill(self, row: int, input_ids: torch.Tensor, audio_embeds: torch.Tensor | None) -> tuple[torch.Tensor, int]:
-        """Run the prompt into cache row `row`; return (last post-norm state [H], greedy next id)."""
+    def prefill(self, row_start: int, prompts: list[tuple[torch.Tensor, torch.Tensor | None]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Run prompts (input ids, audio embeddings) into cache rows row_start.. in one batched call;
+        return (each prompt's last post-norm state [P, H], greedy next ids [P])."""
 
     def decode(self, tokens: torch.Tensor, positions: torch.Tensor, key_len: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Feed one token per row (rows 0..B-1) at its position; return (post-norm states [B, H],
@@ -36,6 +37,16 @@ class Thinker(Protocol):
 
     def move_row(self, src: int, dst: int) -> None:
         """Row `src`'s state now belongs at row `dst` (batch compaction)."""
+
+
+def pad_batch(seqs: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """[L_i, H] sequences -> right-padded [P, max L, H] and lengths [P]. Padding positions write
+    keys/values past a row's end; they are overwritten before any query can attend to them."""
+    lengths = torch.tensor([s.shape[0] for s in seqs], device=seqs[0].device)
+    out = seqs[0].new_zeros(len(seqs), int(lengths.max()), seqs[0].shape[-1])
+    for i, s in enumerate(seqs):
+        out[i, : s.shape[0]] = s
+    return out, lengths
 
 
 class ThinkerLM(nn.Module):
@@ -74,12 +85,12 @@ class TorchThinker:
         return x
 
     @torch.inference_mode()
-    def prefill(self, row, input_ids, audio_embeds):
-        x = self.prompt_embeddings(input_ids, audio_embeds)[None]
-        length = x.shape[1]
-        positions = torch.arange(length, device=self.device)[None]
-        h = self.lm.model(x, self.cache, self.rotary, positions, length, row_start=row)[0, -1]
-        return h, int(self._greedy(h[None])[0])
+    def prefill(self, row_start, prompts):
+        x, lengths = pad_batch([self.prompt_embeddings(ids, audio) for ids, audio in prompts])
+        positions = torch.arange(x.shape[1], device=self.device).expand(x.shape[0], -1)
+        h = self.lm.model(x, self.cache, self.rotary, positions, x.shape[1], row_start=row_start)
+        last = h[torch.arange(len(prompts), device=self.device), lengths - 1]
+        return last, self._greedy(last)
 
     def decode(self, tokens, positions, key_len):
         x = self.embed(tokens)[:, None]
