@@ -394,6 +394,9 @@ class TritonServer:
             env.pop("PYTHONHOME", None)  # would override the prefix the stub derives from PATH
         for lib in reversed(self.install.library_paths):
             env["LD_LIBRARY_PATH"] = _prepend(str(lib), env.get("LD_LIBRARY_PATH"))
+        libpython_dir = _libpython_dir(self.python_env_prefix)
+        if libpython_dir is not None:
+            env["LD_LIBRARY_PATH"] = _prepend(str(libpython_dir), env.get("LD_LIBRARY_PATH"))
         return env
 
     # ---- lifecycle ----------------------------------------------------------------------
@@ -560,6 +563,28 @@ def _warn_if_numpy_2(prefix: Path | None) -> None:
             RuntimeWarning,
             stacklevel=3,
         )
+
+
+def _libpython_dir(prefix: Path | None) -> Path | None:
+    """The folder of this interpreter's shared ``libpython``, when the stubs use this interpreter.
+
+    The stub is linked against ``libpython3.X.so.1.0`` and the dynamic loader finds the system's
+    copy first (e.g. Debian's 3.11.2). When the environment's interpreter is another build of the
+    same minor version (pyenv's 3.11.7 here), its compiled stdlib modules need symbols the system
+    copy lacks: ``import ssl`` (hence transformers) failed in the stub with "undefined symbol:
+    _PyModule_Add". Putting the interpreter's own libpython first makes the stub embed the same
+    Python the environment was built with.
+    """
+    if prefix is None or Path(prefix).resolve() != Path(sys.prefix).resolve():
+        return None
+    import sysconfig
+
+    libdir, soname = sysconfig.get_config_var("LIBDIR"), sysconfig.get_config_var("INSTSONAME")
+    if not libdir or not soname or not (Path(libdir) / soname).exists():
+        return None
+    if str(Path(libdir).resolve()).startswith(("/usr/lib", "/lib")):
+        return None  # the system interpreter (e.g. the NGC image's): the loader finds it anyway
+    return Path(libdir)
 
 
 def _prepend(entry: str, value: str | None) -> str:

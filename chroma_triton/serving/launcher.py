@@ -1,0 +1,439 @@
+"""Launch Chroma on Triton: render the model repository, start tritonserver, wait until ready,
+start the OpenAI-compatible frontend, supervise both, and stop both cleanly on Ctrl-C/SIGTERM.
+
+    python -m chroma_triton.serving.launcher [--chroma-model-path PATH] [--dp-size N] ...
+
+(``scripts/chroma_server.sh`` runs this after setting up the environment.) Fails fast, before
+starting anything, when fewer GPUs than ``--dp-size`` are visible, a port is taken, or the model
+path is wrong. Without ``--chroma-model-path`` it serves the tiny random demo checkpoint (noise).
+``--dry-run`` prints the rendered configs and exits.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+from ..demo import ASSETS
+from .repository import MODELS, SOURCE_REPOSITORY, RenderSpec, render_configs, render_repository
+from .tritonserver import TritonServer, TritonServerError, find_tritonserver, is_port_free
+
+log = logging.getLogger("chroma_triton.launcher")
+
+ENV_GPU_COUNT = "CHROMA_GPU_COUNT"  # override GPU detection (tests, unusual drivers)
+
+
+class LaunchError(RuntimeError):
+    """A problem found before anything was started; the message says what to fix."""
+
+
+# ---------------------------------------------------------------------------------------------
+# arguments
+# ---------------------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="chroma_server", description="Serve FlashLabs Chroma on Triton with an OpenAI-compatible frontend.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--host", default="0.0.0.0", help="address the frontend (and Triton, see --triton-host) binds")
+    p.add_argument("--port", type=int, default=8000, help="frontend (OpenAI API) port")
+    p.add_argument("--chroma-model-path", default=None,
+                   help="Chroma checkpoint folder or hub id; default: the tiny random demo checkpoint (NOISE)")
+    p.add_argument("--base-qwen-path", default=None,
+                   help="Qwen2.5-Omni folder for thinker config/tokenizer/feature extractor the checkpoint lacks")
+    p.add_argument("--dp-size", type=int, default=1, help="data parallel size: chroma_lm instances, one per GPU 0..N-1")
+    p.add_argument("--workers", type=int, default=1, help="frontend worker processes")
+    p.add_argument("--triton-host", default=None, help="address Triton binds (default: --host)")
+    p.add_argument("--triton-http-port", type=int, default=8080, help="Triton HTTP/REST port")
+    p.add_argument("--triton-grpc-port", type=int, default=8001, help="Triton gRPC port (the frontend uses it)")
+    p.add_argument("--triton-metrics-port", type=int, default=8002, help="Triton Prometheus metrics port")
+    p.add_argument("--device", choices=("auto", "gpu", "cpu"), default="auto",
+                   help="where the models run; auto: GPUs when visible (or when --dp-size > 1), else CPU")
+    p.add_argument("--max-batch", type=int, default=None, help="concurrent streams per chroma_lm instance")
+    p.add_argument("--thinker-backend", choices=("auto", "torch", "sglang"), default=None)
+    p.add_argument("--default-voice", default=None, help="reference voice .wav (with .txt transcript beside it)")
+    p.add_argument("--param", action="append", default=[], metavar="MODEL.KEY=VALUE",
+                   help="set a config parameter, e.g. chroma_lm.chunk_frames=10 (repeatable)")
+    p.add_argument("--model-repository", default=str(SOURCE_REPOSITORY), help="source repository to render")
+    p.add_argument("--workdir", default=None, help="where the rendered repository and logs go (default: a temp dir)")
+    p.add_argument("--startup-timeout", type=float, default=1800.0, help="seconds to wait for Triton to be ready")
+    p.add_argument("--max-restarts", type=int, default=5,
+                   help="restarts of a crashed tritonserver/frontend within 10 minutes before giving up")
+    p.add_argument("--log-verbose", type=int, default=0, help="Triton --log-verbose level")
+    p.add_argument("--quiet", action="store_true", help="do not echo Triton's log to stderr")
+    p.add_argument("--no-frontend", action="store_true", help="serve Triton only")
+    p.add_argument("--allowed-local-media-path", action="append", default=None, metavar="DIR",
+                   help="folder whose files requests may name by path (repeatable; default: the project's assets/)")
+    p.add_argument("--api-key", default=None,
+                   help="require this Bearer key on /v1/* (passed to the frontend in its environment, not argv)")
+    p.add_argument("--dry-run", action="store_true", help="print the rendered configs and exit")
+    return p
+
+
+def parse_params(items: list[str]) -> dict[str, dict[str, str]]:
+    out: dict[str, dict[str, str]] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        model, dot, name = key.partition(".")
+        if not sep or not dot or not model or not name:
+            raise LaunchError(f"--param {item!r}: expected MODEL.KEY=VALUE, e.g. chroma_lm.chunk_frames=10")
+        if model not in MODELS:
+            raise LaunchError(f"--param {item!r}: unknown model {model!r}; models: {', '.join(MODELS)}")
+        out.setdefault(model, {})[name] = value
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# checks
+# ---------------------------------------------------------------------------------------------
+def visible_gpus() -> int:
+    """GPUs this process may use: $CHROMA_GPU_COUNT, else nvidia-smi (limited by
+    CUDA_VISIBLE_DEVICES), else torch."""
+    if os.environ.get(ENV_GPU_COUNT, "").strip():
+        return int(os.environ[ENV_GPU_COUNT])
+    cvd = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if cvd is not None and cvd.strip() in ("", "-1", "none", "NoDevFiles"):
+        return 0
+    count = None
+    smi = shutil.which("nvidia-smi")
+    if smi:
+        try:
+            out = subprocess.run([smi, "-L"], capture_output=True, text=True, timeout=20)
+            if out.returncode == 0:
+                count = sum(1 for line in out.stdout.splitlines() if line.startswith("GPU "))
+        except (OSError, subprocess.TimeoutExpired):
+            count = None
+    if count is None:
+        try:
+            import torch
+
+            return int(torch.cuda.device_count()) if torch.cuda.is_available() else 0
+        except Exception:  # noqa: BLE001
+            return 0
+    if cvd is not None:
+        count = min(count, len([d for d in cvd.split(",") if d.strip()]))
+    return count
+
+
+def choose_device(requested: str, dp_size: int, gpus: int, dry_run: bool) -> str:
+    if dp_size < 1:
+        raise LaunchError(f"--dp-size must be >= 1, got {dp_size}")
+    kind = requested
+    if kind == "auto":
+        kind = "gpu" if gpus > 0 or dp_size > 1 else "cpu"
+    if kind == "cpu" and dp_size > 1:
+        raise LaunchError(f"--dp-size {dp_size} needs GPUs (one chroma_lm instance per GPU); on the CPU use --dp-size 1")
+    if kind == "gpu" and gpus < dp_size:
+        message = (f"--dp-size {dp_size} needs {dp_size} GPU(s) but {gpus} {'is' if gpus == 1 else 'are'} visible "
+                   f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', '<unset>')}); "
+                   f"lower --dp-size to {max(gpus, 1)}" + ("" if gpus else " and use --device cpu"))
+        if not dry_run:
+            raise LaunchError(message)
+        log.warning("%s (dry run: rendering anyway)", message)
+    return kind
+
+
+def resolve_model_path(path: str | None, *, dry_run: bool) -> tuple[str, bool]:
+    """(checkpoint folder, is_demo). A hub id is downloaded here once, not by every model."""
+    if path is None or not str(path).strip():
+        from ..demo import DEMO_WARNING, demo_checkpoint
+
+        banner = "!" * 100
+        print(f"{banner}\nWARNING: {DEMO_WARNING}\n{banner}", file=sys.stderr, flush=True)
+        return ("" if dry_run else str(demo_checkpoint())), True
+    p = Path(path).expanduser()
+    if p.exists():
+        if not p.is_dir():
+            raise LaunchError(f"--chroma-model-path {path}: not a folder (a Chroma checkpoint is a folder with config.json)")
+        cfg = p / "config.json"
+        if not cfg.is_file():
+            raise LaunchError(f"--chroma-model-path {path}: no config.json in it; is this a Chroma checkpoint folder?")
+        try:
+            model_type = json.loads(cfg.read_text()).get("model_type")
+        except ValueError as exc:
+            raise LaunchError(f"--chroma-model-path {path}: config.json is not valid JSON ({exc})") from None
+        if model_type != "chroma":
+            raise LaunchError(f"--chroma-model-path {path}: config.json has model_type {model_type!r}, expected 'chroma'")
+        return str(p.resolve()), False
+    text = str(path)
+    if text.count("/") != 1 or text.startswith((".", "/", "~")):
+        raise LaunchError(f"--chroma-model-path {path}: no such folder (and not a hub id like FlashLabs/Chroma-4B)")
+    if dry_run:
+        return text, False
+    from ..checkpoint.loader import resolve_model_path as download
+    from ..errors import CheckpointError
+
+    try:
+        return str(download(text)), False
+    except CheckpointError as exc:
+        raise LaunchError(f"--chroma-model-path {path}: {exc}") from None
+
+
+def check_base_qwen(path: str | None) -> str:
+    if not path:
+        return ""
+    p = Path(path).expanduser()
+    if not p.is_dir():
+        raise LaunchError(f"--base-qwen-path {path}: no such folder")
+    return str(p.resolve())
+
+
+def check_ports(ports: dict[str, int], host: str) -> None:
+    seen: dict[int, str] = {}
+    for name, port in ports.items():
+        if not 0 < port < 65536:
+            raise LaunchError(f"{name} {port} is not a valid port")
+        if port in seen:
+            raise LaunchError(f"{name} and {seen[port]} are both {port}; give them different ports")
+        seen[port] = name
+        bind = "0.0.0.0" if host in ("", "0.0.0.0") else host
+        if not is_port_free(port, bind):
+            raise LaunchError(f"{name} {port} on {bind} is already in use; stop what uses it or pick another port")
+
+
+def frontend_available() -> bool:
+    return importlib.util.find_spec("openai_frontend") is not None
+
+
+# ---------------------------------------------------------------------------------------------
+# running
+# ---------------------------------------------------------------------------------------------
+class _LogEcho(threading.Thread):
+    """Echo a growing log file to stderr (so `docker logs` shows Triton's output)."""
+
+    def __init__(self, path: Path):
+        super().__init__(name="triton-log-echo", daemon=True)
+        self.path, self.stop_event, self.offset = path, threading.Event(), 0
+
+    def run(self) -> None:
+        while not self.stop_event.is_set():
+            try:
+                size = self.path.stat().st_size
+                if size < self.offset:
+                    self.offset = 0  # a restart truncated the file
+                if size > self.offset:
+                    with open(self.path, "rb") as f:
+                        f.seek(self.offset)
+                        data = f.read()
+                    self.offset += len(data)
+                    sys.stderr.write(data.decode("utf-8", "replace"))
+                    sys.stderr.flush()
+            except OSError:
+                pass
+            self.stop_event.wait(0.3)
+
+
+class Launcher:
+    def __init__(self, args: argparse.Namespace):
+        self.args = args
+        self.stop_event = threading.Event()
+        self.server: TritonServer | None = None
+        self.frontend: subprocess.Popen | None = None
+        self.restarts: list[float] = []
+
+    # -- plan ----------------------------------------------------------------------------------
+    def plan(self) -> tuple[RenderSpec, dict[str, str]]:
+        a = self.args
+        params = parse_params(a.param)
+        if a.max_batch is not None:
+            params.setdefault("chroma_lm", {})["max_batch"] = str(a.max_batch)
+        if a.thinker_backend is not None:
+            params.setdefault("chroma_lm", {})["thinker_backend"] = a.thinker_backend
+        if a.default_voice is not None:
+            voice = Path(a.default_voice).expanduser()
+            if not voice.is_file() or not voice.with_suffix(".txt").is_file():
+                raise LaunchError(f"--default-voice {a.default_voice}: need the audio file and its transcript "
+                                  f"{voice.with_suffix('.txt').name} beside it")
+            params.setdefault("audio_encoder", {})["default_voice"] = str(voice.resolve())
+        if params.get("chroma_lm", {}).get("thinker_backend") == "sglang":
+            raise LaunchError("thinker_backend 'sglang' is not available in this build; use auto or torch")
+        gpus = visible_gpus()
+        kind = choose_device(a.device, a.dp_size, gpus, a.dry_run)
+        model_path, _ = resolve_model_path(a.chroma_model_path, dry_run=a.dry_run)
+        spec = RenderSpec(model_path=model_path, base_qwen_path=check_base_qwen(a.base_qwen_path), kind=kind,
+                          dp_size=a.dp_size, params=params)
+        try:
+            configs = render_configs(spec, Path(a.model_repository))
+        except (ValueError, FileNotFoundError) as exc:
+            raise LaunchError(str(exc)) from None
+        return spec, configs
+
+    def ports(self) -> dict[str, int]:
+        a = self.args
+        ports = {"--triton-http-port": a.triton_http_port, "--triton-grpc-port": a.triton_grpc_port,
+                 "--triton-metrics-port": a.triton_metrics_port}
+        if self.want_frontend():
+            ports["--port"] = a.port
+        return ports
+
+    def want_frontend(self) -> bool:
+        return not self.args.no_frontend and frontend_available()
+
+    # -- run -----------------------------------------------------------------------------------
+    def run(self) -> int:
+        a = self.args
+        spec, configs = self.plan()
+        if a.dry_run:
+            for name, text in configs.items():
+                print(f"# ===== {name}/config.pbtxt =====")
+                print(text.rstrip())
+                print()
+            return 0
+        triton_host = a.triton_host if a.triton_host is not None else a.host
+        check_ports({k: v for k, v in self.ports().items() if k != "--port"}, triton_host)
+        if "--port" in self.ports():
+            check_ports({"--port": a.port}, a.host)
+        try:
+            install = find_tritonserver()
+        except TritonServerError as exc:
+            raise LaunchError(str(exc)) from None
+        workdir = Path(a.workdir or tempfile.mkdtemp(prefix="chroma-triton-"))
+        workdir.mkdir(parents=True, exist_ok=True)
+        repo = workdir / "model_repository"
+        render_repository(repo, spec, Path(a.model_repository))
+        log.info("rendered %s (%s, dp %d) from %s", repo, spec.kind.upper(), spec.dp_size, a.model_repository)
+        log.info("tritonserver: %s (%s)", install.binary, install.kind)
+        self.server = TritonServer(
+            repo, http_port=a.triton_http_port, grpc_port=a.triton_grpc_port, metrics_port=a.triton_metrics_port,
+            address=triton_host, log_file=workdir / "tritonserver.log", log_verbose=a.log_verbose, install=install)
+        self._install_signals()
+        echo = None if a.quiet else _LogEcho(workdir / "tritonserver.log")
+        if echo:
+            echo.start()
+        try:
+            self._start_triton()
+            if self.stop_event.is_set():
+                return 0
+            if self.want_frontend():
+                self._start_frontend()
+            elif a.no_frontend:
+                log.info("--no-frontend: serving Triton only")
+            else:
+                log.warning("the openai_frontend package is not importable: serving Triton only")
+            log.info("READY: Triton gRPC %s, HTTP %s, metrics http://%s/metrics%s", self.server.grpc_url,
+                     self.server.http_url, self.server.metrics_url,
+                     f"; OpenAI API http://{a.host}:{a.port}/v1" if self.frontend else "")
+            return self._supervise()
+        finally:
+            self._shutdown()
+            if echo:
+                time.sleep(0.4)
+                echo.stop_event.set()
+
+    def _install_signals(self) -> None:
+        def handler(signum, _frame):
+            log.info("received %s: shutting down", signal.Signals(signum).name)
+            self.stop_event.set()
+
+        signal.signal(signal.SIGINT, handler)
+        signal.signal(signal.SIGTERM, handler)
+
+    def _start_triton(self) -> None:
+        t0 = time.monotonic()
+        log.info("starting tritonserver (loading models; a real checkpoint takes a while)...")
+        starter = threading.Thread(target=self._start_triton_blocking, daemon=True)
+        self._start_error: BaseException | None = None
+        starter.start()
+        while starter.is_alive():
+            if self.stop_event.wait(0.2):
+                self.server.stop(timeout=20)
+                starter.join(30)
+                return
+        if self._start_error is not None:
+            raise self._start_error
+        log.info("tritonserver ready in %.1fs (pid %s)", time.monotonic() - t0, self.server.pid)
+
+    def _start_triton_blocking(self) -> None:
+        try:
+            self.server.start(timeout=self.args.startup_timeout)
+        except BaseException as exc:  # noqa: BLE001 - re-raised in the main thread
+            self._start_error = exc
+
+    def _frontend_command(self) -> list[str]:
+        a = self.args
+        cmd = [sys.executable, "-m", "openai_frontend", "--host", a.host, "--port", str(a.port),
+               "--triton-grpc-url", self.server.grpc_url, "--workers", str(a.workers)]
+        for folder in a.allowed_local_media_path or [str(ASSETS)]:
+            cmd += ["--allowed-local-media-path", folder]
+        return cmd
+
+    def _start_frontend(self) -> None:
+        cmd = self._frontend_command()
+        log.info("starting frontend: %s", " ".join(c if c != self.args.api_key else "***" for c in cmd))
+        env = dict(os.environ)
+        if self.args.api_key:
+            env["CHROMA_API_KEY"] = self.args.api_key  # the frontend reads it; argv would show it in ps
+        self.frontend = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, start_new_session=True, env=env)
+
+    def _note_restart(self, what: str) -> bool:
+        now = time.monotonic()
+        self.restarts = [t for t in self.restarts if now - t < 600] + [now]
+        if len(self.restarts) > self.args.max_restarts:
+            log.error("%s died again: %d restarts in 10 minutes, giving up", what, len(self.restarts) - 1)
+            return False
+        return True
+
+    def _supervise(self) -> int:
+        while not self.stop_event.wait(1.0):
+            if not self.server.is_running():
+                log.error("tritonserver exited unexpectedly; last log lines:\n%s", self.server.log_tail(30))
+                if not self._note_restart("tritonserver"):
+                    return 1
+                self.server.stop(timeout=10)
+                time.sleep(min(2 ** len(self.restarts), 30))
+                log.info("restarting tritonserver")
+                try:
+                    self._start_triton()
+                except TritonServerError as exc:
+                    log.error("restart failed: %s", exc)
+                    continue
+            if self.frontend is not None and self.frontend.poll() is not None:
+                log.error("frontend exited with code %s", self.frontend.returncode)
+                if not self._note_restart("frontend"):
+                    return 1
+                time.sleep(1)
+                self._start_frontend()
+        return 0
+
+    def _shutdown(self) -> None:
+        if self.frontend is not None and self.frontend.poll() is None:
+            log.info("stopping frontend (pid %d)", self.frontend.pid)
+            try:
+                os.killpg(self.frontend.pid, signal.SIGTERM)
+                self.frontend.wait(15)
+            except (ProcessLookupError, PermissionError):
+                pass
+            except subprocess.TimeoutExpired:
+                os.killpg(self.frontend.pid, signal.SIGKILL)
+                self.frontend.wait()
+        if self.server is not None:
+            log.info("stopping tritonserver")
+            self.server.stop()
+        log.info("stopped")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s [launcher] %(levelname)s %(message)s")
+    try:
+        return Launcher(args).run()
+    except LaunchError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except TritonServerError as exc:
+        print(f"error: tritonserver failed: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,111 @@
+"""What a Triton Python model learns from ``initialize(args)``: its config parameters, its device,
+and the checkpoint it serves. Shared by the three models; no Triton import (unit-testable)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+DEFAULT_VOICE = "assets/voices/default.wav"
+THINKER_BACKENDS = ("auto", "torch", "sglang")
+
+
+@dataclass
+class ModelArgs:
+    name: str
+    config: dict
+    params: dict[str, str]
+    device: str  # "cpu" or "cuda:<id>"
+    instance_name: str
+
+    @classmethod
+    def from_triton(cls, args: dict) -> "ModelArgs":
+        config = json.loads(args["model_config"])
+        params = {k: v.get("string_value", "") for k, v in (config.get("parameters") or {}).items()}
+        kind = str(args.get("model_instance_kind", "CPU")).upper()
+        device = f"cuda:{int(args.get('model_instance_device_id', 0))}" if kind == "GPU" else "cpu"
+        return cls(config["name"], config, params, device, args.get("model_instance_name", config["name"]))
+
+    # typed parameter access; an empty string means "use the default"
+    def str(self, key: str, default: str = "") -> str:
+        value = self.params.get(key, "")
+        return value if value.strip() else default
+
+    def int(self, key: str, default: int) -> int:
+        value = self.str(key)
+        if not value:
+            return default
+        try:
+            return int(value)
+        except ValueError:
+            raise ValueError(f"model {self.name}: parameter {key}={value!r} must be an integer") from None
+
+    def bool(self, key: str, default: bool) -> bool:
+        value = self.str(key).lower()
+        if not value:
+            return default
+        if value in ("1", "true", "yes", "on"):
+            return True
+        if value in ("0", "false", "no", "off"):
+            return False
+        raise ValueError(f"model {self.name}: parameter {key}={value!r} must be true or false")
+
+
+def resolve_checkpoint(model_path: str, who: str) -> str:
+    """``model_path`` as given, or the tiny demo checkpoint (with a loud warning) when empty."""
+    if model_path.strip():
+        return model_path.strip()
+    from ..demo import DEMO_WARNING, demo_checkpoint
+
+    banner = "!" * 100
+    print(f"{banner}\n[{who}] WARNING: {DEMO_WARNING}\n{banner}", file=sys.stderr, flush=True)
+    log.warning("%s: %s", who, DEMO_WARNING)
+    return str(demo_checkpoint())
+
+
+def resolve_default_voice(value: str) -> tuple[Path, str]:
+    """The default reference voice (audio file, transcript from the ``.txt`` beside it).
+
+    A relative path is taken from the project root (where ``assets/`` lives)."""
+    from ..demo import ASSETS
+
+    path = Path(value or DEFAULT_VOICE).expanduser()
+    if not path.is_absolute():
+        path = ASSETS.parent / path
+    text_path = path.with_suffix(".txt")
+    if not path.is_file():
+        raise FileNotFoundError(f"default_voice {path} does not exist")
+    if not text_path.is_file():
+        raise FileNotFoundError(f"default_voice {path} has no transcript {text_path}")
+    transcript = text_path.read_text(encoding="utf-8").strip()
+    if not transcript:
+        raise ValueError(f"default voice transcript {text_path} is empty")
+    return path, transcript
+
+
+def thinker_backend(value: str) -> str:
+    """Validate ``thinker_backend``: ``auto`` and ``torch`` give torch; ``sglang`` is not in this build."""
+    value = (value or "auto").strip().lower()
+    if value not in THINKER_BACKENDS:
+        raise ValueError(f"thinker_backend must be one of {', '.join(THINKER_BACKENDS)}, got {value!r}")
+    if value == "sglang":
+        raise RuntimeError(
+            "thinker_backend 'sglang' is not available: this build has only the plain-PyTorch thinker. "
+            "Set thinker_backend to 'auto' or 'torch'.")
+    return "torch"
+
+
+def configure_logging() -> None:
+    """Package logs to stderr (Triton's log) once per stub process."""
+    root = logging.getLogger("chroma_triton")
+    if not root.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        root.addHandler(handler)
+        root.setLevel(os.environ.get("CHROMA_LOG_LEVEL", "INFO").upper())

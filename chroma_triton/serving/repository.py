@@ -1,0 +1,112 @@
+"""Render a deployable copy of ``model_repository/``: checkpoint paths, instance groups (one
+``chroma_lm`` instance per GPU, or the CPU) and any parameter overrides go into the copied
+``config.pbtxt`` files; the ``model.py`` adapters are copied as they are.
+
+Configs are parsed and written with Triton's own ``ModelConfig`` protobuf (shipped in
+tritonclient), so a rendered file is exactly what tritonserver will read.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
+SOURCE_REPOSITORY = PROJECT_ROOT / "model_repository"
+MODELS = ("audio_encoder", "chroma_lm", "codec_decoder", "chroma")
+CHECKPOINT_MODELS = ("audio_encoder", "chroma_lm", "codec_decoder")
+
+
+@dataclass
+class RenderSpec:
+    model_path: str = ""
+    base_qwen_path: str = ""
+    kind: str = "cpu"  # "gpu" or "cpu"
+    dp_size: int = 1
+    params: dict[str, dict[str, str]] = field(default_factory=dict)  # model -> key -> value
+
+
+def _pb():
+    try:
+        from google.protobuf import text_format
+        from tritonclient.grpc import model_config_pb2
+    except ImportError as exc:  # pragma: no cover - the serve extra brings both
+        raise RuntimeError(f"rendering configs needs tritonclient[grpc] and protobuf ({exc}); "
+                           "install the project's [serve] extra") from None
+    return text_format, model_config_pb2
+
+
+def parse_config(text: str):
+    text_format, pb = _pb()
+    return text_format.Parse(text, pb.ModelConfig())
+
+
+def format_config(config) -> str:
+    text_format, _ = _pb()
+    return text_format.MessageToString(config)
+
+
+def render_config(name: str, text: str, spec: RenderSpec) -> str:
+    """Edit the hand-written config as text (comments stay), then check it parses as a ModelConfig."""
+    if name in CHECKPOINT_MODELS:
+        text = _set_param(name, text, "model_path", spec.model_path)
+        text = _set_param(name, text, "base_qwen_path", spec.base_qwen_path)
+        text = _set_instance_group(name, text, spec)
+    for key, value in spec.params.get(name, {}).items():
+        text = _set_param(name, text, key, value)
+    config = parse_config(text)
+    if config.name != name:
+        raise ValueError(f"{name}/config.pbtxt names the model {config.name!r}")
+    return text
+
+
+_PARAM = r'parameters:\s*\{\s*key:\s*"%s"\s*value:\s*\{\s*string_value:\s*"(?:[^"\\]|\\.)*"\s*\}\s*\}'
+_GROUP = re.compile(r"^instance_group \[.*?^\]", re.S | re.M)
+
+
+def _quote(value: str) -> str:
+    return '"' + str(value).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
+
+
+def _set_param(name: str, text: str, key: str, value: str) -> str:
+    pattern = re.compile(_PARAM % re.escape(key))
+    if not pattern.search(text):
+        known = ", ".join(sorted(re.findall(r'parameters:\s*\{\s*key:\s*"([^"]+)"', text))) or "none"
+        raise ValueError(f"model {name} has no parameter {key!r} (known: {known})")
+    line = f"parameters: {{ key: {_quote(key)} value: {{ string_value: {_quote(value)} }} }}"
+    return pattern.sub(lambda _: line, text, count=1)
+
+
+def _set_instance_group(name: str, text: str, spec: RenderSpec) -> str:
+    if spec.kind == "gpu":
+        gpus = ", ".join(str(i) for i in range(spec.dp_size))
+        group = f"instance_group [\n  {{\n    count: 1\n    kind: KIND_GPU\n    gpus: [{gpus}]\n  }}\n]"
+    else:
+        group = "instance_group [\n  {\n    count: 1\n    kind: KIND_CPU\n  }\n]"
+    if not _GROUP.search(text):
+        raise ValueError(f"model {name}: config has no top-level 'instance_group [ ... ]' block to render")
+    return _GROUP.sub(lambda _: group, text, count=1)
+
+
+def render_repository(dst: Path, spec: RenderSpec, src: Path = SOURCE_REPOSITORY) -> dict[str, str]:
+    """Write the rendered repository to ``dst`` (replacing what is there); return name -> config."""
+    configs = render_configs(spec, src)
+    dst = Path(dst)
+    if dst.exists():
+        shutil.rmtree(dst)
+    for name, text in configs.items():
+        shutil.copytree(src / name, dst / name, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+        (dst / name / "config.pbtxt").write_text(text)
+    return configs
+
+
+def render_configs(spec: RenderSpec, src: Path = SOURCE_REPOSITORY) -> dict[str, str]:
+    unknown = set(spec.params) - set(MODELS)
+    if unknown:
+        raise ValueError(f"unknown model(s) {sorted(unknown)} in parameter overrides; models: {', '.join(MODELS)}")
+    missing = [m for m in MODELS if not (Path(src) / m / "config.pbtxt").is_file()]
+    if missing:
+        raise FileNotFoundError(f"{src} lacks {missing}: not a chroma model repository")
+    return {name: render_config(name, (Path(src) / name / "config.pbtxt").read_text(), spec) for name in MODELS}

@@ -1,0 +1,160 @@
+"""The logic of the ``audio_encoder`` Triton model (its model.py only moves tensors).
+
+Per request: the user's clips (encoded files, any format/rate/channels) -> 16 kHz mono -> audio
+tower embeddings, concatenated in ``user_audio`` order with the token count of each clip; and the
+reference voice (encoded file, or the server's default voice when empty) -> 24 kHz mono -> Mimi
+codes, cached by content hash. Requests that Triton's dynamic batcher hands over together are
+embedded in **one** audio-tower forward (the tower takes several clips at once through
+``feature_lens``, the way transformers batches it).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from ..audio_io import decode_audio
+from ..errors import InvalidRequestError
+from ..model.audio_tower import AudioTower, audio_token_count
+from ..model.loading import ChromaParts
+from ..voice_cache import VoiceCache, bytes_key
+
+log = logging.getLogger(__name__)
+
+MAX_USER_AUDIO_SECONDS = 300.0
+MAX_PROMPT_AUDIO_SECONDS = 60.0
+MIN_FEATURE_FRAMES = 4
+
+
+@dataclass
+class EncoderInput:
+    user_audio: list[bytes]
+    prompt_audio: bytes  # b"" -> default voice
+    prompt_text: str  # "" with the default voice
+
+
+@dataclass
+class EncoderOutput:
+    audio_embeds: np.ndarray  # float32 [sum tokens, H]
+    audio_token_counts: np.ndarray  # int32 [clips]
+    prompt_codes: np.ndarray  # int32 [frames, K]
+    voice_text: str
+
+
+class AudioEncoderService:
+    def __init__(self, parts: ChromaParts, default_voice: tuple[bytes, str] | None, voice_cache_size: int = 256):
+        if parts.audio_tower is None or parts.codec is None:
+            raise ValueError("the audio encoder needs the audio_tower and codec parts")
+        self.tower: AudioTower = parts.audio_tower
+        self.codec = parts.codec
+        self.hidden = int(parts.config.thinker.text.hidden_size)
+        self.voices = VoiceCache(voice_cache_size)
+        self.default_voice = default_voice
+        if default_voice is not None:  # encode once now: the first request should not pay for it
+            self.voice_codes(default_voice[0])
+
+    # -- reference voice ------------------------------------------------------------------------
+    def voice_codes(self, data: bytes) -> np.ndarray:
+        def encode() -> np.ndarray:
+            wav = decode_audio(data, self.codec.sample_rate, max_seconds=MAX_PROMPT_AUDIO_SECONDS)
+            codes = self.codec.encode(wav)
+            if len(codes) == 0:
+                raise InvalidRequestError("prompt_audio is too short to hold one 80 ms frame", "prompt_audio")
+            return codes
+
+        return self.voices.get_or_encode(bytes_key(data), encode)
+
+    def resolve_voice(self, prompt_audio: bytes, prompt_text: str) -> tuple[np.ndarray, str]:
+        if prompt_audio:
+            if not prompt_text.strip():
+                raise InvalidRequestError(
+                    "prompt_text (the transcript of prompt_audio) must be a non-empty string", "prompt_text")
+            try:
+                return self.voice_codes(prompt_audio), prompt_text
+            except InvalidRequestError as exc:
+                raise InvalidRequestError(f"prompt_audio: {exc}", "prompt_audio") from None
+        if prompt_text.strip():
+            raise InvalidRequestError(
+                "prompt_text was given without prompt_audio; send both (voice cloning) or neither "
+                "(the server's default voice)", "prompt_text")
+        if self.default_voice is None:
+            raise InvalidRequestError("this server has no default voice: send prompt_audio and prompt_text", "prompt_audio")
+        data, transcript = self.default_voice
+        return self.voice_codes(data), transcript
+
+    # -- user audio ------------------------------------------------------------------------------
+    def user_features(self, clips: list[bytes]) -> list[torch.Tensor]:
+        if clips == [b""]:  # one empty element: "no user audio" (for clients that must send the tensor)
+            return []
+        feats = []
+        for i, clip in enumerate(clips):
+            if not clip:
+                raise InvalidRequestError(f"user_audio[{i}] is empty", "user_audio")
+            try:
+                wav = decode_audio(clip, self.tower.sampling_rate, max_seconds=MAX_USER_AUDIO_SECONDS)
+            except ValueError as exc:
+                raise InvalidRequestError(f"user_audio[{i}]: {exc}", "user_audio") from None
+            f = self.tower.features(wav)
+            if f.shape[-1] < MIN_FEATURE_FRAMES:
+                raise InvalidRequestError(f"user_audio[{i}] is too short: at least 40 ms of speech is needed", "user_audio")
+            feats.append(f)
+        return feats
+
+    @torch.inference_mode()
+    def embed_features(self, feats: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Several clips' log-mels -> their embeddings, in one tower forward."""
+        if not feats:
+            return []
+        tower = self.tower
+        lens = torch.tensor([f.shape[-1] for f in feats], device=tower.device)
+        x = torch.cat(feats, dim=-1).to(tower.device, tower.dtype)
+        out = tower.module(x, feature_lens=lens, aftercnn_lens=(lens - 1) // 2 + 1).last_hidden_state
+        counts = [audio_token_count(f.shape[-1]) for f in feats]
+        if out.shape[0] != sum(counts):
+            raise RuntimeError(f"audio tower returned {out.shape[0]} embeddings, expected {sum(counts)}")
+        return list(torch.split(out, counts))
+
+    # -- requests ----------------------------------------------------------------------------------
+    def encode_batch(self, inputs: list[EncoderInput]) -> list[EncoderOutput | Exception]:
+        """Encode several requests; a request's failure is returned in its place (others go on)."""
+        results: list[EncoderOutput | Exception | None] = [None] * len(inputs)
+        prepared = {}
+        for i, inp in enumerate(inputs):
+            try:
+                codes, voice_text = self.resolve_voice(inp.prompt_audio, inp.prompt_text)
+                prepared[i] = (self.user_features(inp.user_audio), codes, voice_text)
+            except Exception as exc:  # noqa: BLE001 - reported per request
+                results[i] = exc
+        all_feats = [f for feats, _, _ in prepared.values() for f in feats]
+        try:
+            embeds = self.embed_features(all_feats)
+        except Exception:  # one bad batch must not fail everyone: retry request by request
+            log.exception("batched audio tower forward failed; retrying per request")
+            embeds = None
+        pos = 0
+        for i, (feats, codes, voice_text) in prepared.items():
+            try:
+                if embeds is not None:
+                    mine = embeds[pos:pos + len(feats)]
+                else:
+                    mine = self.embed_features(feats)
+                results[i] = self._output(mine, codes, voice_text)
+            except Exception as exc:  # noqa: BLE001
+                results[i] = exc
+            pos += len(feats)
+        return results  # type: ignore[return-value]
+
+    def _output(self, embeds: list[torch.Tensor], codes: np.ndarray, voice_text: str) -> EncoderOutput:
+        if embeds:
+            flat = torch.cat(embeds).float().cpu().numpy()
+        else:
+            flat = np.zeros((0, self.hidden), np.float32)
+        return EncoderOutput(
+            audio_embeds=np.ascontiguousarray(flat, dtype=np.float32),
+            audio_token_counts=np.array([e.shape[0] for e in embeds], np.int32),
+            prompt_codes=np.ascontiguousarray(codes, dtype=np.int32),
+            voice_text=voice_text,
+        )

@@ -1,0 +1,195 @@
+"""The logic of the ``chroma_lm`` Triton model (decoupled; its model.py only moves tensors).
+
+One :class:`LMService` per model instance (one per GPU): it owns a :class:`ChromaEngine`, whose
+background thread batches every active request of the instance (continuous batching). Each
+Triton request gets a thread that turns its inputs into a :class:`GenerationRequest`, submits it
+and relays the engine's events as responses: text deltas and code chunks (with left context for
+the codec), merged when several are ready at once; the last one carries ``finish_reason``, the
+final usage and the final flag. Cancellation is polled between events.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import uuid
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+import torch
+
+from ..engine import AudioChunk, ChromaEngine, EngineOptions, Finished, GenerationRequest, RequestFailed, SamplingParams, TextDelta
+from ..errors import EngineError, InvalidRequestError
+from ..model.loading import ChromaParts
+from ..processor import PromptBuilder, normalize_messages
+from .protocol import LMResponse, parse_messages, resolve_audio_parts
+
+log = logging.getLogger(__name__)
+
+POLL_S = 0.05
+
+
+@dataclass
+class LMInput:
+    messages: str  # JSON
+    audio_embeds: np.ndarray  # [sum tokens, H]
+    audio_token_counts: np.ndarray  # [clips]
+    prompt_codes: np.ndarray  # [frames, K]
+    voice_text: str
+    sampling: dict = field(default_factory=dict)  # max_tokens, temperature, top_k, top_p, seed (None: default)
+
+
+class LMService:
+    def __init__(self, parts: ChromaParts, options: EngineOptions):
+        self.parts = parts
+        self.num_codebooks = parts.config.num_codebooks
+        self.hidden = int(parts.config.thinker.text.hidden_size)
+        self.prompts = PromptBuilder(parts.tokenizer, parts.special.audio)
+        self.engine = ChromaEngine(parts, options).start()
+
+    def close(self) -> None:
+        self.engine.shutdown()
+
+    def stats(self) -> dict[str, int]:
+        return self.engine.stats()
+
+    # -- inputs ------------------------------------------------------------------------------------
+    def prepare(self, inp: LMInput) -> GenerationRequest:
+        counts = [int(c) for c in np.asarray(inp.audio_token_counts).reshape(-1)]
+        embeds = np.asarray(inp.audio_embeds, dtype=np.float32)
+        embeds = embeds.reshape(-1, embeds.shape[-1]) if embeds.size else np.zeros((0, self.hidden), np.float32)
+        if embeds.shape[0] != sum(counts):
+            raise InvalidRequestError(f"audio_embeds has {embeds.shape[0]} rows but audio_token_counts sum to {sum(counts)}",
+                                      "audio_embeds")
+        if embeds.shape[0] and embeds.shape[1] != self.hidden:
+            raise InvalidRequestError(f"audio_embeds must have {self.hidden} columns, got {embeds.shape[1]}", "audio_embeds")
+        messages, used = resolve_audio_parts(parse_messages(inp.messages), len(counts))
+        template_msgs, order = normalize_messages(messages)
+        unused = sorted(set(range(len(counts))) - set(used))
+        if unused:
+            raise InvalidRequestError(
+                f"user_audio clip(s) {unused} are not referenced by any {{\"type\": \"audio\", \"audio_index\": i}} "
+                f"message part", "user_audio")
+        starts = np.concatenate([[0], np.cumsum(counts)]).astype(int)
+        pieces = [embeds[starts[i]:starts[i + 1]] for i in order]
+        ids = self.prompts.thinker_ids(template_msgs, [counts[i] for i in order])
+        if not inp.voice_text.strip():
+            raise InvalidRequestError("prompt_text (the transcript of prompt_audio) must be a non-empty string", "prompt_text")
+        codes = np.asarray(inp.prompt_codes).reshape(-1, self.num_codebooks) if np.asarray(inp.prompt_codes).size else None
+        if codes is None:
+            raise InvalidRequestError("the reference voice produced no codes", "prompt_audio")
+        audio = torch.from_numpy(np.concatenate(pieces)).to(self.parts.device) if pieces else None
+        return GenerationRequest(
+            thinker_ids=ids,
+            prompt_text_ids=self.prompts.text_ids(inp.voice_text),
+            prompt_codes=codes.astype(np.int64),
+            audio_embeds=audio,
+            sampling=sampling_params(inp.sampling),
+            request_id=uuid.uuid4().hex,
+        )
+
+    # -- streaming --------------------------------------------------------------------------------
+    def run(self, inp: LMInput, send: Callable[[LMResponse], None], cancelled: Callable[[], bool],
+            poll_s: float = POLL_S) -> Finished:
+        """Generate for one request, calling ``send`` for each response (the last has ``final``).
+
+        Raises InvalidRequestError / EngineError before any response when the request cannot
+        start, and EngineError when generation fails midway."""
+        req = self.prepare(inp)
+        stream = self.engine.submit(req)
+        relay = _Relay(len(req.thinker_ids))
+        cancel_sent = False
+        try:
+            while True:
+                if not cancel_sent and cancelled():
+                    stream.cancel()
+                    cancel_sent = True
+                try:
+                    event = stream.get(timeout=poll_s)
+                except queue.Empty:
+                    continue
+                events = [event]
+                while event is not None and not isinstance(event, (Finished, RequestFailed)):
+                    try:
+                        event = stream.get(timeout=0)
+                    except queue.Empty:
+                        break
+                    events.append(event)
+                for response in relay.responses(events):
+                    send(response)
+                if relay.finished is not None:
+                    return relay.finished
+                if events[-1] is None:
+                    raise EngineError("the engine ended the stream without a result")
+        finally:
+            stream.cancel()  # no-op when finished; frees the row if we leave early (send failed)
+
+
+def sampling_params(values: dict) -> SamplingParams:
+    d = SamplingParams()
+    def pick(name, default):
+        v = values.get(name)
+        return default if v is None else v
+    max_tokens = pick("max_tokens", d.max_tokens)
+    top_k = values.get("top_k")
+    if top_k is not None and top_k < 0:
+        top_k = None  # a negative top_k means "the checkpoint's default" for clients that must send something
+    seed = values.get("seed")
+    if seed is not None and seed < 0:
+        seed = None  # likewise, -1 = random
+    return SamplingParams(temperature=float(pick("temperature", d.temperature)), top_k=top_k,
+                          top_p=float(pick("top_p", d.top_p)), seed=seed, max_tokens=int(max_tokens))
+
+
+class _Relay:
+    """Engine events -> responses: text is carried by the next audio chunk when one is ready,
+    and the last chunk carries the finish reason and the final flag."""
+
+    def __init__(self, prompt_tokens: int):
+        self.prompt_tokens = prompt_tokens
+        self.text_tokens = 0
+        self.frames = 0
+        self.finished: Finished | None = None
+
+    def usage(self) -> tuple[int, int, int]:
+        return (self.prompt_tokens, self.text_tokens, self.frames)
+
+    def responses(self, events: list) -> list[LMResponse]:
+        out: list[LMResponse] = []
+        text: list[str] = []
+        for ev in events:
+            if isinstance(ev, TextDelta):
+                text.append(ev.text)
+                self.text_tokens = max(self.text_tokens, getattr(ev, "text_tokens", 0))
+            elif isinstance(ev, AudioChunk):
+                self.frames += len(ev.codes) - ev.context_frames
+                out.append(LMResponse(text="".join(text), codes=ev.codes, context_frames=ev.context_frames,
+                                      usage=self.usage()))
+                text = []
+            elif isinstance(ev, Finished):
+                self.finished = ev
+                self.text_tokens, self.frames = ev.text_tokens, ev.audio_frames
+                usage = (ev.prompt_tokens, ev.text_tokens, ev.audio_frames)
+                if out and not text:  # the last chunk carries the end
+                    last = out[-1]
+                    last.finish_reason, last.usage, last.final = ev.reason, usage, True
+                else:
+                    out.append(LMResponse(text="".join(text), finish_reason=ev.reason, usage=usage, final=True))
+                return out
+            elif isinstance(ev, RequestFailed):
+                raise (InvalidRequestError if ev.client_error else EngineError)(ev.message)
+        if text:
+            out.append(LMResponse(text="".join(text), usage=self.usage()))
+        return out
+
+
+def engine_options(get_int, max_frames_default: int = 4000) -> EngineOptions:
+    """EngineOptions from config parameters (``get_int(key, default)``)."""
+    d = EngineOptions()
+    kwargs = {}
+    for name in ("max_batch", "thinker_max_len", "backbone_max_len", "max_frames", "first_chunk_frames",
+                 "chunk_frames", "context_frames", "max_queue"):
+        if hasattr(d, name):
+            kwargs[name] = get_int(name, getattr(d, name))
+    return EngineOptions(**kwargs)

@@ -1,0 +1,57 @@
+"""Triton adapter of audio_encoder; the logic is chroma_triton.serving.triton_audio_encoder."""
+
+import triton_python_backend_utils as pb_utils
+
+from chroma_triton.serving import protocol as P
+from chroma_triton.serving.model_args import ModelArgs, configure_logging, resolve_checkpoint, resolve_default_voice
+from chroma_triton.serving.triton_audio_encoder import AudioEncoderService, EncoderInput
+
+
+def _input(request, name):
+    tensor = pb_utils.get_input_tensor_by_name(request, name)
+    return None if tensor is None else tensor.as_numpy()
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        configure_logging()
+        from chroma_triton.model.loading import load_parts
+
+        a = ModelArgs.from_triton(args)
+        path = resolve_checkpoint(a.str("model_path"), a.instance_name)
+        parts = load_parts(path, base_qwen_path=a.str("base_qwen_path") or None,
+                           parts={"audio_tower", "codec"}, device=a.device)
+        voice_path, transcript = resolve_default_voice(a.str("default_voice"))
+        self.service = AudioEncoderService(parts, (voice_path.read_bytes(), transcript),
+                                           voice_cache_size=a.int("voice_cache_size", 256))
+        print(f"[{a.instance_name}] ready on {a.device}: {path}, default voice {voice_path}", flush=True)
+
+    def execute(self, requests):
+        inputs, errors = [], {}
+        for i, request in enumerate(requests):
+            try:
+                prompt_audio = P.as_bytes_list(_input(request, P.PROMPT_AUDIO))
+                inputs.append(EncoderInput(
+                    user_audio=P.as_bytes_list(_input(request, P.USER_AUDIO)),
+                    prompt_audio=prompt_audio[0] if prompt_audio else b"",
+                    prompt_text=P.as_text(_input(request, P.PROMPT_TEXT), P.PROMPT_TEXT, "") or "",
+                ))
+            except Exception as exc:  # noqa: BLE001
+                errors[i] = exc
+                inputs.append(None)
+        valid = [inp for inp in inputs if inp is not None]
+        results = iter(self.service.encode_batch(valid))
+        responses = []
+        for i, inp in enumerate(inputs):
+            result = errors[i] if inp is None else next(results)
+            if isinstance(result, Exception):
+                responses.append(pb_utils.InferenceResponse(error=pb_utils.TritonError(P.error_message(result))))
+                continue
+            # a batching model: every output keeps the request's batch dimension of 1
+            responses.append(pb_utils.InferenceResponse(output_tensors=[
+                pb_utils.Tensor(P.AUDIO_EMBEDS, result.audio_embeds[None]),
+                pb_utils.Tensor(P.AUDIO_TOKEN_COUNTS, result.audio_token_counts[None]),
+                pb_utils.Tensor(P.PROMPT_CODES, result.prompt_codes[None]),
+                pb_utils.Tensor(P.VOICE_TEXT, P.bytes_tensor(result.voice_text)[None]),
+            ]))
+        return responses

@@ -1,0 +1,153 @@
+"""Triton adapter of chroma_lm (decoupled); the logic is chroma_triton.serving.triton_lm."""
+
+import logging
+import threading
+import uuid
+
+import triton_python_backend_utils as pb_utils
+
+from chroma_triton.serving import protocol as P
+from chroma_triton.serving.cancel_board import CancelBoard
+from chroma_triton.serving.model_args import ModelArgs, configure_logging, resolve_checkpoint, thinker_backend
+from chroma_triton.serving.triton_lm import LMInput, LMService, engine_options
+
+log = logging.getLogger("chroma_triton.chroma_lm")
+FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
+METRICS_PERIOD_S = 0.25
+
+
+def _input(request, name):
+    tensor = pb_utils.get_input_tensor_by_name(request, name)
+    return None if tensor is None else tensor.as_numpy()
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        configure_logging()
+        a = ModelArgs.from_triton(args)
+        if not pb_utils.using_decoupled_model_transaction_policy(a.config):
+            raise pb_utils.TritonModelException("chroma_lm must be decoupled (model_transaction_policy { decoupled: true })")
+        thinker_backend(a.str("thinker_backend", "auto"))  # fails clearly for sglang / unknown values
+        import torch
+
+        from chroma_triton.model.loading import load_parts
+
+        if a.device.startswith("cuda"):
+            torch.cuda.set_device(torch.device(a.device))
+        path = resolve_checkpoint(a.str("model_path"), a.instance_name)
+        parts = load_parts(path, base_qwen_path=a.str("base_qwen_path") or None,
+                           parts={"thinker", "frame_model", "tokenizer"}, device=a.device)
+        self.args = a
+        self.service = LMService(parts, engine_options(a.int))
+        self.board = CancelBoard()
+        self.board.sweep()
+        self._init_metrics(a)
+        print(f"[{a.instance_name}] ready on {a.device}: {path}, max_batch {self.service.engine.opts.max_batch}", flush=True)
+
+    # -- metrics ------------------------------------------------------------------------------------
+    def _init_metrics(self, a):
+        labels = {"model": a.name, "instance": a.instance_name}
+
+        self._families = []  # a MetricFamily must outlive its Metric objects
+
+        def family(name, description, kind):
+            fam = pb_utils.MetricFamily(name=name, description=description, kind=kind)
+            self._families.append(fam)
+            return fam.Metric(labels=labels)
+
+        G, C = pb_utils.MetricFamily.GAUGE, pb_utils.MetricFamily.COUNTER
+        self.gauges = {
+            "active": family("chroma_lm_active_requests", "Requests generating now (engine rows in use)", G),
+            "free_rows": family("chroma_lm_free_slots", "Free engine rows (more requests that can start now)", G),
+            "queued": family("chroma_lm_queued_requests", "Requests waiting for an engine row", G),
+        }
+        self.counters = {
+            "finished": family("chroma_lm_finished_total", "Requests that ended with stop or length", C),
+            "cancelled": family("chroma_lm_cancelled_total", "Requests cancelled (client cancel or disconnect)", C),
+            "failed": family("chroma_lm_failed_total", "Requests that failed inside the engine", C),
+            "frames": family("chroma_lm_audio_frames_total", "Audio frames generated (80 ms each)", C),
+        }
+        self._seen = {k: 0 for k in self.counters}
+        self._metrics_lock = threading.Lock()
+        self._stop = threading.Event()
+        self._metrics_thread = threading.Thread(target=self._metrics_loop, name="chroma-lm-metrics", daemon=True)
+        self._metrics_thread.start()
+
+    def _update_metrics(self):
+        with self._metrics_lock:
+            stats = self.service.stats()
+            for key, gauge in self.gauges.items():
+                gauge.set(stats.get(key, 0))
+            for key, counter in self.counters.items():
+                value = stats.get(key, 0)
+                if value > self._seen[key]:
+                    counter.increment(value - self._seen[key])
+                    self._seen[key] = value
+
+    def _metrics_loop(self):
+        while not self._stop.wait(METRICS_PERIOD_S):
+            try:
+                self._update_metrics()
+            except Exception:  # noqa: BLE001 - metrics must never take the model down
+                log.exception("metrics update failed")
+
+    # -- requests -----------------------------------------------------------------------------------
+    def execute(self, requests):
+        for request in requests:
+            sender = request.get_response_sender()
+            try:
+                sampling = {name: P.as_scalar(_input(request, name), name) for name in P.SAMPLING_INPUTS}
+                inp = LMInput(
+                    messages=P.as_text(_input(request, P.MESSAGES), P.MESSAGES),
+                    audio_embeds=_input(request, P.AUDIO_EMBEDS),
+                    audio_token_counts=_input(request, P.AUDIO_TOKEN_COUNTS),
+                    prompt_codes=_input(request, P.PROMPT_CODES),
+                    voice_text=P.as_text(_input(request, P.VOICE_TEXT), P.VOICE_TEXT, ""),
+                    sampling=sampling,
+                )
+            except Exception as exc:  # noqa: BLE001
+                self._send_error(sender, exc)
+                continue
+            threading.Thread(target=self._serve, args=(inp, sender), name="chroma-lm-request", daemon=True).start()
+        return None
+
+    def _serve(self, inp, sender):
+        key = uuid.uuid4().hex
+        k = self.service.num_codebooks
+
+        def send(response):
+            tensors = [pb_utils.Tensor(name, value) for name, value in response.tensors(k, key).items()]
+            sender.send(pb_utils.InferenceResponse(output_tensors=tensors), flags=FINAL if response.final else 0)
+
+        def cancelled():
+            return sender.is_cancelled() or self.board.is_posted(key)
+
+        try:
+            self.service.run(inp, send, cancelled)
+        except Exception as exc:  # noqa: BLE001
+            if cancelled():  # the stream is gone; nobody is listening for an error
+                log.debug("cancelled request ended with %r", exc)
+            else:
+                self._send_error(sender, exc)
+        finally:
+            self.board.clear(key)
+            try:
+                self._update_metrics()
+            except Exception:  # noqa: BLE001
+                pass
+
+    @staticmethod
+    def _send_error(sender, exc):
+        message = P.error_message(exc)
+        if message.startswith(P.INTERNAL_PREFIX):
+            log.error("request failed: %s", message, exc_info=exc)
+        try:
+            sender.send(pb_utils.InferenceResponse(error=pb_utils.TritonError(message)), flags=FINAL)
+        except Exception:  # noqa: BLE001 - e.g. the request was cancelled and already closed
+            log.debug("could not send the error response", exc_info=True)
+
+    def finalize(self):
+        if hasattr(self, "_stop"):
+            self._stop.set()
+        if hasattr(self, "service"):
+            self.service.close()

@@ -1,0 +1,294 @@
+"""The FastAPI application: app factory, the request-context middleware and the one error handler.
+
+Layers, outside in:
+
+* :class:`RequestContext` (pure ASGI): gives each request an id (``X-Request-ID`` header, log
+  lines, error bodies), checks the API key on ``/v1/*``, enforces the body-size limit (413), and
+  turns any exception that escaped the app into an error response;
+* FastAPI's exception handlers: all registered with the same :func:`handle_error`;
+* the routers (:mod:`openai_frontend.routes`): validate -> backend -> respond.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import hmac
+import json
+import logging
+import sys
+import time
+import uuid
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from . import __version__
+from .backend import ChatBackend
+from .chat import ChatService
+from .errors import (
+    APIError,
+    ClientDisconnected,
+    InvalidRequest,
+    MethodNotAllowed,
+    NotFound,
+    PayloadTooLarge,
+    Unauthorized,
+    error_body,
+    log_error,
+    to_api_error,
+)
+from .media import MediaResolver
+from .settings import Settings
+from .voices import VoiceLibrary
+
+log = logging.getLogger("openai_frontend")
+
+REQUEST_ID: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="-")
+_BODY_METHODS = {"POST", "PUT", "PATCH"}
+#: An oversized body is still read (and dropped) up to this multiple of the limit, so that the
+#: client, still uploading, gets the 413 instead of a reset connection.
+_DRAIN_FACTOR = 4
+
+
+class RequestIdFilter(logging.Filter):
+    """Puts the current request's id on every log record (``%(request_id)s``)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.request_id = REQUEST_ID.get()
+        return True
+
+
+LOG_FORMAT = "%(asctime)s %(levelname)s [%(request_id)s] %(name)s: %(message)s"
+
+
+def configure_logging(level: str) -> None:
+    """Log to stderr with the request id on every line (uvicorn's loggers included)."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter(LOG_FORMAT))
+    handler.addFilter(RequestIdFilter())
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+    for name in ("uvicorn", "uvicorn.error", "uvicorn.access"):
+        logging.getLogger(name).handlers[:] = []
+        logging.getLogger(name).propagate = name != "uvicorn.access"  # RequestContext logs each request
+
+
+def request_id_of(request: Request) -> str:
+    return request.scope.get("state", {}).get("request_id") or REQUEST_ID.get()
+
+
+def error_response(err: APIError, request_id: str) -> JSONResponse:
+    headers = {"WWW-Authenticate": "Bearer"} if isinstance(err, Unauthorized) else None
+    return JSONResponse(error_body(err, request_id), status_code=err.status_code, headers=headers)
+
+
+async def handle_error(request: Request, exc: Exception) -> JSONResponse:
+    """The one exception handler: classify, log once, answer in OpenAI's error body."""
+    err = _classify(exc)
+    log_error(err, exc, f"{request.method} {request.url.path}")
+    return error_response(err, request_id_of(request))
+
+
+def _classify(exc: Exception) -> APIError:
+    if isinstance(exc, RequestValidationError):
+        return validation_error(exc)
+    if isinstance(exc, StarletteHTTPException):
+        if exc.status_code == 404:
+            return NotFound(f"no such endpoint; see GET / for the list", code="unknown_url")
+        if exc.status_code == 405:
+            return MethodNotAllowed(f"method not allowed on this endpoint ({exc.detail})")
+        err = APIError(str(exc.detail))
+        err.status_code = exc.status_code
+        err.error_type = "invalid_request_error" if exc.status_code < 500 else "server_error"
+        return err
+    return to_api_error(exc)
+
+
+# -- pydantic errors -> one clear message ---------------------------------------------------------
+_TYPE_TAGS = {"str", "int", "float", "bool", "none", "list", "dict", "bytes", "literal"}
+
+
+def _param(loc: tuple) -> str | None:
+    """('body', 'messages', 1, 'content', 'list[tagged-union[...]]', 0, 'input_audio', 'input_audio',
+    'data') -> 'messages[1].content[0].input_audio.data' (union member and tag names dropped)."""
+    out = ""
+    skip_tag = False
+    for part in loc[1:] if loc and loc[0] == "body" else loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+            continue
+        if skip_tag:  # the discriminator value that follows a tagged union
+            skip_tag = False
+            continue
+        if "[" in part or part in _TYPE_TAGS or "-" in part:
+            skip_tag = "tagged-union" in part
+            continue
+        out += f".{part}" if out else part
+    return out or None
+
+
+def validation_error(exc: RequestValidationError) -> InvalidRequest:
+    errors = list(exc.errors())
+    if not errors:
+        return InvalidRequest("invalid request body")
+    first = errors[0]
+    if first.get("type") == "json_invalid":
+        detail = (first.get("ctx") or {}).get("error", "")
+        return InvalidRequest(f"the request body is not valid JSON ({detail})", code="invalid_json")
+    depth = max(len(e["loc"]) for e in errors)
+    deepest = [e for e in errors if len(e["loc"]) == depth]
+    param = _param(tuple(deepest[0]["loc"]))
+    if param is None and deepest[0].get("type") in ("model_attributes_type", "dict_type"):
+        return InvalidRequest("the request body must be a JSON object", code="invalid_json")
+    same = [e for e in deepest if _param(tuple(e["loc"])) == param]
+    if same[0]["type"] == "missing":
+        return InvalidRequest(f"{param} is required", param=param)
+    messages = list(dict.fromkeys(e["msg"].removeprefix("Value error, ") for e in same))
+    text = "; or ".join(messages[:1] + [m[0].lower() + m[1:] for m in messages[1:]])
+    value = same[0].get("input")
+    if same[0]["type"] != "value_error" and _short_scalar(value):
+        text += f" (got {json.dumps(value)})"
+    return InvalidRequest(f"{param}: {text}", param=param)
+
+
+def _short_scalar(value) -> bool:
+    return isinstance(value, (int, float, bool)) or (isinstance(value, str) and len(value) <= 40)
+
+
+# -- the middleware ----------------------------------------------------------------------------------
+class RequestContext:
+    def __init__(self, app, settings: Settings):
+        self.app = app
+        self.settings = settings
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        rid = uuid.uuid4().hex
+        scope.setdefault("state", {})["request_id"] = rid
+        token = REQUEST_ID.set(rid)
+        status: list[int] = []
+        t0 = time.perf_counter()
+
+        async def send_with_id(message):
+            if message["type"] == "http.response.start":
+                status.append(message["status"])
+                message.setdefault("headers", [])
+                message["headers"] = list(message["headers"]) + [(b"x-request-id", rid.encode())]
+            await send(message)
+
+        try:
+            self._authorize(scope)
+            if scope["method"] in _BODY_METHODS:
+                receive = await self._read_body(scope, receive)
+            await self.app(scope, receive, send_with_id)
+        except ClientDisconnected:
+            log.info("client disconnected; request cancelled")
+        except Exception as exc:  # noqa: BLE001 - the last line of defence, see handle_error
+            err = _classify(exc)
+            log_error(err, exc, f"{scope['method']} {scope['path']}")
+            if not status:
+                await error_response(err, rid)(scope, receive, send_with_id)
+        finally:
+            log.info("%s %s -> %s in %.0f ms", scope["method"], scope["path"], status[0] if status else "-",
+                     (time.perf_counter() - t0) * 1000)
+            REQUEST_ID.reset(token)
+
+    def _authorize(self, scope) -> None:
+        key = self.settings.api_key
+        if not key or not scope["path"].startswith("/v1/"):
+            return
+        header = dict(scope["headers"]).get(b"authorization", b"").decode("latin-1")
+        scheme, _, token = header.partition(" ")
+        if scheme.lower() != "bearer" or not token.strip():
+            raise Unauthorized("missing API key: send the header 'Authorization: Bearer <key>'")
+        if not hmac.compare_digest(token.strip().encode(), key.encode()):
+            raise Unauthorized("incorrect API key")
+
+    async def _read_body(self, scope, receive):
+        """Read the whole body within the limit; return a ``receive`` that replays it."""
+        limit = self.settings.max_body_bytes
+        too_large = PayloadTooLarge(
+            f"the request body exceeds this server's limit of {limit} bytes; send shorter audio "
+            "(or raise --max-body-bytes)")
+        declared = dict(scope["headers"]).get(b"content-length")
+        with contextlib.suppress(ValueError):
+            if declared is not None and int(declared) > limit * _DRAIN_FACTOR:
+                raise too_large
+        chunks, size, more = [], 0, True
+        while more:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                raise ClientDisconnected()
+            part = message.get("body", b"")
+            size += len(part)
+            more = message.get("more_body", False)
+            if size <= limit:
+                chunks.append(part)
+            elif size > limit * _DRAIN_FACTOR:
+                raise too_large
+        if size > limit:
+            raise too_large
+        body = b"".join(chunks)
+        replayed = False
+
+        async def replay():
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
+        return replay
+
+
+# -- the factory -------------------------------------------------------------------------------------
+def create_app(settings: Settings | None = None, *, backend: ChatBackend | None = None) -> FastAPI:
+    """Build the app; ``backend`` defaults to Triton at ``settings.triton_grpc_url``."""
+    from .routes import router
+    from .triton_backend import TritonBackend
+
+    settings = settings or Settings()
+    if backend is None:
+        backend = TritonBackend(settings.triton_grpc_url, settings.triton_model,
+                                request_timeout=settings.request_timeout, health_timeout=settings.health_timeout)
+    media = MediaResolver(settings.allowed_local_media_paths, max_bytes=settings.max_body_bytes)
+    voices = VoiceLibrary.load(settings.voices_dir, settings.max_prompt_audio_seconds)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI):
+        log.info("serving model %r from Triton %s (local media: %s; API key %s)", settings.model_name,
+                 settings.triton_grpc_url, ", ".join(map(str, media.roots)) or "disabled",
+                 "required" if settings.api_key else "not required")
+        yield
+        await backend.close()
+
+    app = FastAPI(
+        title="Chroma on Triton: OpenAI-compatible API",
+        description="Spoken dialogue with voice cloning (FlashLabs Chroma 1.0) served by NVIDIA Triton. "
+                    "Accepts the Chroma-SGLang server's request schema and OpenAI's audio-chat schema.",
+        version=__version__,
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    app.state.backend = backend
+    app.state.voices = voices
+    app.state.chat = ChatService(settings, backend, media, voices)
+    app.state.started = int(time.time())
+    for exc_type in (APIError, RequestValidationError, StarletteHTTPException):
+        app.add_exception_handler(exc_type, handle_error)
+    app.include_router(router)
+    app.add_middleware(RequestContext, settings=settings)
+    return app
+
+
+def app_from_env() -> FastAPI:
+    """Factory for ``uvicorn --factory`` (worker processes read the settings from the environment)."""
+    settings = Settings.from_env()
+    configure_logging(settings.log_level)
+    return create_app(settings)

@@ -1,0 +1,201 @@
+"""Audio that arrives in a request: base64, ``data:`` URIs and allow-listed local files.
+
+The frontend never decodes audio (Triton's ``audio_encoder`` does); it turns each reference into
+the file's bytes, and checks cheaply that the bytes are audio of an acceptable length
+(:func:`chroma_triton.audio_io.audio_duration` reads only the header).
+
+Local paths are the seed server's convenience (``"audio": "assets/question_audio.wav"``) and a
+way to read any file the server can: so they are accepted only inside the folders given with
+``--allowed-local-media-path``.  A path is resolved (symlinks and ``..`` included) before it is
+checked, so neither traversal nor a symlink leads outside; with no folder configured no path is
+read at all.  A relative path is looked up against the working directory, each allowed folder
+and each allowed folder's parent, so ``assets/question_audio.wav`` works whatever directory the
+server was started from when ``assets/`` is allowed.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import os
+import re
+from pathlib import Path
+from typing import Iterable
+
+from chroma_triton.audio_io import AudioDecodeError, audio_duration
+
+from .errors import InvalidRequest, PayloadTooLarge
+
+PATH_MAX = 4096
+_WHITESPACE = re.compile(r"\s+")
+_BASE64 = re.compile(r"[A-Za-z0-9+/]*={0,2}")
+_DATA_URI = re.compile(r"data:(?P<type>[\w.+-]+/[\w.+-]+)?(?P<params>(;[\w.+-]+=[\w.+-]+)*)(?P<b64>;base64)?,", re.I)
+_ENCODE_HINT = "send the audio file's bytes base64-encoded, or as a data: URI (data:audio/wav;base64,...)"
+
+
+def decode_base64(value: str, param: str) -> bytes:
+    """Strict base64 (standard alphabet; whitespace and line breaks are ignored)."""
+    compact = _WHITESPACE.sub("", value)
+    try:
+        data = base64.b64decode(compact, validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise InvalidRequest(f"{param} is not valid base64 ({_base64_problem(compact, exc)}); {_ENCODE_HINT}",
+                             param=param, code="invalid_base64") from None
+    if not data:
+        raise InvalidRequest(f"{param} is empty; {_ENCODE_HINT}", param=param, code="invalid_audio")
+    return data
+
+
+def _base64_problem(compact: str, exc: Exception) -> str:
+    bad = next((c for c in compact.rstrip("=") if not (c.isascii() and (c.isalnum() or c in "+/"))), None)
+    if bad is not None:
+        return f"it contains {bad!r}, which is not a base64 character"
+    if len(compact) % 4:
+        return f"its length {len(compact)} is not a multiple of 4: padding missing or data cut short"
+    return str(exc)
+
+
+def decode_data_uri(value: str, param: str) -> bytes:
+    match = _DATA_URI.match(value)
+    if match is None or not match.group("b64"):
+        raise InvalidRequest(f"{param} is a malformed data URI; expected data:audio/<type>;base64,<data>",
+                             param=param, code="invalid_base64")
+    mime = (match.group("type") or "").lower()
+    if mime and not (mime.startswith("audio/") or mime == "application/octet-stream"):
+        raise InvalidRequest(f"{param} is a data URI of type {mime!r}; send audio (data:audio/wav;base64,...)",
+                             param=param, code="invalid_audio")
+    return decode_base64(value[match.end():], param)
+
+
+class MediaResolver:
+    """Turns audio references into bytes; owns the local-path allow-list and the size limit."""
+
+    def __init__(self, allowed_roots: Iterable[str | os.PathLike], *, max_bytes: int):
+        roots = []
+        for root in allowed_roots:
+            resolved = Path(os.path.realpath(os.path.expanduser(root)))
+            if not resolved.is_dir():
+                raise ValueError(f"--allowed-local-media-path {root!r} is not a directory")
+            roots.append(resolved)
+        self.roots: tuple[Path, ...] = tuple(dict.fromkeys(roots))
+        self.max_bytes = max_bytes
+
+    # -- the three ways audio is given ---------------------------------------------------------
+    def from_openai(self, data: str, param: str) -> bytes:
+        """``input_audio.data``: base64 (as OpenAI) or a data URI."""
+        return decode_data_uri(data, param) if data.startswith("data:") else decode_base64(data, param)
+
+    def from_url(self, url: str, param: str) -> bytes:
+        """``audio_url.url``: a data URI, ``file://`` or a plain path; no network fetches."""
+        if url.startswith("data:"):
+            return decode_data_uri(url, param)
+        if re.match(r"[a-z][a-z0-9+.-]*://", url, re.I) and not url.startswith("file://"):
+            raise InvalidRequest(f"{param}: remote URLs are not fetched by this server; {_ENCODE_HINT}",
+                                 param=param, code="unsupported_url")
+        return self.read_local(url.removeprefix("file://"), param)
+
+    def from_seed(self, value: str, param: str) -> bytes:
+        """The seed's strings: a data URI, a file in the allowed folders, else base64."""
+        if value.startswith("data:"):
+            return decode_data_uri(value, param)
+        if value.startswith("file://"):
+            return self.read_local(value[len("file://"):], param)
+        if re.match(r"https?://", value, re.I):
+            raise InvalidRequest(f"{param}: remote URLs are not fetched by this server; {_ENCODE_HINT}",
+                                 param=param, code="unsupported_url")
+        if _could_be_path(value) and self.roots:
+            found = self._find(value)
+            if isinstance(found, Path):
+                return self._read(found, value, param)
+        compact = _WHITESPACE.sub("", value)
+        if _BASE64.fullmatch(compact) and len(compact) % 4 == 0 and compact:
+            return decode_base64(compact, param)
+        if not _could_be_path(value):
+            return decode_base64(value, param)  # raises with the base64 problem
+        # Neither base64 nor a readable file: say what fits best.
+        b64_problem = _base64_problem(compact, ValueError("invalid base64"))
+        if not self.roots:
+            raise InvalidRequest(
+                f"{param} is not valid base64 ({b64_problem}), and this server reads no local files "
+                f"(it was started without --allowed-local-media-path); {_ENCODE_HINT}",
+                param=param, code="invalid_base64")
+        if self._find(value) == "outside":
+            raise self._not_allowed(value, param)
+        raise InvalidRequest(
+            f"{param}: {value!r} is neither a file in this server's allowed media folders nor valid base64 "
+            f"({b64_problem}); give a path like 'assets/question_audio.wav' or {_ENCODE_HINT}",
+            param=param, code="file_not_found")
+
+    # -- local files -----------------------------------------------------------------------
+    def read_local(self, value: str, param: str) -> bytes:
+        if not self.roots:
+            raise InvalidRequest(
+                f"{param}: local file paths are disabled on this server (start it with "
+                f"--allowed-local-media-path DIR); {_ENCODE_HINT}", param=param, code="local_path_not_allowed")
+        if not _could_be_path(value):
+            raise InvalidRequest(f"{param}: {value[:64]!r} is not a usable file path", param=param)
+        found = self._find(value)
+        if found == "outside":
+            raise self._not_allowed(value, param)
+        if found is None:
+            raise InvalidRequest(f"{param}: file {value!r} not found in this server's allowed media folders",
+                                 param=param, code="file_not_found")
+        return self._read(found, value, param)
+
+    def _find(self, value: str) -> Path | str | None:
+        """The file ``value`` names inside an allowed root; "outside" when every reading of it
+        leaves the roots; None when it would be inside but no such file exists."""
+        raw = Path(os.path.expanduser(value))
+        bases = [Path.cwd(), *self.roots, *(r.parent for r in self.roots)] if not raw.is_absolute() else [Path("/")]
+        inside = escapes = False
+        for base in dict.fromkeys(bases):
+            try:
+                candidate = Path(os.path.realpath(base / raw))
+                if not any(candidate.is_relative_to(root) for root in self.roots):
+                    # Something there that resolves outside (e.g. a symlink in an allowed folder)?
+                    lexical = os.path.normpath(base / raw)
+                    escapes |= any(Path(lexical).is_relative_to(r) for r in self.roots) and os.path.lexists(lexical)
+                    continue
+                inside = True
+                if candidate.is_file():
+                    return candidate
+            except (OSError, ValueError):  # a name too long for the file system, ...
+                continue
+        # A path that climbs ("..") or starts at "/" or "~" and names no file inside: refused as
+        # leaving the folders, whichever base would have put it back inside.
+        if escapes or not inside or raw.is_absolute() or ".." in raw.parts:
+            return "outside"
+        return None
+
+    def _read(self, path: Path, value: str, param: str) -> bytes:
+        size = path.stat().st_size
+        if size > self.max_bytes:
+            raise PayloadTooLarge(f"{param}: file {value!r} is {size} bytes, the limit is {self.max_bytes}",
+                                  param=param)
+        if size == 0:
+            raise InvalidRequest(f"{param}: file {value!r} is empty", param=param, code="invalid_audio")
+        return path.read_bytes()
+
+    @staticmethod
+    def _not_allowed(value: str, param: str) -> InvalidRequest:
+        return InvalidRequest(
+            f"{param}: local path {value!r} is outside the folders this server may read "
+            f"(--allowed-local-media-path); use a file inside them, or {_ENCODE_HINT}",
+            param=param, code="local_path_not_allowed")
+
+
+def _could_be_path(value: str) -> bool:
+    return 0 < len(value) <= PATH_MAX and "\x00" not in value and "\n" not in value
+
+
+def check_audio(data: bytes, param: str, max_seconds: float) -> float:
+    """Duration of ``data`` in seconds from its header; 400 when it is not audio or too long."""
+    try:
+        seconds = audio_duration(data)
+    except AudioDecodeError as exc:
+        raise InvalidRequest(f"{param}: {exc}", param=param, code="invalid_audio") from None
+    if seconds > max_seconds:
+        raise InvalidRequest(
+            f"{param}: audio is {seconds:.1f} s long, the limit is {max_seconds:g} s; send a shorter clip",
+            param=param, code="audio_too_long")
+    return seconds

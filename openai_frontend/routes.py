@@ -1,0 +1,132 @@
+"""HTTP routes, kept thin: validate -> backend -> respond.  Errors are raised, never rendered here."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Awaitable, TypeVar
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from . import __version__
+from .app import request_id_of
+from .chat import ChatService
+from .errors import ClientDisconnected, NotFound
+from .schemas import ChatCompletion, ChatCompletionRequest, ErrorResponse, Health, ModelCard, ModelList, VoiceList
+
+router = APIRouter()
+T = TypeVar("T")
+
+_ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 404, 413, 429, 500, 503, 504)}
+ENDPOINTS = ["/v1/chat/completions", "/v1/models", "/v1/models/{model}", "/v1/voices", "/health", "/docs", "/openapi.json"]
+
+
+class EventStreamResponse(StreamingResponse):
+    """SSE response that always closes its event generator when it ends, so a client leaving
+    mid-stream cancels the engine request right away (not when the generator is collected)."""
+
+    media_type = "text/event-stream"
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await self.body_iterator.aclose()
+
+
+async def until_disconnected(request: Request) -> None:
+    """Return when the client closes the connection (the body has been read already)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def unless_disconnected(request: Request, work: Awaitable[T]) -> T:
+    """Await ``work``; if the client goes away first, cancel it (and so the Triton request)."""
+    task = asyncio.ensure_future(work)
+    watcher = asyncio.ensure_future(until_disconnected(request))
+    try:
+        done, _ = await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    except BaseException:
+        task.cancel()
+        watcher.cancel()
+        raise
+    watcher.cancel()
+    if task in done:
+        return task.result()
+    task.cancel()
+    try:
+        await task
+    except BaseException:  # noqa: BLE001 - the client is gone; only the cancellation matters
+        pass
+    raise ClientDisconnected()
+
+
+@router.get("/", summary="Server information")
+async def root(request: Request) -> dict:
+    return {
+        "message": "Chroma API Server (Triton)",
+        "name": "chroma-triton",
+        "version": __version__,
+        "model": request.app.state.settings.model_name,
+        "endpoints": ENDPOINTS,
+    }
+
+
+@router.get("/health", response_model=Health, response_model_exclude_none=True, responses={503: {"model": Health}},
+            summary="Healthy when Triton and the model are ready")
+async def health(request: Request):
+    readiness = await request.app.state.backend.ready()
+    if readiness.ready:
+        return {"status": "healthy", "model_loaded": True}
+    return JSONResponse({"status": "unhealthy", "model_loaded": False, "detail": readiness.detail}, status_code=503)
+
+
+def _model_card(request: Request) -> dict:
+    name = request.app.state.settings.model_name
+    return {"id": name, "object": "model", "created": request.app.state.started, "owned_by": "chroma",
+            "root": name, "parent": None, "permission": []}
+
+
+@router.get("/v1/models", response_model=ModelList, responses=_ERRORS)
+async def list_models(request: Request) -> dict:
+    return {"object": "list", "data": [_model_card(request)]}
+
+
+@router.get("/v1/models/{model_id:path}", response_model=ModelCard, responses=_ERRORS)
+async def get_model(model_id: str, request: Request) -> dict:
+    card = _model_card(request)
+    if model_id != card["id"]:
+        raise NotFound(f"model {model_id!r} does not exist; this server serves {card['id']!r}", param="model",
+                       code="model_not_found")
+    return card
+
+
+@router.get("/v1/voices", response_model=VoiceList, responses=_ERRORS, summary="Named voices for audio.voice")
+async def list_voices(request: Request) -> dict:
+    return {"object": "list", "data": [
+        {"id": v.name, "object": "voice", "transcript": v.transcript, "duration_seconds": round(v.duration_seconds, 3)}
+        for v in request.app.state.voices]}
+
+
+@router.post(
+    "/v1/chat/completions",
+    response_model=None,
+    responses={200: {"model": ChatCompletion, "content": {"text/event-stream": {}},
+                     "description": "a chat.completion, or with stream=true SSE chat.completion.chunk events"},
+               **_ERRORS},
+    summary="Reply text and cloned-voice speech for a conversation",
+)
+async def chat_completions(body: ChatCompletionRequest, request: Request):
+    chat: ChatService = request.app.state.chat
+    plan = await asyncio.to_thread(chat.plan, body, request_id_of(request))
+    if not plan.stream:
+        return JSONResponse(await unless_disconnected(request, chat.complete(plan)))
+    deltas = chat.engine_stream(plan)
+    try:
+        # Errors before the first output are ordinary HTTP errors; later ones go in-band.
+        first = await unless_disconnected(request, anext(deltas, None))
+    except BaseException:
+        await deltas.aclose()
+        raise
+    return EventStreamResponse(chat.events(plan, first, deltas),
+                               headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})

@@ -1,0 +1,74 @@
+"""Frontend settings: one frozen object built from the command line, passed to the app factory.
+
+With ``--workers N`` uvicorn imports the app in N processes, so the settings travel to the
+workers as JSON in an environment variable (:data:`SETTINGS_ENV`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+SETTINGS_ENV = "CHROMA_FRONTEND_SETTINGS"
+API_KEY_ENV = "CHROMA_API_KEY"
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_VOICES_DIR = PROJECT_ROOT / "assets" / "voices"
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything the frontend needs to know; defaults are the production defaults.
+
+    Limits (why these numbers):
+
+    * ``max_body_bytes`` 32 MiB: a 300 s, 16 kHz mono WAV is 9.6 MB, 12.8 MB as base64; the
+      limit leaves room for a reference clip and a few clips more.
+    * ``max_audio_seconds`` 300 s of user audio per request and ``max_prompt_audio_seconds``
+      60 s of reference voice: what the engine accepts (``chroma_triton.pipeline``).
+    * ``max_tokens_limit`` 4000 frames = 320 s of speech, the engine's ``max_frames`` default: a
+      bound on one reply, so a typo cannot keep a decoding slot busy for hours.
+    * ``request_timeout`` 600 s: the gRPC deadline of one request's whole stream; a stuck
+      server costs a client at most this long, then a 504.
+    """
+
+    triton_grpc_url: str = "localhost:8001"
+    triton_model: str = "chroma"
+    model_name: str = "chroma"
+    allowed_local_media_paths: tuple[str, ...] = ()
+    voices_dir: str | None = str(DEFAULT_VOICES_DIR) if DEFAULT_VOICES_DIR.is_dir() else None
+    api_key: str | None = None
+    max_body_bytes: int = 32 * 1024 * 1024
+    max_audio_seconds: float = 300.0
+    max_prompt_audio_seconds: float = 60.0
+    max_tokens_limit: int = 4000
+    default_max_tokens: int = 1000
+    request_timeout: float = 600.0
+    health_timeout: float = 2.0
+    audio_retention_seconds: int = 3600
+    log_level: str = "info"
+
+    def __post_init__(self) -> None:
+        for name in ("max_body_bytes", "max_tokens_limit", "default_max_tokens"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("max_audio_seconds", "max_prompt_audio_seconds", "request_timeout", "health_timeout"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        if self.default_max_tokens > self.max_tokens_limit:
+            raise ValueError("default_max_tokens must not exceed max_tokens_limit")
+
+    def to_env(self) -> str:
+        return json.dumps(dataclasses.asdict(self))
+
+    @classmethod
+    def from_env(cls) -> "Settings":
+        raw = os.environ.get(SETTINGS_ENV)
+        if not raw:
+            return cls()
+        values = json.loads(raw)
+        values["allowed_local_media_paths"] = tuple(values.get("allowed_local_media_paths") or ())
+        return cls(**values)

@@ -1,0 +1,261 @@
+"""The Triton implementation of :class:`~openai_frontend.backend.ChatBackend`.
+
+One gRPC bidirectional stream (``ModelStreamInfer``) per chat request against the ensemble
+``chroma`` (decoupled): the request goes out, text/audio responses come back as they are made,
+and the request's final flag ends it (we ask for an empty final response,
+``triton_enable_empty_final_response``, so the end is explicit).
+
+Why not ``tritonclient.grpc.aio.InferenceServerClient.stream_infer``: it cannot set that
+request parameter (its own API rejects ``triton_``-prefixed parameters, and its dict-based
+request iterator has no such key).  So requests go through the same generated stub tritonclient
+uses (``tritonclient.grpc.service_pb2_grpc``) on a ``grpc.aio`` channel, responses are read with
+``tritonclient.grpc.InferResult``, and the health checks use the aio client as is.
+
+Cancellation: when the consumer stops early (``aclose()`` / task cancelled) the gRPC call is
+cancelled; Triton then cancels the request in flight, and ``chroma_lm`` frees its slot.
+
+Errors are classified here, once: Triton's ``invalid request: ...`` -> 400 (param guessed from
+the message), ``internal error: ...`` -> 500, unknown/unloaded model and an unreachable server
+-> 503, the deadline -> 504.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import codecs
+import json
+import logging
+import re
+import struct
+from typing import AsyncIterator, Sequence
+
+import grpc
+import numpy as np
+from tritonclient.grpc import InferResult, service_pb2, service_pb2_grpc
+from tritonclient.grpc.aio import InferenceServerClient
+from tritonclient.utils import InferenceServerException
+
+from chroma_triton.serving.protocol import classify_error
+
+from .backend import ChatRequest, Delta, Readiness, Usage
+from .errors import APIError, GatewayTimeout, InternalError, InvalidRequest, PayloadTooLarge, RateLimited, ServiceUnavailable
+
+log = logging.getLogger("openai_frontend.triton")
+
+_MAX_MESSAGE = 2**31 - 1
+_CHANNEL_OPTIONS = [
+    ("grpc.max_send_message_length", _MAX_MESSAGE),
+    ("grpc.max_receive_message_length", _MAX_MESSAGE),
+    ("grpc.keepalive_time_ms", 30_000),
+    ("grpc.keepalive_timeout_ms", 10_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.max_pings_without_data", 0),
+]
+#: Request fields the engine validates; a Triton "invalid request: <field> ..." names its param.
+_PARAMS = ("max_tokens", "temperature", "top_k", "top_p", "seed", "prompt_audio", "prompt_text", "messages")
+_USER_AUDIO = re.compile(r"\buser_audio\[(\d+)\]")
+_NOT_READY = r"unknown model|not found|not ready|unavailable|is not loaded|no available versions"
+
+
+def encode_bytes(items: Sequence[bytes]) -> bytes:
+    """Triton's BYTES wire format: each element as a little-endian uint32 length + its bytes."""
+    return b"".join(struct.pack("<I", len(item)) + bytes(item) for item in items)
+
+
+class TritonBackend:
+    def __init__(self, url: str, model: str = "chroma", *, request_timeout: float = 600.0,
+                 health_timeout: float = 2.0):
+        self.url = url
+        self.model = model
+        self.request_timeout = request_timeout
+        self.health_timeout = health_timeout
+        self._channel: grpc.aio.Channel | None = None
+        self._stub: service_pb2_grpc.GRPCInferenceServiceStub | None = None
+        self._client: InferenceServerClient | None = None
+
+    # -- connection (created lazily inside the running event loop) ------------------------------
+    def _get_stub(self) -> service_pb2_grpc.GRPCInferenceServiceStub:
+        if self._stub is None:
+            self._channel = grpc.aio.insecure_channel(self.url, options=_CHANNEL_OPTIONS)
+            self._stub = service_pb2_grpc.GRPCInferenceServiceStub(self._channel)
+        return self._stub
+
+    def _get_client(self) -> InferenceServerClient:
+        if self._client is None:
+            self._client = InferenceServerClient(self.url)
+        return self._client
+
+    async def close(self) -> None:
+        if self._channel is not None:
+            await self._channel.close()
+        if self._client is not None:
+            await self._client.close()
+        self._channel = self._stub = self._client = None
+
+    # -- health ----------------------------------------------------------------------------------
+    async def ready(self) -> Readiness:
+        client = self._get_client()
+        try:
+            if not await client.is_server_ready(client_timeout=self.health_timeout):
+                return Readiness(False, f"Triton at {self.url} is up but not ready")
+            if not await client.is_model_ready(self.model, client_timeout=self.health_timeout):
+                return Readiness(False, f"model {self.model!r} is not ready on Triton at {self.url}")
+        except InferenceServerException as exc:
+            return Readiness(False, f"Triton at {self.url} is unreachable: {_short(exc.message())}")
+        return Readiness(True)
+
+    # -- generation ------------------------------------------------------------------------------
+    async def stream(self, request: ChatRequest) -> AsyncIterator[Delta]:
+        stub = self._get_stub()
+        infer_request = self._infer_request(request)
+        writes_done = asyncio.Event()
+
+        async def requests():
+            yield infer_request
+            await writes_done.wait()  # keep our side open until the reply is complete
+
+        call = stub.ModelStreamInfer(requests(), timeout=self.request_timeout)
+        completed = False
+        pending: Delta | None = None
+        utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")  # a character may span responses
+        try:
+            async for response in call:
+                if response.error_message:  # an error ends the request (Triton sends nothing after it)
+                    completed = True
+                    raise classify_triton_error(response.error_message, self)
+                delta, final = _parse(response.infer_response, utf8)
+                if pending is not None:  # a finished delta followed by data: merge, keep waiting
+                    delta = _merge(pending, delta)
+                    pending = None
+                if delta.finish_reason is not None and not final:
+                    pending = delta  # hold it until the final flag, so stopping after it is clean
+                elif delta.text or delta.audio.size or delta.finish_reason is not None:
+                    yield delta
+                if final:
+                    if pending is None and delta.finish_reason is None:
+                        raise InternalError("the model ended the reply without a finish reason")
+                    if pending is not None:
+                        yield pending
+                    completed = True
+                    return
+            raise ServiceUnavailable(f"Triton at {self.url} closed the stream before the reply was complete")
+        except grpc.aio.AioRpcError as exc:
+            raise classify_rpc_error(exc, self) from None
+        finally:
+            writes_done.set()
+            if not completed:
+                call.cancel()
+                log.info("request %s: cancelling the Triton request", request.request_id)
+
+    def _infer_request(self, request: ChatRequest) -> service_pb2.ModelInferRequest:
+        msg = service_pb2.ModelInferRequest(model_name=self.model, id=request.request_id)
+        msg.parameters["triton_enable_empty_final_response"].bool_param = True
+
+        def add(name: str, datatype: str, shape: list[int], raw: bytes) -> None:
+            tensor = msg.inputs.add()
+            tensor.name, tensor.datatype = name, datatype
+            tensor.shape.extend(shape)
+            msg.raw_input_contents.append(raw)
+
+        # Optional inputs are left out to mean "the engine's default": no user audio, Triton's
+        # default voice (no prompt_audio/prompt_text), the checkpoint's top_k, a random seed.
+        add("messages", "BYTES", [1], encode_bytes([json.dumps(request.messages, ensure_ascii=False).encode()]))
+        if request.user_audio:
+            add("user_audio", "BYTES", [len(request.user_audio)], encode_bytes(request.user_audio))
+        if request.prompt_audio:
+            add("prompt_audio", "BYTES", [1], encode_bytes([request.prompt_audio]))
+            add("prompt_text", "BYTES", [1], encode_bytes([request.prompt_text.encode()]))
+        add("max_tokens", "INT32", [1], np.array([request.max_tokens], "<i4").tobytes())
+        add("temperature", "FP32", [1], np.array([request.temperature], "<f4").tobytes())
+        add("top_p", "FP32", [1], np.array([request.top_p], "<f4").tobytes())
+        if request.top_k is not None:
+            add("top_k", "INT32", [1], np.array([request.top_k], "<i4").tobytes())
+        if request.seed is not None:
+            add("seed", "INT64", [1], np.array([request.seed], "<i8").tobytes())
+        return msg
+
+
+def _parse(response: service_pb2.ModelInferResponse, utf8: codecs.IncrementalDecoder) -> tuple[Delta, bool]:
+    final = "triton_final_response" in response.parameters and response.parameters["triton_final_response"].bool_param
+    if not response.outputs:
+        return Delta(), final
+    result = InferResult(response)
+    delta = Delta()
+    text = result.as_numpy("text")
+    finish = result.as_numpy("finish_reason")
+    reason = _as_bytes(finish.reshape(-1)[0]).decode() if finish is not None and finish.size else ""
+    if text is not None and text.size:
+        delta.text = utf8.decode(b"".join(_as_bytes(t) for t in text.reshape(-1)), final=bool(reason))
+    audio = result.as_numpy("audio")
+    if audio is not None and audio.size:
+        delta.audio = np.ascontiguousarray(audio.reshape(-1), dtype=np.float32)
+    if reason:
+        delta.finish_reason = reason
+        usage = result.as_numpy("usage")
+        if usage is None or usage.size < 3:
+            raise InternalError("the model's last response has no usage numbers")
+        prompt_tokens, text_tokens, audio_frames = (int(v) for v in usage.reshape(-1)[:3])
+        delta.usage = Usage(prompt_tokens, text_tokens, audio_frames)
+    return delta, final
+
+
+def _as_bytes(value) -> bytes:
+    return value if isinstance(value, bytes) else str(value).encode()
+
+
+def _merge(first: Delta, second: Delta) -> Delta:
+    audio = np.concatenate([first.audio, second.audio]) if second.audio.size else first.audio
+    return Delta(first.text + second.text, audio, second.finish_reason or first.finish_reason,
+                 second.usage or first.usage)
+
+
+def _short(message: str, limit: int = 300) -> str:
+    message = " ".join(message.split())
+    return message if len(message) <= limit else message[: limit - 3] + "..."
+
+
+def classify_triton_error(message: str, backend: TritonBackend) -> APIError:
+    """Turn an error Triton reported into the API error the client should get.
+
+    The models prefix their errors ``invalid request: `` or ``internal error: `` (Triton puts
+    ``in ensemble 'chroma', `` in front); :func:`chroma_triton.serving.protocol.classify_error`
+    reads that.  Triton's own errors about an unknown or unloaded model mean "not ready" (503);
+    the engine's full queue ("server busy") means 429.
+    """
+    text = " ".join(message.split())
+    low = text.lower()
+    if not re.search(r"invalid request:|internal error:", low) and re.search(_NOT_READY, low):
+        return ServiceUnavailable(f"model {backend.model!r} is not ready on Triton at {backend.url}: {_short(text)}")
+    kind, detail = classify_error(text)
+    if "server busy" in low:
+        return RateLimited(f"the server is at capacity ({_short(detail)})")
+    if kind == "invalid_request":
+        return InvalidRequest(detail, param=_param_of(detail))
+    return InternalError(f"the model failed: {_short(detail)}")
+
+
+def _param_of(detail: str) -> str | None:
+    match = _USER_AUDIO.search(detail)
+    if match:
+        return f"user_audio[{match.group(1)}]"
+    head = detail.split(None, 1)[0].strip(":,.'\"") if detail else ""
+    for name in _PARAMS:
+        if head == name or head.startswith(name + "[") or head.startswith(name + "."):
+            return head
+    return None
+
+
+def classify_rpc_error(exc: grpc.aio.AioRpcError, backend: TritonBackend) -> APIError:
+    code, details = exc.code(), _short(exc.details() or "")
+    if code == grpc.StatusCode.UNAVAILABLE:
+        return ServiceUnavailable(f"Triton at {backend.url} is unreachable ({details}); is tritonserver running?")
+    if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+        return GatewayTimeout(f"no complete reply within {backend.request_timeout:g} s; "
+                              "ask for fewer max_tokens or retry later")
+    if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
+        return PayloadTooLarge(f"Triton refused the request size: {details}")
+    if code == grpc.StatusCode.CANCELLED:
+        return ServiceUnavailable(f"Triton at {backend.url} cancelled the request ({details}); retry")
+    if code == grpc.StatusCode.INVALID_ARGUMENT:
+        return classify_triton_error(details, backend)
+    return InternalError(f"Triton gRPC error {code.name}: {details}")

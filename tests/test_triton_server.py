@@ -1,0 +1,248 @@
+"""The model repository on a real tritonserver (Triton 2.51 from the nvidia-pytriton wheel, CPU),
+with the tiny random checkpoint: the `chroma` ensemble over gRPC streaming, the composing models
+over HTTP, cancellation, errors and concurrency. One server for the module."""
+
+from __future__ import annotations
+
+import queue
+import re
+import threading
+import time
+import urllib.request
+
+import numpy as np
+import pytest
+
+from chroma_triton.serving import protocol as P
+from chroma_triton.serving.repository import RenderSpec, render_repository
+from chroma_triton.serving.tritonserver import TritonServer, TritonServerError, find_tritonserver
+
+pytestmark = pytest.mark.triton
+FRAME = 1920  # samples per 80 ms frame at 24 kHz
+MAX_BATCH = 4
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, tiny_checkpoint):
+    try:
+        find_tritonserver()
+    except TritonServerError as exc:
+        pytest.skip(f"no tritonserver binary: {exc}")
+    repo = tmp_path_factory.mktemp("rendered") / "model_repository"
+    render_repository(repo, RenderSpec(model_path=str(tiny_checkpoint), params={"chroma_lm": {"max_batch": str(MAX_BATCH)}}))
+    srv = TritonServer(repo, log_file=tmp_path_factory.mktemp("logs") / "tritonserver.log")
+    t0 = time.monotonic()
+    srv.start(timeout=180)
+    print(f"tritonserver with the chroma repository ready in {time.monotonic() - t0:.1f}s")
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture(scope="module")
+def codec(tiny_checkpoint):
+    from chroma_triton.model.loading import load_parts
+
+    return load_parts(tiny_checkpoint, parts={"codec"}).codec
+
+
+def user_turn(text="Tell me something.", audio=True):
+    content = ([{"type": "audio", "audio_index": 0}] if audio else []) + [{"type": "text", "text": text}]
+    return [{"role": "user", "content": content}]
+
+
+class Stream:
+    """One gRPC bidirectional stream carrying one `chroma` request."""
+
+    def __init__(self, server, arrays: dict[str, np.ndarray], request_id="r"):
+        import tritonclient.grpc as grpcclient
+
+        self.results: queue.Queue = queue.Queue()
+        self.client = grpcclient.InferenceServerClient(server.grpc_url)
+        self.client.start_stream(callback=lambda result, error: self.results.put(error or result))
+        inputs = []
+        for name, array in arrays.items():
+            inp = grpcclient.InferInput(name, list(array.shape), P.triton_dtype(array))
+            inp.set_data_from_numpy(array)
+            inputs.append(inp)
+        self.client.async_stream_infer("chroma", inputs, request_id=request_id, enable_empty_final_response=True)
+
+    def next(self, timeout=60.0):
+        item = self.results.get(timeout=timeout)
+        if isinstance(item, Exception):
+            raise item
+        return item
+
+    def collect(self, timeout=60.0) -> dict:
+        out = {"text": "", "audio": [], "responses": 0, "finish_reason": None, "usage": None, "finals": 0}
+        try:
+            while True:
+                r = self.next(timeout)
+                final = r.get_response().parameters["triton_final_response"].bool_param
+                if r.as_numpy("text") is not None:
+                    out["responses"] += 1
+                    out["text"] += r.as_numpy("text")[0].decode()
+                    out["audio"].append(r.as_numpy("audio"))
+                    reason = r.as_numpy("finish_reason")[0].decode()
+                    out["usage"] = r.as_numpy("usage").tolist()
+                    if reason:
+                        assert out["finish_reason"] is None, "finish_reason set twice"
+                        out["finish_reason"] = reason
+                    elif not final:
+                        assert out["finish_reason"] is None, "data after the finish reason"
+                if final:
+                    out["finals"] += 1
+                    break
+        finally:
+            self.close()
+        out["pcm"] = np.concatenate(out["audio"]) if out["audio"] else np.zeros(0, np.float32)
+        return out
+
+    def close(self, cancel=False):
+        self.client.stop_stream(cancel_requests=cancel)
+        self.client.close()
+
+
+def metrics(server) -> dict[str, float]:
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    text = opener.open(f"http://{server.metrics_url}/metrics", timeout=5).read().decode()
+    out = {}
+    for line in text.splitlines():
+        m = re.match(r"^(chroma_lm_\w+)\{[^}]*\}\s+([0-9.e+-]+)$", line)
+        if m:
+            out[m.group(1)] = out.get(m.group(1), 0.0) + float(m.group(2))
+    return out
+
+
+def wait_for(predicate, timeout=20.0, what="condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.1)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def idle(server) -> bool:
+    m = metrics(server)
+    return m.get("chroma_lm_active_requests") == 0 and m.get("chroma_lm_free_slots") == MAX_BATCH
+
+
+# -- the ensemble --------------------------------------------------------------------------------
+def test_stream_text_audio_final(server, question_wav, ref_voice):
+    arrays = P.ensemble_inputs(user_turn(), [question_wav], ref_voice[0], ref_voice[1], max_tokens=20, seed=11,
+                               temperature=0.9, top_k=20, top_p=0.95)
+    out = Stream(server, arrays).collect()
+    prompt_tokens, text_tokens, frames = out["usage"]
+    assert out["finals"] == 1 and out["finish_reason"] in ("stop", "length")
+    assert out["responses"] >= 2 and out["text"] and text_tokens >= 1 and prompt_tokens > 20
+    assert frames >= 1 and (frames == 20 or out["finish_reason"] == "stop")
+    assert sum(len(a) > 0 for a in out["audio"]) >= 2  # audio came in several chunks
+    assert out["pcm"].dtype == np.float32 and len(out["pcm"]) == frames * FRAME
+    assert np.isfinite(out["pcm"]).all() and np.abs(out["pcm"]).max() > 0
+
+
+def test_streamed_audio_is_seamless(server, codec, question_wav, ref_voice):
+    """Same request twice (same seed): text and audio are reproducible, and the streamed audio
+    has the length of the frames produced."""
+    arrays = P.ensemble_inputs(user_turn("Again."), [question_wav], ref_voice[0], ref_voice[1], max_tokens=16, seed=5)
+    a, b = Stream(server, arrays).collect(), Stream(server, arrays).collect()
+    assert a["text"] == b["text"] and a["usage"] == b["usage"]
+    np.testing.assert_allclose(a["pcm"], b["pcm"], atol=1e-5)
+    assert len(a["pcm"]) == a["usage"][2] * FRAME
+
+
+def test_default_voice_and_text_only(server):
+    """No user audio and the default voice: optional inputs left out, or sent empty."""
+    arrays = P.ensemble_inputs([{"role": "user", "content": "hello"}], max_tokens=6, seed=1)
+    out = Stream(server, arrays).collect()
+    assert out["finish_reason"] in ("stop", "length") and len(out["pcm"]) == out["usage"][2] * FRAME
+    for empty in (np.zeros(0, dtype=np.object_), np.array([b""], dtype=np.object_)):
+        same = Stream(server, {**arrays, "user_audio": empty, "prompt_audio": np.array([b""], dtype=np.object_)}).collect()
+        assert same["text"] == out["text"] and same["usage"] == out["usage"]
+
+
+def test_client_errors_are_triton_errors(server, question_wav, ref_voice):
+    cases = [
+        (P.ensemble_inputs("not json", max_tokens=4), "messages"),
+        (P.ensemble_inputs(user_turn(), [b"garbage bytes"], max_tokens=4), "user_audio[0]"),
+        (P.ensemble_inputs(user_turn(), [question_wav], max_tokens=4, top_p=2.0), "top_p"),
+        (P.ensemble_inputs(user_turn(), [question_wav], max_tokens=0), "max_tokens"),
+        (P.ensemble_inputs(user_turn(), [], max_tokens=4), "audio_index 0 is out of range"),
+        (P.ensemble_inputs(user_turn(audio=False), [question_wav], max_tokens=4), "not referenced"),
+        (P.ensemble_inputs(user_turn(), [question_wav], ref_voice[0], "", max_tokens=4), "prompt_text"),
+    ]
+    for arrays, needle in cases:
+        stream = Stream(server, arrays)
+        with pytest.raises(Exception) as info:
+            stream.collect(timeout=30)
+        kind, message = P.classify_error(str(info.value))
+        assert kind == "invalid_request" and needle in message, str(info.value)
+    assert wait_for(lambda: idle(server), what="idle engine")
+
+
+def test_cancel_frees_the_engine_row(server, question_wav, ref_voice):
+    before = metrics(server)
+    arrays = P.ensemble_inputs(user_turn(), [question_wav], ref_voice[0], ref_voice[1], max_tokens=2000, seed=2)
+    stream = Stream(server, arrays)
+    for _ in range(3):
+        stream.next(timeout=30)
+    wait_for(lambda: metrics(server)["chroma_lm_active_requests"] == 1, what="the request to be active")
+    stream.close(cancel=True)
+    wait_for(lambda: metrics(server)["chroma_lm_cancelled_total"] == before.get("chroma_lm_cancelled_total", 0) + 1,
+             what="the cancelled counter")
+    assert wait_for(lambda: idle(server), what="free rows")
+
+
+def test_two_concurrent_streams_complete(server, question_wav, ref_voice):
+    arrays = [P.ensemble_inputs(user_turn(f"Question {i}"), [question_wav], ref_voice[0], ref_voice[1],
+                                max_tokens=24, seed=i) for i in range(2)]
+    results: list = [None, None]
+
+    def run(i):
+        results[i] = Stream(server, arrays[i], request_id=f"c{i}").collect()
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(90)
+    for out in results:
+        assert out is not None and out["finals"] == 1 and out["finish_reason"] in ("stop", "length")
+        assert len(out["pcm"]) == out["usage"][2] * FRAME
+
+
+# -- the composing models over HTTP -------------------------------------------------------------
+def _http_infer(server, model, arrays, outputs):
+    import tritonclient.http as httpclient
+
+    client = httpclient.InferenceServerClient(server.http_url)
+    inputs = []
+    for name, array in arrays.items():
+        inp = httpclient.InferInput(name, list(array.shape), P.triton_dtype(array))
+        inp.set_data_from_numpy(array)
+        inputs.append(inp)
+    result = client.infer(model, inputs, outputs=[httpclient.InferRequestedOutput(o) for o in outputs])
+    return {o: result.as_numpy(o) for o in outputs}
+
+
+def test_audio_encoder_http(server, question_wav, ref_voice):
+    arrays = {  # a batching model: leading batch dimension 1
+        "user_audio": np.array([[question_wav, question_wav]], dtype=np.object_),
+        "prompt_audio": np.array([[ref_voice[0]]], dtype=np.object_),
+        "prompt_text": np.array([[ref_voice[1].encode()]], dtype=np.object_),
+    }
+    out = _http_infer(server, "audio_encoder", arrays, ["audio_embeds", "audio_token_counts", "prompt_codes", "voice_text"])
+    counts = out["audio_token_counts"][0]
+    assert len(counts) == 2 and counts[0] == counts[1] > 0
+    assert out["audio_embeds"].shape[:2] == (1, counts.sum()) and out["audio_embeds"].dtype == np.float32
+    assert out["prompt_codes"].ndim == 3 and out["prompt_codes"].shape[1] > 10
+    assert out["voice_text"][0, 0].decode() == ref_voice[1]
+
+
+def test_codec_decoder_http(server, codec):
+    codes = np.random.default_rng(1).integers(0, codec.codebook_size, size=(7, codec.num_codebooks)).astype(np.int32)
+    out = _http_infer(server, "codec_decoder", {"audio_codes": codes, "context_frames": np.array([3], np.int32)}, ["audio"])
+    audio = out["audio"]
+    assert audio.shape == (4 * FRAME,)
+    np.testing.assert_allclose(audio, codec.decode_chunk(codes.astype(np.int64), 3), atol=1e-4)

@@ -1,0 +1,229 @@
+"""The Triton models' logic without a server: tensor protocol, audio encoder batching, the LM
+relay, the codec's streamed-vs-one-shot difference, repository rendering and the launcher's
+fail-fast checks."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from chroma_triton.engine import AudioChunk, Finished, RequestFailed, TextDelta
+from chroma_triton.errors import EngineError, InvalidRequestError
+from chroma_triton.serving import protocol as P
+from chroma_triton.serving.cancel_board import CancelBoard
+from chroma_triton.serving.model_args import ModelArgs, resolve_default_voice, thinker_backend
+from chroma_triton.serving.repository import RenderSpec, parse_config, render_configs, render_repository
+from chroma_triton.serving.triton_codec import chunk_plan, streaming_difference
+from chroma_triton.serving.triton_lm import _Relay, sampling_params
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+# -- protocol -------------------------------------------------------------------------------------
+def test_classify_error_strips_ensemble_prefix():
+    assert P.classify_error("in ensemble 'chroma', invalid request: top_p must be in (0, 1]") == (
+        "invalid_request", "top_p must be in (0, 1]")
+    assert P.classify_error("[StatusCode.INTERNAL] in ensemble 'chroma', internal error: boom") == ("internal", "boom")
+    assert P.classify_error("internal error: x")[0] == "internal"
+    assert P.error_message(InvalidRequestError("bad", "messages")) == "invalid request: bad"
+    assert P.error_message(RuntimeError("oops")) == "internal error: oops"
+    from chroma_triton.audio_io import AudioDecodeError
+
+    assert P.error_message(AudioDecodeError("not audio")).startswith("invalid request: ")
+
+
+def test_resolve_audio_parts_maps_indices_and_checks_range():
+    msgs = [{"role": "user", "content": [{"type": "audio", "audio_index": 1}, {"type": "text", "text": "hi"},
+                                         {"type": "audio", "audio_index": 0}]}]
+    out, used = P.resolve_audio_parts(msgs, 2)
+    assert used == [1, 0]
+    assert out[0]["content"][0] == {"type": "audio", "audio": 1}
+    with pytest.raises(InvalidRequestError, match="out of range"):
+        P.resolve_audio_parts(msgs, 1)
+    with pytest.raises(InvalidRequestError, match="audio_index"):
+        P.resolve_audio_parts([{"role": "user", "content": [{"type": "audio"}]}], 1)
+
+
+def test_readers_and_ensemble_inputs():
+    arrays = P.ensemble_inputs([{"role": "user", "content": "hi"}], [b"a", b"b"], b"v", "t", max_tokens=5, seed=3,
+                               temperature=None)
+    assert set(arrays) == {"messages", "user_audio", "prompt_audio", "prompt_text", "max_tokens", "seed"}
+    assert arrays["max_tokens"].dtype == np.int32 and arrays["seed"].dtype == np.int64
+    assert json.loads(P.as_text(arrays["messages"], "messages")) == [{"role": "user", "content": "hi"}]
+    assert P.as_bytes_list(arrays["user_audio"][None]) == [b"a", b"b"]  # with a batch dim too
+    assert P.as_scalar(np.array([[7]], np.int32), "max_tokens") == 7
+    with pytest.raises(InvalidRequestError):
+        P.as_scalar(np.array([1.0, 2.0], np.float32), "top_p")
+    with pytest.raises(InvalidRequestError, match="JSON"):
+        P.parse_messages("{not json")
+
+
+def test_sampling_params_defaults_and_sentinels():
+    s = sampling_params({"max_tokens": None, "temperature": None, "top_k": -1, "top_p": None, "seed": -1})
+    assert (s.max_tokens, s.temperature, s.top_k, s.top_p, s.seed) == (1000, 1.0, None, 1.0, None)
+    s = sampling_params({"max_tokens": 12, "temperature": 0.5, "top_k": 3, "top_p": 0.9, "seed": 5})
+    assert (s.max_tokens, s.top_k, s.seed) == (12, 3, 5)
+
+
+def test_relay_merges_text_into_chunks_and_flags_the_last():
+    relay = _Relay(prompt_tokens=10)
+    codes = np.ones((3, 8), np.int64)
+    out = relay.responses([TextDelta("a", 1), TextDelta("b", 2), AudioChunk(codes, 1, 1)])
+    assert len(out) == 1 and out[0].text == "ab" and out[0].new_frames == 2 and out[0].usage == (10, 2, 2)
+    out = relay.responses([AudioChunk(codes, 0, 3), Finished("stop", 10, 4, 5, "abcd")])
+    assert len(out) == 1 and out[0].final and out[0].finish_reason == "stop" and out[0].usage == (10, 4, 5)
+    out = _Relay(1).responses([TextDelta("x", 1), Finished("length", 1, 1, 0, "x")])
+    assert [(r.text, r.final, r.codes) for r in out] == [("x", True, None)]
+    with pytest.raises(InvalidRequestError):
+        _Relay(1).responses([RequestFailed("bad", client_error=True)])
+    with pytest.raises(EngineError):
+        _Relay(1).responses([RequestFailed("boom")])
+    tensors = out[0].tensors(8, "k")
+    assert tensors["audio_codes"].shape == (0, 8) and tensors["usage"].dtype == np.int32
+
+
+def test_cancel_board(tmp_path):
+    board = CancelBoard(tmp_path)
+    assert not board.is_posted("abc")
+    board.post("abc")
+    assert CancelBoard(tmp_path).is_posted("abc")
+    board.clear("abc")
+    assert not board.is_posted("abc")
+    board.post("../escape")  # not a key: ignored
+    assert not (tmp_path.parent / "escape").exists()
+
+
+def test_model_args_and_backends():
+    cfg = {"name": "chroma_lm", "parameters": {"max_batch": {"string_value": "4"}, "model_path": {"string_value": ""}}}
+    a = ModelArgs.from_triton({"model_config": json.dumps(cfg), "model_instance_kind": "GPU",
+                               "model_instance_device_id": "1", "model_instance_name": "chroma_lm_0_1"})
+    assert a.device == "cuda:1" and a.int("max_batch", 8) == 4 and a.str("model_path", "x") == "x"
+    a = ModelArgs.from_triton({"model_config": json.dumps(cfg), "model_instance_kind": "CPU"})
+    assert a.device == "cpu"
+    assert thinker_backend("auto") == "torch" and thinker_backend("torch") == "torch"
+    with pytest.raises(RuntimeError, match="not available"):
+        thinker_backend("sglang")
+    with pytest.raises(ValueError):
+        thinker_backend("vllm")
+    path, text = resolve_default_voice("assets/voices/default.wav")
+    assert path.is_file() and text
+
+
+# -- audio encoder ---------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def encoder(tiny_checkpoint):
+    from chroma_triton.model.loading import load_parts
+    from chroma_triton.serving.triton_audio_encoder import AudioEncoderService
+
+    parts = load_parts(tiny_checkpoint, parts={"audio_tower", "codec"})
+    voice = (ROOT / "assets/voices/default.wav").read_bytes(), "default transcript"
+    return AudioEncoderService(parts, voice)
+
+
+def test_batched_tower_matches_one_clip_at_a_time(encoder, question_wav):
+    from chroma_triton.audio_io import decode_audio
+
+    tower = encoder.tower
+    wavs = [decode_audio(question_wav, 16000), decode_audio(question_wav, 16000)[: 16000 * 2 + 123]]
+    batched = encoder.embed_features([tower.features(w) for w in wavs])
+    for w, b in zip(wavs, batched):
+        single = tower.embed(w)
+        assert single.shape == b.shape
+        torch.testing.assert_close(b, single, atol=1e-4, rtol=1e-4)
+
+
+def test_encode_batch_isolates_bad_requests(encoder, question_wav, ref_voice):
+    from chroma_triton.serving.triton_audio_encoder import EncoderInput
+
+    out = encoder.encode_batch([
+        EncoderInput([question_wav, question_wav], ref_voice[0], ref_voice[1]),
+        EncoderInput([b"garbage"], b"", ""),
+        EncoderInput([], b"", ""),  # default voice, no user audio
+        EncoderInput([b""], ref_voice[0], ""),  # voice without transcript
+        EncoderInput([b""], b"", "orphan transcript"),
+    ])
+    good, bad, default, no_text, orphan = out
+    assert good.audio_embeds.shape == (int(good.audio_token_counts.sum()), encoder.hidden)
+    assert len(good.audio_token_counts) == 2 and good.voice_text == ref_voice[1]
+    assert isinstance(bad, InvalidRequestError) and "user_audio[0]" in str(bad)
+    assert default.audio_embeds.shape == (0, encoder.hidden) and default.voice_text == "default transcript"
+    assert default.prompt_codes.shape[1] == encoder.codec.num_codebooks
+    assert isinstance(no_text, InvalidRequestError) and "prompt_text" in str(no_text)
+    assert isinstance(orphan, InvalidRequestError)
+
+
+# -- codec: streamed vs one-shot ------------------------------------------------------------------
+def test_codec_streamed_decode_matches_one_shot(encoder):
+    """Measured difference of chunked decoding with left context vs decoding everything at once
+    (tiny checkpoint's Mimi; numbers are in docs/triton.md). Chunks cut the way the engine cuts
+    them: 2 frames, then growing to 10, each with 12 frames of context."""
+    codec = encoder.codec
+    codes = np.random.default_rng(0).integers(0, codec.codebook_size, size=(120, codec.num_codebooks))
+    plan, sent, ctx = [], 0, 12
+    while sent < len(codes):
+        end = min(len(codes), sent + (2 if sent == 0 else min(10, sent)))
+        plan.append((codes[sent - min(ctx, sent):end], min(ctx, sent)))
+        sent = end
+    d = streaming_difference(codec, codes, plan)
+    print(f"codec streamed vs one-shot: {d}, SNR {d.snr_db:.1f} dB")
+    assert d.samples == len(codes) * codec.frame_size
+    assert d.rms < 1e-4 * max(d.signal_rms, 1.0) and d.snr_db > 80
+    no_ctx = streaming_difference(codec, codes, [(codes[s:e], 0) for _, s, e in chunk_plan(len(codes), 2, 10, 0)])
+    assert no_ctx.rms > 100 * d.rms  # without left context there are seams
+
+
+# -- repository rendering and the launcher ---------------------------------------------------------
+def test_render_gpu_and_cpu(tmp_path):
+    configs = render_configs(RenderSpec(model_path="/m", kind="gpu", dp_size=2, params={"chroma_lm": {"max_batch": "3"}}))
+    lm = parse_config(configs["chroma_lm"])
+    assert lm.instance_group[0].kind == lm.instance_group[0].KIND_GPU and list(lm.instance_group[0].gpus) == [0, 1]
+    assert lm.parameters["model_path"].string_value == "/m" and lm.parameters["max_batch"].string_value == "3"
+    assert "gpus: [0, 1]" in configs["chroma_lm"]
+    repo = render_repository(tmp_path / "repo", RenderSpec())
+    assert (tmp_path / "repo/chroma_lm/1/model.py").is_file() and (tmp_path / "repo/chroma/1").is_dir()
+    assert "KIND_CPU" in repo["codec_decoder"]
+    with pytest.raises(ValueError, match="no parameter"):
+        render_configs(RenderSpec(params={"chroma_lm": {"nope": "1"}}))
+
+
+def _launcher(*args, env=None, timeout=60):
+    full_env = {**os.environ, "CHROMA_GPU_COUNT": "0", **(env or {})}
+    return subprocess.run([sys.executable, "-m", "chroma_triton.serving.launcher", *args], capture_output=True,
+                          text=True, timeout=timeout, env=full_env, cwd=ROOT)
+
+
+@pytest.mark.triton
+def test_dry_run_dp2_renders_two_gpus():
+    out = _launcher("--dry-run", "--dp-size", "2")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.count("gpus: [0, 1]") == 3  # chroma_lm, audio_encoder, codec_decoder
+    assert "KIND_GPU" in out.stdout and "NOISE" in out.stderr  # no model path: demo warning
+
+
+@pytest.mark.triton
+def test_fail_fast_checks(tmp_path, tiny_checkpoint):
+    out = _launcher("--dp-size", "3", env={"CHROMA_GPU_COUNT": "2"})
+    assert out.returncode == 2 and "--dp-size 3 needs 3 GPU(s) but 2 are visible" in out.stderr
+    out = _launcher("--dp-size", "3")  # this machine's real count (none here)
+    assert out.returncode == 2 and "needs 3 GPU(s)" in out.stderr
+    out = _launcher("--chroma-model-path", str(tmp_path / "missing"))
+    assert out.returncode == 2 and "no such folder" in out.stderr
+    out = _launcher("--chroma-model-path", str(tmp_path))
+    assert out.returncode == 2 and "no config.json" in out.stderr
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        out = _launcher("--chroma-model-path", str(tiny_checkpoint), "--host", "127.0.0.1", "--no-frontend",
+                        "--triton-grpc-port", str(port))
+    assert out.returncode == 2 and f"--triton-grpc-port {port}" in out.stderr and "already in use" in out.stderr
+    out = _launcher("--thinker-backend", "sglang", "--dry-run")
+    assert out.returncode == 2 and "not available" in out.stderr
