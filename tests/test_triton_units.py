@@ -163,7 +163,7 @@ def test_encode_batch_isolates_bad_requests(encoder, question_wav, ref_voice):
 # -- codec: streamed vs one-shot ------------------------------------------------------------------
 def test_codec_streamed_decode_matches_one_shot(encoder):
     """Measured difference of chunked decoding with left context vs decoding everything at once
-    (tiny checkpoint's Mimi; numbers are in docs/triton.md). Chunks cut the way the engine cuts
+    (tiny checkpoint's Mimi; numbers are in README.md ("Serving on Triton")). Chunks cut the way the engine cuts
     them: 2 frames, then growing to 10, each with 12 frames of context."""
     codec = encoder.codec
     codes = np.random.default_rng(0).integers(0, codec.codebook_size, size=(120, codec.num_codebooks))

@@ -4,7 +4,7 @@ Pure numpy (no ``triton_python_backend_utils``), so the model adapters stay thin
 here is unit-testable without a server. The frontend can import this module too (it is cheap:
 numpy and the standard library only).
 
-Ensemble ``chroma`` (see docs/triton.md for the full table):
+Ensemble ``chroma`` (see README.md ("Serving on Triton") for the full table):
 
     inputs   messages [1] BYTES (JSON), user_audio [-1] BYTES (optional), prompt_audio [1] BYTES
              (optional), prompt_text [1] BYTES (optional), max_tokens [1] INT32, temperature [1] FP32,

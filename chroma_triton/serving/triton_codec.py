@@ -3,7 +3,7 @@
 Every chunk ``chroma_lm`` sends repeats up to ``context_frames`` already-sent frames in front of
 its new frames; Mimi's decoder is causal, so decoding context + new and keeping only the new
 frames' samples continues the waveform without a seam. :func:`streaming_difference` measures how
-far that is from decoding the whole utterance at once (reported in docs/triton.md).
+far that is from decoding the whole utterance at once (reported in README.md ("Serving on Triton")).
 """
 
 from __future__ import annotations
