@@ -130,7 +130,7 @@ class Attention(nn.Module):
 
     def forward(self, x, cos, sin, k_cache, v_cache, positions, mask, key_len):
         """x [B, L, H]; k_cache/v_cache [B, kvh, T, D]: this layer's cache rows of the batch (a view);
-        positions [B, L]; mask [B, 1, L, key_len] (True = may attend)."""
+        positions [B, L]; mask [B, 1, G*L, key_len] additive (0 or -inf), G = heads per kv head."""
         b, length, _ = x.shape
         q, k, v = self._project(x)
         q = q.reshape(b, length, self.num_heads, self.head_dim).transpose(1, 2)
@@ -141,10 +141,12 @@ class Attention(nn.Module):
         batch = torch.arange(b, device=x.device)[:, None]
         k_cache[batch, :, positions] = k.transpose(1, 2)
         v_cache[batch, :, positions] = v.transpose(1, 2)
-        out = F.scaled_dot_product_attention(
-            q, k_cache[:, :, :key_len], v_cache[:, :, :key_len], attn_mask=mask,
-            enable_gqa=self.num_heads != self.num_kv_heads,
-        )
+        # Grouped-query attention without copying the cache: the query heads that share a kv head
+        # become extra query rows of that head ([B, kvh, G*L, D]); `mask` is already repeated G times.
+        group = self.num_heads // self.num_kv_heads
+        q = q.reshape(b, self.num_kv_heads, group * length, self.head_dim)
+        out = F.scaled_dot_product_attention(q, k_cache[:, :, :key_len], v_cache[:, :, :key_len], attn_mask=mask)
+        out = out.reshape(b, self.num_heads, length, self.head_dim)
         return self.o_proj(out.transpose(1, 2).reshape(b, length, -1))
 
 
@@ -224,7 +226,11 @@ class Trunk(nn.Module):
         b = x.shape[0]
         cos, sin = rotary.lookup(positions)
         key_pos = torch.arange(key_len, device=x.device)
-        mask = (key_pos[None, None, :] <= positions[:, :, None]).unsqueeze(1)  # [B, 1, L, key_len]
+        allowed = key_pos[None, None, :] <= positions[:, :, None]  # [B, L, key_len]
+        # additive mask, made once per call; repeated per query head of a kv group (see Attention)
+        group = self.cfg.num_heads // self.cfg.num_kv_heads
+        mask = torch.zeros(allowed.shape, dtype=x.dtype, device=x.device).masked_fill_(~allowed, float("-inf"))
+        mask = mask.unsqueeze(1).repeat(1, 1, group, 1)  # [B, 1, G*L, key_len]
         rows = slice(row_start, row_start + b)
         for i, layer in enumerate(self.layers):
             x = layer(x, cos, sin, cache.k[i, rows], cache.v[i, rows], positions, mask, key_len)
