@@ -28,18 +28,26 @@ def mix32(x: torch.Tensor) -> torch.Tensor:
     return x ^ (x >> 16)
 
 
-def stream_keys(seeds: torch.Tensor, frames: torch.Tensor, codebook: int) -> torch.Tensor:
-    """One 32-bit key per row for (seed, frame, codebook); seeds/frames are int64 [B]."""
+def stream_keys(seeds: torch.Tensor, frames: torch.Tensor, codebook: int | torch.Tensor) -> torch.Tensor:
+    """32-bit keys for (seed, frame, codebook); seeds/frames are int64 [B]. An int codebook gives
+    keys [B]; a tensor of codebooks [K] gives all of a frame's keys at once, [B, K]."""
+    if isinstance(codebook, torch.Tensor):
+        seeds, frames = seeds[:, None], frames[:, None]
     k = mix32((seeds & _MASK32) ^ 0x3C6EF372)
     k = mix32(k ^ ((seeds >> 32) & _MASK32))
-    k = mix32(k ^ ((frames * 64 + codebook) & _MASK32))
-    return k
+    return mix32(k ^ ((frames * 64 + codebook) & _MASK32))
 
 
-def token_noise(keys: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+def token_hashes(ids: torch.Tensor) -> torch.Tensor:
+    """The per-token half of the noise hash; a table of it over the vocabulary saves work per step."""
+    return mix32(ids * 0x9E3779B1 & _MASK32)
+
+
+def token_noise(keys: torch.Tensor, ids: torch.Tensor, table: torch.Tensor | None = None) -> torch.Tensor:
     """Exp(1) noise for token ids [B, n] of rows with keys [B]: -log(u), u uniform on (0, 1), 24 bits.
-    A token's noise depends on (key, token id) only, not on where it sits in a sorted list."""
-    h = mix32(keys[:, None] ^ mix32(ids * 0x9E3779B1 & _MASK32))
+    A token's noise depends on (key, token id) only, not on where it sits in a sorted list.
+    `table` (optional) is `token_hashes(arange(vocab))`."""
+    h = mix32(keys[:, None] ^ (table[ids] if table is not None else token_hashes(ids)))
     u = ((h >> 8).to(torch.float32) + 0.5) * (1.0 / (1 << 24))
     return -torch.log(u)
 
@@ -57,6 +65,7 @@ def sample(
     top_p: torch.Tensor,
     keys: torch.Tensor,
     k_max: int | None = None,
+    token_table: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Sample one id per row.
 
@@ -64,6 +73,7 @@ def sample(
     top_p [B] float in (0, 1]; keys [B] from `stream_keys`. Order as in transformers:
     temperature, then top-k, then top-p over what is left. `k_max`, when given, is a bound on
     every row's top_k: only the k_max best candidates are ranked (`topk` instead of a full sort).
+    `token_table` is an optional precomputed `token_hashes(arange(V))`.
     """
     logits = logits.float()
     vocab = logits.shape[-1]
@@ -81,7 +91,7 @@ def sample(
     keep = keep & (mass_before < top_p[:, None])
     keep[:, 0] = True
     probs = torch.softmax(sorted_logits.masked_fill(~keep, float("-inf")), dim=-1)
-    noise = token_noise(keys, order)  # noise belongs to the token id, not the rank
+    noise = token_noise(keys, order, token_table)  # noise belongs to the token id, not the rank
     choice = torch.argmax(probs / noise, dim=-1)
     sampled = order.gather(1, choice[:, None]).squeeze(1)
     return torch.where(greedy, order[:, 0], sampled)

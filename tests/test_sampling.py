@@ -52,3 +52,10 @@ def test_topk_bound_gives_the_full_sort_result():
     full = sample(logits, temperature, top_k, top_p, keys)
     bounded = sample(logits, temperature, top_k, top_p, keys, k_max=64)
     assert torch.equal(full, bounded)
+
+
+def test_all_codebook_keys_at_once_match_one_by_one():
+    seeds, frames = torch.tensor([3, 2**40 + 1]), torch.tensor([0, 99])
+    together = stream_keys(seeds, frames, torch.arange(8))
+    for k in range(8):
+        assert torch.equal(together[:, k], stream_keys(seeds, frames, k))

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from ..config import ChromaConfig
-from ..sampling import sample, stream_keys
+from ..sampling import sample, stream_keys, token_hashes
 from .trunk import KVCache, RotaryTable, Trunk
 
 
@@ -86,6 +86,9 @@ class FrameModel(nn.Module):
         self.backbone_cache, self.backbone_rotary = self.backbone.model.new_cache(rows, backbone_len, p.device, p.dtype)
         # decoder positions: backbone state, then codebooks 0..K-2
         self.decoder_cache, self.decoder_rotary = self.decoder.model.new_cache(rows, self.num_codebooks, p.device, p.dtype)
+        vocab = self.backbone.codebook0_head.weight.shape[0]
+        self.token_table = token_hashes(torch.arange(vocab, device=p.device))
+        self.codebook_ids = torch.arange(self.num_codebooks, device=p.device)
 
     # -- embeddings ---------------------------------------------------------------------------
     def frame_embedding(self, codes: torch.Tensor) -> torch.Tensor:
@@ -106,20 +109,20 @@ class FrameModel(nn.Module):
         """Backbone last states [B, H] of rows 0..B-1 -> codes [B, K] (codebook 0 by the backbone
         head, the rest by the depth decoder). Pure tensor code: CUDA-graph capturable."""
         b = state.shape[0]
+        keys = stream_keys(params.seeds, params.frames, self.codebook_ids)  # [B, K]: the frame's noise keys
         codes = torch.empty(b, self.num_codebooks, dtype=torch.long, device=state.device)
-        codes[:, 0] = self._sample(self.backbone.codebook0_head(state), params, 0)
+        codes[:, 0] = self._sample(self.backbone.codebook0_head(state), params, keys[:, 0])
         emb = self.backbone.audio_embedding
         x = self.decoder.projection(torch.stack([state, emb.codebook(codes[:, 0], 0)], dim=1))  # [B, 2, Hd]
         positions = torch.arange(2, device=state.device).expand(b, 2)
         for k in range(1, self.num_codebooks):
             h = self.decoder.model(x, self.decoder_cache, self.decoder_rotary, positions, k + 1)
             logits = h[:, -1] @ self.decoder.codebook_head.weight[k - 1]
-            codes[:, k] = self._sample(logits, params, k)
+            codes[:, k] = self._sample(logits, params, keys[:, k])
             if k + 1 < self.num_codebooks:
                 x = self.decoder.projection(emb.codebook(codes[:, k], k))[:, None]
                 positions = positions[:, -1:] + 1
         return codes
 
-    def _sample(self, logits: torch.Tensor, p: SamplingTensors, codebook: int) -> torch.Tensor:
-        keys = stream_keys(p.seeds, p.frames, codebook)
-        return sample(logits, p.temperature, p.top_k, p.top_p, keys, p.k_max)
+    def _sample(self, logits: torch.Tensor, p: SamplingTensors, keys: torch.Tensor) -> torch.Tensor:
+        return sample(logits, p.temperature, p.top_k, p.top_p, keys, p.k_max, self.token_table)

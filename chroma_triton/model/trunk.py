@@ -91,10 +91,8 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x.to(dtype)
+        # one fused kernel where torch has it (statistics in float32 for half-precision inputs)
+        return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
 
 
 class Attention(nn.Module):
@@ -123,20 +121,23 @@ class Attention(nn.Module):
         self.qkv = (weight, bias)
 
     def _project(self, x):
+        """-> ([q; k] [B, L, (H + kvh) * D], v [B, L, kvh * D])."""
         if self.qkv is None:
-            return self.q_proj(x), self.k_proj(x), self.v_proj(x)
-        nq, nkv = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
-        return F.linear(x, *self.qkv).split([nq, nkv, nkv], dim=-1)
+            return torch.cat([self.q_proj(x), self.k_proj(x)], dim=-1), self.v_proj(x)
+        nkv = self.num_kv_heads * self.head_dim
+        qkv = F.linear(x, *self.qkv)
+        return qkv[..., :-nkv], qkv[..., -nkv:]
 
     def forward(self, x, cos, sin, k_cache, v_cache, positions, mask, key_len):
         """x [B, L, H]; k_cache/v_cache [B, kvh, T, D]: this layer's cache rows of the batch (a view);
         positions [B, L]; mask [B, 1, G*L, key_len] additive (0 or -inf), G = heads per kv head."""
         b, length, _ = x.shape
-        q, k, v = self._project(x)
-        q = q.reshape(b, length, self.num_heads, self.head_dim).transpose(1, 2)
-        k = k.reshape(b, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        qk, v = self._project(x)
+        # rope on q and k together: one set of kernels for both
+        qk = qk.reshape(b, length, self.num_heads + self.num_kv_heads, self.head_dim)
+        qk = apply_rope(qk.transpose(1, 2), cos, sin)
+        q, k = qk.split([self.num_heads, self.num_kv_heads], dim=1)
         v = v.reshape(b, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         # write this step's keys/values at each row's positions; advanced indices go first: [B, L, kvh, D]
         batch = torch.arange(b, device=x.device)[:, None]
         k_cache[batch, :, positions] = k.transpose(1, 2)
