@@ -35,8 +35,8 @@ import torch
 
 from ..errors import CapacityError, InvalidRequestError
 from ..model.frame_model import FrameModel, SamplingTensors
-from ..model.loading import ChromaParts
-from ..model.thinker import Thinker, TorchThinker, pad_batch
+from ..model.loading import ChromaParts, make_thinker
+from ..model.thinker import Thinker, pad_batch
 from .detokenizer import IncrementalDetokenizer
 from .graphs import StepRunner, batch_buckets, bucket, length_buckets
 from .request import AudioChunk, Finished, GenerationRequest, RequestFailed, RequestStream, SamplingParams, TextDelta
@@ -58,6 +58,8 @@ class EngineOptions:
     prefill_token_budget: int = 4096  # ...and their prompt tokens, so a burst does not stall running streams
     cuda_graphs: bool = True  # on CUDA: capture steps as graphs (ignored on CPU)
     key_bucket: int = 256  # key-length bucket of captured graphs
+    thinker_backend: str = "torch"  # "auto" | "torch" | "sglang" (model.loading.make_thinker)
+    thinker_options: dict = field(default_factory=dict)  # backend options (SGLang: engine_kwargs, ...)
 
 
 @dataclass
@@ -95,7 +97,13 @@ class ChromaEngine:
         self.special = parts.special
         self.default_top_k = parts.top_k
         self.tokenizer = parts.tokenizer
-        self.thinker: Thinker = thinker or TorchThinker(parts.thinker_lm, self.cfg.thinker, self.opts.max_batch, self.opts.thinker_max_len)
+        self._owns_thinker = thinker is None
+        self.thinker: Thinker = thinker or make_thinker(parts, self.opts.thinker_backend, self.opts.max_batch,
+                                                        self.opts.thinker_max_len, **self.opts.thinker_options)
+        # optional hooks of thinkers that generate ahead (SGLangThinker): host-side wait before a
+        # talking step, and release of a row whose request left
+        self._prepare_decode = getattr(self.thinker, "prepare_decode", None)
+        self._release_row = getattr(self.thinker, "release_row", None)
         self.frames: FrameModel = parts.frame_model
         self.frames.setup_caches(self.opts.max_batch, self.opts.backbone_max_len)
         self.num_codebooks = self.cfg.num_codebooks
@@ -128,6 +136,9 @@ class ChromaEngine:
         if self._thread is not None:
             self._thread.join(timeout)
             self._thread = None
+        close = getattr(self.thinker, "close", None)
+        if self._owns_thinker and close is not None:
+            close()
 
     def submit(self, req: GenerationRequest) -> RequestStream:
         """Validate and queue a request; events arrive on the returned stream."""
@@ -250,6 +261,8 @@ class ChromaEngine:
         bb_len = self._key_len(max(a.backbone_pos for a in batch) + width, self._backbone_lens)
         if talk:
             th_len = self._key_len(max(a.thinker_pos for a in batch) + 1, self._thinker_lens)
+            if self._prepare_decode is not None:
+                self._prepare_decode([None if a.thinker_done else a.thinker_pos for a in batch])
             h, nxt = self.runner(("thinker", size, th_len), partial(self.thinker.decode, key_len=th_len),
                                  ints[:, _TOKEN], ints[:, _TPOS])
             states = self.runner(("backbone3", size, bb_len), partial(self._backbone_talk, key_len=bb_len),
@@ -421,6 +434,8 @@ class ChromaEngine:
             self._remove(a)
 
     def _remove(self, a: _Active) -> None:
+        if self._release_row is not None:
+            self._release_row(a.row)
         with self._lock:
             last = self._active[-1]
             if last is not a:
@@ -434,5 +449,7 @@ class ChromaEngine:
         for a in list(self._active):
             a.stream.put(RequestFailed(message))
             self.counters["failed"] += 1
+            if self._release_row is not None:
+                self._release_row(a.row)
         with self._lock:
             self._active.clear()

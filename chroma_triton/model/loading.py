@@ -3,6 +3,7 @@ codec, tokenizer and feature extractor. Each Triton model loads only the parts i
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
 from dataclasses import dataclass, field
@@ -16,12 +17,13 @@ from ..errors import CheckpointError
 from .audio_tower import AudioTower
 from .codec import Codec
 from .frame_model import FrameModel
-from .thinker import ThinkerLM
+from .thinker import ThinkerLM, TorchThinker
 
 log = logging.getLogger(__name__)
 
 ALL_PARTS = frozenset({"thinker", "audio_tower", "frame_model", "codec", "tokenizer"})
 DEFAULT_TOP_K = 50
+THINKER_BACKENDS = ("auto", "torch", "sglang")
 
 
 @dataclass(frozen=True)
@@ -175,3 +177,46 @@ def _load_codec(ckpt: Checkpoint, device) -> Codec:
     ckpt.load_module(mimi, "codec_model.")
     # Mimi stays in float32: it is small, and bf16 audio decoding is audibly worse.
     return Codec(mimi.to(device=device).eval(), cfg.num_codebooks, cfg.codebook_size, cfg.sample_rate, cfg.frame_size)
+
+
+# -- thinker backend selection (chroma_lm's `thinker_backend` parameter) ------------------------------
+def sglang_available() -> bool:
+    """SGLang is installed (not imported here: importing it is slow and may fail late)."""
+    return importlib.util.find_spec("sglang") is not None
+
+
+def resolve_thinker_backend(backend: str | None, device) -> str:
+    """'torch' or 'sglang' for `thinker_backend` auto | torch | sglang. auto: SGLang when it is
+    installed and the model runs on a GPU, else PyTorch. An explicit 'sglang' that cannot work
+    raises with the reason (no silent fallback)."""
+    choice = (backend or "auto").strip().lower()
+    if choice not in THINKER_BACKENDS:
+        raise ValueError(f"thinker_backend must be one of {', '.join(THINKER_BACKENDS)}; got {backend!r}")
+    device = torch.device(device)
+    if choice == "auto":
+        return "sglang" if device.type == "cuda" and sglang_available() else "torch"
+    if choice == "sglang":
+        if device.type != "cuda":
+            raise ValueError(f"thinker_backend 'sglang' needs a CUDA device; this model runs on {device}")
+        if not sglang_available():
+            raise ImportError("thinker_backend 'sglang' needs the sglang package, which is not installed "
+                              "(pip install 'chroma-triton[sglang]')")
+    return choice
+
+
+def make_thinker(parts: ChromaParts, backend: str | None, rows: int, max_len: int, **options):
+    """The engine's thinker for `parts`: TorchThinker, or SGLangThinker (options go to
+    `SGLangThinker.from_parts`: engine_kwargs, slots, timeout_s, free_torch_thinker, work_dir)."""
+    if parts.thinker_lm is None:
+        raise ValueError("the thinker part is not loaded")
+    choice = resolve_thinker_backend(backend, parts.device)
+    if choice == "sglang":
+        from .sglang_thinker import SGLangThinker
+
+        try:
+            return SGLangThinker.from_parts(parts, rows, max_len, **options)
+        except ImportError as exc:
+            if (backend or "auto").strip().lower() != "auto":
+                raise
+            log.warning("thinker_backend auto: SGLang is installed but not importable (%s); using the PyTorch thinker", exc)
+    return TorchThinker(parts.thinker_lm, parts.config.thinker, rows, max_len)

@@ -27,7 +27,8 @@ from pathlib import Path
 
 from ..demo import ASSETS
 from .repository import MODELS, SOURCE_REPOSITORY, RenderSpec, render_configs, render_repository
-from .tritonserver import TritonServer, TritonServerError, find_tritonserver, is_port_free
+from .tritonserver import PYTHON_STUB, TritonServer, TritonServerError, find_tritonserver, is_port_free
+from .tritonserver import _http_ok as http_ok
 
 log = logging.getLogger("chroma_triton.launcher")
 
@@ -76,6 +77,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="folder whose files requests may name by path (repeatable; default: the project's assets/)")
     p.add_argument("--api-key", default=None,
                    help="require this Bearer key on /v1/* (passed to the frontend in its environment, not argv)")
+    p.add_argument("--cors-allow-origin", action="append", default=[], metavar="ORIGIN",
+                   help="passed to the frontend: browser origins allowed to call the API (repeatable; * = any)")
+    p.add_argument("--extra-frontend-arg", action="append", default=[], metavar="ARG",
+                   help="one more argument for the frontend, e.g. --extra-frontend-arg=--max-tokens-limit=400 "
+                        "(repeatable)")
     p.add_argument("--dry-run", action="store_true", help="print the rendered configs and exit")
     return p
 
@@ -233,6 +239,57 @@ class _LogEcho(threading.Thread):
             self.stop_event.wait(0.3)
 
 
+class ModelWatch:
+    """Notices a running tritonserver that can no longer serve, so the launcher restarts it.
+
+    Measured on Triton 2.51 (wheel binary, CPU): after ``kill -9`` of a model's Python stub
+    (``triton_python_backend_stub``) Triton neither restarts it nor marks the model unready;
+    ``/v2/health/ready`` and ``/v2/models/<m>/ready`` keep answering 200, requests in flight on
+    it never finish, and every new request fails at once with "Stub process '<instance>' is not
+    healthy." So the watch remembers the stubs that were there when the server became ready and
+    reports a fault when one is gone, or when the server has not been ready for
+    ``ready_grace_s`` seconds in a row (hung).
+    """
+
+    def __init__(self, ready_grace_s: float = 30.0):
+        self.ready_grace_s = ready_grace_s
+        self.server: TritonServer | None = None
+        self.stubs: dict[int, str] = {}
+        self.unready_since: float | None = None
+
+    def reset(self, server: TritonServer) -> None:
+        self.server = server
+        self.stubs = {pid: name for pid in server.group_pids() if (name := stub_model(pid))}
+        self.unready_since = None
+        log.info("watching %d model process(es): %s", len(self.stubs),
+                 ", ".join(f"{name} (pid {pid})" for pid, name in sorted(self.stubs.items())) or "none")
+
+    def fault(self) -> str | None:
+        alive = set(self.server.group_pids())
+        dead = {pid: name for pid, name in self.stubs.items() if pid not in alive}
+        if dead:
+            return ("model process(es) died: " + ", ".join(f"{name} (pid {pid})" for pid, name in sorted(dead.items()))
+                    + "; Triton does not restart them, so tritonserver is restarted")
+        if http_ok(f"http://{self.server.http_url}/v2/health/ready", timeout=2.0):
+            self.unready_since = None
+        elif self.unready_since is None:
+            self.unready_since = time.monotonic()
+        elif time.monotonic() - self.unready_since > self.ready_grace_s:
+            return f"tritonserver has not been ready for {self.ready_grace_s:g} s"
+        return None
+
+
+def stub_model(pid: int) -> str | None:
+    """The model a Triton Python stub process serves (its argv: stub <repo>/<model>/<version>/model.py ...)."""
+    try:
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return None
+    if len(argv) < 2 or not argv[0].endswith(PYTHON_STUB.encode()):
+        return None
+    return Path(argv[1].decode(errors="replace")).parent.parent.name
+
+
 class Launcher:
     def __init__(self, args: argparse.Namespace):
         self.args = args
@@ -240,6 +297,7 @@ class Launcher:
         self.server: TritonServer | None = None
         self.frontend: subprocess.Popen | None = None
         self.restarts: list[float] = []
+        self.watch = ModelWatch()
 
     # -- plan ----------------------------------------------------------------------------------
     def plan(self) -> tuple[RenderSpec, dict[str, str]]:
@@ -255,10 +313,13 @@ class Launcher:
                 raise LaunchError(f"--default-voice {a.default_voice}: need the audio file and its transcript "
                                   f"{voice.with_suffix('.txt').name} beside it")
             params.setdefault("audio_encoder", {})["default_voice"] = str(voice.resolve())
-        if params.get("chroma_lm", {}).get("thinker_backend") == "sglang":
-            raise LaunchError("thinker_backend 'sglang' is not available in this build; use auto or torch")
         gpus = visible_gpus()
         kind = choose_device(a.device, a.dp_size, gpus, a.dry_run)
+        if params.get("chroma_lm", {}).get("thinker_backend") == "sglang" and not a.dry_run:
+            if kind != "gpu":
+                raise LaunchError("thinker_backend 'sglang' needs a GPU; use auto or torch on the CPU")
+            if importlib.util.find_spec("sglang") is None:
+                raise LaunchError("thinker_backend 'sglang' needs the sglang package: pip install 'chroma-triton[sglang]'")
         model_path, _ = resolve_model_path(a.chroma_model_path, dry_run=a.dry_run)
         spec = RenderSpec(model_path=model_path, base_qwen_path=check_base_qwen(a.base_qwen_path), kind=kind,
                           dp_size=a.dp_size, params=params)
@@ -365,7 +426,9 @@ class Launcher:
                "--triton-grpc-url", self.server.grpc_url, "--workers", str(a.workers)]
         for folder in a.allowed_local_media_path or [str(ASSETS)]:
             cmd += ["--allowed-local-media-path", folder]
-        return cmd
+        for origin in a.cors_allow_origin:
+            cmd += ["--cors-allow-origin", origin]
+        return cmd + list(a.extra_frontend_arg)
 
     def _start_frontend(self) -> None:
         cmd = self._frontend_command()
@@ -384,12 +447,16 @@ class Launcher:
         return True
 
     def _supervise(self) -> int:
+        self.watch.reset(self.server)
         while not self.stop_event.wait(1.0):
-            if not self.server.is_running():
-                log.error("tritonserver exited unexpectedly; last log lines:\n%s", self.server.log_tail(30))
+            fault = "tritonserver exited unexpectedly" if not self.server.is_running() else self.watch.fault()
+            if fault:
+                log.error("%s; last log lines:\n%s", fault, self.server.log_tail(30))
                 if not self._note_restart("tritonserver"):
                     return 1
-                self.server.stop(timeout=10)
+                # A server with a dead model process cannot finish its requests: no grace period
+                # (Triton would wait its 30 s exit timeout for them); the clients get UNAVAILABLE -> 503.
+                self.server.stop(timeout=2)
                 time.sleep(min(2 ** len(self.restarts), 30))
                 log.info("restarting tritonserver")
                 try:
@@ -397,6 +464,7 @@ class Launcher:
                 except TritonServerError as exc:
                     log.error("restart failed: %s", exc)
                     continue
+                self.watch.reset(self.server)
             if self.frontend is not None and self.frontend.poll() is not None:
                 log.error("frontend exited with code %s", self.frontend.returncode)
                 if not self._note_restart("frontend"):

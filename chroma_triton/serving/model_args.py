@@ -90,15 +90,12 @@ def resolve_default_voice(value: str) -> tuple[Path, str]:
 
 
 def thinker_backend(value: str) -> str:
-    """Validate ``thinker_backend``: ``auto`` and ``torch`` give torch; ``sglang`` is not in this build."""
+    """Validate ``thinker_backend`` (auto | torch | sglang). Whether SGLang can really run is decided
+    where the model loads (`chroma_triton.model.loading.make_thinker`), with a clear error."""
     value = (value or "auto").strip().lower()
     if value not in THINKER_BACKENDS:
         raise ValueError(f"thinker_backend must be one of {', '.join(THINKER_BACKENDS)}, got {value!r}")
-    if value == "sglang":
-        raise RuntimeError(
-            "thinker_backend 'sglang' is not available: this build has only the plain-PyTorch thinker. "
-            "Set thinker_backend to 'auto' or 'torch'.")
-    return "torch"
+    return value
 
 
 def configure_logging() -> None:

@@ -27,7 +27,7 @@ class TritonPythonModel:
         a = ModelArgs.from_triton(args)
         if not pb_utils.using_decoupled_model_transaction_policy(a.config):
             raise pb_utils.TritonModelException("chroma_lm must be decoupled (model_transaction_policy { decoupled: true })")
-        thinker_backend(a.str("thinker_backend", "auto"))  # fails clearly for sglang / unknown values
+        backend = thinker_backend(a.str("thinker_backend", "auto"))  # fails clearly for unknown values
         import torch
 
         from chroma_triton.model.loading import load_parts
@@ -38,7 +38,10 @@ class TritonPythonModel:
         parts = load_parts(path, base_qwen_path=a.str("base_qwen_path") or None,
                            parts={"thinker", "frame_model", "tokenizer"}, device=a.device)
         self.args = a
-        self.service = LMService(parts, engine_options(a.int))
+        options = engine_options(a.int)
+        options.thinker_backend = backend
+        options.thinker_options = {"free_torch_thinker": True} if backend == "sglang" else {}
+        self.service = LMService(parts, options)
         self.board = CancelBoard()
         self.board.sweep()
         self._init_metrics(a)
