@@ -15,13 +15,12 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 
-from .audio_io import Audio, decode_audio
+from .audio_io import content_hash, decode_audio
 from .engine import AudioChunk, ChromaEngine, EngineOptions, Finished, GenerationRequest, RequestFailed, SamplingParams, TextDelta
 from .errors import EngineError, InvalidRequestError
 from .model.loading import ChromaParts, load_parts
 from .processor import PromptBuilder, normalize_messages
 from .voice_cache import VoiceCache, bytes_key
-from .audio_io import content_hash
 
 MAX_USER_AUDIO_SECONDS = 300.0
 MAX_PROMPT_AUDIO_SECONDS = 60.0

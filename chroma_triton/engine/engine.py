@@ -26,7 +26,6 @@ import logging
 import queue
 from collections import deque
 import threading
-import time
 from dataclasses import dataclass, field
 from functools import partial
 
