@@ -20,6 +20,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, Setti
                    help="a folder whose files requests may name by path (repeatable); none: no local files")
     p.add_argument("--api-key", default=argparse.SUPPRESS,
                    help=f"require 'Authorization: Bearer KEY' on /v1/* (default: ${API_KEY_ENV} if set, else none)")
+    p.add_argument("--cors-allow-origin", action="append", default=[], metavar="ORIGIN",
+                   help="let browser pages from ORIGIN (e.g. https://app.example.com, or *) call the API; repeatable")
     p.add_argument("--model-name", default=d.model_name, help="the model id clients send")
     p.add_argument("--triton-model", default=d.triton_model, help="the Triton ensemble to call")
     p.add_argument("--voices-dir", default=d.voices_dir, help="named voices: <name>.wav + <name>.txt pairs")
@@ -42,6 +44,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, Setti
             allowed_local_media_paths=tuple(os.path.abspath(path) for path in args.allowed_local_media_path),
             voices_dir=args.voices_dir,
             api_key=getattr(args, "api_key", None) or os.environ.get(API_KEY_ENV) or None,
+            cors_allow_origins=tuple(args.cors_allow_origin),
             max_body_bytes=args.max_body_bytes,
             max_audio_seconds=args.max_audio_seconds,
             max_prompt_audio_seconds=args.max_prompt_audio_seconds,
@@ -58,10 +61,11 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, Setti
 def main(argv: list[str] | None = None) -> None:
     import uvicorn
 
-    from .app import configure_logging, create_app
+    from .app import configure_logging, create_app, tune_malloc
 
     args, settings = parse_args(argv)
     configure_logging(settings.log_level)
+    tune_malloc()
     try:
         app = create_app(settings)  # also validates folders and voices before any worker starts
     except ValueError as exc:

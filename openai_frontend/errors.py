@@ -33,6 +33,7 @@ class APIError(Exception):
         self.message = message
         self.param = param
         self.code = code or self.default_code
+        self.headers: dict[str, str] = {}  # extra response headers (e.g. Allow on a 405)
 
     @property
     def is_client_error(self) -> bool:

@@ -19,6 +19,7 @@ import base64
 import binascii
 import os
 import re
+import struct
 from pathlib import Path
 from typing import Iterable
 
@@ -189,13 +190,45 @@ def _could_be_path(value: str) -> bool:
 
 
 def check_audio(data: bytes, param: str, max_seconds: float) -> float:
-    """Duration of ``data`` in seconds from its header; 400 when it is not audio or too long."""
+    """Duration of ``data`` in seconds from its header; 400 when it is not audio, a WAV file cut
+    short, or too long."""
     try:
         seconds = audio_duration(data)
     except AudioDecodeError as exc:
         raise InvalidRequest(f"{param}: {exc}", param=param, code="invalid_audio") from None
+    missing = wav_missing_bytes(data)
+    if missing:
+        raise InvalidRequest(
+            f"{param}: the WAV file is truncated: its header promises {missing} more bytes of samples than it "
+            f"holds (an upload cut short?); send the whole file", param=param, code="invalid_audio")
     if seconds > max_seconds:
         raise InvalidRequest(
             f"{param}: audio is {seconds:.1f} s long, the limit is {max_seconds:g} s; send a shorter clip",
             param=param, code="audio_too_long")
     return seconds
+
+
+#: Data sizes that streaming WAV writers put in the header when the length is not known yet.
+_UNKNOWN_WAV_SIZES = (0, 0xFFFFFFFF, 0x7FFFFFFF)
+
+
+def wav_missing_bytes(data: bytes) -> int:
+    """How many bytes of sample data a RIFF/WAVE file's ``data`` chunk promises beyond the end of
+    ``data``; 0 for complete files, for other formats, and for headers that leave the length open.
+
+    libsndfile (and so the engine) silently decodes the part of a truncated WAV that is there, so
+    a cut-off upload would be answered as if it were the whole question; this catches it.
+    """
+    if len(data) < 12 or data[:4] not in (b"RIFF", b"RIFX") or data[8:12] != b"WAVE":
+        return 0
+    order = "<" if data[:4] == b"RIFF" else ">"
+    offset = 12
+    while offset + 8 <= len(data):
+        chunk_id = data[offset:offset + 4]
+        (size,) = struct.unpack(order + "I", data[offset + 4:offset + 8])
+        if chunk_id == b"data":
+            if size in _UNKNOWN_WAV_SIZES:
+                return 0
+            return max(0, size - (len(data) - offset - 8))
+        offset += 8 + size + (size & 1)  # chunks are padded to an even size
+    return 0

@@ -31,6 +31,8 @@ class Settings:
       60 s of reference voice: what the engine accepts (``chroma_triton.pipeline``).
     * ``max_tokens_limit`` 4000 frames = 320 s of speech, the engine's ``max_frames`` default: a
       bound on one reply, so a typo cannot keep a decoding slot busy for hours.
+    * ``cors_allow_origins`` none: browsers may not call the API from other origins unless an
+      origin (or ``*``) is listed; server-to-server clients are not affected by CORS.
     * ``request_timeout`` 600 s: the gRPC deadline of one request's whole stream; a stuck
       server costs a client at most this long, then a 504.
     """
@@ -41,6 +43,7 @@ class Settings:
     allowed_local_media_paths: tuple[str, ...] = ()
     voices_dir: str | None = str(DEFAULT_VOICES_DIR) if DEFAULT_VOICES_DIR.is_dir() else None
     api_key: str | None = None
+    cors_allow_origins: tuple[str, ...] = ()
     max_body_bytes: int = 32 * 1024 * 1024
     max_audio_seconds: float = 300.0
     max_prompt_audio_seconds: float = 60.0
@@ -70,5 +73,6 @@ class Settings:
         if not raw:
             return cls()
         values = json.loads(raw)
-        values["allowed_local_media_paths"] = tuple(values.get("allowed_local_media_paths") or ())
+        for name in ("allowed_local_media_paths", "cors_allow_origins"):
+            values[name] = tuple(values.get(name) or ())
         return cls(**values)

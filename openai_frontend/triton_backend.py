@@ -43,18 +43,28 @@ from .errors import APIError, GatewayTimeout, InternalError, InvalidRequest, Pay
 log = logging.getLogger("openai_frontend.triton")
 
 _MAX_MESSAGE = 2**31 - 1
+#: Keepalive pings no more often than Triton accepts: with its defaults (a ping at most every
+#: 300 s without data, 2 strikes) pings every 30 s made Triton drop the connection with
+#: "Too many pings" after ~90 s without data, failing every stream on it (measured on 2.51).
+#: Reconnect quickly (≤ 2 s) after Triton restarts, instead of gRPC's default backoff of up to 120 s.
 _CHANNEL_OPTIONS = [
     ("grpc.max_send_message_length", _MAX_MESSAGE),
     ("grpc.max_receive_message_length", _MAX_MESSAGE),
-    ("grpc.keepalive_time_ms", 30_000),
-    ("grpc.keepalive_timeout_ms", 10_000),
-    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.keepalive_time_ms", 330_000),
+    ("grpc.keepalive_timeout_ms", 20_000),
+    ("grpc.keepalive_permit_without_calls", 0),
     ("grpc.http2.max_pings_without_data", 0),
+    ("grpc.initial_reconnect_backoff_ms", 500),
+    ("grpc.min_reconnect_backoff_ms", 500),
+    ("grpc.max_reconnect_backoff_ms", 2000),
 ]
 #: Request fields the engine validates; a Triton "invalid request: <field> ..." names its param.
 _PARAMS = ("max_tokens", "temperature", "top_k", "top_p", "seed", "prompt_audio", "prompt_text", "messages")
 _USER_AUDIO = re.compile(r"\buser_audio\[(\d+)\]")
 _NOT_READY = r"unknown model|not found|not ready|unavailable|is not loaded|no available versions"
+#: Triton 2.51's answer once a model's Python process died (it neither restarts it nor marks the
+#: model unready; the launcher restarts tritonserver, see docs/reliability.md).
+_DEAD_STUB = r"stub process .* is not healthy"
 
 
 def encode_bytes(items: Sequence[bytes]) -> bytes:
@@ -82,7 +92,7 @@ class TritonBackend:
 
     def _get_client(self) -> InferenceServerClient:
         if self._client is None:
-            self._client = InferenceServerClient(self.url)
+            self._client = InferenceServerClient(self.url, channel_args=_CHANNEL_OPTIONS)
         return self._client
 
     async def close(self) -> None:
@@ -224,6 +234,9 @@ def classify_triton_error(message: str, backend: TritonBackend) -> APIError:
     """
     text = " ".join(message.split())
     low = text.lower()
+    if re.search(_DEAD_STUB, low):
+        return ServiceUnavailable(f"a model process of {backend.model!r} on Triton at {backend.url} has died "
+                                  f"({_short(text)}); the server must be restarted (the launcher does it); retry later")
     if not re.search(r"invalid request:|internal error:", low) and re.search(_NOT_READY, low):
         return ServiceUnavailable(f"model {backend.model!r} is not ready on Triton at {backend.url}: {_short(text)}")
     kind, detail = classify_error(text)

@@ -424,8 +424,9 @@ def test_non_audio_bytes(client):
     wav = (ASSETS / "question_audio.wav").read_bytes()
     assert_error(post(client, seed_body(prompt_text="x", prompt_audio=base64.b64encode(b"GIF89a" * 50).decode())),
                  400, "prompt_audio", code="invalid_audio")
-    # A header that promises more than there is still passes the cheap check (Triton decodes).
-    assert post(client, _input_audio(base64.b64encode(wav[:2000]).decode())).status_code == 200
+    # A WAV header that promises more samples than the file holds: an upload cut short.
+    assert_error(post(client, _input_audio(base64.b64encode(wav[:2000]).decode())), 400, OPENAI_PARAM,
+                 code="invalid_audio", contains="truncated")
 
 
 def test_local_paths_are_confined(client, tmp_path):

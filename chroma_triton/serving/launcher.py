@@ -79,9 +79,6 @@ def build_parser() -> argparse.ArgumentParser:
                    help="require this Bearer key on /v1/* (passed to the frontend in its environment, not argv)")
     p.add_argument("--cors-allow-origin", action="append", default=[], metavar="ORIGIN",
                    help="passed to the frontend: browser origins allowed to call the API (repeatable; * = any)")
-    p.add_argument("--extra-frontend-arg", action="append", default=[], metavar="ARG",
-                   help="one more argument for the frontend, e.g. --extra-frontend-arg=--max-tokens-limit=400 "
-                        "(repeatable)")
     p.add_argument("--dry-run", action="store_true", help="print the rendered configs and exit")
     return p
 
@@ -428,7 +425,7 @@ class Launcher:
             cmd += ["--allowed-local-media-path", folder]
         for origin in a.cors_allow_origin:
             cmd += ["--cors-allow-origin", origin]
-        return cmd + list(a.extra_frontend_arg)
+        return cmd
 
     def _start_frontend(self) -> None:
         cmd = self._frontend_command()

@@ -1,0 +1,63 @@
+"""Faults, against the deployment as it runs in production (``scripts/reliability/faults.py``
+runs every kind of kill and writes the figures for ``docs/reliability.md``):
+
+* the launcher's stack (tritonserver + frontend, supervised); ``kill -9`` of the ``chroma_lm``
+  model process while requests run: those requests fail with a clear 503 (or, for streams that had
+  started, an in-band ``service_unavailable`` event and ``[DONE]``), ``/health`` says 503, the
+  launcher restarts tritonserver, ``/health`` says 200 again and requests are served, by the same
+  frontend process;
+* a frontend started before Triton: 503 (health and requests) while Triton is away, then serves.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+from chroma_triton.serving.tritonserver import TritonServerError, find_tritonserver
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts" / "reliability"))
+
+from faults import LaunchedStack, failed_clearly, frontend_before_triton, kill_during_requests  # noqa: E402
+
+pytestmark = pytest.mark.triton
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _triton():
+    try:
+        find_tritonserver()
+    except TritonServerError as exc:
+        pytest.skip(f"no tritonserver: {exc}")
+
+
+def test_killed_model_process_fails_requests_clearly_and_the_service_recovers(tmp_path):
+    stack = LaunchedStack(tmp_path / "launcher").start()
+    try:
+        result = kill_during_requests(stack, "stub:chroma_lm", in_flight=4, max_tokens=1000)
+    finally:
+        stack.stop()
+    log = stack.log_path.read_text(errors="replace")
+    outcomes = result["in_flight_outcomes"]
+    assert result["in_flight_failed_clearly"] == 4, outcomes
+    assert any(o["status"] == 503 for o in outcomes) and any(o["status"] == 200 for o in outcomes), outcomes
+    assert result["health_503_after_s"] is not None and result["health_503_after_s"] < 10, (result, log[-3000:])
+    assert result["health_200_again_after_s"] is not None, (result, log[-3000:])
+    assert result["tritonserver_restarted"] and not result["frontend_restarted"], result
+    assert result["request_after_recovery"] == 200, (result, log[-3000:])
+    assert "model process(es) died: chroma_lm" in log, log[-3000:]
+    assert stack.proc.returncode == 0, log[-3000:]  # and it stops cleanly
+
+
+def test_frontend_started_before_triton_reports_not_ready_then_serves(tmp_path):
+    result = frontend_before_triton(tmp_path)
+    before = result["before_triton"]
+    assert before["health"] == 503 and before["health_body"]["status"] == "unhealthy", result
+    assert "unreachable" in before["health_body"]["detail"], result
+    assert failed_clearly(before["chat"]) and "is tritonserver running?" in before["chat"]["message"], result
+    assert result["frontend_healthy_after_triton_ready_s"] is not None, result
+    assert result["frontend_healthy_after_triton_ready_s"] < 10, result  # reconnects within the 2 s backoff cap
+    assert result["after_triton"]["chat"]["status"] == 200, result
+    assert result["frontend_pid_unchanged"], result
