@@ -16,7 +16,6 @@ past the model check; the stack runs with ``--max-tokens-limit 40`` so that the 
 from __future__ import annotations
 
 import argparse
-import base64
 import collections
 import json
 import os

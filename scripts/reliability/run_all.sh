@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The full reliability measurements of docs/reliability.md, one after the other (each starts and
-# stops its own servers on free loopback ports; about 10-15 minutes on 2 CPU cores):
+# stops its own servers on free loopback ports; about 5 minutes on 2 otherwise idle CPU cores):
 #   fuzz  - schemathesis, every operation, >= 500 cases       -> $OUT/fuzz.json
 #   soak  - 200 concurrent streams x 3 rounds, 30% hang up     -> $OUT/soak.json
 #   faults - kill -9 of each model process and of tritonserver -> $OUT/faults.json
