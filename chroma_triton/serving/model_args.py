@@ -69,6 +69,15 @@ def resolve_checkpoint(model_path: str, who: str) -> str:
     return str(demo_checkpoint())
 
 
+def load_model_parts(a: "ModelArgs", parts: set[str]):
+    """(checkpoint path, the `parts` a Triton model needs), loaded on the model's device from its
+    `model_path` / `base_qwen_path` parameters (the demo checkpoint when `model_path` is empty)."""
+    from ..model.loading import load_parts
+
+    path = resolve_checkpoint(a.str("model_path"), a.instance_name)
+    return path, load_parts(path, base_qwen_path=a.str("base_qwen_path") or None, parts=parts, device=a.device)
+
+
 def resolve_default_voice(value: str) -> tuple[Path, str]:
     """The default reference voice (audio file, transcript from the ``.txt`` beside it).
 

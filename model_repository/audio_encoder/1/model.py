@@ -3,7 +3,7 @@
 import triton_python_backend_utils as pb_utils
 
 from chroma_triton.serving import protocol as P
-from chroma_triton.serving.model_args import ModelArgs, configure_logging, resolve_checkpoint, resolve_default_voice
+from chroma_triton.serving.model_args import ModelArgs, configure_logging, load_model_parts, resolve_default_voice
 from chroma_triton.serving.triton_audio_encoder import AudioEncoderService, EncoderInput
 
 
@@ -15,12 +15,8 @@ def _input(request, name):
 class TritonPythonModel:
     def initialize(self, args):
         configure_logging()
-        from chroma_triton.model.loading import load_parts
-
         a = ModelArgs.from_triton(args)
-        path = resolve_checkpoint(a.str("model_path"), a.instance_name)
-        parts = load_parts(path, base_qwen_path=a.str("base_qwen_path") or None,
-                           parts={"audio_tower", "codec"}, device=a.device)
+        path, parts = load_model_parts(a, {"audio_tower", "codec"})
         voice_path, transcript = resolve_default_voice(a.str("default_voice"))
         self.service = AudioEncoderService(parts, (voice_path.read_bytes(), transcript),
                                            voice_cache_size=a.int("voice_cache_size", 256))

@@ -8,7 +8,7 @@ import triton_python_backend_utils as pb_utils
 
 from chroma_triton.serving import protocol as P
 from chroma_triton.serving.cancel_board import CancelBoard
-from chroma_triton.serving.model_args import ModelArgs, configure_logging, resolve_checkpoint, thinker_backend
+from chroma_triton.serving.model_args import ModelArgs, configure_logging, load_model_parts, thinker_backend
 from chroma_triton.serving.triton_lm import LMInput, LMService, engine_options
 
 log = logging.getLogger("chroma_triton.chroma_lm")
@@ -30,13 +30,9 @@ class TritonPythonModel:
         backend = thinker_backend(a.str("thinker_backend", "auto"))  # fails clearly for unknown values
         import torch
 
-        from chroma_triton.model.loading import load_parts
-
         if a.device.startswith("cuda"):
             torch.cuda.set_device(torch.device(a.device))
-        path = resolve_checkpoint(a.str("model_path"), a.instance_name)
-        parts = load_parts(path, base_qwen_path=a.str("base_qwen_path") or None,
-                           parts={"thinker", "frame_model", "tokenizer"}, device=a.device)
+        path, parts = load_model_parts(a, {"thinker", "frame_model", "tokenizer"})
         self.args = a
         options = engine_options(a.int)
         options.thinker_backend = backend

@@ -5,7 +5,7 @@ import triton_python_backend_utils as pb_utils
 
 from chroma_triton.serving import protocol as P
 from chroma_triton.serving.cancel_board import CancelBoard
-from chroma_triton.serving.model_args import ModelArgs, configure_logging, resolve_checkpoint
+from chroma_triton.serving.model_args import ModelArgs, configure_logging, load_model_parts
 from chroma_triton.serving.triton_codec import CodecService
 
 
@@ -17,11 +17,8 @@ def _input(request, name):
 class TritonPythonModel:
     def initialize(self, args):
         configure_logging()
-        from chroma_triton.model.loading import load_parts
-
         a = ModelArgs.from_triton(args)
-        path = resolve_checkpoint(a.str("model_path"), a.instance_name)
-        parts = load_parts(path, base_qwen_path=a.str("base_qwen_path") or None, parts={"codec"}, device=a.device)
+        path, parts = load_model_parts(a, {"codec"})
         self.service = CodecService(parts.codec)
         self.board = CancelBoard()
         print(f"[{a.instance_name}] ready on {a.device}: {path}", flush=True)
