@@ -142,6 +142,38 @@ def time_codec(parts, device, chunk=10, context=12, reps=20) -> dict:
     return {"chunk_frames": chunk, "context_frames": context, "ms_per_chunk": (time.perf_counter() - t) / reps * 1000}
 
 
+def profile_kernels(parts, template, frames: int, top: int = 25) -> dict:
+    """Kernels of `frames` eager batch-1 frames (the same kernels a CUDA graph replays), grouped by name."""
+    from torch.profiler import ProfilerActivity, profile
+
+    eng = ChromaEngine(parts, EngineOptions(max_batch=1, thinker_max_len=512, backbone_max_len=768,
+                                            cuda_graphs=False)).start()
+    req = copy.deepcopy(template)
+    req.sampling = SamplingParams(seed=5, max_tokens=frames + 8)
+    stream = eng.submit(req)
+    got = 0
+    for ev in stream:  # let it start (prefill, first frames) before profiling steady decoding
+        if isinstance(ev, AudioChunk):
+            got += len(ev.codes) - ev.context_frames
+            if got >= 4:
+                break
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        before = eng.counters["frames"]
+        for ev in stream:
+            pass
+        sync(parts.device)
+        done = eng.counters["frames"] - before
+    eng.shutdown()
+    rows = [(e.key, e.count, e.device_time_total) for e in prof.key_averages()
+            if e.device_time_total > 0 and e.count > 0]
+    total_n = sum(r[1] for r in rows)
+    total_us = sum(r[2] for r in rows)
+    rows.sort(key=lambda r: -r[2])
+    return {"frames": done, "kernels_per_frame": total_n / max(done, 1), "gpu_us_per_frame": total_us / max(done, 1),
+            "top": [{"kernel": k[:120], "per_frame": n / max(done, 1), "us_per_frame": us / max(done, 1)}
+                    for k, n, us in rows[:top]]}
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--model")
@@ -153,6 +185,8 @@ def main():
     ap.add_argument("--baseline-frames", type=int, default=30)
     ap.add_argument("--thinker-max-len", type=int, default=512)
     ap.add_argument("--backbone-max-len", type=int, default=768)
+    ap.add_argument("--pacing", default="on,off", help="admission pacing modes to run each level with")
+    ap.add_argument("--profile-frames", type=int, default=0, help="profile N eager batch-1 frames (CUDA kernels)")
     ap.add_argument("--out", default="bench_engine.json")
     args = ap.parse_args()
     device = torch.device(args.device)
@@ -186,32 +220,39 @@ def main():
         print("graph_vs_eager", report["graph_vs_eager"], flush=True)
     engine = ChromaEngine(parts, EngineOptions(max_batch=max(levels), thinker_max_len=args.thinker_max_len,
                                                backbone_max_len=args.backbone_max_len)).start()
+    report["capacity"] = engine.capacity.describe()
     report["levels"] = []
     for c in levels:
         run_level(engine, template, c, args.frames)  # warm-up: captures this level's graphs
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
-        r = run_level(engine, template, c, args.frames)
-        if device.type == "cuda":
-            r["gpu_mem_peak_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
-            r["gpu_mem_reserved_gib"] = torch.cuda.memory_reserved(device) / 2**30
-        r["speedup_vs_naive_per_stream"] = report["baseline_naive"]["ms_per_frame"] / r["ms_per_frame_p50"]
-        report["levels"].append(r)
-        print(json.dumps(r), flush=True)
+        for mode in args.pacing.split(","):
+            engine.opts.admission_pacing = mode == "on"
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+            r = run_level(engine, template, c, args.frames)
+            r["pacing"] = mode
+            if device.type == "cuda":
+                r["gpu_mem_peak_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+                r["gpu_mem_reserved_gib"] = torch.cuda.memory_reserved(device) / 2**30
+            r["speedup_vs_naive_per_stream"] = report["baseline_naive"]["ms_per_frame"] / r["ms_per_frame_p50"]
+            report["levels"].append(r)
+            print(json.dumps(r), flush=True)
     report["graphs_captured"] = engine.stats()["graphs"]
     engine.shutdown()
     report["kv_cache_gib"] = (engine.thinker.cache.nbytes() + parts.frame_model.backbone_cache.nbytes()) / 2**30
     report["codec"] = time_codec(parts, device)
+    if args.profile_frames and device.type == "cuda":
+        report["profile_batch1"] = profile_kernels(parts, template, args.profile_frames)
+        print("profile", json.dumps(report["profile_batch1"], indent=1), flush=True)
     Path(args.out).write_text(json.dumps(report, indent=2))
     b = report["baseline_naive"]
     print(f"\n{report['device']} {report['dtype']} prompt {report['prompt_tokens']} tokens, {args.frames} frames/stream")
     print(f"naive reference loop (batch 1): {b['ms_per_frame']:.1f} ms/frame, RTF {b['rtf']:.3f}")
     e = report["engine_eager_c1"]
     print(f"engine eager (batch 1): {e['ms_per_frame_p50']:.1f} ms/frame, RTF {e['rtf_p50']:.3f}, TTFA {e['ttfa_ms_p50']:.0f} ms")
-    print("| streams | TTFA p50/p90/p99 ms | ms/frame p50 (worst) | RTF p50 | min real-time margin | underrun streams | audio s/s | x naive | GPU peak GiB |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| streams | pacing | TTFA p50/p90/p99 ms | ms/frame p50 (worst) | RTF p50 | min real-time margin | underrun streams | audio s/s | x naive | GPU peak GiB |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in report["levels"]:
-        print(f"| {r['concurrency']} | {r['ttfa_ms_p50']:.0f}/{r['ttfa_ms_p90']:.0f}/{r['ttfa_ms_p99']:.0f} | "
+        print(f"| {r['concurrency']} | {r['pacing']} | {r['ttfa_ms_p50']:.0f}/{r['ttfa_ms_p90']:.0f}/{r['ttfa_ms_p99']:.0f} | "
               f"{r['ms_per_frame_p50']:.2f} ({r['ms_per_frame_p99']:.2f}) | {r['rtf_p50']:.3f} | {r['realtime_margin_min']:.1f}x | "
               f"{r['underrun_streams']} | {r['audio_s_per_s']:.1f} | {r['speedup_vs_naive_per_stream']:.1f} | {r.get('gpu_mem_peak_gib', 0):.1f} |")
     print(f"codec: {report['codec']}; graphs captured: {report['graphs_captured']}; "

@@ -22,10 +22,12 @@ to the device in one packed copy and codes (+ thinker tokens) come back in one s
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import queue
-from collections import deque
 import threading
+import time
+from collections import deque
 from dataclasses import dataclass, field
 from functools import partial
 
@@ -34,10 +36,12 @@ import torch
 
 from ..errors import CapacityError, InvalidRequestError
 from ..model.frame_model import FrameModel, SamplingTensors
-from ..model.loading import ChromaParts, make_thinker
+from ..model.loading import ChromaParts, make_thinker, resolve_thinker_backend
 from ..model.thinker import Thinker, pad_batch
+from .capacity import GIB, kv_bytes_per_row, free_device_bytes, plan_rows
 from .detokenizer import IncrementalDetokenizer
 from .graphs import StepRunner, batch_buckets, bucket, length_buckets
+from .pacing import AdmissionPacer, StreamState
 from .request import AudioChunk, Finished, GenerationRequest, RequestFailed, RequestStream, SamplingParams, TextDelta
 
 log = logging.getLogger(__name__)
@@ -55,6 +59,11 @@ class EngineOptions:
     max_queue: int = 1024  # requests waiting for a row before submit() refuses
     max_prefills_per_step: int = 16  # requests prefilled together (one batched call) per step
     prefill_token_budget: int = 4096  # ...and their prompt tokens, so a burst does not stall running streams
+    admission_pacing: bool = True  # admit only what running streams can wait for (engine/pacing.py)
+    admission_margin_s: float = 0.1  # audio kept in hand at every listener when admitting
+    max_admission_wait_s: float = 5.0  # ...but never keep a waiting request out longer than this
+    kv_memory_fraction: float = 0.9  # on a GPU: share of free memory the KV caches may take (engine/capacity.py)
+    activation_reserve_gib: float = 4.0  # ...after keeping this much for activations and graph pools
     cuda_graphs: bool = True  # on CUDA: capture steps as graphs (ignored on CPU)
     key_bucket: int = 256  # key-length bucket of captured graphs
     thinker_backend: str = "torch"  # "auto" | "torch" | "sglang" (model.loading.make_thinker)
@@ -78,6 +87,7 @@ class _Active:
     last_codes: np.ndarray | None = None
     frames: list[np.ndarray] = field(default_factory=list)
     sent: int = 0  # frames already sent in chunks
+    first_chunk_at: float | None = None  # monotonic time the first chunk was sent
     finish: str | None = None
 
 
@@ -90,15 +100,14 @@ class ChromaEngine:
     def __init__(self, parts: ChromaParts, options: EngineOptions | None = None, thinker: Thinker | None = None):
         if parts.thinker_lm is None or parts.frame_model is None or parts.tokenizer is None:
             raise ValueError("the engine needs the thinker, frame_model and tokenizer parts")
-        self.opts = options or EngineOptions()
+        self.opts = dataclasses.replace(options or EngineOptions())
         self.cfg = parts.config
         self.device = parts.device
         self.special = parts.special
         self.default_top_k = parts.top_k
         self.tokenizer = parts.tokenizer
         self._owns_thinker = thinker is None
-        self.thinker: Thinker = thinker or make_thinker(parts, self.opts.thinker_backend, self.opts.max_batch,
-                                                        self.opts.thinker_max_len, **self.opts.thinker_options)
+        self.thinker: Thinker = self._make_thinker_and_size(parts, thinker)
         # optional hooks of thinkers that generate ahead (SGLangThinker): host-side wait before a
         # talking step, and release of a row whose request left
         self._prepare_decode = getattr(self.thinker, "prepare_decode", None)
@@ -113,13 +122,33 @@ class ChromaEngine:
         self._thinker_lens = length_buckets(self.opts.thinker_max_len, self.opts.key_bucket) if on_gpu else None
         self._backbone_lens = length_buckets(self.opts.backbone_max_len, self.opts.key_bucket) if on_gpu else None
         self._pending: queue.Queue[tuple[GenerationRequest, RequestStream] | None] = queue.Queue()
-        self._staged: deque = deque()  # taken off the queue while idle, admitted next
+        self._staged: deque = deque()  # taken off the queue, waiting for admission (queue order)
+        self.pacer = AdmissionPacer(self.opts.admission_margin_s, self.opts.max_admission_wait_s)
+        self._frame_s = self.cfg.frame_seconds
         self._active: list[_Active] = []  # _active[i].row == i
         self._global_step = 0
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.counters = {"admitted": 0, "finished": 0, "cancelled": 0, "failed": 0, "frames": 0, "steps": 0}
+
+    def _make_thinker_and_size(self, parts: ChromaParts, thinker: Thinker | None) -> Thinker:
+        """The thinker, and `opts.max_batch` lowered to the rows whose KV caches fit in memory.
+        A PyTorch thinker's cache counts per row and is allocated after sizing; another thinker
+        (SGLang, or one passed in) holds its own memory before free memory is measured."""
+        o = self.opts
+        torch_thinker = thinker is None and resolve_thinker_backend(o.thinker_backend, self.device) == "torch"
+        if thinker is None and not torch_thinker:
+            thinker = make_thinker(parts, o.thinker_backend, o.max_batch, o.thinker_max_len, **o.thinker_options)
+        dtype_bytes = parts.frame_model.backbone.codebook0_head.weight.element_size()
+        per_row = kv_bytes_per_row(self.cfg, o.thinker_max_len, o.backbone_max_len, dtype_bytes, torch_thinker)
+        self.capacity = plan_rows(o.max_batch, per_row, free_device_bytes(self.device), o.kv_memory_fraction,
+                                  int(o.activation_reserve_gib * GIB))
+        log.info("engine capacity: %s", self.capacity.describe())
+        o.max_batch = self.capacity.rows
+        if thinker is None:
+            thinker = make_thinker(parts, "torch", o.max_batch, o.thinker_max_len, **o.thinker_options)
+        return thinker
 
     # -- public API ---------------------------------------------------------------------------
     def start(self) -> "ChromaEngine":
@@ -145,7 +174,7 @@ class ChromaEngine:
             raise RuntimeError("engine not started: call start() first")
         req.sampling = req.sampling.validated(self.default_top_k, self.opts.max_frames)
         self._validate(req)
-        if self._pending.qsize() >= self.opts.max_queue:
+        if self._pending.qsize() + len(self._staged) >= self.opts.max_queue:
             raise CapacityError(f"server busy: {self.opts.max_queue} requests already waiting; retry later")
         stream = RequestStream(req.request_id)
         self._pending.put((req, stream))
@@ -154,8 +183,9 @@ class ChromaEngine:
     def stats(self) -> dict[str, int]:
         with self._lock:
             active = len(self._active)
-        return {"active": active, "queued": self._pending.qsize(), "free_rows": self.opts.max_batch - active,
-                "max_batch": self.opts.max_batch, "graphs": len(self.runner), **self.counters}
+        return {"active": active, "queued": self._pending.qsize() + len(self._staged),
+                "free_rows": self.opts.max_batch - active, "max_batch": self.opts.max_batch,
+                "requested_batch": self.capacity.requested, "graphs": len(self.runner), **self.counters}
 
     # -- validation ---------------------------------------------------------------------------
     def _validate(self, req: GenerationRequest) -> None:
@@ -191,10 +221,11 @@ class ChromaEngine:
                 self._retire()
                 if not self._active:
                     self._global_step = 0  # next step talks, so a new request is admitted at once
-                    item = self._pending.get()  # idle: block until work (or shutdown) arrives
-                    if item is None:
-                        continue
-                    self._staged.append(item)
+                    if not self._staged:
+                        item = self._pending.get()  # idle: block until work (or shutdown) arrives
+                        if item is None:
+                            continue
+                        self._staged.append(item)
                 self._step()
             except Exception as exc:  # a batched step failed: fail its requests, keep serving
                 log.exception("engine step failed")
@@ -205,9 +236,12 @@ class ChromaEngine:
         old = list(self._active)
         talk = talk_step and any(not a.thinker_done for a in old)  # else no thinker call at all
         tokens = states = None
+        t0 = time.perf_counter()
         if old:
             states, tokens = self._advance(old, talk)
+        t_prefill = time.perf_counter()
         new_states = self._admit() if talk_step else []
+        t_prefill = time.perf_counter() - t_prefill
         batch = self._active
         if not batch:
             return
@@ -227,6 +261,8 @@ class ChromaEngine:
                 self._on_text_token(a, a.thinker_token)
         for a in batch:
             self._on_frame(a, host[a.row, :k])
+        if old:
+            self.pacer.observe_step(time.perf_counter() - t0 - t_prefill)
         self._retire()
 
     # -- batched steps ------------------------------------------------------------------------
@@ -314,27 +350,42 @@ class ChromaEngine:
 
     # -- admission ----------------------------------------------------------------------------
     def _admit(self) -> list[torch.Tensor]:
-        """Prefill waiting requests, batched, into the next free rows; returns their backbone states."""
-        items, tokens = [], 0
-        while (len(self._active) + len(items) < self.opts.max_batch and len(items) < self.opts.max_prefills_per_step
-               and tokens < self.opts.prefill_token_budget):
+        """Prefill waiting requests, batched, into the next free rows; returns their backbone states.
+        How many: free rows, `max_prefills_per_step`, `prefill_token_budget`, and (pacing) what the
+        running streams can wait for."""
+        while True:  # everything queued joins the staged line, in order
             try:
-                item = self._staged.popleft() if self._staged else self._pending.get_nowait()
+                item = self._pending.get_nowait()
             except queue.Empty:
                 break
-            if item is None:  # shutdown wake-up
-                break
-            req, stream = item
-            if stream.cancelled:
+            if item is not None:  # None: shutdown wake-up
+                self._staged.append(item)
+        if any(stream.cancelled for _req, stream in self._staged):
+            for req, stream in [item for item in self._staged if item[1].cancelled]:
                 stream.put(Finished("cancelled", len(req.thinker_ids), 0, 0, ""))
                 self.counters["cancelled"] += 1
-                continue
-            items.append(item)
+            self._staged = deque(item for item in self._staged if not item[1].cancelled)
+        room = min(self.opts.max_batch - len(self._active), self.opts.max_prefills_per_step)
+        costs, tokens = [], 0
+        for req, _stream in list(self._staged)[:max(room, 0)]:
+            if costs and tokens >= self.opts.prefill_token_budget:
+                break
+            costs.append(self._prefill_tokens(req))
             tokens += len(req.thinker_ids)
+        n = len(costs)
+        if n and self.opts.admission_pacing and self._active:
+            waited = time.monotonic() - self._staged[0][1].submitted_at
+            n = self.pacer.how_many(costs, self._stream_states(), waited)
+        items = [self._staged.popleft() for _ in range(n)]
         if not items:
             return []
+        t0 = time.perf_counter()
         try:
-            return self._prefill(items)
+            states = self._prefill(items)
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            self.pacer.cost.observe(sum(costs[:n]), time.perf_counter() - t0)
+            return states
         except Exception:  # find the request that broke the batch: retry one by one
             log.warning("batched prefill of %d requests failed; retrying them one by one", len(items), exc_info=True)
         states = []
@@ -346,6 +397,23 @@ class ChromaEngine:
                 self.counters["failed"] += 1
                 stream.put(RequestFailed(f"could not start generation: {exc}"))
         return states
+
+    @staticmethod
+    def _prefill_tokens(req: GenerationRequest) -> int:
+        """Prompt positions a prefill computes: the thinker's and the backbone's."""
+        return len(req.thinker_ids) + len(req.prompt_text_ids) + len(req.prompt_codes) + 5
+
+    def _stream_states(self) -> list[StreamState]:
+        now = time.monotonic()
+        out = []
+        for a in self._active:
+            slack = None if a.first_chunk_at is None else a.first_chunk_at + a.sent * self._frame_s - now
+            out.append(StreamState(slack, max(self._chunk_target(a) - (len(a.frames) - a.sent), 0)))
+        return out
+
+    def _chunk_target(self, a: _Active) -> int:
+        """Frames the next chunk waits for: 2, 2, 4, 8, ... up to chunk_frames (first chunk small)."""
+        return self.opts.first_chunk_frames if a.sent == 0 else min(self.opts.chunk_frames, a.sent)
 
     def _prefill(self, items: list[tuple[GenerationRequest, RequestStream]]) -> list[torch.Tensor]:
         """Thinker and backbone prefill of `items` in rows len(active).. (one batched call each)."""
@@ -411,8 +479,7 @@ class ChromaEngine:
             return
         # chunk sizes grow with the audio already sent (2, 2, 4, 8, ... up to chunk_frames): the
         # first chunk comes fast, and each next one is due before the buffered audio runs out
-        want = self.opts.first_chunk_frames if a.sent == 0 else min(self.opts.chunk_frames, a.sent)
-        if len(a.frames) - a.sent >= want:
+        if len(a.frames) - a.sent >= self._chunk_target(a):
             self._send_chunk(a)
 
     def _send_chunk(self, a: _Active) -> None:
@@ -421,6 +488,8 @@ class ChromaEngine:
         ctx = min(self.opts.context_frames, a.sent)
         codes = np.stack(a.frames[a.sent - ctx:])
         a.stream.put(AudioChunk(codes=codes, context_frames=ctx, start_frame=a.sent))
+        if a.first_chunk_at is None:
+            a.first_chunk_at = time.monotonic()
         a.sent = len(a.frames)
 
     def _retire(self) -> None:

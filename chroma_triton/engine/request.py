@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import queue
 import threading
+import time
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -97,6 +98,7 @@ class RequestStream:
 
     def __init__(self, request_id: str):
         self.request_id = request_id
+        self.submitted_at = time.monotonic()
         self._queue: queue.Queue = queue.Queue()
         self._cancelled = threading.Event()
 

@@ -46,6 +46,15 @@ class ModelArgs:
         except ValueError:
             raise ValueError(f"model {self.name}: parameter {key}={value!r} must be an integer") from None
 
+    def float(self, key: str, default: float) -> float:
+        value = self.str(key)
+        if not value:
+            return default
+        try:
+            return float(value)
+        except ValueError:
+            raise ValueError(f"model {self.name}: parameter {key}={value!r} must be a number") from None
+
     def bool(self, key: str, default: bool) -> bool:
         value = self.str(key).lower()
         if not value:

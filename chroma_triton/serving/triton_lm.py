@@ -184,12 +184,17 @@ class _Relay:
         return out
 
 
-def engine_options(get_int, max_frames_default: int = 4000) -> EngineOptions:
-    """EngineOptions from config parameters (``get_int(key, default)``)."""
+_INT_OPTIONS = ("max_batch", "thinker_max_len", "backbone_max_len", "max_frames", "first_chunk_frames",
+                "chunk_frames", "context_frames", "max_queue", "max_prefills_per_step", "prefill_token_budget")
+_FLOAT_OPTIONS = ("admission_margin_s", "max_admission_wait_s", "kv_memory_fraction", "activation_reserve_gib")
+_BOOL_OPTIONS = ("admission_pacing", "cuda_graphs")
+
+
+def engine_options(args) -> EngineOptions:
+    """EngineOptions from a model's config parameters (``args.int/float/bool(key, default)``, as
+    ModelArgs has them); parameters left out keep EngineOptions' defaults."""
     d = EngineOptions()
-    kwargs = {}
-    for name in ("max_batch", "thinker_max_len", "backbone_max_len", "max_frames", "first_chunk_frames",
-                 "chunk_frames", "context_frames", "max_queue"):
-        if hasattr(d, name):
-            kwargs[name] = get_int(name, getattr(d, name))
+    kwargs = {name: args.int(name, getattr(d, name)) for name in _INT_OPTIONS}
+    kwargs.update({name: args.float(name, getattr(d, name)) for name in _FLOAT_OPTIONS})
+    kwargs.update({name: args.bool(name, getattr(d, name)) for name in _BOOL_OPTIONS})
     return EngineOptions(**kwargs)

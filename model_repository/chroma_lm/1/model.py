@@ -34,7 +34,7 @@ class TritonPythonModel:
             torch.cuda.set_device(torch.device(a.device))
         path, parts = load_model_parts(a, {"thinker", "frame_model", "tokenizer"})
         self.args = a
-        options = engine_options(a.int)
+        options = engine_options(a)
         options.thinker_backend = backend
         options.thinker_options = {"free_torch_thinker": True} if backend == "sglang" else {}
         self.service = LMService(parts, options)

@@ -1,0 +1,82 @@
+"""How many concurrent streams (cache rows) fit in the device's memory.
+
+Every row preallocates its KV caches at the engine's context lengths: the thinker's (unless SGLang
+holds the thinker's cache), the backbone's and the depth decoder's. On a GPU the engine asks for
+`max_batch` rows but takes only as many as fit in `kv_memory_fraction` of the memory that is free
+once the weights are loaded, after keeping `activation_reserve_gib` for activations, prefill
+workspaces and CUDA-graph pools. Requests beyond the rows wait in the queue; they never make the
+server run out of memory mid-reply.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+
+from ..config import ChromaConfig, TrunkConfig
+
+log = logging.getLogger(__name__)
+
+GIB = 1 << 30
+
+
+def trunk_kv_bytes(trunk: TrunkConfig, positions: int, dtype_bytes: int) -> int:
+    """K and V of one row: layers x kv_heads x positions x head_dim, twice."""
+    return 2 * trunk.num_layers * trunk.num_kv_heads * positions * trunk.head_dim * dtype_bytes
+
+
+def kv_bytes_per_row(cfg: ChromaConfig, thinker_max_len: int, backbone_max_len: int, dtype_bytes: int,
+                     thinker_cache: bool = True) -> int:
+    decoder_positions = cfg.num_codebooks  # the backbone state, then codebooks 0..K-2
+    total = trunk_kv_bytes(cfg.backbone.trunk, backbone_max_len, dtype_bytes)
+    total += trunk_kv_bytes(cfg.decoder.trunk, decoder_positions, dtype_bytes)
+    if thinker_cache:
+        total += trunk_kv_bytes(cfg.thinker.text, thinker_max_len, dtype_bytes)
+    return total
+
+
+@dataclass(frozen=True)
+class CapacityPlan:
+    rows: int  # rows the engine allocates
+    requested: int  # max_batch asked for
+    per_row_bytes: int
+    free_bytes: int | None  # device memory free before the caches (None: not measured, CPU)
+    budget_bytes: int | None  # what the caches may take
+
+    def describe(self) -> str:
+        per_row = f"{self.per_row_bytes / (1 << 20):.1f} MiB of KV per stream"
+        if self.free_bytes is None:
+            return f"{self.rows} streams ({per_row}; not sized from memory on this device)"
+        limited = " (limited by memory)" if self.rows < self.requested else ""
+        return (f"{self.rows} of {self.requested} requested streams{limited}: {per_row}, "
+                f"{self.free_bytes / GIB:.1f} GiB free, {self.budget_bytes / GIB:.1f} GiB for KV caches")
+
+
+def plan_rows(requested: int, per_row_bytes: int, free_bytes: int | None, fraction: float,
+              reserve_bytes: int) -> CapacityPlan:
+    """Rows to allocate: `requested`, or fewer when `free_bytes` (None: do not size) cannot hold them."""
+    if requested < 1:
+        raise ValueError(f"max_batch must be >= 1, got {requested}")
+    if not 0 < fraction <= 1:
+        raise ValueError(f"kv_memory_fraction must lie in (0, 1], got {fraction}")
+    if free_bytes is None:
+        return CapacityPlan(requested, requested, per_row_bytes, None, None)
+    budget = max(0, int(free_bytes * fraction) - reserve_bytes)
+    fit = budget // max(per_row_bytes, 1)
+    if fit < 1:
+        raise MemoryError(
+            f"not enough device memory for one stream: each needs {per_row_bytes / GIB:.2f} GiB of KV cache "
+            f"(thinker_max_len / backbone_max_len set its size), but only {budget / GIB:.2f} GiB of the "
+            f"{free_bytes / GIB:.2f} GiB free may be used (kv_memory_fraction {fraction}, "
+            f"activation reserve {reserve_bytes / GIB:.1f} GiB); shorten the contexts or free the GPU")
+    return CapacityPlan(min(requested, fit), requested, per_row_bytes, free_bytes, budget)
+
+
+def free_device_bytes(device: torch.device) -> int | None:
+    """Free memory of a CUDA device (what the caching allocator holds unused counts as free); None elsewhere."""
+    if device.type != "cuda":
+        return None
+    free, _total = torch.cuda.mem_get_info(device)
+    return int(free) + int(torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device))

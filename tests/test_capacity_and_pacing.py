@@ -1,0 +1,129 @@
+"""Engine capacity (KV rows sized from free memory) and admission pacing (engine/pacing.py)."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+
+from chroma_triton.engine import ChromaEngine, EngineOptions, Finished, SamplingParams
+from chroma_triton.engine.capacity import GIB, kv_bytes_per_row, plan_rows
+from chroma_triton.engine.pacing import AdmissionPacer, PrefillCost, StreamState
+from chroma_triton.pipeline import ChromaPipeline
+
+
+# -- capacity -----------------------------------------------------------------------------------
+
+def test_per_row_bytes_match_the_caches_the_engine_allocates(tiny_checkpoint):
+    pipe = ChromaPipeline.from_pretrained(tiny_checkpoint, options=EngineOptions(max_batch=3, thinker_max_len=96,
+                                                                                 backbone_max_len=80))
+    try:
+        eng = pipe.engine
+        frames = pipe.parts.frame_model
+        allocated = eng.thinker.cache.nbytes() + frames.backbone_cache.nbytes() + frames.decoder_cache.nbytes()
+        dtype_bytes = frames.backbone.codebook0_head.weight.element_size()
+        assert allocated == 3 * kv_bytes_per_row(pipe.parts.config, 96, 80, dtype_bytes)
+        assert eng.capacity.rows == 3 and eng.capacity.free_bytes is None  # the CPU is not sized
+        assert eng.stats()["requested_batch"] == 3
+    finally:
+        pipe.close()
+
+
+def test_rows_are_limited_by_free_memory():
+    per_row = 300 << 20
+    plan = plan_rows(256, per_row, free_bytes=70 * GIB, fraction=0.9, reserve_bytes=4 * GIB)
+    assert plan.rows == int((70 * GIB * 0.9 - 4 * GIB) // per_row) < 256
+    assert "limited by memory" in plan.describe()
+    roomy = plan_rows(8, per_row, free_bytes=70 * GIB, fraction=0.9, reserve_bytes=4 * GIB)
+    assert roomy.rows == 8 and "limited" not in roomy.describe()
+
+
+def test_too_little_memory_for_one_stream_is_a_clear_error():
+    with pytest.raises(MemoryError, match="not enough device memory for one stream.*thinker_max_len"):
+        plan_rows(4, 2 * GIB, free_bytes=5 * GIB, fraction=0.9, reserve_bytes=4 * GIB)
+    with pytest.raises(ValueError, match="kv_memory_fraction"):
+        plan_rows(4, 1, free_bytes=5 * GIB, fraction=1.5, reserve_bytes=0)
+    with pytest.raises(ValueError, match="max_batch"):
+        plan_rows(0, 1, free_bytes=None, fraction=0.9, reserve_bytes=0)
+
+
+# -- pacing -------------------------------------------------------------------------------------
+
+def test_prefill_cost_fits_overhead_and_per_token_cost():
+    cost = PrefillCost()
+    assert not cost.known and cost.estimate(100) == 0.0
+    cost.observe(100, 0.030)
+    assert cost.estimate(200) == pytest.approx(0.060)  # one size seen: proportional
+    cost = PrefillCost()
+    for tokens in (100, 400, 1600, 100, 800):
+        cost.observe(tokens, 0.010 + 0.0001 * tokens)
+    assert cost.estimate(1000) == pytest.approx(0.110, rel=1e-6)
+    assert cost.estimate(0) == pytest.approx(0.010, rel=1e-6)
+
+
+def pacer_with(step_s=0.03, per_token=0.001):
+    p = AdmissionPacer(margin_s=0.1, max_wait_s=5.0)
+    p.observe_step(step_s)
+    p.cost.observe(100, 100 * per_token)
+    return p
+
+
+def test_pacer_admits_everything_when_no_listener_is_waiting_for_audio():
+    p = pacer_with()
+    assert p.how_many([100] * 5, [], 0.0) == 5
+    assert p.how_many([100] * 5, [StreamState(None, 2)], 0.0) == 5  # nobody has audio yet
+    assert p.how_many([], [StreamState(1.0, 0)], 0.0) == 0
+
+
+def test_pacer_admits_what_the_tightest_stream_can_wait_for():
+    p = pacer_with(step_s=0.03, per_token=0.001)  # 100 tokens = 0.1 s of prefill
+    roomy = StreamState(slack_s=2.0, frames_missing=0)
+    # tight: 0.5 s of audio left, 2 frames (0.06 s) still to generate, 0.1 s margin -> 0.34 s allowance
+    tight = StreamState(slack_s=0.5, frames_missing=2)
+    assert p.allowance([roomy, tight]) == pytest.approx(0.34)
+    assert p.how_many([100] * 10, [roomy, tight], 0.0) == 3
+    assert p.how_many([100] * 10, [roomy], 0.0) == 10
+    starving = StreamState(slack_s=0.05, frames_missing=1)
+    assert p.how_many([100] * 10, [roomy, starving], 0.0) == 0
+    # ...unless the head of the queue has waited too long: then one goes in regardless
+    assert p.how_many([100] * 10, [roomy, starving], 5.0) == 1
+
+
+def test_pacer_without_a_cost_estimate_admits_the_batch():
+    p = AdmissionPacer()
+    assert math.isfinite(p.allowance([StreamState(0.2, 1)]))
+    assert p.how_many([50, 50], [StreamState(0.2, 1)], 0.0) == 2
+
+
+def test_paced_engine_admits_a_burst_and_finishes_every_request(tiny_checkpoint, question_wav, ref_voice):
+    """Requests arriving while others play are all admitted (paced or forced by max_admission_wait_s)
+    and produce what they produce alone."""
+    pipe = ChromaPipeline.from_pretrained(tiny_checkpoint, options=EngineOptions(
+        max_batch=4, admission_pacing=True, admission_margin_s=0.0, max_admission_wait_s=0.5))
+    try:
+        content = [{"type": "audio", "audio": question_wav}, {"type": "text", "text": "Hello."}]
+        base = pipe.prepare([{"role": "user", "content": content}], ref_voice[0], ref_voice[1],
+                            SamplingParams(seed=3, max_tokens=24))
+        alone = _codes(pipe.engine.submit(copy.deepcopy(base)))
+        streams = []
+        for i in range(6):
+            req = copy.deepcopy(base)
+            streams.append(pipe.engine.submit(req))
+        results = [_codes(s) for s in streams]
+        assert all(r == alone for r in results)
+        stats = pipe.engine.stats()
+        assert stats["active"] == 0 and stats["queued"] == 0 and stats["admitted"] == 7
+    finally:
+        pipe.close()
+
+
+def _codes(stream):
+    frames, finished = [], None
+    for ev in stream:
+        if isinstance(ev, Finished):
+            finished = ev
+        elif hasattr(ev, "codes"):
+            frames += [tuple(f) for f in ev.codes[ev.context_frames:].tolist()]
+    assert finished is not None and finished.reason in ("stop", "length")
+    return frames
