@@ -67,7 +67,7 @@ def main():
                 delta = result.as_numpy("text")[0].decode()
                 print(delta, end="", flush=True)
                 text.append(delta)
-                audio.append(result.as_numpy("audio"))
+                audio.append(result.as_numpy("audio").reshape(-1))  # [1, samples] -> samples
                 finish = result.as_numpy("finish_reason")[0].decode()
                 if finish:
                     prompt_tokens, text_tokens, frames = result.as_numpy("usage").tolist()

@@ -59,7 +59,7 @@ def main():
             delta = event.get("text") or ""
             print(delta, end="", flush=True)
             text.append(delta)
-            audio.append(np.asarray(event.get("audio") or [], dtype=np.float32))
+            audio.append(np.asarray(event.get("audio") or [], dtype=np.float32).reshape(-1))  # [1, samples]
             if event.get("finish_reason"):
                 print(f"\n[finish: {event['finish_reason']}; usage {event.get('usage')}]")
 

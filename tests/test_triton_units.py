@@ -87,7 +87,8 @@ def test_relay_merges_text_into_chunks_and_flags_the_last():
     with pytest.raises(EngineError):
         _Relay(1).responses([RequestFailed("boom")])
     tensors = out[0].tensors(8, "k")
-    assert tensors["audio_codes"].shape == (0, 8) and tensors["usage"].dtype == np.int32
+    assert tensors["audio_codes"].shape == (1, 0, 8) and tensors["usage"].dtype == np.int32
+    assert tensors["context_frames"].shape == (1, 1) and tensors["stream_key"].shape == (1, 1)
 
 
 def test_cancel_board(tmp_path):

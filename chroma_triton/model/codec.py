@@ -41,6 +41,29 @@ class Codec:
         audio = self.mimi.decode(c).audio_values  # [1, 1, samples]
         return audio[0, 0].float().cpu().numpy()
 
+    @torch.inference_mode()
+    def decode_batch(self, chunks: list[tuple[np.ndarray, int]]) -> list[np.ndarray]:
+        """Decode several chunks (codes [context + new, K], context_frames) in one batched call;
+        returns each chunk's new samples, as `decode_chunk` would. Shorter chunks are padded on the
+        right: Mimi's decoder is causal, so padding after a chunk cannot change its samples."""
+        if not chunks:
+            return []
+        for codes, context in chunks:
+            if codes.ndim != 2 or codes.shape[1] != self.num_codebooks:
+                raise ValueError(f"codes must have shape [frames, {self.num_codebooks}], got {tuple(codes.shape)}")
+            if not 0 <= context <= len(codes):
+                raise ValueError(f"context_frames {context} outside 0..{len(codes)}")
+        longest = max(len(c) for c, _ in chunks)
+        if longest == 0:
+            return [np.zeros(0, dtype=np.float32) for _ in chunks]
+        batch = np.zeros((len(chunks), longest, self.num_codebooks), dtype=np.int64)
+        for i, (codes, _) in enumerate(chunks):
+            batch[i, : len(codes)] = codes
+        c = torch.from_numpy(batch).clamp_(0, self.codebook_size - 1).transpose(1, 2).to(self.device)
+        audio = self.mimi.decode(c).audio_values[:, 0].float().cpu().numpy()  # [B, samples]
+        fs = self.frame_size
+        return [np.ascontiguousarray(audio[i, context * fs: len(codes) * fs]) for i, (codes, context) in enumerate(chunks)]
+
     def decode_chunk(self, codes: np.ndarray, context_frames: int) -> np.ndarray:
         """Decode [context + new, K] codes and return only the new frames' samples."""
         if not 0 <= context_frames <= len(codes):

@@ -4,10 +4,12 @@ Measured with Triton 2.51: when a client cancels an ensemble request (gRPC
 ``stop_stream(cancel_requests=True)`` or a dropped connection), the ensemble scheduler marks the
 *next* composing requests it creates as cancelled, but the request already running in a
 decoupled step (``chroma_lm``) never sees ``is_cancelled()`` turn true, so it would keep its
-engine row until ``max_tokens``. Each response of ``chroma_lm`` does create a ``codec_decoder``
-request, and that one *is* flagged cancelled. So ``codec_decoder`` posts the stream's key
-(``stream_key``, a per-request id ``chroma_lm`` sends with every response) on this board, and
-``chroma_lm`` checks the board between engine events. Direct ``chroma_lm`` calls are cancelled
+engine row until ``max_tokens``. Each response of ``chroma_lm`` does create a ``stream_watch``
+request (a trivial model beside ``codec_decoder`` in the ensemble), and that one *is* flagged
+cancelled. So ``stream_watch`` posts the stream's key (``stream_key``, a per-request id
+``chroma_lm`` sends with every response) on this board, and ``chroma_lm`` checks the board
+between engine events. (``codec_decoder`` cannot do it: its dynamic batcher drops cancelled
+requests before they reach the model.) Direct ``chroma_lm`` calls are cancelled
 through ``response_sender.is_cancelled()`` as usual.
 
 The board is a folder of empty marker files shared by the stub processes of one tritonserver

@@ -203,14 +203,17 @@ class LMResponse:
     final: bool = False
 
     def tensors(self, num_codebooks: int, stream_key: str) -> dict[str, np.ndarray]:
+        """The response's output tensors. The three codec_decoder inputs carry a leading batch
+        dimension of 1: codec_decoder is a batching model (its dynamic batcher groups the chunks of
+        many streams into one decode)."""
         codes = self.codes if self.codes is not None else np.zeros((0, num_codebooks), np.int32)
         return {
             TEXT: bytes_tensor(self.text),
-            AUDIO_CODES: np.ascontiguousarray(codes, dtype=np.int32),
-            CONTEXT_FRAMES: np.array([self.context_frames], np.int32),
+            AUDIO_CODES: np.ascontiguousarray(codes, dtype=np.int32)[None],
+            CONTEXT_FRAMES: np.array([[self.context_frames]], np.int32),
             FINISH_REASON: bytes_tensor(self.finish_reason),
             USAGE: np.array(self.usage, np.int32),
-            STREAM_KEY: bytes_tensor(stream_key),
+            STREAM_KEY: bytes_tensor(stream_key)[None],
         }
 
     @property

@@ -15,22 +15,49 @@ import numpy as np
 from ..errors import InvalidRequestError
 from ..model.codec import Codec
 
+MAX_DECODE_BATCH = 64  # chunks decoded together (bounds activation memory)
+
 
 class CodecService:
     def __init__(self, codec: Codec):
         self.codec = codec
         self.num_codebooks = codec.num_codebooks
 
-    def decode(self, codes: np.ndarray, context_frames: int) -> np.ndarray:
+    def validate(self, codes: np.ndarray, context_frames: int) -> np.ndarray:
+        """One request's codes as [frames, K] int64 (a leading batch dimension of 1 is dropped)."""
         codes = np.asarray(codes)
         if codes.size == 0:
-            return np.zeros(0, np.float32)
+            return np.zeros((0, self.num_codebooks), np.int64)
         codes = codes.reshape(-1, codes.shape[-1])
         if codes.shape[1] != self.num_codebooks:
             raise InvalidRequestError(f"audio_codes must have {self.num_codebooks} columns, got {codes.shape[1]}", "audio_codes")
         if not 0 <= context_frames <= len(codes):
             raise InvalidRequestError(f"context_frames {context_frames} outside 0..{len(codes)}", "context_frames")
-        return np.ascontiguousarray(self.codec.decode_chunk(codes.astype(np.int64), context_frames), dtype=np.float32)
+        return codes.astype(np.int64)
+
+    def decode(self, codes: np.ndarray, context_frames: int) -> np.ndarray:
+        return self.decode_many([(codes, context_frames)])[0]
+
+    def decode_many(self, chunks: list[tuple[np.ndarray, int]]) -> list[np.ndarray | Exception]:
+        """Decode the chunks of several requests in one batched call; a chunk that fails
+        validation gets its exception in its place and does not stop the others."""
+        out: list[np.ndarray | Exception] = []
+        good: list[tuple[int, np.ndarray, int]] = []
+        for i, (codes, context) in enumerate(chunks):
+            try:
+                valid = self.validate(codes, context)
+            except InvalidRequestError as exc:
+                out.append(exc)
+                continue
+            out.append(np.zeros(0, np.float32))
+            if len(valid) > context:
+                good.append((i, valid, context))
+        for start in range(0, len(good), MAX_DECODE_BATCH):
+            part = good[start:start + MAX_DECODE_BATCH]
+            audio = self.codec.decode_batch([(codes, context) for _, codes, context in part])
+            for (i, _, _), samples in zip(part, audio):
+                out[i] = np.ascontiguousarray(samples, dtype=np.float32)
+        return out
 
 
 @dataclass

@@ -4,7 +4,6 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from chroma_triton.serving import protocol as P
-from chroma_triton.serving.cancel_board import CancelBoard
 from chroma_triton.serving.model_args import ModelArgs, configure_logging, load_model_parts
 from chroma_triton.serving.triton_codec import CodecService
 
@@ -20,25 +19,28 @@ class TritonPythonModel:
         a = ModelArgs.from_triton(args)
         path, parts = load_model_parts(a, {"codec"})
         self.service = CodecService(parts.codec)
-        self.board = CancelBoard()
         print(f"[{a.instance_name}] ready on {a.device}: {path}", flush=True)
 
     def execute(self, requests):
-        responses = []
-        for request in requests:
-            if request.is_cancelled():
-                # The client cancelled the ensemble request: tell chroma_lm (it cannot see it).
-                key = P.as_text(_input(request, P.STREAM_KEY), P.STREAM_KEY, "")
-                if key:
-                    self.board.post(key)
-                responses.append(pb_utils.InferenceResponse(
-                    output_tensors=[pb_utils.Tensor(P.AUDIO, np.zeros(0, np.float32))]))
-                continue
+        # The dynamic batcher hands over the chunks of several streams: decode them in one call.
+        responses = [None] * len(requests)
+        chunks, slots = [], []
+        for i, request in enumerate(requests):
             try:
                 codes = _input(request, P.AUDIO_CODES)
                 context = int(P.as_scalar(_input(request, P.CONTEXT_FRAMES), P.CONTEXT_FRAMES) or 0)
-                audio = self.service.decode(codes, context)
-                responses.append(pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor(P.AUDIO, audio)]))
             except Exception as exc:  # noqa: BLE001
-                responses.append(pb_utils.InferenceResponse(error=pb_utils.TritonError(P.error_message(exc))))
+                responses[i] = pb_utils.InferenceResponse(error=pb_utils.TritonError(P.error_message(exc)))
+                continue
+            chunks.append((codes, context))
+            slots.append(i)
+        try:
+            decoded = self.service.decode_many(chunks)
+        except Exception as exc:  # noqa: BLE001 - the batched decode failed: every chunk in it fails
+            decoded = [exc] * len(chunks)
+        for i, audio in zip(slots, decoded):
+            if isinstance(audio, Exception):
+                responses[i] = pb_utils.InferenceResponse(error=pb_utils.TritonError(P.error_message(audio)))
+            else:  # [1, samples]: this model batches, so its output keeps the request's batch dimension
+                responses[i] = pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor(P.AUDIO, audio[None])])
         return responses
