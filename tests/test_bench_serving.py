@@ -4,8 +4,10 @@ complete and internally consistent; no timing thresholds (the numbers depend on 
 
 from __future__ import annotations
 
+import base64
 import json
 import math
+import struct
 import subprocess
 import sys
 from pathlib import Path
@@ -78,3 +80,41 @@ def test_bench_serving_against_the_stack(tmp_path):
         assert 0 <= lv["underrun_streams"] <= c
         assert lv["gpu_mem_peak_mib"] is None or all(v >= 0 for v in lv["gpu_mem_peak_mib"].values())
         assert math.isfinite(lv["client_loop_lag_ms_max"])
+
+
+def test_perf_analyzer_recipe_inputs(tmp_path):
+    """scripts/perf_analyzer.sh with a stand-in binary: the input data is the README request in
+    Triton's serialized BYTES form, the arguments ask for gRPC streaming, the export is summarized."""
+    fake = tmp_path / "perf_analyzer"
+    fake.write_text("#!/bin/sh\n"
+                    "[ \"$1\" = --version ] && { echo 'Perf Analyzer Version fake'; exit 0; }\n"
+                    f"echo \"$@\" >> {tmp_path}/args\n"
+                    "while [ $# -gt 0 ]; do [ \"$1\" = --profile-export-file ] && "
+                    "echo '{\"experiments\":[{\"requests\":[{\"timestamp\":0,\"response_timestamps\":[2000000,9000000]}]}]}' > \"$2\"; "
+                    "shift; done\n")
+    fake.chmod(0o755)
+    out = tmp_path / "pa"
+    proc = subprocess.run(["bash", str(ROOT / "scripts" / "perf_analyzer.sh"), "-u", "h:1", "-c", "1 3", "-n", "7",
+                           "-o", str(out), "--", "--collect-metrics"], capture_output=True, text=True, timeout=120,
+                          env={"PATH": "/usr/bin:/bin", "PERF_ANALYZER": str(fake), "CHROMA_PYTHON": sys.executable})
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "first response ms p50/p90/p99 2/2/2; last response ms 9/9/9" in proc.stdout
+    calls = (tmp_path / "args").read_text().splitlines()
+    assert len(calls) == 2 and all("-m chroma -i grpc -u h:1 --streaming" in c and c.endswith("--collect-metrics")
+                                   for c in calls)
+    assert "--concurrency-range 3:3" in calls[1] and "--measurement-request-count 6" in calls[1]
+    data = json.loads((out / "input_data.json").read_text())["data"]
+    assert [d["seed"]["content"] for d in data] == [[s] for s in range(8)]
+
+    def unpack(tensor) -> bytes:
+        raw = base64.b64decode(tensor["b64"])
+        (n,) = struct.unpack("<I", raw[:4])
+        assert len(raw) == 4 + n and tensor["shape"] == [1]
+        return raw[4:]
+
+    first = data[0]
+    assert unpack(first["user_audio"]) == (ROOT / "assets" / "question_audio.wav").read_bytes()
+    assert unpack(first["prompt_audio"]) == (ROOT / "assets" / "ref_audio.wav").read_bytes()
+    assert unpack(first["prompt_text"]).decode() == (ROOT / "assets" / "ref_audio.txt").read_text().strip()
+    assert json.loads(unpack(first["messages"]))[0]["content"] == [{"type": "audio", "audio_index": 0}]
+    assert first["max_tokens"] == {"content": [7], "shape": [1]}
