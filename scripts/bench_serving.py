@@ -183,8 +183,8 @@ async def measure(args, targets: dict, baseline: dict | None) -> list[dict]:
 
 
 # -- report ------------------------------------------------------------------------------------
-def fmt(value, spec: str = ".0f", none: str = "–") -> str:
-    return none if value is None else format(value, spec)
+def fmt(value, spec: str = ".0f", suffix: str = "") -> str:
+    return "–" if value is None else format(value, spec) + suffix
 
 
 def print_table(report: dict, previous: dict | None) -> None:
@@ -204,13 +204,13 @@ def print_table(report: dict, previous: dict | None) -> None:
     for lv in report["levels"]:
         row = (f"| {lv['path']} | {lv['concurrency']} | {fmt(lv['ttfa_ms_p50'])}/{fmt(lv['ttfa_ms_p90'])}/"
                f"{fmt(lv['ttfa_ms_p99'])} | {fmt(lv['ms_per_frame_p50'], '.2f')} ({fmt(lv['ms_per_frame_worst'], '.2f')}) | "
-               f"{fmt(lv['rtf_p50'], '.3f')} | {fmt(lv['realtime_margin_min'], '.1f')}x | {lv['underrun_streams']} | "
+               f"{fmt(lv['rtf_p50'], '.3f')} | {fmt(lv['realtime_margin_min'], '.1f', 'x')} | {lv['underrun_streams']} | "
                f"{fmt(lv['audio_s_per_s'], '.1f')} | {fmt(lv.get('x_naive_per_stream_p50'), '.1f')} | "
                f"{fmt(lv.get('x_naive_aggregate'), '.1f')} | {lv['errors']} | {fmt(lv.get('gpu_mem_peak_gib_max'), '.1f')} |")
         if previous:
             old = before.get((lv["path"], lv["concurrency"]))
             ratio = lv["audio_s_per_s"] / old["audio_s_per_s"] if old and old.get("audio_s_per_s") else None
-            row += f" {fmt(ratio, '.2f')}x |"
+            row += f" {fmt(ratio, '.2f', 'x')} |"
         print(row)
     lag = max((lv["client_loop_lag_ms_max"] for lv in report["levels"]), default=0)
     print(f"client event-loop lag, worst: {lag:.0f} ms (large values mean the client, not the server, set the pace)")
