@@ -1,0 +1,186 @@
+"""The benchmark's two ways in, each one stream per request, many streams on one event loop.
+
+* frontend: ``POST /v1/chat/completions`` with ``"stream": true`` (the README's curl example:
+  question audio and reference voice by path, or inline as base64), read as server-sent events
+  with httpx; ``delta.audio.data`` is base64 PCM16, so samples = bytes / 2.
+* grpc: Triton's ``ModelStreamInfer`` on the ``chroma`` ensemble through tritonclient's generated
+  stub on a ``grpc.aio`` channel, asking for the empty final response so the end is explicit;
+  ``audio`` is float32 PCM.
+
+Both fill a :class:`~chroma_triton.bench.stats.StreamRecord`; neither raises for a failed
+request (the error is recorded).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import struct
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import numpy as np
+from tritonclient.grpc import InferResult, service_pb2, service_pb2_grpc
+
+from ..serving.protocol import ensemble_inputs, triton_dtype
+from .stats import StreamRecord
+
+ASSETS = Path(__file__).resolve().parents[2] / "assets"
+GRPC_OPTIONS = [("grpc.max_send_message_length", 2**31 - 1), ("grpc.max_receive_message_length", 2**31 - 1)]
+
+
+@dataclass(frozen=True)
+class Workload:
+    """The request every stream sends (only the seed differs): the README example."""
+
+    question: Path = ASSETS / "question_audio.wav"
+    voice: Path = ASSETS / "ref_audio.wav"
+    voice_text: str = (ASSETS / "ref_audio.txt").read_text().strip()
+    max_tokens: int = 100
+    temperature: float = 1.0
+    top_p: float = 1.0
+    inline_audio: bool = False  # frontend: base64 instead of the README's paths
+
+    def chat_body(self, seed: int) -> dict:
+        def audio(path: Path) -> str:
+            return base64.b64encode(path.read_bytes()).decode() if self.inline_audio else f"assets/{path.name}"
+
+        return {"model": "chroma", "stream": True, "stream_options": {"include_usage": True},
+                "messages": [{"role": "user", "content": [{"type": "audio", "audio": audio(self.question)}]}],
+                "prompt_text": self.voice_text, "prompt_audio": audio(self.voice),
+                "max_tokens": self.max_tokens, "temperature": self.temperature, "top_p": self.top_p, "seed": seed}
+
+    def ensemble_arrays(self, seed: int) -> dict[str, np.ndarray]:
+        return ensemble_inputs([{"role": "user", "content": [{"type": "audio", "audio_index": 0}]}],
+                               user_audio=[self.question.read_bytes()], prompt_audio=self.voice.read_bytes(),
+                               prompt_text=self.voice_text, max_tokens=self.max_tokens,
+                               temperature=self.temperature, top_p=self.top_p, seed=seed)
+
+
+# -- frontend (HTTP SSE) --------------------------------------------------------------------------
+async def sse_stream(client, base_url: str, body: dict, rec: StreamRecord) -> None:
+    """One streamed chat completion; ``client`` is an ``httpx.AsyncClient``."""
+    try:
+        async with client.stream("POST", f"{base_url}/v1/chat/completions", json=body) as resp:
+            if resp.status_code != 200:
+                text = (await resp.aread()).decode(errors="replace")
+                rec.error = f"HTTP {resp.status_code}: {' '.join(text.split())[:300]}"
+                return
+            async for line in resp.aiter_lines():
+                if not line.startswith("data:"):
+                    continue
+                now = time.perf_counter()
+                data = line[5:].strip()
+                if data == "[DONE]":
+                    break
+                _sse_event(json.loads(data), now, rec)
+                if rec.error:
+                    break
+    except Exception as exc:  # noqa: BLE001 - recorded, the level goes on
+        rec.error = f"{type(exc).__name__}: {exc}"
+    finally:
+        rec.done = time.perf_counter()
+
+
+def _sse_event(event: dict, now: float, rec: StreamRecord) -> None:
+    if "error" in event:
+        rec.error = f"stream error: {event['error'].get('message', event['error'])}"
+        return
+    usage = event.get("usage")
+    if usage:
+        rec.usage_frames = (usage.get("completion_tokens_details") or {}).get("audio_tokens")
+    for choice in event.get("choices") or []:
+        delta = choice.get("delta") or {}
+        audio = delta.get("audio") or {}
+        if audio.get("data"):
+            rec.add_audio(now, len(base64.b64decode(audio["data"])) // 2)
+        rec.text_chars += len(delta.get("content") or "")
+        if choice.get("finish_reason"):
+            rec.finish_reason = choice["finish_reason"]
+
+
+# -- Triton gRPC --------------------------------------------------------------------------------
+def infer_request(arrays: dict[str, np.ndarray], request_id: str, model: str = "chroma") -> service_pb2.ModelInferRequest:
+    msg = service_pb2.ModelInferRequest(model_name=model, id=request_id)
+    msg.parameters["triton_enable_empty_final_response"].bool_param = True
+    for name, array in arrays.items():
+        tensor = msg.inputs.add()
+        tensor.name, tensor.datatype = name, triton_dtype(array)
+        tensor.shape.extend(array.shape)
+        if array.dtype == np.object_:
+            raw = b"".join(struct.pack("<I", len(item)) + bytes(item) for item in array.reshape(-1))
+        else:
+            raw = array.astype(array.dtype.newbyteorder("<")).tobytes()
+        msg.raw_input_contents.append(raw)
+    return msg
+
+
+class GrpcPool:
+    """A few ``grpc.aio`` channels (distinct connections), streams spread over them."""
+
+    def __init__(self, url: str, streams_per_channel: int = 64):
+        self.url, self.per_channel = url, streams_per_channel
+        self.channels: list[grpc.aio.Channel] = []
+
+    def stub(self, index: int) -> service_pb2_grpc.GRPCInferenceServiceStub:
+        k = index // self.per_channel
+        while len(self.channels) <= k:  # a distinct option keeps gRPC from sharing one connection
+            opts = GRPC_OPTIONS + [("chroma.bench.channel", len(self.channels))]
+            self.channels.append(grpc.aio.insecure_channel(self.url, options=opts))
+        return service_pb2_grpc.GRPCInferenceServiceStub(self.channels[k])
+
+    async def close(self) -> None:
+        for channel in self.channels:
+            await channel.close()
+        self.channels = []
+
+
+async def grpc_stream(stub, request: service_pb2.ModelInferRequest, rec: StreamRecord, timeout: float) -> None:
+    finished = asyncio.Event()
+
+    async def requests():
+        yield request
+        await finished.wait()  # keep our half open until the reply is complete
+
+    call = stub.ModelStreamInfer(requests(), timeout=timeout)
+    try:
+        async for response in call:
+            now = time.perf_counter()
+            if response.error_message:
+                rec.error = f"triton error: {' '.join(response.error_message.split())[:300]}"
+                break
+            reply = response.infer_response
+            if reply.outputs:
+                _grpc_outputs(InferResult(reply), now, rec)
+            final = reply.parameters.get("triton_final_response")
+            if final is not None and final.bool_param:
+                break
+        else:
+            rec.error = rec.error or "the stream ended before the final response"
+    except grpc.aio.AioRpcError as exc:
+        rec.error = f"gRPC {exc.code().name}: {' '.join((exc.details() or '').split())[:300]}"
+    except Exception as exc:  # noqa: BLE001
+        rec.error = f"{type(exc).__name__}: {exc}"
+    finally:
+        rec.done = time.perf_counter()
+        finished.set()
+        call.cancel()
+
+
+def _grpc_outputs(result: InferResult, now: float, rec: StreamRecord) -> None:
+    audio = result.as_numpy("audio")
+    if audio is not None:
+        rec.add_audio(now, int(audio.size))
+    text = result.as_numpy("text")
+    if text is not None and text.size:
+        rec.text_chars += len(bytes(text.reshape(-1)[0]).decode(errors="replace"))
+    finish = result.as_numpy("finish_reason")
+    reason = bytes(finish.reshape(-1)[0]).decode() if finish is not None and finish.size else ""
+    if reason:
+        rec.finish_reason = reason
+        usage = result.as_numpy("usage")
+        if usage is not None and usage.size >= 3:
+            rec.usage_frames = int(usage.reshape(-1)[2])

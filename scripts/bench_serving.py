@@ -1,0 +1,310 @@
+#!/usr/bin/env python3
+"""Serving benchmark: the whole stack, measured from outside, through the OpenAI frontend (HTTP SSE)
+and through Triton gRPC streaming, with the naive reference loop as the baseline in the same run.
+
+    # start the stack itself (launcher: tritonserver + frontend), a random checkpoint when no --model
+    python scripts/bench_serving.py --start --model /data/chroma-full --dp-size 1 --out serving.json
+    # or measure a running stack
+    python scripts/bench_serving.py --frontend-url http://localhost:8000 --grpc-url localhost:8001 \
+        --metrics-url http://localhost:8002/metrics --model /data/chroma-full
+
+Every stream sends the README's example (question audio + the reference voice, which the server's
+voice cache holds: it is the default voice, encoded at start-up, and the warm-up sends it too);
+each level sends all its streams at once (or spread over --ramp-s). Per level and path: TTFA
+p50/p90/p99, ms of wall time per 80 ms frame after the first chunk (-> RTF, real-time margin),
+playback underruns, aggregate audio seconds per second, errors, GPU memory (nvidia-smi) and
+Triton's metrics. Prints a markdown table last; --out has every number (docs/benchmarks.md
+"How to measure" explains them).
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+import tempfile
+import time
+from concurrent.futures import ProcessPoolExecutor
+from multiprocessing import get_context
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+from chroma_triton.bench.clients import GrpcPool, Workload, grpc_stream, infer_request, sse_stream  # noqa: E402
+from chroma_triton.bench.monitor import Monitor, per_request_us  # noqa: E402
+from chroma_triton.bench.stack import LaunchedStack  # noqa: E402
+from chroma_triton.bench.stats import FRAME_MS, StreamRecord, summarize  # noqa: E402
+
+PATHS = ("frontend", "grpc")
+
+
+# -- the naive baseline (scripts/bench_engine.py's time_reference), in a child process so its
+#    memory is gone before the stack is measured ----------------------------------------------
+def naive_baseline(model: str, device: str, frames: int) -> dict:
+    import torch
+
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import bench_engine
+    from chroma_triton.engine import EngineOptions
+    from chroma_triton.model.loading import load_parts
+    from chroma_triton.pipeline import ChromaPipeline
+
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    parts = load_parts(model, device=torch.device(device))
+    pipe = ChromaPipeline(parts, EngineOptions(max_batch=1, thinker_max_len=512, backbone_max_len=768))
+    template = bench_engine.make_request(pipe, 0, frames)
+    pipe.close()
+    dtype = parts.dtype
+    del pipe, parts
+    out = bench_engine.time_reference(model, torch.device(device), dtype, template, frames)
+    out.update(device=torch.cuda.get_device_name() if device.startswith("cuda") else "cpu",
+               dtype=str(dtype), prompt_tokens=len(template.thinker_ids))
+    return out
+
+
+def run_baseline(args, model: str | None) -> dict | None:
+    if args.baseline_frames <= 0:
+        return None
+    if not model:
+        print("no --model: the naive baseline is skipped (ratios need it)", flush=True)
+        return None
+    with ProcessPoolExecutor(1, mp_context=get_context("spawn")) as pool:
+        result = pool.submit(naive_baseline, model, args.baseline_device, args.baseline_frames).result()
+    print("naive baseline", json.dumps(result), flush=True)
+    return result
+
+
+# -- one level ---------------------------------------------------------------------------------
+class LoopLag:
+    """How late the event loop wakes up (a busy client would inflate every latency it measures)."""
+
+    def __init__(self, period: float = 0.01):
+        self.period, self.lags, self._task = period, [], None
+
+    async def _run(self):
+        while True:
+            t = time.perf_counter()
+            await asyncio.sleep(self.period)
+            self.lags.append((time.perf_counter() - t - self.period) * 1000)
+
+    def __enter__(self):
+        self._task = asyncio.get_running_loop().create_task(self._run())
+        return self
+
+    def __exit__(self, *exc):
+        self._task.cancel()
+
+    def summary(self) -> dict:
+        lags = sorted(self.lags) or [0.0]
+        return {"client_loop_lag_ms_p99": lags[int(0.99 * (len(lags) - 1))], "client_loop_lag_ms_max": lags[-1]}
+
+
+async def run_level(path: str, streams: int, args, targets: dict, workload: Workload, *, monitor: bool) -> dict:
+    seeds = [args.seed + i for i in range(streams)]
+    records = [StreamRecord(sent=0.0) for _ in seeds]
+    if path == "grpc":
+        pool = GrpcPool(targets["grpc"])
+        requests = [infer_request(workload.ensemble_arrays(s), f"bench-{streams}-{i}") for i, s in enumerate(seeds)]
+    else:
+        limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
+        client = httpx.AsyncClient(timeout=httpx.Timeout(args.request_timeout, connect=30), limits=limits,
+                                   trust_env=False)
+        bodies = [workload.chat_body(s) for s in seeds]
+
+    async def one(i: int) -> None:
+        if args.ramp_s > 0:
+            await asyncio.sleep(args.ramp_s * i / streams)
+        records[i].sent = time.perf_counter()
+        if path == "grpc":
+            await grpc_stream(pool.stub(i), requests[i], records[i], args.request_timeout)
+        else:
+            await sse_stream(client, targets["frontend"], bodies[i], records[i])
+
+    mon = Monitor(targets.get("metrics")) if monitor else None
+    if mon:
+        mon.start()
+    try:
+        with LoopLag() as lag:
+            started = time.perf_counter()
+            await asyncio.gather(*(one(i) for i in range(streams)))
+            finished = time.perf_counter()
+    finally:
+        if path == "grpc":
+            await pool.close()
+        else:
+            await client.aclose()
+    out = {"path": path, "concurrency": streams, **summarize(records, started, finished), **lag.summary()}
+    if mon:
+        server = mon.finish()
+        out.update(server)
+        out["audio_encoder_compute_us_per_request"] = per_request_us(server["triton_counters_delta"], "audio_encoder")
+        peak = server["gpu_mem_peak_mib"]
+        out["gpu_mem_peak_gib_max"] = max(peak.values()) / 1024 if peak else None
+    if args.keep_streams:
+        out["per_stream"] = [{"ttfa_ms": None if r.ttfa_s is None else r.ttfa_s * 1000, "ms_per_frame": r.ms_per_frame(),
+                              "underruns": r.underruns()[0], "samples": r.samples, "chunks": len(r.chunks),
+                              "usage_frames": r.usage_frames, "finish": r.finish_reason, "error": r.error}
+                             for r in records]
+    return out
+
+
+def add_ratios(level: dict, baseline: dict | None) -> None:
+    if not baseline or not level.get("ms_per_frame_p50"):
+        return
+    naive = baseline["ms_per_frame"]
+    level["x_naive_per_stream_p50"] = naive / level["ms_per_frame_p50"]
+    level["x_naive_per_stream_worst"] = naive / level["ms_per_frame_worst"]
+    naive_audio_s_per_s = FRAME_MS / naive  # one naive stream: 80 ms of audio every `naive` ms
+    level["x_naive_aggregate"] = level["audio_s_per_s"] / naive_audio_s_per_s
+
+
+async def measure(args, targets: dict, baseline: dict | None) -> list[dict]:
+    workload = Workload(max_tokens=args.max_tokens, inline_audio=args.inline_audio)
+    levels = []
+    for path in args.via:
+        warm = []
+        for _ in range(args.warmup):  # also fills the voice cache (content hash of prompt_audio)
+            warm.append(await run_level(path, 1, args, targets, workload, monitor=False))
+        print(f"{path}: warm-up TTFA ms {[round(w['ttfa_ms_p50'] or -1) for w in warm]}, "
+              f"errors {sum(w['errors'] for w in warm)}", flush=True)
+        for c in args.concurrency:
+            if args.level_warmup and c > 1:
+                await run_level(path, c, args, targets, workload, monitor=False)
+            level = await run_level(path, c, args, targets, workload, monitor=True)
+            add_ratios(level, baseline)
+            levels.append(level)
+            print(f"{path} x{c}: TTFA p50 {fmt(level['ttfa_ms_p50'])} ms, {fmt(level['ms_per_frame_p50'], '.2f')} ms/frame "
+                  f"p50, {level['underrun_streams']} underrun stream(s), {fmt(level['audio_s_per_s'], '.1f')} audio s/s, "
+                  f"{level['errors']} error(s) {level['error_samples'] or ''}", flush=True)
+    return levels
+
+
+# -- report ------------------------------------------------------------------------------------
+def fmt(value, spec: str = ".0f", suffix: str = "") -> str:
+    return "–" if value is None else format(value, spec) + suffix
+
+
+def print_table(report: dict, previous: dict | None) -> None:
+    b = report["baseline_naive"]
+    print(f"\n{report['max_tokens']} frames per reply; {report['dp_size'] or '?'} chroma_lm instance(s); "
+          f"levels {report['concurrency']}")
+    if b:
+        print(f"naive reference loop (batch 1, {b['device']}, {b['frames']} frames): "
+              f"{b['ms_per_frame']:.1f} ms/frame, RTF {b['rtf']:.3f}")
+    else:
+        print("naive reference loop: not run (no --model, or --baseline-frames 0)")
+    print("| path | streams | TTFA p50/p90/p99 ms | ms/frame p50 (worst) | RTF p50 | min real-time margin | "
+          "underrun streams | audio s/s | x naive per stream (p50) | x naive aggregate | errors | GPU peak GiB |"
+          + (" audio s/s vs previous |" if previous else ""))
+    print("|---" * (12 + bool(previous)) + "|")
+    before = {(lv["path"], lv["concurrency"]): lv for lv in (previous or {}).get("levels", [])}
+    for lv in report["levels"]:
+        row = (f"| {lv['path']} | {lv['concurrency']} | {fmt(lv['ttfa_ms_p50'])}/{fmt(lv['ttfa_ms_p90'])}/"
+               f"{fmt(lv['ttfa_ms_p99'])} | {fmt(lv['ms_per_frame_p50'], '.2f')} ({fmt(lv['ms_per_frame_worst'], '.2f')}) | "
+               f"{fmt(lv['rtf_p50'], '.3f')} | {fmt(lv['realtime_margin_min'], '.1f', 'x')} | {lv['underrun_streams']} | "
+               f"{fmt(lv['audio_s_per_s'], '.1f')} | {fmt(lv.get('x_naive_per_stream_p50'), '.1f')} | "
+               f"{fmt(lv.get('x_naive_aggregate'), '.1f')} | {lv['errors']} | {fmt(lv.get('gpu_mem_peak_gib_max'), '.1f')} |")
+        if previous:
+            old = before.get((lv["path"], lv["concurrency"]))
+            ratio = lv["audio_s_per_s"] / old["audio_s_per_s"] if old and old.get("audio_s_per_s") else None
+            row += f" {fmt(ratio, '.2f', 'x')} |"
+        print(row)
+    lag = max((lv["client_loop_lag_ms_max"] for lv in report["levels"]), default=0)
+    print(f"client event-loop lag, worst: {lag:.0f} ms (large values mean the client, not the server, set the pace)")
+
+
+# -- main --------------------------------------------------------------------------------------
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--start", action="store_true", help="start the stack (scripts/chroma_server.sh's launcher) and stop it at the end")
+    ap.add_argument("--model", help="checkpoint folder: served with --start, and the naive baseline's model")
+    ap.add_argument("--preset", default=None, help="with --start and no --model: write a random checkpoint "
+                    "(scripts/make_checkpoint.py presets; default full with a GPU, else tiny)")
+    ap.add_argument("--make-dir", default=None, help="where that checkpoint goes (default /tmp/chroma-bench-<preset>; reused)")
+    ap.add_argument("--dp-size", type=int, default=1, help="with --start: chroma_lm instances (GPUs)")
+    ap.add_argument("--launcher-arg", action="append", default=[], metavar="ARG",
+                    help="with --start: passed to the launcher, e.g. --launcher-arg=--max-batch=256 (repeatable)")
+    ap.add_argument("--workdir", default=None, help="with --start: logs and the rendered repository")
+    ap.add_argument("--frontend-url", default="http://localhost:8000")
+    ap.add_argument("--grpc-url", default="localhost:8001")
+    ap.add_argument("--metrics-url", default=None, help="Triton's /metrics (default with --start: its own; else none)")
+    ap.add_argument("--via", default="frontend,grpc", help="paths to measure: frontend, grpc or both")
+    ap.add_argument("--concurrency", default="1,8,64,256", help="streams per level, all sent at once")
+    ap.add_argument("--max-tokens", type=int, default=100, help="audio frames (80 ms) per reply")
+    ap.add_argument("--seed", type=int, default=1000, help="stream i of a level uses seed + i (same work on both paths)")
+    ap.add_argument("--warmup", type=int, default=2, help="single requests per path before the levels")
+    ap.add_argument("--no-level-warmup", dest="level_warmup", action="store_false",
+                    help="skip the untimed run of each level before its timed run")
+    ap.add_argument("--ramp-s", type=float, default=0.0, help="spread a level's request starts over this many seconds")
+    ap.add_argument("--inline-audio", action="store_true",
+                    help="frontend: send the audio as base64 instead of the README's assets/ paths")
+    ap.add_argument("--request-timeout", type=float, default=900.0)
+    ap.add_argument("--baseline-frames", type=int, default=30, help="frames of the naive loop (0: skip it)")
+    ap.add_argument("--baseline-device", default="auto")
+    ap.add_argument("--compare-with", default=None, help="an earlier --out JSON: print audio s/s ratios (e.g. dp 2 vs dp 1)")
+    ap.add_argument("--keep-streams", action="store_true", help="put every stream's numbers in the JSON")
+    ap.add_argument("--out", default="bench_serving.json")
+    args = ap.parse_args(argv)
+    args.via = [p.strip() for p in args.via.split(",") if p.strip()]
+    if not args.via or any(p not in PATHS for p in args.via):
+        ap.error(f"--via: choose from {', '.join(PATHS)}")
+    args.concurrency = [int(c) for c in args.concurrency.split(",")]
+    return args
+
+
+def prepare_model(args) -> str | None:
+    if args.model or not args.start:
+        return args.model
+    import torch
+
+    preset = args.preset or ("full" if torch.cuda.is_available() else "tiny")
+    target = Path(args.make_dir or f"/tmp/chroma-bench-{preset}")
+    if (target / "config.json").is_file():
+        print(f"using the random {preset} checkpoint already in {target}", flush=True)
+        return str(target)
+    from chroma_triton.checkpoint.factory import make_checkpoint
+
+    t = time.perf_counter()
+    path = str(make_checkpoint(target, preset, 0, with_visual=False))
+    print(f"made a random {preset} checkpoint in {target} ({time.perf_counter() - t:.0f} s)", flush=True)
+    return path
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    model = prepare_model(args)
+    report = {"date": time.strftime("%Y-%m-%d %H:%M:%S"), "model": model, "max_tokens": args.max_tokens,
+              "concurrency": args.concurrency, "via": args.via, "seed": args.seed, "ramp_s": args.ramp_s,
+              "dp_size": args.dp_size if args.start else None, "request": "README example: assets/question_audio.wav, "
+              "reference voice assets/ref_audio.wav + transcript (cached by the server)"}
+    report["baseline_naive"] = run_baseline(args, model)
+    stack = None
+    if args.start:
+        workdir = Path(args.workdir or tempfile.mkdtemp(prefix="bench-serving-"))
+        stack = LaunchedStack(workdir, model=model, dp_size=args.dp_size, extra_args=args.launcher_arg)
+        t = time.perf_counter()
+        stack.start()
+        report["stack_start_s"] = time.perf_counter() - t
+        print(f"stack ready in {report['stack_start_s']:.0f} s (logs: {workdir})", flush=True)
+        targets = {"frontend": stack.frontend_url, "grpc": stack.grpc_url, "metrics": args.metrics_url or stack.metrics_url}
+    else:
+        targets = {"frontend": args.frontend_url.rstrip("/"), "grpc": args.grpc_url, "metrics": args.metrics_url}
+    report["targets"] = targets
+    try:
+        report["levels"] = asyncio.run(measure(args, targets, report["baseline_naive"]))
+    finally:
+        if stack is not None:
+            stack.stop()
+    Path(args.out).write_text(json.dumps(report, indent=2))
+    previous = json.loads(Path(args.compare_with).read_text()) if args.compare_with else None
+    print_table(report, previous)
+    errors = sum(lv["errors"] for lv in report["levels"])
+    print(f"raw numbers: {args.out}; {errors} failed stream(s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

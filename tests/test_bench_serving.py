@@ -1,0 +1,120 @@
+"""scripts/bench_serving.py against the real stack (launcher: tritonserver + frontend, tiny demo
+checkpoint, CPU), briefly: both paths at 1 and 2 streams, few frames. Checks that the JSON is
+complete and internally consistent; no timing thresholds (the numbers depend on the machine)."""
+
+from __future__ import annotations
+
+import base64
+import json
+import math
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from chroma_triton.bench.stats import FRAME_MS, FRAME_SAMPLES, SAMPLE_RATE, StreamRecord, summarize
+from chroma_triton.serving.tritonserver import TritonServerError, find_tritonserver
+
+ROOT = Path(__file__).resolve().parent.parent
+MAX_TOKENS = 8
+
+
+def test_stream_record_math():
+    rec = StreamRecord(sent=10.0)
+    rec.add_audio(10.2, 2 * FRAME_SAMPLES)  # first chunk: 160 ms of audio, playback starts at 10.2
+    rec.add_audio(10.3, 2 * FRAME_SAMPLES)  # due at 10.36: in time
+    rec.add_audio(10.6, 4 * FRAME_SAMPLES)  # due at 10.52: 80 ms late
+    rec.add_audio(10.7, 0)  # no audio: not a chunk
+    assert rec.ttfa_s == pytest.approx(0.2)
+    assert rec.ms_per_frame() == pytest.approx(400 / 6)
+    count, worst = rec.underruns()
+    assert count == 1 and worst == pytest.approx(80)
+    level = summarize([rec, StreamRecord(sent=10.0, error="boom")], 10.0, 11.0)
+    assert level["errors"] == 1 and level["ok_streams"] == 1 and level["underrun_streams"] == 1
+    assert level["audio_s_total"] == pytest.approx(8 * FRAME_SAMPLES / SAMPLE_RATE)
+    assert level["rtf_p50"] == pytest.approx(400 / 6 / FRAME_MS)
+
+
+@pytest.mark.triton
+def test_bench_serving_against_the_stack(tmp_path):
+    try:
+        find_tritonserver()
+    except TritonServerError as exc:
+        pytest.skip(f"no tritonserver: {exc}")
+    from chroma_triton.demo import demo_checkpoint
+
+    out = tmp_path / "bench.json"
+    cmd = [sys.executable, str(ROOT / "scripts" / "bench_serving.py"), "--start", "--model", str(demo_checkpoint()),
+           "--workdir", str(tmp_path / "stack"), "--concurrency", "1,2", "--max-tokens", str(MAX_TOKENS),
+           "--warmup", "1", "--no-level-warmup", "--baseline-frames", "3", "--keep-streams", "--out", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "| frontend | 2 |" in proc.stdout and "| grpc | 1 |" in proc.stdout
+    report = json.loads(out.read_text())
+
+    base = report["baseline_naive"]
+    assert base["frames"] > 0 and base["ms_per_frame"] > 0
+    assert base["rtf"] == pytest.approx(base["ms_per_frame"] / FRAME_MS)
+    assert [(lv["path"], lv["concurrency"]) for lv in report["levels"]] == [
+        ("frontend", 1), ("frontend", 2), ("grpc", 1), ("grpc", 2)]
+    for lv in report["levels"]:
+        c = lv["concurrency"]
+        assert lv["errors"] == 0 and lv["ok_streams"] == lv["streams"] == c, lv["error_samples"]
+        # every stream got whole frames, as many as the server reported, at most max_tokens
+        assert lv["streams_with_sample_count_mismatch"] == 0
+        assert lv["frames_received"] == lv["frames_reported"] <= c * MAX_TOKENS
+        assert lv["triton_counters_delta"]["chroma_lm_audio_frames_total{chroma_lm}"] == lv["frames_received"]
+        assert lv["triton_counters_delta"]["nv_inference_request_success{audio_encoder}"] == c
+        assert lv["audio_s_total"] == pytest.approx(lv["frames_received"] * FRAME_MS / 1000)
+        assert lv["audio_s_per_s"] == pytest.approx(lv["audio_s_total"] / lv["wall_s"])
+        assert 0 < lv["ttfa_ms_p50"] <= lv["ttfa_ms_p90"] <= lv["ttfa_ms_p99"] <= lv["ttfa_ms_max"] < lv["wall_s"] * 1000
+        streams = lv["per_stream"]
+        assert len(streams) == c and all(s["usage_frames"] * FRAME_SAMPLES == s["samples"] for s in streams)
+        if lv["ms_per_frame_p50"] is not None:
+            assert lv["ms_per_frame_p50"] <= lv["ms_per_frame_worst"]
+            assert lv["rtf_p50"] == pytest.approx(lv["ms_per_frame_p50"] / FRAME_MS)
+            assert lv["realtime_margin_min"] == pytest.approx(FRAME_MS / lv["ms_per_frame_worst"])
+            assert lv["x_naive_per_stream_p50"] == pytest.approx(base["ms_per_frame"] / lv["ms_per_frame_p50"])
+        assert 0 <= lv["underrun_streams"] <= c
+        assert lv["gpu_mem_peak_mib"] is None or all(v >= 0 for v in lv["gpu_mem_peak_mib"].values())
+        assert math.isfinite(lv["client_loop_lag_ms_max"])
+
+
+def test_perf_analyzer_recipe_inputs(tmp_path):
+    """scripts/perf_analyzer.sh with a stand-in binary: the input data is the README request in
+    Triton's serialized BYTES form, the arguments ask for gRPC streaming, the export is summarized."""
+    fake = tmp_path / "perf_analyzer"
+    fake.write_text("#!/bin/sh\n"
+                    "[ \"$1\" = --version ] && { echo 'Perf Analyzer Version fake'; exit 0; }\n"
+                    f"echo \"$@\" >> {tmp_path}/args\n"
+                    "while [ $# -gt 0 ]; do [ \"$1\" = --profile-export-file ] && "
+                    "echo '{\"experiments\":[{\"requests\":[{\"timestamp\":0,\"response_timestamps\":[2000000,9000000]}]}]}' > \"$2\"; "
+                    "shift; done\n")
+    fake.chmod(0o755)
+    out = tmp_path / "pa"
+    proc = subprocess.run(["bash", str(ROOT / "scripts" / "perf_analyzer.sh"), "-u", "h:1", "-c", "1 3", "-n", "7",
+                           "-o", str(out), "--", "--collect-metrics"], capture_output=True, text=True, timeout=120,
+                          env={"PATH": "/usr/bin:/bin", "PERF_ANALYZER": str(fake), "CHROMA_PYTHON": sys.executable})
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "first response ms p50/p90/p99 2/2/2; last response ms 9/9/9" in proc.stdout
+    calls = (tmp_path / "args").read_text().splitlines()
+    assert len(calls) == 2 and all("-m chroma -i grpc -u h:1 --streaming" in c and c.endswith("--collect-metrics")
+                                   for c in calls)
+    assert "--concurrency-range 3:3" in calls[1] and "--measurement-request-count 6" in calls[1]
+    data = json.loads((out / "input_data.json").read_text())["data"]
+    assert [d["seed"]["content"] for d in data] == [[s] for s in range(8)]
+
+    def unpack(tensor) -> bytes:
+        raw = base64.b64decode(tensor["b64"])
+        (n,) = struct.unpack("<I", raw[:4])
+        assert len(raw) == 4 + n and tensor["shape"] == [1]
+        return raw[4:]
+
+    first = data[0]
+    assert unpack(first["user_audio"]) == (ROOT / "assets" / "question_audio.wav").read_bytes()
+    assert unpack(first["prompt_audio"]) == (ROOT / "assets" / "ref_audio.wav").read_bytes()
+    assert unpack(first["prompt_text"]).decode() == (ROOT / "assets" / "ref_audio.txt").read_text().strip()
+    assert json.loads(unpack(first["messages"]))[0]["content"] == [{"type": "audio", "audio_index": 0}]
+    assert first["max_tokens"] == {"content": [7], "shape": [1]}
