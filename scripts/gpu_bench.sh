@@ -6,8 +6,8 @@
 #   bash scripts/gpu_bench.sh checkpoint         # random `full` checkpoint in $CKPT (skipped when present)
 #   bash scripts/gpu_bench.sh engine             # scripts/bench_engine.py (pacing on/off, batch-1 kernel profile)
 #   bash scripts/gpu_bench.sh serving [DP] [LEVELS] [extra bench_serving args...]
-#                                                # scripts/bench_serving.py --start on DP GPUs
-#   bash scripts/gpu_bench.sh perf               # scripts/perf_analyzer.sh against a stack started here
+#                                                # the stack on DP GPUs, measured by scripts/bench_serving.py,
+#                                                # then by scripts/perf_analyzer.sh when PERF_LEVELS is set
 #
 # Results go to $OUT (default ./gpu-results). Contexts are sized for 100-frame replies so that 256
 # streams fit one H100: thinker 1024, backbone 1536 positions per stream.
@@ -20,9 +20,9 @@ ENV=${CHROMA_GPU_ENV:-/root/chroma-env}
 PY="$ENV/bin/python"
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
-SERVE_ARGS=(--max-batch 256 --param chroma_lm.thinker_max_len=1024 --param chroma_lm.backbone_max_len=1536)
+SERVE_ARGS=(--max-batch=256 --param=chroma_lm.thinker_max_len=1024 --param=chroma_lm.backbone_max_len=1536)
 
-step=${1:?usage: gpu_bench.sh env|checkpoint|engine|serving|perf ...}
+step=${1:?usage: gpu_bench.sh env|checkpoint|engine|serving ...}
 shift
 case $step in
   env)
@@ -33,20 +33,27 @@ case $step in
     "$PY" scripts/bench_engine.py --model "$CKPT" --concurrency "${LEVELS:-1,8,64,256}" --frames 100 \
       --baseline-frames 20 --profile-frames 16 --out "$OUT/bench_engine.json" 2>&1 | tee "$OUT/bench_engine.log" ;;
   serving)
+    # start the stack once (launcher, DP GPUs), measure it with bench_serving, then (PERF_LEVELS
+    # set) with perf_analyzer, then stop it
     dp=${1:-1}; levels=${2:-1,8,64,256}; shift $(( $# < 2 ? $# : 2 ))
-    launcher=()
-    for a in "${SERVE_ARGS[@]}"; do launcher+=(--launcher-arg="$a"); done
-    "$PY" scripts/bench_serving.py --start --model "$CKPT" --dp-size "$dp" --concurrency "$levels" \
-      --max-tokens 100 --baseline-frames 20 --workdir "/root/stack-dp$dp" "${launcher[@]}" \
-      --out "$OUT/bench_serving_dp$dp.json" "$@" 2>&1 | tee "$OUT/bench_serving_dp$dp.log" ;;
-  perf)
-    "$PY" -m chroma_triton.serving.launcher --chroma-model-path "$CKPT" "${SERVE_ARGS[@]}" --quiet \
-      --workdir /root/stack-perf > "$OUT/perf_stack.log" 2>&1 &
+    "$PY" -m chroma_triton.serving.launcher --chroma-model-path "$CKPT" --dp-size "$dp" "${SERVE_ARGS[@]}" \
+      --quiet --workdir "/root/stack-dp$dp" > "$OUT/stack_dp$dp.log" 2>&1 &
     pid=$!
     trap 'kill $pid 2>/dev/null; wait $pid 2>/dev/null || true' EXIT
-    for _ in $(seq 1 300); do curl -sf localhost:8000/health >/dev/null && break; sleep 2; done
-    PERF_ANALYZER=${PERF_ANALYZER:-perf_analyzer} bash scripts/perf_analyzer.sh -u localhost:8001 \
-      -c "${LEVELS:-1 8 64}" -n 100 -o "$OUT/perf_analyzer" 2>&1 | tee "$OUT/perf_analyzer.log" ;;
+    t0=$(date +%s)
+    until curl -sf localhost:8000/health >/dev/null; do
+      kill -0 $pid 2>/dev/null || { echo "stack exited"; tail -40 "$OUT/stack_dp$dp.log"; exit 1; }
+      sleep 2
+    done
+    echo "stack dp$dp ready in $(( $(date +%s) - t0 )) s"
+    "$PY" scripts/bench_serving.py --model "$CKPT" --frontend-url http://localhost:8000 --grpc-url localhost:8001 \
+      --metrics-url http://localhost:8002/metrics --concurrency "$levels" --max-tokens 100 --baseline-frames 20 \
+      --out "$OUT/bench_serving_dp$dp.json" "$@" 2>&1 | tee "$OUT/bench_serving_dp$dp.log"
+    if [ -n "${PERF_LEVELS:-}" ]; then
+      PERF_ANALYZER=${PERF_ANALYZER:-$(ls "$ENV"/lib/python3*/site-packages/bin/perf_analyzer 2>/dev/null | head -1)} \
+        bash scripts/perf_analyzer.sh -u localhost:8001 -c "$PERF_LEVELS" -n 100 -w 2 -o "$OUT/perf_analyzer" \
+        2>&1 | tee "$OUT/perf_analyzer.log" || echo "perf_analyzer failed"
+    fi ;;
   *)
     echo "unknown step $step" >&2; exit 2 ;;
 esac
