@@ -20,7 +20,7 @@ ENV=${CHROMA_GPU_ENV:-/root/chroma-env}
 PY="$ENV/bin/python"
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
-SERVE_ARGS=(--max-batch=256 --param=chroma_lm.thinker_max_len=1024 --param=chroma_lm.backbone_max_len=1536)
+SERVE_ARGS=(--triton-http-port=${TRITON_HTTP_PORT:-8080} --max-batch=256 --param=chroma_lm.thinker_max_len=1024 --param=chroma_lm.backbone_max_len=1536)
 
 step=${1:?usage: gpu_bench.sh env|checkpoint|engine|serving ...}
 shift
@@ -50,7 +50,9 @@ case $step in
       --metrics-url http://localhost:8002/metrics --concurrency "$levels" --max-tokens 100 --baseline-frames 20 \
       --out "$OUT/bench_serving_dp$dp.json" "$@" 2>&1 | tee "$OUT/bench_serving_dp$dp.log"
     if [ -n "${PERF_LEVELS:-}" ]; then
-      PERF_ANALYZER=${PERF_ANALYZER:-$(ls "$ENV"/lib/python3*/site-packages/bin/perf_analyzer 2>/dev/null | head -1)} \
+      pa=$(ls "$ENV"/lib/python3*/site-packages/bin/perf_analyzer 2>/dev/null | head -1)
+      printf '#!/bin/sh\nexec "%s" "%s" "$@"\n' "$PY" "$pa" > /tmp/perf_analyzer && chmod +x /tmp/perf_analyzer
+      PERF_ANALYZER=${PERF_ANALYZER:-/tmp/perf_analyzer} \
         bash scripts/perf_analyzer.sh -u localhost:8001 -c "$PERF_LEVELS" -n 100 -w 2 -o "$OUT/perf_analyzer" \
         2>&1 | tee "$OUT/perf_analyzer.log" || echo "perf_analyzer failed"
     fi ;;

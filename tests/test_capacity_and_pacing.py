@@ -86,8 +86,8 @@ def test_pacer_admits_what_the_tightest_stream_can_wait_for():
     assert p.how_many([100] * 10, [roomy], 0.0) == 10
     starving = StreamState(slack_s=0.05, frames_missing=1)
     assert p.how_many([100] * 10, [roomy, starving], 0.0) == 0
-    # ...unless the head of the queue has waited too long: then one goes in regardless
-    assert p.how_many([100] * 10, [roomy, starving], 5.0) == 1
+    # ...unless the head of the queue has waited too long: then the batch goes in regardless
+    assert p.how_many([100] * 10, [roomy, starving], 5.0) == 10
 
 
 def test_pacer_without_a_cost_estimate_admits_the_batch():

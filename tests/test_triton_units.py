@@ -91,6 +91,26 @@ def test_relay_merges_text_into_chunks_and_flags_the_last():
     assert tensors["context_frames"].shape == (1, 1) and tensors["stream_key"].shape == (1, 1)
 
 
+def test_relay_holds_text_for_the_next_chunk():
+    now = [0.0]
+    relay = _Relay(prompt_tokens=4, hold_s=0.4, clock=lambda: now[0])
+    codes = np.ones((2, 8), np.int64)
+    assert relay.responses([TextDelta("Hel", 1)]) == []  # held: no response of its own
+    now[0] = 0.1
+    assert relay.responses([TextDelta("lo", 2)]) == []
+    out = relay.responses([AudioChunk(codes, 0, 0)])  # ...it rides on the chunk
+    assert len(out) == 1 and out[0].text == "Hello" and out[0].new_frames == 2
+    relay.responses([TextDelta(" you", 3)])
+    now[0] = 0.45
+    assert relay.responses([]) == []  # 0.35 s held so far
+    now[0] = 0.55
+    out = relay.responses([])  # held long enough: sent alone
+    assert [(r.text, r.codes) for r in out] == [(" you", None)]
+    relay.responses([TextDelta("!", 4)])
+    out = relay.responses([Finished("stop", 4, 4, 2, "Hello you!")])  # the end takes what is held
+    assert [(r.text, r.final) for r in out] == [("!", True)]
+
+
 def test_cancel_board(tmp_path):
     board = CancelBoard(tmp_path)
     assert not board.is_posted("abc")

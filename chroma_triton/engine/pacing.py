@@ -11,8 +11,8 @@ seconds of prefill without any listener running dry. The pacer admits as many wa
 their estimated prefill time allows (at least none), learning the prefill cost (seconds = a + b x
 tokens, a least-squares fit with forgetting) and the step time (moving average) as it goes. So a
 burst of arrivals is spread over several steps instead of stalling everyone at once, and a waiting
-request is never kept out longer than `max_wait_s` (it is then admitted even if a stream may
-stutter: capacity that is never used helps nobody).
+request is never kept out longer than `max_wait_s` (then a whole batch is admitted even if a
+stream may stutter: capacity that is never used helps nobody).
 """
 
 from __future__ import annotations
@@ -93,6 +93,6 @@ class AdmissionPacer:
             if self.cost.estimate(tokens + t) > allowance:
                 break
             n, tokens = n + 1, tokens + t
-        if n == 0 and oldest_wait_s >= self.max_wait_s:
-            return 1
+        if oldest_wait_s >= self.max_wait_s:  # starving: admit a full batch (one stall, not many)
+            return len(waiting_tokens)
         return n

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import queue
+import time
 import uuid
 from dataclasses import dataclass, field
 from typing import Callable
@@ -28,6 +29,11 @@ from .protocol import LMResponse, parse_messages, resolve_audio_parts
 log = logging.getLogger(__name__)
 
 POLL_S = 0.05
+# Text deltas ride on the next audio chunk (chunks come every 0.16-0.8 s of audio); text waits at
+# most this long for one. Every response runs codec_decoder and stream_watch in the ensemble, so a
+# response per text token would multiply their load several times over (measured: 63 responses
+# per 100-frame reply instead of 13).
+TEXT_HOLD_S = 0.4
 
 
 @dataclass
@@ -98,7 +104,7 @@ class LMService:
         start, and EngineError when generation fails midway."""
         req = self.prepare(inp)
         stream = self.engine.submit(req)
-        relay = _Relay(len(req.thinker_ids))
+        relay = _Relay(len(req.thinker_ids), TEXT_HOLD_S)
         cancel_sent = False
         try:
             while True:
@@ -108,6 +114,8 @@ class LMService:
                 try:
                     event = stream.get(timeout=poll_s)
                 except queue.Empty:
+                    for response in relay.responses([]):  # held text that waited long enough
+                        send(response)
                     continue
                 events = [event]
                 while event is not None and not isinstance(event, (Finished, RequestFailed)):
@@ -143,44 +151,52 @@ def sampling_params(values: dict) -> SamplingParams:
 
 
 class _Relay:
-    """Engine events -> responses: text is carried by the next audio chunk when one is ready,
-    and the last chunk carries the finish reason and the final flag."""
+    """Engine events -> responses: text is carried by the next audio chunk (held up to `hold_s`
+    when no chunk is ready), and the last chunk carries the finish reason and the final flag."""
 
-    def __init__(self, prompt_tokens: int):
+    def __init__(self, prompt_tokens: int, hold_s: float = 0.0, clock=time.monotonic):
         self.prompt_tokens = prompt_tokens
         self.text_tokens = 0
         self.frames = 0
         self.finished: Finished | None = None
+        self.hold_s = hold_s
+        self.clock = clock
+        self._text: list[str] = []  # held text
+        self._text_since: float | None = None
 
     def usage(self) -> tuple[int, int, int]:
         return (self.prompt_tokens, self.text_tokens, self.frames)
 
+    def _take_text(self) -> str:
+        text, self._text, self._text_since = "".join(self._text), [], None
+        return text
+
     def responses(self, events: list) -> list[LMResponse]:
         out: list[LMResponse] = []
-        text: list[str] = []
         for ev in events:
             if isinstance(ev, TextDelta):
-                text.append(ev.text)
+                if not self._text:
+                    self._text_since = self.clock()
+                self._text.append(ev.text)
                 self.text_tokens = max(self.text_tokens, getattr(ev, "text_tokens", 0))
             elif isinstance(ev, AudioChunk):
                 self.frames += len(ev.codes) - ev.context_frames
-                out.append(LMResponse(text="".join(text), codes=ev.codes, context_frames=ev.context_frames,
+                out.append(LMResponse(text=self._take_text(), codes=ev.codes, context_frames=ev.context_frames,
                                       usage=self.usage()))
-                text = []
             elif isinstance(ev, Finished):
                 self.finished = ev
                 self.text_tokens, self.frames = ev.text_tokens, ev.audio_frames
                 usage = (ev.prompt_tokens, ev.text_tokens, ev.audio_frames)
-                if out and not text:  # the last chunk carries the end
+                if out and not self._text:  # the last chunk carries the end
                     last = out[-1]
                     last.finish_reason, last.usage, last.final = ev.reason, usage, True
                 else:
-                    out.append(LMResponse(text="".join(text), finish_reason=ev.reason, usage=usage, final=True))
+                    out.append(LMResponse(text=self._take_text(), finish_reason=ev.reason, usage=usage, final=True))
                 return out
             elif isinstance(ev, RequestFailed):
                 raise (InvalidRequestError if ev.client_error else EngineError)(ev.message)
-        if text:
-            out.append(LMResponse(text="".join(text), usage=self.usage()))
+        if self._text and self.clock() - self._text_since >= self.hold_s:
+            out.append(LMResponse(text=self._take_text(), usage=self.usage()))
         return out
 
 
