@@ -36,10 +36,15 @@ case $step in
     # start the stack once (launcher, DP GPUs), measure it with bench_serving, then (PERF_LEVELS
     # set) with perf_analyzer, then stop it
     dp=${1:-1}; levels=${2:-1,8,64,256}; shift $(( $# < 2 ? $# : 2 ))
+    if [ -n "${CUDA_MPS:-}" ]; then  # CUDA MPS: the stub processes' kernels share the GPU concurrently
+      export CUDA_MPS_PIPE_DIRECTORY=/tmp/mps-pipe CUDA_MPS_LOG_DIRECTORY=/tmp/mps-log
+      mkdir -p $CUDA_MPS_PIPE_DIRECTORY $CUDA_MPS_LOG_DIRECTORY
+      nvidia-cuda-mps-control -d && echo "MPS daemon started"
+    fi
     "$PY" -m chroma_triton.serving.launcher --chroma-model-path "$CKPT" --dp-size "$dp" "${SERVE_ARGS[@]}" \
       --quiet --workdir "/root/stack-dp$dp" > "$OUT/stack_dp$dp.log" 2>&1 &
     pid=$!
-    trap 'kill $pid 2>/dev/null; wait $pid 2>/dev/null || true' EXIT
+    trap 'kill $pid 2>/dev/null; wait $pid 2>/dev/null || true; [ -z "${CUDA_MPS:-}" ] || echo quit | nvidia-cuda-mps-control' EXIT
     t0=$(date +%s)
     until curl -sf localhost:8000/health >/dev/null; do
       kill -0 $pid 2>/dev/null || { echo "stack exited"; tail -40 "$OUT/stack_dp$dp.log"; exit 1; }

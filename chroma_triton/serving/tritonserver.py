@@ -188,8 +188,10 @@ def _check_python_backend(backends: Path) -> None:
 
 
 def is_port_free(port: int, host: str = "127.0.0.1") -> bool:
-    """True when nothing listens on ``host:port`` and it can be bound right now."""
+    """True when nothing listens on ``host:port`` and it can be bound right now. Connections of
+    an earlier server left in TIME_WAIT do not count (servers bind with SO_REUSEADDR, so do we)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             sock.bind((host, port))
         except OSError:
