@@ -45,13 +45,18 @@ def test_mini_soak(stack):
     lines = []
     reports = soak(stack.frontend.url, stack.triton.metrics_url, streams=STREAMS, rounds=ROUNDS, warmup=1,
                    disconnect=0.3, max_tokens=(8, 16), timeout=120, seed=7, rss_of=lambda: stack_rss(stack),
-                   leaver_tokens=200, log=lines.append)
+                   leaver_tokens=200, log=lines.append, triton_log=stack.triton.log_path)
     text = "\n".join(lines)
     for report in reports:
         assert report.problems == [], text
         assert report.outcomes.get("completed", 0) + report.outcomes.get("disconnected", 0) == STREAMS, text
         # 7 clients hang up; one whose random reply ends before its first audio events completes instead.
         assert report.outcomes.get("disconnected", 0) >= round(STREAMS * 0.3) - 2, text
+        # Hung-up clients are cancelled in the engine, through the frontend's control call to
+        # chroma_cancel (one may have reached its end just as its client left).
+        c = report.cancellation
+        assert c["cancelled_in_engine"] >= c["hung_up"] - 1, text
+        assert c["by_source"].get("control", 0) >= c["cancelled_in_engine"] / 2, text
     first, last = reports[1].rss_kib, reports[-1].rss_kib
     assert {"tritonserver", "frontend", "stub:chroma_lm", "stub:audio_encoder", "stub:codec_decoder"} <= set(last), last
     growth = {name: last[name] - first[name] for name in first}
