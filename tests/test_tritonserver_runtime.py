@@ -297,7 +297,12 @@ def test_launch_environment(server):
 def test_stop_leaves_no_process_and_models_finalize(tmp_path):
     _find_or_skip()
     repo = build_repository(tmp_path / "repo")
+    from chroma_triton.serving.cancel_board import server_dir
+
     with TritonServer(repo, log_file=tmp_path / "server.log") as srv:
+        board = server_dir(srv.pid)  # what the chroma models' stubs create (cancel_board.CancelBoard)
+        board.mkdir(parents=True, exist_ok=True)
+        (board / "rid-left-over").touch()
         pids = srv.group_pids()
         stubs = [pid for pid in pids if "triton_python_backend_stub" in _cmdline(pid)]
         assert srv.pid in pids and len(stubs) == 2, [(_cmdline(p)) for p in pids]
@@ -305,6 +310,7 @@ def test_stop_leaves_no_process_and_models_finalize(tmp_path):
     assert not [pid for pid in pids if _alive(pid)]
     assert not _processes_mentioning(str(repo))
     assert srv.pid is None and not srv.is_running()
+    assert not board.exists()  # no /dev/shm folder left behind
     # SIGTERM let Triton unload the models cleanly (finalize ran in each stub).
     assert (repo / "add_one" / "finalized").exists() and (repo / "count_up" / "finalized").exists()
     srv.stop()  # idempotent

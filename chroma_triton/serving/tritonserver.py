@@ -447,6 +447,7 @@ class TritonServer:
                 _killpg(pgid, signal.SIGKILL)
                 proc.wait()
         self._sweep_group(pgid, timeout=min(timeout, 10.0))
+        _remove_server_files(pgid)
 
     def __enter__(self) -> TritonServer:
         return self.start()
@@ -542,6 +543,15 @@ class TritonServer:
         """Last resort when the owner forgot ``stop()``: never leave an orphaned server."""
         with contextlib.suppress(Exception):
             self.stop(timeout=10.0)
+
+
+def _remove_server_files(server_pid: int) -> None:
+    """Remove what the models left for this server's lifetime: the cancel board
+    (``/dev/shm/chroma-triton-cancel-<pid>``, :mod:`chroma_triton.serving.cancel_board`)."""
+    with contextlib.suppress(Exception):
+        from .cancel_board import remove_server_dir
+
+        remove_server_dir(server_pid)
 
 
 def _warn_if_numpy_2(prefix: Path | None) -> None:
