@@ -345,6 +345,12 @@ def test_non_stream_errors_from_engine(client):
 @pytest.mark.parametrize("extra,param,contains", [
     ({"temperature": 5}, "temperature", "less than or equal to 2"),
     ({"temperature": "hot"}, "temperature", "valid number"),
+    # strict JSON types, as OpenAI: a numeric string is not a number, "yes"/1 is not a boolean
+    ({"temperature": "0.5"}, "temperature", "valid number"),
+    ({"max_tokens": "10"}, "max_tokens", "valid integer"),
+    ({"seed": 1.0}, "seed", "valid integer"),
+    ({"stream": "yes"}, "stream", "valid boolean"),
+    ({"stream": 1}, "stream", "valid boolean"),
     ({"top_p": 0}, "top_p", "greater than 0"),
     ({"top_k": -1}, "top_k", "greater than or equal to 0"),
     ({"max_tokens": 0}, "max_tokens", "greater than or equal to 1"),
