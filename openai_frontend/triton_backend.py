@@ -198,7 +198,9 @@ class TritonBackend:
                         "ensemble instead, later", request_id, self.cancel_model, _short(detail or repr(exc)))
             return None
         self.cancel_calls["running"] += running
-        log.debug("request %s: cancel call sent (running in the engine: %s)", request_id, running)
+        # "running=False": the engine had finished the request already (or it has not reached the
+        # engine yet, and the marker will stop it when it does).
+        log.info("request %s: cancel call answered: running=%s", request_id, running)
         return running
 
     def _infer_request(self, request: ChatRequest) -> service_pb2.ModelInferRequest:

@@ -45,7 +45,8 @@ def test_mini_soak(stack):
     lines = []
     reports = soak(stack.frontend.url, stack.triton.metrics_url, streams=STREAMS, rounds=ROUNDS, warmup=1,
                    disconnect=0.3, max_tokens=(8, 16), timeout=120, seed=7, rss_of=lambda: stack_rss(stack),
-                   leaver_tokens=200, log=lines.append, triton_log=stack.triton.log_path)
+                   leaver_tokens=200, log=lines.append, triton_log=stack.triton.log_path,
+                   frontend_log=stack.frontend.log_path)
     text = "\n".join(lines)
     for report in reports:
         assert report.problems == [], text
@@ -55,6 +56,7 @@ def test_mini_soak(stack):
         # Hung-up clients are cancelled in the engine, through the frontend's control call to
         # chroma_cancel (one may have reached its end just as its client left).
         c = report.cancellation
+        assert c["running_and_cancelled"] == c["running_at_cancel_call"] >= c["hung_up"] // 2, text
         assert c["cancelled_in_engine"] >= c["hung_up"] - 1, text
         assert c["by_source"].get("control", 0) >= c["cancelled_in_engine"] / 2, text
     first, last = reports[1].rss_kib, reports[-1].rss_kib

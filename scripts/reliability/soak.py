@@ -65,13 +65,32 @@ def engine_cancels(log_path) -> dict[str, dict]:
     return out
 
 
-def cancellation_summary(outcomes: list[Outcome], cancels: dict[str, dict]) -> dict:
-    """How many hung-up clients' requests the engine cancelled, by path, and how fast."""
+_RUNNING_LINE = re.compile(r"request (\S+): cancel call answered: running=(True|False)")
+
+
+def cancel_answers(log_path) -> dict[str, bool]:
+    """request id -> whether it was running in the engine when the frontend's cancel call came
+    (frontend log; absent without the control call)."""
+    try:
+        text = Path(log_path).read_text(errors="replace")
+    except OSError:
+        return {}
+    return {m.group(1): m.group(2) == "True" for m in _RUNNING_LINE.finditer(text)}
+
+
+def cancellation_summary(outcomes: list[Outcome], cancels: dict[str, dict], answers: dict[str, bool] | None = None) -> dict:
+    """How many hung-up clients' requests the engine cancelled, by path, and how fast; with the
+    frontend's log, also how many were still running in the engine when their client left (the
+    others had finished generating already: the codec and the network were behind)."""
     leavers = [o for o in outcomes if o.kind == "disconnected"]
     matched = [(o, cancels[o.request_id]) for o in leavers if o.request_id in cancels and o.left_at is not None]
+    answers = answers or {}
+    running = [o for o in leavers if answers.get(o.request_id)]
     freed = sorted(max(0.0, c["freed"] - o.left_at) for o, c in matched)
     seen = sorted(max(0.0, c["seen"] - o.left_at) for o, c in matched)
     return {"hung_up": len(leavers), "cancelled_in_engine": len(matched),
+            "running_at_cancel_call": len(running) if answers else None,
+            "running_and_cancelled": sum(1 for o in running if o.request_id in cancels) if answers else None,
             "by_source": dict(Counter(c["source"] for _, c in matched)),
             "hangup_to_row_freed_s": {"p50": _pct(freed, 0.5), "p95": _pct(freed, 0.95), "max": _pct(freed, 1.0)},
             "hangup_to_cancel_seen_s": {"p50": _pct(seen, 0.5), "p95": _pct(seen, 0.95), "max": _pct(seen, 1.0)},
@@ -169,7 +188,8 @@ class RoundReport:
 
 def soak(frontend_url: str, metrics_url: str, *, streams: int, rounds: int, disconnect: float,
          max_tokens: tuple[int, int], timeout: float, seed: int, rss_of=None, leaver_tokens: int = 1000,
-         warmup: int = 0, log=lambda text: print(text, flush=True), triton_log=None) -> list[RoundReport]:
+         warmup: int = 0, log=lambda text: print(text, flush=True), triton_log=None,
+         frontend_log=None) -> list[RoundReport]:
     """``warmup`` + ``rounds`` rounds; the warm-up rounds are checked like the others, but memory
     is compared over the measured rounds only (allocators and caches fill up in the first ones).
     ``triton_log``: the Triton log file, to match hung-up clients with the engine's cancels."""
@@ -192,7 +212,8 @@ def soak(frontend_url: str, metrics_url: str, *, streams: int, rounds: int, disc
             counters_delta=delta, health_after=http_get(f"{frontend_url}/health")[0],
             rss_kib=rss_of() if rss_of else {},
             stream_seconds={"p50": _pct(durations, 0.5), "p95": _pct(durations, 0.95), "max": _pct(durations, 1.0)},
-            cancellation=cancellation_summary(outcomes, engine_cancels(triton_log)) if triton_log else {})
+            cancellation=cancellation_summary(outcomes, engine_cancels(triton_log),
+                                              cancel_answers(frontend_log) if frontend_log else None) if triton_log else {})
         report.problems = check_round(report, streams, outcomes)
         log(f"{'warm-up ' if r <= warmup else ''}round {r}: {seconds:.1f} s, {dict(kinds)}, engine after {report.engine_after}, counters +{delta}, "
             f"health {report.health_after}, cancellation {_brief(report.cancellation)}, RSS {report.rss_kib}"
@@ -239,12 +260,13 @@ def rss_per_request(reports: list[RoundReport], streams: int) -> dict[str, float
 
 def merge_cancellation(reports: list[RoundReport]) -> dict:
     """Totals over rounds (latency percentiles of the rounds are not merged: see each round)."""
-    out = {"hung_up": 0, "cancelled_in_engine": 0, "by_source": Counter()}
+    out = {"hung_up": 0, "cancelled_in_engine": 0, "running_at_cancel_call": 0, "running_and_cancelled": 0,
+           "by_source": Counter()}
     freed, seen = [], []
     for r in reports:
         c = r.cancellation or {}
-        out["hung_up"] += c.get("hung_up", 0)
-        out["cancelled_in_engine"] += c.get("cancelled_in_engine", 0)
+        for key in ("hung_up", "cancelled_in_engine", "running_at_cancel_call", "running_and_cancelled"):
+            out[key] += c.get(key) or 0
         out["by_source"].update(c.get("by_source", {}))
         freed += c.get("freed_s", [])
         seen += c.get("seen_s", [])
@@ -297,7 +319,8 @@ def main(argv=None) -> int:
         reports = soak(stack.frontend.url, stack.triton.metrics_url, streams=args.streams, rounds=args.rounds,
                        disconnect=args.disconnect, max_tokens=(args.min_tokens, args.max_tokens), timeout=args.timeout,
                        seed=args.seed, rss_of=lambda: stack_rss(stack), leaver_tokens=args.leaver_tokens,
-                       warmup=args.warmup_rounds, triton_log=stack.triton.log_path)
+                       warmup=args.warmup_rounds, triton_log=stack.triton.log_path,
+                       frontend_log=stack.frontend.log_path)
         growth = rss_growth(reports)
         problems = [f"round {r.round}: {p}" for r in reports for p in r.problems]
         problems += [f"{name} VmRSS grew {g}% over the measured rounds" for name, g in growth.items()
@@ -314,7 +337,8 @@ def main(argv=None) -> int:
                   "problems": problems}
         write_report(args.report, report)
         c = report["cancellation_measured_rounds"]
-        print(f"hung-up requests cancelled in the engine: {c['cancelled_in_engine']} of {c['hung_up']} {c['by_source']}; "
+        print(f"hung-up requests cancelled in the engine: {c['cancelled_in_engine']} of {c['hung_up']} {c['by_source']} "
+              f"(running when the cancel call came: {c['running_and_cancelled']} cancelled of {c['running_at_cancel_call']}); "
               f"hang-up -> row freed p50 {c['hangup_to_row_freed_s']['p50']} s, max {c['hangup_to_row_freed_s']['max']} s; "
               f"tritonserver VmRSS growth {report['rss_growth_percent_measured_rounds'].get('tritonserver')} %", flush=True)
     finally:
