@@ -53,12 +53,13 @@ def test_mini_soak(stack):
         assert report.outcomes.get("completed", 0) + report.outcomes.get("disconnected", 0) == STREAMS, text
         # 7 clients hang up; one whose random reply ends before its first audio events completes instead.
         assert report.outcomes.get("disconnected", 0) >= round(STREAMS * 0.3) - 2, text
-        # Hung-up clients are cancelled in the engine, through the frontend's control call to
-        # chroma_cancel (one may have reached its end just as its client left).
+        # The frontend sent the control call (chroma_cancel) for every client that hung up, and
+        # every request still generating in the engine then was cancelled there. (How many were
+        # still generating depends on the load: the engine may finish a reply before its client
+        # has read the first chunks.)
         c = report.cancellation
-        assert c["running_and_cancelled"] == c["running_at_cancel_call"] >= c["hung_up"] // 2, text
-        assert c["cancelled_in_engine"] >= c["hung_up"] - 1, text
-        assert c["by_source"].get("control", 0) >= c["cancelled_in_engine"] / 2, text
+        assert c["cancel_calls_answered"] == c["hung_up"], text
+        assert c["running_and_cancelled"] == c["running_at_cancel_call"], text
     first, last = reports[1].rss_kib, reports[-1].rss_kib
     assert {"tritonserver", "frontend", "stub:chroma_lm", "stub:audio_encoder", "stub:codec_decoder"} <= set(last), last
     growth = {name: last[name] - first[name] for name in first}

@@ -89,6 +89,7 @@ def cancellation_summary(outcomes: list[Outcome], cancels: dict[str, dict], answ
     freed = sorted(max(0.0, c["freed"] - o.left_at) for o, c in matched)
     seen = sorted(max(0.0, c["seen"] - o.left_at) for o, c in matched)
     return {"hung_up": len(leavers), "cancelled_in_engine": len(matched),
+            "cancel_calls_answered": sum(1 for o in leavers if o.request_id in answers) if answers else None,
             "running_at_cancel_call": len(running) if answers else None,
             "running_and_cancelled": sum(1 for o in running if o.request_id in cancels) if answers else None,
             "by_source": dict(Counter(c["source"] for _, c in matched)),
@@ -260,12 +261,14 @@ def rss_per_request(reports: list[RoundReport], streams: int) -> dict[str, float
 
 def merge_cancellation(reports: list[RoundReport]) -> dict:
     """Totals over rounds (latency percentiles of the rounds are not merged: see each round)."""
-    out = {"hung_up": 0, "cancelled_in_engine": 0, "running_at_cancel_call": 0, "running_and_cancelled": 0,
+    out = {"hung_up": 0, "cancelled_in_engine": 0, "cancel_calls_answered": 0, "running_at_cancel_call": 0,
+           "running_and_cancelled": 0,
            "by_source": Counter()}
     freed, seen = [], []
     for r in reports:
         c = r.cancellation or {}
-        for key in ("hung_up", "cancelled_in_engine", "running_at_cancel_call", "running_and_cancelled"):
+        for key in ("hung_up", "cancelled_in_engine", "cancel_calls_answered", "running_at_cancel_call",
+                    "running_and_cancelled"):
             out[key] += c.get(key) or 0
         out["by_source"].update(c.get("by_source", {}))
         freed += c.get("freed_s", [])
