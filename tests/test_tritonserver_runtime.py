@@ -398,3 +398,26 @@ def test_port_helpers():
         sock.listen()
         assert not is_port_free(port)
         assert free_port(exclude=[port]) != port
+
+
+@pytest.mark.triton
+def test_launcher_watch_notices_a_fatal_signal(tmp_path):
+    """Triton's heap corruption ends in its own handler ("Signal (6) received."), after which the
+    process was seen hung while still answering ready: the launcher's watch reads it in the log."""
+    import signal as _signal
+
+    from chroma_triton.serving.launcher import ModelWatch
+
+    _find_or_skip()
+    repo = build_repository(tmp_path / "repo")
+    with TritonServer(repo, log_file=tmp_path / "server.log") as srv:
+        watch = ModelWatch()
+        watch.reset(srv)
+        assert watch.fault() is None
+        os.kill(srv.pid, _signal.SIGABRT)  # what glibc's "malloc(): ... detected" does
+        deadline = time.monotonic() + 20
+        fault = None
+        while fault is None and time.monotonic() < deadline:
+            fault = watch.fault()
+            time.sleep(0.1)
+    assert fault is not None and "fatal signal 6" in fault, (fault, srv.log_tail())
