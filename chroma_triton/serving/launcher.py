@@ -287,7 +287,7 @@ class ModelWatch:
         lines = chunk[:complete].decode(errors="replace").splitlines()
         for i, line in enumerate(lines):
             match = _FATAL_SIGNAL.match(line.strip())
-            if match:
+            if match and int(match.group(1)) not in _ORDERLY_SIGNALS:
                 before = lines[i - 1].strip() if i else ""
                 return f"signal {match.group(1)}" + (f" after {before!r}" if before else "")
         return None
@@ -313,6 +313,8 @@ class ModelWatch:
 
 #: What Triton's own signal handler prints (then it dumps a trace and exits, or hangs).
 _FATAL_SIGNAL = re.compile(r"^Signal \((\d+)\) received\.?$")
+#: SIGINT, SIGTERM: a shutdown someone asked for (Triton then exits by itself), not a fault.
+_ORDERLY_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
 def stub_model(pid: int) -> str | None:
