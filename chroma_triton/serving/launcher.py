@@ -284,13 +284,7 @@ class ModelWatch:
             return None
         complete = chunk.rfind(b"\n") + 1  # only whole lines; the rest is read next time
         self.log_offset += complete
-        lines = chunk[:complete].decode(errors="replace").splitlines()
-        for i, line in enumerate(lines):
-            match = _FATAL_SIGNAL.match(line.strip())
-            if match and int(match.group(1)) not in _ORDERLY_SIGNALS:
-                before = lines[i - 1].strip() if i else ""
-                return f"signal {match.group(1)}" + (f" after {before!r}" if before else "")
-        return None
+        return fatal_signal_in(chunk[:complete].decode(errors="replace").splitlines())
 
     def fault(self) -> str | None:
         caught = self.fatal_signal()
@@ -315,6 +309,16 @@ class ModelWatch:
 _FATAL_SIGNAL = re.compile(r"^Signal \((\d+)\) received\.?$")
 #: SIGINT, SIGTERM: a shutdown someone asked for (Triton then exits by itself), not a fault.
 _ORDERLY_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+def fatal_signal_in(lines: list[str]) -> str | None:
+    """"signal N after '<the line before>'" for Triton's first fatal-signal line, or None."""
+    for i, line in enumerate(lines):
+        match = _FATAL_SIGNAL.match(line.strip())
+        if match and int(match.group(1)) not in _ORDERLY_SIGNALS:
+            before = lines[i - 1].strip() if i else ""
+            return f"signal {match.group(1)}" + (f" after {before!r}" if before else "")
+    return None
 
 
 def stub_model(pid: int) -> str | None:
