@@ -185,15 +185,18 @@ class RoundReport:
     problems: list = field(default_factory=list)
     stream_seconds: dict = field(default_factory=dict)
     cancellation: dict = field(default_factory=dict)
+    rss_kib_at_idle: dict | None = None
 
 
 def soak(frontend_url: str, metrics_url: str, *, streams: int, rounds: int, disconnect: float,
          max_tokens: tuple[int, int], timeout: float, seed: int, rss_of=None, leaver_tokens: int = 1000,
          warmup: int = 0, log=lambda text: print(text, flush=True), triton_log=None,
-         frontend_log=None) -> list[RoundReport]:
+         frontend_log=None, rss_settle_s: float = 0.0) -> list[RoundReport]:
     """``warmup`` + ``rounds`` rounds; the warm-up rounds are checked like the others, but memory
     is compared over the measured rounds only (allocators and caches fill up in the first ones).
-    ``triton_log``: the Triton log file, to match hung-up clients with the engine's cancels."""
+    ``triton_log``: the Triton log file, to match hung-up clients with the engine's cancels.
+    ``rss_settle_s``: seconds to wait on the idle stack before reading VmRSS (an allocator such as
+    jemalloc returns freed pages after a delay); ``rss_kib_at_idle`` is read before that wait."""
     rng = random.Random(seed)
     reports = []
     for r in range(1, warmup + rounds + 1):
@@ -205,13 +208,16 @@ def soak(frontend_url: str, metrics_url: str, *, streams: int, rounds: int, disc
         time.sleep(0.5)  # let the metrics thread publish the last counters
         after = metrics(metrics_url)
         delta = {name: (after[name] or 0) - (before[name] or 0) for name in COUNTER_METRICS}
+        rss_at_idle = rss_of() if rss_of and rss_settle_s else None
+        if rss_settle_s:
+            time.sleep(rss_settle_s)
         kinds = Counter(o.kind for o in outcomes)
         durations = sorted(o.seconds for o in outcomes if o.kind == "completed")
         report = RoundReport(
             round=r, warmup=r <= warmup, seconds=round(seconds, 1), outcomes=dict(kinds),
             engine_after={k: after[k] for k in ("chroma_lm_active_requests", "chroma_lm_queued_requests")},
             counters_delta=delta, health_after=http_get(f"{frontend_url}/health")[0],
-            rss_kib=rss_of() if rss_of else {},
+            rss_kib=rss_of() if rss_of else {}, rss_kib_at_idle=rss_at_idle,
             stream_seconds={"p50": _pct(durations, 0.5), "p95": _pct(durations, 0.95), "max": _pct(durations, 1.0)},
             cancellation=cancellation_summary(outcomes, engine_cancels(triton_log),
                                               cancel_answers(frontend_log) if frontend_log else None) if triton_log else {})
@@ -305,6 +311,8 @@ def main(argv=None) -> int:
                    help="extra environment variable of tritonserver (repeatable), e.g. LD_PRELOAD=... or MALLOC_ARENA_MAX=2")
     p.add_argument("--no-cancel-call", action="store_true",
                    help="run the frontend without its control call to chroma_cancel (the old path only), to compare")
+    p.add_argument("--rss-settle", type=float, default=0.0,
+                   help="seconds the idle stack is left alone before VmRSS is read after each round")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workdir", default=None)
     p.add_argument("--report", default=None)
@@ -323,7 +331,7 @@ def main(argv=None) -> int:
                        disconnect=args.disconnect, max_tokens=(args.min_tokens, args.max_tokens), timeout=args.timeout,
                        seed=args.seed, rss_of=lambda: stack_rss(stack), leaver_tokens=args.leaver_tokens,
                        warmup=args.warmup_rounds, triton_log=stack.triton.log_path,
-                       frontend_log=stack.frontend.log_path)
+                       frontend_log=stack.frontend.log_path, rss_settle_s=args.rss_settle)
         growth = rss_growth(reports)
         problems = [f"round {r.round}: {p}" for r in reports for p in r.problems]
         problems += [f"{name} VmRSS grew {g}% over the measured rounds" for name, g in growth.items()
@@ -332,7 +340,7 @@ def main(argv=None) -> int:
                   "settings": {k: getattr(args, k) for k in ("streams", "rounds", "warmup_rounds", "disconnect",
                                                              "min_tokens", "max_tokens", "leaver_tokens", "max_batch",
                                                              "timeout", "seed", "max_rss_growth", "triton_env",
-                                                             "no_cancel_call")},
+                                                             "no_cancel_call", "rss_settle")},
                   "rss_kib_before": warm, "rounds": [vars(r) for r in reports],
                   "rss_growth_percent_measured_rounds": growth,
                   "rss_growth_kib_per_request": rss_per_request(reports, args.streams),
