@@ -288,6 +288,29 @@ def test_launch_environment(server):
     assert f"--http-port={server.http_port}" in argv and "--disable-auto-complete-config" in argv
 
 
+def _mapped(pid: int, library: Path) -> bool:
+    """Whether the process has ``library`` loaded (its memory maps name the file)."""
+    return library.resolve().name in Path(f"/proc/{pid}/maps").read_text()
+
+
+def test_allocator_preloaded_when_available(server):
+    """malloc="auto" (the default): jemalloc (else tcmalloc) is loaded into tritonserver and its
+    stubs when installed; "system" keeps glibc's; a wrong path is a clear error."""
+    library = ts.find_malloc_library()
+    if os.environ.get(ts.ENV_MALLOC, "auto") != "auto":
+        pytest.skip(f"{ts.ENV_MALLOC} is set")
+    assert server.malloc_library == library
+    stubs = [pid for pid in server.group_pids() if "triton_python_backend_stub" in _cmdline(pid)]
+    if library is None:
+        assert "LD_PRELOAD" not in server.environment() or "jemalloc" not in server.environment()["LD_PRELOAD"]
+        pytest.skip("no jemalloc/tcmalloc on this machine")
+    assert _mapped(server.pid, library) and stubs and all(_mapped(pid, library) for pid in stubs)
+    system = TritonServer(server.model_repository, malloc="system")
+    assert system.malloc_library is None and str(library) not in system.environment().get("LD_PRELOAD", "")
+    with pytest.raises(ts.TritonServerError, match="malloc library"):
+        TritonServer(server.model_repository, malloc="/no/such/libjemalloc.so.2")
+
+
 # --------------------------------------------------------------------------------------------
 # Own servers: lifecycle and failures
 # --------------------------------------------------------------------------------------------

@@ -73,6 +73,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="restarts of a crashed tritonserver/frontend within 10 minutes before giving up")
     p.add_argument("--log-verbose", type=int, default=0, help="Triton --log-verbose level")
     p.add_argument("--quiet", action="store_true", help="do not echo Triton's log to stderr")
+    p.add_argument("--malloc", default=os.environ.get("CHROMA_TRITON_MALLOC", "auto"),
+                   help="allocator of tritonserver and its model processes: auto (jemalloc, else tcmalloc, when "
+                        "installed; else glibc's), system, or a library path (default: $CHROMA_TRITON_MALLOC or auto)")
     p.add_argument("--no-frontend", action="store_true", help="serve Triton only")
     p.add_argument("--allowed-local-media-path", action="append", default=None, metavar="DIR",
                    help="folder whose files requests may name by path (repeatable; default: the project's assets/)")
@@ -408,7 +411,10 @@ class Launcher:
         log.info("tritonserver: %s (%s)", install.binary, install.kind)
         self.server = TritonServer(
             repo, http_port=a.triton_http_port, grpc_port=a.triton_grpc_port, metrics_port=a.triton_metrics_port,
-            address=triton_host, log_file=workdir / "tritonserver.log", log_verbose=a.log_verbose, install=install)
+            address=triton_host, log_file=workdir / "tritonserver.log", log_verbose=a.log_verbose, install=install,
+            malloc=a.malloc)
+        if self.server.malloc_library is not None:
+            log.info("tritonserver allocator: %s (LD_PRELOAD; --malloc system for glibc's)", self.server.malloc_library)
         self._install_signals()
         echo = None if a.quiet else _LogEcho(workdir / "tritonserver.log")
         if echo:
