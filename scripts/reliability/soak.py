@@ -324,7 +324,8 @@ def main(argv=None) -> int:
     stack = start_stack(workdir, lm_params={"max_batch": str(args.max_batch)},
                         frontend_args=default_frontend_args(*(["--triton-cancel-model", ""] if args.no_cancel_call else []),
                                                             request_timeout=args.timeout), triton_env=triton_env)
-    print(f"stack up: frontend {stack.frontend.url}, metrics {stack.triton.metrics_url}; logs in {workdir}", flush=True)
+    print(f"stack up: frontend {stack.frontend.url}, metrics {stack.triton.metrics_url}; logs in {workdir}; "
+          f"tritonserver allocator: {stack.triton.malloc_library or 'glibc'}", flush=True)
     try:
         warm = stack_rss(stack)
         reports = soak(stack.frontend.url, stack.triton.metrics_url, streams=args.streams, rounds=args.rounds,
@@ -337,6 +338,7 @@ def main(argv=None) -> int:
         problems += [f"{name} VmRSS grew {g}% over the measured rounds" for name, g in growth.items()
                      if g > args.max_rss_growth]
         report = {"run": vars(info), "revision": git_revision(),
+                  "triton_malloc": str(stack.triton.malloc_library or "glibc"),
                   "settings": {k: getattr(args, k) for k in ("streams", "rounds", "warmup_rounds", "disconnect",
                                                              "min_tokens", "max_tokens", "leaver_tokens", "max_batch",
                                                              "timeout", "seed", "max_rss_growth", "triton_env",
