@@ -284,7 +284,7 @@ def test_cancel_call_stops_a_running_ensemble_request(server, question_wav, ref_
     assert metrics(server)["chroma_lm_cancelled_total"] >= before.get("chroma_lm_cancelled_total", 0) + 1
     assert wait_for(lambda: idle(server), what="free rows")
     log = server.log_tail(lines=400)
-    assert re.search(rf"cancelled request id={re.escape(rid)} source=control posted=\d", log), log[-2000:]
+    assert re.search(rf"cancelled request id={re.escape(rid)} source=control posted=\d.* reason=cancelled", log), log[-2000:]
 
 
 def test_cancel_call_answers_for_unknown_ids_and_refuses_empty_ones(server):

@@ -49,7 +49,8 @@ class Outcome:
     left_at: float | None = None  # wall clock (time.time()) when the client hung up
 
 
-_CANCEL_LINE = re.compile(r"cancelled request id=(\S+) source=(\w+) posted=(\S+) seen=([0-9.]+) freed=([0-9.]+) frames=(\S+)")
+_CANCEL_LINE = re.compile(r"cancelled request id=(\S+) source=(\w+) posted=(\S+) seen=([0-9.]+) freed=([0-9.]+) "
+                          r"frames=(\S+)(?: reason=(\S+))?")
 
 
 def engine_cancels(log_path) -> dict[str, dict]:
@@ -60,6 +61,8 @@ def engine_cancels(log_path) -> dict[str, dict]:
     except OSError:
         return out
     for m in _CANCEL_LINE.finditer(text):
+        if m.group(7) not in (None, "cancelled", "-"):
+            continue  # the reply had ended by itself just before the cancel arrived
         out[m.group(1)] = {"source": m.group(2), "seen": float(m.group(4)), "freed": float(m.group(5)),
                            "frames": m.group(6)}
     return out

@@ -164,10 +164,12 @@ class TritonPythonModel:
             if note["source"] is not None:
                 # One line per cancelled request (scripts/reliability/soak.py reads them): how the
                 # cancel came, when it was posted and seen, and when the engine gave up the row.
-                log.info("cancelled request id=%s source=%s posted=%s seen=%.3f freed=%.3f frames=%s",
+                # reason: "cancelled", or how the reply ended when it ended just before the cancel.
+                log.info("cancelled request id=%s source=%s posted=%s seen=%.3f freed=%.3f frames=%s reason=%s",
                          rid or "-", note["source"], "-" if note["posted"] is None else f"{note['posted']:.3f}",
                          note["seen"] or 0.0, note["freed"] or time.time(),
-                         finished.audio_frames if finished is not None else "-")
+                         finished.audio_frames if finished is not None else "-",
+                         finished.reason if finished is not None else "-")
             try:
                 self._update_metrics()
             except Exception:  # noqa: BLE001
