@@ -15,6 +15,7 @@ import hashlib
 import io
 import math
 import os
+import re
 from dataclasses import dataclass
 from typing import Union
 
@@ -299,12 +300,20 @@ def _sniff_format(head: bytes) -> str | None:
     return None
 
 
+def _reason(exc: Exception) -> str:
+    """libsndfile's own words, without soundfile's "Error opening <_io.BytesIO object at 0x…>: "
+    prefix (an object representation means nothing to a client)."""
+    text = getattr(exc, "error_string", None) or str(exc)
+    text = re.sub(r"^Error opening <[^>]*>: ", "", str(text))
+    return re.sub(r"<_io\.\w+ object at 0x[0-9a-fA-F]+>", "the data", text).strip() or type(exc).__name__
+
+
 def _unreadable_error(head: bytes, exc: Exception) -> AudioDecodeError:
     """Explain why libsndfile could not read a file, using its magic bytes to guess what it is."""
     fmt = _sniff_format(head)
     if fmt is not None:
         return AudioDecodeError(
-            f"could not decode the {fmt} audio, the file looks truncated or corrupt ({exc}); "
+            f"could not decode the {fmt} audio, the file looks truncated or corrupt ({_reason(exc)}); "
             f"re-encode it or {_ACCEPTED_HINT}"
         )
     if all(32 <= b < 127 or b in b"\t\r\n" for b in head):

@@ -24,6 +24,9 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, Setti
                    help="let browser pages from ORIGIN (e.g. https://app.example.com, or *) call the API; repeatable")
     p.add_argument("--model-name", default=d.model_name, help="the model id clients send")
     p.add_argument("--triton-model", default=d.triton_model, help="the Triton ensemble to call")
+    p.add_argument("--triton-cancel-model", default=d.triton_cancel_model,
+                   help="the Triton control model the frontend calls to cancel an abandoned request in the "
+                        "engine at once ('' = rely on the gRPC cancel only)")
     p.add_argument("--voices-dir", default=d.voices_dir, help="named voices: <name>.wav + <name>.txt pairs")
     p.add_argument("--max-body-bytes", type=int, default=d.max_body_bytes)
     p.add_argument("--max-audio-seconds", type=float, default=d.max_audio_seconds,
@@ -40,6 +43,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, Setti
         settings = Settings(
             triton_grpc_url=args.triton_grpc_url,
             triton_model=args.triton_model,
+            triton_cancel_model=args.triton_cancel_model,
             model_name=args.model_name,
             allowed_local_media_paths=tuple(os.path.abspath(path) for path in args.allowed_local_media_path),
             voices_dir=args.voices_dir,

@@ -294,7 +294,8 @@ def create_app(settings: Settings | None = None, *, backend: ChatBackend | None 
     settings = settings or Settings()
     if backend is None:
         backend = TritonBackend(settings.triton_grpc_url, settings.triton_model,
-                                request_timeout=settings.request_timeout, health_timeout=settings.health_timeout)
+                                request_timeout=settings.request_timeout, health_timeout=settings.health_timeout,
+                                cancel_model=settings.triton_cancel_model)
     media = MediaResolver(settings.allowed_local_media_paths, max_bytes=settings.max_body_bytes)
     voices = VoiceLibrary.load(settings.voices_dir, settings.max_prompt_audio_seconds)
 

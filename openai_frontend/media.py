@@ -201,6 +201,10 @@ def check_audio(data: bytes, param: str, max_seconds: float) -> float:
         raise InvalidRequest(
             f"{param}: the WAV file is truncated: its header promises {missing} more bytes of samples than it "
             f"holds (an upload cut short?); send the whole file", param=param, code="invalid_audio")
+    cut = ogg_truncation(data) or mp3_truncation(data)
+    if cut:
+        raise InvalidRequest(f"{param}: {cut} (an upload cut short?); send the whole file", param=param,
+                             code="invalid_audio")
     if seconds > max_seconds:
         raise InvalidRequest(
             f"{param}: audio is {seconds:.1f} s long, the limit is {max_seconds:g} s; send a shorter clip",
@@ -232,3 +236,88 @@ def wav_missing_bytes(data: bytes) -> int:
             return max(0, size - (len(data) - offset - 8))
         offset += 8 + size + (size & 1)  # chunks are padded to an even size
     return 0
+
+
+# -- truncated OGG and MP3 ---------------------------------------------------------------------------
+# libsndfile decodes the part of a cut OGG or MP3 file that is there (a shorter clip, no error), so
+# the frontend checks the containers' own framing: an OGG file ends with a complete page flagged
+# "end of stream"; an MP3 file's last frame is complete, and its Xing/Info header (LAME writes one)
+# says how many frames and bytes follow.
+
+
+def ogg_truncation(data: bytes) -> str | None:
+    """Why an OGG file is cut short, or None (complete, not OGG, or damaged in a way the decoder
+    will report itself)."""
+    if data[:4] != b"OggS":
+        return None
+    offset, ended = 0, False
+    while offset < len(data):
+        if data[offset:offset + 4] != b"OggS":
+            return None  # not a page boundary: corrupt rather than cut; libsndfile decides
+        if offset + 27 > len(data):
+            return "the OGG file is truncated: its last page header is cut"
+        segments = data[offset + 26]
+        if offset + 27 + segments > len(data):
+            return "the OGG file is truncated: its last page header is cut"
+        body = sum(data[offset + 27:offset + 27 + segments])
+        end = offset + 27 + segments + body
+        if end > len(data):
+            return f"the OGG file is truncated: its last page lacks {end - len(data)} bytes"
+        ended = bool(data[offset + 5] & 0x04)
+        offset = end
+    return None if ended else "the OGG file is truncated: it ends without an end-of-stream page"
+
+
+_L3_KBPS = {1: (0, 32, 40, 48, 56, 64, 80, 96, 112, 128, 160, 192, 224, 256, 320),
+            2: (0, 8, 16, 24, 32, 40, 48, 56, 64, 80, 96, 112, 128, 144, 160)}
+_MPEG_RATES = {3: (44100, 48000, 32000), 2: (22050, 24000, 16000), 0: (11025, 12000, 8000)}
+
+
+def _mp3_frame(data: bytes, offset: int) -> tuple[int, int, int] | None:
+    """(frame length, MPEG version bits, channel mode) of an MPEG audio layer III frame header."""
+    if offset + 4 > len(data) or data[offset] != 0xFF or data[offset + 1] & 0xE0 != 0xE0:
+        return None
+    b1, b2 = data[offset + 1], data[offset + 2]
+    version, layer, kbps_index, rate_index = (b1 >> 3) & 3, (b1 >> 1) & 3, b2 >> 4, (b2 >> 2) & 3
+    if version == 1 or layer != 1 or kbps_index in (0, 15) or rate_index == 3:
+        return None  # not layer III (or free format): not checked
+    kbps = _L3_KBPS[1 if version == 3 else 2][kbps_index]
+    length = (144 if version == 3 else 72) * kbps * 1000 // _MPEG_RATES[version][rate_index] + ((b2 >> 1) & 1)
+    return length, version, data[offset + 3] >> 6
+
+
+def mp3_truncation(data: bytes) -> str | None:
+    """Why an MP3 (MPEG-1/2/2.5 layer III) file is cut short, or None."""
+    offset = 0
+    if data[:3] == b"ID3" and len(data) >= 10:
+        offset = 10 + ((data[6] << 21) | (data[7] << 14) | (data[8] << 7) | data[9]) + (10 if data[5] & 0x10 else 0)
+    first = _mp3_frame(data, offset)
+    if first is None:
+        return None
+    start, frames, promised = offset, 0, None
+    length, version, mode = first
+    side = (32 if mode != 3 else 17) if version == 3 else (17 if mode != 3 else 9)
+    tag = offset + 4 + side
+    if data[tag:tag + 4] in (b"Xing", b"Info") and tag + 8 <= len(data):
+        flags = int.from_bytes(data[tag + 4:tag + 8], "big")
+        field = tag + 8
+        if flags & 1 and field + 4 <= len(data):
+            promised = {"frames": int.from_bytes(data[field:field + 4], "big")}
+            field += 4
+        if flags & 2 and field + 4 <= len(data):
+            promised = {**(promised or {}), "bytes": int.from_bytes(data[field:field + 4], "big")}
+        offset += length  # the tag frame holds no audio
+    while offset < len(data):
+        frame = _mp3_frame(data, offset)
+        if frame is None:
+            break  # a trailing tag (ID3v1 "TAG", APE) or damage: not a cut
+        if offset + frame[0] > len(data):
+            return f"the MP3 file is truncated: its last frame lacks {offset + frame[0] - len(data)} bytes"
+        frames += 1
+        offset += frame[0]
+    if promised and promised.get("frames", 0) > frames:
+        return f"the MP3 file is truncated: its header promises {promised['frames']} frames, it holds {frames}"
+    if promised and promised.get("bytes", 0) > len(data) - start:
+        return (f"the MP3 file is truncated: its header promises {promised['bytes']} bytes, "
+                f"it holds {len(data) - start}")
+    return None

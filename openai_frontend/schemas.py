@@ -34,7 +34,9 @@ def normalize_output_format(value: str) -> str:
 
 class _Model(BaseModel):
     # Unknown fields are ignored, as the seed server and most OpenAI-compatible servers do.
-    model_config = ConfigDict(extra="ignore")
+    # Strict types, as OpenAI's API: "10" is not an integer and "yes" not a boolean (an integer
+    # is still accepted where a number is expected).
+    model_config = ConfigDict(extra="ignore", strict=True)
 
 
 # -- content parts ------------------------------------------------------------------------------

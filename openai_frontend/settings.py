@@ -33,12 +33,15 @@ class Settings:
       bound on one reply, so a typo cannot keep a decoding slot busy for hours.
     * ``cors_allow_origins`` none: browsers may not call the API from other origins unless an
       origin (or ``*``) is listed; server-to-server clients are not affected by CORS.
+    * ``triton_cancel_model`` ``chroma_cancel``: the control model told the id of every request the
+      frontend abandons, so that ``chroma_lm`` frees its row at once (docs/reliability.md).
     * ``request_timeout`` 600 s: the gRPC deadline of one request's whole stream; a stuck
       server costs a client at most this long, then a 504.
     """
 
     triton_grpc_url: str = "localhost:8001"
     triton_model: str = "chroma"
+    triton_cancel_model: str = "chroma_cancel"  # "" = no control call (gRPC cancel only)
     model_name: str = "chroma"
     allowed_local_media_paths: tuple[str, ...] = ()
     voices_dir: str | None = str(DEFAULT_VOICES_DIR) if DEFAULT_VOICES_DIR.is_dir() else None

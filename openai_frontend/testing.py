@@ -115,10 +115,12 @@ class ChromaStack:
     (:func:`shared_chroma_stack`).
     """
 
-    def __init__(self, workdir: str | os.PathLike, *, frontend_args: Sequence[str] = (), repository=None):
+    def __init__(self, workdir: str | os.PathLike, *, frontend_args: Sequence[str] = (), repository=None,
+                 triton_env: dict[str, str] | None = None):
         self.workdir = Path(workdir)
         self.frontend_args = list(frontend_args)
         self.repository = repository
+        self.triton_env = dict(triton_env or {})  # extra environment of tritonserver (e.g. allocator settings)
         self.triton = None
         self.frontend: FrontendProcess | None = None
 
@@ -127,7 +129,7 @@ class ChromaStack:
 
         self.workdir.mkdir(parents=True, exist_ok=True)
         repository = self.repository or render_repository(self.workdir / "model_repository")
-        self.triton = TritonServer(repository, log_file=self.workdir / "tritonserver.log")
+        self.triton = TritonServer(repository, log_file=self.workdir / "tritonserver.log", env=self.triton_env)
         try:
             self.triton.start(timeout=timeout)
             self.frontend = FrontendProcess(self.triton.grpc_url, args=self.frontend_args,

@@ -12,7 +12,12 @@ uses (``tritonclient.grpc.service_pb2_grpc``) on a ``grpc.aio`` channel, respons
 ``tritonclient.grpc.InferResult``, and the health checks use the aio client as is.
 
 Cancellation: when the consumer stops early (``aclose()`` / task cancelled) the gRPC call is
-cancelled; Triton then cancels the request in flight, and ``chroma_lm`` frees its slot.
+cancelled, and a control request goes straight to the model ``chroma_cancel`` naming the request
+id: Triton 2.51 does not pass the gRPC cancel to the decoupled ``chroma_lm`` step already running
+inside the ensemble, and the fallback path (``codec_decoder`` flags it) waits in the codec's
+queue; the control call reaches ``chroma_lm``'s engine within milliseconds
+(``chroma_triton/serving/cancel_board.py``). It is sent in the background and never delays or
+fails the request's own handling.
 
 Errors are classified here, once: Triton's ``invalid request: ...`` -> 400 (param guessed from
 the message), ``internal error: ...`` -> 500, unknown/unloaded model and an unreachable server
@@ -74,11 +79,16 @@ def encode_bytes(items: Sequence[bytes]) -> bytes:
 
 class TritonBackend:
     def __init__(self, url: str, model: str = "chroma", *, request_timeout: float = 600.0,
-                 health_timeout: float = 2.0):
+                 health_timeout: float = 2.0, cancel_model: str | None = "chroma_cancel",
+                 cancel_timeout: float = 5.0):
         self.url = url
         self.model = model
         self.request_timeout = request_timeout
         self.health_timeout = health_timeout
+        self.cancel_model = cancel_model or None  # None/"": only the gRPC cancel
+        self.cancel_timeout = cancel_timeout
+        self._cancels: set[asyncio.Task] = set()  # control calls in flight (kept referenced)
+        self.cancel_calls = {"sent": 0, "running": 0, "failed": 0}
         self._channel: grpc.aio.Channel | None = None
         self._stub: service_pb2_grpc.GRPCInferenceServiceStub | None = None
         self._client: InferenceServerClient | None = None
@@ -96,6 +106,8 @@ class TritonBackend:
         return self._client
 
     async def close(self) -> None:
+        if self._cancels:
+            await asyncio.wait(list(self._cancels), timeout=self.cancel_timeout)
         if self._channel is not None:
             await self._channel.close()
         if self._client is not None:
@@ -155,7 +167,41 @@ class TritonBackend:
             writes_done.set()
             if not completed:
                 call.cancel()
+                self.cancel_in_engine(request.request_id)
                 log.info("request %s: cancelling the Triton request", request.request_id)
+
+    def cancel_in_engine(self, request_id: str) -> asyncio.Task | None:
+        """Send the control call that cancels ``request_id`` in ``chroma_lm`` (in the background)."""
+        if not self.cancel_model or not request_id:
+            return None
+        task = asyncio.get_running_loop().create_task(self._cancel_call(request_id))
+        self._cancels.add(task)
+        task.add_done_callback(self._cancels.discard)
+        return task
+
+    async def _cancel_call(self, request_id: str) -> bool | None:
+        """``True``/``False``: whether the request was running in the engine; ``None``: failed."""
+        msg = service_pb2.ModelInferRequest(model_name=self.cancel_model, id=f"cancel-{request_id}")
+        tensor = msg.inputs.add()
+        tensor.name, tensor.datatype = "request_id", "BYTES"
+        tensor.shape.append(1)
+        msg.raw_input_contents.append(encode_bytes([request_id.encode()]))
+        self.cancel_calls["sent"] += 1
+        try:
+            response = await self._get_stub().ModelInfer(msg, timeout=self.cancel_timeout)
+            running = bool(InferResult(response).as_numpy("running").reshape(-1)[0])
+        except (grpc.aio.AioRpcError, InferenceServerException, ValueError, IndexError, AttributeError) as exc:
+            self.cancel_calls["failed"] += 1
+            detail = exc.details() if isinstance(exc, grpc.aio.AioRpcError) else str(exc)
+            warn = log.warning if self.cancel_calls["failed"] <= 3 else log.debug  # e.g. a repository without it
+            warn("request %s: the cancel call to %r failed (%s); the engine learns of it through the "
+                        "ensemble instead, later", request_id, self.cancel_model, _short(detail or repr(exc)))
+            return None
+        self.cancel_calls["running"] += running
+        # "running=False": the engine had finished the request already (or it has not reached the
+        # engine yet, and the marker will stop it when it does).
+        log.info("request %s: cancel call answered: running=%s", request_id, running)
+        return running
 
     def _infer_request(self, request: ChatRequest) -> service_pb2.ModelInferRequest:
         msg = service_pb2.ModelInferRequest(model_name=self.model, id=request.request_id)

@@ -345,6 +345,12 @@ def test_non_stream_errors_from_engine(client):
 @pytest.mark.parametrize("extra,param,contains", [
     ({"temperature": 5}, "temperature", "less than or equal to 2"),
     ({"temperature": "hot"}, "temperature", "valid number"),
+    # strict JSON types, as OpenAI: a numeric string is not a number, "yes"/1 is not a boolean
+    ({"temperature": "0.5"}, "temperature", "valid number"),
+    ({"max_tokens": "10"}, "max_tokens", "valid integer"),
+    ({"seed": 1.0}, "seed", "valid integer"),
+    ({"stream": "yes"}, "stream", "valid boolean"),
+    ({"stream": 1}, "stream", "valid boolean"),
     ({"top_p": 0}, "top_p", "greater than 0"),
     ({"top_k": -1}, "top_k", "greater than or equal to 0"),
     ({"max_tokens": 0}, "max_tokens", "greater than or equal to 1"),
@@ -427,6 +433,30 @@ def test_non_audio_bytes(client):
     # A WAV header that promises more samples than the file holds: an upload cut short.
     assert_error(post(client, _input_audio(base64.b64encode(wav[:2000]).decode())), 400, OPENAI_PARAM,
                  code="invalid_audio", contains="truncated")
+
+
+def test_truncated_ogg_and_mp3_are_detected():
+    """libsndfile decodes the part of a cut OGG/MP3 that is there; the container framing shows the cut."""
+    from chroma_triton.audio_io import encode_audio
+    from openai_frontend.media import mp3_truncation, ogg_truncation
+
+    x = (0.3 * np.sin(np.arange(24000 * 2) / 10)).astype(np.float32)
+    for fmt, check in (("ogg", ogg_truncation), ("opus", ogg_truncation), ("mp3", mp3_truncation)):
+        for channels in (1, 2):
+            data = encode_audio(x if channels == 1 else np.stack([x, x], 1), 24000, fmt)
+            assert check(data) is None, fmt
+            for share in (0.3, 0.5, 0.9, 0.99):
+                assert "truncated" in (check(data[: int(len(data) * share)]) or ""), (fmt, channels, share)
+    # Cut exactly at a frame boundary: the Xing/Info header's frame count still tells.
+    from openai_frontend.media import _mp3_frame
+
+    mp3 = encode_audio(x, 24000, "mp3")
+    starts, offset = [], 0
+    while offset < len(mp3):
+        starts.append(offset)
+        offset += _mp3_frame(mp3, offset)[0]
+    assert "promises" in mp3_truncation(mp3[: starts[len(starts) // 2]])
+    assert ogg_truncation(b"RIFF....WAVE") is None and mp3_truncation(b"RIFF....WAVE") is None
 
 
 def test_local_paths_are_confined(client, tmp_path):

@@ -261,3 +261,27 @@ def test_disconnect_frees_the_slot(stack, stream):
         assert _wait_metric(stack, "chroma_lm_active_requests", lambda v: v == 1, timeout=10) == 1
     assert _wait_metric(stack, "chroma_lm_active_requests", lambda v: v == 0, timeout=10) == 0
     assert _wait_metric(stack, "chroma_lm_cancelled_total", lambda v: v == cancelled + 1, timeout=5) == cancelled + 1
+
+
+def test_hang_up_cancels_through_the_control_call(stack):
+    """The frontend tells chroma_lm directly (model chroma_cancel) when a client hangs up, instead
+    of relying on the ensemble (Triton 2.51 does not pass the cancel to the running chroma_lm step;
+    the fallback waits in codec_decoder's queue): the engine logs the cancel with source=control."""
+    body = json.dumps({"model": "chroma", "stream": True, "max_tokens": 2000, "seed": 3,
+                       "messages": [{"role": "user", "content": "Tell me a long story."}]}).encode()
+    with socket.create_connection(("127.0.0.1", stack.frontend.port), timeout=60) as sock:
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     + f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
+        received = b""
+        while received.count(b"data: ") < 2:
+            chunk = sock.recv(65536)
+            assert chunk, received[-500:]
+            received += chunk
+        head = received.split(b"\r\n\r\n", 1)[0].decode("latin-1")
+        rid = next(line.split(":", 1)[1].strip() for line in head.split("\r\n") if line.lower().startswith("x-request-id:"))
+    pattern = f"cancelled request id={rid} source="
+    deadline = time.monotonic() + 30
+    while pattern not in stack.triton.log_tail(lines=2000) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    lines = [line for line in stack.triton.log_tail(lines=2000).splitlines() if pattern in line]
+    assert lines and f"{pattern}control " in lines[-1], lines or stack.triton.log_tail(lines=40)

@@ -33,6 +33,15 @@ MAX_AUDIO_S = 10
 MAX_PROMPT_S = 8
 MAX_BODY = 2 * 1024 * 1024
 WAV = (ASSETS / "question_audio.wav").read_bytes()
+
+
+def _encoded(fmt: str) -> bytes:
+    from chroma_triton.audio_io import decode_audio, encode_audio
+
+    return encode_audio(decode_audio(WAV, 16000)[:16000 * 3], 16000, fmt)
+
+
+MP3, OGG = _encoded("mp3"), _encoded("ogg")
 AUDIO_PARAM = "messages[0].content[0].input_audio.data"
 SEED_PARAM = "messages[0].content[0].audio"
 
@@ -146,6 +155,10 @@ CATALOGUE = [
     ("unsupported output format (seed)", chat(audio_format="m4a"), 400, None, "audio_format", "unsupported audio format"),
     ("truncated WAV (data cut)", with_audio(b64(WAV[: len(WAV) // 2])), 400, "invalid_audio", AUDIO_PARAM, "truncated"),
     ("truncated WAV (header cut)", with_audio(b64(WAV[:30])), 400, "invalid_audio", AUDIO_PARAM, "truncated or corrupt"),
+    ("truncated MP3 (last frame cut)", with_audio(b64(MP3[: len(MP3) // 2 + 7]), fmt="mp3"), 400, "invalid_audio",
+     AUDIO_PARAM, "MP3 file is truncated"),
+    ("truncated OGG (last page cut)", with_audio(b64(OGG[: len(OGG) * 2 // 3]), fmt="ogg"), 400, "invalid_audio",
+     AUDIO_PARAM, "OGG file is truncated"),
     ("base64 with junk", with_audio(B64_WAV[:200] + "$%^&" + B64_WAV[200:]), 400, "invalid_base64", AUDIO_PARAM,
      "not a base64 character"),
     ("base64 cut short", with_audio(B64_WAV[:-3]), 400, "invalid_base64", AUDIO_PARAM, "not a multiple of 4"),

@@ -45,13 +45,21 @@ def test_mini_soak(stack):
     lines = []
     reports = soak(stack.frontend.url, stack.triton.metrics_url, streams=STREAMS, rounds=ROUNDS, warmup=1,
                    disconnect=0.3, max_tokens=(8, 16), timeout=120, seed=7, rss_of=lambda: stack_rss(stack),
-                   leaver_tokens=200, log=lines.append)
+                   leaver_tokens=200, log=lines.append, triton_log=stack.triton.log_path,
+                   frontend_log=stack.frontend.log_path)
     text = "\n".join(lines)
     for report in reports:
         assert report.problems == [], text
         assert report.outcomes.get("completed", 0) + report.outcomes.get("disconnected", 0) == STREAMS, text
         # 7 clients hang up; one whose random reply ends before its first audio events completes instead.
         assert report.outcomes.get("disconnected", 0) >= round(STREAMS * 0.3) - 2, text
+        # The frontend sent the control call (chroma_cancel) for every client that hung up, and
+        # every request still generating in the engine then was cancelled there. (How many were
+        # still generating depends on the load: the engine may finish a reply before its client
+        # has read the first chunks; one may reach its natural end just as the call comes.)
+        c = report.cancellation
+        assert c["cancel_calls_answered"] == c["hung_up"], text
+        assert c["running_and_cancelled"] >= c["running_at_cancel_call"] - 1, text
     first, last = reports[1].rss_kib, reports[-1].rss_kib
     assert {"tritonserver", "frontend", "stub:chroma_lm", "stub:audio_encoder", "stub:codec_decoder"} <= set(last), last
     growth = {name: last[name] - first[name] for name in first}

@@ -282,3 +282,56 @@ def test_codec_decoder_batches_concurrent_chunks_of_different_lengths(server, co
         assert isinstance(audio, np.ndarray), audio
         assert audio.shape == (1, (len(codes) - ctx) * FRAME)
         np.testing.assert_allclose(audio[0], codec.decode_chunk(codes.astype(np.int64), ctx), atol=1e-4)
+
+
+# -- the control call: chroma_cancel --------------------------------------------------------------
+def cancel_call(server, *ids) -> np.ndarray:
+    """Call the control model chroma_cancel over HTTP (it is not decoupled: plain /infer works)."""
+    import tritonclient.http as httpclient
+
+    client = httpclient.InferenceServerClient(server.http_url)
+    try:
+        inp = httpclient.InferInput("request_id", [len(ids)], "BYTES")
+        inp.set_data_from_numpy(np.array([i.encode() for i in ids], dtype=object))
+        return client.infer("chroma_cancel", [inp]).as_numpy("running")
+    finally:
+        client.close()
+
+
+def test_cancel_call_stops_a_running_ensemble_request(server, question_wav, ref_voice):
+    """Triton 2.51 never tells the running decoupled chroma_lm step of an ensemble request that
+    its client cancelled; the control call does, by request id, while the client's stream stays
+    open: the reply ends at once with finish_reason "cancelled" and the row is free again."""
+    before = metrics(server)
+    for seed in (2, 5, 11):  # the random demo model may end a reply early: then try another seed
+        rid = f"ctl-{seed}-{time.monotonic_ns()}"
+        arrays = P.ensemble_inputs(user_turn(), [question_wav], ref_voice[0], ref_voice[1], max_tokens=2000, seed=seed)
+        stream = Stream(server, arrays, request_id=rid)
+        for _ in range(2):
+            stream.next(timeout=30)
+        running = cancel_call(server, rid)
+        out = stream.collect(timeout=60)
+        if running.tolist() == [True]:
+            break
+    else:
+        pytest.skip("the demo model ended every reply before the cancel call")
+    assert out["finish_reason"] == "cancelled" and out["finals"] == 1, out["finish_reason"]
+    assert out["usage"][2] < 2000
+    assert metrics(server)["chroma_lm_cancelled_total"] >= before.get("chroma_lm_cancelled_total", 0) + 1
+    assert wait_for(lambda: idle(server), what="free rows")
+    log = server.log_tail(lines=400)
+    assert re.search(rf"cancelled request id={re.escape(rid)} source=control posted=\d.* reason=cancelled", log), log[-2000:]
+
+
+def test_cancel_call_answers_for_unknown_ids_and_refuses_empty_ones(server):
+    import tritonclient.http as httpclient
+    from tritonclient.utils import InferenceServerException
+
+    assert cancel_call(server, "no-such-request", "another").tolist() == [False, False]
+    with pytest.raises(InferenceServerException, match="invalid request: request_id"):
+        cancel_call(server, "")
+    client = httpclient.InferenceServerClient(server.http_url)
+    try:
+        assert client.is_model_ready("chroma_cancel")
+    finally:
+        client.close()

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 import socket
 import subprocess
 import sys
@@ -18,7 +19,7 @@ import torch
 from chroma_triton.engine import AudioChunk, Finished, RequestFailed, TextDelta
 from chroma_triton.errors import EngineError, InvalidRequestError
 from chroma_triton.serving import protocol as P
-from chroma_triton.serving.cancel_board import CancelBoard
+from chroma_triton.serving.cancel_board import CONTROL_GRACE_S, CancelBoard, CancelWatch, live_key, request_key
 from chroma_triton.serving.model_args import ModelArgs, resolve_default_voice, thinker_backend
 from chroma_triton.serving.repository import RenderSpec, parse_config, render_configs, render_repository
 from chroma_triton.serving.triton_codec import chunk_plan, streaming_difference
@@ -120,6 +121,42 @@ def test_cancel_board(tmp_path):
     assert not board.is_posted("abc")
     board.post("../escape")  # not a key: ignored
     assert not (tmp_path.parent / "escape").exists()
+
+
+def test_cancel_watch_control_and_codec_markers(tmp_path):
+    board = CancelBoard(tmp_path)
+    watch = CancelWatch(board, period_s=3600)  # passes are run by hand below
+    try:
+        fired = []
+        now = time.time()
+        a = watch.register([request_key("req a"), "streamA"], now, lambda src, at: fired.append(("a", src)))
+        watch.register([request_key("b/../c"), "streamB"], now, lambda src, at: fired.append(("b", src)))
+        assert watch.check() == 0 and fired == []
+        # the control call: any request id (hashed into a valid marker name); reports "running"
+        board.post(live_key("req a"))
+        assert board.cancel_request("req a") is True and board.cancel_request("unknown") is False
+        assert watch.check() == 1 and fired == [("a", "control")]
+        assert watch.check() == 0  # once per request
+        board.post("streamB")  # the codec path
+        assert watch.check() == 1 and fired[-1] == ("b", "watch")
+        watch.unregister(a)
+        # a control marker older than the grace period belongs to an earlier request with that id
+        board.post(request_key("old"))
+        stale = time.time() - CONTROL_GRACE_S - 10
+        os.utime(tmp_path / request_key("old"), (stale, stale))
+        watch.register([request_key("old")], time.time(), lambda src, at: fired.append(("old", src)))
+        assert watch.check() == 0
+        # ... but one posted before the request reached chroma_lm (within the grace) counts
+        board.post(request_key("early"))
+        watch.register([request_key("early")], time.time() + 5, lambda src, at: fired.append(("early", src)))
+        assert watch.check() == 1 and fired[-1] == ("early", "control")
+        assert request_key("x") != request_key("y") and board._path(request_key("a" * 500)) is not None
+        # the sweep leaves live markers of running requests alone
+        os.utime(tmp_path / live_key("req a"), (stale, stale))
+        board.sweep(older_than_s=1)
+        assert board.is_posted(live_key("req a")) and not board.is_posted(request_key("old"))
+    finally:
+        watch.close()
 
 
 def test_model_args_and_backends():

@@ -288,6 +288,29 @@ def test_launch_environment(server):
     assert f"--http-port={server.http_port}" in argv and "--disable-auto-complete-config" in argv
 
 
+def _mapped(pid: int, library: Path) -> bool:
+    """Whether the process has ``library`` loaded (its memory maps name the file)."""
+    return library.resolve().name in Path(f"/proc/{pid}/maps").read_text()
+
+
+def test_allocator_preloaded_when_available(server):
+    """malloc="auto" (the default): jemalloc (else tcmalloc) is loaded into tritonserver and its
+    stubs when installed; "system" keeps glibc's; a wrong path is a clear error."""
+    library = ts.find_malloc_library()
+    if os.environ.get(ts.ENV_MALLOC, "auto") != "auto":
+        pytest.skip(f"{ts.ENV_MALLOC} is set")
+    assert server.malloc_library == library
+    stubs = [pid for pid in server.group_pids() if "triton_python_backend_stub" in _cmdline(pid)]
+    if library is None:
+        assert "LD_PRELOAD" not in server.environment() or "jemalloc" not in server.environment()["LD_PRELOAD"]
+        pytest.skip("no jemalloc/tcmalloc on this machine")
+    assert _mapped(server.pid, library) and stubs and all(_mapped(pid, library) for pid in stubs)
+    system = TritonServer(server.model_repository, malloc="system")
+    assert system.malloc_library is None and str(library) not in system.environment().get("LD_PRELOAD", "")
+    with pytest.raises(ts.TritonServerError, match="malloc library"):
+        TritonServer(server.model_repository, malloc="/no/such/libjemalloc.so.2")
+
+
 # --------------------------------------------------------------------------------------------
 # Own servers: lifecycle and failures
 # --------------------------------------------------------------------------------------------
@@ -297,7 +320,12 @@ def test_launch_environment(server):
 def test_stop_leaves_no_process_and_models_finalize(tmp_path):
     _find_or_skip()
     repo = build_repository(tmp_path / "repo")
+    from chroma_triton.serving.cancel_board import server_dir
+
     with TritonServer(repo, log_file=tmp_path / "server.log") as srv:
+        board = server_dir(srv.pid)  # what the chroma models' stubs create (cancel_board.CancelBoard)
+        board.mkdir(parents=True, exist_ok=True)
+        (board / "rid-left-over").touch()
         pids = srv.group_pids()
         stubs = [pid for pid in pids if "triton_python_backend_stub" in _cmdline(pid)]
         assert srv.pid in pids and len(stubs) == 2, [(_cmdline(p)) for p in pids]
@@ -305,6 +333,7 @@ def test_stop_leaves_no_process_and_models_finalize(tmp_path):
     assert not [pid for pid in pids if _alive(pid)]
     assert not _processes_mentioning(str(repo))
     assert srv.pid is None and not srv.is_running()
+    assert not board.exists()  # no /dev/shm folder left behind
     # SIGTERM let Triton unload the models cleanly (finalize ran in each stub).
     assert (repo / "add_one" / "finalized").exists() and (repo / "count_up" / "finalized").exists()
     srv.stop()  # idempotent
@@ -392,3 +421,35 @@ def test_port_helpers():
         sock.listen()
         assert not is_port_free(port)
         assert free_port(exclude=[port]) != port
+
+
+@pytest.mark.triton
+def test_launcher_watch_notices_a_fatal_signal(tmp_path):
+    """Triton's heap corruption ends in its own handler ("Signal (6) received."), after which the
+    process was seen hung while still answering ready: the launcher's watch reads it in the log."""
+    import signal as _signal
+
+    from chroma_triton.serving.launcher import ModelWatch
+
+    _find_or_skip()
+    repo = build_repository(tmp_path / "repo")
+    with TritonServer(repo, log_file=tmp_path / "server.log") as srv:
+        watch = ModelWatch()
+        watch.reset(srv)
+        assert watch.fault() is None
+        os.kill(srv.pid, _signal.SIGABRT)  # what glibc's "malloc(): ... detected" does
+        deadline = time.monotonic() + 20
+        fault = None
+        while fault is None and time.monotonic() < deadline:
+            fault = watch.fault()
+            time.sleep(0.1)
+    assert fault is not None and "fatal signal 6" in fault, (fault, srv.log_tail())
+
+
+def test_fatal_signal_lines():
+    from chroma_triton.serving.launcher import fatal_signal_in
+
+    assert fatal_signal_in(["I1127 ... ready", "Signal (15) received."]) is None  # an orderly shutdown
+    assert fatal_signal_in(["malloc(): unaligned fastbin chunk detected", "Signal (6) received."]) == \
+        "signal 6 after 'malloc(): unaligned fastbin chunk detected'"
+    assert fatal_signal_in(["Signal (11) received."]) == "signal 11"

@@ -14,25 +14,69 @@ through ``response_sender.is_cancelled()`` as usual.
 
 The board is a folder of empty marker files shared by the stub processes of one tritonserver
 (they are all its children, so ``os.getppid()`` names the server); a stat per check is cheap.
+
+That path is only as prompt as the stream's next response (and before the codec batched, it
+waited in ``codec_decoder``'s queue, long under load: docs/reliability.md), so there is a direct
+one too: the **control model** ``chroma_cancel`` (a tiny Python model called
+straight, not through the ensemble) posts a marker named after the *Triton request id*
+(:func:`request_key`): ``chroma_lm`` registers each running request's id (a ``live-`` marker,
+so the control call can say whether it was running) and a :class:`CancelWatch` thread in
+``chroma_lm`` lists the folder every few milliseconds and cancels the engine stream of each id
+posted after that request arrived (older markers, e.g. for a reused id, are ignored). The
+OpenAI frontend calls it whenever it abandons a stream; direct gRPC users can call it too.
 """
 
 from __future__ import annotations
 
+import hashlib
+import logging
 import os
 import re
+import shutil
 import tempfile
+import threading
 import time
 from pathlib import Path
+from typing import Callable
+
+log = logging.getLogger(__name__)
 
 ENV_DIR = "CHROMA_CANCEL_DIR"
 _KEY = re.compile(r"^[A-Za-z0-9_-]{1,128}$")
+PREFIX = "chroma-triton-cancel-"
+#: A control marker cancels a request that arrived in chroma_lm at most this long after it was
+#: posted (the control call may come while the request still waits in audio_encoder).
+CONTROL_GRACE_S = 120.0
+WATCH_PERIOD_S = 0.01
+
+
+def _base() -> Path:
+    return Path("/dev/shm") if Path("/dev/shm").is_dir() and os.access("/dev/shm", os.W_OK) else Path(tempfile.gettempdir())
+
+
+def server_dir(server_pid: int) -> Path:
+    """The board of the tritonserver whose pid is ``server_pid`` (unless $CHROMA_CANCEL_DIR is set)."""
+    return _base() / f"{PREFIX}{server_pid}"
 
 
 def default_dir() -> Path:
     if os.environ.get(ENV_DIR):
         return Path(os.environ[ENV_DIR])
-    base = Path("/dev/shm") if Path("/dev/shm").is_dir() and os.access("/dev/shm", os.W_OK) else Path(tempfile.gettempdir())
-    return base / f"chroma-triton-cancel-{os.getppid()}"
+    return server_dir(os.getppid())
+
+
+def remove_server_dir(server_pid: int) -> None:
+    """Remove the board of a tritonserver that has stopped (called by whoever started it)."""
+    shutil.rmtree(server_dir(server_pid), ignore_errors=True)
+
+
+def request_key(request_id: str) -> str:
+    """The control marker's name for a Triton request id (any string; hashed, so always valid)."""
+    return "rid-" + hashlib.sha1(request_id.encode("utf-8", "surrogatepass")).hexdigest()
+
+
+def live_key(request_id: str) -> str:
+    return "live-" + hashlib.sha1(request_id.encode("utf-8", "surrogatepass")).hexdigest()
 
 
 class CancelBoard:
@@ -52,6 +96,27 @@ class CancelBoard:
         path = self._path(key)
         return path is not None and path.exists()
 
+    def posted_at(self, key: str) -> float | None:
+        """When the marker was (last) posted (wall clock), or None."""
+        path = self._path(key)
+        try:
+            return path.stat().st_mtime if path is not None else None
+        except OSError:
+            return None
+
+    def cancel_request(self, request_id: str) -> bool:
+        """The control call: post the cancel marker of ``request_id``; True when that request is
+        running in chroma_lm now (False: not arrived yet, finished, or unknown; the marker stays
+        for :data:`CONTROL_GRACE_S` in case it is still on its way)."""
+        self.post(request_key(request_id))
+        return self.is_posted(live_key(request_id))
+
+    def names(self) -> set[str]:
+        try:
+            return set(os.listdir(self.folder))
+        except OSError:
+            return set()
+
     def clear(self, key: str) -> None:
         path = self._path(key)
         if path is not None:
@@ -61,9 +126,12 @@ class CancelBoard:
                 pass
 
     def sweep(self, older_than_s: float = 3600.0) -> int:
-        """Remove markers nobody collected (e.g. posted after the stream had ended)."""
+        """Remove markers nobody collected (e.g. posted after the stream had ended); ``live-``
+        markers belong to running requests and are left alone."""
         now, removed = time.time(), 0
         for path in self.folder.iterdir():
+            if path.name.startswith("live-"):
+                continue
             try:
                 if now - path.stat().st_mtime > older_than_s:
                     path.unlink()
@@ -71,3 +139,75 @@ class CancelBoard:
             except OSError:
                 pass
         return removed
+
+
+class CancelWatch:
+    """One thread per ``chroma_lm`` process: lists the board every ``period_s`` and calls the
+    callback of each registered request whose marker appeared (once per request).
+
+    ``register(keys, since, callback)``: ``keys`` are marker names (the control key of the Triton
+    request id and the codec path's stream key); a control marker counts only when posted at or
+    after ``since`` - :data:`CONTROL_GRACE_S`; ``callback(source, posted_at)`` runs on the watch
+    thread and must be quick (e.g. ``stream.cancel()``)."""
+
+    SWEEP_EVERY_S = 60.0
+
+    def __init__(self, board: CancelBoard, period_s: float = WATCH_PERIOD_S):
+        self.board = board
+        self.period_s = period_s
+        self._swept = time.monotonic()
+        self._lock = threading.Lock()
+        self._entries: dict[int, tuple[tuple[str, ...], float, Callable[[str, float | None], None]]] = {}
+        self._next = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="chroma-cancel-watch", daemon=True)
+        self._thread.start()
+
+    def register(self, keys, since: float, callback: Callable[[str, float | None], None]) -> int:
+        with self._lock:
+            self._next += 1
+            self._entries[self._next] = (tuple(k for k in keys if k), since, callback)
+            return self._next
+
+    def unregister(self, token: int) -> None:
+        with self._lock:
+            self._entries.pop(token, None)
+
+    def close(self) -> None:
+        self._stop.set()
+
+    def check(self) -> int:
+        """One pass (the thread's loop body); returns how many callbacks fired."""
+        with self._lock:
+            if not self._entries:
+                return 0
+            entries = list(self._entries.items())
+        names = self.board.names()
+        fired = 0
+        for token, (keys, since, callback) in entries:
+            for key in keys:
+                if key not in names:
+                    continue
+                posted = self.board.posted_at(key)
+                if key.startswith("rid-") and (posted is None or posted < since - CONTROL_GRACE_S):
+                    continue  # a stale marker of an earlier request with the same id
+                with self._lock:
+                    if self._entries.pop(token, None) is None:
+                        break
+                try:
+                    callback("control" if key.startswith("rid-") else "watch", posted)
+                except Exception:  # noqa: BLE001 - one bad callback must not stop the watch
+                    log.exception("cancel callback failed")
+                fired += 1
+                break
+        return fired
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.period_s):
+            try:
+                self.check()
+                if time.monotonic() - self._swept > self.SWEEP_EVERY_S:
+                    self._swept = time.monotonic()
+                    self.board.sweep(older_than_s=2 * CONTROL_GRACE_S)  # markers nobody collected
+            except Exception:  # noqa: BLE001
+                log.exception("cancel watch pass failed")

@@ -16,6 +16,7 @@ import importlib.util
 import json
 import logging
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -72,6 +73,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="restarts of a crashed tritonserver/frontend within 10 minutes before giving up")
     p.add_argument("--log-verbose", type=int, default=0, help="Triton --log-verbose level")
     p.add_argument("--quiet", action="store_true", help="do not echo Triton's log to stderr")
+    p.add_argument("--malloc", default=os.environ.get("CHROMA_TRITON_MALLOC", "auto"),
+                   help="allocator of tritonserver and its model processes: auto (jemalloc, else tcmalloc, when "
+                        "installed; else glibc's), system, or a library path (default: $CHROMA_TRITON_MALLOC or auto)")
     p.add_argument("--no-frontend", action="store_true", help="serve Triton only")
     p.add_argument("--allowed-local-media-path", action="append", default=None, metavar="DIR",
                    help="folder whose files requests may name by path (repeatable; default: the project's assets/)")
@@ -246,6 +250,12 @@ class ModelWatch:
     healthy." So the watch remembers the stubs that were there when the server became ready and
     reports a fault when one is gone, or when the server has not been ready for
     ``ready_grace_s`` seconds in a row (hung).
+
+    Also seen (2026-11-27, soak with many cancelled gRPC streams): tritonserver's heap got
+    corrupted ("malloc(): unaligned fastbin chunk detected", then its handler's "Signal (6)
+    received."), and the process stayed up, hung, with ``/v2/health/ready`` still 200 and every
+    request stuck. So the watch also reads the server log as it grows and reports a fault when
+    Triton logs that it caught a fatal signal.
     """
 
     def __init__(self, ready_grace_s: float = 30.0):
@@ -253,15 +263,37 @@ class ModelWatch:
         self.server: TritonServer | None = None
         self.stubs: dict[int, str] = {}
         self.unready_since: float | None = None
+        self.log_offset = 0
 
     def reset(self, server: TritonServer) -> None:
         self.server = server
         self.stubs = {pid: name for pid in server.group_pids() if (name := stub_model(pid))}
         self.unready_since = None
+        self.log_offset = 0
         log.info("watching %d model process(es): %s", len(self.stubs),
                  ", ".join(f"{name} (pid {pid})" for pid, name in sorted(self.stubs.items())) or "none")
 
+    def fatal_signal(self) -> str | None:
+        """Triton's "Signal (N) received." in the part of its log written since the last call
+        (with the line before it, which usually says why), or None."""
+        path = self.server.log_path
+        if path is None:
+            return None
+        try:
+            with open(path, "rb") as handle:
+                handle.seek(self.log_offset)
+                chunk = handle.read()
+        except OSError:
+            return None
+        complete = chunk.rfind(b"\n") + 1  # only whole lines; the rest is read next time
+        self.log_offset += complete
+        return fatal_signal_in(chunk[:complete].decode(errors="replace").splitlines())
+
     def fault(self) -> str | None:
+        caught = self.fatal_signal()
+        if caught:
+            return (f"tritonserver caught a fatal {caught}; it may hang while still answering ready, "
+                    "so it is restarted")
         alive = set(self.server.group_pids())
         dead = {pid: name for pid, name in self.stubs.items() if pid not in alive}
         if dead:
@@ -274,6 +306,22 @@ class ModelWatch:
         elif time.monotonic() - self.unready_since > self.ready_grace_s:
             return f"tritonserver has not been ready for {self.ready_grace_s:g} s"
         return None
+
+
+#: What Triton's own signal handler prints (then it dumps a trace and exits, or hangs).
+_FATAL_SIGNAL = re.compile(r"^Signal \((\d+)\) received\.?$")
+#: SIGINT, SIGTERM: a shutdown someone asked for (Triton then exits by itself), not a fault.
+_ORDERLY_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+def fatal_signal_in(lines: list[str]) -> str | None:
+    """"signal N after '<the line before>'" for Triton's first fatal-signal line, or None."""
+    for i, line in enumerate(lines):
+        match = _FATAL_SIGNAL.match(line.strip())
+        if match and int(match.group(1)) not in _ORDERLY_SIGNALS:
+            before = lines[i - 1].strip() if i else ""
+            return f"signal {match.group(1)}" + (f" after {before!r}" if before else "")
+    return None
 
 
 def stub_model(pid: int) -> str | None:
@@ -363,7 +411,10 @@ class Launcher:
         log.info("tritonserver: %s (%s)", install.binary, install.kind)
         self.server = TritonServer(
             repo, http_port=a.triton_http_port, grpc_port=a.triton_grpc_port, metrics_port=a.triton_metrics_port,
-            address=triton_host, log_file=workdir / "tritonserver.log", log_verbose=a.log_verbose, install=install)
+            address=triton_host, log_file=workdir / "tritonserver.log", log_verbose=a.log_verbose, install=install,
+            malloc=a.malloc)
+        if self.server.malloc_library is not None:
+            log.info("tritonserver allocator: %s (LD_PRELOAD; --malloc system for glibc's)", self.server.malloc_library)
         self._install_signals()
         echo = None if a.quiet else _LogEcho(workdir / "tritonserver.log")
         if echo:

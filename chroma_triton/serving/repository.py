@@ -15,7 +15,7 @@ from pathlib import Path
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 SOURCE_REPOSITORY = PROJECT_ROOT / "model_repository"
-MODELS = ("audio_encoder", "chroma_lm", "codec_decoder", "stream_watch", "chroma")
+MODELS = ("audio_encoder", "chroma_lm", "codec_decoder", "stream_watch", "chroma", "chroma_cancel")
 CHECKPOINT_MODELS = ("audio_encoder", "chroma_lm", "codec_decoder")
 
 

@@ -97,13 +97,18 @@ class LMService:
 
     # -- streaming --------------------------------------------------------------------------------
     def run(self, inp: LMInput, send: Callable[[LMResponse], None], cancelled: Callable[[], bool],
-            poll_s: float = POLL_S) -> Finished:
+            poll_s: float = POLL_S, on_submit: Callable | None = None) -> Finished:
         """Generate for one request, calling ``send`` for each response (the last has ``final``).
+
+        ``on_submit(stream)`` gets the engine stream as soon as it exists, so that another thread
+        (the cancel watch) can ``cancel()`` it directly, without waiting for this relay loop.
 
         Raises InvalidRequestError / EngineError before any response when the request cannot
         start, and EngineError when generation fails midway."""
         req = self.prepare(inp)
         stream = self.engine.submit(req)
+        if on_submit is not None:
+            on_submit(stream)
         relay = _Relay(len(req.thinker_ids), TEXT_HOLD_S)
         cancel_sent = False
         try:

@@ -49,6 +49,14 @@ ENV_BINARY = "TRITONSERVER_BIN"
 ENV_BACKEND_DIR = "TRITONSERVER_BACKEND_DIR"
 """Optional override of the backend directory (default: ``<binary>/../../backends``)."""
 
+ENV_MALLOC = "CHROMA_TRITON_MALLOC"
+"""Allocator for tritonserver and its stubs: ``auto`` (default), ``system``, or a library path."""
+
+#: Allocators tried by ``malloc="auto"``, in order (file names as ``ldconfig -p`` lists them).
+#: jemalloc was measured here (docs/reliability.md: tritonserver's VmRSS flat over 6 soak rounds
+#: instead of growing with glibc); tcmalloc is what NVIDIA's Triton container ships for this.
+MALLOC_LIBRARIES = ("libjemalloc.so.2", "libtcmalloc_minimal.so.4", "libtcmalloc.so.4")
+
 NGC_BINARY = Path("/opt/tritonserver/bin/tritonserver")
 PYTHON_STUB = "triton_python_backend_stub"
 LOG_TAIL_LINES = 60
@@ -270,6 +278,11 @@ class TritonServer:
       for ``python_env_prefix`` (``None`` leaves them alone) and ``LD_LIBRARY_PATH`` is extended
       with the installation's library folders.
     * ``log_file=None`` writes to a new temporary file, kept after ``stop()`` for inspection.
+    * ``malloc="auto"`` preloads jemalloc (else tcmalloc) when the machine has it (``LD_PRELOAD``,
+      inherited by the stubs): with glibc's allocator tritonserver's resident memory kept rising
+      to the high-water mark of each load peak and stayed there; with jemalloc it stayed flat
+      (docs/reliability.md). ``"system"`` keeps glibc; a path names the library. The
+      environment variable ``CHROMA_TRITON_MALLOC`` overrides the default.
     """
 
     def __init__(
@@ -288,6 +301,7 @@ class TritonServer:
         strict_model_config: bool = True,
         address: str = "127.0.0.1",
         install: TritonInstall | None = None,
+        malloc: str | None = None,
     ) -> None:
         self.model_repository = Path(model_repository).resolve()
         if not self.model_repository.is_dir():
@@ -304,6 +318,7 @@ class TritonServer:
         self.address = address
         self._log_path = Path(log_file) if log_file else None
         self._proc: subprocess.Popen[bytes] | None = None
+        self.malloc_library = resolve_malloc(malloc if malloc is not None else os.environ.get(ENV_MALLOC, "auto"))
 
     # ---- properties ---------------------------------------------------------------------
 
@@ -399,6 +414,10 @@ class TritonServer:
         libpython_dir = _libpython_dir(self.python_env_prefix)
         if libpython_dir is not None:
             env["LD_LIBRARY_PATH"] = _prepend(str(libpython_dir), env.get("LD_LIBRARY_PATH"))
+        if self.malloc_library is not None and "LD_PRELOAD" not in self.extra_env:
+            preload = [p for p in env.get("LD_PRELOAD", "").replace(":", " ").split() if p]
+            if str(self.malloc_library) not in preload:
+                env["LD_PRELOAD"] = " ".join([str(self.malloc_library), *preload])
         return env
 
     # ---- lifecycle ----------------------------------------------------------------------
@@ -449,6 +468,7 @@ class TritonServer:
                 _killpg(pgid, signal.SIGKILL)
                 proc.wait()
         self._sweep_group(pgid, timeout=min(timeout, 10.0))
+        _remove_server_files(pgid)
 
     def __enter__(self) -> TritonServer:
         return self.start()
@@ -544,6 +564,51 @@ class TritonServer:
         """Last resort when the owner forgot ``stop()``: never leave an orphaned server."""
         with contextlib.suppress(Exception):
             self.stop(timeout=10.0)
+
+
+def find_malloc_library(names: Sequence[str] = MALLOC_LIBRARIES) -> Path | None:
+    """The first of ``names`` the dynamic loader knows (``ldconfig -p``, then the usual folders)."""
+    try:
+        listing = subprocess.run(["ldconfig", "-p"], capture_output=True, text=True, timeout=10).stdout
+    except (OSError, subprocess.SubprocessError):
+        listing = ""
+    known = {}
+    for line in listing.splitlines():  # "libjemalloc.so.2 (libc6,x86-64) => /lib/x86_64-linux-gnu/libjemalloc.so.2"
+        entry, _, target = line.strip().partition(" => ")
+        if target and "64" in entry:  # 64-bit builds only (x86-64, AArch64)
+            known.setdefault(entry.split()[0], Path(target.strip()))
+    folders = [Path("/lib/x86_64-linux-gnu"), Path("/usr/lib/x86_64-linux-gnu"), Path("/lib/aarch64-linux-gnu"),
+               Path("/usr/lib/aarch64-linux-gnu"), Path("/usr/lib64"), Path("/usr/lib"), Path("/usr/local/lib")]
+    for name in names:
+        if name in known and known[name].exists():
+            return known[name]
+        for folder in folders:
+            if (folder / name).exists():
+                return folder / name
+    return None
+
+
+def resolve_malloc(choice: str) -> Path | None:
+    """``"auto"`` -> jemalloc/tcmalloc if installed, else None; ``"system"`` -> None; a path -> it."""
+    choice = (choice or "auto").strip()
+    if choice == "system":
+        return None
+    if choice == "auto":
+        return find_malloc_library()
+    path = Path(choice).expanduser()
+    if not path.is_file():
+        raise TritonServerError(f"malloc library {choice!r} not found; use 'auto', 'system' or the path of "
+                                f"e.g. libjemalloc.so.2 ({ENV_MALLOC} / --malloc)")
+    return path
+
+
+def _remove_server_files(server_pid: int) -> None:
+    """Remove what the models left for this server's lifetime: the cancel board
+    (``/dev/shm/chroma-triton-cancel-<pid>``, :mod:`chroma_triton.serving.cancel_board`)."""
+    with contextlib.suppress(Exception):
+        from .cancel_board import remove_server_dir
+
+        remove_server_dir(server_pid)
 
 
 def _warn_if_numpy_2(prefix: Path | None) -> None:

@@ -53,7 +53,7 @@ def exit_on_sigterm() -> None:
 
 # -- the stack -------------------------------------------------------------------------------------
 def start_stack(workdir: str | os.PathLike, *, lm_params: dict[str, str] | None = None,
-                frontend_args: list[str] | tuple[str, ...] = ()) -> ChromaStack:
+                frontend_args: list[str] | tuple[str, ...] = (), triton_env: dict[str, str] | None = None) -> ChromaStack:
     """tritonserver (the project's repository rendered for the CPU, demo checkpoint, ``chroma_lm``
     parameters overridden by ``lm_params``) + the frontend, both ready."""
     from chroma_triton.serving.repository import RenderSpec, render_repository
@@ -61,7 +61,7 @@ def start_stack(workdir: str | os.PathLike, *, lm_params: dict[str, str] | None 
     workdir = Path(workdir)
     repo = workdir / "model_repository"
     render_repository(repo, RenderSpec(kind="cpu", params={"chroma_lm": dict(lm_params or {})}))
-    return ChromaStack(workdir, frontend_args=list(frontend_args), repository=repo).start()
+    return ChromaStack(workdir, frontend_args=list(frontend_args), repository=repo, triton_env=triton_env).start()
 
 
 def default_frontend_args(*extra: str, request_timeout: float = 120.0) -> list[str]:

@@ -2,12 +2,13 @@
 
 import logging
 import threading
+import time
 import uuid
 
 import triton_python_backend_utils as pb_utils
 
 from chroma_triton.serving import protocol as P
-from chroma_triton.serving.cancel_board import CancelBoard
+from chroma_triton.serving.cancel_board import CancelBoard, CancelWatch, live_key, request_key
 from chroma_triton.serving.model_args import ModelArgs, configure_logging, load_model_parts, thinker_backend
 from chroma_triton.serving.triton_lm import LMInput, LMService, engine_options
 
@@ -40,6 +41,7 @@ class TritonPythonModel:
         self.service = LMService(parts, options)
         self.board = CancelBoard()
         self.board.sweep()
+        self.watch = CancelWatch(self.board)  # cancels streams named on the board (serving/cancel_board.py)
         self._init_metrics(a)
         print(f"[{a.instance_name}] ready on {a.device}: {path}, max_batch {self.service.engine.opts.max_batch}", flush=True)
 
@@ -107,29 +109,67 @@ class TritonPythonModel:
             except Exception as exc:  # noqa: BLE001
                 self._send_error(sender, exc)
                 continue
-            threading.Thread(target=self._serve, args=(inp, sender), name="chroma-lm-request", daemon=True).start()
+            rid = request.request_id() or ""  # the ensemble's id (the frontend's request id)
+            threading.Thread(target=self._serve, args=(inp, sender, rid), name="chroma-lm-request", daemon=True).start()
         return None
 
-    def _serve(self, inp, sender):
-        key = uuid.uuid4().hex
+    def _serve(self, inp, sender, rid=""):
+        key = uuid.uuid4().hex  # the codec path's stream key
         k = self.service.num_codebooks
+        arrived = time.time()
+        flag = threading.Event()
+        note = {"source": None, "posted": None, "seen": None, "freed": None}
+        streams = []
+
+        def on_cancel(source, posted):  # the cancel watch's thread
+            note.update(source=source, posted=posted, seen=time.time())
+            flag.set()
+            if streams:
+                streams[0].cancel()  # the engine drops the row at its next step
+
+        def on_submit(stream):
+            streams.append(stream)
+            if flag.is_set():
+                stream.cancel()
 
         def send(response):
+            if response.final and note["freed"] is None:
+                note["freed"] = time.time()
             tensors = [pb_utils.Tensor(name, value) for name, value in response.tensors(k, key).items()]
             sender.send(pb_utils.InferenceResponse(output_tensors=tensors), flags=FINAL if response.final else 0)
 
         def cancelled():
-            return sender.is_cancelled() or self.board.is_posted(key)
+            if flag.is_set():
+                return True
+            if sender.is_cancelled():
+                note.update(source=note["source"] or "triton", seen=note["seen"] or time.time())
+                return True
+            return False
 
+        if rid:
+            self.board.post(live_key(rid))
+        token = self.watch.register([request_key(rid) if rid else "", key], arrived, on_cancel)
+        finished = None
         try:
-            self.service.run(inp, send, cancelled)
+            finished = self.service.run(inp, send, cancelled, on_submit=on_submit)
         except Exception as exc:  # noqa: BLE001
             if cancelled():  # the stream is gone; nobody is listening for an error
                 log.debug("cancelled request ended with %r", exc)
             else:
                 self._send_error(sender, exc)
         finally:
-            self.board.clear(key)
+            self.watch.unregister(token)
+            for marker in ([live_key(rid), request_key(rid)] if rid else []) + [key]:
+                self.board.clear(marker)
+            if note["source"] is not None:
+                # One line per cancelled request (scripts/reliability/soak.py reads them): how the
+                # cancel came, when it was posted and seen, and when the engine gave up the row.
+                # reason: "cancelled", or how the reply ended when it ended just before the cancel.
+                log.info("cancelled request id=%s source=%s posted=%s seen=%.3f freed=%.3f frames=%s reason=%s",
+                         rid or "-", note["source"], "-" if note["posted"] is None else f"{note['posted']:.3f}",
+                         note["seen"] or 0.0, note["freed"] or time.time(),
+                         finished.audio_frames if finished is not None else "-",
+                         finished.reason if finished is not None else "-")
             try:
                 self._update_metrics()
             except Exception:  # noqa: BLE001
@@ -148,5 +188,7 @@ class TritonPythonModel:
     def finalize(self):
         if hasattr(self, "_stop"):
             self._stop.set()
+        if hasattr(self, "watch"):
+            self.watch.close()
         if hasattr(self, "service"):
             self.service.close()
