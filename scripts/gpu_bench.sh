@@ -58,7 +58,7 @@ case $step in
       pa=$(ls "$ENV"/lib/python3*/site-packages/bin/perf_analyzer 2>/dev/null | head -1)
       printf '#!/bin/sh\nexec "%s" "%s" "$@"\n' "$PY" "$pa" > /tmp/perf_analyzer && chmod +x /tmp/perf_analyzer
       PERF_ANALYZER=${PERF_ANALYZER:-/tmp/perf_analyzer} \
-        bash scripts/perf_analyzer.sh -u localhost:8001 -c "$PERF_LEVELS" -n 100 -w 2 -o "$OUT/perf_analyzer" \
+        bash scripts/perf_analyzer.sh -u localhost:8001 -c "$PERF_LEVELS" -n 100 -o "$OUT/perf_analyzer" \
         2>&1 | tee "$OUT/perf_analyzer.log" || echo "perf_analyzer failed"
     fi ;;
   *)

@@ -9,7 +9,7 @@
 #   -n  max_tokens: audio frames of 80 ms per reply             (default 100)
 #   -o  output folder: input_data.json, c<N>.csv (perf_analyzer's -f report with --verbose-csv),
 #       c<N>.profile.json (per-request send/response timestamps), c<N>.log (what it printed)
-#   -w  measurement windows per concurrency, each at least max(2*N, 4) requests (default: 3 windows)
+#   -w  measurement windows per concurrency (>= 3), each at least max(2*N, 4) requests (default: 3 windows)
 #   after --: passed to perf_analyzer as is (e.g. --collect-metrics --metrics-url localhost:8002/metrics)
 #
 # The input data is the README example: messages = one user turn with audio part 0, user_audio =
@@ -47,6 +47,11 @@ while getopts "u:c:n:o:w:h" opt; do
 done
 shift $((OPTIND - 1))
 [ "${1:-}" = "--" ] && shift
+if [ "$WINDOWS" -lt 3 ]; then
+  # perf_analyzer judges stability over the last 3 windows: with fewer it always fails
+  # ("Failed to obtain stable measurement within 2 measurement windows", seen on the H100)
+  echo "-w must be at least 3 (perf_analyzer compares the last 3 windows)" >&2; exit 2
+fi
 
 PA=${PERF_ANALYZER:-$(command -v perf_analyzer || true)}
 if [ -z "$PA" ]; then

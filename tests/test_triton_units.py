@@ -283,3 +283,12 @@ def test_fail_fast_checks(tmp_path, tiny_checkpoint):
     assert out.returncode == 2 and f"--triton-grpc-port {port}" in out.stderr and "already in use" in out.stderr
     out = _launcher("--thinker-backend", "sglang", "--device", "cpu", "--no-frontend")
     assert out.returncode == 2 and "needs a GPU" in out.stderr
+
+
+def test_model_processes_get_small_thread_pools_on_gpus():
+    from chroma_triton.serving.launcher import thread_env
+
+    assert thread_env(None, "gpu", {}) == {"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    assert thread_env(None, "cpu", {}) == {}  # the CPU demo computes on the CPU: keep the libraries' default
+    assert thread_env(4, "cpu", {})["OMP_NUM_THREADS"] == "4"
+    assert "OMP_NUM_THREADS" not in thread_env(None, "gpu", {"OMP_NUM_THREADS": "8"})  # the operator's setting wins

@@ -66,7 +66,11 @@ class StepRunner:
         torch.cuda.current_stream().wait_stream(side)
         # Each graph keeps a private memory pool: with a shared pool, one graph's replay reuses memory
         # that a graph captured later holds its outputs in (our graphs replay in varying orders).
+        # thread_local: CUDA calls of other threads (request threads, the caller of a pipeline)
+        # during the capture are not captured and do not invalidate it. With the default "global"
+        # mode they fail it ("operation not permitted when stream is capturing": seen on an H100
+        # when a chroma_lm request thread copied audio embeddings to the GPU mid-capture).
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
+        with torch.cuda.graph(graph, capture_error_mode="thread_local"):
             static_out = fn(*static_in)
         return graph, static_in, static_out

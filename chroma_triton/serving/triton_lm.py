@@ -85,7 +85,9 @@ class LMService:
         codes = np.asarray(inp.prompt_codes).reshape(-1, self.num_codebooks) if np.asarray(inp.prompt_codes).size else None
         if codes is None:
             raise InvalidRequestError("the reference voice produced no codes", "prompt_audio")
-        audio = torch.from_numpy(np.concatenate(pieces)).to(self.parts.device) if pieces else None
+        # stays on the CPU: the engine thread moves it at prefill. No CUDA work on request threads,
+        # which could run while the engine thread captures a CUDA graph.
+        audio = torch.from_numpy(np.concatenate(pieces)) if pieces else None
         return GenerationRequest(
             thinker_ids=ids,
             prompt_text_ids=self.prompts.text_ids(inp.voice_text),
