@@ -56,7 +56,11 @@ class Codec:
         longest = max(len(c) for c, _ in chunks)
         if longest == 0:
             return [np.zeros(0, dtype=np.float32) for _ in chunks]
-        batch = np.zeros((len(chunks), longest, self.num_codebooks), dtype=np.int64)
+        # a few shapes only (lengths in steps of 8 frames, batch sizes powers of two): the
+        # process's memory settles after the first of each instead of growing with every new shape
+        frames = -(-longest // 8) * 8
+        rows = 1 << (len(chunks) - 1).bit_length()
+        batch = np.zeros((rows, frames, self.num_codebooks), dtype=np.int64)
         for i, (codes, _) in enumerate(chunks):
             batch[i, : len(codes)] = codes
         c = torch.from_numpy(batch).clamp_(0, self.codebook_size - 1).transpose(1, 2).to(self.device)
