@@ -56,10 +56,11 @@ class Codec:
         longest = max(len(c) for c, _ in chunks)
         if longest == 0:
             return [np.zeros(0, dtype=np.float32) for _ in chunks]
-        # a few shapes only (lengths in steps of 8 frames, batch sizes powers of two): the
-        # process's memory settles after the first of each instead of growing with every new shape
+        # a few shapes only (lengths in steps of 8 frames; on a GPU, where idle rows cost little,
+        # batch sizes in powers of two): the process's memory settles after the first of each
+        # instead of growing with every new shape
         frames = -(-longest // 8) * 8
-        rows = 1 << (len(chunks) - 1).bit_length()
+        rows = 1 << (len(chunks) - 1).bit_length() if self.device.type == "cuda" else len(chunks)
         batch = np.zeros((rows, frames, self.num_codebooks), dtype=np.int64)
         for i, (codes, _) in enumerate(chunks):
             batch[i, : len(codes)] = codes
