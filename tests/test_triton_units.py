@@ -292,3 +292,12 @@ def test_model_processes_get_small_thread_pools_on_gpus():
     assert thread_env(None, "cpu", {}) == {}  # the CPU demo computes on the CPU: keep the libraries' default
     assert thread_env(4, "cpu", {})["OMP_NUM_THREADS"] == "4"
     assert "OMP_NUM_THREADS" not in thread_env(None, "gpu", {"OMP_NUM_THREADS": "8"})  # the operator's setting wins
+
+
+def test_codec_decoder_batches_on_gpus_only():
+    from chroma_triton.serving.repository import RenderSpec, render_configs
+
+    assert "dynamic_batching" in render_configs(RenderSpec(kind="gpu", dp_size=1))["codec_decoder"]
+    cpu = render_configs(RenderSpec(kind="cpu"))
+    assert "dynamic_batching" not in cpu["codec_decoder"] and "max_batch_size: 64" in cpu["codec_decoder"]
+    assert "dynamic_batching" in cpu["audio_encoder"]

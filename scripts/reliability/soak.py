@@ -307,6 +307,8 @@ def main(argv=None) -> int:
     p.add_argument("--leaver-tokens", type=int, default=200,
                    help="max_tokens of the clients that hang up (long, so that they leave mid-generation)")
     p.add_argument("--max-batch", type=int, default=200, help="chroma_lm max_batch of the stack started here")
+    p.add_argument("--lm-param", action="append", default=[], metavar="KEY=VALUE",
+                   help="another chroma_lm config parameter of the stack started here (repeatable)")
     p.add_argument("--timeout", type=float, default=600.0, help="seconds one stream may take before it counts as hung")
     p.add_argument("--max-rss-growth", type=float, default=10.0,
                    help="percent a process's VmRSS may grow from the first measured round to the last")
@@ -324,7 +326,8 @@ def main(argv=None) -> int:
     info = RunInfo.now()
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="chroma-soak-"))
     triton_env = dict(item.split("=", 1) for item in args.triton_env)
-    stack = start_stack(workdir, lm_params={"max_batch": str(args.max_batch)},
+    lm_params = {"max_batch": str(args.max_batch), **dict(item.split("=", 1) for item in args.lm_param)}
+    stack = start_stack(workdir, lm_params=lm_params,
                         frontend_args=default_frontend_args(*(["--triton-cancel-model", ""] if args.no_cancel_call else []),
                                                             request_timeout=args.timeout), triton_env=triton_env)
     print(f"stack up: frontend {stack.frontend.url}, metrics {stack.triton.metrics_url}; logs in {workdir}; "

@@ -26,6 +26,11 @@ class TritonPythonModel:
         responses = [None] * len(requests)
         chunks, slots = [], []
         for i, request in enumerate(requests):
+            if request.is_cancelled():
+                # the client left (its ensemble request was cancelled while this chunk waited in
+                # the queue): nobody will hear it, so do not spend the decode on it
+                responses[i] = pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor(P.AUDIO, np.zeros((1, 0), np.float32))])
+                continue
             try:
                 codes = _input(request, P.AUDIO_CODES)
                 context = int(P.as_scalar(_input(request, P.CONTEXT_FRAMES), P.CONTEXT_FRAMES) or 0)
