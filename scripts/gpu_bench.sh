@@ -41,7 +41,8 @@ case $step in
       mkdir -p $CUDA_MPS_PIPE_DIRECTORY $CUDA_MPS_LOG_DIRECTORY
       nvidia-cuda-mps-control -d && echo "MPS daemon started"
     fi
-    "$PY" -m chroma_triton.serving.launcher --chroma-model-path "$CKPT" --dp-size "$dp" "${SERVE_ARGS[@]}" \
+    # shellcheck disable=SC2086  # LAUNCHER_EXTRA: more launcher flags, e.g. "--thinker-backend sglang"
+    "$PY" -m chroma_triton.serving.launcher --chroma-model-path "$CKPT" --dp-size "$dp" "${SERVE_ARGS[@]}" ${LAUNCHER_EXTRA:-} \
       --quiet --workdir "/root/stack-dp$dp" > "$OUT/stack_dp$dp.log" 2>&1 &
     pid=$!
     trap 'kill $pid 2>/dev/null; wait $pid 2>/dev/null || true; [ -z "${CUDA_MPS:-}" ] || echo quit | nvidia-cuda-mps-control' EXIT
