@@ -1,5 +1,6 @@
 """What a Triton Python model learns from ``initialize(args)``: its config parameters, its device,
-and the checkpoint it serves. Shared by the three models; no Triton import (unit-testable)."""
+and the checkpoint it serves; and how it reads a request's inputs. Shared by the model.py
+adapters; no Triton import at module level (unit-testable)."""
 
 from __future__ import annotations
 
@@ -64,6 +65,15 @@ class ModelArgs:
         if value in ("0", "false", "no", "off"):
             return False
         raise ValueError(f"model {self.name}: parameter {key}={value!r} must be true or false")
+
+
+def input_array(request, name: str):
+    """A Triton request's input as numpy, or None when the (optional) input is absent. Only inside
+    the Python backend's stub, where ``triton_python_backend_utils`` exists."""
+    import triton_python_backend_utils as pb_utils
+
+    tensor = pb_utils.get_input_tensor_by_name(request, name)
+    return None if tensor is None else tensor.as_numpy()
 
 
 def resolve_checkpoint(model_path: str, who: str) -> str:

@@ -3,13 +3,9 @@
 import triton_python_backend_utils as pb_utils
 
 from chroma_triton.serving import protocol as P
-from chroma_triton.serving.model_args import ModelArgs, configure_logging, load_model_parts, resolve_default_voice
+from chroma_triton.serving.model_args import ModelArgs, configure_logging, input_array, load_model_parts, resolve_default_voice
 from chroma_triton.serving.triton_audio_encoder import AudioEncoderService, EncoderInput
 
-
-def _input(request, name):
-    tensor = pb_utils.get_input_tensor_by_name(request, name)
-    return None if tensor is None else tensor.as_numpy()
 
 
 class TritonPythonModel:
@@ -26,11 +22,11 @@ class TritonPythonModel:
         inputs, errors = [], {}
         for i, request in enumerate(requests):
             try:
-                prompt_audio = P.as_bytes_list(_input(request, P.PROMPT_AUDIO))
+                prompt_audio = P.as_bytes_list(input_array(request, P.PROMPT_AUDIO))
                 inputs.append(EncoderInput(
-                    user_audio=P.as_bytes_list(_input(request, P.USER_AUDIO)),
+                    user_audio=P.as_bytes_list(input_array(request, P.USER_AUDIO)),
                     prompt_audio=prompt_audio[0] if prompt_audio else b"",
-                    prompt_text=P.as_text(_input(request, P.PROMPT_TEXT), P.PROMPT_TEXT, "") or "",
+                    prompt_text=P.as_text(input_array(request, P.PROMPT_TEXT), P.PROMPT_TEXT, "") or "",
                 ))
             except Exception as exc:  # noqa: BLE001
                 errors[i] = exc

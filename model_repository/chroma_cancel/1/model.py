@@ -7,7 +7,7 @@ import triton_python_backend_utils as pb_utils
 from chroma_triton.errors import InvalidRequestError
 from chroma_triton.serving import protocol as P
 from chroma_triton.serving.cancel_board import CancelBoard
-from chroma_triton.serving.model_args import configure_logging
+from chroma_triton.serving.model_args import configure_logging, input_array
 
 
 class TritonPythonModel:
@@ -19,9 +19,9 @@ class TritonPythonModel:
         responses = []
         for request in requests:
             try:
-                tensor = pb_utils.get_input_tensor_by_name(request, "request_id")
-                ids = [] if tensor is None else [P.as_text(np.asarray([v], dtype=object), "request_id")
-                                                 for v in tensor.as_numpy().reshape(-1)]
+                values = input_array(request, "request_id")
+                ids = [] if values is None else [P.as_text(np.asarray([v], dtype=object), "request_id")
+                                                 for v in values.reshape(-1)]
                 if not ids or any(not i for i in ids):
                     raise InvalidRequestError("request_id must hold one or more non-empty request ids", "request_id")
                 running = np.array([self.board.cancel_request(i) for i in ids], dtype=bool)

@@ -9,17 +9,13 @@ import triton_python_backend_utils as pb_utils
 
 from chroma_triton.serving import protocol as P
 from chroma_triton.serving.cancel_board import CancelBoard, CancelWatch, live_key, request_key
-from chroma_triton.serving.model_args import ModelArgs, configure_logging, load_model_parts, thinker_backend
+from chroma_triton.serving.model_args import ModelArgs, configure_logging, input_array, load_model_parts, thinker_backend
 from chroma_triton.serving.triton_lm import LMInput, LMService, engine_options
 
 log = logging.getLogger("chroma_triton.chroma_lm")
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 METRICS_PERIOD_S = 0.25
 
-
-def _input(request, name):
-    tensor = pb_utils.get_input_tensor_by_name(request, name)
-    return None if tensor is None else tensor.as_numpy()
 
 
 class TritonPythonModel:
@@ -97,13 +93,13 @@ class TritonPythonModel:
         for request in requests:
             sender = request.get_response_sender()
             try:
-                sampling = {name: P.as_scalar(_input(request, name), name) for name in P.SAMPLING_INPUTS}
+                sampling = {name: P.as_scalar(input_array(request, name), name) for name in P.SAMPLING_INPUTS}
                 inp = LMInput(
-                    messages=P.as_text(_input(request, P.MESSAGES), P.MESSAGES),
-                    audio_embeds=_input(request, P.AUDIO_EMBEDS),
-                    audio_token_counts=_input(request, P.AUDIO_TOKEN_COUNTS),
-                    prompt_codes=_input(request, P.PROMPT_CODES),
-                    voice_text=P.as_text(_input(request, P.VOICE_TEXT), P.VOICE_TEXT, ""),
+                    messages=P.as_text(input_array(request, P.MESSAGES), P.MESSAGES),
+                    audio_embeds=input_array(request, P.AUDIO_EMBEDS),
+                    audio_token_counts=input_array(request, P.AUDIO_TOKEN_COUNTS),
+                    prompt_codes=input_array(request, P.PROMPT_CODES),
+                    voice_text=P.as_text(input_array(request, P.VOICE_TEXT), P.VOICE_TEXT, ""),
                     sampling=sampling,
                 )
             except Exception as exc:  # noqa: BLE001

@@ -4,13 +4,9 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from chroma_triton.serving import protocol as P
-from chroma_triton.serving.model_args import ModelArgs, configure_logging, load_model_parts
+from chroma_triton.serving.model_args import ModelArgs, configure_logging, input_array, load_model_parts
 from chroma_triton.serving.triton_codec import CodecService
 
-
-def _input(request, name):
-    tensor = pb_utils.get_input_tensor_by_name(request, name)
-    return None if tensor is None else tensor.as_numpy()
 
 
 class TritonPythonModel:
@@ -32,8 +28,8 @@ class TritonPythonModel:
                 responses[i] = pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor(P.AUDIO, np.zeros((1, 0), np.float32))])
                 continue
             try:
-                codes = _input(request, P.AUDIO_CODES)
-                context = int(P.as_scalar(_input(request, P.CONTEXT_FRAMES), P.CONTEXT_FRAMES) or 0)
+                codes = input_array(request, P.AUDIO_CODES)
+                context = int(P.as_scalar(input_array(request, P.CONTEXT_FRAMES), P.CONTEXT_FRAMES) or 0)
             except Exception as exc:  # noqa: BLE001
                 responses[i] = pb_utils.InferenceResponse(error=pb_utils.TritonError(P.error_message(exc)))
                 continue

@@ -5,6 +5,7 @@ import triton_python_backend_utils as pb_utils
 
 from chroma_triton.serving import protocol as P
 from chroma_triton.serving.cancel_board import CancelBoard
+from chroma_triton.serving.model_args import input_array
 
 
 class TritonPythonModel:
@@ -15,11 +16,9 @@ class TritonPythonModel:
         responses = []
         for request in requests:
             if request.is_cancelled():
-                tensor = pb_utils.get_input_tensor_by_name(request, P.STREAM_KEY)
-                key = P.as_text(None if tensor is None else tensor.as_numpy(), P.STREAM_KEY, "")
+                key = P.as_text(input_array(request, P.STREAM_KEY), P.STREAM_KEY, "")
                 if key:
                     self.board.post(key)
-            context = pb_utils.get_input_tensor_by_name(request, P.CONTEXT_FRAMES)
-            responses.append(pb_utils.InferenceResponse(
-                output_tensors=[pb_utils.Tensor("context_frames_out", context.as_numpy().astype(np.int32))]))
+            context = input_array(request, P.CONTEXT_FRAMES).astype(np.int32)
+            responses.append(pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor("context_frames_out", context)]))
         return responses
