@@ -111,8 +111,8 @@ class ChromaStack:
 
     ``repository`` defaults to ``model_repository/`` rendered for the CPU with the demo checkpoint
     (:func:`chroma_triton.serving.repository.render_repository`, what the launcher serves).  Used by the end-to-end tests and the client
-    examples' tests; start-up costs tens of seconds on a CPU, so tests share one
-    (:func:`shared_chroma_stack`).
+    examples' tests; start-up costs tens of seconds on a CPU, so the tests share one (the ``stack``
+    fixture in ``tests/conftest.py``).
     """
 
     def __init__(self, workdir: str | os.PathLike, *, frontend_args: Sequence[str] = (), repository=None,
@@ -160,22 +160,8 @@ def render_repository(target: Path) -> Path:
     return target
 
 
-_SHARED: dict[str, ChromaStack] = {}
-
 
 #: How the tests run the frontend: the project's assets readable by path (as the launcher does),
 #: a body limit small enough to test cheaply, a timeout that fails a hung test in minutes.
 TEST_FRONTEND_ARGS = ("--allowed-local-media-path", str(Path(__file__).resolve().parent.parent / "assets"),
                       "--max-body-bytes", str(8 * 1024 * 1024), "--request-timeout", "120")
-
-
-def shared_chroma_stack(workdir: str | os.PathLike) -> ChromaStack:
-    """One stack per test process, whichever test module asks first; stopped at exit."""
-    import atexit
-
-    key = "stack"
-    if key not in _SHARED:
-        stack = ChromaStack(workdir, frontend_args=TEST_FRONTEND_ARGS).start()
-        _SHARED[key] = stack
-        atexit.register(stack.stop)
-    return _SHARED[key]

@@ -1,4 +1,5 @@
-"""Shared fixtures: one tiny random checkpoint (real layout) per test session, and the assets."""
+"""Shared fixtures: one tiny random checkpoint (real layout) per test session, the assets, the
+tritonserver binary (tests that need it skip without it) and the real serving stack."""
 
 from __future__ import annotations
 
@@ -33,3 +34,27 @@ def question_wav() -> bytes:
 @pytest.fixture(scope="session")
 def ref_voice() -> tuple[bytes, str]:
     return (ASSETS / "ref_audio.wav").read_bytes(), (ASSETS / "ref_audio.txt").read_text().strip()
+
+
+@pytest.fixture(scope="session")
+def triton_install():
+    """The tritonserver binary (scripts/setup.sh installs the nvidia-pytriton wheel's); a test that
+    asks for it is skipped, with the reason, where there is none."""
+    from chroma_triton.serving.tritonserver import TritonServerError, find_tritonserver
+
+    try:
+        return find_tritonserver()
+    except TritonServerError as exc:
+        pytest.skip(f"no tritonserver: {exc}")
+
+
+@pytest.fixture(scope="session")
+def stack(triton_install, tmp_path_factory):
+    """The real stack, started once per test session for every file that asks for ``stack``:
+    tritonserver serving the chroma repository (demo checkpoint, CPU) and the frontend.
+    test_frontend_triton.py defines its own ``stack``, over a scripted stand-in model."""
+    from openai_frontend.testing import TEST_FRONTEND_ARGS, ChromaStack
+
+    chroma = ChromaStack(tmp_path_factory.getbasetemp() / "chroma_stack", frontend_args=TEST_FRONTEND_ARGS).start()
+    yield chroma
+    chroma.stop()

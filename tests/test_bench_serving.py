@@ -15,7 +15,6 @@ from pathlib import Path
 import pytest
 
 from chroma_triton.bench.stats import FRAME_MS, FRAME_SAMPLES, SAMPLE_RATE, StreamRecord, summarize
-from chroma_triton.serving.tritonserver import TritonServerError, find_tritonserver
 
 ROOT = Path(__file__).resolve().parent.parent
 MAX_TOKENS = 8
@@ -38,11 +37,7 @@ def test_stream_record_math():
 
 
 @pytest.mark.triton
-def test_bench_serving_against_the_stack(tmp_path):
-    try:
-        find_tritonserver()
-    except TritonServerError as exc:
-        pytest.skip(f"no tritonserver: {exc}")
+def test_bench_serving_against_the_stack(triton_install, tmp_path):
     from chroma_triton.demo import demo_checkpoint
 
     out = tmp_path / "bench.json"

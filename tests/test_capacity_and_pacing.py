@@ -7,7 +7,7 @@ import math
 
 import pytest
 
-from chroma_triton.engine import ChromaEngine, EngineOptions, Finished, SamplingParams
+from chroma_triton.engine import EngineOptions, Finished, SamplingParams
 from chroma_triton.engine.capacity import GIB, kv_bytes_per_row, plan_rows
 from chroma_triton.engine.pacing import AdmissionPacer, PrefillCost, StreamState
 from chroma_triton.pipeline import ChromaPipeline

@@ -12,23 +12,12 @@ from pathlib import Path
 import pytest
 import soundfile as sf
 
-from chroma_triton.serving.tritonserver import TritonServerError, find_tritonserver
-from openai_frontend.testing import shared_chroma_stack
 
 ROOT = Path(__file__).resolve().parent.parent
 CLIENT = ROOT / "client"
 MAX_TOKENS = "8"
 
 pytestmark = pytest.mark.triton
-
-
-@pytest.fixture(scope="module")
-def stack(tmp_path_factory):
-    try:
-        find_tritonserver()
-    except TritonServerError as exc:
-        pytest.skip(f"no tritonserver: {exc}")
-    return shared_chroma_stack(tmp_path_factory.getbasetemp() / "chroma_stack")
 
 
 def run(cmd: list[str], stack, **env) -> str:

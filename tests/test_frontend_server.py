@@ -2,7 +2,7 @@
 frontend as a uvicorn process, driven with the ``openai`` SDK and ``requests``.
 
 Replies are kept short (``max_tokens`` 12 frames) so the module stays fast on a 2-core machine.
-The stack is shared with ``test_clients.py`` (:func:`openai_frontend.testing.shared_chroma_stack`).
+The stack is shared with the other test files (the ``stack`` fixture in ``tests/conftest.py``).
 """
 
 from __future__ import annotations
@@ -21,8 +21,7 @@ import pytest
 import requests
 import soundfile as sf
 
-from chroma_triton.serving.tritonserver import TritonServerError, find_tritonserver
-from openai_frontend.testing import metric_value, shared_chroma_stack
+from openai_frontend.testing import metric_value
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 FRAME = 1920
@@ -30,15 +29,6 @@ MAX_TOKENS = 12
 PROMPT_TEXT = (ASSETS / "ref_audio.txt").read_text().strip()
 
 pytestmark = pytest.mark.triton
-
-
-@pytest.fixture(scope="module")
-def stack(tmp_path_factory):
-    try:
-        find_tritonserver()
-    except TritonServerError as exc:
-        pytest.skip(f"no tritonserver: {exc}")
-    return shared_chroma_stack(tmp_path_factory.getbasetemp() / "chroma_stack")
 
 
 @pytest.fixture(scope="module")

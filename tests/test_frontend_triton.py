@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from chroma_triton.serving.tritonserver import TritonServer, TritonServerError, find_tritonserver
+from chroma_triton.serving.tritonserver import TritonServer
 from openai_frontend.testing import FrontendProcess, metric_value
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
@@ -172,11 +172,7 @@ class TritonPythonModel:
 
 
 @pytest.fixture(scope="module")
-def stack(tmp_path_factory):
-    try:
-        find_tritonserver()
-    except TritonServerError as exc:
-        pytest.skip(f"no tritonserver: {exc}")
+def stack(triton_install, tmp_path_factory):
     repo = tmp_path_factory.mktemp("fake_repo")
     (repo / "chroma" / "1").mkdir(parents=True)
     (repo / "chroma" / "config.pbtxt").write_text(textwrap.dedent(CONFIG).lstrip())

@@ -21,8 +21,7 @@ import pytest
 import requests
 import soundfile as sf
 
-from chroma_triton.serving.tritonserver import TritonServerError, find_tritonserver
-from openai_frontend.testing import FrontendProcess, shared_chroma_stack
+from openai_frontend.testing import FrontendProcess
 
 pytestmark = pytest.mark.triton
 
@@ -44,15 +43,6 @@ def _encoded(fmt: str) -> bytes:
 MP3, OGG = _encoded("mp3"), _encoded("ogg")
 AUDIO_PARAM = "messages[0].content[0].input_audio.data"
 SEED_PARAM = "messages[0].content[0].audio"
-
-
-@pytest.fixture(scope="module")
-def stack(tmp_path_factory):
-    try:
-        find_tritonserver()
-    except TritonServerError as exc:
-        pytest.skip(f"no tritonserver: {exc}")
-    return shared_chroma_stack(tmp_path_factory.getbasetemp() / "chroma_stack")
 
 
 @pytest.fixture(scope="module")

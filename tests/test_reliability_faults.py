@@ -16,7 +16,6 @@ from pathlib import Path
 
 import pytest
 
-from chroma_triton.serving.tritonserver import TritonServerError, find_tritonserver
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts" / "reliability"))
 
@@ -26,11 +25,8 @@ pytestmark = pytest.mark.triton
 
 
 @pytest.fixture(scope="module", autouse=True)
-def _triton():
-    try:
-        find_tritonserver()
-    except TritonServerError as exc:
-        pytest.skip(f"no tritonserver: {exc}")
+def _triton(triton_install):
+    """Every test here needs the tritonserver binary."""
 
 
 def test_killed_model_process_fails_requests_clearly_and_the_service_recovers(tmp_path):

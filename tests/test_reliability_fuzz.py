@@ -14,8 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from chroma_triton.serving.tritonserver import TritonServerError, find_tritonserver
-from openai_frontend.testing import FrontendProcess, shared_chroma_stack
+from openai_frontend.testing import FrontendProcess
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts" / "reliability"))
 
@@ -26,12 +25,7 @@ ASSETS = Path(__file__).resolve().parent.parent / "assets"
 
 
 @pytest.fixture(scope="module")
-def frontend(tmp_path_factory):
-    try:
-        find_tritonserver()
-    except TritonServerError as exc:
-        pytest.skip(f"no tritonserver: {exc}")
-    stack = shared_chroma_stack(tmp_path_factory.getbasetemp() / "chroma_stack")
+def frontend(stack, tmp_path_factory):
     args = ["--allowed-local-media-path", str(ASSETS), "--request-timeout", "60", *FUZZ_FRONTEND_ARGS]
     process = FrontendProcess(stack.triton.grpc_url, args=args,
                               log_file=tmp_path_factory.mktemp("fuzz") / "frontend.log")

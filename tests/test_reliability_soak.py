@@ -14,8 +14,6 @@ from pathlib import Path
 
 import pytest
 
-from chroma_triton.serving.tritonserver import TritonServerError, find_tritonserver
-from openai_frontend.testing import shared_chroma_stack
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts" / "reliability"))
 
@@ -30,15 +28,6 @@ ROUNDS = 2  # measured, after one warm-up round (allocators, caches and gRPC buf
 #: measures the real figures; here only a gross leak must fail, on a shared 2-core machine whose
 #: load changes how much is buffered at the peak: 16 MiB over 24 requests = 680 KiB per request.
 MAX_RSS_GROWTH_KIB = 16 * 1024
-
-
-@pytest.fixture(scope="module")
-def stack(tmp_path_factory):
-    try:
-        find_tritonserver()
-    except TritonServerError as exc:
-        pytest.skip(f"no tritonserver: {exc}")
-    return shared_chroma_stack(tmp_path_factory.getbasetemp() / "chroma_stack")
 
 
 def test_mini_soak(stack):

@@ -17,7 +17,7 @@ import pytest
 
 from chroma_triton.serving import protocol as P
 from chroma_triton.serving.repository import RenderSpec, render_repository
-from chroma_triton.serving.tritonserver import TritonServer, TritonServerError, find_tritonserver
+from chroma_triton.serving.tritonserver import TritonServer
 
 pytestmark = pytest.mark.triton
 FRAME = 1920  # samples per 80 ms frame at 24 kHz
@@ -25,11 +25,7 @@ MAX_BATCH = 4
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory, tiny_checkpoint):
-    try:
-        find_tritonserver()
-    except TritonServerError as exc:
-        pytest.skip(f"no tritonserver binary: {exc}")
+def server(triton_install, tmp_path_factory, tiny_checkpoint):
     repo = tmp_path_factory.mktemp("rendered") / "model_repository"
     render_repository(repo, RenderSpec(model_path=str(tiny_checkpoint), params={"chroma_lm": {"max_batch": str(MAX_BATCH)}}))
     srv = TritonServer(repo, log_file=tmp_path_factory.mktemp("logs") / "tritonserver.log")
