@@ -115,19 +115,26 @@ def time_reference(path, device, dtype, template, frames: int) -> dict:
     return {"frames": len(codes), "ms_per_frame": dt / len(codes) * 1000, "rtf": dt / len(codes) / FRAME_S}
 
 
-def graph_vs_eager(parts, template, frames: int) -> dict:
-    out = {}
-    for graphs in (False, True):
+def compare_codes(parts, template, frames: int, a: dict, b: dict) -> dict:
+    """One request's codes under engine options `a` and `b` (same seed): equal, or where they part."""
+    out = []
+    for extra in (a, b):
         eng = ChromaEngine(parts, EngineOptions(max_batch=4, thinker_max_len=1024, backbone_max_len=1024,
-                                                cuda_graphs=graphs)).start()
+                                                **extra)).start()
         req = copy.deepcopy(template)
         req.sampling = SamplingParams(seed=42, max_tokens=frames)
         chunks = [ev for ev in eng.submit(req) if isinstance(ev, AudioChunk)]
-        out[graphs] = np.concatenate([c.codes[c.context_frames:] for c in chunks])
+        out.append(np.concatenate([c.codes[c.context_frames:] for c in chunks]))
         eng.shutdown()
-    same = out[False].shape == out[True].shape and bool((out[False] == out[True]).all())
-    first_diff = None if same else int(np.argmax((out[False] != out[True]).any(axis=1)))
-    return {"frames": len(out[True]), "bitwise_equal": same, "first_differing_frame": first_diff}
+    same = out[0].shape == out[1].shape and bool((out[0] == out[1]).all())
+    n = min(len(out[0]), len(out[1]))
+    first_diff = None if same else int(np.argmax((out[0][:n] != out[1][:n]).any(axis=1)))
+    return {"frames": len(out[1]), "bitwise_equal": same, "first_differing_frame": first_diff,
+            "equal_code_fraction": float((out[0][:n] == out[1][:n]).mean())}
+
+
+def graph_vs_eager(parts, template, frames: int) -> dict:
+    return compare_codes(parts, template, frames, {"cuda_graphs": False}, {"cuda_graphs": True})
 
 
 def time_codec(parts, device, chunk=10, context=12, reps=20) -> dict:
@@ -142,12 +149,12 @@ def time_codec(parts, device, chunk=10, context=12, reps=20) -> dict:
     return {"chunk_frames": chunk, "context_frames": context, "ms_per_chunk": (time.perf_counter() - t) / reps * 1000}
 
 
-def profile_kernels(parts, template, frames: int, top: int = 25) -> dict:
+def profile_kernels(parts, template, frames: int, top: int = 25, compile: bool = False) -> dict:
     """Kernels of `frames` eager batch-1 frames (the same kernels a CUDA graph replays), grouped by name."""
     from torch.profiler import ProfilerActivity, profile
 
     eng = ChromaEngine(parts, EngineOptions(max_batch=1, thinker_max_len=512, backbone_max_len=768,
-                                            cuda_graphs=False)).start()
+                                            cuda_graphs=False, compile=compile)).start()
     req = copy.deepcopy(template)
     req.sampling = SamplingParams(seed=5, max_tokens=frames + 8)
     stream = eng.submit(req)
@@ -174,6 +181,28 @@ def profile_kernels(parts, template, frames: int, top: int = 25) -> dict:
                     for k, n, us in rows[:top]]}
 
 
+def run_compiled(report: dict, parts, template, args, levels: list[int]) -> None:
+    """The same levels on an engine whose layers and sampler run through torch.compile."""
+    report["compile_vs_plain"] = compare_codes(parts, template, 24, {}, {"compile": True})
+    print("compile_vs_plain", report["compile_vs_plain"], flush=True)
+    t = time.perf_counter()
+    engine = ChromaEngine(parts, EngineOptions(max_batch=max(levels), thinker_max_len=args.thinker_max_len,
+                                               backbone_max_len=args.backbone_max_len, compile=True)).start()
+    report["levels_compiled"] = []
+    for c in levels:
+        run_level(engine, template, c, args.frames)  # warm-up: compiles, then captures
+        if c == levels[0]:
+            report["compile_warmup_s"] = time.perf_counter() - t
+        r = run_level(engine, template, c, args.frames)
+        r["pacing"], r["compile"] = "on", True
+        r["speedup_vs_naive_per_stream"] = report["baseline_naive"]["ms_per_frame"] / r["ms_per_frame_p50"]
+        report["levels_compiled"].append(r)
+        print(json.dumps(r), flush=True)
+    engine.shutdown()
+    parts.frame_model.set_compiled(False)
+    parts.thinker_lm.model.set_compiled(False)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--model")
@@ -187,6 +216,8 @@ def main():
     ap.add_argument("--backbone-max-len", type=int, default=768)
     ap.add_argument("--pacing", default="on,off", help="admission pacing modes to run each level with")
     ap.add_argument("--profile-frames", type=int, default=0, help="profile N eager batch-1 frames (CUDA kernels)")
+    ap.add_argument("--compile-levels", default="",
+                    help="also run these levels on an engine with compile=True (torch.compile), after the plain one")
     ap.add_argument("--out", default="bench_engine.json")
     args = ap.parse_args()
     device = torch.device(args.device)
@@ -238,11 +269,16 @@ def main():
             print(json.dumps(r), flush=True)
     report["graphs_captured"] = engine.stats()["graphs"]
     engine.shutdown()
+    if args.compile_levels and device.type == "cuda":
+        run_compiled(report, parts, template, args, [int(c) for c in args.compile_levels.split(",")])
     report["kv_cache_gib"] = (engine.thinker.cache.nbytes() + parts.frame_model.backbone_cache.nbytes()) / 2**30
     report["codec"] = time_codec(parts, device)
     if args.profile_frames and device.type == "cuda":
         report["profile_batch1"] = profile_kernels(parts, template, args.profile_frames)
         print("profile", json.dumps(report["profile_batch1"], indent=1), flush=True)
+        if args.compile_levels:
+            report["profile_batch1_compiled"] = profile_kernels(parts, template, args.profile_frames, compile=True)
+            print("profile compiled", json.dumps(report["profile_batch1_compiled"], indent=1), flush=True)
     Path(args.out).write_text(json.dumps(report, indent=2))
     b = report["baseline_naive"]
     print(f"\n{report['device']} {report['dtype']} prompt {report['prompt_tokens']} tokens, {args.frames} frames/stream")
@@ -251,12 +287,12 @@ def main():
     print(f"engine eager (batch 1): {e['ms_per_frame_p50']:.1f} ms/frame, RTF {e['rtf_p50']:.3f}, TTFA {e['ttfa_ms_p50']:.0f} ms")
     print("| streams | pacing | TTFA p50/p90/p99 ms | ms/frame p50 (worst) | RTF p50 | min real-time margin | underrun streams | audio s/s | x naive | GPU peak GiB |")
     print("|---|---|---|---|---|---|---|---|---|---|")
-    for r in report["levels"]:
-        print(f"| {r['concurrency']} | {r['pacing']} | {r['ttfa_ms_p50']:.0f}/{r['ttfa_ms_p90']:.0f}/{r['ttfa_ms_p99']:.0f} | "
+    for r in report["levels"] + report.get("levels_compiled", []):
+        print(f"| {r['concurrency']} | {r['pacing']}{' compiled' if r.get('compile') else ''} | {r['ttfa_ms_p50']:.0f}/{r['ttfa_ms_p90']:.0f}/{r['ttfa_ms_p99']:.0f} | "
               f"{r['ms_per_frame_p50']:.2f} ({r['ms_per_frame_p99']:.2f}) | {r['rtf_p50']:.3f} | {r['realtime_margin_min']:.1f}x | "
               f"{r['underrun_streams']} | {r['audio_s_per_s']:.1f} | {r['speedup_vs_naive_per_stream']:.1f} | {r.get('gpu_mem_peak_gib', 0):.1f} |")
     print(f"codec: {report['codec']}; graphs captured: {report['graphs_captured']}; "
-          f"graph vs eager: {report.get('graph_vs_eager')}")
+          f"graph vs eager: {report.get('graph_vs_eager')}; compile vs plain: {report.get('compile_vs_plain')}")
 
 
 if __name__ == "__main__":

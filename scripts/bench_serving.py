@@ -123,7 +123,7 @@ async def run_level(path: str, streams: int, args, targets: dict, workload: Work
         else:
             await sse_stream(client, targets["frontend"], bodies[i], records[i])
 
-    mon = Monitor(targets.get("metrics")) if monitor else None
+    mon = Monitor(targets.get("metrics"), grpc_url=targets.get("grpc")) if monitor else None
     if mon:
         mon.start()
     try:
@@ -212,8 +212,22 @@ def print_table(report: dict, previous: dict | None) -> None:
             ratio = lv["audio_s_per_s"] / old["audio_s_per_s"] if old and old.get("audio_s_per_s") else None
             row += f" {fmt(ratio, '.2f', 'x')} |"
         print(row)
+    print_executions(report)
     lag = max((lv["client_loop_lag_ms_max"] for lv in report["levels"]), default=0)
     print(f"client event-loop lag, worst: {lag:.0f} ms (large values mean the client, not the server, set the pace)")
+
+
+def print_executions(report: dict) -> None:
+    """Where the server spent its time per level: each model's executions (Triton statistics)."""
+    rows = [(lv, name, e) for lv in report["levels"] for name, e in sorted((lv.get("model_executions") or {}).items())
+            if name in ("audio_encoder", "chroma_lm", "stream_watch", "codec_decoder")]
+    if not rows:
+        return
+    print("\n| path | streams | model | executions | requests per execution | ms per execution | busy s | busy share of wall |")
+    print("|---" * 8 + "|")
+    for lv, name, e in rows:
+        print(f"| {lv['path']} | {lv['concurrency']} | {name} | {e['executions']} | {e['requests_per_execution']:.1f} | "
+              f"{e['ms_per_execution']:.1f} | {e['busy_s']:.1f} | {fmt(e['busy_share'], '.2f')} |")
 
 
 # -- main --------------------------------------------------------------------------------------

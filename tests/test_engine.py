@@ -338,10 +338,10 @@ def test_bad_requests_do_not_disturb_good_ones(pipe, question_wav, ref_voice, mo
         orig = engine.thinker.prefill
         poison = len(good.thinker_ids) + 1
 
-        def prefill(row, prompts):
+        def prefill(row, prompts, **kwargs):
             if any(len(ids) == poison for ids, _ in prompts):
                 raise RuntimeError("injected failure")
-            return orig(row, prompts)
+            return orig(row, prompts, **kwargs)
 
         monkeypatch.setattr(engine.thinker, "prefill", prefill)
         failing = copy.deepcopy(good)

@@ -264,6 +264,9 @@ def test_engine_with_ahead_thinker_streams_what_the_torch_thinker_streams(pipe, 
             results[name] = [_collect(s) for s in [engine.submit(copy.deepcopy(r)) for r in reqs]]
             if thinker is not None:
                 assert thinker.counters["submitted"] == 3
+                # generating ahead stops at what the request can consume, not at the context limit
+                budgets = sorted(r.max_new_tokens for r in thinker.backend.submitted)
+                assert budgets == sorted(r.sampling.max_tokens // 2 + 2 for r in reqs)
         finally:
             engine.shutdown()
             if thinker is not None:

@@ -68,15 +68,61 @@ def scrape(url: str | None, timeout: float = 3.0) -> dict[str, float] | None:
     return dict(values)
 
 
+def model_executions(grpc_url: str | None) -> dict[str, dict[str, float]] | None:
+    """Per model, from Triton's statistics extension: executions, requests and the time spent in
+    executions. Unlike the Prometheus duration counters, which add a batch's duration once per
+    request in it, ``batch_stats`` counts each execution once, so ``busy_s`` is the time the model
+    instances actually spent executing (summed over instances)."""
+    if not grpc_url:
+        return None
+    try:
+        import tritonclient.grpc as grpcclient
+
+        client = grpcclient.InferenceServerClient(grpc_url)
+        stats = client.get_inference_statistics(as_json=True)
+        client.close()
+    except Exception:  # noqa: BLE001 - monitoring must not fail a benchmark
+        return None
+    out = {}
+    for m in stats.get("model_stats", []):
+        busy = 0
+        for b in m.get("batch_stats", []):
+            busy += sum(int(b.get(k, {}).get("ns", 0)) for k in ("compute_input", "compute_infer", "compute_output"))
+        out[m["name"]] = {"executions": float(m.get("execution_count", 0)),
+                          "requests": float(m.get("inference_count", 0)), "busy_s": busy / 1e9}
+    return out
+
+
+def execution_deltas(before: dict | None, after: dict | None, wall_s: float) -> dict | None:
+    """Per model over a level: executions, requests per execution, busy seconds, busy share of the
+    wall time (above 1: several instances; near the instance count: that model is the bottleneck)."""
+    if not before or not after:
+        return None
+    out = {}
+    for name, a in after.items():
+        b = before.get(name, {})
+        d = {k: a[k] - b.get(k, 0.0) for k in a}
+        if not d["executions"]:
+            continue
+        out[name] = {"executions": int(d["executions"]), "requests_per_execution": d["requests"] / d["executions"],
+                     "busy_s": d["busy_s"], "ms_per_execution": d["busy_s"] * 1000 / d["executions"],
+                     "busy_share": d["busy_s"] / wall_s if wall_s > 0 else None}
+    return out
+
+
 class Monitor(threading.Thread):
     """Samples GPU memory and the metrics every ``interval`` seconds until :meth:`finish`."""
 
-    def __init__(self, metrics_url: str | None, interval: float = 0.5, settle_s: float = 1.0):
+    def __init__(self, metrics_url: str | None, interval: float = 0.5, settle_s: float = 1.0,
+                 grpc_url: str | None = None):
         super().__init__(name="bench-monitor", daemon=True)
         self.metrics_url, self.interval, self.settle_s = metrics_url, interval, settle_s
+        self.grpc_url = grpc_url
         self.stop_event = threading.Event()
         self.gpu_before = gpu_memory_mib()
         self.metrics_before = scrape(metrics_url)
+        self.executions_before = model_executions(grpc_url)
+        self.started = time.perf_counter()
         self.gpu_peak = dict(self.gpu_before or {})
         self.gauge_peak: dict[str, float] = {}
         self.gauge_min: dict[str, float] = {}
@@ -98,17 +144,20 @@ class Monitor(threading.Thread):
 
     def finish(self) -> dict:
         self.stop_event.set()
+        wall = time.perf_counter() - self.started
         if self.is_alive():
             self.join(10)
-        if self.metrics_url:
+        if self.metrics_url or self.grpc_url:
             time.sleep(self.settle_s)
         after = self._sample()
+        executions = execution_deltas(self.executions_before, model_executions(self.grpc_url), wall)
         return {
             "gpu_mem_before_mib": self.gpu_before,
             "gpu_mem_peak_mib": self.gpu_peak if self.gpu_before is not None else None,
             "triton_gauges_peak": self.gauge_peak if after is not None else None,
             "triton_gauges_min": self.gauge_min if after is not None else None,
             "triton_counters_delta": counter_deltas(self.metrics_before, after),
+            "model_executions": executions,
         }
 
 

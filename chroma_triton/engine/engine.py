@@ -65,6 +65,7 @@ class EngineOptions:
     kv_memory_fraction: float = 0.9  # on a GPU: share of free memory the KV caches may take (engine/capacity.py)
     activation_reserve_gib: float = 4.0  # ...after keeping this much for activations and graph pools
     cuda_graphs: bool = True  # on CUDA: capture steps as graphs (ignored on CPU)
+    compile: bool = False  # on CUDA: torch.compile each decoder layer and the sampler (fused kernels)
     key_bucket: int = 256  # key-length bucket of captured graphs
     thinker_backend: str = "torch"  # "auto" | "torch" | "sglang" (model.loading.make_thinker)
     thinker_options: dict = field(default_factory=dict)  # backend options (SGLang: engine_kwargs, ...)
@@ -116,6 +117,12 @@ class ChromaEngine:
         self.frames.setup_caches(self.opts.max_batch, self.opts.backbone_max_len)
         self.num_codebooks = self.cfg.num_codebooks
         on_gpu = self.device.type == "cuda"
+        # the compile switch lives on the shared modules: set it both ways, so this engine runs
+        # what its options say whatever an earlier engine over the same parts chose
+        compiled = on_gpu and self.opts.compile
+        self.frames.set_compiled(compiled)
+        if parts.thinker_lm is not None:
+            parts.thinker_lm.model.set_compiled(compiled)
         self.runner = StepRunner(use_graphs=on_gpu and self.opts.cuda_graphs)
         # on a GPU, pad to buckets (graphs need static shapes); on a CPU, run exact shapes
         self._batch_sizes = batch_buckets(self.opts.max_batch) if on_gpu else list(range(1, self.opts.max_batch + 1))
@@ -420,7 +427,8 @@ class ChromaEngine:
         row = len(self._active)
         dev = self.device
         h0, t1 = self.thinker.prefill(row, [(torch.tensor(r.thinker_ids, dtype=torch.long, device=dev), r.audio_embeds)
-                                            for r, _ in items])
+                                            for r, _ in items],
+                                      max_new_tokens=[self._thinker_budget(r) for r, _ in items])
         firsts = self.thinker.embed(t1).to(self._dtype)
         prompts = [torch.cat([self._backbone_prompt(r), h0[i, None].to(self._dtype), firsts[i, None]])
                    for i, (r, _) in enumerate(items)]
@@ -438,6 +446,11 @@ class ChromaEngine:
                 self._active.append(a)
                 self.counters["admitted"] += 1
         return list(states)
+
+    def _thinker_budget(self, req: GenerationRequest) -> int:
+        """Reply tokens a request can consume: t1 at prefill, then one per talking (every other)
+        frame of its `max_tokens` frames, plus the <|im_end|> pair."""
+        return req.sampling.max_tokens // 2 + 2
 
     @property
     def _dtype(self) -> torch.dtype:

@@ -79,6 +79,15 @@ class FrameModel(nn.Module):
         self.num_codebooks = cfg.num_codebooks
         self.backbone_cache: KVCache | None = None
         self.backbone_rotary: RotaryTable | None = None
+        self._sampler = sample
+
+    def set_compiled(self, on: bool) -> "FrameModel":
+        """torch.compile the backbone's and decoder's layers and the sampling chain (see
+        Trunk.set_compiled); off restores the eager code."""
+        self.backbone.model.set_compiled(on)
+        self.decoder.model.set_compiled(on)
+        self._sampler = compiled_sample() if on else sample
+        return self
 
     # -- caches -------------------------------------------------------------------------------
     def setup_caches(self, rows: int, backbone_len: int) -> None:
@@ -125,4 +134,13 @@ class FrameModel(nn.Module):
         return codes
 
     def _sample(self, logits: torch.Tensor, p: SamplingTensors, keys: torch.Tensor) -> torch.Tensor:
-        return sample(logits, p.temperature, p.top_k, p.top_p, keys, p.k_max, self.token_table)
+        return self._sampler(logits, p.temperature, p.top_k, p.top_p, keys, p.k_max, self.token_table)
+
+
+_COMPILED_SAMPLE = []
+
+
+def compiled_sample():
+    if not _COMPILED_SAMPLE:
+        _COMPILED_SAMPLE.append(torch.compile(sample, fullgraph=True))
+    return _COMPILED_SAMPLE[0]

@@ -269,12 +269,16 @@ class SGLangThinker:
     def embed(self, token_ids: torch.Tensor) -> torch.Tensor:
         return self.embed_tokens(token_ids.to(self.device))
 
-    def prefill(self, row_start: int, prompts: list[tuple[torch.Tensor, torch.Tensor | None]]):
-        """Submit the prompts (rows row_start..) and wait for each one's first reply token."""
+    def prefill(self, row_start: int, prompts: list[tuple[torch.Tensor, torch.Tensor | None]],
+                max_new_tokens: Sequence[int] | None = None):
+        """Submit the prompts (rows row_start..) and wait for each one's first reply token.
+        `max_new_tokens` (per prompt, optional): reply tokens the engine can consume at most; SGLang
+        generates ahead, so without it a reply that never ends runs to the context limit."""
         reqs = []
         try:
             for i, (ids, audio) in enumerate(prompts):
-                reqs.append(self._submit(row_start + i, ids, audio))
+                budget = None if max_new_tokens is None else int(max_new_tokens[i])
+                reqs.append(self._submit(row_start + i, ids, audio, budget))
             self._wait(lambda: all(r.ids or r.done or r.error for r in reqs), "first reply token")
             for r in reqs:
                 if not r.ids:
@@ -369,7 +373,7 @@ class SGLangThinker:
             self._cond.notify_all()
 
     # -- internals ----------------------------------------------------------------------------
-    def _submit(self, row: int, ids: torch.Tensor, audio: torch.Tensor | None) -> ThinkerRequest:
+    def _submit(self, row: int, ids: torch.Tensor, audio: torch.Tensor | None, budget: int | None = None) -> ThinkerRequest:
         ids_list = [int(t) for t in ids.reshape(-1).tolist()]
         plen = len(ids_list)
         if plen < 1 or plen >= self.max_len:
@@ -386,7 +390,8 @@ class SGLangThinker:
             self._wait_locked(lambda: bool(self._free), "a free thinker slot")
             slot = self._free.pop()
             req = ThinkerRequest(rid=make_rid(self.tag, slot, plen - 1), slot=slot, base=plen - 1, input_ids=ids_list,
-                                 audio_positions=positions, audio_embeds=embeds, max_new_tokens=self.max_len - plen,
+                                 audio_positions=positions, audio_embeds=embeds,
+                                 max_new_tokens=max(1, min(self.max_len - plen, budget or self.max_len)),
                                  stop_token_id=self.im_end_id)
             self._rows[row] = req
         self.counters["submitted"] += 1

@@ -27,9 +27,12 @@ class Thinker(Protocol):
     def embed(self, token_ids: torch.Tensor) -> torch.Tensor:
         """Token embeddings (also the backbone's text embeddings)."""
 
-    def prefill(self, row_start: int, prompts: list[tuple[torch.Tensor, torch.Tensor | None]]) -> tuple[torch.Tensor, torch.Tensor]:
+    def prefill(self, row_start: int, prompts: list[tuple[torch.Tensor, torch.Tensor | None]],
+                max_new_tokens: list[int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Run prompts (input ids, audio embeddings) into cache rows row_start.. in one batched call;
-        return (each prompt's last post-norm state [P, H], greedy next ids [P])."""
+        return (each prompt's last post-norm state [P, H], greedy next ids [P]). `max_new_tokens`
+        (optional, per prompt) bounds the reply tokens the engine will ask for; a thinker that
+        generates ahead uses it, a lock-step one may ignore it."""
 
     def decode(self, tokens: torch.Tensor, positions: torch.Tensor, key_len: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Feed one token per row (rows 0..B-1) at its position; return (post-norm states [B, H],
@@ -85,7 +88,7 @@ class TorchThinker:
         return x
 
     @torch.inference_mode()
-    def prefill(self, row_start, prompts):
+    def prefill(self, row_start, prompts, max_new_tokens=None):
         x, lengths = pad_batch([self.prompt_embeddings(ids, audio) for ids, audio in prompts])
         positions = torch.arange(x.shape[1], device=self.device).expand(x.shape[0], -1)
         h = self.lm.model(x, self.cache, self.rotary, positions, x.shape[1], row_start=row_start)

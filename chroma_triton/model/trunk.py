@@ -195,6 +195,15 @@ class Trunk(nn.Module):
         self.cfg = cfg
         self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.compiled = False  # run each layer through torch.compile (fused kernels); see set_compiled
+
+    def set_compiled(self, on: bool) -> "Trunk":
+        """Run every layer through one `torch.compile`d function (inductor fuses the norms, rope,
+        residual adds and activation into a few kernels per layer). All layers of all trunks share
+        the compiled code (parameters are inputs), so compiling costs one graph per layer shape.
+        Numerics change slightly (fused reductions), so this is an explicit choice."""
+        self.compiled = on
+        return self
 
     def fuse(self) -> "Trunk":
         """Fuse q/k/v and gate/up projections of every layer (after the weights are loaded)."""
@@ -233,6 +242,27 @@ class Trunk(nn.Module):
         mask = torch.zeros(allowed.shape, dtype=x.dtype, device=x.device).masked_fill_(~allowed, float("-inf"))
         mask = mask.unsqueeze(1).repeat(1, 1, group, 1)  # [B, 1, G*L, key_len]
         rows = slice(row_start, row_start + b)
+        run = compiled_layer() if self.compiled else _run_layer
         for i, layer in enumerate(self.layers):
-            x = layer(x, cos, sin, cache.k[i, rows], cache.v[i, rows], positions, mask, key_len)
+            x = run(layer, x, cos, sin, cache.k[i, rows], cache.v[i, rows], positions, mask, key_len)
         return self.norm(x)
+
+
+def _run_layer(layer: DecoderLayer, x, cos, sin, k_cache, v_cache, positions, mask, key_len):
+    return layer(x, cos, sin, k_cache, v_cache, positions, mask, key_len)
+
+
+_COMPILED: dict[str, object] = {}
+
+
+def compiled_layer():
+    """`_run_layer` under torch.compile, made once per process. Dynamo's per-function cache must
+    hold a graph per (trunk, shape) pair until shapes turn dynamic, so its limits are raised."""
+    fn = _COMPILED.get("layer")
+    if fn is None:
+        import torch._dynamo
+
+        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+        torch._dynamo.config.accumulated_cache_size_limit = max(torch._dynamo.config.accumulated_cache_size_limit, 512)
+        fn = _COMPILED["layer"] = torch.compile(_run_layer, fullgraph=True, dynamic=True)
+    return fn
