@@ -102,11 +102,15 @@ for c in $LEVELS; do
     --max-trials "$WINDOWS" --stability-percentage 999 \
     -f "$OUT/c$c.csv" --verbose-csv --profile-export-file "$OUT/c$c.profile.json" \
     "$@" 2>&1 | tee "$OUT/c$c.log"
+  set +e  # a summary that fails must not stop the remaining concurrencies
   "$PY" - "$OUT/c$c.profile.json" <<'PYEOF' | tee -a "$OUT/c$c.log"
 import json, sys
 import numpy as np
 
-requests = [r for e in json.load(open(sys.argv[1]))["experiments"] for r in e["requests"]]
+# the export holds the responses' outputs too, raw bytes included (not always valid UTF-8)
+with open(sys.argv[1], "rb") as f:
+    export = json.loads(f.read().decode("utf-8", "replace"), strict=False)
+requests = [r for e in export["experiments"] for r in e["requests"]]
 first = [(r["response_timestamps"][0] - r["timestamp"]) / 1e6 for r in requests if r["response_timestamps"]]
 last = [(r["response_timestamps"][-1] - r["timestamp"]) / 1e6 for r in requests if r["response_timestamps"]]
 p = lambda xs: "/".join(f"{np.percentile(xs, q):.0f}" for q in (50, 90, 99)) if xs else "-"
@@ -114,5 +118,7 @@ print(f"profile export: {len(requests)} requests; first response ms p50/p90/p99 
       f"last response ms {p(last)}; responses per request p50 "
       f"{np.median([len(r['response_timestamps']) for r in requests]) if requests else '-'}")
 PYEOF
+  [ "${PIPESTATUS[0]}" -eq 0 ] || echo "could not read $OUT/c$c.profile.json (perf_analyzer's own report above stands)"
+  set -e
 done
 echo "reports in $OUT/"
