@@ -36,24 +36,3 @@ def test_a_bad_chunk_fails_alone(codec):
     assert isinstance(out[1], InvalidRequestError) and "columns" in str(out[1])
     assert isinstance(out[2], InvalidRequestError) and "context_frames" in str(out[2])
     assert out[3].shape == (0,)
-
-
-def test_a_decode_runner_that_fails_falls_back_to_eager(codec):
-    """codec_decoder's CUDA-graph runner: a shape that cannot be captured is decoded eagerly, the
-    request still gets its audio, and the runner is dropped (no retry on every batch)."""
-    rng = np.random.default_rng(1)
-    chunks = [(rng.integers(0, codec.codebook_size, size=(6, codec.num_codebooks)), 2)]
-    expected = codec.decode_batch(chunks)
-    calls = []
-
-    def failing_runner(key, fn, codes):
-        calls.append(key)
-        raise RuntimeError("operation not permitted when stream is capturing")
-
-    codec.runner = failing_runner
-    try:
-        out = codec.decode_batch(chunks)
-        np.testing.assert_array_equal(out[0], expected[0])
-        assert calls == [("mimi", 1, codec.num_codebooks, 8)] and codec.runner is None
-    finally:
-        codec.runner = None

@@ -8,13 +8,8 @@ transformer's attention to frames older than the context (measured in tests/docs
 
 from __future__ import annotations
 
-import logging
-from typing import Callable
-
 import numpy as np
 import torch
-
-log = logging.getLogger(__name__)
 
 
 class Codec:
@@ -26,13 +21,6 @@ class Codec:
         self.frame_size = frame_size
         p = next(mimi.parameters())
         self.device, self.dtype = p.device, p.dtype
-        # optional: runs `_decode_padded` per (rows, frames) shape, e.g. as a CUDA graph
-        # (engine.graphs.StepRunner); called as runner(key, fn, codes)
-        self.runner: Callable | None = None
-
-    def _decode_padded(self, codes: torch.Tensor) -> torch.Tensor:
-        """codes [B, K, frames] on the device -> audio [B, samples] (the model's dtype)."""
-        return self.mimi.decode(codes).audio_values[:, 0]
 
     @torch.inference_mode()
     def encode(self, wav: np.ndarray) -> np.ndarray:
@@ -76,20 +64,10 @@ class Codec:
         batch = np.zeros((rows, frames, self.num_codebooks), dtype=np.int64)
         for i, (codes, _) in enumerate(chunks):
             batch[i, : len(codes)] = codes
-        c = torch.from_numpy(batch).clamp_(0, self.codebook_size - 1).transpose(1, 2).contiguous().to(self.device)
-        audio = self._run(c).float().cpu().numpy()  # [B, samples]
+        c = torch.from_numpy(batch).clamp_(0, self.codebook_size - 1).transpose(1, 2).to(self.device)
+        audio = self.mimi.decode(c).audio_values[:, 0].float().cpu().numpy()  # [B, samples]
         fs = self.frame_size
         return [np.ascontiguousarray(audio[i, context * fs: len(codes) * fs]) for i, (codes, context) in enumerate(chunks)]
-
-    def _run(self, c: torch.Tensor) -> torch.Tensor:
-        if self.runner is None:
-            return self._decode_padded(c)
-        try:
-            return self.runner(("mimi", *c.shape), self._decode_padded, c)
-        except Exception:  # noqa: BLE001 - a shape that cannot be captured must not fail requests
-            log.exception("Mimi decode could not run as a CUDA graph; decoding eagerly from now on")
-            self.runner = None
-            return self._decode_padded(c)
 
     def decode_chunk(self, codes: np.ndarray, context_frames: int) -> np.ndarray:
         """Decode [context + new, K] codes and return only the new frames' samples."""

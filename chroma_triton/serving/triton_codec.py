@@ -19,16 +19,9 @@ MAX_DECODE_BATCH = 64  # chunks decoded together (bounds activation memory)
 
 
 class CodecService:
-    def __init__(self, codec: Codec, cuda_graphs: bool = False):
-        """`cuda_graphs` (GPU only): replay each batch shape's Mimi decode as a CUDA graph
-        (Codec.decode_batch already pads to a few shapes), falling back to eager decoding if a
-        capture fails."""
+    def __init__(self, codec: Codec):
         self.codec = codec
         self.num_codebooks = codec.num_codebooks
-        if cuda_graphs and codec.device.type == "cuda":
-            from ..engine.graphs import StepRunner
-
-            codec.runner = StepRunner(use_graphs=True)
 
     def validate(self, codes: np.ndarray, context_frames: int) -> np.ndarray:
         """One request's codes as [frames, K] int64 (a leading batch dimension of 1 is dropped)."""

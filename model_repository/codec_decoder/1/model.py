@@ -14,7 +14,7 @@ class TritonPythonModel:
         configure_logging()
         a = ModelArgs.from_triton(args)
         path, parts = load_model_parts(a, {"codec"})
-        self.service = CodecService(parts.codec, cuda_graphs=a.bool("cuda_graphs", False))
+        self.service = CodecService(parts.codec)
         print(f"[{a.instance_name}] ready on {a.device}: {path}", flush=True)
 
     def execute(self, requests):
