@@ -38,6 +38,7 @@ from ..errors import CapacityError, InvalidRequestError
 from ..model.frame_model import FrameModel, SamplingTensors
 from ..model.loading import ChromaParts, make_thinker, resolve_thinker_backend
 from ..model.thinker import Thinker, pad_batch
+from ..model.trunk import eager_layers
 from .capacity import GIB, kv_bytes_per_row, free_device_bytes, plan_rows
 from .detokenizer import IncrementalDetokenizer
 from .graphs import StepRunner, batch_buckets, bucket, length_buckets
@@ -65,7 +66,7 @@ class EngineOptions:
     kv_memory_fraction: float = 0.9  # on a GPU: share of free memory the KV caches may take (engine/capacity.py)
     activation_reserve_gib: float = 4.0  # ...after keeping this much for activations and graph pools
     cuda_graphs: bool = True  # on CUDA: capture steps as graphs (ignored on CPU)
-    compile: bool = False  # on CUDA: torch.compile each decoder layer and the sampler (fused kernels)
+    compile: bool = False  # torch.compile each decoder layer and the sampler (fused kernels; CPU: needs a C++ compiler)
     key_bucket: int = 256  # key-length bucket of captured graphs
     thinker_backend: str = "torch"  # "auto" | "torch" | "sglang" (model.loading.make_thinker)
     thinker_options: dict = field(default_factory=dict)  # backend options (SGLang: engine_kwargs, ...)
@@ -119,10 +120,9 @@ class ChromaEngine:
         on_gpu = self.device.type == "cuda"
         # the compile switch lives on the shared modules: set it both ways, so this engine runs
         # what its options say whatever an earlier engine over the same parts chose
-        compiled = on_gpu and self.opts.compile
-        self.frames.set_compiled(compiled)
+        self.frames.set_compiled(self.opts.compile)
         if parts.thinker_lm is not None:
-            parts.thinker_lm.model.set_compiled(compiled)
+            parts.thinker_lm.model.set_compiled(self.opts.compile)
         self.runner = StepRunner(use_graphs=on_gpu and self.opts.cuda_graphs)
         # on a GPU, pad to buckets (graphs need static shapes); on a CPU, run exact shapes
         self._batch_sizes = batch_buckets(self.opts.max_batch) if on_gpu else list(range(1, self.opts.max_batch + 1))
@@ -138,6 +138,7 @@ class ChromaEngine:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.counters = {"admitted": 0, "finished": 0, "cancelled": 0, "failed": 0, "frames": 0, "steps": 0}
+        self._compiled_shapes = False
 
     def _make_thinker_and_size(self, parts: ChromaParts, thinker: Thinker | None) -> Thinker:
         """The thinker, and `opts.max_batch` lowered to the rows whose KV caches fit in memory.
@@ -157,8 +158,50 @@ class ChromaEngine:
             thinker = make_thinker(parts, "torch", o.max_batch, o.thinker_max_len, **o.thinker_options)
         return thinker
 
+    def _compile_step_shapes(self) -> None:
+        """With `compile`: run every step function once per shape class before serving, so that
+        torch.compile compiles now, not when a request first needs a shape. Dynamic shapes cover
+        batch sizes >= 2 and every key length below the cache's; what is left to specialise is
+        batch 1, the full cache length and the sampler's top-k bound (two values make it dynamic,
+        plus None = the whole vocabulary). Prefills run eagerly (engine._prefill). The KV caches
+        get writes at positions 0..2 of the first rows, which any request placed there overwrites
+        before it reads them."""
+        t0 = time.perf_counter()
+        dev, dtype, o = self.device, self._dtype, self.opts
+        k = self.num_codebooks
+        vocab = self.cfg.backbone.audio_vocab_size
+        bound = self._k_max_of([self.default_top_k]) or 64
+        k_maxes = [bound, None] + ([bound * 2] if bound * 2 < vocab else [])
+        with torch.no_grad():  # the mode the engine thread runs in (see _loop)
+            # batch 1 and one odd size: 2 would equal the decoder's 2 positions and the 2 rows of
+            # the sampling floats, and dynamo would then specialise on those equalities
+            for b in sorted({1, min(5, o.max_batch)}):
+                zeros = torch.zeros(b, dtype=torch.long, device=dev)
+                ones = torch.ones(b, dtype=torch.long, device=dev)
+                prev = torch.zeros(b, k, dtype=torch.long, device=dev)
+                for bb_len in sorted({self._key_len(3, self._backbone_lens), o.backbone_max_len}):
+                    self._backbone_silent(prev, zeros, key_len=bb_len)
+                    if self._prepare_decode is None:  # a thinker that runs ahead has no trunk here
+                        for th_len in sorted({self._key_len(2, self._thinker_lens), o.thinker_max_len}):
+                            h, nxt = self.thinker.decode(zeros, zeros, key_len=th_len)
+                    else:
+                        h = torch.zeros(b, self.thinker.hidden_size, dtype=dtype, device=dev)
+                        nxt = zeros
+                    self._backbone_talk(prev, h, nxt, ones, zeros, key_len=bb_len)
+                states = torch.zeros(b, self.cfg.backbone.trunk.hidden_size, dtype=dtype, device=dev)
+                floats = torch.ones(2, b, dtype=torch.float32, device=dev)  # as _pack lays them out
+                top_k = torch.full((b,), self.default_top_k, dtype=torch.long, device=dev)
+                for k_max in k_maxes:
+                    self._sample_fn(states, zeros, zeros, top_k, floats[0], floats[1], k_max=k_max)
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+        self._compiled_shapes = True
+        log.info("compile: step shapes compiled in %.1f s", time.perf_counter() - t0)
+
     # -- public API ---------------------------------------------------------------------------
     def start(self) -> "ChromaEngine":
+        if self.opts.compile and not self._compiled_shapes:
+            self._compile_step_shapes()
         if self._thread is None:
             self._stop.clear()
             self._thread = threading.Thread(target=self._loop, name="chroma-engine", daemon=True)
@@ -219,8 +262,9 @@ class ChromaEngine:
 
     # -- the loop -----------------------------------------------------------------------------
     def _loop(self) -> None:
+        # no autograd on this thread (plain no-grad, not inference mode: the static caches and
+        # graph inputs are ordinary tensors, and compiled code is specialised to the mode it ran in)
         torch.set_grad_enabled(False)
-        torch.inference_mode().__enter__()
         while not self._stop.is_set():
             try:
                 for a in [a for a in self._active if a.stream.cancelled]:
@@ -280,14 +324,16 @@ class ChromaEngine:
         return needed if sizes is None else bucket(needed, sizes)
 
     def _pack(self, batch: list[_Active], size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Per-row step inputs, padded to `size` rows: ints [size, 7], floats [size, 2], prev codes [size, K]."""
-        ints = np.zeros((size, _NINT), dtype=np.int64)
-        floats = np.ones((size, 2), dtype=np.float32)
+        """Per-row step inputs, padded to `size` rows: ints [7, size], floats [2, size], prev codes [size, K]."""
+        # field-major, so that each field (ints[_TOKEN], ...) is a row with stride 1: step functions
+        # see the same strides in eager mode, in a graph's static inputs and in the compile warm-up
+        ints = np.zeros((_NINT, size), dtype=np.int64)
+        floats = np.ones((2, size), dtype=np.float32)
         codes = np.zeros((size, self.num_codebooks), dtype=np.int64)
         for a in batch:
             p = a.params
-            ints[a.row] = (a.thinker_token, a.thinker_pos, a.backbone_pos, not a.thinker_done, p.seed, a.step, p.top_k)
-            floats[a.row] = (p.temperature, p.top_p)
+            ints[:, a.row] = (a.thinker_token, a.thinker_pos, a.backbone_pos, not a.thinker_done, p.seed, a.step, p.top_k)
+            floats[:, a.row] = (p.temperature, p.top_p)
             if a.last_codes is not None:
                 codes[a.row] = a.last_codes
         dev = self.device
@@ -306,12 +352,12 @@ class ChromaEngine:
             if self._prepare_decode is not None:
                 self._prepare_decode([None if a.thinker_done else a.thinker_pos for a in batch])
             h, nxt = self.runner(("thinker", size, th_len), partial(self.thinker.decode, key_len=th_len),
-                                 ints[:, _TOKEN], ints[:, _TPOS])
+                                 ints[_TOKEN], ints[_TPOS])
             states = self.runner(("backbone3", size, bb_len), partial(self._backbone_talk, key_len=bb_len),
-                                 prev, h, nxt, ints[:, _TALK], ints[:, _BPOS])
+                                 prev, h, nxt, ints[_TALK], ints[_BPOS])
             return states, nxt
         states = self.runner(("backbone1", size, bb_len), partial(self._backbone_silent, key_len=bb_len),
-                             prev, ints[:, _BPOS])
+                             prev, ints[_BPOS])
         return states, None
 
     def _backbone_silent(self, prev, pos, *, key_len):
@@ -336,7 +382,7 @@ class ChromaEngine:
         ints, floats, _ = self._pack(batch, size)
         k_max = self._k_max(batch)
         codes = self.runner(("sample", size, k_max), partial(self._sample_fn, k_max=k_max), states[:size],
-                            ints[:, _SEED], ints[:, _FRAME], ints[:, _TOPK], floats[:, 0], floats[:, 1])
+                            ints[_SEED], ints[_FRAME], ints[_TOPK], floats[0], floats[1])
         extra = thinker_next if thinker_next is not None else torch.zeros(size, dtype=torch.long, device=self.device)
         if extra.shape[0] < size:
             extra = torch.cat([extra, extra.new_zeros(size - extra.shape[0])])
@@ -348,8 +394,10 @@ class ChromaEngine:
     def _k_max(self, batch: list[_Active]) -> int | None:
         """A power-of-two bound on the batch's top_k (few graph variants), or None when some row
         samples from the whole audio vocabulary."""
+        return self._k_max_of([a.params.top_k for a in batch])
+
+    def _k_max_of(self, ks: list[int]) -> int | None:
         vocab = self.cfg.backbone.audio_vocab_size
-        ks = [a.params.top_k for a in batch]
         if min(ks) <= 0 or max(ks) >= vocab:
             return None
         bound = 1 << (max(ks) - 1).bit_length()
@@ -423,7 +471,12 @@ class ChromaEngine:
         return self.opts.first_chunk_frames if a.sent == 0 else min(self.opts.chunk_frames, a.sent)
 
     def _prefill(self, items: list[tuple[GenerationRequest, RequestStream]]) -> list[torch.Tensor]:
-        """Thinker and backbone prefill of `items` in rows len(active).. (one batched call each)."""
+        """Thinker and backbone prefill of `items` in rows len(active).. (one batched call each),
+        with eager layers even under `compile` (prompt shapes vary; see trunk.eager_layers)."""
+        with eager_layers():
+            return self._prefill_eager(items)
+
+    def _prefill_eager(self, items: list[tuple[GenerationRequest, RequestStream]]) -> list[torch.Tensor]:
         row = len(self._active)
         dev = self.device
         h0, t1 = self.thinker.prefill(row, [(torch.tensor(r.thinker_ids, dtype=torch.long, device=dev), r.audio_embeds)

@@ -13,7 +13,7 @@ from torch import nn
 
 from ..config import ChromaConfig
 from ..sampling import sample, stream_keys, token_hashes
-from .trunk import KVCache, RotaryTable, Trunk
+from .trunk import KVCache, RotaryTable, Trunk, compile_function
 
 
 class AudioEmbedding(nn.Module):
@@ -142,5 +142,5 @@ _COMPILED_SAMPLE = []
 
 def compiled_sample():
     if not _COMPILED_SAMPLE:
-        _COMPILED_SAMPLE.append(torch.compile(sample, fullgraph=True))
+        _COMPILED_SAMPLE.append(compile_function(sample))
     return _COMPILED_SAMPLE[0]

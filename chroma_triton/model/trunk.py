@@ -12,6 +12,8 @@ lengths share one call (continuous batching) and shapes stay fixed for CUDA grap
 from __future__ import annotations
 
 import math
+import threading
+from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
@@ -242,7 +244,7 @@ class Trunk(nn.Module):
         mask = torch.zeros(allowed.shape, dtype=x.dtype, device=x.device).masked_fill_(~allowed, float("-inf"))
         mask = mask.unsqueeze(1).repeat(1, 1, group, 1)  # [B, 1, G*L, key_len]
         rows = slice(row_start, row_start + b)
-        run = compiled_layer() if self.compiled else _run_layer
+        run = compiled_layer() if self.compiled and not getattr(_EAGER, "on", False) else _run_layer
         for i, layer in enumerate(self.layers):
             x = run(layer, x, cos, sin, cache.k[i, rows], cache.v[i, rows], positions, mask, key_len)
         return self.norm(x)
@@ -253,16 +255,43 @@ def _run_layer(layer: DecoderLayer, x, cos, sin, k_cache, v_cache, positions, ma
 
 
 _COMPILED: dict[str, object] = {}
+_EAGER = threading.local()
+
+
+@contextmanager
+def eager_layers():
+    """Inside this block (this thread), compiled trunks run their layers eagerly. For prefills:
+    their shapes change with every prompt, and compiling for a new one would stall the engine."""
+    before = getattr(_EAGER, "on", False)
+    _EAGER.on = True
+    try:
+        yield
+    finally:
+        _EAGER.on = before
 
 
 def compiled_layer():
-    """`_run_layer` under torch.compile, made once per process. Dynamo's per-function cache must
-    hold a graph per (trunk, shape) pair until shapes turn dynamic, so its limits are raised."""
+    """`_run_layer` under torch.compile, made once per process."""
     fn = _COMPILED.get("layer")
     if fn is None:
-        import torch._dynamo
-
-        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
-        torch._dynamo.config.accumulated_cache_size_limit = max(torch._dynamo.config.accumulated_cache_size_limit, 512)
-        fn = _COMPILED["layer"] = torch.compile(_run_layer, fullgraph=True, dynamic=True)
+        fn = _COMPILED["layer"] = compile_function(_run_layer)
     return fn
+
+
+COMPILE_RECOMPILE_LIMIT = 64
+
+
+def compile_function(fn):
+    """torch.compile with dynamic shapes and room for one graph per (trunk, shape class) before
+    shapes turn dynamic. Not `fullgraph`: should a recompile limit ever be hit, dynamo then runs
+    the function eagerly instead of failing the step."""
+    import inspect
+
+    import torch._dynamo
+
+    kwargs = {}
+    if "recompile_limit" in inspect.signature(torch.compile).parameters:  # torch >= 2.12
+        kwargs["recompile_limit"] = COMPILE_RECOMPILE_LIMIT
+    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, COMPILE_RECOMPILE_LIMIT)
+    torch._dynamo.config.accumulated_cache_size_limit = max(torch._dynamo.config.accumulated_cache_size_limit, 512)
+    return torch.compile(fn, dynamic=True, **kwargs)

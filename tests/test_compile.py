@@ -1,0 +1,84 @@
+"""The engine's `compile` option (torch.compile of every decoder layer and of the sampler), on the CPU.
+
+Compiling happens in `start()`, for every shape class the step functions meet; serving afterwards
+must compile nothing (a compilation mid-serving stalls every stream for seconds: seen on an H100
+before the warm-up existed). Prefills stay eager. On the CPU in float32 the compiled path gives
+the plain path's codes and text exactly (on a GPU in bf16 it does not, see tests/test_gpu.py).
+"""
+
+from __future__ import annotations
+
+import copy
+import shutil
+
+import numpy as np
+import pytest
+
+from chroma_triton.engine import AudioChunk, ChromaEngine, EngineOptions, Finished, SamplingParams, TextDelta
+from chroma_triton.pipeline import ChromaPipeline
+
+pytestmark = pytest.mark.skipif(not (shutil.which("c++") or shutil.which("g++")),
+                                reason="torch.compile on the CPU needs a C++ compiler")
+
+OPTIONS = dict(max_batch=8, thinker_max_len=256, backbone_max_len=384)
+
+
+@pytest.fixture(scope="module")
+def pipe(tiny_checkpoint):
+    p = ChromaPipeline.from_pretrained(tiny_checkpoint, options=EngineOptions(max_batch=1))
+    p.engine.shutdown()
+    yield p
+    p.close()
+
+
+def prepared(pipe, question_wav, ref_voice, text: str, **sampling):
+    content = [{"type": "audio", "audio": question_wav}, {"type": "text", "text": text}]
+    return pipe.prepare([{"role": "user", "content": content}], ref_voice[0], ref_voice[1],
+                        SamplingParams(**{"seed": 3, "max_tokens": 14, **sampling}))
+
+
+def serve(engine: ChromaEngine, reqs) -> list[dict]:
+    """Submit all at once (one batch); collect each stream."""
+    streams = [engine.submit(copy.deepcopy(r)) for r in reqs]
+    out = []
+    for s in streams:
+        events = list(s)
+        chunks = [e for e in events if isinstance(e, AudioChunk)]
+        out.append({"text": "".join(e.text for e in events if isinstance(e, TextDelta)),
+                    "codes": np.concatenate([c.codes[c.context_frames:] for c in chunks]),
+                    "finished": [e for e in events if isinstance(e, Finished)]})
+    return out
+
+
+def test_compile_happens_at_start_and_matches_the_plain_engine(pipe, question_wav, ref_voice):
+    from torch._dynamo.utils import counters
+
+    # batch sizes 1, 3 and 7, prompts of different lengths, top_k 50 / 100 / 30 / whole vocabulary
+    waves = [
+        [prepared(pipe, question_wav, ref_voice, "Hi.")],
+        [prepared(pipe, question_wav, ref_voice, "Tell me a long story about the sea.", seed=4, max_tokens=20),
+         prepared(pipe, question_wav, ref_voice, "Why?", seed=5, top_k=100),
+         prepared(pipe, question_wav, ref_voice, "Go on.", seed=6, top_k=0)],
+        [prepared(pipe, question_wav, ref_voice, "Again " * i, seed=10 + i, max_tokens=8 + i, top_k=30) for i in range(7)],
+    ]
+    plain = ChromaEngine(pipe.parts, EngineOptions(**OPTIONS)).start()
+    try:
+        expected = [serve(plain, wave) for wave in waves]
+    finally:
+        plain.shutdown()
+
+    compiled = ChromaEngine(pipe.parts, EngineOptions(**OPTIONS, compile=True)).start()  # compiles here
+    try:
+        graphs = counters["stats"]["unique_graphs"]
+        assert graphs > 0
+        got = [serve(compiled, wave) for wave in waves]
+        assert counters["stats"]["unique_graphs"] == graphs, "serving compiled a new graph after start()"
+    finally:
+        compiled.shutdown()
+        pipe.parts.frame_model.set_compiled(False)
+        pipe.parts.thinker_lm.model.set_compiled(False)
+    for wave_expected, wave_got in zip(expected, got):
+        for e, g in zip(wave_expected, wave_got):
+            assert len(g["finished"]) == 1 and g["finished"][0].reason == e["finished"][0].reason
+            assert g["text"] == e["text"]
+            np.testing.assert_array_equal(g["codes"], e["codes"])
