@@ -30,8 +30,10 @@ case $step in
   checkpoint)
     [ -f "$CKPT/config.json" ] || "$PY" scripts/make_checkpoint.py --preset full --out "$CKPT" --no-visual ;;
   engine)
+    # COMPILE_LEVELS (e.g. 1,64,256): the same levels again on an engine with compile on
     "$PY" scripts/bench_engine.py --model "$CKPT" --concurrency "${LEVELS:-1,8,64,256}" --frames 100 \
-      --baseline-frames 20 --profile-frames 16 --out "$OUT/bench_engine.json" 2>&1 | tee "$OUT/bench_engine.log" ;;
+      --baseline-frames 20 --profile-frames 16 --compile-levels "${COMPILE_LEVELS:-}" \
+      --out "$OUT/bench_engine.json" 2>&1 | tee "$OUT/bench_engine.log" ;;
   serving)
     # start the stack once (launcher, DP GPUs), measure it with bench_serving, then (PERF_LEVELS
     # set) with perf_analyzer, then stop it
