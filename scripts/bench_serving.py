@@ -138,7 +138,7 @@ async def run_level(path: str, streams: int, args, targets: dict, workload: Work
             await client.aclose()
     out = {"path": path, "concurrency": streams, **summarize(records, started, finished), **lag.summary()}
     if mon:
-        server = mon.finish()
+        server = mon.finish(wall_s=finished - started)
         out.update(server)
         out["audio_encoder_compute_us_per_request"] = per_request_us(server["triton_counters_delta"], "audio_encoder")
         peak = server["gpu_mem_peak_mib"]

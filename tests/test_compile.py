@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from chroma_triton.engine import AudioChunk, ChromaEngine, EngineOptions, Finished, SamplingParams, TextDelta
+from chroma_triton.engine.graphs import batch_buckets, length_buckets
 from chroma_triton.pipeline import ChromaPipeline
 
 pytestmark = pytest.mark.skipif(not (shutil.which("c++") or shutil.which("g++")),
@@ -50,17 +51,21 @@ def serve(engine: ChromaEngine, reqs) -> list[dict]:
     return out
 
 
-def test_compile_happens_at_start_and_matches_the_plain_engine(pipe, question_wav, ref_voice):
-    from torch._dynamo.utils import counters
-
-    # batch sizes 1, 3 and 7, prompts of different lengths, top_k 50 / 100 / 30 / whole vocabulary
-    waves = [
+def waves_of(pipe, question_wav, ref_voice):
+    """Batch sizes 1, 3 and 7, prompts of different lengths, top_k 50 / 100 / 30 / whole vocabulary."""
+    return [
         [prepared(pipe, question_wav, ref_voice, "Hi.")],
         [prepared(pipe, question_wav, ref_voice, "Tell me a long story about the sea.", seed=4, max_tokens=20),
          prepared(pipe, question_wav, ref_voice, "Why?", seed=5, top_k=100),
          prepared(pipe, question_wav, ref_voice, "Go on.", seed=6, top_k=0)],
         [prepared(pipe, question_wav, ref_voice, "Again " * i, seed=10 + i, max_tokens=8 + i, top_k=30) for i in range(7)],
     ]
+
+
+def test_compile_happens_at_start_and_matches_the_plain_engine(pipe, question_wav, ref_voice):
+    from torch._dynamo.utils import counters
+
+    waves = waves_of(pipe, question_wav, ref_voice)
     plain = ChromaEngine(pipe.parts, EngineOptions(**OPTIONS)).start()
     try:
         expected = [serve(plain, wave) for wave in waves]
@@ -82,3 +87,36 @@ def test_compile_happens_at_start_and_matches_the_plain_engine(pipe, question_wa
             assert len(g["finished"]) == 1 and g["finished"][0].reason == e["finished"][0].reason
             assert g["text"] == e["text"]
             np.testing.assert_array_equal(g["codes"], e["codes"])
+
+
+class CopyingRunner:
+    """Hands step functions copies of their inputs, as StepRunner does with CUDA graphs (the copies
+    are a graph's static inputs), without capturing anything: the GPU path's inputs, on a CPU."""
+    use_graphs = True
+
+    def __len__(self) -> int:
+        return 0
+
+    def __call__(self, key, fn, *args):
+        return fn(*[a.clone() for a in args])
+
+
+def test_nothing_compiles_after_start_on_the_graph_path(pipe, question_wav, ref_voice):
+    """As on a GPU: bucketed batch sizes and key lengths, inputs copied into static tensors."""
+    from torch._dynamo.utils import counters
+
+    engine = ChromaEngine(pipe.parts, EngineOptions(**OPTIONS, compile=True, key_bucket=80))
+    engine.runner = CopyingRunner()
+    engine._batch_sizes = batch_buckets(engine.opts.max_batch)
+    engine._thinker_lens = length_buckets(engine.opts.thinker_max_len, 80)
+    engine._backbone_lens = length_buckets(engine.opts.backbone_max_len, 80)
+    engine.start()
+    try:
+        graphs = counters["stats"]["unique_graphs"]
+        for wave in waves_of(pipe, question_wav, ref_voice):
+            assert all(r["finished"] for r in serve(engine, wave))
+        assert counters["stats"]["unique_graphs"] == graphs, "serving compiled a new graph after start()"
+    finally:
+        engine.shutdown()
+        pipe.parts.frame_model.set_compiled(False)
+        pipe.parts.thinker_lm.model.set_compiled(False)

@@ -142,9 +142,10 @@ class Monitor(threading.Thread):
                 self.gauge_min[key] = min(self.gauge_min.get(key, value), value)
         return metrics
 
-    def finish(self) -> dict:
+    def finish(self, wall_s: float | None = None) -> dict:
+        """Stop sampling; `wall_s` is the level's own duration (default: since this monitor began)."""
         self.stop_event.set()
-        wall = time.perf_counter() - self.started
+        wall = wall_s if wall_s is not None else time.perf_counter() - self.started
         if self.is_alive():
             self.join(10)
         if self.metrics_url or self.grpc_url:

@@ -176,27 +176,35 @@ class ChromaEngine:
             # batch 1 and one odd size: 2 would equal the decoder's 2 positions and the 2 rows of
             # the sampling floats, and dynamo would then specialise on those equalities
             for b in sorted({1, min(5, o.max_batch)}):
-                zeros = torch.zeros(b, dtype=torch.long, device=dev)
-                ones = torch.ones(b, dtype=torch.long, device=dev)
+                # inputs laid out as _pack lays them out, handed over as the runner hands them
+                ints = torch.zeros(_NINT, b, dtype=torch.long, device=dev)
+                ints[_TALK] = 1
+                ints[_TOPK] = self.default_top_k
+                floats = torch.ones(2, b, dtype=torch.float32, device=dev)
                 prev = torch.zeros(b, k, dtype=torch.long, device=dev)
                 for bb_len in sorted({self._key_len(3, self._backbone_lens), o.backbone_max_len}):
-                    self._backbone_silent(prev, zeros, key_len=bb_len)
+                    self._warm(partial(self._backbone_silent, key_len=bb_len), prev, ints[_BPOS])
                     if self._prepare_decode is None:  # a thinker that runs ahead has no trunk here
                         for th_len in sorted({self._key_len(2, self._thinker_lens), o.thinker_max_len}):
-                            h, nxt = self.thinker.decode(zeros, zeros, key_len=th_len)
+                            h, nxt = self._warm(partial(self.thinker.decode, key_len=th_len), ints[_TOKEN], ints[_TPOS])
                     else:
                         h = torch.zeros(b, self.thinker.hidden_size, dtype=dtype, device=dev)
-                        nxt = zeros
-                    self._backbone_talk(prev, h, nxt, ones, zeros, key_len=bb_len)
+                        nxt = ints[_TOKEN]
+                    self._warm(partial(self._backbone_talk, key_len=bb_len), prev, h, nxt, ints[_TALK], ints[_BPOS])
                 states = torch.zeros(b, self.cfg.backbone.trunk.hidden_size, dtype=dtype, device=dev)
-                floats = torch.ones(2, b, dtype=torch.float32, device=dev)  # as _pack lays them out
-                top_k = torch.full((b,), self.default_top_k, dtype=torch.long, device=dev)
                 for k_max in k_maxes:
-                    self._sample_fn(states, zeros, zeros, top_k, floats[0], floats[1], k_max=k_max)
+                    self._warm(partial(self._sample_fn, k_max=k_max), states, ints[_SEED], ints[_FRAME], ints[_TOPK],
+                               floats[0], floats[1])
         if dev.type == "cuda":
             torch.cuda.synchronize(dev)
         self._compiled_shapes = True
         log.info("compile: step shapes compiled in %.1f s", time.perf_counter() - t0)
+
+    def _warm(self, fn, *args):
+        """Call a step function as `self.runner` will: with CUDA graphs it gets copies (the graph's
+        static inputs), otherwise the views themselves. Compiled code is specialised to what it
+        saw (e.g. two inputs sharing one storage), so the warm-up must see the same."""
+        return fn(*[a.clone() for a in args]) if self.runner.use_graphs else fn(*args)
 
     # -- public API ---------------------------------------------------------------------------
     def start(self) -> "ChromaEngine":
