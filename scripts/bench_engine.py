@@ -198,9 +198,7 @@ def run_compiled(report: dict, parts, template, args, levels: list[int]) -> None
         r["speedup_vs_naive_per_stream"] = report["baseline_naive"]["ms_per_frame"] / r["ms_per_frame_p50"]
         report["levels_compiled"].append(r)
         print(json.dumps(r), flush=True)
-    engine.shutdown()
-    parts.frame_model.set_compiled(False)
-    parts.thinker_lm.model.set_compiled(False)
+    engine.shutdown()  # the next engine over these parts sets the compile switch from its own options
 
 
 def main():

@@ -8,6 +8,8 @@ The audio embedding table is shared: codebook k, code c is row k * audio_vocab +
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import nn
 
@@ -137,10 +139,7 @@ class FrameModel(nn.Module):
         return self._sampler(logits, p.temperature, p.top_k, p.top_p, keys, p.k_max, self.token_table)
 
 
-_COMPILED_SAMPLE = []
-
-
+@functools.cache
 def compiled_sample():
-    if not _COMPILED_SAMPLE:
-        _COMPILED_SAMPLE.append(compile_function(sample))
-    return _COMPILED_SAMPLE[0]
+    """`sample` under torch.compile, made once per process."""
+    return compile_function(sample)

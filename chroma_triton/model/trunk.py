@@ -11,6 +11,7 @@ lengths share one call (continuous batching) and shapes stay fixed for CUDA grap
 
 from __future__ import annotations
 
+import functools
 import math
 import threading
 from contextlib import contextmanager
@@ -254,7 +255,6 @@ def _run_layer(layer: DecoderLayer, x, cos, sin, k_cache, v_cache, positions, ma
     return layer(x, cos, sin, k_cache, v_cache, positions, mask, key_len)
 
 
-_COMPILED: dict[str, object] = {}
 _EAGER = threading.local()
 
 
@@ -270,12 +270,10 @@ def eager_layers():
         _EAGER.on = before
 
 
+@functools.cache
 def compiled_layer():
     """`_run_layer` under torch.compile, made once per process."""
-    fn = _COMPILED.get("layer")
-    if fn is None:
-        fn = _COMPILED["layer"] = compile_function(_run_layer)
-    return fn
+    return compile_function(_run_layer)
 
 
 COMPILE_RECOMPILE_LIMIT = 64
