@@ -70,13 +70,19 @@ def remove_server_dir(server_pid: int) -> None:
     shutil.rmtree(server_dir(server_pid), ignore_errors=True)
 
 
+def _id_digest(request_id: str) -> str:
+    """A Triton request id (any string) as a valid file-name part."""
+    return hashlib.sha1(request_id.encode("utf-8", "surrogatepass")).hexdigest()
+
+
 def request_key(request_id: str) -> str:
-    """The control marker's name for a Triton request id (any string; hashed, so always valid)."""
-    return "rid-" + hashlib.sha1(request_id.encode("utf-8", "surrogatepass")).hexdigest()
+    """The control marker's name for a Triton request id."""
+    return "rid-" + _id_digest(request_id)
 
 
 def live_key(request_id: str) -> str:
-    return "live-" + hashlib.sha1(request_id.encode("utf-8", "surrogatepass")).hexdigest()
+    """The marker of a request id running in chroma_lm now."""
+    return "live-" + _id_digest(request_id)
 
 
 class CancelBoard:

@@ -39,22 +39,19 @@ class ModelArgs:
         return value if value.strip() else default
 
     def int(self, key: str, default: int) -> int:
-        value = self.str(key)
-        if not value:
-            return default
-        try:
-            return int(value)
-        except ValueError:
-            raise ValueError(f"model {self.name}: parameter {key}={value!r} must be an integer") from None
+        return self._number(key, default, int, "an integer")
 
     def float(self, key: str, default: float) -> float:
+        return self._number(key, default, float, "a number")
+
+    def _number(self, key: str, default, parse, what: str):
         value = self.str(key)
         if not value:
             return default
         try:
-            return float(value)
+            return parse(value)
         except ValueError:
-            raise ValueError(f"model {self.name}: parameter {key}={value!r} must be a number") from None
+            raise ValueError(f"model {self.name}: parameter {key}={value!r} must be {what}") from None
 
     def bool(self, key: str, default: bool) -> bool:
         value = self.str(key).lower()
