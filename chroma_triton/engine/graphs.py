@@ -36,9 +36,14 @@ def length_buckets(max_len: int, step: int = 256) -> list[int]:
 
 
 class StepRunner:
-    def __init__(self, use_graphs: bool):
+    """``shared_pool``: every graph allocates from one memory pool, so the memory held is the largest
+    graph's, not the sum. Only for callers that consume a replay's outputs before the next replay
+    of any graph of the runner (a later replay may reuse that memory)."""
+
+    def __init__(self, use_graphs: bool, shared_pool: bool = False):
         self.use_graphs = use_graphs
         self._graphs: dict[Hashable, tuple[torch.cuda.CUDAGraph, list[torch.Tensor], object]] = {}
+        self._pool = torch.cuda.graph_pool_handle() if use_graphs and shared_pool else None
 
     def __len__(self) -> int:
         return len(self._graphs)
@@ -64,13 +69,14 @@ class StepRunner:
             for _ in range(2):  # warm up kernels and workspaces outside the capture
                 fn(*static_in)
         torch.cuda.current_stream().wait_stream(side)
-        # Each graph keeps a private memory pool: with a shared pool, one graph's replay reuses memory
-        # that a graph captured later holds its outputs in (our graphs replay in varying orders).
+        # Without `shared_pool` each graph keeps a private memory pool: with a shared pool, one graph's
+        # replay reuses memory that a graph captured later holds its outputs in (the engine's
+        # graphs replay in varying orders and their outputs are read later).
         # thread_local: CUDA calls of other threads (request threads, the caller of a pipeline)
         # during the capture are not captured and do not invalidate it. With the default "global"
         # mode they fail it ("operation not permitted when stream is capturing": seen on an H100
         # when a chroma_lm request thread copied audio embeddings to the GPU mid-capture).
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+        with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
             static_out = fn(*static_in)
         return graph, static_in, static_out

@@ -4,12 +4,21 @@ Streaming decode is stateless: each chunk is decoded together with up to `contex
 frames before it and only the new part is kept. Mimi's decoder is causal, so enough left
 context reproduces the one-shot decode; what remains differs only through the decoder
 transformer's attention to frames older than the context (measured in tests/docs).
+
+Decoding goes through :class:`MimiDecode` (transformers' modules without their host syncs). On a
+GPU, :meth:`Codec.use_cuda_graphs` replays batched chunk decodes as CUDA graphs, one per
+(rows, frames) bucket: one launch and one read-back per batch instead of hundreds of kernel
+launches and a dozen syncs, which matters most when another process keeps the GPU busy.
 """
 
 from __future__ import annotations
 
 import numpy as np
 import torch
+
+from .mimi_decode import MimiDecode
+
+FRAME_BUCKET = 8  # batched decodes pad their length to a multiple of this many frames
 
 
 class Codec:
@@ -21,6 +30,27 @@ class Codec:
         self.frame_size = frame_size
         p = next(mimi.parameters())
         self.device, self.dtype = p.device, p.dtype
+        self._decode = MimiDecode(mimi)
+        self._graphs = None  # a StepRunner once use_cuda_graphs ran
+        self._graph_frames = 0
+
+    def use_cuda_graphs(self, max_frames: int, max_rows: int) -> int:
+        """Decode batches of up to ``max_rows`` chunks of up to ``max_frames`` frames (context
+        included) through CUDA graphs, all captured now; longer chunks decode eagerly. Returns the
+        number of graphs (0 off a GPU or with ``max_frames`` 0)."""
+        if self.device.type != "cuda" or max_frames <= 0:
+            return 0
+        from ..engine.graphs import StepRunner, batch_buckets  # the engine package imports this module
+
+        # graphs share one memory pool: decode_batch reads each replay's output before the next
+        self._graphs = StepRunner(True, shared_pool=True)
+        self._graph_frames = -(-max_frames // FRAME_BUCKET) * FRAME_BUCKET
+        silence = np.zeros((0, self.num_codebooks), np.int64)
+        for rows in batch_buckets(1 << (max_rows - 1).bit_length()):  # decode_batch's row counts
+            for frames in range(FRAME_BUCKET, self._graph_frames + 1, FRAME_BUCKET):
+                filler = np.zeros((frames, self.num_codebooks), np.int64)
+                self.decode_batch([(filler, 0)] + [(silence, 0)] * (rows - 1))
+        return len(self._graphs)
 
     @torch.inference_mode()
     def encode(self, wav: np.ndarray) -> np.ndarray:
@@ -38,7 +68,7 @@ class Codec:
         if c.shape[0] == 0:
             return np.zeros(0, dtype=np.float32)
         c = c.clamp(0, self.codebook_size - 1).T[None].to(self.device)
-        audio = self.mimi.decode(c).audio_values  # [1, 1, samples]
+        audio = self._decode(c)  # [1, 1, samples]
         return audio[0, 0].float().cpu().numpy()
 
     @torch.inference_mode()
@@ -59,13 +89,17 @@ class Codec:
         # a few shapes only (lengths in steps of 8 frames; on a GPU, where idle rows cost little,
         # batch sizes in powers of two): the process's memory settles after the first of each
         # instead of growing with every new shape
-        frames = -(-longest // 8) * 8
+        frames = -(-max(longest, 1) // FRAME_BUCKET) * FRAME_BUCKET
         rows = 1 << (len(chunks) - 1).bit_length() if self.device.type == "cuda" else len(chunks)
-        batch = np.zeros((rows, frames, self.num_codebooks), dtype=np.int64)
+        batch = np.zeros((rows, self.num_codebooks, frames), dtype=np.int64)
         for i, (codes, _) in enumerate(chunks):
-            batch[i, : len(codes)] = codes
-        c = torch.from_numpy(batch).clamp_(0, self.codebook_size - 1).transpose(1, 2).to(self.device)
-        audio = self.mimi.decode(c).audio_values[:, 0].float().cpu().numpy()  # [B, samples]
+            batch[i, :, : len(codes)] = np.clip(codes, 0, self.codebook_size - 1).T
+        c = torch.from_numpy(batch).to(self.device)
+        if self._graphs is not None and frames <= self._graph_frames:
+            audio_t = self._graphs(("decode", rows, frames), self._decode, c)
+        else:
+            audio_t = self._decode(c)
+        audio = audio_t[:, 0].float().cpu().numpy()  # [B, samples]
         fs = self.frame_size
         return [np.ascontiguousarray(audio[i, context * fs: len(codes) * fs]) for i, (codes, context) in enumerate(chunks)]
 

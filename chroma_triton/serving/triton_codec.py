@@ -19,9 +19,14 @@ MAX_DECODE_BATCH = 64  # chunks decoded together (bounds activation memory)
 
 
 class CodecService:
-    def __init__(self, codec: Codec):
+    def __init__(self, codec: Codec, graph_frames: int = 0):
+        """``graph_frames``: on a GPU, capture CUDA graphs for batches of chunks up to this many
+        frames (context included) now, at load; 0 decodes eagerly."""
         self.codec = codec
         self.num_codebooks = codec.num_codebooks
+        if graph_frames < 0:
+            raise ValueError(f"cuda_graph_frames must be >= 0, got {graph_frames}")
+        self.graphs = codec.use_cuda_graphs(graph_frames, MAX_DECODE_BATCH)
 
     def validate(self, codes: np.ndarray, context_frames: int) -> np.ndarray:
         """One request's codes as [frames, K] int64 (a leading batch dimension of 1 is dropped)."""

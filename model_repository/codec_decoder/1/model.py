@@ -8,14 +8,13 @@ from chroma_triton.serving.model_args import ModelArgs, configure_logging, input
 from chroma_triton.serving.triton_codec import CodecService
 
 
-
 class TritonPythonModel:
     def initialize(self, args):
         configure_logging()
         a = ModelArgs.from_triton(args)
         path, parts = load_model_parts(a, {"codec"})
-        self.service = CodecService(parts.codec)
-        print(f"[{a.instance_name}] ready on {a.device}: {path}", flush=True)
+        self.service = CodecService(parts.codec, graph_frames=a.int("cuda_graph_frames", 24))
+        print(f"[{a.instance_name}] ready on {a.device}: {path} ({self.service.graphs} CUDA graphs)", flush=True)
 
     def execute(self, requests):
         # The dynamic batcher hands over the chunks of several streams: decode them in one call.
