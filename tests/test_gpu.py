@@ -81,3 +81,35 @@ def test_codec_graphs_give_the_eager_samples(tiny_checkpoint):
     for batch, expected in zip(batches, eager):
         for got, want in zip(codec.decode_batch(batch), expected):
             np.testing.assert_allclose(got, want, rtol=0, atol=1e-5)
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+def test_graphs_on_a_second_gpu_while_the_first_is_current(tiny_checkpoint, question_wav, ref_voice):
+    """dp 2 runs an instance on cuda:1 from threads whose current device is cuda:0: its engine
+    and codec graphs must still capture and replay their own device's work (a capture on cuda:0's
+    stream records none of it: replays would then do nothing)."""
+    from chroma_triton.model.loading import load_parts
+
+    assert torch.cuda.current_device() == 0
+    codec = load_parts(tiny_checkpoint, parts={"codec"}, device="cuda:1").codec
+    rng = np.random.default_rng(1)
+    batch = [(rng.integers(0, codec.codebook_size, size=(n, codec.num_codebooks)), ctx) for n, ctx in [(22, 12), (2, 0)]]
+    eager = codec.decode_batch(batch)
+    codec.use_cuda_graphs(24, 2)
+    for _ in range(2):  # the capture, then a replay
+        for got, want in zip(codec.decode_batch(batch), eager):
+            np.testing.assert_allclose(got, want, rtol=0, atol=1e-5)
+
+    p = ChromaPipeline.from_pretrained(tiny_checkpoint, device="cuda:1", options=EngineOptions(max_batch=1))
+    p.engine.shutdown()
+    req = p.prepare([{"role": "user", "content": [{"type": "audio", "audio": question_wav}]}], ref_voice[0],
+                    ref_voice[1], SamplingParams(seed=3, max_tokens=24))
+    results = {}
+    for graphs in (False, True):
+        engine = ChromaEngine(p.parts, EngineOptions(max_batch=2, cuda_graphs=graphs)).start()
+        try:
+            results[graphs] = [_codes(engine, req) for _ in range(2)]  # capture, then replay
+        finally:
+            engine.shutdown()
+    for got in results[True]:
+        np.testing.assert_array_equal(got, results[False][0])

@@ -173,6 +173,19 @@ def test_model_args_and_backends():
     assert path.is_file() and text
 
 
+@pytest.mark.parametrize("value, kind, expected", [("auto", "GPU", True), ("", "GPU", True), ("auto", "CPU", False),
+                                                   ("false", "GPU", False), ("true", "CPU", True)])
+def test_compile_option_auto_follows_the_device(value, kind, expected):
+    from chroma_triton.serving.triton_lm import engine_options
+
+    cfg = {"name": "chroma_lm", "parameters": {"compile": {"string_value": value}}}
+    a = ModelArgs.from_triton({"model_config": json.dumps(cfg), "model_instance_kind": kind})
+    assert engine_options(a).compile is expected
+    cfg["parameters"]["compile"]["string_value"] = "sometimes"
+    with pytest.raises(ValueError, match="compile"):
+        engine_options(ModelArgs.from_triton({"model_config": json.dumps(cfg), "model_instance_kind": kind}))
+
+
 # -- audio encoder ---------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def encoder(tiny_checkpoint):

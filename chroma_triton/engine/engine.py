@@ -22,6 +22,8 @@ to the device in one packed copy and codes (+ thinker tokens) come back in one s
 
 from __future__ import annotations
 
+import contextlib
+
 import dataclasses
 import logging
 import queue
@@ -123,7 +125,7 @@ class ChromaEngine:
         self.frames.set_compiled(self.opts.compile)
         if parts.thinker_lm is not None:
             parts.thinker_lm.model.set_compiled(self.opts.compile)
-        self.runner = StepRunner(use_graphs=on_gpu and self.opts.cuda_graphs)
+        self.runner = StepRunner(use_graphs=on_gpu and self.opts.cuda_graphs, device=self.device if on_gpu else None)
         # on a GPU, pad to buckets (graphs need static shapes); on a CPU, run exact shapes
         self._batch_sizes = batch_buckets(self.opts.max_batch) if on_gpu else list(range(1, self.opts.max_batch + 1))
         self._thinker_lens = length_buckets(self.opts.thinker_max_len, self.opts.key_bucket) if on_gpu else None
@@ -209,7 +211,8 @@ class ChromaEngine:
     # -- public API ---------------------------------------------------------------------------
     def start(self) -> "ChromaEngine":
         if self.opts.compile and not self._compiled_shapes:
-            self._compile_step_shapes()
+            with torch.cuda.device(self.device) if self.device.type == "cuda" else contextlib.nullcontext():
+                self._compile_step_shapes()
         if self._thread is None:
             self._stop.clear()
             self._thread = threading.Thread(target=self._loop, name="chroma-engine", daemon=True)
@@ -273,6 +276,8 @@ class ChromaEngine:
         # no autograd on this thread (plain no-grad, not inference mode: the static caches and
         # graph inputs are ordinary tensors, and compiled code is specialised to the mode it ran in)
         torch.set_grad_enabled(False)
+        if self.device.type == "cuda":  # this thread's allocations and launches default to our GPU
+            torch.cuda.set_device(self.device)
         while not self._stop.is_set():
             try:
                 for a in [a for a in self._active if a.stream.cancelled]:

@@ -40,8 +40,13 @@ class StepRunner:
     graph's, not the sum. Only for callers that consume a replay's outputs before the next replay
     of any graph of the runner (a later replay may reuse that memory)."""
 
-    def __init__(self, use_graphs: bool, shared_pool: bool = False):
+    def __init__(self, use_graphs: bool, shared_pool: bool = False, device: torch.device | str | None = None):
+        """``device``: the GPU the step functions run on. Captures and replays happen with it
+        current, whichever device the calling thread has current: a graph captured on another
+        device's stream records nothing of this one's kernels (they run eagerly once, and replays
+        then do nothing), and a replay launches on the current device's stream."""
         self.use_graphs = use_graphs
+        self.device = torch.device(device) if device is not None else None
         self._graphs: dict[Hashable, tuple[torch.cuda.CUDAGraph, list[torch.Tensor], object]] = {}
         self._pool = torch.cuda.graph_pool_handle() if use_graphs and shared_pool else None
 
@@ -51,14 +56,15 @@ class StepRunner:
     def __call__(self, key: Hashable, fn: Callable, *args: torch.Tensor):
         if not self.use_graphs:
             return fn(*args)
-        entry = self._graphs.get(key)
-        if entry is None:
-            entry = self._capture(fn, args)
-            self._graphs[key] = entry
-        graph, static_in, static_out = entry
-        for dst, src in zip(static_in, args):
-            dst.copy_(src, non_blocking=True)
-        graph.replay()
+        with torch.cuda.device(self.device or args[0].device):
+            entry = self._graphs.get(key)
+            if entry is None:
+                entry = self._capture(fn, args)
+                self._graphs[key] = entry
+            graph, static_in, static_out = entry
+            for dst, src in zip(static_in, args):
+                dst.copy_(src, non_blocking=True)
+            graph.replay()
         return static_out
 
     def _capture(self, fn, args):

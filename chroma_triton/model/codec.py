@@ -43,7 +43,7 @@ class Codec:
         from ..engine.graphs import StepRunner, batch_buckets  # the engine package imports this module
 
         # graphs share one memory pool: decode_batch reads each replay's output before the next
-        self._graphs = StepRunner(True, shared_pool=True)
+        self._graphs = StepRunner(True, shared_pool=True, device=self.device)
         self._graph_frames = -(-max_frames // FRAME_BUCKET) * FRAME_BUCKET
         silence = np.zeros((0, self.num_codebooks), np.int64)
         for rows in batch_buckets(1 << (max_rows - 1).bit_length()):  # decode_batch's row counts

@@ -91,6 +91,10 @@ def load_model_parts(a: "ModelArgs", parts: set[str]):
     from ..model.loading import load_parts
 
     path = resolve_checkpoint(a.str("model_path"), a.instance_name)
+    if a.device.startswith("cuda"):  # this stub process serves one GPU: make it the current one
+        import torch
+
+        torch.cuda.set_device(a.device)
     return path, load_parts(path, base_qwen_path=a.str("base_qwen_path") or None, parts=parts, device=a.device)
 
 

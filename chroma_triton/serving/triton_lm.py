@@ -210,14 +210,17 @@ class _Relay:
 _INT_OPTIONS = ("max_batch", "thinker_max_len", "backbone_max_len", "max_frames", "first_chunk_frames",
                 "chunk_frames", "context_frames", "max_queue", "max_prefills_per_step", "prefill_token_budget")
 _FLOAT_OPTIONS = ("admission_margin_s", "max_admission_wait_s", "kv_memory_fraction", "activation_reserve_gib")
-_BOOL_OPTIONS = ("admission_pacing", "cuda_graphs", "compile")
+_BOOL_OPTIONS = ("admission_pacing", "cuda_graphs")
 
 
 def engine_options(args) -> EngineOptions:
     """EngineOptions from a model's config parameters (``args.int/float/bool(key, default)``, as
-    ModelArgs has them); parameters left out keep EngineOptions' defaults."""
+    ModelArgs has them); parameters left out keep EngineOptions' defaults. ``compile`` may also be
+    ``auto`` (the default): on for an instance on a GPU, off on the CPU."""
     d = EngineOptions()
     kwargs = {name: args.int(name, getattr(d, name)) for name in _INT_OPTIONS}
     kwargs.update({name: args.float(name, getattr(d, name)) for name in _FLOAT_OPTIONS})
     kwargs.update({name: args.bool(name, getattr(d, name)) for name in _BOOL_OPTIONS})
+    on_gpu = str(getattr(args, "device", "cpu")).startswith("cuda")
+    kwargs["compile"] = on_gpu if args.str("compile").strip().lower() in ("", "auto") else args.bool("compile", d.compile)
     return EngineOptions(**kwargs)
