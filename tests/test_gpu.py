@@ -83,6 +83,27 @@ def test_codec_graphs_give_the_eager_samples(tiny_checkpoint):
             np.testing.assert_allclose(got, want, rtol=0, atol=1e-5)
 
 
+@pytest.mark.parametrize("device", ["cuda:0", "cuda:1"])
+def test_audio_tower_graphs_give_the_eager_embeddings(tiny_checkpoint, device):
+    """audio_encoder's CUDA graphs (one per window-count bucket, captured at load) give the eager
+    windowed forward's embeddings, on the current GPU and on another one (dp 2's second instance)."""
+    from chroma_triton.model.loading import load_parts
+
+    if torch.device(device).index >= torch.cuda.device_count():
+        pytest.skip("needs two CUDA devices")
+    tower = load_parts(tiny_checkpoint, parts={"audio_tower"}, device=device).audio_tower
+    torch.manual_seed(0)
+    mels = tower.module.config.num_mel_bins
+    batches = [[torch.randn(mels, n) for n in plan] for plan in ([389], [57, 1000, 4], [200] * 9)]
+    eager = [tower.embed_many(b) for b in batches]
+    assert tower.use_cuda_graphs(64) == 7
+    for _ in range(2):  # the first use of a bucket after others, then again
+        for batch, expected in zip(batches, eager):
+            for got, want in zip(tower.embed_many(batch), expected):
+                # graphs pad the window count to a bucket: other GEMM shapes, bf16 rounding
+                torch.testing.assert_close(got.float(), want.float(), rtol=0.02, atol=0.02 * float(want.abs().max()))
+
+
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
 def test_graphs_on_a_second_gpu_while_the_first_is_current(tiny_checkpoint, question_wav, ref_voice):
     """dp 2 runs an instance on cuda:1 from threads whose current device is cuda:0: its engine

@@ -1,10 +1,16 @@
 """The thinker's Whisper-style audio tower (transformers' Qwen2.5-Omni module) plus its
-feature extractor: 16 kHz speech -> embeddings that replace the <|AUDIO|> tokens."""
+feature extractor: 16 kHz speech -> embeddings that replace the <|AUDIO|> tokens.
+
+Embeddings are computed by :class:`ChunkedAudioTower` (the module's weights over a padded batch of
+windows, without host syncs); on a GPU, :meth:`AudioTower.use_cuda_graphs` replays that as one
+CUDA graph per window-count bucket."""
 
 from __future__ import annotations
 
 import numpy as np
 import torch
+
+from .audio_tower_chunks import ChunkedAudioTower, window_plan
 
 
 def audio_token_count(num_feature_frames: int) -> int:
@@ -19,6 +25,25 @@ class AudioTower:
         self.feature_extractor = feature_extractor
         p = next(module.parameters())
         self.device, self.dtype = p.device, p.dtype
+        self.chunked = ChunkedAudioTower(module)
+        self._graphs = None  # a StepRunner once use_cuda_graphs ran
+        self._graph_windows: list[int] = []
+
+    def use_cuda_graphs(self, max_windows: int) -> int:
+        """Run batches of up to ``max_windows`` windows (``2 * n_window`` log-mel frames, 2 s of
+        speech each) through CUDA graphs, one per power-of-two window count, all captured now;
+        larger batches run eagerly. Returns the number of graphs (0 off a GPU)."""
+        if self.device.type != "cuda" or max_windows <= 0:
+            return 0
+        from ..engine.graphs import StepRunner, batch_buckets  # the engine package imports the model package
+
+        # one memory pool for all: embed_many copies each replay's rows out before the next replay
+        self._graphs = StepRunner(True, shared_pool=True, device=self.device)
+        self._graph_windows = batch_buckets(1 << (max_windows - 1).bit_length())
+        mels = int(self.feature_extractor.feature_size)
+        for windows in self._graph_windows:
+            self.embed_many([torch.zeros(mels, self.chunked.window * windows)])
+        return len(self._graphs)
 
     @property
     def sampling_rate(self) -> int:
@@ -48,11 +73,22 @@ class AudioTower:
         feats = self.features(wav16k)
         if feats.shape[-1] < 4:
             raise ValueError("audio is too short: at least 40 ms of speech is needed")
-        lens = torch.tensor([feats.shape[-1]], device=self.device)
-        after_conv = (lens - 1) // 2 + 1
-        out = self.module(feats.to(self.device, self.dtype), feature_lens=lens, aftercnn_lens=after_conv)
-        emb = out.last_hidden_state
-        expected = audio_token_count(feats.shape[-1])
-        if emb.shape[0] != expected:
-            raise RuntimeError(f"audio tower returned {emb.shape[0]} embeddings, expected {expected}")
-        return emb
+        return self.embed_many([feats])[0]
+
+    @torch.inference_mode()
+    def embed_many(self, feats: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Several clips' log-mels [mels, frames] -> their embeddings, in one batched forward."""
+        if not feats:
+            return []
+        frames = [f.shape[-1] for f in feats]
+        windows = len(window_plan(frames, self.chunked.window))
+        if self._graphs is not None and windows <= self._graph_windows[-1]:
+            rows = next(w for w in self._graph_windows if w >= windows)
+            pooled = self._graphs(("tower", rows), self.chunked, *self.chunked.pack(feats, rows))
+        else:
+            pooled = self.chunked(*self.chunked.pack(feats))
+        out = self.chunked.unpack(pooled, frames)
+        for f, emb in zip(frames, out):
+            if emb.shape[0] != audio_token_count(f):
+                raise RuntimeError(f"audio tower returned {emb.shape[0]} embeddings, expected {audio_token_count(f)}")
+        return out

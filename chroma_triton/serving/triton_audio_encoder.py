@@ -18,7 +18,7 @@ import torch
 
 from ..audio_io import decode_audio
 from ..errors import InvalidRequestError
-from ..model.audio_tower import AudioTower, audio_token_count
+from ..model.audio_tower import AudioTower
 from ..model.loading import ChromaParts
 from ..voice_cache import VoiceCache, bytes_key
 
@@ -103,19 +103,9 @@ class AudioEncoderService:
             feats.append(f)
         return feats
 
-    @torch.inference_mode()
     def embed_features(self, feats: list[torch.Tensor]) -> list[torch.Tensor]:
         """Several clips' log-mels -> their embeddings, in one tower forward."""
-        if not feats:
-            return []
-        tower = self.tower
-        lens = torch.tensor([f.shape[-1] for f in feats], device=tower.device)
-        x = torch.cat(feats, dim=-1).to(tower.device, tower.dtype)
-        out = tower.module(x, feature_lens=lens, aftercnn_lens=(lens - 1) // 2 + 1).last_hidden_state
-        counts = [audio_token_count(f.shape[-1]) for f in feats]
-        if out.shape[0] != sum(counts):
-            raise RuntimeError(f"audio tower returned {out.shape[0]} embeddings, expected {sum(counts)}")
-        return list(torch.split(out, counts))
+        return self.tower.embed_many(feats)
 
     # -- requests ----------------------------------------------------------------------------------
     def encode_batch(self, inputs: list[EncoderInput]) -> list[EncoderOutput | Exception]:

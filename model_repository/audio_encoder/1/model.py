@@ -7,7 +7,6 @@ from chroma_triton.serving.model_args import ModelArgs, configure_logging, input
 from chroma_triton.serving.triton_audio_encoder import AudioEncoderService, EncoderInput
 
 
-
 class TritonPythonModel:
     def initialize(self, args):
         configure_logging()
@@ -16,7 +15,9 @@ class TritonPythonModel:
         voice_path, transcript = resolve_default_voice(a.str("default_voice"))
         self.service = AudioEncoderService(parts, (voice_path.read_bytes(), transcript),
                                            voice_cache_size=a.int("voice_cache_size", 256))
-        print(f"[{a.instance_name}] ready on {a.device}: {path}, default voice {voice_path}", flush=True)
+        graphs = parts.audio_tower.use_cuda_graphs(a.int("cuda_graph_windows", 64))
+        print(f"[{a.instance_name}] ready on {a.device}: {path}, default voice {voice_path}, {graphs} CUDA graphs",
+              flush=True)
 
     def execute(self, requests):
         inputs, errors = [], {}
