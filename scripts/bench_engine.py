@@ -193,11 +193,13 @@ def run_compiled(report: dict, parts, template, args, levels: list[int]) -> None
         run_level(engine, template, c, args.frames)  # warm-up: compiles, then captures
         if c == levels[0]:
             report["compile_warmup_s"] = time.perf_counter() - t
-        r = run_level(engine, template, c, args.frames)
-        r["pacing"], r["compile"] = "on", True
-        r["speedup_vs_naive_per_stream"] = report["baseline_naive"]["ms_per_frame"] / r["ms_per_frame_p50"]
-        report["levels_compiled"].append(r)
-        print(json.dumps(r), flush=True)
+        for overlap in args.overlap.split(","):
+            engine.opts.overlap = overlap == "on"
+            r = run_level(engine, template, c, args.frames)
+            r["pacing"], r["compile"], r["overlap"] = "on", True, overlap
+            r["speedup_vs_naive_per_stream"] = report["baseline_naive"]["ms_per_frame"] / r["ms_per_frame_p50"]
+            report["levels_compiled"].append(r)
+            print(json.dumps(r), flush=True)
     engine.shutdown()  # the next engine over these parts sets the compile switch from its own options
 
 
@@ -213,6 +215,8 @@ def main():
     ap.add_argument("--thinker-max-len", type=int, default=512)
     ap.add_argument("--backbone-max-len", type=int, default=768)
     ap.add_argument("--pacing", default="on,off", help="admission pacing modes to run each level with")
+    ap.add_argument("--overlap", default="on",
+                    help="overlap modes (on,off) to run each level with: launch step n+1 before reading step n")
     ap.add_argument("--profile-frames", type=int, default=0, help="profile N eager batch-1 frames (CUDA kernels)")
     ap.add_argument("--compile-levels", default="",
                     help="also run these levels on an engine with compile=True (torch.compile), after the plain one")
@@ -253,12 +257,12 @@ def main():
     report["levels"] = []
     for c in levels:
         run_level(engine, template, c, args.frames)  # warm-up: captures this level's graphs
-        for mode in args.pacing.split(","):
-            engine.opts.admission_pacing = mode == "on"
+        for mode, overlap in [(m, o) for m in args.pacing.split(",") for o in args.overlap.split(",")]:
+            engine.opts.admission_pacing, engine.opts.overlap = mode == "on", overlap == "on"
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
             r = run_level(engine, template, c, args.frames)
-            r["pacing"] = mode
+            r["pacing"], r["overlap"] = mode, overlap
             if device.type == "cuda":
                 r["gpu_mem_peak_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
                 r["gpu_mem_reserved_gib"] = torch.cuda.memory_reserved(device) / 2**30
@@ -283,10 +287,10 @@ def main():
     print(f"naive reference loop (batch 1): {b['ms_per_frame']:.1f} ms/frame, RTF {b['rtf']:.3f}")
     e = report["engine_eager_c1"]
     print(f"engine eager (batch 1): {e['ms_per_frame_p50']:.1f} ms/frame, RTF {e['rtf_p50']:.3f}, TTFA {e['ttfa_ms_p50']:.0f} ms")
-    print("| streams | pacing | TTFA p50/p90/p99 ms | ms/frame p50 (worst) | RTF p50 | min real-time margin | underrun streams | audio s/s | x naive | GPU peak GiB |")
+    print("| streams | pacing, overlap | TTFA p50/p90/p99 ms | ms/frame p50 (worst) | RTF p50 | min real-time margin | underrun streams | audio s/s | x naive | GPU peak GiB |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for r in report["levels"] + report.get("levels_compiled", []):
-        print(f"| {r['concurrency']} | {r['pacing']}{' compiled' if r.get('compile') else ''} | {r['ttfa_ms_p50']:.0f}/{r['ttfa_ms_p90']:.0f}/{r['ttfa_ms_p99']:.0f} | "
+        print(f"| {r['concurrency']} | {r['pacing']}, {r.get('overlap', 'on')}{' compiled' if r.get('compile') else ''} | {r['ttfa_ms_p50']:.0f}/{r['ttfa_ms_p90']:.0f}/{r['ttfa_ms_p99']:.0f} | "
               f"{r['ms_per_frame_p50']:.2f} ({r['ms_per_frame_p99']:.2f}) | {r['rtf_p50']:.3f} | {r['realtime_margin_min']:.1f}x | "
               f"{r['underrun_streams']} | {r['audio_s_per_s']:.1f} | {r['speedup_vs_naive_per_stream']:.1f} | {r.get('gpu_mem_peak_gib', 0):.1f} |")
     print(f"codec: {report['codec']}; graphs captured: {report['graphs_captured']}; "

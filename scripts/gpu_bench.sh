@@ -30,8 +30,10 @@ case $step in
   checkpoint)
     [ -f "$CKPT/config.json" ] || "$PY" scripts/make_checkpoint.py --preset full --out "$CKPT" --no-visual ;;
   engine)
-    # COMPILE_LEVELS (e.g. 1,64,256): the same levels again on an engine with compile on
+    # COMPILE_LEVELS (e.g. 1,64,256): the same levels again on an engine with compile on;
+    # PACING / OVERLAP: the modes each level runs with (default on,off / on)
     "$PY" scripts/bench_engine.py --model "$CKPT" --concurrency "${LEVELS:-1,8,64,256}" --frames 100 \
+      --pacing "${PACING:-on,off}" --overlap "${OVERLAP:-on}" \
       --baseline-frames 20 --profile-frames 16 --compile-levels "${COMPILE_LEVELS:-}" \
       --out "$OUT/bench_engine.json" 2>&1 | tee "$OUT/bench_engine.log" ;;
   serving)

@@ -281,6 +281,44 @@ def test_rows_are_reused_without_leaking_state(pipe, question_wav, ref_voice):
         np.testing.assert_array_equal(q["codes"], a["codes"])
 
 
+def _chunk_plan(out: dict) -> list[tuple[int, int, int]]:
+    return [(c.start_frame, c.context_frames, len(c.codes)) for c in out["chunks"]]
+
+
+def test_overlap_changes_nothing_a_client_sees(pipe, question_wav, ref_voice, monkeypatch):
+    """Launching step n+1 before reading step n (overlap) gives every stream the same text, codes,
+    chunks and finish as reading each step at once: with rows reused (more requests than rows),
+    an EOS in the middle of a batch, and a row that reaches the end of its backbone cache."""
+    reqs = _requests(pipe, question_wav, ref_voice)
+    reqs[2].sampling.max_tokens = 200  # runs into the backbone cache end (backbone_max_len below)
+    prompt = pipe.engine._backbone_prompt(reqs[2]).shape[0]  # the same voice for all
+    results = {}
+    for overlap in (False, True):
+        # room for the others' <= 27 frames (<= 3 positions each), not for request 2's 200
+        engine = make_engine(pipe, max_batch=3, overlap=overlap, backbone_max_len=prompt + 100)
+        orig = engine.frames.sample_frame
+
+        def sample_frame(state, params, orig=orig):
+            codes = orig(state, params)
+            # request 3 (seed 103) says EOS at its 5th frame, wherever its row is
+            codes[(params.seeds == 103) & (params.frames == 4)] = 0
+            return codes
+
+        monkeypatch.setattr(engine.frames, "sample_frame", sample_frame)
+        try:
+            streams = [engine.submit(copy.deepcopy(r)) for r in reqs]
+            results[overlap] = [collect(s) for s in streams]
+            wait_idle(engine)
+        finally:
+            engine.shutdown()
+    plain, overlapped = results[False], results[True]
+    assert plain[3]["finished"].reason == "stop" and plain[3]["finished"].audio_frames == 4
+    assert plain[2]["finished"].reason == "length" and plain[2]["finished"].audio_frames < 200
+    for i, (a, b) in enumerate(zip(plain, overlapped)):
+        np.testing.assert_array_equal(b["codes"], a["codes"], err_msg=f"request {i}")
+        assert (b["text"], b["finished"], _chunk_plan(b)) == (a["text"], a["finished"], _chunk_plan(a)), f"request {i}"
+
+
 def test_seed_controls_the_audio(pipe, question_wav, ref_voice):
     engine = make_engine(pipe, max_batch=2)
     try:

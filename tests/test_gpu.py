@@ -27,22 +27,24 @@ def _codes(engine, req):
 
 
 def test_cuda_graphs_give_the_eager_codes(pipe, question_wav, ref_voice):
-    """Same bucketed shapes, same kernels: graph replay must reproduce eager codes bitwise."""
+    """Same bucketed shapes, same kernels: graph replay must reproduce eager codes bitwise, with and
+    without overlap (step n+1 launched before step n's codes are read through pinned memory)."""
     reqs = [pipe.prepare([{"role": "user", "content": [{"type": "audio", "audio": question_wav}]}], ref_voice[0],
                          ref_voice[1], SamplingParams(seed=s, max_tokens=20 + 5 * s)) for s in range(3)]
     results = {}
-    for graphs in (False, True):
-        engine = ChromaEngine(pipe.parts, EngineOptions(max_batch=4, cuda_graphs=graphs)).start()
+    for graphs, overlap in ((False, False), (True, False), (True, True)):
+        engine = ChromaEngine(pipe.parts, EngineOptions(max_batch=4, cuda_graphs=graphs, overlap=overlap)).start()
         try:
             streams = [engine.submit(copy.deepcopy(r)) for r in reqs]
-            results[graphs] = [np.concatenate([c.codes[c.context_frames:] for c in s if isinstance(c, AudioChunk)])
-                               for s in streams]
+            results[graphs, overlap] = [
+                np.concatenate([c.codes[c.context_frames:] for c in s if isinstance(c, AudioChunk)]) for s in streams]
             if graphs:
                 assert engine.stats()["graphs"] > 0
         finally:
             engine.shutdown()
-    for eager, graph in zip(results[False], results[True]):
-        np.testing.assert_array_equal(graph, eager)
+    for variant in ((True, False), (True, True)):
+        for eager, graph in zip(results[False, False], results[variant]):
+            np.testing.assert_array_equal(graph, eager)
 
 
 def test_compiled_layers_match_the_plain_ones(pipe):

@@ -68,6 +68,7 @@ class EngineOptions:
     kv_memory_fraction: float = 0.9  # on a GPU: share of free memory the KV caches may take (engine/capacity.py)
     activation_reserve_gib: float = 4.0  # ...after keeping this much for activations and graph pools
     cuda_graphs: bool = True  # on CUDA: capture steps as graphs (ignored on CPU)
+    overlap: bool = True  # launch step n+1 before reading step n's codes (host work overlaps the device's)
     compile: bool = False  # torch.compile each decoder layer and the sampler (fused kernels; CPU: needs a C++ compiler)
     key_bucket: int = 256  # key-length bucket of captured graphs
     thinker_backend: str = "torch"  # "auto" | "torch" | "sglang" (model.loading.make_thinker)
@@ -93,6 +94,18 @@ class _Active:
     sent: int = 0  # frames already sent in chunks
     first_chunk_at: float | None = None  # monotonic time the first chunk was sent
     finish: str | None = None
+
+
+@dataclass
+class _Launched:
+    """A step queued on the device whose codes the host has not read yet."""
+    batch: list[_Active]  # its rows (row i = batch[i]); no row moves while it is in flight
+    codes: torch.Tensor  # [Bp, K + 1] on the device: the frame's codes, then the thinker's token
+    host: object  # () -> the same as a host array, waiting for the copy
+    talked: set[int]  # rows whose thinker advanced (their token is in column K)
+    at_cache_end: set[int]  # rows with no backbone room for another step: they finish here
+    old_rows: int  # rows that were running before the step (the others were admitted in it)
+    prefill_s: float  # time spent admitting in it
 
 
 # packed per-row integer inputs of one step (one host->device copy)
@@ -141,6 +154,8 @@ class ChromaEngine:
         self._thread: threading.Thread | None = None
         self.counters = {"admitted": 0, "finished": 0, "cancelled": 0, "failed": 0, "frames": 0, "steps": 0}
         self._compiled_shapes = False
+        self._inflight: _Launched | None = None
+        self._pinned: dict[tuple, list[torch.Tensor]] = {}
 
     def _make_thinker_and_size(self, parts: ChromaParts, thinker: Thinker | None) -> Thinker:
         """The thinker, and `opts.max_batch` lowered to the rows whose KV caches fit in memory.
@@ -272,6 +287,15 @@ class ChromaEngine:
             raise InvalidRequestError(f"prompt has {n_audio} audio placeholder tokens but {got} audio embeddings", "messages")
 
     # -- the loop -----------------------------------------------------------------------------
+    # A step is launched (its thinker, backbone and sampling work queued on the device, its codes
+    # copied back asynchronously) and later completed (the codes read on the host: text, frames,
+    # chunks, finishes). With `overlap`, step n+1 is launched before step n is completed, its
+    # previous-frame codes taken from step n's device tensor: the host's bookkeeping of step n
+    # runs while the device computes step n+1. Everything the next launch needs from the host
+    # (positions, talking rows, frame counters) is known at launch; what step n's codes decide
+    # (a finish, the thinker's token for the talking step after next) is read before it matters:
+    # a row that finished in step n has its step n+1 output dropped, and the batch is drained
+    # (nothing in flight) before any row is freed, moved or found at the end of its cache.
     def _loop(self) -> None:
         # no autograd on this thread (plain no-grad, not inference mode: the static caches and
         # graph inputs are ordinary tensors, and compiled code is specialised to the mode it ran in)
@@ -282,7 +306,8 @@ class ChromaEngine:
             try:
                 for a in [a for a in self._active if a.stream.cancelled]:
                     a.finish = "cancelled"
-                self._retire()
+                if any(a.finish for a in self._active):
+                    self._drain()
                 if not self._active:
                     self._global_step = 0  # next step talks, so a new request is admitted at once
                     if not self._staged:
@@ -293,41 +318,103 @@ class ChromaEngine:
                 self._step()
             except Exception as exc:  # a batched step failed: fail its requests, keep serving
                 log.exception("engine step failed")
+                self._inflight = None
                 self._fail_all(f"internal error during generation: {exc}")
 
     def _step(self) -> None:
+        t0 = time.perf_counter()
+        previous, self._inflight = self._inflight, None
+        launched = self._launch(previous)
+        if previous is not None:
+            self._complete(previous)
+        self._inflight = launched
+        if launched is None:
+            return
+        if not self._overlapping or launched.at_cache_end or any(a.finish for a in launched.batch):
+            self._drain()
+        if launched.old_rows:
+            self.pacer.observe_step(time.perf_counter() - t0 - launched.prefill_s)
+
+    @property
+    def _overlapping(self) -> bool:
+        # overlap needs every input of a step on the device or known at launch; an SGLang thinker
+        # takes its tokens from the host before each talking step
+        return self.opts.overlap and self._prepare_decode is None
+
+    def _drain(self) -> None:
+        """Complete the step in flight, then free the rows of finished requests."""
+        step, self._inflight = self._inflight, None
+        if step is not None:
+            self._complete(step)
+        self._retire()
+
+    def _launch(self, previous: "_Launched | None") -> "_Launched | None":
+        """Queue one step for the running rows (and admit new ones on talking steps)."""
         talk_step = self._global_step % 2 == 0  # admission happens on these steps only
         old = list(self._active)
         talk = talk_step and any(not a.thinker_done for a in old)  # else no thinker call at all
         tokens = states = None
-        t0 = time.perf_counter()
         if old:
-            states, tokens = self._advance(old, talk)
+            # chained: the rows are exactly the previous step's, whose codes are still on the device
+            prev_codes = previous.codes[:, : self.num_codebooks].contiguous() if previous is not None else None
+            states, tokens = self._advance(old, talk, prev_codes)
         t_prefill = time.perf_counter()
         new_states = self._admit() if talk_step else []
         t_prefill = time.perf_counter() - t_prefill
-        batch = self._active
+        batch = list(self._active)
         if not batch:
-            return
+            return None
         if new_states:
             fresh = torch.stack(new_states)
             states = fresh if states is None else torch.cat([states[: len(old)], fresh])
-        host = self._sample(batch, states, tokens if talk and old else None)
+        codes = self._sample(batch, states, tokens if talk and old else None)
+        talked = set()
+        for a in old:
+            if talk and not a.thinker_done:
+                talked.add(a.row)
+                a.thinker_pos += 1
+                a.backbone_pos += 3
+            else:
+                a.backbone_pos += 1
+        for a in batch:
+            a.step += 1
+        at_end = {a.row for a in batch if a.backbone_pos + 3 > self.opts.backbone_max_len}
         self._global_step += 1
         self.counters["steps"] += 1
+        return _Launched(batch, codes, self._to_host(codes), talked, at_end, len(old), t_prefill)
+
+    def _complete(self, step: "_Launched") -> None:
+        """Read a launched step's codes and thinker tokens and act on them."""
+        host = step.host()
         k = self.num_codebooks
-        for a in old:
-            talked = talk and not a.thinker_done
-            a.backbone_pos += 3 if talked else 1
-            if talked:
-                a.thinker_pos += 1
+        for a in step.batch:
+            if a.row in step.talked and not a.finish:
                 a.thinker_token = int(host[a.row, k])
                 self._on_text_token(a, a.thinker_token)
-        for a in batch:
-            self._on_frame(a, host[a.row, :k])
-        if old:
-            self.pacer.observe_step(time.perf_counter() - t0 - t_prefill)
-        self._retire()
+        for a in step.batch:
+            if not a.finish:  # a row finished (or cancelled) after this step was launched: dropped
+                self._on_frame(a, host[a.row, :k], at_cache_end=a.row in step.at_cache_end)
+
+    def _to_host(self, codes: torch.Tensor):
+        """Start copying a step's codes to the host; returns a function that waits for them."""
+        if self.device.type != "cuda":
+            array = codes.numpy()
+            return lambda: array
+        # two pinned buffers per shape, used in turn: at most two steps are ever unread
+        pair = self._pinned.get(tuple(codes.shape))
+        if pair is None:
+            pair = self._pinned[tuple(codes.shape)] = [torch.empty(codes.shape, dtype=codes.dtype, pin_memory=True)
+                                                       for _ in range(2)]
+        pair.reverse()
+        buf = pair[0]
+        buf.copy_(codes, non_blocking=True)
+        done = torch.cuda.Event()
+        done.record()
+
+        def wait():
+            done.synchronize()  # the step's one sync
+            return buf.numpy()
+        return wait
 
     # -- batched steps ------------------------------------------------------------------------
     def _pad(self, n: int) -> int:
@@ -353,11 +440,14 @@ class ChromaEngine:
         return (torch.from_numpy(ints).to(dev, non_blocking=True), torch.from_numpy(floats).to(dev, non_blocking=True),
                 torch.from_numpy(codes).to(dev, non_blocking=True))
 
-    def _advance(self, batch: list[_Active], talk: bool):
-        """Thinker step (on talking steps) and backbone step for rows 0..len(batch)-1.
+    def _advance(self, batch: list[_Active], talk: bool, prev_codes: torch.Tensor | None = None):
+        """Thinker step (on talking steps) and backbone step for rows 0..len(batch)-1, fed the
+        previous frame's codes from `prev_codes` (the device, [Bp, K]) or else from the host.
         Returns (backbone states [Bp, H], thinker next ids [Bp] or None) on the device."""
         size = self._pad(len(batch))
         ints, _, prev = self._pack(batch, size)
+        if prev_codes is not None:
+            prev = prev_codes
         width = 3 if talk else 1
         bb_len = self._key_len(max(a.backbone_pos for a in batch) + width, self._backbone_lens)
         if talk:
@@ -387,8 +477,9 @@ class ChromaEngine:
         positions = pos[:, None] + torch.arange(3, device=pos.device)
         return self.frames.backbone_step(x, positions, talking * 2, key_len)
 
-    def _sample(self, batch: list[_Active], states: torch.Tensor, thinker_next: torch.Tensor | None) -> np.ndarray:
-        """Codes of this frame for every row, plus the thinker's tokens: host array [B, K+1]."""
+    def _sample(self, batch: list[_Active], states: torch.Tensor, thinker_next: torch.Tensor | None) -> torch.Tensor:
+        """Codes of this frame for every row, plus the thinker's tokens: device tensor [Bp, K+1]
+        (a fresh tensor, not a graph's output: the next step's replays must not overwrite it)."""
         size = self._pad(len(batch))
         if states.shape[0] < size:
             states = torch.cat([states, states.new_zeros(size - states.shape[0], states.shape[1])])
@@ -399,7 +490,7 @@ class ChromaEngine:
         extra = thinker_next if thinker_next is not None else torch.zeros(size, dtype=torch.long, device=self.device)
         if extra.shape[0] < size:
             extra = torch.cat([extra, extra.new_zeros(size - extra.shape[0])])
-        return torch.cat([codes, extra[:size, None]], dim=1).cpu().numpy()  # the step's one sync
+        return torch.cat([codes, extra[:size, None]], dim=1)
 
     def _sample_fn(self, states, seeds, frames, top_k, temperature, top_p, *, k_max):
         return self.frames.sample_frame(states, SamplingTensors(temperature, top_k, top_p, seeds, frames, k_max))
@@ -545,15 +636,15 @@ class ChromaEngine:
         if a.thinker_pos + 1 >= self.opts.thinker_max_len:
             a.thinker_done = True  # context full: the reply text ends here, audio goes on
 
-    def _on_frame(self, a: _Active, codes: np.ndarray) -> None:
-        a.step += 1
+    def _on_frame(self, a: _Active, codes: np.ndarray, at_cache_end: bool = False) -> None:
+        """``at_cache_end``: the row's backbone cache has no room for another step."""
         if bool((codes[: self.num_codebooks - 1] == self.cfg.codebook_eos_id).all()):
             a.finish = "stop"
             return
         a.last_codes = codes.copy()
         a.frames.append(a.last_codes)
         self.counters["frames"] += 1
-        if len(a.frames) >= a.params.max_tokens or a.backbone_pos + 3 > self.opts.backbone_max_len:
+        if len(a.frames) >= a.params.max_tokens or at_cache_end:
             a.finish = "length"
             return
         # chunk sizes grow with the audio already sent (2, 2, 4, 8, ... up to chunk_frames): the
