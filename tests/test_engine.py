@@ -12,7 +12,7 @@ import torch
 
 from chroma_triton.engine import (AudioChunk, ChromaEngine, EngineOptions, Finished, GenerationRequest,
                                   RequestFailed, SamplingParams, TextDelta)
-from chroma_triton.errors import InvalidRequestError
+from chroma_triton.errors import EngineError, InvalidRequestError
 from chroma_triton.pipeline import ChromaPipeline
 
 
@@ -317,6 +317,31 @@ def test_overlap_changes_nothing_a_client_sees(pipe, question_wav, ref_voice, mo
     for i, (a, b) in enumerate(zip(plain, overlapped)):
         np.testing.assert_array_equal(b["codes"], a["codes"], err_msg=f"request {i}")
         assert (b["text"], b["finished"], _chunk_plan(b)) == (a["text"], a["finished"], _chunk_plan(a)), f"request {i}"
+
+
+def test_a_broken_loop_fails_requests_instead_of_leaving_them_waiting(pipe, question_wav, ref_voice, monkeypatch):
+    """If the engine's thread stops (here: its setup raises, as torch.cuda.set_device did for a
+    device without an index), every request it held or gets fails at once; none waits forever."""
+    pipe.engine.shutdown()
+    engine = ChromaEngine(pipe.parts, EngineOptions(max_batch=2))
+    gate = threading.Event()
+
+    def broken_serve():
+        gate.wait(5)
+        raise RuntimeError("setup failed")
+
+    monkeypatch.setattr(engine, "_serve", broken_serve)
+    engine.start()
+    try:
+        queued = engine.submit(request(pipe, question_wav, ref_voice))  # waits in the queue
+        gate.set()
+        out = collect(queued)
+        assert out["failed"] is not None and "setup failed" in out["failed"].message
+        engine._thread.join(5)
+        with pytest.raises(EngineError, match="setup failed"):
+            engine.submit(request(pipe, question_wav, ref_voice))
+    finally:
+        engine.shutdown()
 
 
 def test_seed_controls_the_audio(pipe, question_wav, ref_voice):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import faulthandler
 
 import numpy as np
 import pytest
@@ -12,6 +13,15 @@ from chroma_triton.engine import AudioChunk, ChromaEngine, EngineOptions, Sampli
 from chroma_triton.pipeline import ChromaPipeline
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
+
+
+@pytest.fixture(autouse=True)
+def _no_silent_hang():
+    """A GPU test blocked for 5 minutes prints every thread's stack and ends the run (a lent GPU
+    machine's command limit would otherwise end it without a word)."""
+    faulthandler.dump_traceback_later(300, exit=True)
+    yield
+    faulthandler.cancel_dump_traceback_later()
 
 
 @pytest.fixture(scope="module")

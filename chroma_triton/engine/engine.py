@@ -36,7 +36,7 @@ from functools import partial
 import numpy as np
 import torch
 
-from ..errors import CapacityError, InvalidRequestError
+from ..errors import CapacityError, EngineError, InvalidRequestError
 from ..model.frame_model import FrameModel, SamplingTensors
 from ..model.loading import ChromaParts, make_thinker, resolve_thinker_backend
 from ..model.thinker import Thinker, pad_batch
@@ -68,7 +68,7 @@ class EngineOptions:
     kv_memory_fraction: float = 0.9  # on a GPU: share of free memory the KV caches may take (engine/capacity.py)
     activation_reserve_gib: float = 4.0  # ...after keeping this much for activations and graph pools
     cuda_graphs: bool = True  # on CUDA: capture steps as graphs (ignored on CPU)
-    overlap: bool = True  # launch step n+1 before reading step n's codes (host work overlaps the device's)
+    overlap: bool = False  # launch step n+1 before reading step n's codes (host work overlaps the device's)
     compile: bool = False  # torch.compile each decoder layer and the sampler (fused kernels; CPU: needs a C++ compiler)
     key_bucket: int = 256  # key-length bucket of captured graphs
     thinker_backend: str = "torch"  # "auto" | "torch" | "sglang" (model.loading.make_thinker)
@@ -120,6 +120,8 @@ class ChromaEngine:
         self.opts = dataclasses.replace(options or EngineOptions())
         self.cfg = parts.config
         self.device = parts.device
+        if self.device.type == "cuda" and self.device.index is None:  # the engine thread makes it current
+            self.device = torch.device("cuda", torch.cuda.current_device())
         self.special = parts.special
         self.default_top_k = parts.top_k
         self.tokenizer = parts.tokenizer
@@ -155,6 +157,7 @@ class ChromaEngine:
         self.counters = {"admitted": 0, "finished": 0, "cancelled": 0, "failed": 0, "frames": 0, "steps": 0}
         self._compiled_shapes = False
         self._inflight: _Launched | None = None
+        self._dead: str | None = None  # why the loop stopped, once it has
         self._pinned: dict[tuple, list[torch.Tensor]] = {}
 
     def _make_thinker_and_size(self, parts: ChromaParts, thinker: Thinker | None) -> Thinker:
@@ -248,12 +251,16 @@ class ChromaEngine:
         """Validate and queue a request; events arrive on the returned stream."""
         if self._thread is None:
             raise RuntimeError("engine not started: call start() first")
+        if self._dead:
+            raise EngineError(self._dead)
         req.sampling = req.sampling.validated(self.default_top_k, self.opts.max_frames)
         self._validate(req)
         if self._pending.qsize() + len(self._staged) >= self.opts.max_queue:
             raise CapacityError(f"server busy: {self.opts.max_queue} requests already waiting; retry later")
         stream = RequestStream(req.request_id)
         self._pending.put((req, stream))
+        if self._dead:  # the loop stopped between the check above and the put: it will not see this
+            stream.put(RequestFailed(self._dead))
         return stream
 
     def stats(self) -> dict[str, int]:
@@ -297,11 +304,31 @@ class ChromaEngine:
     # a row that finished in step n has its step n+1 output dropped, and the batch is drained
     # (nothing in flight) before any row is freed, moved or found at the end of its cache.
     def _loop(self) -> None:
-        # no autograd on this thread (plain no-grad, not inference mode: the static caches and
-        # graph inputs are ordinary tensors, and compiled code is specialised to the mode it ran in)
-        torch.set_grad_enabled(False)
-        if self.device.type == "cuda":  # this thread's allocations and launches default to our GPU
-            torch.cuda.set_device(self.device)
+        try:
+            # no autograd on this thread (plain no-grad, not inference mode: the static caches and
+            # graph inputs are ordinary tensors, and compiled code is specialised to the mode it ran in)
+            torch.set_grad_enabled(False)
+            if self.device.type == "cuda":  # this thread's allocations and launches default to our GPU
+                torch.cuda.set_device(self.device)
+            self._serve()
+        except BaseException as exc:  # the loop itself broke: nobody may wait for it forever
+            log.exception("engine loop stopped")
+            self._dead = f"the generation engine stopped: {exc!r}"
+            self._inflight = None
+            self._fail_all(self._dead)
+            waiting = list(self._staged)
+            self._staged.clear()
+            while True:
+                try:
+                    item = self._pending.get_nowait()
+                except queue.Empty:
+                    break
+                if item is not None:
+                    waiting.append(item)
+            for _req, stream in waiting:
+                stream.put(RequestFailed(self._dead))
+
+    def _serve(self) -> None:
         while not self._stop.is_set():
             try:
                 for a in [a for a in self._active if a.stream.cancelled]:

@@ -86,6 +86,8 @@ def load_parts(
     if unknown:
         raise ValueError(f"unknown parts {sorted(unknown)}; choose from {sorted(ALL_PARTS)}")
     device = torch.device(device)
+    if device.type == "cuda" and device.index is None:  # "cuda": the current GPU, by number (graphs,
+        device = torch.device("cuda", torch.cuda.current_device())  # set_device need one)
     dtype = dtype or default_dtype(device)
     ckpt = Checkpoint(model_path, base_qwen_path)
     cfg = ckpt.config
