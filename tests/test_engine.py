@@ -344,6 +344,68 @@ def test_a_broken_loop_fails_requests_instead_of_leaving_them_waiting(pipe, ques
         engine.shutdown()
 
 
+def test_a_failed_step_fails_its_requests_even_if_rows_cannot_be_released(pipe, question_wav, ref_voice, monkeypatch):
+    """A step fails and the thinker then refuses to free the row (an SGLang scheduler that died):
+    the running request still gets its failure, the queued ones are served, the loop lives on."""
+    pipe.engine.shutdown()
+    engine = ChromaEngine(pipe.parts, EngineOptions(max_batch=1, admission_pacing=False))
+    calls = [0]
+    orig = engine.frames.sample_frame
+
+    def sample_frame(state, params):
+        calls[0] += 1
+        if calls[0] == 3:
+            raise RuntimeError("step failed")
+        return orig(state, params)
+
+    def release_row(row):
+        raise RuntimeError("scheduler gone")
+
+    monkeypatch.setattr(engine.frames, "sample_frame", sample_frame)
+    engine._release_row = release_row
+    engine.start()
+    try:
+        streams = [engine.submit(request(pipe, question_wav, ref_voice, seed=s, max_tokens=8)) for s in range(3)]
+        ends = []
+        for stream in streams:
+            events = []
+            while (ev := stream.get(timeout=20)) is not None:
+                events.append(ev)
+            ends.append(type(events[-1]).__name__)
+        assert ends == ["RequestFailed", "Finished", "Finished"]
+        assert engine._thread.is_alive()
+    finally:
+        engine.shutdown()
+
+
+def test_overlap_admits_into_a_freed_row_as_early_as_without_it(pipe, question_wav, ref_voice):
+    """With every row taken, a row finished by the step in flight is read before the next talking
+    (admitting) step is launched, so a queued request starts at the same step as without overlap."""
+    admitted = {}
+    for overlap in (False, True):
+        pipe.engine.shutdown()
+        engine = ChromaEngine(pipe.parts, EngineOptions(max_batch=2, overlap=overlap, admission_pacing=False))
+        steps, orig = [], engine._admit
+
+        def admit(orig=orig, engine=engine, steps=steps):
+            states = orig()
+            if states:
+                steps.append(engine.counters["steps"])
+            return states
+
+        engine._admit = admit
+        engine.start()
+        try:
+            streams = [engine.submit(request(pipe, question_wav, ref_voice, seed=s, max_tokens=m))
+                       for s, m in [(1, 8), (2, 30), (3, 10)]]
+            for stream in streams:
+                collect(stream)
+        finally:
+            engine.shutdown()
+        admitted[overlap] = steps
+    assert len(admitted[False]) == 3 and admitted[True] == admitted[False]
+
+
 def test_seed_controls_the_audio(pipe, question_wav, ref_voice):
     engine = make_engine(pipe, max_batch=2)
     try:

@@ -315,18 +315,20 @@ class ChromaEngine:
             log.exception("engine loop stopped")
             self._dead = f"the generation engine stopped: {exc!r}"
             self._inflight = None
-            self._fail_all(self._dead)
-            waiting = list(self._staged)
-            self._staged.clear()
-            while True:
-                try:
-                    item = self._pending.get_nowait()
-                except queue.Empty:
-                    break
-                if item is not None:
-                    waiting.append(item)
-            for _req, stream in waiting:
-                stream.put(RequestFailed(self._dead))
+            try:
+                self._fail_all(self._dead)
+            finally:
+                waiting = list(self._staged)
+                self._staged.clear()
+                while True:
+                    try:
+                        item = self._pending.get_nowait()
+                    except queue.Empty:
+                        break
+                    if item is not None:
+                        waiting.append(item)
+                for _req, stream in waiting:
+                    stream.put(RequestFailed(self._dead))
 
     def _serve(self) -> None:
         while not self._stop.is_set():
@@ -349,6 +351,11 @@ class ChromaEngine:
                 self._fail_all(f"internal error during generation: {exc}")
 
     def _step(self) -> None:
+        if self._inflight is not None and self._global_step % 2 == 0 and self._waiting() \
+                and len(self._active) >= self.opts.max_batch:
+            # a talking step may admit, but every row looks taken until the step in flight is read:
+            # read it first, so a row it finished is free for the request waiting
+            self._drain()
         t0 = time.perf_counter()
         previous, self._inflight = self._inflight, None
         launched = self._launch(previous)
@@ -357,10 +364,17 @@ class ChromaEngine:
         self._inflight = launched
         if launched is None:
             return
-        if not self._overlapping or launched.at_cache_end or any(a.finish for a in launched.batch):
+        drained = not self._overlapping or launched.at_cache_end or any(a.finish for a in launched.batch)
+        if drained:
             self._drain()
-        if launched.old_rows:
+        # the pacer learns one step's period: a chained step (launched after the previous one, read
+        # while the next runs) or a plain one; not a chain's first launch (nothing waited for) nor
+        # its drain (two steps' device time)
+        if launched.old_rows and (previous is not None) != drained:
             self.pacer.observe_step(time.perf_counter() - t0 - launched.prefill_s)
+
+    def _waiting(self) -> bool:
+        return bool(self._staged) or not self._pending.empty()
 
     @property
     def _overlapping(self) -> bool:
@@ -450,29 +464,30 @@ class ChromaEngine:
     def _key_len(self, needed: int, sizes) -> int:
         return needed if sizes is None else bucket(needed, sizes)
 
-    def _pack(self, batch: list[_Active], size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Per-row step inputs, padded to `size` rows: ints [7, size], floats [2, size], prev codes [size, K]."""
+    def _pack(self, batch: list[_Active], size: int, codes: bool = True):
+        """Per-row step inputs, padded to `size` rows: ints [7, size], floats [2, size], and (with
+        `codes`) the previous frame's codes [size, K] from the host, else None."""
         # field-major, so that each field (ints[_TOKEN], ...) is a row with stride 1: step functions
         # see the same strides in eager mode, in a graph's static inputs and in the compile warm-up
         ints = np.zeros((_NINT, size), dtype=np.int64)
         floats = np.ones((2, size), dtype=np.float32)
-        codes = np.zeros((size, self.num_codebooks), dtype=np.int64)
+        prev = np.zeros((size, self.num_codebooks), dtype=np.int64) if codes else None
         for a in batch:
             p = a.params
             ints[:, a.row] = (a.thinker_token, a.thinker_pos, a.backbone_pos, not a.thinker_done, p.seed, a.step, p.top_k)
             floats[:, a.row] = (p.temperature, p.top_p)
-            if a.last_codes is not None:
-                codes[a.row] = a.last_codes
+            if prev is not None and a.last_codes is not None:
+                prev[a.row] = a.last_codes
         dev = self.device
         return (torch.from_numpy(ints).to(dev, non_blocking=True), torch.from_numpy(floats).to(dev, non_blocking=True),
-                torch.from_numpy(codes).to(dev, non_blocking=True))
+                None if prev is None else torch.from_numpy(prev).to(dev, non_blocking=True))
 
     def _advance(self, batch: list[_Active], talk: bool, prev_codes: torch.Tensor | None = None):
         """Thinker step (on talking steps) and backbone step for rows 0..len(batch)-1, fed the
         previous frame's codes from `prev_codes` (the device, [Bp, K]) or else from the host.
         Returns (backbone states [Bp, H], thinker next ids [Bp] or None) on the device."""
         size = self._pad(len(batch))
-        ints, _, prev = self._pack(batch, size)
+        ints, _, prev = self._pack(batch, size, codes=prev_codes is None)
         if prev_codes is not None:
             prev = prev_codes
         width = 3 if talk else 1
@@ -510,7 +525,7 @@ class ChromaEngine:
         size = self._pad(len(batch))
         if states.shape[0] < size:
             states = torch.cat([states, states.new_zeros(size - states.shape[0], states.shape[1])])
-        ints, floats, _ = self._pack(batch, size)
+        ints, floats, _ = self._pack(batch, size, codes=False)
         k_max = self._k_max(batch)
         codes = self.runner(("sample", size, k_max), partial(self._sample_fn, k_max=k_max), states[:size],
                             ints[_SEED], ints[_FRAME], ints[_TOPK], floats[0], floats[1])
@@ -565,6 +580,8 @@ class ChromaEngine:
         items = [self._staged.popleft() for _ in range(n)]
         if not items:
             return []
+        if self.device.type == "cuda":  # the prefill's cost, not that of steps still queued before it
+            torch.cuda.synchronize(self.device)
         t0 = time.perf_counter()
         try:
             states = self._prefill(items)
@@ -711,10 +728,17 @@ class ChromaEngine:
             self._active.pop()
 
     def _fail_all(self, message: str) -> None:
-        for a in list(self._active):
-            a.stream.put(RequestFailed(message))
-            self.counters["failed"] += 1
-            if self._release_row is not None:
-                self._release_row(a.row)
+        """Fail every running request, then free their rows (a row that cannot be freed is logged:
+        the requests must hear of the failure whatever the thinker's state)."""
+        active = list(self._active)
         with self._lock:
             self._active.clear()
+        for a in active:
+            a.stream.put(RequestFailed(message))
+            self.counters["failed"] += 1
+        for a in active:
+            if self._release_row is not None:
+                try:
+                    self._release_row(a.row)
+                except Exception:  # noqa: BLE001
+                    log.exception("could not release row %d", a.row)

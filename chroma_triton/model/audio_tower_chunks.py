@@ -37,6 +37,10 @@ class ChunkedAudioTower:
 
     def __init__(self, module: nn.Module):
         self.m = module
+        if int(module.n_window) % 2:
+            # a full window then holds an odd number of tokens and the module's pooling pairs
+            # straddle windows: per-window pooling would not match
+            raise ValueError(f"the windowed audio tower needs an even n_window, got {module.n_window}")
         self.window = 2 * int(module.n_window)
         self.tokens = (self.window - 1) // 2 + 1  # after the stride-2 convolution
         self.pooled = self.tokens // 2
