@@ -307,6 +307,17 @@ def test_model_processes_get_small_thread_pools_on_gpus():
     assert "OMP_NUM_THREADS" not in thread_env(None, "gpu", {"OMP_NUM_THREADS": "8"})  # the operator's setting wins
 
 
+def test_compile_cache_survives_restarts_on_gpus(monkeypatch, tmp_path):
+    from chroma_triton.serving.launcher import compile_cache_env
+
+    monkeypatch.setenv("CHROMA_CACHE_DIR", str(tmp_path))
+    assert compile_cache_env(None, "gpu", {}) == {"TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "torch-compile")}
+    assert compile_cache_env("/data/tc", "gpu", {}) == {"TORCHINDUCTOR_CACHE_DIR": "/data/tc"}
+    assert compile_cache_env(None, "gpu", {"TORCHINDUCTOR_CACHE_DIR": "/x"}) == {}  # the operator's setting wins
+    assert compile_cache_env("none", "gpu", {}) == {}
+    assert compile_cache_env(None, "cpu", {}) == {}  # nothing compiles on the CPU (compile: auto)
+
+
 def test_codec_decoder_batches_on_gpus_only():
     from chroma_triton.serving.repository import RenderSpec, render_configs
 

@@ -79,6 +79,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "MKL_NUM_THREADS); default on GPUs: 1 (their CPU work is small, and a pool per process "
                         "oversubscribes the cores), on the CPU: the libraries' own default; variables already "
                         "set in the environment win")
+    p.add_argument("--compile-cache", default=None, metavar="DIR",
+                   help="GPU stacks: where torch.compile keeps chroma_lm's compiled kernels across restarts "
+                        "(TORCHINDUCTOR_CACHE_DIR; default $CHROMA_CACHE_DIR/torch-compile, else "
+                        "~/.cache/chroma_triton/torch-compile; 'none': torch's default under /tmp; the "
+                        "variable already set in the environment wins)")
     p.add_argument("--malloc", default=os.environ.get("CHROMA_TRITON_MALLOC", "auto"),
                    help="allocator of tritonserver and its model processes: auto (jemalloc, else tcmalloc, when "
                         "installed; else glibc's), system, or a library path (default: $CHROMA_TRITON_MALLOC or auto)")
@@ -150,6 +155,24 @@ def thread_env(cpu_threads: int | None, kind: str, environ: Mapping[str, str] = 
         return {}
     n = str(max(1, cpu_threads or 1))
     return {name: n for name in THREAD_VARIABLES if name not in environ}
+
+
+COMPILE_CACHE_VARIABLE = "TORCHINDUCTOR_CACHE_DIR"
+
+
+def compile_cache_env(cache: str | None, kind: str, environ: Mapping[str, str] = os.environ) -> dict[str, str]:
+    """Where torch.compile keeps its compiled kernels, for GPU stacks (chroma_lm compiles at load).
+    torch's default is a folder under /tmp, lost with a container: the first start of an H100 stack
+    took 150 s, a start that found the cache 67 s (docs/benchmarks.md, runs 15-16). Default: the
+    project's cache folder ($CHROMA_CACHE_DIR, /cache in the Docker image, else ~/.cache/chroma_triton);
+    a TORCHINDUCTOR_CACHE_DIR already set wins; "none" leaves torch's default."""
+    if kind != "gpu" or COMPILE_CACHE_VARIABLE in environ or (cache or "").lower() == "none":
+        return {}
+    if not cache:
+        from ..demo import cache_dir
+
+        cache = str(cache_dir() / "torch-compile")
+    return {COMPILE_CACHE_VARIABLE: cache}
 
 
 def choose_device(requested: str, dp_size: int, gpus: int, dry_run: bool) -> str:
@@ -432,7 +455,7 @@ class Launcher:
         self.server = TritonServer(
             repo, http_port=a.triton_http_port, grpc_port=a.triton_grpc_port, metrics_port=a.triton_metrics_port,
             address=triton_host, log_file=workdir / "tritonserver.log", log_verbose=a.log_verbose, install=install,
-            malloc=a.malloc, env=thread_env(a.cpu_threads, spec.kind))
+            malloc=a.malloc, env={**thread_env(a.cpu_threads, spec.kind), **compile_cache_env(a.compile_cache, spec.kind)})
         if self.server.malloc_library is not None:
             log.info("tritonserver allocator: %s (LD_PRELOAD; --malloc system for glibc's)", self.server.malloc_library)
         self._install_signals()
