@@ -28,14 +28,13 @@ from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import get_context
 from pathlib import Path
 
-import httpx
-
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from chroma_triton.bench.clients import GrpcPool, Workload, grpc_stream, infer_request, sse_stream  # noqa: E402
+from chroma_triton.bench.clients import Workload  # noqa: E402
+from chroma_triton.bench.drive import DriveSettings, drive_level, warm_worker  # noqa: E402
 from chroma_triton.bench.monitor import Monitor, per_request_us  # noqa: E402
 from chroma_triton.bench.stack import LaunchedStack  # noqa: E402
-from chroma_triton.bench.stats import FRAME_MS, StreamRecord, summarize  # noqa: E402
+from chroma_triton.bench.stats import FRAME_MS, summarize  # noqa: E402
 
 PATHS = ("frontend", "grpc")
 
@@ -78,65 +77,17 @@ def run_baseline(args, model: str | None) -> dict | None:
 
 
 # -- one level ---------------------------------------------------------------------------------
-class LoopLag:
-    """How late the event loop wakes up (a busy client would inflate every latency it measures)."""
-
-    def __init__(self, period: float = 0.01):
-        self.period, self.lags, self._task = period, [], None
-
-    async def _run(self):
-        while True:
-            t = time.perf_counter()
-            await asyncio.sleep(self.period)
-            self.lags.append((time.perf_counter() - t - self.period) * 1000)
-
-    def __enter__(self):
-        self._task = asyncio.get_running_loop().create_task(self._run())
-        return self
-
-    def __exit__(self, *exc):
-        self._task.cancel()
-
-    def summary(self) -> dict:
-        lags = sorted(self.lags) or [0.0]
-        return {"client_loop_lag_ms_p99": lags[int(0.99 * (len(lags) - 1))], "client_loop_lag_ms_max": lags[-1]}
-
-
-async def run_level(path: str, streams: int, args, targets: dict, workload: Workload, *, monitor: bool) -> dict:
-    seeds = [args.seed + i for i in range(streams)]
-    records = [StreamRecord(sent=0.0) for _ in seeds]
-    if path == "grpc":
-        pool = GrpcPool(targets["grpc"])
-        requests = [infer_request(workload.ensemble_arrays(s), f"bench-{streams}-{i}") for i, s in enumerate(seeds)]
-    else:
-        limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
-        client = httpx.AsyncClient(timeout=httpx.Timeout(args.request_timeout, connect=30), limits=limits,
-                                   trust_env=False)
-        bodies = [workload.chat_body(s) for s in seeds]
-
-    async def one(i: int) -> None:
-        if args.ramp_s > 0:
-            await asyncio.sleep(args.ramp_s * i / streams)
-        records[i].sent = time.perf_counter()
-        if path == "grpc":
-            await grpc_stream(pool.stub(i), requests[i], records[i], args.request_timeout)
-        else:
-            await sse_stream(client, targets["frontend"], bodies[i], records[i])
-
+async def run_level(path: str, streams: int, args, targets: dict, workload: Workload, *, monitor: bool,
+                    workers=None) -> dict:
+    settings = DriveSettings(seed=args.seed, ramp_s=args.ramp_s, request_timeout=args.request_timeout)
     mon = Monitor(targets.get("metrics"), grpc_url=targets.get("grpc")) if monitor else None
     if mon:
         mon.start()
-    try:
-        with LoopLag() as lag:
-            started = time.perf_counter()
-            await asyncio.gather(*(one(i) for i in range(streams)))
-            finished = time.perf_counter()
-    finally:
-        if path == "grpc":
-            await pool.close()
-        else:
-            await client.aclose()
-    out = {"path": path, "concurrency": streams, **summarize(records, started, finished), **lag.summary()}
+    started = time.perf_counter()
+    records, lag = await drive_level(path, streams, settings, targets, workload, workers, args.client_procs)
+    finished = time.perf_counter()
+    procs = min(args.client_procs, streams) if workers is not None and streams > 1 else 1
+    out = {"path": path, "concurrency": streams, "client_procs": procs, **summarize(records, started, finished), **lag}
     if mon:
         server = mon.finish(wall_s=finished - started)
         out.update(server)
@@ -163,17 +114,30 @@ def add_ratios(level: dict, baseline: dict | None) -> None:
 
 async def measure(args, targets: dict, baseline: dict | None) -> list[dict]:
     workload = Workload(max_tokens=args.max_tokens, inline_audio=args.inline_audio)
+    workers = None
+    if args.client_procs > 1:  # started (and their imports done) before any level is timed
+        workers = ProcessPoolExecutor(args.client_procs, mp_context=get_context("spawn"))
+        for f in [workers.submit(warm_worker) for _ in range(args.client_procs)]:
+            f.result()
+    try:
+        return await _measure_levels(args, targets, baseline, workload, workers)
+    finally:
+        if workers is not None:
+            workers.shutdown()
+
+
+async def _measure_levels(args, targets, baseline, workload, workers) -> list[dict]:
     levels = []
     for path in args.via:
         warm = []
         for _ in range(args.warmup):  # also fills the voice cache (content hash of prompt_audio)
-            warm.append(await run_level(path, 1, args, targets, workload, monitor=False))
+            warm.append(await run_level(path, 1, args, targets, workload, monitor=False, workers=workers))
         print(f"{path}: warm-up TTFA ms {[round(w['ttfa_ms_p50'] or -1) for w in warm]}, "
               f"errors {sum(w['errors'] for w in warm)}", flush=True)
         for c in args.concurrency:
             if args.level_warmup and c > 1:
-                await run_level(path, c, args, targets, workload, monitor=False)
-            level = await run_level(path, c, args, targets, workload, monitor=True)
+                await run_level(path, c, args, targets, workload, monitor=False, workers=workers)
+            level = await run_level(path, c, args, targets, workload, monitor=True, workers=workers)
             add_ratios(level, baseline)
             levels.append(level)
             print(f"{path} x{c}: TTFA p50 {fmt(level['ttfa_ms_p50'])} ms, {fmt(level['ms_per_frame_p50'], '.2f')} ms/frame "
@@ -253,6 +217,9 @@ def parse_args(argv=None):
     ap.add_argument("--no-level-warmup", dest="level_warmup", action="store_false",
                     help="skip the untimed run of each level before its timed run")
     ap.add_argument("--ramp-s", type=float, default=0.0, help="spread a level's request starts over this many seconds")
+    ap.add_argument("--client-procs", type=int, default=1,
+                    help="client processes a level's streams are dealt over, each with its own event loop "
+                         "(one loop fell 110-160 ms behind at 256 streams; see client_loop_lag_ms)")
     ap.add_argument("--inline-audio", action="store_true",
                     help="frontend: send the audio as base64 instead of the README's assets/ paths")
     ap.add_argument("--request-timeout", type=float, default=900.0)

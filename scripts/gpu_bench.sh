@@ -58,6 +58,7 @@ case $step in
     echo "stack dp$dp ready in $(( $(date +%s) - t0 )) s"
     "$PY" scripts/bench_serving.py --model "$CKPT" --frontend-url http://localhost:8000 --grpc-url localhost:8001 \
       --metrics-url http://localhost:8002/metrics --concurrency "$levels" --max-tokens 100 --baseline-frames 20 \
+      --client-procs "${CLIENT_PROCS:-8}" \
       --out "$OUT/bench_serving_dp$dp.json" "$@" 2>&1 | tee "$OUT/bench_serving_dp$dp.log"
     if [ -n "${PERF_LEVELS:-}" ]; then
       pa=$(ls "$ENV"/lib/python3*/site-packages/bin/perf_analyzer 2>/dev/null | head -1)

@@ -43,7 +43,8 @@ def test_bench_serving_against_the_stack(triton_install, tmp_path):
     out = tmp_path / "bench.json"
     cmd = [sys.executable, str(ROOT / "scripts" / "bench_serving.py"), "--start", "--model", str(demo_checkpoint()),
            "--workdir", str(tmp_path / "stack"), "--concurrency", "1,2", "--max-tokens", str(MAX_TOKENS),
-           "--warmup", "1", "--no-level-warmup", "--baseline-frames", "3", "--keep-streams", "--out", str(out)]
+           "--warmup", "1", "--no-level-warmup", "--baseline-frames", "3", "--keep-streams", "--out", str(out),
+           "--client-procs", "2"]  # the 2-stream levels run one stream in each of two client processes
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "| frontend | 2 |" in proc.stdout and "| grpc | 1 |" in proc.stdout
@@ -54,6 +55,7 @@ def test_bench_serving_against_the_stack(triton_install, tmp_path):
     assert base["rtf"] == pytest.approx(base["ms_per_frame"] / FRAME_MS)
     assert [(lv["path"], lv["concurrency"]) for lv in report["levels"]] == [
         ("frontend", 1), ("frontend", 2), ("grpc", 1), ("grpc", 2)]
+    assert [lv["client_procs"] for lv in report["levels"]] == [1, 2, 1, 2]
     for lv in report["levels"]:
         c = lv["concurrency"]
         assert lv["errors"] == 0 and lv["ok_streams"] == lv["streams"] == c, lv["error_samples"]
