@@ -4,6 +4,7 @@
 #
 #   bash scripts/gpu_bench.sh env WHEEL_DIR...   # scripts/gpu_env.sh: venv with numpy<2, tritonserver, clients
 #   bash scripts/gpu_bench.sh checkpoint         # random `full` checkpoint in $CKPT (skipped when present)
+#   bash scripts/gpu_bench.sh tests              # tests/test_gpu.py (a test blocked 5 min dumps its stacks and exits)
 #   bash scripts/gpu_bench.sh engine             # scripts/bench_engine.py (pacing on/off, batch-1 kernel profile)
 #   bash scripts/gpu_bench.sh serving [DP] [LEVELS] [extra bench_serving args...]
 #                                                # the stack on DP GPUs, measured by scripts/bench_serving.py,
@@ -22,13 +23,15 @@ mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 SERVE_ARGS=(--triton-http-port=${TRITON_HTTP_PORT:-8080} --max-batch=256 --param=chroma_lm.thinker_max_len=1024 --param=chroma_lm.backbone_max_len=1536)
 
-step=${1:?usage: gpu_bench.sh env|checkpoint|engine|serving ...}
+step=${1:?usage: gpu_bench.sh env|checkpoint|tests|engine|serving ...}
 shift
 case $step in
   env)
     bash scripts/gpu_env.sh "$@" ;;
   checkpoint)
     [ -f "$CKPT/config.json" ] || "$PY" scripts/make_checkpoint.py --preset full --out "$CKPT" --no-visual ;;
+  tests)
+    "$PY" -m pytest -q -ra -p no:cacheprovider tests/test_gpu.py "$@" 2>&1 | tee "$OUT/test_gpu.log" ;;
   engine)
     # COMPILE_LEVELS (e.g. 1,64,256): the same levels again on an engine with compile on;
     # PACING / OVERLAP: the modes each level runs with (default on,off / on)
