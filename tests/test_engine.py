@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,7 +14,10 @@ import torch
 from chroma_triton.engine import (AudioChunk, ChromaEngine, EngineOptions, Finished, GenerationRequest,
                                   RequestFailed, SamplingParams, TextDelta)
 from chroma_triton.errors import EngineError, InvalidRequestError
+from chroma_triton.engine.voice_prefix import voice_key
 from chroma_triton.pipeline import ChromaPipeline
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="module")
@@ -113,11 +117,13 @@ def test_interleave_schedule(pipe, question_wav, ref_voice, monkeypatch):
     finally:
         engine.shutdown()
     prompt_len = engine._backbone_prompt(req).shape[0]
-    # frame 0: the whole reference prompt + [h0, embed(t1)]; then frame n feeds [frame n-1] and, on
-    # even n while the thinker talks, [h, embed(t)] (a 3-wide step whose state is read at index 2)
-    assert widths[0][0] == prompt_len + 2 and widths[0][1] == [prompt_len + 1]
+    # frame 0: the reference prompt (computed once per voice, then cached) and [h0, embed(t1)]
+    # after it; then frame n feeds [frame n-1] and, on even n while the thinker talks,
+    # [h, embed(t)] (a 3-wide step whose state is read at index 2)
+    assert widths[0] == (prompt_len, [prompt_len - 1], [0])
+    assert widths[1] == (2, [1], [prompt_len])
     frames = out["finished"].audio_frames
-    steps = widths[1:frames]
+    steps = widths[2:frames + 1]
     expect_pos = prompt_len + 2
     for n, (width, last, pos) in enumerate(steps, start=1):
         talking = n % 2 == 0 and n // 2 <= len(thinker_calls)
@@ -155,7 +161,8 @@ def test_thinker_stops_after_im_end_pair(pipe, question_wav, ref_voice, monkeypa
     finally:
         engine.shutdown()
     assert len(calls) == 2  # after the <|im_end|> pair the thinker is not called again
-    assert widths[1:] == [1, 3, 1, 3] + [1] * (len(widths) - 5)
+    # the prefill's two calls (the voice's prefix, then [h0, embed(t1)]), then the frames
+    assert widths[2:] == [1, 3, 1, 3] + [1] * (len(widths) - 6)
     assert out["finished"].text_tokens == 2  # t1 and t2; <|im_end|> is not text
 
 
@@ -404,6 +411,42 @@ def test_overlap_admits_into_a_freed_row_as_early_as_without_it(pipe, question_w
             engine.shutdown()
         admitted[overlap] = steps
     assert len(admitted[False]) == 3 and admitted[True] == admitted[False]
+
+
+@pytest.mark.parametrize("capacity", [32, 1])  # 1: fewer than the voices of one admission
+def test_cached_voice_prefixes_change_nothing_a_client_sees(pipe, question_wav, ref_voice, capacity):
+    """Voices' backbone prefixes computed once and copied into later requests' rows give the same
+    streams as prefilling every request's whole prompt: three voices, admitted together and again."""
+    voices = [ref_voice] + [((ROOT / f"assets/voices/{n}.wav").read_bytes(),
+                             (ROOT / f"assets/voices/{n}.txt").read_text().strip()) for n in ("bright", "deep")]
+    content = [{"type": "audio", "audio": question_wav}]
+    reqs = [pipe.prepare([{"role": "user", "content": content}], *voices[i % 3], SamplingParams(seed=i, max_tokens=10))
+            for i in range(6)]
+    results = {}
+    for cache in (0, capacity):
+        engine = make_engine(pipe, max_batch=6, voice_prefix_cache=cache)
+        try:
+            first = [collect(engine.submit(copy.deepcopy(r))) for r in reqs[:1]]  # one voice cached
+            together = [collect(s) for s in [engine.submit(copy.deepcopy(r)) for r in reqs]]
+            results[cache] = first + together
+            if cache:
+                held = len(engine.voice_prefixes)
+                stats = engine.stats()
+                misses, hits = stats["voice_prefix_misses"], stats["voice_prefix_hits"]
+                assert held == min(cache, 3)
+                if cache >= 3:  # each voice computed once; request 0's voice found cached by the
+                    # 2 others with it, the other voices by those admitted after their first
+                    assert misses == 3 and 2 <= hits <= 4
+                else:  # evicted voices are computed again, in the row that needs them
+                    assert misses > 3
+                # a held voice's prefill counts two backbone positions in the pacer's cost model
+                cached = [r for r in reqs if voice_key(r.prompt_text_ids, r.prompt_codes) in engine.voice_prefixes]
+                assert engine._prefill_tokens(cached[0]) == len(cached[0].thinker_ids) + 2
+        finally:
+            engine.shutdown()
+    for i, (a, b) in enumerate(zip(results[0], results[capacity])):
+        np.testing.assert_array_equal(b["codes"], a["codes"], err_msg=f"stream {i}")
+        assert (b["text"], b["finished"]) == (a["text"], a["finished"])
 
 
 def test_seed_controls_the_audio(pipe, question_wav, ref_voice):

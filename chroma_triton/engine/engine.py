@@ -45,6 +45,7 @@ from .capacity import GIB, kv_bytes_per_row, free_device_bytes, plan_rows
 from .detokenizer import IncrementalDetokenizer
 from .graphs import StepRunner, batch_buckets, bucket, length_buckets
 from .pacing import AdmissionPacer, StreamState
+from .voice_prefix import VoicePrefixCache, voice_key
 from .request import AudioChunk, Finished, GenerationRequest, RequestFailed, RequestStream, SamplingParams, TextDelta
 
 log = logging.getLogger(__name__)
@@ -69,6 +70,7 @@ class EngineOptions:
     activation_reserve_gib: float = 4.0  # ...after keeping this much for activations and graph pools
     cuda_graphs: bool = True  # on CUDA: capture steps as graphs (ignored on CPU)
     overlap: bool = False  # launch step n+1 before reading step n's codes (host work overlaps the device's)
+    voice_prefix_cache: int = 32  # voices whose backbone prefix keys/values are kept (engine/voice_prefix.py); 0: off
     compile: bool = False  # torch.compile each decoder layer and the sampler (fused kernels; CPU: needs a C++ compiler)
     key_bucket: int = 256  # key-length bucket of captured graphs
     thinker_backend: str = "torch"  # "auto" | "torch" | "sglang" (model.loading.make_thinker)
@@ -154,9 +156,11 @@ class ChromaEngine:
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self.counters = {"admitted": 0, "finished": 0, "cancelled": 0, "failed": 0, "frames": 0, "steps": 0}
+        self.counters = {"admitted": 0, "finished": 0, "cancelled": 0, "failed": 0, "frames": 0, "steps": 0,
+                         "voice_prefix_hits": 0, "voice_prefix_misses": 0}
         self._compiled_shapes = False
         self._inflight: _Launched | None = None
+        self.voice_prefixes = VoicePrefixCache(self.opts.voice_prefix_cache)
         self._dead: str | None = None  # why the loop stopped, once it has
         self._pinned: dict[tuple, list[torch.Tensor]] = {}
 
@@ -601,10 +605,11 @@ class ChromaEngine:
                 stream.put(RequestFailed(f"could not start generation: {exc}"))
         return states
 
-    @staticmethod
-    def _prefill_tokens(req: GenerationRequest) -> int:
-        """Prompt positions a prefill computes: the thinker's and the backbone's."""
-        return len(req.thinker_ids) + len(req.prompt_text_ids) + len(req.prompt_codes) + 5
+    def _prefill_tokens(self, req: GenerationRequest) -> int:
+        """Prompt positions a prefill computes: the thinker's and the backbone's (two when the
+        voice's prefix is cached)."""
+        cached = self.voice_prefixes.capacity and voice_key(req.prompt_text_ids, req.prompt_codes) in self.voice_prefixes
+        return len(req.thinker_ids) + (2 if cached else len(req.prompt_text_ids) + len(req.prompt_codes) + 5)
 
     def _stream_states(self) -> list[StreamState]:
         now = time.monotonic()
@@ -631,22 +636,74 @@ class ChromaEngine:
                                             for r, _ in items],
                                       max_new_tokens=[self._thinker_budget(r) for r, _ in items])
         firsts = self.thinker.embed(t1).to(self._dtype)
-        prompts = [torch.cat([self._backbone_prompt(r), h0[i, None].to(self._dtype), firsts[i, None]])
-                   for i, (r, _) in enumerate(items)]
-        x, lengths = pad_batch(prompts)
-        positions = torch.arange(x.shape[1], device=dev).expand(len(items), -1)
-        states = self.frames.backbone_step(x, positions, lengths - 1, x.shape[1], row_start=row)
+        tails = torch.stack([h0.to(self._dtype), firsts], dim=1)  # [n, 2, H]: each request's own positions
+        if self.voice_prefixes.capacity:
+            states, ends = self._prefill_backbone_cached(row, [r for r, _ in items], tails)
+        else:
+            prompts = [torch.cat([self._backbone_prompt(r), tails[i]]) for i, (r, _) in enumerate(items)]
+            x, lengths = pad_batch(prompts)
+            positions = torch.arange(x.shape[1], device=dev).expand(len(items), -1)
+            states = self.frames.backbone_step(x, positions, lengths - 1, x.shape[1], row_start=row)
+            ends = [p.shape[0] for p in prompts]
         skip = {self.special.im_end, self.special.im_start}
         for i, ((req, stream), token) in enumerate(zip(items, t1.tolist())):
             a = _Active(req=req, stream=stream, row=row + i, params=req.sampling,
                         detok=IncrementalDetokenizer(self.tokenizer, skip), prompt_tokens=len(req.thinker_ids),
                         thinker_pos=len(req.thinker_ids), thinker_token=token, thinker_done=False,
-                        backbone_pos=prompts[i].shape[0])
+                        backbone_pos=ends[i])
             self._on_text_token(a, token)
             with self._lock:
                 self._active.append(a)
                 self.counters["admitted"] += 1
         return list(states)
+
+    def _prefill_backbone_cached(self, row: int, reqs: list[GenerationRequest], tails: torch.Tensor):
+        """Backbone prefill of rows row.. with voice prefixes from `voice_prefixes`: prefixes not
+        held yet are computed once per voice (in the first rows, as scratch) and kept; every row
+        then gets its voice's keys and values copied in, and one batched step computes the two
+        positions of its own ([h0, embed(t1)]). Returns (states [n, H], backbone positions used)."""
+        cache = self.frames.backbone_cache
+        keys = [voice_key(r.prompt_text_ids, r.prompt_codes) for r in reqs]
+        known = [k in self.voice_prefixes for k in keys]
+        missing = list(dict.fromkeys(k for k, held in zip(keys, known) if not held))
+        self.counters["voice_prefix_misses"] += len(missing)  # prefixes computed
+        if missing:
+            first = {k: keys.index(k) for k in missing}
+            prompts = [self._backbone_prompt(reqs[first[k]]) for k in missing]
+            x, lengths = pad_batch(prompts)
+            positions = torch.arange(x.shape[1], device=self.device).expand(len(missing), -1)
+            self.frames.backbone_step(x, positions, lengths - 1, x.shape[1], row_start=row)
+            for j, k in enumerate(missing):
+                n = prompts[j].shape[0]
+                self.voice_prefixes.put(k, cache.k[:, row + j, :, :n].clone(), cache.v[:, row + j, :, :n].clone())
+        lengths = []
+        for i, k in enumerate(keys):
+            held = self.voice_prefixes.get(k)
+            if held is None:
+                held = self._uncached_prefix(reqs[i], row + i)
+                self.counters["voice_prefix_misses"] += 1
+            elif known[i]:  # admissions that found their voice cached
+                self.counters["voice_prefix_hits"] += 1
+            pk, pv = held
+            n = pk.shape[2]
+            cache.k[:, row + i, :, :n].copy_(pk)
+            cache.v[:, row + i, :, :n].copy_(pv)
+            lengths.append(n)
+        start = torch.tensor(lengths, device=self.device)
+        positions = start[:, None] + torch.arange(2, device=self.device)
+        last = torch.ones(len(reqs), dtype=torch.long, device=self.device)
+        states = self.frames.backbone_step(tails, positions, last, max(lengths) + 2, row_start=row)
+        return states, [n + 2 for n in lengths]
+
+    def _uncached_prefix(self, req: GenerationRequest, row: int):
+        """A prefix the cache could not keep (capacity below the voices of one admission): computed
+        alone in its own row."""
+        prompt = self._backbone_prompt(req)[None]
+        n = prompt.shape[1]
+        positions = torch.arange(n, device=self.device)[None]
+        self.frames.backbone_step(prompt, positions, torch.tensor([n - 1], device=self.device), n, row_start=row)
+        cache = self.frames.backbone_cache
+        return cache.k[:, row, :, :n].clone(), cache.v[:, row, :, :n].clone()
 
     def _thinker_budget(self, req: GenerationRequest) -> int:
         """Reply tokens a request can consume: t1 at prefill, then one per talking (every other)

@@ -208,7 +208,8 @@ class _Relay:
 
 
 _INT_OPTIONS = ("max_batch", "thinker_max_len", "backbone_max_len", "max_frames", "first_chunk_frames",
-                "chunk_frames", "context_frames", "max_queue", "max_prefills_per_step", "prefill_token_budget")
+                "chunk_frames", "context_frames", "max_queue", "max_prefills_per_step", "prefill_token_budget",
+                "voice_prefix_cache")
 _FLOAT_OPTIONS = ("admission_margin_s", "max_admission_wait_s", "kv_memory_fraction", "activation_reserve_gib")
 _BOOL_OPTIONS = ("admission_pacing", "cuda_graphs", "overlap")
 

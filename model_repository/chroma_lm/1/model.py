@@ -63,6 +63,10 @@ class TritonPythonModel:
             "cancelled": family("chroma_lm_cancelled_total", "Requests cancelled (client cancel or disconnect)", C),
             "failed": family("chroma_lm_failed_total", "Requests that failed inside the engine", C),
             "frames": family("chroma_lm_audio_frames_total", "Audio frames generated (80 ms each)", C),
+            "voice_prefix_hits": family("chroma_lm_voice_prefix_hits_total",
+                                        "Admissions that found their voice's backbone prefix cached", C),
+            "voice_prefix_misses": family("chroma_lm_voice_prefix_misses_total",
+                                          "Voice backbone prefixes computed (new or evicted voices)", C),
         }
         self._seen = {k: 0 for k in self.counters}
         self._metrics_lock = threading.Lock()
