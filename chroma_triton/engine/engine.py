@@ -23,7 +23,6 @@ to the device in one packed copy and codes (+ thinker tokens) come back in one s
 from __future__ import annotations
 
 import contextlib
-
 import dataclasses
 import logging
 import queue
@@ -322,15 +321,8 @@ class ChromaEngine:
             try:
                 self._fail_all(self._dead)
             finally:
-                waiting = list(self._staged)
-                self._staged.clear()
-                while True:
-                    try:
-                        item = self._pending.get_nowait()
-                    except queue.Empty:
-                        break
-                    if item is not None:
-                        waiting.append(item)
+                self._stage_pending()
+                waiting, self._staged = self._staged, deque()
                 for _req, stream in waiting:
                     stream.put(RequestFailed(self._dead))
 
@@ -558,13 +550,7 @@ class ChromaEngine:
         """Prefill waiting requests, batched, into the next free rows; returns their backbone states.
         How many: free rows, `max_prefills_per_step`, `prefill_token_budget`, and (pacing) what the
         running streams can wait for."""
-        while True:  # everything queued joins the staged line, in order
-            try:
-                item = self._pending.get_nowait()
-            except queue.Empty:
-                break
-            if item is not None:  # None: shutdown wake-up
-                self._staged.append(item)
+        self._stage_pending()
         if any(stream.cancelled for _req, stream in self._staged):
             for req, stream in [item for item in self._staged if item[1].cancelled]:
                 stream.put(Finished("cancelled", len(req.thinker_ids), 0, 0, ""))
@@ -604,6 +590,16 @@ class ChromaEngine:
                 self.counters["failed"] += 1
                 stream.put(RequestFailed(f"could not start generation: {exc}"))
         return states
+
+    def _stage_pending(self) -> None:
+        """Everything queued joins the staged line, in order."""
+        while True:
+            try:
+                item = self._pending.get_nowait()
+            except queue.Empty:
+                break
+            if item is not None:  # None: shutdown wake-up
+                self._staged.append(item)
 
     def _prefill_tokens(self, req: GenerationRequest) -> int:
         """Prompt positions a prefill computes: the thinker's and the backbone's (two when the
@@ -667,20 +663,15 @@ class ChromaEngine:
         known = [k in self.voice_prefixes for k in keys]
         missing = list(dict.fromkeys(k for k, held in zip(keys, known) if not held))
         self.counters["voice_prefix_misses"] += len(missing)  # prefixes computed
-        if missing:
-            first = {k: keys.index(k) for k in missing}
-            prompts = [self._backbone_prompt(reqs[first[k]]) for k in missing]
-            x, lengths = pad_batch(prompts)
-            positions = torch.arange(x.shape[1], device=self.device).expand(len(missing), -1)
-            self.frames.backbone_step(x, positions, lengths - 1, x.shape[1], row_start=row)
-            for j, k in enumerate(missing):
-                n = prompts[j].shape[0]
-                self.voice_prefixes.put(k, cache.k[:, row + j, :, :n].clone(), cache.v[:, row + j, :, :n].clone())
+        if missing:  # computed in the first rows, as scratch
+            prefixes = self._voice_prefixes_of(row, [reqs[keys.index(k)] for k in missing])
+            for k, (pk, pv) in zip(missing, prefixes):
+                self.voice_prefixes.put(k, pk, pv)
         lengths = []
         for i, k in enumerate(keys):
             held = self.voice_prefixes.get(k)
-            if held is None:
-                held = self._uncached_prefix(reqs[i], row + i)
+            if held is None:  # evicted by a voice of this same admission (capacity below its voices)
+                held = self._voice_prefixes_of(row + i, [reqs[i]])[0]
                 self.counters["voice_prefix_misses"] += 1
             elif known[i]:  # admissions that found their voice cached
                 self.counters["voice_prefix_hits"] += 1
@@ -695,15 +686,16 @@ class ChromaEngine:
         states = self.frames.backbone_step(tails, positions, last, max(lengths) + 2, row_start=row)
         return states, [n + 2 for n in lengths]
 
-    def _uncached_prefix(self, req: GenerationRequest, row: int):
-        """A prefix the cache could not keep (capacity below the voices of one admission): computed
-        alone in its own row."""
-        prompt = self._backbone_prompt(req)[None]
-        n = prompt.shape[1]
-        positions = torch.arange(n, device=self.device)[None]
-        self.frames.backbone_step(prompt, positions, torch.tensor([n - 1], device=self.device), n, row_start=row)
+    def _voice_prefixes_of(self, row: int, reqs: list[GenerationRequest]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Prefill the backbone prompts of `reqs` into rows row.. and return copies of their keys
+        and values ([layers, kv_heads, positions, head_dim] each)."""
+        prompts = [self._backbone_prompt(r) for r in reqs]
+        x, lengths = pad_batch(prompts)
+        positions = torch.arange(x.shape[1], device=self.device).expand(len(reqs), -1)
+        self.frames.backbone_step(x, positions, lengths - 1, x.shape[1], row_start=row)
         cache = self.frames.backbone_cache
-        return cache.k[:, row, :, :n].clone(), cache.v[:, row, :, :n].clone()
+        return [(cache.k[:, row + j, :, :p.shape[0]].clone(), cache.v[:, row + j, :, :p.shape[0]].clone())
+                for j, p in enumerate(prompts)]
 
     def _thinker_budget(self, req: GenerationRequest) -> int:
         """Reply tokens a request can consume: t1 at prefill, then one per talking (every other)

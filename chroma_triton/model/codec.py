@@ -89,7 +89,7 @@ class Codec:
         # a few shapes only (lengths in steps of 8 frames; on a GPU, where idle rows cost little,
         # batch sizes in powers of two): the process's memory settles after the first of each
         # instead of growing with every new shape
-        frames = -(-max(longest, 1) // FRAME_BUCKET) * FRAME_BUCKET
+        frames = -(-longest // FRAME_BUCKET) * FRAME_BUCKET
         rows = 1 << (len(chunks) - 1).bit_length() if self.device.type == "cuda" else len(chunks)
         batch = np.zeros((rows, self.num_codebooks, frames), dtype=np.int64)
         for i, (codes, _) in enumerate(chunks):

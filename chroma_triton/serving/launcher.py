@@ -164,9 +164,9 @@ def compile_cache_env(cache: str | None, kind: str, environ: Mapping[str, str] =
     """Where torch.compile keeps its compiled kernels, for GPU stacks (chroma_lm compiles at load).
     torch's default is a folder under /tmp, lost with a container: the first start of an H100 stack
     took 150 s, a later one on the same machine, its /tmp cache still there, 67 s (docs/benchmarks.md,
-    runs 15-16). Default: the
-    project's cache folder ($CHROMA_CACHE_DIR, /cache in the Docker image, else ~/.cache/chroma_triton);
-    a TORCHINDUCTOR_CACHE_DIR already set wins; "none" leaves torch's default."""
+    runs 15-16). Default: the project's cache folder ($CHROMA_CACHE_DIR, /cache in the Docker image,
+    else ~/.cache/chroma_triton); a TORCHINDUCTOR_CACHE_DIR already set wins; "none" leaves torch's
+    default."""
     if kind != "gpu" or COMPILE_CACHE_VARIABLE in environ or (cache or "").lower() == "none":
         return {}
     if not cache:

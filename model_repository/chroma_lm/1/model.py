@@ -25,10 +25,6 @@ class TritonPythonModel:
         if not pb_utils.using_decoupled_model_transaction_policy(a.config):
             raise pb_utils.TritonModelException("chroma_lm must be decoupled (model_transaction_policy { decoupled: true })")
         backend = thinker_backend(a.str("thinker_backend", "auto"))  # fails clearly for unknown values
-        import torch
-
-        if a.device.startswith("cuda"):
-            torch.cuda.set_device(torch.device(a.device))
         path, parts = load_model_parts(a, {"thinker", "frame_model", "tokenizer"})
         self.args = a
         options = engine_options(a)
