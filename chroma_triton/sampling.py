@@ -58,6 +58,23 @@ def exponential_noise(keys: torch.Tensor, vocab: int) -> torch.Tensor:
     return token_noise(keys, ids[None, :].expand(keys.shape[0], vocab))
 
 
+def segmented_topk(x: torch.Tensor, k: int, segments: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """`x.topk(k, dim=-1)` for x [B, V], computed as the top k of each of `segments` slices of the
+    vocabulary (in parallel), then the top k of those candidates. Every one of the k largest lies
+    among its slice's k largest, so the values are the same; only which of several equal values
+    at the k-th place is taken may differ (as it may between topk implementations). On a GPU a
+    top-k over a long row runs in one thread block; slices spread it over several."""
+    b, vocab = x.shape
+    width = -(-vocab // max(segments, 1))
+    if segments <= 1 or width < k:
+        return x.topk(k, dim=-1)
+    padded = torch.nn.functional.pad(x, (0, width * segments - vocab), value=float("-inf"))
+    values, ids = padded.view(b, segments, width).topk(k, dim=-1, sorted=False)
+    ids = ids + torch.arange(segments, device=x.device)[None, :, None] * width
+    best, pick = values.reshape(b, segments * k).topk(k, dim=-1)
+    return best, ids.reshape(b, segments * k).gather(1, pick)
+
+
 def sample(
     logits: torch.Tensor,
     temperature: torch.Tensor,
@@ -66,6 +83,7 @@ def sample(
     keys: torch.Tensor,
     k_max: int | None = None,
     token_table: torch.Tensor | None = None,
+    segments: int = 1,
 ) -> torch.Tensor:
     """Sample one id per row.
 
@@ -73,14 +91,15 @@ def sample(
     top_p [B] float in (0, 1]; keys [B] from `stream_keys`. Order as in transformers:
     temperature, then top-k, then top-p over what is left. `k_max`, when given, is a bound on
     every row's top_k: only the k_max best candidates are ranked (`topk` instead of a full sort).
-    `token_table` is an optional precomputed `token_hashes(arange(V))`.
+    `token_table` is an optional precomputed `token_hashes(arange(V))`. `segments` > 1 finds
+    those k_max candidates in two rounds (`segmented_topk`).
     """
     logits = logits.float()
     vocab = logits.shape[-1]
     greedy = temperature <= 0
     scaled = logits / torch.where(greedy, torch.ones_like(temperature), temperature)[:, None]
     if k_max is not None and k_max < vocab:
-        sorted_logits, order = scaled.topk(k_max, dim=-1)
+        sorted_logits, order = segmented_topk(scaled, k_max, segments)
     else:
         sorted_logits, order = scaled.sort(dim=-1, descending=True)
     ranks = torch.arange(order.shape[-1], device=logits.device)[None, :]

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
 import sys
 import threading
@@ -69,6 +70,7 @@ def run_level(engine: ChromaEngine, template, concurrency: int, frames: int) -> 
                 results[i] = {"ttfa": first - t_submit if first else None, "frames": n, "reason": ev.reason,
                               "arrivals": arrivals, "underruns": underruns}
 
+    before = dict(engine.counters)
     streams = []
     for i in range(concurrency):
         req = copy.deepcopy(template)
@@ -86,6 +88,8 @@ def run_level(engine: ChromaEngine, template, concurrency: int, frames: int) -> 
         if f1 > f0:
             per_frame.append((t1 - t0) / (f1 - f0) * 1000)
     total_frames = sum(r["frames"] for r in results)
+    delta = {k: engine.counters[k] - before[k] for k in ("steps", "gpu_step_s", "gpu_idle_s", "host_wait_s")}
+    steps = max(delta["steps"], 1)
     ttfa = [r["ttfa"] * 1000 for r in results]
     return {
         "concurrency": concurrency, "frames_per_stream": frames, "wall_s": wall,
@@ -96,6 +100,11 @@ def run_level(engine: ChromaEngine, template, concurrency: int, frames: int) -> 
         "underrun_streams": sum(1 for r in results if r["underruns"]),
         "audio_s_per_s": total_frames * FRAME_S / wall,
         "finish": sorted({r["reason"] for r in results}),
+        # where a step's wall time goes (CUDA): the GPU on it, the GPU idle before it (waiting for
+        # the host), the host blocked on its codes (waiting for the GPU)
+        "steps": delta["steps"], "gpu_ms_per_step": delta["gpu_step_s"] * 1000 / steps,
+        "gpu_idle_ms_per_step": delta["gpu_idle_s"] * 1000 / steps,
+        "host_wait_ms_per_step": delta["host_wait_s"] * 1000 / steps,
     }
 
 
@@ -149,12 +158,13 @@ def time_codec(parts, device, chunk=10, context=12, reps=20) -> dict:
     return {"chunk_frames": chunk, "context_frames": context, "ms_per_chunk": (time.perf_counter() - t) / reps * 1000}
 
 
-def profile_kernels(parts, template, frames: int, top: int = 25, compile: bool = False) -> dict:
+def profile_kernels(parts, template, frames: int, top: int = 25, compile: bool = False,
+                    overrides: dict | None = None) -> dict:
     """Kernels of `frames` eager batch-1 frames (the same kernels a CUDA graph replays), grouped by name."""
     from torch.profiler import ProfilerActivity, profile
 
     eng = ChromaEngine(parts, EngineOptions(max_batch=1, thinker_max_len=512, backbone_max_len=768,
-                                            cuda_graphs=False, compile=compile)).start()
+                                            cuda_graphs=False, compile=compile, **(overrides or {}))).start()
     req = copy.deepcopy(template)
     req.sampling = SamplingParams(seed=5, max_tokens=frames + 8)
     stream = eng.submit(req)
@@ -203,6 +213,52 @@ def run_compiled(report: dict, parts, template, args, levels: list[int]) -> None
     engine.shutdown()  # the next engine over these parts sets the compile switch from its own options
 
 
+def parse_variant(spec: str) -> dict:
+    """"name=value;name=value" -> EngineOptions overrides, each value parsed as its field's type."""
+    types = {f.name: f.type for f in dataclasses.fields(EngineOptions)}
+    out = {}
+    for item in filter(None, (part.strip() for part in spec.split(";"))):
+        name, _, value = item.partition("=")
+        kind = types.get(name)
+        if kind is None:
+            raise SystemExit(f"--variants: EngineOptions has no field {name!r}")
+        kind = kind if isinstance(kind, str) else kind.__name__
+        out[name] = {"int": int, "float": float, "bool": lambda v: v.lower() in ("1", "true", "on")}.get(kind, str)(value)
+    return out
+
+
+def run_variants(report: dict, parts, template, args) -> None:
+    """Each --variants entry on an engine of its own (compiled per --variant-compile), at
+    --variant-levels, --variant-repeats timed passes each after a warm-up; with --profile-frames,
+    also its batch-1 kernel profile."""
+    levels = [int(c) for c in args.variant_levels.split(",")]
+    compile = args.variant_compile == "on" or (args.variant_compile == "auto" and parts.device.type == "cuda")
+    report["variants"] = []
+    switch_interval = sys.getswitchinterval()
+    for spec in args.variants:
+        overrides = parse_variant(spec)
+        sys.setswitchinterval(switch_interval)  # process-wide: undo an earlier variant's
+        if overrides:  # one seeded request, plain engines (graphs, no compile): same codes as the defaults?
+            report["variants"].append({"variant": spec, "vs_defaults": compare_codes(parts, template, 24, {}, overrides)})
+            print(spec, "vs defaults:", report["variants"][-1]["vs_defaults"], flush=True)
+        engine = ChromaEngine(parts, EngineOptions(max_batch=max(levels), thinker_max_len=args.thinker_max_len,
+                                                   backbone_max_len=args.backbone_max_len, compile=compile,
+                                                   **overrides)).start()
+        for c in levels:
+            run_level(engine, template, c, args.frames)  # warm-up: compiles, then captures
+            for _ in range(args.variant_repeats):
+                r = run_level(engine, template, c, args.frames)
+                r["variant"], r["compile"] = spec or "baseline", compile
+                report["variants"].append(r)
+                print(json.dumps(r), flush=True)
+        engine.shutdown()
+        if args.profile_frames:
+            prof = profile_kernels(parts, template, args.profile_frames, compile=compile, overrides=overrides)
+            report["variants"].append({"variant": spec or "baseline", "profile_batch1": prof})
+            print(spec or "baseline", "profile: %.1f kernels, %.0f us GPU per frame"
+                  % (prof["kernels_per_frame"], prof["gpu_us_per_frame"]), flush=True)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--model")
@@ -220,6 +276,17 @@ def main():
     ap.add_argument("--profile-frames", type=int, default=0, help="profile N eager batch-1 frames (CUDA kernels)")
     ap.add_argument("--compile-levels", default="",
                     help="also run these levels on an engine with compile=True (torch.compile), after the plain one")
+    ap.add_argument("--variants", nargs="*", default=[],
+                    help='engines with EngineOptions overrides to compare, e.g. "" (defaults) '
+                         '"math_attention=thinker,backbone,decoder" "topk_segments=8;switch_interval_ms=0.5"')
+    ap.add_argument("--variant-levels", default="1", help="levels each variant runs")
+    ap.add_argument("--variant-repeats", type=int, default=3, help="timed passes per variant and level")
+    ap.add_argument("--variant-compile", choices=("auto", "on", "off"), default="auto",
+                    help="variants' engines with compile (auto: on a GPU)")
+    ap.add_argument("--best-params-out", help="write the launcher flags (--param=chroma_lm.K=V ...) of the "
+                    "variant fastest at the first variant level and no slower (3 %%) than the defaults at the others")
+    ap.add_argument("--variants-only", action="store_true",
+                    help="skip the naive baseline, eager engine and plain/compiled level sweeps")
     ap.add_argument("--out", default="bench_engine.json")
     args = ap.parse_args()
     device = torch.device(args.device)
@@ -239,6 +306,13 @@ def main():
     template = make_request(pipe, 0, args.frames)
     pipe.close()
     report["prompt_tokens"] = len(template.thinker_ids)
+    if args.variants_only:
+        run_variants(report, parts, template, args)
+        Path(args.out).write_text(json.dumps(report, indent=2))
+        print_variants(report)
+        if args.best_params_out:
+            write_best_params(report, args.best_params_out)
+        return
     report["baseline_naive"] = time_reference(path, device, parts.dtype, template, args.baseline_frames)
     print("baseline", report["baseline_naive"], flush=True)
     eager = ChromaEngine(parts, EngineOptions(max_batch=1, thinker_max_len=args.thinker_max_len,
@@ -273,6 +347,8 @@ def main():
     engine.shutdown()
     if args.compile_levels and device.type == "cuda":
         run_compiled(report, parts, template, args, [int(c) for c in args.compile_levels.split(",")])
+    if args.variants:
+        run_variants(report, parts, template, args)
     report["kv_cache_gib"] = (engine.thinker.cache.nbytes() + parts.frame_model.backbone_cache.nbytes()) / 2**30
     report["codec"] = time_codec(parts, device)
     if args.profile_frames and device.type == "cuda":
@@ -295,6 +371,47 @@ def main():
               f"{r['underrun_streams']} | {r['audio_s_per_s']:.1f} | {r['speedup_vs_naive_per_stream']:.1f} | {r.get('gpu_mem_peak_gib', 0):.1f} |")
     print(f"codec: {report['codec']}; graphs captured: {report['graphs_captured']}; "
           f"graph vs eager: {report.get('graph_vs_eager')}; compile vs plain: {report.get('compile_vs_plain')}")
+    print_variants(report)
+
+
+def best_variant(report: dict) -> str:
+    """The variant with the lowest median ms per frame at the first level, among those within 3 %
+    of the defaults ("" / "baseline") at every other level; "" when none beats the defaults."""
+    runs: dict[str, dict[int, list[float]]] = {}
+    for r in report.get("variants", []):
+        if "concurrency" in r:
+            runs.setdefault(r["variant"], {}).setdefault(r["concurrency"], []).append(r["ms_per_frame_p50"])
+    med = {v: {c: float(np.median(x)) for c, x in by.items()} for v, by in runs.items()}
+    base = med.get("baseline")
+    if not base:
+        return ""
+    first = next(iter(base))
+    ok = [v for v, by in med.items() if v != "baseline" and all(by.get(c, 1e9) <= 1.03 * b for c, b in base.items())]
+    best = min(ok, key=lambda v: med[v][first], default="")
+    return best if best and med[best][first] < base[first] else ""
+
+
+def write_best_params(report: dict, path: str) -> None:
+    best = best_variant(report)
+    flags = [f"--param=chroma_lm.{item.strip()}" for item in best.split(";") if item.strip()]
+    Path(path).write_text(" ".join(flags) + "\n")
+    print(f"best variant: {best or 'the defaults'} -> {path}: {' '.join(flags)}", flush=True)
+
+
+def print_variants(report: dict) -> None:
+    rows = [r for r in report.get("variants", []) if "concurrency" in r]
+    if not rows:
+        return
+    print("\n| variant | streams | ms/frame p50 | GPU ms/step | GPU idle ms/step | host wait ms/step | TTFA ms | audio s/s |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['variant']} | {r['concurrency']} | {r['ms_per_frame_p50']:.2f} | {r['gpu_ms_per_step']:.2f} | "
+              f"{r['gpu_idle_ms_per_step']:.2f} | {r['host_wait_ms_per_step']:.2f} | {r['ttfa_ms_p50']:.0f} | "
+              f"{r['audio_s_per_s']:.1f} |")
+    for r in report["variants"]:
+        if "profile_batch1" in r:
+            prof = r["profile_batch1"]
+            print(f"{r['variant']}: {prof['kernels_per_frame']:.0f} kernels, {prof['gpu_us_per_frame']:.0f} us GPU per frame (batch-1 profile)")
 
 
 if __name__ == "__main__":

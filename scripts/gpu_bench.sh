@@ -6,6 +6,8 @@
 #   bash scripts/gpu_bench.sh checkpoint         # random `full` checkpoint in $CKPT (skipped when present)
 #   bash scripts/gpu_bench.sh tests              # tests/test_gpu.py (a test blocked 5 min dumps its stacks and exits)
 #   bash scripts/gpu_bench.sh engine             # scripts/bench_engine.py (pacing on/off, batch-1 kernel profile)
+#   bash scripts/gpu_bench.sh variants VARIANT... # bench_engine.py --variants: engine options compared
+#                                                # (compiled, LEVELS), the best written to $OUT/best_params.txt
 #   bash scripts/gpu_bench.sh serving [DP] [LEVELS] [extra bench_serving args...]
 #                                                # the stack on DP GPUs, measured by scripts/bench_serving.py,
 #                                                # then by scripts/perf_analyzer.sh when PERF_LEVELS is set
@@ -39,6 +41,10 @@ case $step in
       --pacing "${PACING:-on,off}" --overlap "${OVERLAP:-on}" \
       --baseline-frames 20 --profile-frames 16 --compile-levels "${COMPILE_LEVELS:-}" \
       --out "$OUT/bench_engine.json" 2>&1 | tee "$OUT/bench_engine.log" ;;
+  variants)
+    "$PY" scripts/bench_engine.py --model "$CKPT" --variants-only --variants "$@" --variant-levels "${LEVELS:-1,64,256}" \
+      --variant-repeats "${REPEATS:-2}" --profile-frames 16 --best-params-out "$OUT/best_params.txt" \
+      --out "$OUT/bench_variants.json" 2>&1 | tee "$OUT/bench_variants.log" ;;
   serving)
     # start the stack once (launcher, DP GPUs), measure it with bench_serving, then (PERF_LEVELS
     # set) with perf_analyzer, then stop it

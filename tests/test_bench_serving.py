@@ -34,6 +34,8 @@ def test_stream_record_math():
     assert level["errors"] == 1 and level["ok_streams"] == 1 and level["underrun_streams"] == 1
     assert level["audio_s_total"] == pytest.approx(8 * FRAME_SAMPLES / SAMPLE_RATE)
     assert level["rtf_p50"] == pytest.approx(400 / 6 / FRAME_MS)
+    assert rec.late_chunks() == [(2, pytest.approx(80))]
+    assert level["underrun_chunk_index_counts"] == {"2": 1} and level["underrun_at_s"] == [pytest.approx(0.6)]
 
 
 @pytest.mark.triton

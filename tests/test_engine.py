@@ -218,16 +218,17 @@ def test_codes_are_clamped_before_decoding(parts):
 
 
 def test_chunks_start_small_and_grow(pipe, question_wav, ref_voice):
+    """2 frames first, then half of what was sent (>= 2, <= chunk_frames), the last one short."""
     engine = make_engine(pipe, max_batch=1, first_chunk_frames=2, chunk_frames=5, context_frames=3)
     try:
-        out = run(engine, request(pipe, question_wav, ref_voice, max_tokens=14))
+        out = run(engine, request(pipe, question_wav, ref_voice, max_tokens=30))
     finally:
         engine.shutdown()
     new = [len(c.codes) - c.context_frames for c in out["chunks"]]
-    assert new == [2, 2, 4, 5, 1]
-    assert [c.context_frames for c in out["chunks"]] == [0, 2, 3, 3, 3]
+    assert new == [2, 2, 2, 3, 4, 5, 5, 5, 2]
+    assert [c.context_frames for c in out["chunks"]] == [0, 2, 3, 3, 3, 3, 3, 3, 3]
     starts = [c.start_frame for c in out["chunks"]]
-    assert starts == [0, 2, 4, 8, 13]
+    assert starts == [0, 2, 4, 6, 9, 13, 18, 23, 28]
 
 
 # -- batching -----------------------------------------------------------------------------------
@@ -351,6 +352,28 @@ def test_a_broken_loop_fails_requests_instead_of_leaving_them_waiting(pipe, ques
         engine.shutdown()
 
 
+def test_admission_that_keeps_failing_fails_the_waiting_requests(pipe, question_wav, ref_voice):
+    """A step that fails with nothing running (here: admission itself) would be retried forever by
+    the requests waiting for it: after three failures in a row they are failed, and the engine
+    serves the next request once admission works again."""
+    engine = make_engine(pipe, max_batch=2)
+    orig, broken = engine._admit, [True]
+
+    def admit(**kw):
+        if broken[0]:
+            raise RuntimeError("admission broke")
+        return orig(**kw)
+
+    engine._admit = admit
+    try:
+        out = collect(engine.submit(request(pipe, question_wav, ref_voice, max_tokens=4)))
+        assert out["failed"] is not None and "admission broke" in out["failed"].message
+        broken[0] = False
+        assert run(engine, request(pipe, question_wav, ref_voice, max_tokens=4))["finished"].reason == "length"
+    finally:
+        engine.shutdown()
+
+
 def test_a_failed_step_fails_its_requests_even_if_rows_cannot_be_released(pipe, question_wav, ref_voice, monkeypatch):
     """A step fails and the thinker then refuses to free the row (an SGLang scheduler that died):
     the running request still gets its failure, the queued ones are served, the loop lives on."""
@@ -394,8 +417,8 @@ def test_overlap_admits_into_a_freed_row_as_early_as_without_it(pipe, question_w
         engine = ChromaEngine(pipe.parts, EngineOptions(max_batch=2, overlap=overlap, admission_pacing=False))
         steps, orig = [], engine._admit
 
-        def admit(orig=orig, engine=engine, steps=steps):
-            states = orig()
+        def admit(orig=orig, engine=engine, steps=steps, **kw):
+            states = orig(**kw)
             if states:
                 steps.append(engine.counters["steps"])
             return states
@@ -531,3 +554,31 @@ def test_prompt_longer_than_context_is_rejected(pipe, question_wav, ref_voice):
             engine.submit(request(pipe, question_wav, ref_voice))
     finally:
         engine.shutdown()
+
+
+def test_kernel_choices_change_nothing_a_client_sees(pipe, question_wav, ref_voice):
+    """Math attention in every trunk's steps and the segmented top-k (engine options meant for
+    GPUs) give the streams of the defaults: same text, codes and finishes."""
+    reqs = _requests(pipe, question_wav, ref_voice)
+    results = {}
+    for name, kw in (("default", {}), ("choices", {"math_attention": "thinker,backbone,decoder", "topk_segments": 8})):
+        engine = make_engine(pipe, max_batch=4, **kw)
+        try:
+            results[name] = [collect(s) for s in [engine.submit(copy.deepcopy(r)) for r in reqs]]
+            wait_idle(engine)
+            if name == "choices":
+                assert engine.thinker.lm.model.layers[0].self_attn.math_steps
+                assert engine.frames.topk_segments == 8
+        finally:
+            engine.shutdown()
+    for i, (a, b) in enumerate(zip(results["default"], results["choices"])):
+        np.testing.assert_array_equal(b["codes"], a["codes"], err_msg=f"request {i}")
+        assert (b["text"], b["finished"]) == (a["text"], a["finished"]), f"request {i}"
+    engine = make_engine(pipe, max_batch=2)  # options are set both ways on the shared modules
+    try:
+        assert not engine.thinker.lm.model.layers[0].self_attn.math_steps and engine.frames.topk_segments == 1
+        assert engine.stats()["gpu_step_s"] == 0.0  # CUDA-event timings: nothing to time on the CPU
+    finally:
+        engine.shutdown()
+    with pytest.raises(ValueError, match="math_attention"):
+        ChromaEngine(pipe.parts, EngineOptions(max_batch=2, math_attention="talker"))

@@ -146,3 +146,24 @@ def test_graphs_on_a_second_gpu_while_the_first_is_current(tiny_checkpoint, ques
             engine.shutdown()
     for got in results[True]:
         np.testing.assert_array_equal(got, results[False][0])
+
+
+def test_math_attention_steps_match_sdpa_in_bf16():
+    """`math_attention` on the GPU in bf16: a decoding step's states agree with SDPA's within bf16
+    tolerance (the matmuls accumulate in another order; the softmax runs in float32 in both)."""
+    from test_trunk_attention import _trunk
+
+    outs = []
+    for math_on in (False, True):
+        trunk = _trunk().to("cuda", torch.bfloat16).set_math_attention(math_on)
+        cache, rotary = trunk.new_cache(4, 300, "cuda", torch.bfloat16)
+        g = torch.Generator(device="cuda").manual_seed(0)
+        with torch.no_grad():
+            trunk(torch.randn(4, 200, 64, device="cuda", dtype=torch.bfloat16, generator=g), cache, rotary,
+                  torch.arange(200, device="cuda")[None].repeat(4, 1), key_len=200)
+            pos = torch.tensor([[200, 201, 202]], device="cuda").repeat(4, 1)
+            outs.append(trunk(torch.randn(4, 3, 64, device="cuda", dtype=torch.bfloat16, generator=g), cache, rotary,
+                              pos, key_len=256).float())
+    cos = torch.nn.functional.cosine_similarity(outs[0].flatten(1), outs[1].flatten(1)).min()
+    assert cos > 0.999, cos
+    assert (outs[0] - outs[1]).abs().max() <= 0.02 * outs[0].abs().max()

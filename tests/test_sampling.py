@@ -59,3 +59,27 @@ def test_all_codebook_keys_at_once_match_one_by_one():
     together = stream_keys(seeds, frames, torch.arange(8))
     for k in range(8):
         assert torch.equal(together[:, k], stream_keys(seeds, frames, k))
+
+
+def test_segmented_topk_finds_the_same_candidates():
+    from chroma_triton.sampling import segmented_topk
+
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(37, 2051, generator=g) * 4  # the audio vocabulary's width: slices padded at the end
+    for segments in (1, 2, 8, 32, 100):  # 100 slices of 21 < k: falls back to one topk
+        values, ids = segmented_topk(x, 64, segments)
+        ref_values, ref_ids = x.topk(64, dim=-1)
+        assert torch.equal(values, ref_values) and torch.equal(ids, ref_ids), segments
+    x[:, -3:] = 100.0  # the best candidates in the padded last slice
+    assert set(segmented_topk(x, 5, 8)[1][0, :3].tolist()) == {2048, 2049, 2050}
+
+
+def test_sampling_with_segmented_topk_draws_the_same_ids():
+    g = torch.Generator().manual_seed(1)
+    logits = torch.randn(256, 2051, generator=g) * 3
+    keys = stream_keys(torch.arange(256), torch.zeros(256, dtype=torch.long), 2)
+    top_k = torch.randint(1, 60, (256,), generator=g)
+    top_p = torch.rand(256, generator=g).clamp_min(0.05)
+    temperature = torch.rand(256, generator=g) + 0.2
+    plain = sample(logits, temperature, top_k, top_p, keys, k_max=64)
+    assert torch.equal(sample(logits, temperature, top_k, top_p, keys, k_max=64, segments=8), plain)

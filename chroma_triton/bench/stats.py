@@ -52,6 +52,18 @@ class StreamRecord:
         later = self.samples - self.chunks[0][1]
         return (self.chunks[-1][0] - self.chunks[0][0]) * 1000.0 / (later / FRAME_SAMPLES)
 
+    def late_chunks(self) -> list[tuple[int, float]]:
+        """(index, lateness ms) of each chunk that arrived after the audio before it ran out."""
+        if not self.chunks:
+            return []
+        start, played, late = self.chunks[0][0], 0, []
+        for i, (arrival, samples) in enumerate(self.chunks):
+            due = start + played / SAMPLE_RATE
+            if arrival > due:
+                late.append((i, (arrival - due) * 1000.0))
+            played += samples
+        return late
+
     def underruns(self) -> tuple[int, float]:
         """(chunks that arrived after the audio before them ran out, worst lateness in ms)."""
         if not self.chunks:
@@ -64,6 +76,13 @@ class StreamRecord:
                 worst = max(worst, (arrival - due) * 1000.0)
             played += samples
         return count, worst
+
+
+def _counts(values) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for v in values:
+        out[str(v)] = out.get(str(v), 0) + 1
+    return dict(sorted(out.items(), key=lambda kv: int(kv[0])))
 
 
 def pct(values, q: float) -> float | None:
@@ -99,6 +118,10 @@ def summarize(records: list[StreamRecord], started: float, finished: float) -> d
         "underrun_streams": sum(1 for n, _ in under if n),
         "underrun_chunks": sum(n for n, _ in under),
         "underrun_worst_ms": max((w for _, w in under), default=0.0),
+        # which chunk of its stream each late one was (0 = the first), and when it came (s after the
+        # level started): early chunks late means start-up (admission), spread out means steady state
+        "underrun_chunk_index_counts": _counts(i for r in ok for i, _ in r.late_chunks()),
+        "underrun_at_s": sorted(round(r.chunks[i][0] - started, 3) for r in ok for i, _ in r.late_chunks())[:256],
         "audio_s_total": audio_s,
         "audio_s_per_s": audio_s / wall if wall > 0 else None,
         "chunks_per_stream_p50": pct([len(r.chunks) for r in ok], 50),

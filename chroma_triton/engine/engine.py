@@ -26,6 +26,7 @@ import contextlib
 import dataclasses
 import logging
 import queue
+import sys
 import threading
 import time
 from collections import deque
@@ -68,9 +69,14 @@ class EngineOptions:
     kv_memory_fraction: float = 0.9  # on a GPU: share of free memory the KV caches may take (engine/capacity.py)
     activation_reserve_gib: float = 4.0  # ...after keeping this much for activations and graph pools
     cuda_graphs: bool = True  # on CUDA: capture steps as graphs (ignored on CPU)
-    overlap: bool = False  # launch step n+1 before reading step n's codes (host work overlaps the device's)
+    overlap: bool = True  # launch step n+1 before reading step n's codes (host work overlaps the device's)
     voice_prefix_cache: int = 32  # voices whose backbone prefix keys/values are kept (engine/voice_prefix.py); 0: off
     compile: bool = False  # torch.compile each decoder layer and the sampler (fused kernels; CPU: needs a C++ compiler)
+    # kernel choices for steps, same results (bench_engine.py --variants compares them on a GPU):
+    math_attention: str = ""  # trunks ("thinker,backbone,decoder") whose steps attend by matmuls, not SDPA
+    topk_segments: int = 1  # > 1: sampling's top-k over that many vocabulary slices first (sampling.segmented_topk)
+    switch_interval_ms: float = 0.0  # > 0: Python's thread switch interval (process-wide), so the engine
+    #                                  thread gets the GIL back sooner after a wait (default 5 ms)
     key_bucket: int = 256  # key-length bucket of captured graphs
     thinker_backend: str = "torch"  # "auto" | "torch" | "sglang" (model.loading.make_thinker)
     thinker_options: dict = field(default_factory=dict)  # backend options (SGLang: engine_kwargs, ...)
@@ -107,6 +113,17 @@ class _Launched:
     at_cache_end: set[int]  # rows with no backbone room for another step: they finish here
     old_rows: int  # rows that were running before the step (the others were admitted in it)
     prefill_s: float  # time spent admitting in it
+    timing: "_StepTiming | None" = None  # GPU timestamps of the step (CUDA only)
+
+
+@dataclass
+class _StepTiming:
+    """Events around one step on the engine's stream: from `started` to `done` the GPU worked on
+    the step (its prefills included); from the previous step's `done` to `started` it had nothing
+    of ours queued, i.e. waited for the host."""
+    started: torch.cuda.Event
+    done: torch.cuda.Event
+    after: torch.cuda.Event | None  # the previous step's `done`, when the two ran back to back
 
 
 # packed per-row integer inputs of one step (one host->device copy)
@@ -141,6 +158,7 @@ class ChromaEngine:
         self.frames.set_compiled(self.opts.compile)
         if parts.thinker_lm is not None:
             parts.thinker_lm.model.set_compiled(self.opts.compile)
+        self._set_kernel_choices(parts)
         self.runner = StepRunner(use_graphs=on_gpu and self.opts.cuda_graphs, device=self.device if on_gpu else None)
         # on a GPU, pad to buckets (graphs need static shapes); on a CPU, run exact shapes
         self._batch_sizes = batch_buckets(self.opts.max_batch) if on_gpu else list(range(1, self.opts.max_batch + 1))
@@ -156,12 +174,31 @@ class ChromaEngine:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.counters = {"admitted": 0, "finished": 0, "cancelled": 0, "failed": 0, "frames": 0, "steps": 0,
-                         "voice_prefix_hits": 0, "voice_prefix_misses": 0}
+                         "voice_prefix_hits": 0, "voice_prefix_misses": 0,
+                         # seconds (CUDA): the GPU on our steps, the GPU idle between two of our
+                         # steps (waiting for the host), the host blocked on a step's codes
+                         "gpu_step_s": 0.0, "gpu_idle_s": 0.0, "host_wait_s": 0.0}
+        self._last_done: torch.cuda.Event | None = None  # the latest step's end marker (CUDA)
         self._compiled_shapes = False
         self._inflight: _Launched | None = None
         self.voice_prefixes = VoicePrefixCache(self.opts.voice_prefix_cache)
         self._dead: str | None = None  # why the loop stopped, once it has
         self._pinned: dict[tuple, list[torch.Tensor]] = {}
+
+    def _set_kernel_choices(self, parts: ChromaParts) -> None:
+        """Apply `math_attention` and `topk_segments` to the shared modules (both ways, like compile)."""
+        trunks = {"backbone": self.frames.backbone.model, "decoder": self.frames.decoder.model}
+        if parts.thinker_lm is not None:
+            trunks["thinker"] = parts.thinker_lm.model
+        wanted = {t.strip() for t in self.opts.math_attention.split(",") if t.strip()}
+        unknown = wanted - {"thinker", "backbone", "decoder"}
+        if unknown:
+            raise ValueError(f"math_attention: unknown trunk(s) {sorted(unknown)}; use thinker, backbone, decoder")
+        for name, trunk in trunks.items():
+            trunk.set_math_attention(name in wanted)
+        if self.opts.topk_segments < 1:
+            raise ValueError("topk_segments must be >= 1")
+        self.frames.topk_segments = self.opts.topk_segments
 
     def _make_thinker_and_size(self, parts: ChromaParts, thinker: Thinker | None) -> Thinker:
         """The thinker, and `opts.max_batch` lowered to the rows whose KV caches fit in memory.
@@ -231,6 +268,8 @@ class ChromaEngine:
 
     # -- public API ---------------------------------------------------------------------------
     def start(self) -> "ChromaEngine":
+        if self.opts.switch_interval_ms > 0:
+            sys.setswitchinterval(self.opts.switch_interval_ms / 1000.0)
         if self.opts.compile and not self._compiled_shapes:
             with torch.cuda.device(self.device) if self.device.type == "cuda" else contextlib.nullcontext():
                 self._compile_step_shapes()
@@ -321,12 +360,18 @@ class ChromaEngine:
             try:
                 self._fail_all(self._dead)
             finally:
-                self._stage_pending()
-                waiting, self._staged = self._staged, deque()
-                for _req, stream in waiting:
-                    stream.put(RequestFailed(self._dead))
+                self._fail_waiting(self._dead)
+
+    def _fail_waiting(self, message: str) -> None:
+        """Fail every request not yet admitted (queued or staged)."""
+        self._stage_pending()
+        waiting, self._staged = self._staged, deque()
+        for _req, stream in waiting:
+            self.counters["failed"] += 1
+            stream.put(RequestFailed(message))
 
     def _serve(self) -> None:
+        failures = 0  # steps failed in a row
         while not self._stop.is_set():
             try:
                 for a in [a for a in self._active if a.stream.cancelled]:
@@ -334,6 +379,7 @@ class ChromaEngine:
                 if any(a.finish for a in self._active):
                     self._drain()
                 if not self._active:
+                    self._last_done = None  # idle time between requests is not a gap between steps
                     self._global_step = 0  # next step talks, so a new request is admitted at once
                     if not self._staged:
                         item = self._pending.get()  # idle: block until work (or shutdown) arrives
@@ -341,10 +387,15 @@ class ChromaEngine:
                             continue
                         self._staged.append(item)
                 self._step()
+                failures = 0
             except Exception as exc:  # a batched step failed: fail its requests, keep serving
                 log.exception("engine step failed")
-                self._inflight = None
-                self._fail_all(f"internal error during generation: {exc}")
+                self._inflight = self._last_done = None
+                message = f"internal error during generation: {exc}"
+                self._fail_all(message)
+                failures += 1
+                if failures >= 3:  # it fails with nothing running, e.g. in admission: the waiting
+                    self._fail_waiting(message)  # requests would retry it forever
 
     def _step(self) -> None:
         if self._inflight is not None and self._global_step % 2 == 0 and self._waiting() \
@@ -391,15 +442,19 @@ class ChromaEngine:
         old = list(self._active)
         talk = talk_step and any(not a.thinker_done for a in old)  # else no thinker call at all
         tokens = states = None
+        started = self._mark()
         if old:
             # chained: the rows are exactly the previous step's, whose codes are still on the device
             prev_codes = previous.codes[:, : self.num_codebooks].contiguous() if previous is not None else None
             states, tokens = self._advance(old, talk, prev_codes)
         t_prefill = time.perf_counter()
-        new_states = self._admit() if talk_step else []
+        # steps the running rows have on the device, computed before the prefill (this one, and
+        # the previous one when chained), whose frames count towards their next chunks
+        new_states = self._admit(in_flight=(1 + (previous is not None)) if old else 0) if talk_step else []
         t_prefill = time.perf_counter() - t_prefill
         batch = list(self._active)
         if not batch:
+            self._last_done = None  # the chain of steps ends: the idle time that follows is not ours
             return None
         if new_states:
             fresh = torch.stack(new_states)
@@ -418,11 +473,23 @@ class ChromaEngine:
         at_end = {a.row for a in batch if a.backbone_pos + 3 > self.opts.backbone_max_len}
         self._global_step += 1
         self.counters["steps"] += 1
-        return _Launched(batch, codes, self._to_host(codes), talked, at_end, len(old), t_prefill)
+        done = self._mark()  # before the copy, whose wait then covers it
+        launched = _Launched(batch, codes, self._to_host(codes), talked, at_end, len(old), t_prefill)
+        if started is not None:
+            launched.timing = _StepTiming(started, done, self._last_done)
+            self._last_done = done
+        return launched
 
     def _complete(self, step: "_Launched") -> None:
         """Read a launched step's codes and thinker tokens and act on them."""
+        t0 = time.perf_counter()
         host = step.host()
+        self.counters["host_wait_s"] += time.perf_counter() - t0
+        if step.timing is not None:  # both markers have passed (the copy queued after `done` has)
+            tm = step.timing
+            self.counters["gpu_step_s"] += tm.started.elapsed_time(tm.done) / 1000.0
+            if tm.after is not None:
+                self.counters["gpu_idle_s"] += max(tm.after.elapsed_time(tm.started), 0.0) / 1000.0
         k = self.num_codebooks
         for a in step.batch:
             if a.row in step.talked and not a.finish:
@@ -431,6 +498,14 @@ class ChromaEngine:
         for a in step.batch:
             if not a.finish:  # a row finished (or cancelled) after this step was launched: dropped
                 self._on_frame(a, host[a.row, :k], at_cache_end=a.row in step.at_cache_end)
+
+    def _mark(self) -> torch.cuda.Event | None:
+        """A timing marker on the engine's stream (CUDA), else None."""
+        if self.device.type != "cuda":
+            return None
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
 
     def _to_host(self, codes: torch.Tensor):
         """Start copying a step's codes to the host; returns a function that waits for them."""
@@ -546,10 +621,10 @@ class ChromaEngine:
         return bound if bound < vocab else None
 
     # -- admission ----------------------------------------------------------------------------
-    def _admit(self) -> list[torch.Tensor]:
+    def _admit(self, in_flight: int = 0) -> list[torch.Tensor]:
         """Prefill waiting requests, batched, into the next free rows; returns their backbone states.
         How many: free rows, `max_prefills_per_step`, `prefill_token_budget`, and (pacing) what the
-        running streams can wait for."""
+        running streams can wait for; `in_flight`: steps of theirs queued before the prefill."""
         self._stage_pending()
         if any(stream.cancelled for _req, stream in self._staged):
             for req, stream in [item for item in self._staged if item[1].cancelled]:
@@ -566,7 +641,7 @@ class ChromaEngine:
         n = len(costs)
         if n and self.opts.admission_pacing and self._active:
             waited = time.monotonic() - self._staged[0][1].submitted_at
-            n = self.pacer.how_many(costs, self._stream_states(), waited)
+            n = self.pacer.how_many(costs, self._stream_states(in_flight), waited)
         items = [self._staged.popleft() for _ in range(n)]
         if not items:
             return []
@@ -607,17 +682,26 @@ class ChromaEngine:
         cached = self.voice_prefixes.capacity and voice_key(req.prompt_text_ids, req.prompt_codes) in self.voice_prefixes
         return len(req.thinker_ids) + (2 if cached else len(req.prompt_text_ids) + len(req.prompt_codes) + 5)
 
-    def _stream_states(self) -> list[StreamState]:
+    def _stream_states(self, in_flight: int = 0) -> list[StreamState]:
+        """Each running stream's slack and the steps its next chunk still needs after a prefill
+        now: those `in_flight` (already queued before it) do not wait for the prefill."""
         now = time.monotonic()
         out = []
         for a in self._active:
             slack = None if a.first_chunk_at is None else a.first_chunk_at + a.sent * self._frame_s - now
-            out.append(StreamState(slack, max(self._chunk_target(a) - (len(a.frames) - a.sent), 0)))
+            out.append(StreamState(slack, max(self._chunk_target(a) - (len(a.frames) - a.sent) - in_flight, 0)))
         return out
 
     def _chunk_target(self, a: _Active) -> int:
-        """Frames the next chunk waits for: 2, 2, 4, 8, ... up to chunk_frames (first chunk small)."""
-        return self.opts.first_chunk_frames if a.sent == 0 else min(self.opts.chunk_frames, a.sent)
+        """Frames the next chunk waits for: first_chunk_frames, then half the audio already sent
+        (at least first_chunk_frames, at most chunk_frames): 2, 2, 2, 3, 4, 6, 9, 10, ... A chunk
+        as long as everything sent before it (2, 2, 4, 8) would use up each stream's lead over its
+        listener as fast as it grows, so a just-started stream could never wait for another
+        request's prefill: admission pacing then held arrivals back until max_admission_wait_s,
+        and the forced admissions stalled streams (256 streams, docs/benchmarks.md runs 15-19)."""
+        if a.sent == 0:
+            return self.opts.first_chunk_frames
+        return min(self.opts.chunk_frames, max(self.opts.first_chunk_frames, a.sent // 2))
 
     def _prefill(self, items: list[tuple[GenerationRequest, RequestStream]]) -> list[torch.Tensor]:
         """Thinker and backbone prefill of `items` in rows len(active).. (one batched call each),
@@ -740,8 +824,8 @@ class ChromaEngine:
         if len(a.frames) >= a.params.max_tokens or at_cache_end:
             a.finish = "length"
             return
-        # chunk sizes grow with the audio already sent (2, 2, 4, 8, ... up to chunk_frames): the
-        # first chunk comes fast, and each next one is due before the buffered audio runs out
+        # chunk sizes grow with the audio already sent (see _chunk_target): the first chunk comes
+        # fast, and each next one is due well before the buffered audio runs out
         if len(a.frames) - a.sent >= self._chunk_target(a):
             self._send_chunk(a)
 

@@ -82,6 +82,7 @@ class FrameModel(nn.Module):
         self.backbone_cache: KVCache | None = None
         self.backbone_rotary: RotaryTable | None = None
         self._sampler = sample
+        self.topk_segments = 1  # > 1: sampling's top-k in two rounds over vocabulary slices (sampling.segmented_topk)
 
     def set_compiled(self, on: bool) -> "FrameModel":
         """torch.compile the backbone's and decoder's layers and the sampling chain (see
@@ -136,7 +137,8 @@ class FrameModel(nn.Module):
         return codes
 
     def _sample(self, logits: torch.Tensor, p: SamplingTensors, keys: torch.Tensor) -> torch.Tensor:
-        return self._sampler(logits, p.temperature, p.top_k, p.top_p, keys, p.k_max, self.token_table)
+        return self._sampler(logits, p.temperature, p.top_k, p.top_p, keys, p.k_max, self.token_table,
+                             self.topk_segments)
 
 
 @functools.cache

@@ -107,6 +107,7 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
         self.o_proj = nn.Linear(cfg.num_heads * cfg.head_dim, cfg.hidden_size, bias=False)
         self.qkv: tuple[torch.Tensor, torch.Tensor | None] | None = None
+        self.math_steps = False  # steps (<= MATH_MAX_QUERIES positions) attend by explicit matmuls, not SDPA
 
     def fuse(self) -> None:
         """One [q; k; v] matrix (one matmul per step instead of three). The q/k/v parameters become
@@ -149,9 +150,22 @@ class Attention(nn.Module):
         # become extra query rows of that head ([B, kvh, G*L, D]); `mask` is already repeated G times.
         group = self.num_heads // self.num_kv_heads
         q = q.reshape(b, self.num_kv_heads, group * length, self.head_dim)
-        out = F.scaled_dot_product_attention(q, k_cache[:, :, :key_len], v_cache[:, :, :key_len], attn_mask=mask)
+        attend = attend_math if self.math_steps and length <= MATH_MAX_QUERIES else F.scaled_dot_product_attention
+        out = attend(q, k_cache[:, :, :key_len], v_cache[:, :, :key_len], attn_mask=mask)
         out = out.reshape(b, self.num_heads, length, self.head_dim)
         return self.o_proj(out.transpose(1, 2).reshape(b, length, -1))
+
+
+MATH_MAX_QUERIES = 4  # decoding steps feed 1-3 positions per row; prefills more
+
+
+def attend_math(q, k, v, attn_mask):
+    """Attention as two batched matmuls around a float32 softmax: what SDPA computes, in kernels
+    that torch.compile can fuse with their neighbours. For steps: a few queries against a short
+    or mid-length cache, where a flash-attention launch costs more than the work.
+    q [B, h, M, D], k/v [B, h, T, D], attn_mask [B, 1, M, T] additive."""
+    scores = torch.matmul(q, k.transpose(-1, -2)).float() * (q.shape[-1] ** -0.5) + attn_mask.float()
+    return torch.matmul(torch.softmax(scores, dim=-1).to(v.dtype), v)
 
 
 class MLP(nn.Module):
@@ -206,6 +220,12 @@ class Trunk(nn.Module):
         the compiled code (parameters are inputs), so compiling costs one graph per layer shape.
         Numerics change slightly (fused reductions), so this is an explicit choice."""
         self.compiled = on
+        return self
+
+    def set_math_attention(self, on: bool) -> "Trunk":
+        """Decoding steps attend with `attend_math` instead of SDPA (prefills keep SDPA)."""
+        for layer in self.layers:
+            layer.self_attn.math_steps = on
         return self
 
     def fuse(self) -> "Trunk":

@@ -209,8 +209,9 @@ class _Relay:
 
 _INT_OPTIONS = ("max_batch", "thinker_max_len", "backbone_max_len", "max_frames", "first_chunk_frames",
                 "chunk_frames", "context_frames", "max_queue", "max_prefills_per_step", "prefill_token_budget",
-                "voice_prefix_cache")
-_FLOAT_OPTIONS = ("admission_margin_s", "max_admission_wait_s", "kv_memory_fraction", "activation_reserve_gib")
+                "voice_prefix_cache", "topk_segments")
+_FLOAT_OPTIONS = ("admission_margin_s", "max_admission_wait_s", "kv_memory_fraction", "activation_reserve_gib",
+                  "switch_interval_ms")
 _BOOL_OPTIONS = ("admission_pacing", "cuda_graphs", "overlap")
 
 
@@ -222,6 +223,7 @@ def engine_options(args) -> EngineOptions:
     kwargs = {name: args.int(name, getattr(d, name)) for name in _INT_OPTIONS}
     kwargs.update({name: args.float(name, getattr(d, name)) for name in _FLOAT_OPTIONS})
     kwargs.update({name: args.bool(name, getattr(d, name)) for name in _BOOL_OPTIONS})
+    kwargs["math_attention"] = args.str("math_attention", d.math_attention)
     on_gpu = str(getattr(args, "device", "cpu")).startswith("cuda")
     kwargs["compile"] = on_gpu if args.str("compile").strip().lower() in ("", "auto") else args.bool("compile", d.compile)
     return EngineOptions(**kwargs)

@@ -15,7 +15,7 @@ class TritonPythonModel:
         voice_path, transcript = resolve_default_voice(a.str("default_voice"))
         self.service = AudioEncoderService(parts, (voice_path.read_bytes(), transcript),
                                            voice_cache_size=a.int("voice_cache_size", 256))
-        graphs = parts.audio_tower.use_cuda_graphs(a.int("cuda_graph_windows", 0))
+        graphs = parts.audio_tower.use_cuda_graphs(a.int("cuda_graph_windows", 64))
         print(f"[{a.instance_name}] ready on {a.device}: {path}, default voice {voice_path}, {graphs} CUDA graphs",
               flush=True)
 

@@ -63,6 +63,11 @@ class TritonPythonModel:
                                         "Admissions that found their voice's backbone prefix cached", C),
             "voice_prefix_misses": family("chroma_lm_voice_prefix_misses_total",
                                           "Voice backbone prefixes computed (new or evicted voices)", C),
+            "gpu_step_s": family("chroma_lm_gpu_step_seconds_total",
+                                 "GPU time spanned by the engine's steps (CUDA events around each step)", C),
+            "gpu_idle_s": family("chroma_lm_gpu_idle_seconds_total",
+                                 "GPU time between two consecutive engine steps with nothing of ours queued "
+                                 "(the device waited for the engine's host work)", C),
         }
         self._seen = {k: 0 for k in self.counters}
         self._metrics_lock = threading.Lock()
