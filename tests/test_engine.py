@@ -327,6 +327,45 @@ def test_overlap_changes_nothing_a_client_sees(pipe, question_wav, ref_voice, mo
         assert (b["text"], b["finished"], _chunk_plan(b)) == (a["text"], a["finished"], _chunk_plan(a)), f"request {i}"
 
 
+@pytest.mark.parametrize("overlap", [False, True])
+def test_thinker_running_ahead_changes_nothing_a_client_sees(pipe, question_wav, ref_voice, monkeypatch, overlap):
+    """The thinker's step for the next talking step computed right after this one (thinker_ahead)
+    gives every stream the same text, codes, chunks and finish: with rows reused (more requests
+    than rows), admissions, an EOS in the middle of a batch and the thinker's own <|im_end|>."""
+    reqs = _requests(pipe, question_wav, ref_voice)
+    results, used = {}, {}
+    for ahead in (False, True):
+        engine = make_engine(pipe, max_batch=3, overlap=overlap, thinker_ahead=ahead)
+        orig_frame, orig_decode = engine.frames.sample_frame, engine.thinker.decode
+
+        def sample_frame(state, params, orig=orig_frame):
+            codes = orig(state, params)
+            codes[(params.seeds == 103) & (params.frames == 4)] = 0  # request 3: EOS at its 5th frame
+            return codes
+
+        def decode(tokens, positions, key_len, orig=orig_decode, engine=engine):
+            h, nxt = orig(tokens, positions, key_len=key_len)
+            # the thinker says <|im_end|> from position 126 on (prompts here are 120-127 tokens)
+            return h, torch.where(positions >= 126, torch.full_like(nxt, engine.special.im_end), nxt)
+
+        monkeypatch.setattr(engine.frames, "sample_frame", sample_frame)
+        monkeypatch.setattr(engine.thinker, "decode", decode)
+        try:
+            streams = [engine.submit(copy.deepcopy(r)) for r in reqs]
+            results[ahead] = [collect(s) for s in streams]
+            wait_idle(engine)
+            used[ahead] = engine.stats()["thinker_ahead_used"]
+        finally:
+            engine.shutdown()
+    assert used[False] == 0 and used[True] > 5
+    plain, early = results[False], results[True]
+    assert plain[3]["finished"].reason == "stop"
+    assert any(r["finished"].text_tokens < r["finished"].audio_frames // 2 for r in plain), "no reply text ended"
+    for i, (a, b) in enumerate(zip(plain, early)):
+        np.testing.assert_array_equal(b["codes"], a["codes"], err_msg=f"request {i}")
+        assert (b["text"], b["finished"], _chunk_plan(b)) == (a["text"], a["finished"], _chunk_plan(a)), f"request {i}"
+
+
 def test_a_broken_loop_fails_requests_instead_of_leaving_them_waiting(pipe, question_wav, ref_voice, monkeypatch):
     """If the engine's thread stops (here: its setup raises, as torch.cuda.set_device did for a
     device without an index), every request it held or gets fails at once; none waits forever."""

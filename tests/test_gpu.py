@@ -38,22 +38,26 @@ def _codes(engine, req):
 
 def test_cuda_graphs_give_the_eager_codes(pipe, question_wav, ref_voice):
     """Same bucketed shapes, same kernels: graph replay must reproduce eager codes bitwise, with and
-    without overlap (step n+1 launched before step n's codes are read through pinned memory)."""
+    without overlap (step n+1 launched before step n's codes are read through pinned memory), and
+    with the thinker running ahead on its own stream."""
     reqs = [pipe.prepare([{"role": "user", "content": [{"type": "audio", "audio": question_wav}]}], ref_voice[0],
                          ref_voice[1], SamplingParams(seed=s, max_tokens=20 + 5 * s)) for s in range(3)]
     results = {}
-    for graphs, overlap in ((False, False), (True, False), (True, True)):
-        engine = ChromaEngine(pipe.parts, EngineOptions(max_batch=4, cuda_graphs=graphs, overlap=overlap)).start()
+    for graphs, overlap, ahead in ((False, False, False), (True, False, False), (True, True, False), (True, True, True)):
+        engine = ChromaEngine(pipe.parts, EngineOptions(max_batch=4, cuda_graphs=graphs, overlap=overlap,
+                                                        thinker_ahead=ahead)).start()
         try:
             streams = [engine.submit(copy.deepcopy(r)) for r in reqs]
-            results[graphs, overlap] = [
+            results[graphs, overlap, ahead] = [
                 np.concatenate([c.codes[c.context_frames:] for c in s if isinstance(c, AudioChunk)]) for s in streams]
             if graphs:
                 assert engine.stats()["graphs"] > 0
+            if ahead:
+                assert engine.stats()["thinker_ahead_used"] > 0
         finally:
             engine.shutdown()
-    for variant in ((True, False), (True, True)):
-        for eager, graph in zip(results[False, False], results[variant]):
+    for variant in ((True, False, False), (True, True, False), (True, True, True)):
+        for eager, graph in zip(results[False, False, False], results[variant]):
             np.testing.assert_array_equal(graph, eager)
 
 

@@ -70,6 +70,8 @@ class EngineOptions:
     activation_reserve_gib: float = 4.0  # ...after keeping this much for activations and graph pools
     cuda_graphs: bool = True  # on CUDA: capture steps as graphs (ignored on CPU)
     overlap: bool = True  # launch step n+1 before reading step n's codes (host work overlaps the device's)
+    thinker_ahead: bool = False  # run the thinker's step for the next talking step right after this one,
+    #                              on a second CUDA stream, concurrently with the silent frame step between
     voice_prefix_cache: int = 32  # voices whose backbone prefix keys/values are kept (engine/voice_prefix.py); 0: off
     compile: bool = False  # torch.compile each decoder layer and the sampler (fused kernels; CPU: needs a C++ compiler)
     # kernel choices for steps, same results (bench_engine.py --variants compares them on a GPU):
@@ -126,6 +128,16 @@ class _StepTiming:
     after: torch.cuda.Event | None  # the previous step's `done`, when the two ran back to back
 
 
+@dataclass
+class _Ahead:
+    """A thinker step launched early (thinker_ahead) for the next talking step of `batch`."""
+    batch: list[_Active]  # the rows it ran for (row i = batch[i]); valid only if they still are
+    positions: list[int]  # each row's thinker position it ran at
+    h: torch.Tensor  # post-norm states [Bp, H]
+    nxt: torch.Tensor  # greedy ids [Bp]
+    done: torch.cuda.Event | None  # on its stream (CUDA)
+
+
 # packed per-row integer inputs of one step (one host->device copy)
 _TOKEN, _TPOS, _BPOS, _TALK, _SEED, _FRAME, _TOPK = range(7)
 _NINT = 7
@@ -174,7 +186,7 @@ class ChromaEngine:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.counters = {"admitted": 0, "finished": 0, "cancelled": 0, "failed": 0, "frames": 0, "steps": 0,
-                         "voice_prefix_hits": 0, "voice_prefix_misses": 0,
+                         "voice_prefix_hits": 0, "voice_prefix_misses": 0, "thinker_ahead_used": 0,
                          # seconds (CUDA): the GPU on our steps, the GPU idle between two of our
                          # steps (waiting for the host), the host blocked on a step's codes
                          "gpu_step_s": 0.0, "gpu_idle_s": 0.0, "host_wait_s": 0.0}
@@ -184,6 +196,8 @@ class ChromaEngine:
         self.voice_prefixes = VoicePrefixCache(self.opts.voice_prefix_cache)
         self._dead: str | None = None  # why the loop stopped, once it has
         self._pinned: dict[tuple, list[torch.Tensor]] = {}
+        self._ahead: _Ahead | None = None
+        self._thinker_stream = torch.cuda.Stream(self.device) if on_gpu and self.opts.thinker_ahead else None
 
     def _set_kernel_choices(self, parts: ChromaParts) -> None:
         """Apply `math_attention` and `topk_segments` to the shared modules (both ways, like compile)."""
@@ -471,6 +485,8 @@ class ChromaEngine:
         for a in batch:
             a.step += 1
         at_end = {a.row for a in batch if a.backbone_pos + 3 > self.opts.backbone_max_len}
+        if talk and not new_states and self.opts.thinker_ahead and self._prepare_decode is None:
+            self._run_ahead(batch, tokens)
         self._global_step += 1
         self.counters["steps"] += 1
         done = self._mark()  # before the copy, whose wait then covers it
@@ -564,17 +580,71 @@ class ChromaEngine:
         width = 3 if talk else 1
         bb_len = self._key_len(max(a.backbone_pos for a in batch) + width, self._backbone_lens)
         if talk:
-            th_len = self._key_len(max(a.thinker_pos for a in batch) + 1, self._thinker_lens)
-            if self._prepare_decode is not None:
-                self._prepare_decode([None if a.thinker_done else a.thinker_pos for a in batch])
-            h, nxt = self.runner(("thinker", size, th_len), partial(self.thinker.decode, key_len=th_len),
-                                 ints[_TOKEN], ints[_TPOS])
+            ahead = self._take_ahead(batch)
+            if ahead is not None:
+                h, nxt = ahead.h, ahead.nxt
+            else:
+                th_len = self._key_len(max(a.thinker_pos for a in batch) + 1, self._thinker_lens)
+                if self._prepare_decode is not None:
+                    self._prepare_decode([None if a.thinker_done else a.thinker_pos for a in batch])
+                h, nxt = self.runner(("thinker", size, th_len), partial(self.thinker.decode, key_len=th_len),
+                                     ints[_TOKEN], ints[_TPOS])
             states = self.runner(("backbone3", size, bb_len), partial(self._backbone_talk, key_len=bb_len),
                                  prev, h, nxt, ints[_TALK], ints[_BPOS])
             return states, nxt
         states = self.runner(("backbone1", size, bb_len), partial(self._backbone_silent, key_len=bb_len),
                              prev, ints[_BPOS])
         return states, None
+
+    # -- the thinker running ahead (thinker_ahead) ----------------------------------------------
+    # The thinker's input at a talking step is its own greedy output of the previous one, so its
+    # step for talking step n+2 can start as soon as step n has produced that token: it runs on a
+    # second stream while the silent step n+1 (backbone + decoder) runs on the engine's stream.
+    # Both are launch-bound at small batches, so they share the GPU instead of queueing. The
+    # result is used only by exactly the rows it ran for; any change of rows (admission, a
+    # finish, a failure) waits for it and drops it, and the talking step computes the thinker
+    # itself, as without the option. Same inputs, same kernels: the same tokens and states.
+    def _run_ahead(self, batch: list[_Active], tokens: torch.Tensor) -> None:
+        positions = [a.thinker_pos for a in batch]  # already advanced to the next talking step's
+        if max(positions) >= self.opts.thinker_max_len or all(a.thinker_done for a in batch):
+            return
+        size = self._pad(len(batch))
+        th_len = self._key_len(max(positions) + 1, self._thinker_lens)
+        stream = self._thinker_stream
+        ctx = torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext()
+        if stream is not None:  # after this step: its tokens, and its reads of the graph's outputs
+            stream.wait_stream(torch.cuda.current_stream(self.device))
+        with ctx:
+            pos = torch.zeros(size, dtype=torch.long)
+            pos[: len(batch)] = torch.tensor(positions)
+            pos = pos.to(self.device, non_blocking=True)
+            h, nxt = self.runner(("thinker", size, th_len), partial(self.thinker.decode, key_len=th_len),
+                                 tokens[:size].contiguous(), pos)
+            done = None
+            if stream is not None:
+                done = torch.cuda.Event()
+                done.record(stream)
+        self._ahead = _Ahead(list(batch), positions, h, nxt, done)
+
+    def _take_ahead(self, batch: list[_Active]) -> "_Ahead | None":
+        """The early thinker step, if it ran for exactly these rows at their positions (the engine's
+        stream then waits for it); else None (after waiting for it all the same)."""
+        ahead, self._ahead = self._ahead, None
+        if ahead is None:
+            return None
+        if ahead.done is not None:
+            torch.cuda.current_stream(self.device).wait_event(ahead.done)
+        same = len(ahead.batch) == len(batch) and all(
+            x is a and a.row == i and a.thinker_pos == p for i, (x, a, p) in enumerate(zip(ahead.batch, batch, ahead.positions)))
+        if same:
+            self.counters["thinker_ahead_used"] += 1
+        return ahead if same else None
+
+    def _settle_ahead(self) -> None:
+        """Drop an early thinker step after the engine's stream has waited for it (rows may change)."""
+        ahead, self._ahead = self._ahead, None
+        if ahead is not None and ahead.done is not None:
+            torch.cuda.current_stream(self.device).wait_event(ahead.done)
 
     def _backbone_silent(self, prev, pos, *, key_len):
         x = self.frames.frame_embedding(prev)[:, None]
@@ -625,6 +695,7 @@ class ChromaEngine:
         """Prefill waiting requests, batched, into the next free rows; returns their backbone states.
         How many: free rows, `max_prefills_per_step`, `prefill_token_budget`, and (pacing) what the
         running streams can wait for; `in_flight`: steps of theirs queued before the prefill."""
+        self._settle_ahead()
         self._stage_pending()
         if any(stream.cancelled for _req, stream in self._staged):
             for req, stream in [item for item in self._staged if item[1].cancelled]:
@@ -841,6 +912,8 @@ class ChromaEngine:
 
     def _retire(self) -> None:
         """Finish flagged requests and compact: the last row moves into each freed row."""
+        if any(a.finish for a in self._active):
+            self._settle_ahead()  # rows move: a thinker step running ahead must be done first
         for a in sorted((a for a in self._active if a.finish), key=lambda a: -a.row):
             if a.finish != "cancelled":
                 self._send_chunk(a)
@@ -863,6 +936,11 @@ class ChromaEngine:
     def _fail_all(self, message: str) -> None:
         """Fail every running request, then free their rows (a row that cannot be freed is logged:
         the requests must hear of the failure whatever the thinker's state)."""
+        try:
+            self._settle_ahead()
+        except Exception:  # noqa: BLE001 - the device may be what failed
+            log.exception("could not wait for the thinker's stream")
+            self._ahead = None
         active = list(self._active)
         with self._lock:
             self._active.clear()

@@ -212,7 +212,7 @@ _INT_OPTIONS = ("max_batch", "thinker_max_len", "backbone_max_len", "max_frames"
                 "voice_prefix_cache", "topk_segments")
 _FLOAT_OPTIONS = ("admission_margin_s", "max_admission_wait_s", "kv_memory_fraction", "activation_reserve_gib",
                   "switch_interval_ms")
-_BOOL_OPTIONS = ("admission_pacing", "cuda_graphs", "overlap")
+_BOOL_OPTIONS = ("admission_pacing", "cuda_graphs", "overlap", "thinker_ahead")
 
 
 def engine_options(args) -> EngineOptions:
