@@ -159,7 +159,7 @@ def test_math_attention_steps_match_sdpa_in_bf16():
 
     outs = []
     for math_on in (False, True):
-        trunk = _trunk().to("cuda", torch.bfloat16).set_math_attention(math_on)
+        trunk = _trunk("cuda", torch.bfloat16).set_math_attention(math_on)
         cache, rotary = trunk.new_cache(4, 300, "cuda", torch.bfloat16)
         g = torch.Generator(device="cuda").manual_seed(0)
         with torch.no_grad():

@@ -20,7 +20,9 @@ def test_attend_math_is_sdpa():
     torch.testing.assert_close(attend_math(q, k, v, mask), ref, rtol=1e-5, atol=1e-6)
 
 
-def _trunk() -> Trunk:
+def _trunk(device="cpu", dtype=torch.float32) -> Trunk:
+    """A small fused trunk (q/k/v and gate/up fused after moving: the fused matrices are plain
+    tensors, not parameters, so `.to()` would not move them)."""
     torch.manual_seed(0)
     cfg = TrunkConfig(hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16,
                       intermediate_size=128, rms_norm_eps=1e-5, rope=RopeConfig(theta=10000.0),
@@ -28,7 +30,7 @@ def _trunk() -> Trunk:
     trunk = Trunk(cfg)
     for p in trunk.parameters():
         torch.nn.init.normal_(p, std=0.2)
-    return trunk.fuse()
+    return trunk.to(device, dtype).fuse()
 
 
 def test_math_attention_steps_match_sdpa_and_prefills_keep_sdpa():

@@ -70,7 +70,7 @@ class EngineOptions:
     activation_reserve_gib: float = 4.0  # ...after keeping this much for activations and graph pools
     cuda_graphs: bool = True  # on CUDA: capture steps as graphs (ignored on CPU)
     overlap: bool = True  # launch step n+1 before reading step n's codes (host work overlaps the device's)
-    thinker_ahead: bool = False  # run the thinker's step for the next talking step right after this one,
+    thinker_ahead: bool = True  # run the thinker's step for the next talking step right after this one,
     #                              on a second CUDA stream, concurrently with the silent frame step between
     voice_prefix_cache: int = 32  # voices whose backbone prefix keys/values are kept (engine/voice_prefix.py); 0: off
     compile: bool = False  # torch.compile each decoder layer and the sampler (fused kernels; CPU: needs a C++ compiler)
@@ -197,7 +197,12 @@ class ChromaEngine:
         self._dead: str | None = None  # why the loop stopped, once it has
         self._pinned: dict[tuple, list[torch.Tensor]] = {}
         self._ahead: _Ahead | None = None
-        self._thinker_stream = torch.cuda.Stream(self.device) if on_gpu and self.opts.thinker_ahead else None
+        # thinker_ahead: the thinker's graphs replay on their own stream, concurrently with the
+        # engine's, so they are captured on it too (their own cuBLAS workspace; see StepRunner);
+        # high priority: a step waits for it, never the other way round
+        self._thinker_stream = torch.cuda.Stream(self.device, priority=-1) if on_gpu and self.opts.thinker_ahead else None
+        self.thinker_runner = self.runner if self._thinker_stream is None else StepRunner(
+            use_graphs=self.opts.cuda_graphs, device=self.device, capture_stream=self._thinker_stream)
 
     def _set_kernel_choices(self, parts: ChromaParts) -> None:
         """Apply `math_attention` and `topk_segments` to the shared modules (both ways, like compile)."""
@@ -324,7 +329,9 @@ class ChromaEngine:
             active = len(self._active)
         return {"active": active, "queued": self._pending.qsize() + len(self._staged),
                 "free_rows": self.opts.max_batch - active, "max_batch": self.opts.max_batch,
-                "requested_batch": self.capacity.requested, "graphs": len(self.runner), **self.counters}
+                "requested_batch": self.capacity.requested,
+                "graphs": len(self.runner) + (len(self.thinker_runner) if self.thinker_runner is not self.runner else 0),
+                **self.counters}
 
     # -- validation ---------------------------------------------------------------------------
     def _validate(self, req: GenerationRequest) -> None:
@@ -462,9 +469,7 @@ class ChromaEngine:
             prev_codes = previous.codes[:, : self.num_codebooks].contiguous() if previous is not None else None
             states, tokens = self._advance(old, talk, prev_codes)
         t_prefill = time.perf_counter()
-        # steps the running rows have on the device, computed before the prefill (this one, and
-        # the previous one when chained), whose frames count towards their next chunks
-        new_states = self._admit(in_flight=(1 + (previous is not None)) if old else 0) if talk_step else []
+        new_states = self._admit() if talk_step else []
         t_prefill = time.perf_counter() - t_prefill
         batch = list(self._active)
         if not batch:
@@ -587,7 +592,7 @@ class ChromaEngine:
                 th_len = self._key_len(max(a.thinker_pos for a in batch) + 1, self._thinker_lens)
                 if self._prepare_decode is not None:
                     self._prepare_decode([None if a.thinker_done else a.thinker_pos for a in batch])
-                h, nxt = self.runner(("thinker", size, th_len), partial(self.thinker.decode, key_len=th_len),
+                h, nxt = self.thinker_runner(("thinker", size, th_len), partial(self.thinker.decode, key_len=th_len),
                                      ints[_TOKEN], ints[_TPOS])
             states = self.runner(("backbone3", size, bb_len), partial(self._backbone_talk, key_len=bb_len),
                                  prev, h, nxt, ints[_TALK], ints[_BPOS])
@@ -618,7 +623,7 @@ class ChromaEngine:
             pos = torch.zeros(size, dtype=torch.long)
             pos[: len(batch)] = torch.tensor(positions)
             pos = pos.to(self.device, non_blocking=True)
-            h, nxt = self.runner(("thinker", size, th_len), partial(self.thinker.decode, key_len=th_len),
+            h, nxt = self.thinker_runner(("thinker", size, th_len), partial(self.thinker.decode, key_len=th_len),
                                  tokens[:size].contiguous(), pos)
             done = None
             if stream is not None:
@@ -691,10 +696,10 @@ class ChromaEngine:
         return bound if bound < vocab else None
 
     # -- admission ----------------------------------------------------------------------------
-    def _admit(self, in_flight: int = 0) -> list[torch.Tensor]:
+    def _admit(self) -> list[torch.Tensor]:
         """Prefill waiting requests, batched, into the next free rows; returns their backbone states.
         How many: free rows, `max_prefills_per_step`, `prefill_token_budget`, and (pacing) what the
-        running streams can wait for; `in_flight`: steps of theirs queued before the prefill."""
+        running streams can wait for."""
         self._settle_ahead()
         self._stage_pending()
         if any(stream.cancelled for _req, stream in self._staged):
@@ -712,7 +717,7 @@ class ChromaEngine:
         n = len(costs)
         if n and self.opts.admission_pacing and self._active:
             waited = time.monotonic() - self._staged[0][1].submitted_at
-            n = self.pacer.how_many(costs, self._stream_states(in_flight), waited)
+            n = self.pacer.how_many(costs, self._stream_states(), waited)
         items = [self._staged.popleft() for _ in range(n)]
         if not items:
             return []
@@ -753,26 +758,19 @@ class ChromaEngine:
         cached = self.voice_prefixes.capacity and voice_key(req.prompt_text_ids, req.prompt_codes) in self.voice_prefixes
         return len(req.thinker_ids) + (2 if cached else len(req.prompt_text_ids) + len(req.prompt_codes) + 5)
 
-    def _stream_states(self, in_flight: int = 0) -> list[StreamState]:
-        """Each running stream's slack and the steps its next chunk still needs after a prefill
-        now: those `in_flight` (already queued before it) do not wait for the prefill."""
+    def _stream_states(self) -> list[StreamState]:
         now = time.monotonic()
         out = []
         for a in self._active:
             slack = None if a.first_chunk_at is None else a.first_chunk_at + a.sent * self._frame_s - now
-            out.append(StreamState(slack, max(self._chunk_target(a) - (len(a.frames) - a.sent) - in_flight, 0)))
+            out.append(StreamState(slack, max(self._chunk_target(a) - (len(a.frames) - a.sent), 0)))
         return out
 
     def _chunk_target(self, a: _Active) -> int:
-        """Frames the next chunk waits for: first_chunk_frames, then half the audio already sent
-        (at least first_chunk_frames, at most chunk_frames): 2, 2, 2, 3, 4, 6, 9, 10, ... A chunk
-        as long as everything sent before it (2, 2, 4, 8) would use up each stream's lead over its
-        listener as fast as it grows, so a just-started stream could never wait for another
-        request's prefill: admission pacing then held arrivals back until max_admission_wait_s,
-        and the forced admissions stalled streams (256 streams, docs/benchmarks.md runs 15-19)."""
-        if a.sent == 0:
-            return self.opts.first_chunk_frames
-        return min(self.opts.chunk_frames, max(self.opts.first_chunk_frames, a.sent // 2))
+        """Frames the next chunk waits for: 2, 2, 4, 8, ... up to chunk_frames (first chunk small).
+        (Growing by half the audio sent instead, 2, 2, 2, 3, 4, 6, ..., tripled codec executions
+        and made 256 served streams slower and later: docs/benchmarks.md run 20.)"""
+        return self.opts.first_chunk_frames if a.sent == 0 else min(self.opts.chunk_frames, a.sent)
 
     def _prefill(self, items: list[tuple[GenerationRequest, RequestStream]]) -> list[torch.Tensor]:
         """Thinker and backbone prefill of `items` in rows len(active).. (one batched call each),
@@ -895,8 +893,8 @@ class ChromaEngine:
         if len(a.frames) >= a.params.max_tokens or at_cache_end:
             a.finish = "length"
             return
-        # chunk sizes grow with the audio already sent (see _chunk_target): the first chunk comes
-        # fast, and each next one is due well before the buffered audio runs out
+        # chunk sizes grow with the audio already sent (2, 2, 4, 8, ... up to chunk_frames): the
+        # first chunk comes fast, and each next one is due before the buffered audio runs out
         if len(a.frames) - a.sent >= self._chunk_target(a):
             self._send_chunk(a)
 

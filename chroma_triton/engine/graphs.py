@@ -40,13 +40,19 @@ class StepRunner:
     graph's, not the sum. Only for callers that consume a replay's outputs before the next replay
     of any graph of the runner (a later replay may reuse that memory)."""
 
-    def __init__(self, use_graphs: bool, shared_pool: bool = False, device: torch.device | str | None = None):
+    def __init__(self, use_graphs: bool, shared_pool: bool = False, device: torch.device | str | None = None,
+                 capture_stream: "torch.cuda.Stream | None" = None):
         """``device``: the GPU the step functions run on. Captures and replays happen with it
         current, whichever device the calling thread has current: a graph captured on another
         device's stream records nothing of this one's kernels (they run eagerly once, and replays
         then do nothing), and a replay launches on the current device's stream."""
         self.use_graphs = use_graphs
         self.device = torch.device(device) if device is not None else None
+        # ``capture_stream``: the stream graphs are captured on (default: a new one from torch's
+        # pool each time). cuBLAS keeps one workspace per stream and a captured graph keeps using
+        # the one it was captured with, so graphs that may replay at the same time on two streams
+        # must be captured on different streams (the engine's thinker_ahead).
+        self.capture_stream = capture_stream
         self._graphs: dict[Hashable, tuple[torch.cuda.CUDAGraph, list[torch.Tensor], object]] = {}
         self._pool = torch.cuda.graph_pool_handle() if use_graphs and shared_pool else None
 
@@ -83,6 +89,6 @@ class StepRunner:
         # mode they fail it ("operation not permitted when stream is capturing": seen on an H100
         # when a chroma_lm request thread copied audio embeddings to the GPU mid-capture).
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
+        with torch.cuda.graph(graph, pool=self._pool, stream=self.capture_stream, capture_error_mode="thread_local"):
             static_out = fn(*static_in)
         return graph, static_in, static_out

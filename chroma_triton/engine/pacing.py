@@ -11,9 +11,8 @@ seconds of prefill without any listener running dry. The pacer admits as many wa
 their estimated prefill time allows (at least none), learning the prefill cost (seconds = a + b x
 tokens, a least-squares fit with forgetting) and the step time (moving average) as it goes. So a
 burst of arrivals is spread over several steps instead of stalling everyone at once, and a waiting
-request is never kept out longer than `max_wait_s`: then what one step's time of prefill covers
-(at least one request) goes in even if a stream may stutter, so the queue moves without one
-long stall for everybody.
+request is never kept out longer than `max_wait_s` (then a whole batch is admitted even if a
+stream may stutter: capacity that is never used helps nobody).
 """
 
 from __future__ import annotations
@@ -94,11 +93,6 @@ class AdmissionPacer:
             if self.cost.estimate(tokens + t) > allowance:
                 break
             n, tokens = n + 1, tokens + t
-        if oldest_wait_s >= self.max_wait_s:  # starving: at least what one step's time of prefill covers
-            forced, tokens = 0, 0
-            for t in waiting_tokens:
-                if forced and self.cost.estimate(tokens + t) > (self.step_s or 0.0):
-                    break
-                forced, tokens = forced + 1, tokens + t
-            return max(n, forced)
+        if oldest_wait_s >= self.max_wait_s:  # starving: admit a full batch (one stall, not many)
+            return len(waiting_tokens)
         return n
