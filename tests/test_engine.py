@@ -136,9 +136,12 @@ def test_interleave_schedule(pipe, question_wav, ref_voice, monkeypatch):
     assert thinker_calls[0][1] == [len(req.thinker_ids)]
 
 
-def test_thinker_stops_after_im_end_pair(pipe, question_wav, ref_voice, monkeypatch):
-    """Force <|im_end|> as the 3rd token: that pair is still fed (width 3), then frames only."""
-    engine = make_engine(pipe, max_batch=1)
+@pytest.mark.parametrize("ahead", [False, True])
+def test_thinker_stops_after_im_end_pair(pipe, question_wav, ref_voice, monkeypatch, ahead):
+    """Force <|im_end|> as the 3rd token: that pair is still fed (width 3), then frames only.
+    Running ahead, the thinker computes one step past <|im_end|> before the host has read it; that
+    step is dropped."""
+    engine = make_engine(pipe, max_batch=1, thinker_ahead=ahead)
     im_end = pipe.parts.special.im_end
     orig_decode, orig_step = engine.thinker.decode, engine.frames.backbone_step
     calls, widths = [], []
@@ -160,7 +163,7 @@ def test_thinker_stops_after_im_end_pair(pipe, question_wav, ref_voice, monkeypa
         out = run(engine, request(pipe, question_wav, ref_voice, max_tokens=14))
     finally:
         engine.shutdown()
-    assert len(calls) == 2  # after the <|im_end|> pair the thinker is not called again
+    assert len(calls) == 2 + ahead  # after the <|im_end|> pair the thinker is not called again
     # the prefill's two calls (the voice's prefix, then [h0, embed(t1)]), then the frames
     assert widths[2:] == [1, 3, 1, 3] + [1] * (len(widths) - 6)
     assert out["finished"].text_tokens == 2  # t1 and t2; <|im_end|> is not text

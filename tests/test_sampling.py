@@ -42,13 +42,19 @@ def test_noise_depends_only_on_seed_frame_codebook():
     assert torch.equal(alone[0], n[3]), "a row's noise does not depend on its batch"
 
 
+def _random_rows(seed: int, rows: int, vocab: int, max_top_k: int):
+    """logits [rows, vocab], temperature, top_k, top_p, keys: varied per row."""
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(rows, vocab, generator=g) * 3
+    keys = stream_keys(torch.arange(rows), torch.zeros(rows, dtype=torch.long), seed)
+    top_k = torch.randint(1, max_top_k, (rows,), generator=g)
+    top_p = torch.rand(rows, generator=g).clamp_min(0.05)
+    temperature = torch.rand(rows, generator=g) + 0.2
+    return logits, temperature, top_k, top_p, keys
+
+
 def test_topk_bound_gives_the_full_sort_result():
-    g = torch.Generator().manual_seed(0)
-    logits = torch.randn(512, 300, generator=g) * 3
-    keys = stream_keys(torch.arange(512), torch.zeros(512, dtype=torch.long), 1)
-    top_k = torch.randint(1, 50, (512,), generator=g)
-    top_p = torch.rand(512, generator=g).clamp_min(0.05)
-    temperature = torch.rand(512, generator=g) + 0.2
+    logits, temperature, top_k, top_p, keys = _random_rows(1, 512, 300, 50)
     full = sample(logits, temperature, top_k, top_p, keys)
     bounded = sample(logits, temperature, top_k, top_p, keys, k_max=64)
     assert torch.equal(full, bounded)
@@ -75,11 +81,6 @@ def test_segmented_topk_finds_the_same_candidates():
 
 
 def test_sampling_with_segmented_topk_draws_the_same_ids():
-    g = torch.Generator().manual_seed(1)
-    logits = torch.randn(256, 2051, generator=g) * 3
-    keys = stream_keys(torch.arange(256), torch.zeros(256, dtype=torch.long), 2)
-    top_k = torch.randint(1, 60, (256,), generator=g)
-    top_p = torch.rand(256, generator=g).clamp_min(0.05)
-    temperature = torch.rand(256, generator=g) + 0.2
+    logits, temperature, top_k, top_p, keys = _random_rows(2, 256, 2051, 60)
     plain = sample(logits, temperature, top_k, top_p, keys, k_max=64)
     assert torch.equal(sample(logits, temperature, top_k, top_p, keys, k_max=64, segments=8), plain)

@@ -620,11 +620,14 @@ class ChromaEngine:
         if stream is not None:  # after this step: its tokens, and its reads of the graph's outputs
             stream.wait_stream(torch.cuda.current_stream(self.device))
         with ctx:
-            pos = torch.zeros(size, dtype=torch.long)
-            pos[: len(batch)] = torch.tensor(positions)
-            pos = pos.to(self.device, non_blocking=True)
+            # packed as _pack packs a step's inputs (rows of one [_NINT, size] tensor), so that
+            # compiled code sees the layout it was compiled for
+            ints = torch.zeros(_NINT, size, dtype=torch.long)
+            ints[_TPOS, : len(batch)] = torch.tensor(positions)
+            ints = ints.to(self.device, non_blocking=True)
+            ints[_TOKEN].copy_(tokens[:size])
             h, nxt = self.thinker_runner(("thinker", size, th_len), partial(self.thinker.decode, key_len=th_len),
-                                 tokens[:size].contiguous(), pos)
+                                         ints[_TOKEN], ints[_TPOS])
             done = None
             if stream is not None:
                 done = torch.cuda.Event()

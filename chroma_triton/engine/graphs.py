@@ -48,10 +48,14 @@ class StepRunner:
         then do nothing), and a replay launches on the current device's stream."""
         self.use_graphs = use_graphs
         self.device = torch.device(device) if device is not None else None
-        # ``capture_stream``: the stream graphs are captured on (default: a new one from torch's
-        # pool each time). cuBLAS keeps one workspace per stream and a captured graph keeps using
-        # the one it was captured with, so graphs that may replay at the same time on two streams
-        # must be captured on different streams (the engine's thinker_ahead).
+        # ``capture_stream``: the stream this runner's graphs are captured on (default: one made
+        # for the runner on its device at the first capture). Never torch's default: that is one
+        # stream per process, made on whichever GPU was current at the process's first capture,
+        # so a graph for another GPU captured on it fails (seen on a 2xH100 machine: "operation not
+        # permitted when stream is capturing"). And cuBLAS keeps one workspace per stream, which a
+        # captured graph keeps using: graphs that may replay at the same time on two streams must
+        # be captured on different streams (the engine's thinker_ahead; run 19 of
+        # docs/benchmarks.md).
         self.capture_stream = capture_stream
         self._graphs: dict[Hashable, tuple[torch.cuda.CUDAGraph, list[torch.Tensor], object]] = {}
         self._pool = torch.cuda.graph_pool_handle() if use_graphs and shared_pool else None
@@ -89,6 +93,8 @@ class StepRunner:
         # mode they fail it ("operation not permitted when stream is capturing": seen on an H100
         # when a chroma_lm request thread copied audio embeddings to the GPU mid-capture).
         graph = torch.cuda.CUDAGraph()
+        if self.capture_stream is None:  # on the current device: this runner's (see __call__)
+            self.capture_stream = torch.cuda.Stream()
         with torch.cuda.graph(graph, pool=self._pool, stream=self.capture_stream, capture_error_mode="thread_local"):
             static_out = fn(*static_in)
         return graph, static_in, static_out
