@@ -72,7 +72,9 @@ def segmented_topk(x: torch.Tensor, k: int, segments: int) -> tuple[torch.Tensor
     values, ids = padded.view(b, segments, width).topk(k, dim=-1, sorted=False)
     ids = ids + torch.arange(segments, device=x.device)[None, :, None] * width
     best, pick = values.reshape(b, segments * k).topk(k, dim=-1)
-    return best, ids.reshape(b, segments * k).gather(1, pick)
+    # a padding slot can be picked only if -inf logits tie with it (then its probability is 0):
+    # keep its id a real one, which the noise table can index
+    return best, ids.reshape(b, segments * k).gather(1, pick).clamp_(max=vocab - 1)
 
 
 def sample(

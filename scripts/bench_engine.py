@@ -128,8 +128,8 @@ def compare_codes(parts, template, frames: int, a: dict, b: dict) -> dict:
     """One request's codes under engine options `a` and `b` (same seed): equal, or where they part."""
     out = []
     for extra in (a, b):
-        eng = ChromaEngine(parts, EngineOptions(max_batch=4, thinker_max_len=1024, backbone_max_len=1024,
-                                                **extra)).start()
+        eng = ChromaEngine(parts, EngineOptions(**{"max_batch": 4, "thinker_max_len": 1024, "backbone_max_len": 1024,
+                                                   **extra})).start()
         req = copy.deepcopy(template)
         req.sampling = SamplingParams(seed=42, max_tokens=frames)
         chunks = [ev for ev in eng.submit(req) if isinstance(ev, AudioChunk)]
@@ -163,8 +163,8 @@ def profile_kernels(parts, template, frames: int, top: int = 25, compile: bool =
     """Kernels of `frames` eager batch-1 frames (the same kernels a CUDA graph replays), grouped by name."""
     from torch.profiler import ProfilerActivity, profile
 
-    eng = ChromaEngine(parts, EngineOptions(max_batch=1, thinker_max_len=512, backbone_max_len=768,
-                                            cuda_graphs=False, compile=compile, **(overrides or {}))).start()
+    eng = ChromaEngine(parts, EngineOptions(**{"max_batch": 1, "thinker_max_len": 512, "backbone_max_len": 768,
+                                               "cuda_graphs": False, "compile": compile, **(overrides or {})})).start()
     req = copy.deepcopy(template)
     req.sampling = SamplingParams(seed=5, max_tokens=frames + 8)
     stream = eng.submit(req)
@@ -218,12 +218,14 @@ def parse_variant(spec: str) -> dict:
     types = {f.name: f.type for f in dataclasses.fields(EngineOptions)}
     out = {}
     for item in filter(None, (part.strip() for part in spec.split(";"))):
-        name, _, value = item.partition("=")
+        name, eq, value = item.partition("=")
         kind = types.get(name)
+        if not eq:
+            raise SystemExit(f"--variants: {item!r} is not name=value")
         if kind is None:
             raise SystemExit(f"--variants: EngineOptions has no field {name!r}")
         kind = kind if isinstance(kind, str) else kind.__name__
-        out[name] = {"int": int, "float": float, "bool": lambda v: v.lower() in ("1", "true", "on")}.get(kind, str)(value)
+        out[name] = {"int": int, "float": float, "bool": lambda v: v.lower() in ("1", "true", "on", "yes")}.get(kind, str)(value)
     return out
 
 
@@ -232,7 +234,7 @@ def run_variants(report: dict, parts, template, args) -> None:
     --variant-levels, --variant-repeats timed passes each after a warm-up; with --profile-frames,
     also its batch-1 kernel profile."""
     levels = [int(c) for c in args.variant_levels.split(",")]
-    compile = args.variant_compile == "on" or (args.variant_compile == "auto" and parts.device.type == "cuda")
+    compiled = args.variant_compile == "on" or (args.variant_compile == "auto" and parts.device.type == "cuda")
     report["variants"] = []
     switch_interval = sys.getswitchinterval()
     for spec in args.variants:
@@ -241,22 +243,23 @@ def run_variants(report: dict, parts, template, args) -> None:
         if overrides:  # one seeded request, plain engines (graphs, no compile): same codes as the defaults?
             report["variants"].append({"variant": spec, "vs_defaults": compare_codes(parts, template, 24, {}, overrides)})
             print(spec, "vs defaults:", report["variants"][-1]["vs_defaults"], flush=True)
-        engine = ChromaEngine(parts, EngineOptions(max_batch=max(levels), thinker_max_len=args.thinker_max_len,
-                                                   backbone_max_len=args.backbone_max_len, compile=compile,
-                                                   **overrides)).start()
+        engine = ChromaEngine(parts, EngineOptions(**{"max_batch": max(levels), "thinker_max_len": args.thinker_max_len,
+                                                      "backbone_max_len": args.backbone_max_len, "compile": compiled,
+                                                      **overrides})).start()
         for c in levels:
             run_level(engine, template, c, args.frames)  # warm-up: compiles, then captures
             for _ in range(args.variant_repeats):
                 r = run_level(engine, template, c, args.frames)
-                r["variant"], r["compile"] = spec or "baseline", compile
+                r["variant"], r["compile"] = spec or "baseline", compiled
                 report["variants"].append(r)
                 print(json.dumps(r), flush=True)
         engine.shutdown()
         if args.profile_frames:
-            prof = profile_kernels(parts, template, args.profile_frames, compile=compile, overrides=overrides)
+            prof = profile_kernels(parts, template, args.profile_frames, compile=compiled, overrides=overrides)
             report["variants"].append({"variant": spec or "baseline", "profile_batch1": prof})
             print(spec or "baseline", "profile: %.1f kernels, %.0f us GPU per frame"
                   % (prof["kernels_per_frame"], prof["gpu_us_per_frame"]), flush=True)
+    sys.setswitchinterval(switch_interval)
 
 
 def main():

@@ -84,3 +84,13 @@ def test_sampling_with_segmented_topk_draws_the_same_ids():
     logits, temperature, top_k, top_p, keys = _random_rows(2, 256, 2051, 60)
     plain = sample(logits, temperature, top_k, top_p, keys, k_max=64)
     assert torch.equal(sample(logits, temperature, top_k, top_p, keys, k_max=64, segments=8), plain)
+
+
+def test_segmented_topk_never_returns_a_padding_id():
+    """-inf logits (e.g. a vanishing temperature) tie with the padding: ids stay in the vocabulary."""
+    from chroma_triton.sampling import segmented_topk
+
+    x = torch.full((2, 39), float("-inf"))
+    x[:, :3] = torch.tensor([3.0, 2.0, 1.0])
+    values, ids = segmented_topk(x, 4, 5)  # slices of 8: one padding slot
+    assert ids.max() < 39 and values[:, :3].tolist() == [[3.0, 2.0, 1.0]] * 2

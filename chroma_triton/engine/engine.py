@@ -403,6 +403,7 @@ class ChromaEngine:
                     self._last_done = None  # idle time between requests is not a gap between steps
                     self._global_step = 0  # next step talks, so a new request is admitted at once
                     if not self._staged:
+                        failures = 0  # idle: nothing left that failed
                         item = self._pending.get()  # idle: block until work (or shutdown) arrives
                         if item is None:
                             continue
@@ -417,6 +418,7 @@ class ChromaEngine:
                 failures += 1
                 if failures >= 3:  # it fails with nothing running, e.g. in admission: the waiting
                     self._fail_waiting(message)  # requests would retry it forever
+                    failures = 0
 
     def _step(self) -> None:
         if self._inflight is not None and self._global_step % 2 == 0 and self._waiting() \
@@ -625,6 +627,8 @@ class ChromaEngine:
             ints = torch.zeros(_NINT, size, dtype=torch.long)
             ints[_TPOS, : len(batch)] = torch.tensor(positions)
             ints = ints.to(self.device, non_blocking=True)
+            if stream is not None:  # made on the engine's stream (eager steps): not to be reused before this copy
+                tokens.record_stream(stream)
             ints[_TOKEN].copy_(tokens[:size])
             h, nxt = self.thinker_runner(("thinker", size, th_len), partial(self.thinker.decode, key_len=th_len),
                                          ints[_TOKEN], ints[_TPOS])
@@ -641,7 +645,10 @@ class ChromaEngine:
         if ahead is None:
             return None
         if ahead.done is not None:
-            torch.cuda.current_stream(self.device).wait_event(ahead.done)
+            main = torch.cuda.current_stream(self.device)
+            main.wait_event(ahead.done)
+            ahead.h.record_stream(main)  # eager outputs belong to the thinker stream's memory
+            ahead.nxt.record_stream(main)
         same = len(ahead.batch) == len(batch) and all(
             x is a and a.row == i and a.thinker_pos == p for i, (x, a, p) in enumerate(zip(ahead.batch, batch, ahead.positions)))
         if same:

@@ -162,7 +162,9 @@ MATH_MAX_QUERIES = 4  # decoding steps feed 1-3 positions per row; prefills more
 def attend_math(q, k, v, attn_mask):
     """Attention as two batched matmuls around a float32 softmax: what SDPA computes, in kernels
     that torch.compile can fuse with their neighbours. For steps: a few queries against a short
-    or mid-length cache, where a flash-attention launch costs more than the work.
+    or mid-length cache, where a flash-attention launch costs more than the work. The scores are
+    rounded to the inputs' dtype before the softmax (SDPA keeps them in float32): in bf16 that
+    is a larger error than SDPA's, which is one reason this is not the default.
     q [B, h, M, D], k/v [B, h, T, D], attn_mask [B, 1, M, T] additive."""
     scores = torch.matmul(q, k.transpose(-1, -2)).float() * (q.shape[-1] ** -0.5) + attn_mask.float()
     return torch.matmul(torch.softmax(scores, dim=-1).to(v.dtype), v)
@@ -223,7 +225,8 @@ class Trunk(nn.Module):
         return self
 
     def set_math_attention(self, on: bool) -> "Trunk":
-        """Decoding steps attend with `attend_math` instead of SDPA (prefills keep SDPA)."""
+        """Calls of at most MATH_MAX_QUERIES positions (decoding steps, and a cached voice's
+        2-position prefill) attend with `attend_math` instead of SDPA; longer prefills keep SDPA."""
         for layer in self.layers:
             layer.self_attn.math_steps = on
         return self
