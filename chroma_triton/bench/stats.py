@@ -66,16 +66,11 @@ class StreamRecord:
 
     def underruns(self) -> tuple[int, float]:
         """(chunks that arrived after the audio before them ran out, worst lateness in ms)."""
-        if not self.chunks:
-            return 0, 0.0
-        start, played, count, worst = self.chunks[0][0], 0, 0, 0.0
-        for arrival, samples in self.chunks:
-            due = start + played / SAMPLE_RATE
-            if arrival > due:
-                count += 1
-                worst = max(worst, (arrival - due) * 1000.0)
-            played += samples
-        return count, worst
+        return _count_and_worst(self.late_chunks())
+
+
+def _count_and_worst(late: list[tuple[int, float]]) -> tuple[int, float]:
+    return len(late), max((ms for _, ms in late), default=0.0)
 
 
 def _counts(values) -> dict[str, int]:
@@ -95,7 +90,8 @@ def summarize(records: list[StreamRecord], started: float, finished: float) -> d
     ok = [r for r in records if r.error is None]
     ttfa = [r.ttfa_s * 1000.0 for r in ok if r.ttfa_s is not None]
     per_frame = [m for r in ok if (m := r.ms_per_frame()) is not None]
-    under = [r.underruns() for r in ok]
+    late = [r.late_chunks() for r in ok]
+    under = [_count_and_worst(lc) for lc in late]
     wall = finished - started
     audio_s = sum(r.samples for r in records) / SAMPLE_RATE
     worst = max(per_frame) if per_frame else None
@@ -120,8 +116,8 @@ def summarize(records: list[StreamRecord], started: float, finished: float) -> d
         "underrun_worst_ms": max((w for _, w in under), default=0.0),
         # which chunk of its stream each late one was (0 = the first), and when it came (s after the
         # level started): early chunks late means start-up (admission), spread out means steady state
-        "underrun_chunk_index_counts": _counts(i for r in ok for i, _ in r.late_chunks()),
-        "underrun_at_s": sorted(round(r.chunks[i][0] - started, 3) for r in ok for i, _ in r.late_chunks())[:256],
+        "underrun_chunk_index_counts": _counts(i for lc in late for i, _ in lc),
+        "underrun_at_s": sorted(round(r.chunks[i][0] - started, 3) for r, lc in zip(ok, late) for i, _ in lc)[:256],
         "audio_s_total": audio_s,
         "audio_s_per_s": audio_s / wall if wall > 0 else None,
         "chunks_per_stream_p50": pct([len(r.chunks) for r in ok], 50),

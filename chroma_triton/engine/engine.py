@@ -591,11 +591,9 @@ class ChromaEngine:
             if ahead is not None:
                 h, nxt = ahead.h, ahead.nxt
             else:
-                th_len = self._key_len(max(a.thinker_pos for a in batch) + 1, self._thinker_lens)
                 if self._prepare_decode is not None:
                     self._prepare_decode([None if a.thinker_done else a.thinker_pos for a in batch])
-                h, nxt = self.thinker_runner(("thinker", size, th_len), partial(self.thinker.decode, key_len=th_len),
-                                     ints[_TOKEN], ints[_TPOS])
+                h, nxt = self._thinker_step(batch, size, ints)
             states = self.runner(("backbone3", size, bb_len), partial(self._backbone_talk, key_len=bb_len),
                                  prev, h, nxt, ints[_TALK], ints[_BPOS])
             return states, nxt
@@ -611,12 +609,17 @@ class ChromaEngine:
     # result is used only by exactly the rows it ran for; any change of rows (admission, a
     # finish, a failure) waits for it and drops it, and the talking step computes the thinker
     # itself, as without the option. Same inputs, same kernels: the same tokens and states.
+    def _thinker_step(self, batch: list[_Active], size: int, ints: torch.Tensor):
+        """One thinker decode step for rows 0..size-1 (tokens and positions: rows of `ints`)."""
+        th_len = self._key_len(max(a.thinker_pos for a in batch) + 1, self._thinker_lens)
+        return self.thinker_runner(("thinker", size, th_len), partial(self.thinker.decode, key_len=th_len),
+                                   ints[_TOKEN], ints[_TPOS])
+
     def _run_ahead(self, batch: list[_Active], tokens: torch.Tensor) -> None:
         positions = [a.thinker_pos for a in batch]  # already advanced to the next talking step's
         if max(positions) >= self.opts.thinker_max_len or all(a.thinker_done for a in batch):
             return
         size = self._pad(len(batch))
-        th_len = self._key_len(max(positions) + 1, self._thinker_lens)
         stream = self._thinker_stream
         ctx = torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext()
         if stream is not None:  # after this step: its tokens, and its reads of the graph's outputs
@@ -630,8 +633,7 @@ class ChromaEngine:
             if stream is not None:  # made on the engine's stream (eager steps): not to be reused before this copy
                 tokens.record_stream(stream)
             ints[_TOKEN].copy_(tokens[:size])
-            h, nxt = self.thinker_runner(("thinker", size, th_len), partial(self.thinker.decode, key_len=th_len),
-                                         ints[_TOKEN], ints[_TPOS])
+            h, nxt = self._thinker_step(batch, size, ints)
             done = None
             if stream is not None:
                 done = torch.cuda.Event()
@@ -641,25 +643,25 @@ class ChromaEngine:
     def _take_ahead(self, batch: list[_Active]) -> "_Ahead | None":
         """The early thinker step, if it ran for exactly these rows at their positions (the engine's
         stream then waits for it); else None (after waiting for it all the same)."""
-        ahead, self._ahead = self._ahead, None
+        ahead = self._settle_ahead()
         if ahead is None:
             return None
-        if ahead.done is not None:
-            main = torch.cuda.current_stream(self.device)
-            main.wait_event(ahead.done)
-            ahead.h.record_stream(main)  # eager outputs belong to the thinker stream's memory
-            ahead.nxt.record_stream(main)
         same = len(ahead.batch) == len(batch) and all(
             x is a and a.row == i and a.thinker_pos == p for i, (x, a, p) in enumerate(zip(ahead.batch, batch, ahead.positions)))
         if same:
             self.counters["thinker_ahead_used"] += 1
         return ahead if same else None
 
-    def _settle_ahead(self) -> None:
-        """Drop an early thinker step after the engine's stream has waited for it (rows may change)."""
+    def _settle_ahead(self) -> "_Ahead | None":
+        """Take the early thinker step, if any, once the engine's stream has waited for it: before
+        its results are read, or before rows change (a caller that only settles drops it)."""
         ahead, self._ahead = self._ahead, None
         if ahead is not None and ahead.done is not None:
-            torch.cuda.current_stream(self.device).wait_event(ahead.done)
+            main = torch.cuda.current_stream(self.device)
+            main.wait_event(ahead.done)
+            ahead.h.record_stream(main)  # eager outputs belong to the thinker stream's memory
+            ahead.nxt.record_stream(main)
+        return ahead
 
     def _backbone_silent(self, prev, pos, *, key_len):
         x = self.frames.frame_embedding(prev)[:, None]
