@@ -34,6 +34,7 @@ def parts(pipe):
 
 def make_engine(pipe, **kw) -> ChromaEngine:
     pipe.engine.shutdown()  # one engine at a time owns the model's caches
+    kw.setdefault("start_slack_s", 0.0)  # chunk plans must not depend on this machine's step time
     return ChromaEngine(pipe.parts, EngineOptions(**kw)).start()
 
 
@@ -231,6 +232,34 @@ def test_chunks_start_small_and_grow(pipe, question_wav, ref_voice):
     assert [c.context_frames for c in out["chunks"]] == [0, 2, 3, 3, 3]
     starts = [c.start_frame for c in out["chunks"]]
     assert starts == [0, 2, 4, 8, 13]
+
+
+@pytest.mark.parametrize("step_ms, first", [(5.0, 2), (26.0, 3), (45.0, 4), (70.0, 10), (90.0, 10)])
+def test_first_chunk_grows_when_steps_are_slow(pipe, step_ms, first):
+    """f frames leave f x (80 ms - step) in hand when the second chunk goes out: the least f that
+    leaves start_slack_s (capped at chunk_frames; a step slower than a frame gets chunk_frames)."""
+    engine = make_engine(pipe, max_batch=1, start_slack_s=0.14)
+    try:
+        assert engine._first_chunk_target() == 2  # no step measured yet
+        engine.pacer.step_s = step_ms / 1000
+        assert engine._first_chunk_target() == first
+        engine.opts.start_slack_s = 0.0
+        assert engine._first_chunk_target() == 2
+    finally:
+        engine.shutdown()
+
+
+def test_slow_steps_start_with_a_larger_chunk(pipe, question_wav, ref_voice, monkeypatch):
+    """Through the loop: with steps taking 45 ms, a stream's chunks are 4, 4, then the rest."""
+    engine = make_engine(pipe, max_batch=1, start_slack_s=0.14, chunk_frames=10, context_frames=3)
+    engine.pacer.step_s = 0.045
+    monkeypatch.setattr(engine.pacer, "observe_step", lambda seconds: None)  # keep the step time fixed
+    try:
+        out = run(engine, request(pipe, question_wav, ref_voice, max_tokens=14))
+    finally:
+        engine.shutdown()
+    assert [len(c.codes) - c.context_frames for c in out["chunks"]] == [4, 4, 6]
+    assert [c.start_frame for c in out["chunks"]] == [0, 4, 8]
 
 
 # -- batching -----------------------------------------------------------------------------------

@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import math
 import queue
 import sys
 import threading
@@ -57,7 +58,9 @@ class EngineOptions:
     thinker_max_len: int = 4096  # thinker context per request (prompt + reply tokens)
     backbone_max_len: int = 4096  # backbone context per request (reference prompt + 1-3 per frame)
     max_frames: int = 4000  # upper bound a request may ask for with max_tokens
-    first_chunk_frames: int = 2  # first audio chunk small for latency
+    first_chunk_frames: int = 2  # first audio chunk small for latency...
+    start_slack_s: float = 0.14  # ...but large enough that the listener still has this much audio in hand
+    #                              when the second chunk goes out (more frames when steps are slow; 0: off)
     chunk_frames: int = 10  # largest chunk
     context_frames: int = 12  # already-sent frames repeated before each chunk as decode context
     max_queue: int = 1024  # requests waiting for a row before submit() refuses
@@ -518,9 +521,14 @@ class ChromaEngine:
             if a.row in step.talked and not a.finish:
                 a.thinker_token = int(host[a.row, k])
                 self._on_text_token(a, a.thinker_token)
+        # the whole frame in one copy (the pinned buffer is reused; rows keep views of it) and the
+        # end-of-audio test for every row at once: per-row numpy calls cost ~10 us x 256 rows
+        frames = host[:, :k].copy()
+        eos = (frames[:, : k - 1] == self.cfg.codebook_eos_id).all(axis=1).tolist()
+        first = self._first_chunk_target()
         for a in step.batch:
             if not a.finish:  # a row finished (or cancelled) after this step was launched: dropped
-                self._on_frame(a, host[a.row, :k], at_cache_end=a.row in step.at_cache_end)
+                self._on_frame(a, frames[a.row], eos[a.row], a.row in step.at_cache_end, first)
 
     def _mark(self) -> torch.cuda.Event | None:
         """A timing marker on the engine's stream (CUDA), else None."""
@@ -782,7 +790,21 @@ class ChromaEngine:
         """Frames the next chunk waits for: 2, 2, 4, 8, ... up to chunk_frames (first chunk small).
         (Growing by half the audio sent instead, 2, 2, 2, 3, 4, 6, ..., tripled codec executions
         and made 256 served streams slower and later: docs/benchmarks.md run 20.)"""
-        return self.opts.first_chunk_frames if a.sent == 0 else min(self.opts.chunk_frames, a.sent)
+        return self._first_chunk_target() if a.sent == 0 else min(self.opts.chunk_frames, a.sent)
+
+    def _first_chunk_target(self) -> int:
+        """Frames of a first chunk: `first_chunk_frames`, or more when steps are slow. A first chunk
+        of f frames plays for f frame times, and the second (f more) is out f steps later, leaving
+        the listener f x (frame time - step time) of audio in hand; chunks doubling from there keep
+        about that much while a step takes up to half a frame time. So f is the least that leaves
+        `start_slack_s` (2 at batch 1, where a step takes 5 ms of the 80; 4 at 256 streams, 35-40 ms),
+        which also leaves the pacer room to admit the next requests (engine/pacing.py)."""
+        f, step = self.opts.first_chunk_frames, self.pacer.step_s
+        if self.opts.start_slack_s <= 0 or not step:
+            return f
+        gain = self._frame_s - step  # audio gained per step
+        need = self.opts.chunk_frames if gain <= 0 else math.ceil(self.opts.start_slack_s / gain - 1e-9)
+        return max(f, min(need, self.opts.chunk_frames))
 
     def _prefill(self, items: list[tuple[GenerationRequest, RequestStream]]) -> list[torch.Tensor]:
         """Thinker and backbone prefill of `items` in rows len(active).. (one batched call each),
@@ -894,20 +916,22 @@ class ChromaEngine:
         if a.thinker_pos + 1 >= self.opts.thinker_max_len:
             a.thinker_done = True  # context full: the reply text ends here, audio goes on
 
-    def _on_frame(self, a: _Active, codes: np.ndarray, at_cache_end: bool = False) -> None:
-        """``at_cache_end``: the row's backbone cache has no room for another step."""
-        if bool((codes[: self.num_codebooks - 1] == self.cfg.codebook_eos_id).all()):
+    def _on_frame(self, a: _Active, codes: np.ndarray, eos: bool, at_cache_end: bool, first_chunk: int) -> None:
+        """One frame of `a`: `codes` [K] (not copied: a row of this step's array), `eos` whether it
+        is the end-of-audio frame, `at_cache_end` whether the row's backbone cache has no room for
+        another step, `first_chunk` the frames a first chunk waits for now."""
+        if eos:
             a.finish = "stop"
             return
-        a.last_codes = codes.copy()
-        a.frames.append(a.last_codes)
+        a.last_codes = codes
+        a.frames.append(codes)
         self.counters["frames"] += 1
         if len(a.frames) >= a.params.max_tokens or at_cache_end:
             a.finish = "length"
             return
         # chunk sizes grow with the audio already sent (2, 2, 4, 8, ... up to chunk_frames): the
         # first chunk comes fast, and each next one is due before the buffered audio runs out
-        if len(a.frames) - a.sent >= self._chunk_target(a):
+        if len(a.frames) - a.sent >= (first_chunk if a.sent == 0 else min(self.opts.chunk_frames, a.sent)):
             self._send_chunk(a)
 
     def _send_chunk(self, a: _Active) -> None:
