@@ -23,7 +23,7 @@ from chroma_triton.serving.cancel_board import CONTROL_GRACE_S, CancelBoard, Can
 from chroma_triton.serving.model_args import ModelArgs, resolve_default_voice, thinker_backend
 from chroma_triton.serving.repository import RenderSpec, parse_config, render_configs, render_repository
 from chroma_triton.serving.triton_codec import chunk_plan, streaming_difference
-from chroma_triton.serving.triton_lm import _Relay, sampling_params
+from chroma_triton.serving.triton_lm import _Relay, sampling_params, throttled
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -110,6 +110,37 @@ def test_relay_holds_text_for_the_next_chunk():
     relay.responses([TextDelta("!", 4)])
     out = relay.responses([Finished("stop", 4, 4, 2, "Hello you!")])  # the end takes what is held
     assert [(r.text, r.final) for r in out] == [("!", True)]
+
+
+def test_relay_waits_until_held_text_is_due():
+    now = [0.0]
+    relay = _Relay(prompt_tokens=4, hold_s=0.4, clock=lambda: now[0])
+    assert relay.wait_s(0.25) == 0.25  # nothing held
+    now[0] = 1.0
+    relay.responses([TextDelta("Hi", 1)])
+    assert relay.wait_s(0.25) == 0.25  # due in 0.4 s
+    now[0] = 1.3
+    assert relay.wait_s(0.25) == pytest.approx(0.1)
+    now[0] = 1.5
+    assert relay.wait_s(0.25) == 0.0  # overdue: look now
+    assert [r.text for r in relay.responses([])] == ["Hi"]
+    assert relay.wait_s(0.25) == 0.25
+
+
+def test_throttled_asks_at_most_once_per_period_and_remembers_yes():
+    now, asked, answer = [0.0], [], [False]
+    check = throttled(lambda: asked.append(now[0]) or answer[0], 0.2, clock=lambda: now[0])
+    for t in (0.0, 0.05, 0.1, 0.19, 0.2, 0.3, 0.41):
+        now[0] = t
+        assert check() is False
+    assert asked == [0.0, 0.2, 0.41]
+    answer[0] = True
+    now[0] = 0.5
+    assert check() is False  # not asked yet in this period
+    now[0] = 0.61
+    assert check() is True and asked[-1] == 0.61
+    now[0] = 0.62
+    assert check() is True and len(asked) == 4  # once cancelled, never asked again
 
 
 def test_cancel_board(tmp_path):

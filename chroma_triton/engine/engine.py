@@ -405,6 +405,7 @@ class ChromaEngine:
                 if not self._active:
                     self._last_done = None  # idle time between requests is not a gap between steps
                     self._global_step = 0  # next step talks, so a new request is admitted at once
+                    self.pacer.step_s = None  # the last batch's step time says nothing of the next one's
                     if not self._staged:
                         failures = 0  # idle: nothing left that failed
                         item = self._pending.get()  # idle: block until work (or shutdown) arrives

@@ -6,6 +6,7 @@ import os
 import queue
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -99,14 +100,19 @@ class RequestStream:
     def __init__(self, request_id: str):
         self.request_id = request_id
         self.submitted_at = time.monotonic()
-        self._queue: queue.Queue = queue.Queue()
+        self._items: deque = deque()
+        self._ready = threading.Condition()
+        self._text_wakes = True  # whether a text delta wakes a waiting get (its caller says)
         self._cancelled = threading.Event()
 
     # engine side
     def put(self, event: Event) -> None:
-        self._queue.put(event)
-        if isinstance(event, (Finished, RequestFailed)):
-            self._queue.put(self._END)
+        with self._ready:
+            self._items.append(event)
+            if isinstance(event, (Finished, RequestFailed)):
+                self._items.append(self._END)
+            if self._text_wakes or not isinstance(event, TextDelta):
+                self._ready.notify()
 
     # caller side
     def cancel(self) -> None:
@@ -116,13 +122,22 @@ class RequestStream:
     def cancelled(self) -> bool:
         return self._cancelled.is_set()
 
-    def get(self, timeout: float | None = None) -> Event | None:
-        """Next event, or None once the stream has ended."""
-        item = self._queue.get(timeout=timeout)
-        if item is self._END:
-            self._queue.put(self._END)  # stay ended for later calls
-            return None
-        return item
+    def get(self, timeout: float | None = None, text_wakes: bool = True) -> Event | None:
+        """Next event, or None once the stream has ended; queue.Empty after `timeout` seconds
+        without one. With `text_wakes` false, text deltas queued while waiting do not end the
+        wait (a caller that only forwards text along with audio is not woken once per token);
+        they come first once something else does, or the timeout passes."""
+        with self._ready:
+            self._text_wakes = text_wakes
+            if not self._items:
+                self._ready.wait(timeout)
+            if not self._items:
+                raise queue.Empty
+            item = self._items.popleft()
+            if item is self._END:
+                self._items.appendleft(self._END)  # stay ended for later calls
+                return None
+            return item
 
     def __iter__(self):
         while (event := self.get()) is not None:

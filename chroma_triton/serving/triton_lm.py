@@ -28,7 +28,10 @@ from .protocol import LMResponse, parse_messages, resolve_audio_parts
 
 log = logging.getLogger(__name__)
 
-POLL_S = 0.05
+# The longest a relay waits for the engine's next event before it looks again at cancellation
+# and at held text (held text is flushed when due, whatever this is). Each wake-up takes the GIL
+# the engine's thread needs: at 256 streams, 50 ms meant 5,000 wake-ups a second.
+POLL_S = 0.25
 # Text deltas ride on the next audio chunk (chunks come every 0.16-0.8 s of audio); text waits at
 # most this long for one. Every response runs codec_decoder and stream_watch in the ensemble, so a
 # response per text token would multiply their load several times over (measured: 63 responses
@@ -119,7 +122,9 @@ class LMService:
                     stream.cancel()
                     cancel_sent = True
                 try:
-                    event = stream.get(timeout=poll_s)
+                    # text rides on the next chunk: only chunks, the end, a held text's deadline
+                    # or the poll wake this thread (not every token; each wake-up takes the GIL)
+                    event = stream.get(timeout=relay.wait_s(poll_s), text_wakes=False)
                 except queue.Empty:
                     for response in relay.responses([]):  # held text that waited long enough
                         send(response)
@@ -139,6 +144,24 @@ class LMService:
                     raise EngineError("the engine ended the stream without a result")
         finally:
             stream.cancel()  # no-op when finished; frees the row if we leave early (send failed)
+
+
+def throttled(check: Callable[[], bool], period_s: float, clock=time.monotonic) -> Callable[[], bool]:
+    """`check` asked at most once per `period_s` (False in between), True for good once it says so.
+    For Triton's ``is_cancelled()``, an IPC round trip to the server per call: a relay asks after
+    every event, thousands of times a second at 256 streams, for a flag that turns true once."""
+    state = {"next": 0.0, "seen": False}
+
+    def ask() -> bool:
+        if state["seen"]:
+            return True
+        now = clock()
+        if now < state["next"]:
+            return False
+        state["next"] = now + period_s
+        state["seen"] = bool(check())
+        return state["seen"]
+    return ask
 
 
 def sampling_params(values: dict) -> SamplingParams:
@@ -173,6 +196,12 @@ class _Relay:
 
     def usage(self) -> tuple[int, int, int]:
         return (self.prompt_tokens, self.text_tokens, self.frames)
+
+    def wait_s(self, longest: float) -> float:
+        """How long to wait for the next event: `longest`, or less when held text falls due sooner."""
+        if not self._text:
+            return longest
+        return min(longest, max(self.hold_s - (self.clock() - self._text_since), 0.0))
 
     def _take_text(self) -> str:
         text, self._text, self._text_since = "".join(self._text), [], None

@@ -10,11 +10,12 @@ import triton_python_backend_utils as pb_utils
 from chroma_triton.serving import protocol as P
 from chroma_triton.serving.cancel_board import CancelBoard, CancelWatch, live_key, request_key
 from chroma_triton.serving.model_args import ModelArgs, configure_logging, input_array, load_model_parts, thinker_backend
-from chroma_triton.serving.triton_lm import LMInput, LMService, engine_options
+from chroma_triton.serving.triton_lm import LMInput, LMService, engine_options, throttled
 
 log = logging.getLogger("chroma_triton.chroma_lm")
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 METRICS_PERIOD_S = 0.25
+SENDER_CANCEL_POLL_S = 0.2  # direct callers' cancellation (an IPC round trip per ask) is seen within this
 
 
 
@@ -139,10 +140,12 @@ class TritonPythonModel:
             tensors = [pb_utils.Tensor(name, value) for name, value in response.tensors(k, key).items()]
             sender.send(pb_utils.InferenceResponse(output_tensors=tensors), flags=FINAL if response.final else 0)
 
+        sender_cancelled = throttled(sender.is_cancelled, SENDER_CANCEL_POLL_S)
+
         def cancelled():
             if flag.is_set():
                 return True
-            if sender.is_cancelled():
+            if sender_cancelled():
                 note.update(source=note["source"] or "triton", seen=note["seen"] or time.time())
                 return True
             return False
