@@ -88,7 +88,8 @@ def run_level(engine: ChromaEngine, template, concurrency: int, frames: int) -> 
         if f1 > f0:
             per_frame.append((t1 - t0) / (f1 - f0) * 1000)
     total_frames = sum(r["frames"] for r in results)
-    delta = {k: engine.counters[k] - before[k] for k in ("steps", "gpu_step_s", "gpu_idle_s", "host_wait_s")}
+    delta = {k: engine.counters[k] - before[k] for k in ("steps", "gpu_step_s", "gpu_idle_s", "host_wait_s",
+                                                          "host_step_s", "host_cpu_s")}
     steps = max(delta["steps"], 1)
     ttfa = [r["ttfa"] * 1000 for r in results]
     return {
@@ -105,6 +106,9 @@ def run_level(engine: ChromaEngine, template, concurrency: int, frames: int) -> 
         "steps": delta["steps"], "gpu_ms_per_step": delta["gpu_step_s"] * 1000 / steps,
         "gpu_idle_ms_per_step": delta["gpu_idle_s"] * 1000 / steps,
         "host_wait_ms_per_step": delta["host_wait_s"] * 1000 / steps,
+        # the engine thread: wall and CPU time per step (the gap: waiting for the GIL or a core)
+        "host_ms_per_step": delta["host_step_s"] * 1000 / steps,
+        "host_cpu_ms_per_step": delta["host_cpu_s"] * 1000 / steps,
     }
 
 

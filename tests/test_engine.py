@@ -225,8 +225,12 @@ def test_chunks_start_small_and_grow(pipe, question_wav, ref_voice):
     engine = make_engine(pipe, max_batch=1, first_chunk_frames=2, chunk_frames=5, context_frames=3)
     try:
         out = run(engine, request(pipe, question_wav, ref_voice, max_tokens=14))
+        wait_idle(engine)
+        stats = engine.stats()
     finally:
         engine.shutdown()
+    # the engine thread's time in steps: wall and CPU (a thread's CPU time never exceeds its wall)
+    assert 0 < stats["host_cpu_s"] <= stats["host_step_s"] * 1.05 + 0.01
     new = [len(c.codes) - c.context_frames for c in out["chunks"]]
     assert new == [2, 2, 4, 5, 1]
     assert [c.context_frames for c in out["chunks"]] == [0, 2, 3, 3, 3]

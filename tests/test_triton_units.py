@@ -17,13 +17,14 @@ import pytest
 import torch
 
 from chroma_triton.engine import AudioChunk, Finished, RequestFailed, TextDelta
+from chroma_triton.engine.request import RequestStream
 from chroma_triton.errors import EngineError, InvalidRequestError
 from chroma_triton.serving import protocol as P
 from chroma_triton.serving.cancel_board import CONTROL_GRACE_S, CancelBoard, CancelWatch, live_key, request_key
 from chroma_triton.serving.model_args import ModelArgs, resolve_default_voice, thinker_backend
 from chroma_triton.serving.repository import RenderSpec, parse_config, render_configs, render_repository
 from chroma_triton.serving.triton_codec import chunk_plan, streaming_difference
-from chroma_triton.serving.triton_lm import _Relay, sampling_params, throttled
+from chroma_triton.serving.triton_lm import RelayWakeups, _Relay, sampling_params, throttled
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -127,6 +128,58 @@ def test_relay_waits_until_held_text_is_due():
     assert relay.wait_s(0.25) == 0.25
 
 
+def test_stream_text_need_not_wake_a_relay():
+    """A relay waits with text_wakes=False: text queued meanwhile does not end the wait (one
+    wake-up per token at 256 streams), audio or the end does, and nothing is lost or reordered."""
+    import queue
+    import threading
+
+    stream = RequestStream("r")
+    got, woke = [], threading.Event()
+
+    def relay():
+        got.append(stream.get(timeout=30, text_wakes=False))
+        woke.set()
+
+    t = threading.Thread(target=relay)
+    t.start()
+    time.sleep(0.05)  # the relay is waiting
+    stream.put(TextDelta("a", 1))
+    stream.put(TextDelta("b", 2))
+    assert not woke.wait(0.3), "a text delta woke the relay"
+    codes = np.ones((2, 8), np.int64)
+    stream.put(AudioChunk(codes, 0, 0))  # audio wakes it, after the 30 s timeout was long from over
+    assert woke.wait(10)
+    t.join()
+    rest = []
+    while True:
+        try:
+            rest.append(stream.get(timeout=0))
+        except queue.Empty:
+            break
+    assert [type(e).__name__ for e in got + rest] == ["TextDelta", "TextDelta", "AudioChunk"]
+    assert [e.text for e in (got + rest)[:2]] == ["a", "b"]
+    stream.put(TextDelta("c", 3))
+    assert stream.get(timeout=0.05, text_wakes=False).text == "c"  # already queued: returned at once
+    with pytest.raises(queue.Empty):
+        stream.get(timeout=0.05, text_wakes=False)
+    stream.put(Finished("stop", 1, 3, 2, "abc"))
+    assert isinstance(stream.get(text_wakes=False), Finished)
+    assert stream.get() is None and stream.get() is None  # ended, and stays ended
+    # the default (text wakes the caller), as the engine's other consumers iterate
+    other = RequestStream("s")
+    threading.Timer(0.05, other.put, args=(TextDelta("x", 1),)).start()
+    assert other.get(timeout=10).text == "x"
+
+
+def test_relay_wakeup_modes():
+    lean, every = RelayWakeups.named("lean"), RelayWakeups.named("every_event")
+    assert (lean.text_wakes, every.text_wakes) == (False, True)
+    assert lean.poll_s > every.poll_s and lean.sender_cancel_poll_s > every.sender_cancel_poll_s == 0.0
+    with pytest.raises(ValueError, match="relay_wakeups must be one of"):
+        RelayWakeups.named("sometimes")
+
+
 def test_throttled_asks_at_most_once_per_period_and_remembers_yes():
     now, asked, answer = [0.0], [], [False]
     check = throttled(lambda: asked.append(now[0]) or answer[0], 0.2, clock=lambda: now[0])
@@ -141,6 +194,8 @@ def test_throttled_asks_at_most_once_per_period_and_remembers_yes():
     assert check() is True and asked[-1] == 0.61
     now[0] = 0.62
     assert check() is True and len(asked) == 4  # once cancelled, never asked again
+    every, n = throttled(lambda: asked.append(now[0]) or False, 0.0, clock=lambda: now[0]), len(asked)
+    assert [every(), every(), every()] == [False] * 3 and len(asked) == n + 3  # period 0: every call
 
 
 def test_cancel_board(tmp_path):

@@ -68,7 +68,9 @@ class EngineOptions:
     prefill_token_budget: int = 4096  # ...and their prompt tokens, so a burst does not stall running streams
     admission_pacing: bool = True  # admit only what running streams can wait for (engine/pacing.py)
     admission_margin_s: float = 0.1  # audio kept in hand at every listener when admitting
-    max_admission_wait_s: float = 5.0  # ...but never keep a waiting request out longer than this
+    max_admission_wait_s: float = 5.0  # ...but never keep a waiting request out longer than this:
+    forced_admissions: int = 0  # admit at most this many per step then (0: as many as fit, up to
+    #                             max_prefills_per_step)
     kv_memory_fraction: float = 0.9  # on a GPU: share of free memory the KV caches may take (engine/capacity.py)
     activation_reserve_gib: float = 4.0  # ...after keeping this much for activations and graph pools
     cuda_graphs: bool = True  # on CUDA: capture steps as graphs (ignored on CPU)
@@ -181,7 +183,8 @@ class ChromaEngine:
         self._backbone_lens = length_buckets(self.opts.backbone_max_len, self.opts.key_bucket) if on_gpu else None
         self._pending: queue.Queue[tuple[GenerationRequest, RequestStream] | None] = queue.Queue()
         self._staged: deque = deque()  # taken off the queue, waiting for admission (queue order)
-        self.pacer = AdmissionPacer(self.opts.admission_margin_s, self.opts.max_admission_wait_s)
+        self.pacer = AdmissionPacer(self.opts.admission_margin_s, self.opts.max_admission_wait_s,
+                                    forced_max=self.opts.forced_admissions or None)
         self._frame_s = self.cfg.frame_seconds
         self._active: list[_Active] = []  # _active[i].row == i
         self._global_step = 0
@@ -192,7 +195,12 @@ class ChromaEngine:
                          "voice_prefix_hits": 0, "voice_prefix_misses": 0, "thinker_ahead_used": 0,
                          # seconds (CUDA): the GPU on our steps, the GPU idle between two of our
                          # steps (waiting for the host), the host blocked on a step's codes
-                         "gpu_step_s": 0.0, "gpu_idle_s": 0.0, "host_wait_s": 0.0}
+                         "gpu_step_s": 0.0, "gpu_idle_s": 0.0, "host_wait_s": 0.0,
+                         # seconds (any device): the engine thread's wall time in steps and its CPU
+                         # time in them; the gap is time it could not run (waiting for the GIL, held
+                         # by other threads of the process, or for a core), plus any blocking wait
+                         # for the device (CUDA's default waits spin or yield, so they count as CPU)
+                         "host_step_s": 0.0, "host_cpu_s": 0.0}
         self._last_done: torch.cuda.Event | None = None  # the latest step's end marker (CUDA)
         self._compiled_shapes = False
         self._inflight: _Launched | None = None
@@ -412,7 +420,12 @@ class ChromaEngine:
                         if item is None:
                             continue
                         self._staged.append(item)
-                self._step()
+                wall, cpu = time.perf_counter(), time.thread_time()
+                try:
+                    self._step()
+                finally:
+                    self.counters["host_step_s"] += time.perf_counter() - wall
+                    self.counters["host_cpu_s"] += time.thread_time() - cpu
                 failures = 0
             except Exception as exc:  # a batched step failed: fail its requests, keep serving
                 log.exception("engine step failed")

@@ -32,6 +32,7 @@ log = logging.getLogger(__name__)
 # and at held text (held text is flushed when due, whatever this is). Each wake-up takes the GIL
 # the engine's thread needs: at 256 streams, 50 ms meant 5,000 wake-ups a second.
 POLL_S = 0.25
+SENDER_CANCEL_POLL_S = 0.2  # direct callers' cancellation (an IPC round trip per ask) is seen within this
 # Text deltas ride on the next audio chunk (chunks come every 0.16-0.8 s of audio); text waits at
 # most this long for one. Every response runs codec_decoder and stream_watch in the ensemble, so a
 # response per text token would multiply their load several times over (measured: 63 responses
@@ -102,7 +103,7 @@ class LMService:
 
     # -- streaming --------------------------------------------------------------------------------
     def run(self, inp: LMInput, send: Callable[[LMResponse], None], cancelled: Callable[[], bool],
-            poll_s: float = POLL_S, on_submit: Callable | None = None) -> Finished:
+            poll_s: float = POLL_S, on_submit: Callable | None = None, text_wakes: bool = False) -> Finished:
         """Generate for one request, calling ``send`` for each response (the last has ``final``).
 
         ``on_submit(stream)`` gets the engine stream as soon as it exists, so that another thread
@@ -124,7 +125,7 @@ class LMService:
                 try:
                     # text rides on the next chunk: only chunks, the end, a held text's deadline
                     # or the poll wake this thread (not every token; each wake-up takes the GIL)
-                    event = stream.get(timeout=relay.wait_s(poll_s), text_wakes=False)
+                    event = stream.get(timeout=relay.wait_s(poll_s), text_wakes=text_wakes)
                 except queue.Empty:
                     for response in relay.responses([]):  # held text that waited long enough
                         send(response)
@@ -144,6 +145,23 @@ class LMService:
                     raise EngineError("the engine ended the stream without a result")
         finally:
             stream.cancel()  # no-op when finished; frees the row if we leave early (send failed)
+
+
+@dataclass(frozen=True)
+class RelayWakeups:
+    """How often a relay thread wakes (chroma_lm's ``relay_wakeups`` parameter): ``lean`` (the
+    default) as above; ``every_event`` as before session 6 (every text token, a 50 ms poll, Triton's
+    ``is_cancelled()`` at every wake), kept to measure the difference on a GPU."""
+    poll_s: float
+    text_wakes: bool
+    sender_cancel_poll_s: float
+
+    @classmethod
+    def named(cls, name: str) -> "RelayWakeups":
+        modes = {"lean": cls(POLL_S, False, SENDER_CANCEL_POLL_S), "every_event": cls(0.05, True, 0.0)}
+        if name not in modes:
+            raise ValueError(f"relay_wakeups must be one of {sorted(modes)}, got {name!r}")
+        return modes[name]
 
 
 def throttled(check: Callable[[], bool], period_s: float, clock=time.monotonic) -> Callable[[], bool]:
@@ -237,7 +255,7 @@ class _Relay:
 
 
 _INT_OPTIONS = ("max_batch", "thinker_max_len", "backbone_max_len", "max_frames", "first_chunk_frames",
-                "chunk_frames", "context_frames", "max_queue", "max_prefills_per_step", "prefill_token_budget",
+                "chunk_frames", "context_frames", "max_queue", "max_prefills_per_step", "prefill_token_budget", "forced_admissions",
                 "voice_prefix_cache", "topk_segments")
 _FLOAT_OPTIONS = ("start_slack_s", "admission_margin_s", "max_admission_wait_s", "kv_memory_fraction", "activation_reserve_gib",
                   "switch_interval_ms")

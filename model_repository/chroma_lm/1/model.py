@@ -10,12 +10,11 @@ import triton_python_backend_utils as pb_utils
 from chroma_triton.serving import protocol as P
 from chroma_triton.serving.cancel_board import CancelBoard, CancelWatch, live_key, request_key
 from chroma_triton.serving.model_args import ModelArgs, configure_logging, input_array, load_model_parts, thinker_backend
-from chroma_triton.serving.triton_lm import LMInput, LMService, engine_options, throttled
+from chroma_triton.serving.triton_lm import LMInput, LMService, RelayWakeups, engine_options, throttled
 
 log = logging.getLogger("chroma_triton.chroma_lm")
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 METRICS_PERIOD_S = 0.25
-SENDER_CANCEL_POLL_S = 0.2  # direct callers' cancellation (an IPC round trip per ask) is seen within this
 
 
 
@@ -26,6 +25,7 @@ class TritonPythonModel:
         if not pb_utils.using_decoupled_model_transaction_policy(a.config):
             raise pb_utils.TritonModelException("chroma_lm must be decoupled (model_transaction_policy { decoupled: true })")
         backend = thinker_backend(a.str("thinker_backend", "auto"))  # fails clearly for unknown values
+        self.wakeups = RelayWakeups.named(a.str("relay_wakeups", "lean"))  # likewise
         path, parts = load_model_parts(a, {"thinker", "frame_model", "tokenizer"})
         self.args = a
         options = engine_options(a)
@@ -69,6 +69,11 @@ class TritonPythonModel:
             "gpu_idle_s": family("chroma_lm_gpu_idle_seconds_total",
                                  "GPU time between two consecutive engine steps with nothing of ours queued "
                                  "(the device waited for the engine's host work)", C),
+            "host_step_s": family("chroma_lm_host_step_seconds_total",
+                                  "Wall time of the engine thread in its steps", C),
+            "host_cpu_s": family("chroma_lm_host_cpu_seconds_total",
+                                 "CPU time of the engine thread in its steps (the gap to the wall time: "
+                                 "waiting for the GIL or a core)", C),
         }
         self._seen = {k: 0 for k in self.counters}
         self._metrics_lock = threading.Lock()
@@ -140,7 +145,7 @@ class TritonPythonModel:
             tensors = [pb_utils.Tensor(name, value) for name, value in response.tensors(k, key).items()]
             sender.send(pb_utils.InferenceResponse(output_tensors=tensors), flags=FINAL if response.final else 0)
 
-        sender_cancelled = throttled(sender.is_cancelled, SENDER_CANCEL_POLL_S)
+        sender_cancelled = throttled(sender.is_cancelled, self.wakeups.sender_cancel_poll_s)
 
         def cancelled():
             if flag.is_set():
@@ -155,7 +160,8 @@ class TritonPythonModel:
         token = self.watch.register([request_key(rid) if rid else "", key], arrived, on_cancel)
         finished = None
         try:
-            finished = self.service.run(inp, send, cancelled, on_submit=on_submit)
+            finished = self.service.run(inp, send, cancelled, on_submit=on_submit, poll_s=self.wakeups.poll_s,
+                                        text_wakes=self.wakeups.text_wakes)
         except Exception as exc:  # noqa: BLE001
             if cancelled():  # the stream is gone; nobody is listening for an error
                 log.debug("cancelled request ended with %r", exc)
