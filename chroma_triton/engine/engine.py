@@ -535,8 +535,10 @@ class ChromaEngine:
             if a.row in step.talked and not a.finish:
                 a.thinker_token = int(host[a.row, k])
                 self._on_text_token(a, a.thinker_token)
-        # the whole frame in one copy (the pinned buffer is reused; rows keep views of it) and the
-        # end-of-audio test for every row at once: per-row numpy calls cost ~10 us x 256 rows
+        # the frame copied once for all rows (the pinned buffer is reused; each row keeps a view of
+        # this copy: a step's [rows, K] array lives while a stream holds frames of it, at most 16 KB
+        # per step at 256 rows, fewer bytes than a copy per row) and the end-of-audio test for
+        # every row at once: per-row numpy calls cost ~10 us x 256 rows on the engine's thread
         frames = host[:, :k].copy()
         eos = (frames[:, : k - 1] == self.cfg.codebook_eos_id).all(axis=1).tolist()
         first = self._first_chunk_target()
@@ -800,11 +802,14 @@ class ChromaEngine:
             out.append(StreamState(slack, max(self._chunk_target(a) - (len(a.frames) - a.sent), 0)))
         return out
 
-    def _chunk_target(self, a: _Active) -> int:
-        """Frames the next chunk waits for: 2, 2, 4, 8, ... up to chunk_frames (first chunk small).
-        (Growing by half the audio sent instead, 2, 2, 2, 3, 4, 6, ..., tripled codec executions
-        and made 256 served streams slower and later: docs/benchmarks.md run 20.)"""
-        return self._first_chunk_target() if a.sent == 0 else min(self.opts.chunk_frames, a.sent)
+    def _chunk_target(self, a: _Active, first: int | None = None) -> int:
+        """Frames the next chunk waits for: 2, 2, 4, 8, ... up to chunk_frames (first chunk small;
+        `first`: its size, when the caller has it already). (Growing by half the audio sent
+        instead, 2, 2, 2, 3, 4, 6, ..., tripled codec executions and made 256 served streams
+        slower and later: docs/benchmarks.md run 20.)"""
+        if a.sent == 0:
+            return self._first_chunk_target() if first is None else first
+        return min(self.opts.chunk_frames, a.sent)
 
     def _first_chunk_target(self) -> int:
         """Frames of a first chunk: `first_chunk_frames`, or more when steps are slow. A first chunk
@@ -931,9 +936,9 @@ class ChromaEngine:
             a.thinker_done = True  # context full: the reply text ends here, audio goes on
 
     def _on_frame(self, a: _Active, codes: np.ndarray, eos: bool, at_cache_end: bool, first_chunk: int) -> None:
-        """One frame of `a`: `codes` [K] (not copied: a row of this step's array), `eos` whether it
-        is the end-of-audio frame, `at_cache_end` whether the row's backbone cache has no room for
-        another step, `first_chunk` the frames a first chunk waits for now."""
+        """One frame of `a`: `codes` [K] (kept as is: a row of this step's own array), `eos`
+        whether it is the end-of-audio frame, `at_cache_end` whether the row's backbone cache has
+        no room for another step, `first_chunk` the frames a first chunk waits for now."""
         if eos:
             a.finish = "stop"
             return
@@ -945,7 +950,7 @@ class ChromaEngine:
             return
         # chunk sizes grow with the audio already sent (2, 2, 4, 8, ... up to chunk_frames): the
         # first chunk comes fast, and each next one is due before the buffered audio runs out
-        if len(a.frames) - a.sent >= (first_chunk if a.sent == 0 else min(self.opts.chunk_frames, a.sent)):
+        if len(a.frames) - a.sent >= self._chunk_target(a, first_chunk):
             self._send_chunk(a)
 
     def _send_chunk(self, a: _Active) -> None:
