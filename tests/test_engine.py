@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+from chroma_triton.engine.pacing import AdmissionPacer
 from chroma_triton.engine import (AudioChunk, ChromaEngine, EngineOptions, Finished, GenerationRequest,
                                   RequestFailed, SamplingParams, TextDelta)
 from chroma_triton.errors import EngineError, InvalidRequestError
@@ -242,22 +243,26 @@ def test_chunks_start_small_and_grow(pipe, question_wav, ref_voice):
 def test_first_chunk_grows_when_steps_are_slow(pipe, step_ms, first):
     """f frames leave f x (80 ms - step) in hand when the second chunk goes out: the least f that
     leaves start_slack_s (capped at chunk_frames; a step slower than a frame gets chunk_frames)."""
-    engine = make_engine(pipe, max_batch=1, start_slack_s=0.14)
-    try:
-        assert engine._first_chunk_target() == 2  # no step measured yet
-        engine.pacer.step_s = step_ms / 1000
-        assert engine._first_chunk_target() == first
-        engine.opts.start_slack_s = 0.0
-        assert engine._first_chunk_target() == 2
-    finally:
-        engine.shutdown()
+    pipe.engine.shutdown()
+    engine = ChromaEngine(pipe.parts, EngineOptions(max_batch=1, start_slack_s=0.14))  # not started: no loop
+    assert engine._first_chunk_target() == 2  # no step measured yet
+    engine.pacer.step_s = step_ms / 1000
+    assert engine._first_chunk_target() == first
+    engine.opts.start_slack_s = 0.0
+    assert engine._first_chunk_target() == 2
+    with pytest.raises(ValueError, match="must be >= 0"):
+        ChromaEngine(pipe.parts, EngineOptions(max_batch=1, forced_admissions=-1))
 
 
-def test_slow_steps_start_with_a_larger_chunk(pipe, question_wav, ref_voice, monkeypatch):
+def test_slow_steps_start_with_a_larger_chunk(pipe, question_wav, ref_voice):
     """Through the loop: with steps taking 45 ms, a stream's chunks are 4, 4, then the rest."""
-    engine = make_engine(pipe, max_batch=1, start_slack_s=0.14, chunk_frames=10, context_frames=3)
-    engine.pacer.step_s = 0.045
-    monkeypatch.setattr(engine.pacer, "observe_step", lambda seconds: None)  # keep the step time fixed
+    class Steps45ms(AdmissionPacer):  # the step time stays 45 ms (the loop neither learns nor resets it)
+        step_s = property(lambda self: 0.045, lambda self, value: None)
+
+    pipe.engine.shutdown()
+    engine = ChromaEngine(pipe.parts, EngineOptions(max_batch=1, start_slack_s=0.14, chunk_frames=10, context_frames=3))
+    engine.pacer = Steps45ms()
+    engine.start()
     try:
         out = run(engine, request(pipe, question_wav, ref_voice, max_tokens=14))
     finally:

@@ -126,6 +126,11 @@ def test_relay_waits_until_held_text_is_due():
     assert relay.wait_s(0.25) == 0.0  # overdue: look now
     assert [r.text for r in relay.responses([])] == ["Hi"]
     assert relay.wait_s(0.25) == 0.25
+    # text the relay hears of late (it does not wake for text) is held from when it was made
+    relay.responses([TextDelta("late", 2, at=1.2)])
+    assert relay.wait_s(0.25) == pytest.approx(0.1)  # due at 1.6
+    now[0] = 1.6
+    assert [r.text for r in relay.responses([])] == ["late"]
 
 
 def test_stream_text_need_not_wake_a_relay():
@@ -143,7 +148,9 @@ def test_stream_text_need_not_wake_a_relay():
 
     t = threading.Thread(target=relay)
     t.start()
-    time.sleep(0.05)  # the relay is waiting
+    deadline = time.monotonic() + 10
+    while not stream._ready._waiters and time.monotonic() < deadline:  # until the relay waits
+        time.sleep(0.001)
     stream.put(TextDelta("a", 1))
     stream.put(TextDelta("b", 2))
     assert not woke.wait(0.3), "a text delta woke the relay"
@@ -166,6 +173,16 @@ def test_stream_text_need_not_wake_a_relay():
     stream.put(Finished("stop", 1, 3, 2, "abc"))
     assert isinstance(stream.get(text_wakes=False), Finished)
     assert stream.get() is None and stream.get() is None  # ended, and stays ended
+    # the end wakes every reader, and each sees it
+    ended = RequestStream("e")
+    readers = [threading.Thread(target=lambda: got.append(list(ended))) for _ in range(3)]
+    for r in readers:
+        r.start()
+    time.sleep(0.05)
+    ended.put(Finished("stop", 1, 0, 0, ""))
+    for r in readers:
+        r.join(10)
+    assert not any(r.is_alive() for r in readers)
     # the default (text wakes the caller), as the engine's other consumers iterate
     other = RequestStream("s")
     threading.Timer(0.05, other.put, args=(TextDelta("x", 1),)).start()

@@ -183,6 +183,8 @@ class ChromaEngine:
         self._backbone_lens = length_buckets(self.opts.backbone_max_len, self.opts.key_bucket) if on_gpu else None
         self._pending: queue.Queue[tuple[GenerationRequest, RequestStream] | None] = queue.Queue()
         self._staged: deque = deque()  # taken off the queue, waiting for admission (queue order)
+        if self.opts.forced_admissions < 0 or self.opts.start_slack_s < 0:
+            raise ValueError("forced_admissions and start_slack_s must be >= 0 (0: as many as fit / off)")
         self.pacer = AdmissionPacer(self.opts.admission_margin_s, self.opts.max_admission_wait_s,
                                     forced_max=self.opts.forced_admissions or None)
         self._frame_s = self.cfg.frame_seconds
@@ -931,7 +933,7 @@ class ChromaEngine:
         a.text_tokens += 1
         delta = a.detok.add(token)
         if delta:
-            a.stream.put(TextDelta(delta, a.text_tokens))
+            a.stream.put(TextDelta(delta, a.text_tokens, time.monotonic()))
         if a.thinker_pos + 1 >= self.opts.thinker_max_len:
             a.thinker_done = True  # context full: the reply text ends here, audio goes on
 

@@ -65,6 +65,7 @@ class GenerationRequest:
 class TextDelta:
     text: str
     text_tokens: int = 0  # reply tokens so far, this delta's included (for streamed usage)
+    at: float | None = field(default=None, compare=False)  # time.monotonic() when the engine made it
 
 
 @dataclass
@@ -111,7 +112,8 @@ class RequestStream:
             self._items.append(event)
             if isinstance(event, (Finished, RequestFailed)):
                 self._items.append(self._END)
-            if self._text_wakes or not isinstance(event, TextDelta):
+                self._ready.notify_all()  # the end: every waiting reader
+            elif self._text_wakes or not isinstance(event, TextDelta):
                 self._ready.notify()
 
     # caller side
@@ -126,12 +128,11 @@ class RequestStream:
         """Next event, or None once the stream has ended; queue.Empty after `timeout` seconds
         without one. With `text_wakes` false, text deltas queued while waiting do not end the
         wait (a caller that only forwards text along with audio is not woken once per token);
-        they come first once something else does, or the timeout passes."""
+        they come first once something else does, or the timeout passes. (`text_wakes` is meant
+        for a stream's single reader: the last caller's choice holds.)"""
         with self._ready:
             self._text_wakes = text_wakes
-            if not self._items:
-                self._ready.wait(timeout)
-            if not self._items:
+            if not self._ready.wait_for(lambda: self._items, timeout):
                 raise queue.Empty
             item = self._items.popleft()
             if item is self._END:

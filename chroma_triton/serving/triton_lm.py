@@ -29,8 +29,9 @@ from .protocol import LMResponse, parse_messages, resolve_audio_parts
 log = logging.getLogger(__name__)
 
 # The longest a relay waits for the engine's next event before it looks again at cancellation
-# and at held text (held text is flushed when due, whatever this is). Each wake-up takes the GIL
-# the engine's thread needs: at 256 streams, 50 ms meant 5,000 wake-ups a second.
+# and at held text. Text does not wake it (it rides on the next chunk), so text with no chunk
+# after it goes out max(TEXT_HOLD_S, POLL_S) after the engine made it. Each wake-up takes the GIL
+# the engine's thread needs: at 256 streams, 50 ms and a wake per token meant thousands a second.
 POLL_S = 0.25
 SENDER_CANCEL_POLL_S = 0.2  # direct callers' cancellation (an IPC round trip per ask) is seen within this
 # Text deltas ride on the next audio chunk (chunks come every 0.16-0.8 s of audio); text waits at
@@ -229,8 +230,9 @@ class _Relay:
         out: list[LMResponse] = []
         for ev in events:
             if isinstance(ev, TextDelta):
-                if not self._text:
-                    self._text_since = self.clock()
+                if not self._text:  # held from when the engine made it (the relay may hear of it later)
+                    now = self.clock()
+                    self._text_since = now if ev.at is None else min(ev.at, now)
                 self._text.append(ev.text)
                 self.text_tokens = max(self.text_tokens, getattr(ev, "text_tokens", 0))
             elif isinstance(ev, AudioChunk):

@@ -163,7 +163,8 @@ class TritonPythonModel:
             finished = self.service.run(inp, send, cancelled, on_submit=on_submit, poll_s=self.wakeups.poll_s,
                                         text_wakes=self.wakeups.text_wakes)
         except Exception as exc:  # noqa: BLE001
-            if cancelled():  # the stream is gone; nobody is listening for an error
+            if flag.is_set() or sender.is_cancelled():  # the stream is gone; nobody is listening for an error
+                note.update(source=note["source"] or "triton", seen=note["seen"] or time.time())
                 log.debug("cancelled request ended with %r", exc)
             else:
                 self._send_error(sender, exc)
