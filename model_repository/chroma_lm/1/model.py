@@ -147,10 +147,10 @@ class TritonPythonModel:
 
         sender_cancelled = throttled(sender.is_cancelled, self.wakeups.sender_cancel_poll_s)
 
-        def cancelled():
+        def cancelled(ask_triton=sender_cancelled):  # the relay asks throttled; the error path asks at once
             if flag.is_set():
                 return True
-            if sender_cancelled():
+            if ask_triton():
                 note.update(source=note["source"] or "triton", seen=note["seen"] or time.time())
                 return True
             return False
@@ -163,8 +163,7 @@ class TritonPythonModel:
             finished = self.service.run(inp, send, cancelled, on_submit=on_submit, poll_s=self.wakeups.poll_s,
                                         text_wakes=self.wakeups.text_wakes)
         except Exception as exc:  # noqa: BLE001
-            if flag.is_set() or sender.is_cancelled():  # the stream is gone; nobody is listening for an error
-                note.update(source=note["source"] or "triton", seen=note["seen"] or time.time())
+            if cancelled(sender.is_cancelled):  # the stream is gone; nobody is listening for an error
                 log.debug("cancelled request ended with %r", exc)
             else:
                 self._send_error(sender, exc)
