@@ -33,6 +33,7 @@ sys.path.insert(0, str(ROOT))
 from chroma_triton.bench.clients import Workload  # noqa: E402
 from chroma_triton.bench.drive import DriveSettings, drive_level, warm_worker  # noqa: E402
 from chroma_triton.bench.monitor import Monitor, per_request_us  # noqa: E402
+from chroma_triton.bench.procs import PySpy, cpu_deltas, cpu_snapshot, server_processes  # noqa: E402
 from chroma_triton.bench.stack import LaunchedStack  # noqa: E402
 from chroma_triton.bench.stats import FRAME_MS, summarize  # noqa: E402
 
@@ -79,16 +80,27 @@ def run_baseline(args, model: str | None) -> dict | None:
 # -- one level ---------------------------------------------------------------------------------
 async def run_level(path: str, streams: int, args, targets: dict, workload: Workload, *, monitor: bool,
                     workers=None) -> dict:
-    settings = DriveSettings(seed=args.seed, ramp_s=args.ramp_s, request_timeout=args.request_timeout)
+    settings = DriveSettings(seed=args.seed, ramp_s=args.ramp_s, request_timeout=args.request_timeout,
+                             rounds=args.rounds if monitor and streams > 1 else 1)  # warm-ups: one round
     mon = Monitor(targets.get("metrics"), grpc_url=targets.get("grpc")) if monitor else None
+    spy = None
     if mon:
         mon.start()
+        server_procs = server_processes(args.server_match)
+        cpu_before = cpu_snapshot(server_procs)
+        if streams in args.spy_levels:
+            spy = PySpy(Path(args.out).parent, args.spy_s, match=args.server_match)
+            spy_files = spy.start(f"{path}{streams}")
     started = time.perf_counter()
     records, lag = await drive_level(path, streams, settings, targets, workload, workers, args.client_procs)
     finished = time.perf_counter()
     procs = min(args.client_procs, streams) if workers is not None and streams > 1 else 1
-    out = {"path": path, "concurrency": streams, "client_procs": procs, **summarize(records, started, finished), **lag}
+    out = {"path": path, "concurrency": streams, "rounds": settings.rounds, "client_procs": procs,
+           **summarize(records, started, finished), **lag}
     if mon:
+        out["server_cpu"] = cpu_deltas(cpu_before, cpu_snapshot(server_procs), finished - started)
+        if spy is not None:
+            out["pyspy"] = {"files": spy_files, "errors": spy.wait()}
         server = mon.finish(wall_s=finished - started)
         out.update(server)
         out["audio_encoder_compute_us_per_request"] = per_request_us(server["triton_counters_delta"], "audio_encoder")
@@ -141,8 +153,12 @@ async def _measure_levels(args, targets, baseline, workload, workers) -> list[di
             add_ratios(level, baseline)
             levels.append(level)
             print(f"{path} x{c}: TTFA p50 {fmt(level['ttfa_ms_p50'])} ms, {fmt(level['ms_per_frame_p50'], '.2f')} ms/frame "
-                  f"p50, {level['underrun_streams']} underrun stream(s), {fmt(level['audio_s_per_s'], '.1f')} audio s/s, "
-                  f"{level['errors']} error(s) {level['error_samples'] or ''}", flush=True)
+                  f"p50, {level['underrun_streams']} underrun request(s) of {level['requests']}, "
+                  f"{fmt(level['audio_s_per_s'], '.1f')} audio s/s ({fmt(level['audio_s_per_s_all_busy'], '.1f')} while "
+                  f"all streams were busy), {level['errors']} error(s) {level['error_samples'] or ''}", flush=True)
+            print(f"  server CPU cores: " + ", ".join(
+                f"{role} {fmt(v['cores'], '.2f')} (hottest threads {v['hot_threads_cores']})"
+                for role, v in level["server_cpu"].items()), flush=True)
     return levels
 
 
@@ -161,24 +177,51 @@ def print_table(report: dict, previous: dict | None) -> None:
     else:
         print("naive reference loop: not run (no --model, or --baseline-frames 0)")
     print("| path | streams | TTFA p50/p90/p99 ms | ms/frame p50 (worst) | RTF p50 | min real-time margin | "
-          "underrun streams | audio s/s | x naive per stream (p50) | x naive aggregate | errors | GPU peak GiB |"
-          + (" audio s/s vs previous |" if previous else ""))
+          "underrun requests | audio s/s (all busy) | x naive per stream (p50) | x naive aggregate | errors | GPU peak GiB |"
+          + (" audio s/s (all busy) vs previous |" if previous else ""))
     print("|---" * (12 + bool(previous)) + "|")
     before = {(lv["path"], lv["concurrency"]): lv for lv in (previous or {}).get("levels", [])}
     for lv in report["levels"]:
-        row = (f"| {lv['path']} | {lv['concurrency']} | {fmt(lv['ttfa_ms_p50'])}/{fmt(lv['ttfa_ms_p90'])}/"
+        requests = lv.get("requests", lv["streams"])
+        streams = f"{lv['concurrency']}" + (f" x {lv['rounds']}" if lv.get("rounds", 1) > 1 else "")
+        row = (f"| {lv['path']} | {streams} | {fmt(lv['ttfa_ms_p50'])}/{fmt(lv['ttfa_ms_p90'])}/"
                f"{fmt(lv['ttfa_ms_p99'])} | {fmt(lv['ms_per_frame_p50'], '.2f')} ({fmt(lv['ms_per_frame_worst'], '.2f')}) | "
-               f"{fmt(lv['rtf_p50'], '.3f')} | {fmt(lv['realtime_margin_min'], '.1f', 'x')} | {lv['underrun_streams']} | "
-               f"{fmt(lv['audio_s_per_s'], '.1f')} | {fmt(lv.get('x_naive_per_stream_p50'), '.1f')} | "
+               f"{fmt(lv['rtf_p50'], '.3f')} | {fmt(lv['realtime_margin_min'], '.1f', 'x')} | "
+               f"{lv['underrun_streams']}/{requests} | "
+               f"{fmt(lv['audio_s_per_s'], '.1f')} ({fmt(lv.get('audio_s_per_s_all_busy'), '.1f')}) | "
+               f"{fmt(lv.get('x_naive_per_stream_p50'), '.1f')} | "
                f"{fmt(lv.get('x_naive_aggregate'), '.1f')} | {lv['errors']} | {fmt(lv.get('gpu_mem_peak_gib_max'), '.1f')} |")
         if previous:
             old = before.get((lv["path"], lv["concurrency"]))
             ratio = lv["audio_s_per_s"] / old["audio_s_per_s"] if old and old.get("audio_s_per_s") else None
-            row += f" {fmt(ratio, '.2f', 'x')} |"
+            busy = (lv["audio_s_per_s_all_busy"] / old["audio_s_per_s_all_busy"]
+                    if old and old.get("audio_s_per_s_all_busy") and lv.get("audio_s_per_s_all_busy") else None)
+            row += f" {fmt(ratio, '.2f', 'x')} ({fmt(busy, '.2f', 'x')}) |"
         print(row)
     print_executions(report)
+    print_best_ratio(report, previous)
     lag = max((lv["client_loop_lag_ms_max"] for lv in report["levels"]), default=0)
     print(f"client event-loop lag, worst: {lag:.0f} ms (large values mean the client, not the server, set the pace)")
+
+
+def best_throughput(report: dict, path: str, key: str) -> float | None:
+    values = [lv.get(key) for lv in report.get("levels", []) if lv["path"] == path and lv.get(key)]
+    return max(values) if values else None
+
+
+def print_best_ratio(report: dict, previous: dict | None) -> None:
+    """The best throughput over the levels of each run, per path (e.g. dp 2 vs dp 1, each at the
+    load that suits it), overall and while all streams were busy."""
+    if not previous:
+        return
+    for path in report["via"]:
+        parts = []
+        for key, name in (("audio_s_per_s", "level"), ("audio_s_per_s_all_busy", "all busy")):
+            new, old = best_throughput(report, path, key), best_throughput(previous, path, key)
+            if new and old:
+                parts.append(f"{name} {new:.1f} vs {old:.1f} audio-s/s = {new / old:.2f}x")
+        if parts:
+            print(f"best throughput over the levels, {path}: " + "; ".join(parts))
 
 
 def print_executions(report: dict) -> None:
@@ -217,6 +260,16 @@ def parse_args(argv=None):
     ap.add_argument("--no-level-warmup", dest="level_warmup", action="store_false",
                     help="skip the untimed run of each level before its timed run")
     ap.add_argument("--ramp-s", type=float, default=0.0, help="spread a level's request starts over this many seconds")
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="requests each stream of a level (above 1 stream) sends one after another: keeps the "
+                         "server loaded past the start-up burst; 'all busy' throughput counts the time every "
+                         "stream was streaming")
+    ap.add_argument("--server-match", default=None,
+                    help="count CPU (and py-spy) only for server processes whose command line or an ancestor's "
+                         "holds this text, e.g. the launcher's --workdir when two stacks run on one machine")
+    ap.add_argument("--spy-levels", default="", help="levels (streams) whose timed run py-spy records in chroma_lm's "
+                    "process (py-spy on PATH; files beside --out)")
+    ap.add_argument("--spy-s", type=float, default=5.0, help="seconds py-spy records from a level's start")
     ap.add_argument("--client-procs", type=int, default=1,
                     help="client processes a level's streams are dealt over, each with its own event loop "
                          "(one loop fell 110-160 ms behind at 256 streams; see client_loop_lag_ms)")
@@ -227,12 +280,16 @@ def parse_args(argv=None):
     ap.add_argument("--baseline-device", default="auto")
     ap.add_argument("--compare-with", default=None, help="an earlier --out JSON: print audio s/s ratios (e.g. dp 2 vs dp 1)")
     ap.add_argument("--keep-streams", action="store_true", help="put every stream's numbers in the JSON")
+    ap.add_argument("--note", default="", help="free text kept in the JSON (e.g. the stack's settings)")
     ap.add_argument("--out", default="bench_serving.json")
     args = ap.parse_args(argv)
     args.via = [p.strip() for p in args.via.split(",") if p.strip()]
     if not args.via or any(p not in PATHS for p in args.via):
         ap.error(f"--via: choose from {', '.join(PATHS)}")
     args.concurrency = [int(c) for c in args.concurrency.split(",")]
+    args.spy_levels = {int(c) for c in args.spy_levels.split(",") if c.strip()}
+    if args.rounds < 1:
+        ap.error("--rounds must be >= 1")
     return args
 
 
@@ -259,6 +316,7 @@ def main(argv=None) -> int:
     model = prepare_model(args)
     report = {"date": time.strftime("%Y-%m-%d %H:%M:%S"), "model": model, "max_tokens": args.max_tokens,
               "concurrency": args.concurrency, "via": args.via, "seed": args.seed, "ramp_s": args.ramp_s,
+              "rounds": args.rounds, "note": args.note,
               "dp_size": args.dp_size if args.start else None, "request": "README example: assets/question_audio.wav, "
               "reference voice assets/ref_audio.wav + transcript (cached by the server)"}
     report["baseline_naive"] = run_baseline(args, model)

@@ -11,6 +11,18 @@
 #   bash scripts/gpu_bench.sh serving [DP] [LEVELS] [extra bench_serving args...]
 #                                                # the stack on DP GPUs, measured by scripts/bench_serving.py,
 #                                                # then by scripts/perf_analyzer.sh when PERF_LEVELS is set
+#   bash scripts/gpu_bench.sh up NAME GPUS PORT [launcher args...]
+#                                                # a stack left running across calls (its own session):
+#                                                # GPUS "0" or "0,1" (dp = their count), frontend on PORT,
+#                                                # Triton gRPC/metrics/HTTP on PORT+1/+2/+3; log /root/stack-NAME.log
+#   bash scripts/gpu_bench.sh wait NAME...       # until those stacks answer (or one died)
+#   bash scripts/gpu_bench.sh bench NAME TAG LEVELS [bench_serving args...]
+#                                                # measure stack NAME -> $OUT/bench_NAME_TAG.json (+ py-spy files)
+#   bash scripts/gpu_bench.sh down NAME...       # stop those stacks
+#
+# Two stacks, one per GPU, compare two settings on one machine without restarts between runs:
+#   up a 0 8000 ; up b 1 8100 --param=chroma_lm.relay_wakeups=every_event ; wait a b ;
+#   bench a 1 256 ; bench b 1 256 ; bench a 2 256 ; bench b 2 256
 #
 # Results go to $OUT (default ./gpu-results). Contexts are sized for 100-frame replies so that 256
 # streams fit one H100: thinker 1024, backbone 1536 positions per stream.
@@ -76,6 +88,42 @@ case $step in
         bash scripts/perf_analyzer.sh -u localhost:8001 -c "$PERF_LEVELS" -n 100 -o "$OUT/perf_analyzer" \
         2>&1 | tee "$OUT/perf_analyzer.log" || echo "perf_analyzer failed"
     fi ;;
+  up)
+    name=${1:?usage: up NAME GPUS PORT [launcher args...]}; gpus=${2:?GPUS}; port=${3:?PORT}; shift 3
+    dp=$(awk -F, '{print NF}' <<<"$gpus")
+    printf 'PORT=%s\nDP=%s\nGPUS=%s\nARGS="%s"\n' "$port" "$dp" "$gpus" "$*" > "/root/stack-$name.env"
+    # setsid: the stack outlives this call (a lent machine keeps it while warm)
+    CUDA_VISIBLE_DEVICES=$gpus setsid nohup "$PY" -m chroma_triton.serving.launcher --chroma-model-path "$CKPT" \
+      --dp-size "$dp" "${SERVE_ARGS[@]}" --port "$port" --triton-grpc-port $((port + 1)) \
+      --triton-metrics-port $((port + 2)) --triton-http-port $((port + 3)) "$@" \
+      --quiet --workdir "/root/stack-$name" > "/root/stack-$name.log" 2>&1 < /dev/null &
+    echo "stack $name: GPUs $gpus, frontend :$port, launcher pid $!" ;;
+  wait)
+    t0=$(date +%s)
+    for name in "$@"; do
+      source "/root/stack-$name.env"
+      until curl -sf "localhost:$PORT/health" >/dev/null; do
+        if ! pgrep -f "stack-$name( |$)" >/dev/null; then echo "stack $name exited"; tail -40 "/root/stack-$name.log"; exit 1; fi
+        sleep 2
+      done
+      echo "stack $name ready after $(( $(date +%s) - t0 )) s"
+    done ;;
+  bench)
+    name=${1:?usage: bench NAME TAG LEVELS [bench_serving args...]}; tag=${2:?TAG}; levels=${3:?LEVELS}; shift 3
+    source "/root/stack-$name.env"
+    spy=$(ls "$ENV"/lib/python3*/site-packages/bin/py-spy 2>/dev/null | head -1 || true)
+    mkdir -p "$OUT/$name"
+    PY_SPY=$spy "$PY" scripts/bench_serving.py --model "$CKPT" --frontend-url "http://localhost:$PORT" \
+      --grpc-url "localhost:$((PORT + 1))" --metrics-url "http://localhost:$((PORT + 2))/metrics" \
+      --concurrency "$levels" --max-tokens 100 --baseline-frames 0 --client-procs "${CLIENT_PROCS:-8}" \
+      --server-match "/root/stack-$name" --note "stack $name: GPUs $GPUS, $ARGS" --out "$OUT/$name/bench_${name}_$tag.json" "$@" 2>&1 \
+      | tee "$OUT/$name/bench_${name}_$tag.log" | grep -v '^|' ;;
+  down)
+    for name in "$@"; do
+      pkill -f "workdir /root/stack-$name( |$)" || true
+      sleep 3
+      pkill -9 -f "/root/stack-$name/" || true
+    done ;;
   *)
     echo "unknown step $step" >&2; exit 2 ;;
 esac

@@ -5,6 +5,7 @@ complete and internally consistent; no timing thresholds (the numbers depend on 
 from __future__ import annotations
 
 import base64
+import os
 import json
 import math
 import struct
@@ -14,7 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from chroma_triton.bench.stats import FRAME_MS, FRAME_SAMPLES, SAMPLE_RATE, StreamRecord, summarize
+from chroma_triton.bench.procs import cpu_deltas, role_of
+from chroma_triton.bench.stats import FRAME_MS, FRAME_SAMPLES, SAMPLE_RATE, StreamRecord, all_busy_window, summarize
 
 ROOT = Path(__file__).resolve().parent.parent
 MAX_TOKENS = 8
@@ -38,6 +40,49 @@ def test_stream_record_math():
     assert level["underrun_chunk_index_counts"] == {"2": 1} and level["underrun_at_s"] == [pytest.approx(0.6)]
 
 
+def test_all_busy_window_and_its_throughput():
+    def req(stream, rnd, sent, chunks, done):
+        rec = StreamRecord(sent=sent, stream=stream, round=rnd, done=done)
+        for t in chunks:
+            rec.add_audio(t, FRAME_SAMPLES)
+        return rec
+
+    # stream 0: two requests back to back (0-4 s, 4-9 s); stream 1: one request, first audio at 2 s, done at 6 s
+    records = [req(0, 0, 0.0, [1.0, 2.5, 3.5], 4.0), req(0, 1, 4.0, [5.0, 7.0, 8.5], 9.0),
+               req(1, 0, 0.0, [2.0, 3.0, 5.5], 6.0)]
+    assert all_busy_window(records) == (2.0, 6.0)  # the last first audio .. the first stream's end
+    level = summarize(records, 0.0, 9.0)
+    assert level["streams"] == 2 and level["requests"] == 3
+    # chunks in (2, 6]: 2.5, 3.5, 5.0 (stream 0) and 3.0, 5.5 (stream 1): 5 frames in 4 s
+    assert level["busy_window_s"] == pytest.approx(4.0)
+    assert level["audio_s_per_s_all_busy"] == pytest.approx(5 * FRAME_MS / 1000 / 4.0)
+    # a stream that ended before another one started: no window
+    assert all_busy_window([req(0, 0, 0.0, [0.5], 1.0), req(1, 0, 0.0, [2.0], 3.0)]) is None
+    assert summarize([req(0, 0, 0.0, [0.5], 1.0)], 0.0, 1.0)["audio_s_per_s_all_busy"] is None  # window < 1 s
+
+
+def test_server_process_roles_and_cpu():
+    stub = "/opt/tritonserver/backends/python/triton_python_backend_stub"
+    assert role_of([stub, "/root/stack-dp1/repo/chroma_lm/1/model.py", "shm", "1048576"]) == "chroma_lm"
+    assert role_of(["/usr/local/bin/tritonserver", "--model-repository=/x"]) == "tritonserver"
+    assert role_of(["/venv/bin/python", "-m", "openai_frontend", "--port", "8000"]) == "frontend"
+    assert role_of(["/venv/bin/python", "-m", "pytest"]) is None and role_of([]) is None
+    tick = os.sysconf("SC_CLK_TCK")  # what cpu_deltas divides /proc's ticks by
+    before = {1: {"role": "chroma_lm", "ticks": 0, "threads": {1: 0, 2: 0}},
+              2: {"role": "chroma_lm", "ticks": 0, "threads": {3: 0}},
+              3: {"role": "tritonserver", "ticks": 0, "threads": {4: 0}}}
+    after = {1: {"role": "chroma_lm", "ticks": 3 * tick, "threads": {1: 2 * tick, 2: tick}},
+             2: {"role": "chroma_lm", "ticks": tick, "threads": {3: tick, 9: tick // 2}},  # 9: a thread born mid-level
+             3: {"role": "tritonserver", "ticks": 2 * tick, "threads": {4: 2 * tick}},
+             4: {"role": "frontend", "ticks": tick, "threads": {}}}  # not there before: left out
+    out = cpu_deltas(before, after, wall_s=2.0, top_threads=2)
+    assert set(out) == {"chroma_lm", "tritonserver"}
+    assert out["chroma_lm"]["processes"] == 2 and out["chroma_lm"]["cpu_s"] == pytest.approx(4.0)
+    assert out["chroma_lm"]["cores"] == pytest.approx(2.0)
+    assert out["chroma_lm"]["hot_threads_cores"] == [1.0, 0.5]  # the two hottest of both instances
+    assert out["tritonserver"]["cores"] == pytest.approx(1.0)
+
+
 @pytest.mark.triton
 def test_bench_serving_against_the_stack(triton_install, tmp_path):
     from chroma_triton.demo import demo_checkpoint
@@ -46,10 +91,12 @@ def test_bench_serving_against_the_stack(triton_install, tmp_path):
     cmd = [sys.executable, str(ROOT / "scripts" / "bench_serving.py"), "--start", "--model", str(demo_checkpoint()),
            "--workdir", str(tmp_path / "stack"), "--concurrency", "1,2", "--max-tokens", str(MAX_TOKENS),
            "--warmup", "1", "--no-level-warmup", "--baseline-frames", "3", "--keep-streams", "--out", str(out),
-           "--client-procs", "2"]  # the 2-stream levels run one stream in each of two client processes
+           "--client-procs", "2",  # the 2-stream levels run one stream in each of two client processes
+           "--rounds", "2",  # ...each sending two requests one after the other
+           "--server-match", str(tmp_path / "stack")]  # this stack's processes only
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "| frontend | 2 |" in proc.stdout and "| grpc | 1 |" in proc.stdout
+    assert "| frontend | 2 x 2 |" in proc.stdout and "| grpc | 1 |" in proc.stdout
     report = json.loads(out.read_text())
 
     base = report["baseline_naive"]
@@ -58,19 +105,27 @@ def test_bench_serving_against_the_stack(triton_install, tmp_path):
     assert [(lv["path"], lv["concurrency"]) for lv in report["levels"]] == [
         ("frontend", 1), ("frontend", 2), ("grpc", 1), ("grpc", 2)]
     assert [lv["client_procs"] for lv in report["levels"]] == [1, 2, 1, 2]
+    assert [lv["rounds"] for lv in report["levels"]] == [1, 2, 1, 2]  # one stream: one request
     for lv in report["levels"]:
         c = lv["concurrency"]
-        assert lv["errors"] == 0 and lv["ok_streams"] == lv["streams"] == c, lv["error_samples"]
-        # every stream got whole frames, as many as the server reported, at most max_tokens
+        n = c * lv["rounds"]  # requests
+        assert lv["errors"] == 0 and lv["streams"] == c and lv["ok_streams"] == lv["requests"] == n, lv["error_samples"]
+        # every request got whole frames, as many as the server reported, at most max_tokens
         assert lv["streams_with_sample_count_mismatch"] == 0
-        assert lv["frames_received"] == lv["frames_reported"] <= c * MAX_TOKENS
+        assert lv["frames_received"] == lv["frames_reported"] <= n * MAX_TOKENS
         assert lv["triton_counters_delta"]["chroma_lm_audio_frames_total{chroma_lm}"] == lv["frames_received"]
-        assert lv["triton_counters_delta"]["nv_inference_request_success{audio_encoder}"] == c
+        assert lv["triton_counters_delta"]["nv_inference_request_success{audio_encoder}"] == n
+        # this stack's processes, found by their command lines: each worked during the level
+        cpu = lv["server_cpu"]
+        assert {"tritonserver", "chroma_lm", "audio_encoder", "codec_decoder", "frontend"} <= set(cpu), cpu
+        assert cpu["chroma_lm"]["processes"] == 1 and cpu["chroma_lm"]["cpu_s"] > 0
+        if lv["path"] == "frontend":
+            assert cpu["frontend"]["cpu_s"] > 0
         assert lv["audio_s_total"] == pytest.approx(lv["frames_received"] * FRAME_MS / 1000)
         assert lv["audio_s_per_s"] == pytest.approx(lv["audio_s_total"] / lv["wall_s"])
         assert 0 < lv["ttfa_ms_p50"] <= lv["ttfa_ms_p90"] <= lv["ttfa_ms_p99"] <= lv["ttfa_ms_max"] < lv["wall_s"] * 1000
         streams = lv["per_stream"]
-        assert len(streams) == c and all(s["usage_frames"] * FRAME_SAMPLES == s["samples"] for s in streams)
+        assert len(streams) == n and all(s["usage_frames"] * FRAME_SAMPLES == s["samples"] for s in streams)
         if lv["ms_per_frame_p50"] is not None:
             assert lv["ms_per_frame_p50"] <= lv["ms_per_frame_worst"]
             assert lv["rtf_p50"] == pytest.approx(lv["ms_per_frame_p50"] / FRAME_MS)

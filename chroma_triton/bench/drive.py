@@ -22,9 +22,11 @@ from .stats import StreamRecord
 
 @dataclass(frozen=True)
 class DriveSettings:
-    seed: int  # stream i of a level uses seed + i
+    seed: int  # stream i of a level uses seed + i (round r: seed + i + r * streams)
     ramp_s: float  # stream i starts ramp_s * i / streams after the level's start
     request_timeout: float
+    rounds: int = 1  # requests each stream sends one after another (closed loop): > 1 keeps the level
+    #                  loaded past its start-up burst, with arrivals spread by the replies' own ends
 
 
 class LoopLag:
@@ -54,26 +56,31 @@ def lag_summary(lags: list[float]) -> dict:
 
 async def drive_streams(path: str, indices: list[int], streams: int, settings: DriveSettings, targets: dict,
                         workload: Workload) -> tuple[list[StreamRecord], list[float]]:
-    """Run streams ``indices`` (of ``streams`` in the level) on this loop; their records and the
-    loop's lag samples."""
-    records = [StreamRecord(sent=0.0) for _ in indices]
+    """Run streams ``indices`` (of ``streams`` in the level) on this loop, each ``settings.rounds``
+    requests one after another; their records (stream by stream, rounds in order) and the loop's
+    lag samples."""
+    rounds = max(1, settings.rounds)
+    records = [StreamRecord(sent=0.0, stream=i, round=r) for i in indices for r in range(rounds)]
+    seeds = [settings.seed + i + r * streams for i in indices for r in range(rounds)]
     if path == "grpc":
         pool = GrpcPool(targets["grpc"])
-        requests = [infer_request(workload.ensemble_arrays(settings.seed + i), f"bench-{streams}-{i}") for i in indices]
+        requests = [infer_request(workload.ensemble_arrays(seed), f"bench-{streams}-{rec.stream}-{rec.round}")
+                    for rec, seed in zip(records, seeds)]
     else:
         limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
         client = httpx.AsyncClient(timeout=httpx.Timeout(settings.request_timeout, connect=30), limits=limits,
                                    trust_env=False)
-        bodies = [workload.chat_body(settings.seed + i) for i in indices]
+        bodies = [workload.chat_body(seed) for seed in seeds]
 
     async def one(k: int) -> None:
         if settings.ramp_s > 0:
             await asyncio.sleep(settings.ramp_s * indices[k] / streams)
-        records[k].sent = time.perf_counter()
-        if path == "grpc":
-            await grpc_stream(pool.stub(k), requests[k], records[k], settings.request_timeout)
-        else:
-            await sse_stream(client, targets["frontend"], bodies[k], records[k])
+        for j in range(k * rounds, (k + 1) * rounds):
+            records[j].sent = time.perf_counter()
+            if path == "grpc":
+                await grpc_stream(pool.stub(k), requests[j], records[j], settings.request_timeout)
+            else:
+                await sse_stream(client, targets["frontend"], bodies[j], records[j])
 
     try:
         with LoopLag() as lag:
@@ -100,8 +107,8 @@ def warm_worker() -> int:
 async def drive_level(path: str, streams: int, settings: DriveSettings, targets: dict, workload: Workload,
                       workers: Executor | None = None, procs: int = 1) -> tuple[list[StreamRecord], dict]:
     """All streams of a level, at once: on this loop, or (``workers``, ``procs`` > 1) dealt round
-    robin over ``procs`` client processes. Returns the records in stream order and the worst
-    loop lag of any process."""
+    robin over ``procs`` client processes. Returns the records in stream order (each stream's
+    rounds together) and the worst loop lag of any process."""
     if workers is None or procs <= 1 or streams < 2:  # (bench_serving records the same rule per level)
         records, lags = await drive_streams(path, list(range(streams)), streams, settings, targets, workload)
         return records, lag_summary(lags)
@@ -110,11 +117,6 @@ async def drive_level(path: str, streams: int, settings: DriveSettings, targets:
     results = await asyncio.gather(*(
         loop.run_in_executor(workers, drive_in_process, path, part, streams, settings, targets, workload)
         for part in slices))
-    records: list[StreamRecord | None] = [None] * streams
-    summaries = []
-    for part, (recs, lags) in zip(slices, results):
-        for i, rec in zip(part, recs):
-            records[i] = rec
-        summaries.append(lag_summary(lags))
-    worst = max(summaries, key=lambda s: s["client_loop_lag_ms_max"])
+    records = sorted((rec for recs, _ in results for rec in recs), key=lambda r: (r.stream, r.round))
+    worst = max((lag_summary(lags) for _, lags in results), key=lambda s: s["client_loop_lag_ms_max"])
     return records, worst

@@ -32,6 +32,8 @@ class StreamRecord:
     usage_frames: int | None = None  # audio frames the server reported (usage), when it did
     text_chars: int = 0
     error: str | None = None
+    stream: int = 0  # which of the level's streams sent it...
+    round: int = 0  # ...and its how-manieth request (bench_serving --rounds)
 
     def add_audio(self, now: float, samples: int) -> None:
         if samples > 0:
@@ -85,8 +87,40 @@ def pct(values, q: float) -> float | None:
     return float(np.percentile(np.asarray(values, dtype=float), q)) if values else None
 
 
+def all_busy_window(records: list[StreamRecord]) -> tuple[float, float] | None:
+    """(start, end) of the time every stream of the level was busy: from the moment the last of
+    them got its first audio to the moment the first of them sent its last request's end. None
+    when that never happened (a stream ended before another one started)."""
+    by_stream: dict[int, list[StreamRecord]] = {}
+    for r in records:
+        by_stream.setdefault(r.stream, []).append(r)
+    firsts, ends = [], []
+    for recs in by_stream.values():
+        recs = sorted(recs, key=lambda r: r.round)
+        if not recs[0].chunks or recs[-1].done is None:
+            return None
+        firsts.append(recs[0].chunks[0][0])
+        ends.append(recs[-1].done)
+    start, end = max(firsts), min(ends)
+    return (start, end) if end > start else None
+
+
+def steady_throughput(records: list[StreamRecord], min_window_s: float = 1.0) -> dict:
+    """Audio received per second while every stream was busy (:func:`all_busy_window`): the
+    throughput of a loaded server without the level's start-up and tail (the level's audio s/s
+    counts both). None when that window is shorter than ``min_window_s``."""
+    window = all_busy_window(records)
+    if window is None or window[1] - window[0] < min_window_s:
+        return {"busy_window_s": None if window is None else window[1] - window[0], "audio_s_per_s_all_busy": None}
+    start, end = window
+    samples = sum(n for r in records for t, n in r.chunks if start < t <= end)
+    return {"busy_window_s": end - start, "audio_s_per_s_all_busy": samples / SAMPLE_RATE / (end - start)}
+
+
 def summarize(records: list[StreamRecord], started: float, finished: float) -> dict:
-    """The numbers of one level: every stream of it sent at ``started``, the last done at ``finished``."""
+    """The numbers of one level: its streams started at ``started`` (each sending one request, or
+    several one after another), the last done at ``finished``. Per-stream numbers (TTFA, ms per
+    frame, underruns) are per request."""
     ok = [r for r in records if r.error is None]
     ttfa = [r.ttfa_s * 1000.0 for r in ok if r.ttfa_s is not None]
     per_frame = [m for r in ok if (m := r.ms_per_frame()) is not None]
@@ -97,7 +131,8 @@ def summarize(records: list[StreamRecord], started: float, finished: float) -> d
     worst = max(per_frame) if per_frame else None
     errors = [r.error for r in records if r.error is not None]
     return {
-        "streams": len(records),
+        "streams": len({r.stream for r in records}),
+        "requests": len(records),
         "ok_streams": len(ok),
         "errors": len(errors),
         "error_samples": sorted(set(errors))[:5],
@@ -120,6 +155,7 @@ def summarize(records: list[StreamRecord], started: float, finished: float) -> d
         "underrun_at_s": sorted(round(r.chunks[i][0] - started, 3) for r, lc in zip(ok, late) for i, _ in lc)[:256],
         "audio_s_total": audio_s,
         "audio_s_per_s": audio_s / wall if wall > 0 else None,
+        **steady_throughput(records),
         "chunks_per_stream_p50": pct([len(r.chunks) for r in ok], 50),
         "frames_received": sum(r.samples for r in records) / FRAME_SAMPLES,
         "frames_reported": sum(r.usage_frames or 0 for r in ok),
