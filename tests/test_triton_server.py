@@ -1,6 +1,6 @@
 """The model repository on a real tritonserver (Triton 2.51 from the nvidia-pytriton wheel, CPU),
 with the tiny random checkpoint: the `chroma` ensemble over gRPC streaming, the composing models
-over HTTP, cancellation, errors and concurrency. One server for the module."""
+over HTTP, cancellation, errors and concurrency. One server for the module, per relays mode."""
 
 from __future__ import annotations
 
@@ -24,10 +24,13 @@ FRAME = 1920  # samples per 80 ms frame at 24 kHz
 MAX_BATCH = 4
 
 
-@pytest.fixture(scope="module")
-def server(triton_install, tmp_path_factory, tiny_checkpoint):
+@pytest.fixture(scope="module", params=["shared", "per_request"])
+def server(request, triton_install, tmp_path_factory, tiny_checkpoint):
+    """The module's tests run once per way chroma_lm relays responses (its ``relays`` parameter):
+    one thread for all requests (the default) and a thread per request."""
     repo = tmp_path_factory.mktemp("rendered") / "model_repository"
-    render_repository(repo, RenderSpec(model_path=str(tiny_checkpoint), params={"chroma_lm": {"max_batch": str(MAX_BATCH)}}))
+    params = {"chroma_lm": {"max_batch": str(MAX_BATCH), "relays": request.param}}
+    render_repository(repo, RenderSpec(model_path=str(tiny_checkpoint), params=params))
     srv = TritonServer(repo, log_file=tmp_path_factory.mktemp("logs") / "tritonserver.log")
     t0 = time.monotonic()
     srv.start(timeout=180)

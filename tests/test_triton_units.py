@@ -190,9 +190,10 @@ def test_stream_text_need_not_wake_a_relay():
 
 
 def test_relay_wakeup_modes():
-    lean, every = RelayWakeups.named("lean"), RelayWakeups.named("every_event")
-    assert (lean.text_wakes, every.text_wakes) == (False, True)
-    assert lean.poll_s > every.poll_s and lean.sender_cancel_poll_s > every.sender_cancel_poll_s == 0.0
+    lean, every, quiet = RelayWakeups.named("lean"), RelayWakeups.named("every_event"), RelayWakeups.named("quiet")
+    assert (lean.text_wakes, every.text_wakes, quiet.text_wakes) == (False, True, False)
+    assert quiet.poll_s > lean.poll_s > every.poll_s
+    assert quiet.sender_cancel_poll_s > lean.sender_cancel_poll_s > every.sender_cancel_poll_s == 0.0
     with pytest.raises(ValueError, match="relay_wakeups must be one of"):
         RelayWakeups.named("sometimes")
 
@@ -258,8 +259,22 @@ def test_cancel_watch_control_and_codec_markers(tmp_path):
         os.utime(tmp_path / live_key("req a"), (stale, stale))
         board.sweep(older_than_s=1)
         assert board.is_posted(live_key("req a")) and not board.is_posted(request_key("old"))
+        # both markers of one request on the board: it fires once, by its first key; a stale
+        # control marker does not hide a valid codec marker of the same request
+        board.post(request_key("both"))
+        board.post("streamBoth")
+        watch.register([request_key("both"), "streamBoth"], time.time(), lambda src, at: fired.append(("both", src)))
+        board.post(request_key("stale2"))
+        os.utime(tmp_path / request_key("stale2"), (stale, stale))
+        board.post("streamS")
+        watch.register([request_key("stale2"), "streamS"], time.time(), lambda src, at: fired.append(("s", src)))
+        assert watch.check() == 2 and fired[-2:] == [("both", "control"), ("s", "watch")]
+        assert watch.check() == 0
+        assert set(watch._by_key) == {request_key("old")}  # fired ones forgotten; "old" still waits
     finally:
         watch.close()
+    with pytest.raises(ValueError, match="must be > 0"):
+        CancelWatch(board, period_s=0)
 
 
 def test_model_args_and_backends():

@@ -202,7 +202,10 @@ class ChromaEngine:
                          # time in them; the gap is time it could not run (waiting for the GIL, held
                          # by other threads of the process, or for a core), plus any blocking wait
                          # for the device (CUDA's default waits spin or yield, so they count as CPU)
-                         "host_step_s": 0.0, "host_cpu_s": 0.0}
+                         "host_step_s": 0.0, "host_cpu_s": 0.0,
+                         # admissions: batched prefill calls and their wall time (synchronised on CUDA;
+                         # running streams wait for it)
+                         "prefills": 0, "prefill_s": 0.0}
         self._last_done: torch.cuda.Event | None = None  # the latest step's end marker (CUDA)
         self._compiled_shapes = False
         self._inflight: _Launched | None = None
@@ -766,7 +769,10 @@ class ChromaEngine:
             states = self._prefill(items)
             if self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)
-            self.pacer.cost.observe(sum(costs[:n]), time.perf_counter() - t0)
+            took = time.perf_counter() - t0
+            self.pacer.cost.observe(sum(costs[:n]), took)
+            self.counters["prefills"] += 1
+            self.counters["prefill_s"] += took
             return states
         except Exception:  # find the request that broke the batch: retry one by one
             log.warning("batched prefill of %d requests failed; retrying them one by one", len(items), exc_info=True)

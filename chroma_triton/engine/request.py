@@ -8,6 +8,7 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
+from typing import Callable
 
 import numpy as np
 import torch
@@ -105,6 +106,7 @@ class RequestStream:
         self._ready = threading.Condition()
         self._text_wakes = True  # whether a text delta wakes a waiting get (its caller says)
         self._cancelled = threading.Event()
+        self._waker: Callable[[], None] | None = None
 
     # engine side
     def put(self, event: Event) -> None:
@@ -115,8 +117,27 @@ class RequestStream:
                 self._ready.notify_all()  # the end: every waiting reader
             elif self._text_wakes or not isinstance(event, TextDelta):
                 self._ready.notify()
+            waker = None if isinstance(event, TextDelta) else self._waker
+        if waker is not None:
+            waker()
 
     # caller side
+    def set_waker(self, waker: Callable[[], None] | None) -> None:
+        """Call `waker()` (on the engine's thread: it must be quick) after each event other than
+        text is queued, for a reader that does not block in :meth:`get` (serving/relay_hub.py)."""
+        with self._ready:
+            self._waker = waker
+
+    def drain(self) -> list[Event | None]:
+        """Every event queued now, without waiting; None last once the stream has ended."""
+        with self._ready:
+            items = list(self._items)
+            self._items.clear()
+            if items and items[-1] is self._END:
+                self._items.append(self._END)  # stay ended for later calls
+                items[-1] = None
+            return items
+
     def cancel(self) -> None:
         self._cancelled.set()
 

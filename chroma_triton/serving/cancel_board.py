@@ -159,11 +159,14 @@ class CancelWatch:
     SWEEP_EVERY_S = 60.0
 
     def __init__(self, board: CancelBoard, period_s: float = WATCH_PERIOD_S):
+        if not period_s > 0:
+            raise ValueError(f"the cancel watch period must be > 0 s, got {period_s}")
         self.board = board
         self.period_s = period_s
         self._swept = time.monotonic()
         self._lock = threading.Lock()
         self._entries: dict[int, tuple[tuple[str, ...], float, Callable[[str, float | None], None]]] = {}
+        self._by_key: dict[str, set[int]] = {}  # marker name -> registrations waiting for it
         self._next = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="chroma-cancel-watch", daemon=True)
@@ -172,12 +175,26 @@ class CancelWatch:
     def register(self, keys, since: float, callback: Callable[[str, float | None], None]) -> int:
         with self._lock:
             self._next += 1
-            self._entries[self._next] = (tuple(k for k in keys if k), since, callback)
+            keys = tuple(k for k in keys if k)
+            self._entries[self._next] = (keys, since, callback)
+            for key in keys:
+                self._by_key.setdefault(key, set()).add(self._next)
             return self._next
 
     def unregister(self, token: int) -> None:
         with self._lock:
-            self._entries.pop(token, None)
+            self._drop(token)
+
+    def _drop(self, token: int):
+        """Forget a registration (the lock held); its entry, or None."""
+        entry = self._entries.pop(token, None)
+        for key in entry[0] if entry else ():
+            tokens = self._by_key.get(key)
+            if tokens is not None:
+                tokens.discard(token)
+                if not tokens:
+                    del self._by_key[key]
+        return entry
 
     def close(self) -> None:
         self._stop.set()
@@ -187,25 +204,24 @@ class CancelWatch:
         with self._lock:
             if not self._entries:
                 return 0
-            entries = list(self._entries.items())
         names = self.board.names()
+        with self._lock:  # only registrations whose marker is on the board (a set intersection,
+            #               not a loop over every running request: this runs 100 times a second)
+            hits = [(token, key, self._entries[token]) for key in names.intersection(self._by_key)
+                    for token in self._by_key[key] if token in self._entries]
         fired = 0
-        for token, (keys, since, callback) in entries:
-            for key in keys:
-                if key not in names:
-                    continue
-                posted = self.board.posted_at(key)
-                if key.startswith("rid-") and (posted is None or posted < since - CONTROL_GRACE_S):
-                    continue  # a stale marker of an earlier request with the same id
-                with self._lock:
-                    if self._entries.pop(token, None) is None:
-                        break
-                try:
-                    callback("control" if key.startswith("rid-") else "watch", posted)
-                except Exception:  # noqa: BLE001 - one bad callback must not stop the watch
-                    log.exception("cancel callback failed")
-                fired += 1
-                break
+        for token, key, (keys, since, callback) in sorted(hits, key=lambda h: (h[0], h[2][0].index(h[1]))):
+            posted = self.board.posted_at(key)
+            if key.startswith("rid-") and (posted is None or posted < since - CONTROL_GRACE_S):
+                continue  # a stale marker of an earlier request with the same id
+            with self._lock:
+                if self._drop(token) is None:
+                    continue  # fired already (its other key) or unregistered meanwhile
+            try:
+                callback("control" if key.startswith("rid-") else "watch", posted)
+            except Exception:  # noqa: BLE001 - one bad callback must not stop the watch
+                log.exception("cancel callback failed")
+            fired += 1
         return fired
 
     def _loop(self) -> None:

@@ -20,7 +20,8 @@ from typing import Callable
 import numpy as np
 import torch
 
-from ..engine import AudioChunk, ChromaEngine, EngineOptions, Finished, GenerationRequest, RequestFailed, SamplingParams, TextDelta
+from ..engine import (AudioChunk, ChromaEngine, EngineOptions, Finished, GenerationRequest, RequestFailed, RequestStream,
+                      SamplingParams, TextDelta)
 from ..errors import EngineError, InvalidRequestError
 from ..model.loading import ChromaParts
 from ..processor import PromptBuilder, normalize_messages
@@ -34,6 +35,7 @@ log = logging.getLogger(__name__)
 # the engine's thread needs: at 256 streams, 50 ms and a wake per token meant thousands a second.
 POLL_S = 0.25
 SENDER_CANCEL_POLL_S = 0.2  # direct callers' cancellation (an IPC round trip per ask) is seen within this
+QUIET_POLL_S = 1.0  # relay_wakeups "quiet": both of the above
 # Text deltas ride on the next audio chunk (chunks come every 0.16-0.8 s of audio); text waits at
 # most this long for one. Every response runs codec_decoder and stream_watch in the ensemble, so a
 # response per text token would multiply their load several times over (measured: 63 responses
@@ -103,6 +105,16 @@ class LMService:
         )
 
     # -- streaming --------------------------------------------------------------------------------
+    def open(self, inp: LMInput, on_submit: Callable | None = None) -> tuple[RequestStream, "_Relay"]:
+        """Start generating for one request: its engine stream and the relay that turns the
+        stream's events into responses (for :meth:`run` or a :class:`~.relay_hub.RelayHub`).
+        Raises InvalidRequestError / EngineError when the request cannot start."""
+        req = self.prepare(inp)
+        stream = self.engine.submit(req)
+        if on_submit is not None:
+            on_submit(stream)
+        return stream, _Relay(len(req.thinker_ids), TEXT_HOLD_S)
+
     def run(self, inp: LMInput, send: Callable[[LMResponse], None], cancelled: Callable[[], bool],
             poll_s: float = POLL_S, on_submit: Callable | None = None, text_wakes: bool = False) -> Finished:
         """Generate for one request, calling ``send`` for each response (the last has ``final``).
@@ -112,11 +124,7 @@ class LMService:
 
         Raises InvalidRequestError / EngineError before any response when the request cannot
         start, and EngineError when generation fails midway."""
-        req = self.prepare(inp)
-        stream = self.engine.submit(req)
-        if on_submit is not None:
-            on_submit(stream)
-        relay = _Relay(len(req.thinker_ids), TEXT_HOLD_S)
+        stream, relay = self.open(inp, on_submit)
         cancel_sent = False
         try:
             while True:
@@ -151,15 +159,19 @@ class LMService:
 @dataclass(frozen=True)
 class RelayWakeups:
     """How often a relay thread wakes (chroma_lm's ``relay_wakeups`` parameter): ``lean`` (the
-    default) as above; ``every_event`` as before session 6 (every text token, a 50 ms poll, Triton's
-    ``is_cancelled()`` at every wake), kept to measure the difference on a GPU."""
+    default) as above; ``quiet``: a 1 s poll and Triton's ``is_cancelled()`` at most once a second
+    (cancellation by a direct gRPC client seen within about a second; the frontend's cancel path
+    does not poll); ``every_event`` as before session 6 (every text token, a 50 ms poll,
+    ``is_cancelled()`` at every wake): on one H100 it made 256 served streams 3-5x slower than
+    ``lean`` (docs/benchmarks.md run 28), every wake-up taking the GIL the engine thread needs."""
     poll_s: float
     text_wakes: bool
     sender_cancel_poll_s: float
 
     @classmethod
     def named(cls, name: str) -> "RelayWakeups":
-        modes = {"lean": cls(POLL_S, False, SENDER_CANCEL_POLL_S), "every_event": cls(0.05, True, 0.0)}
+        modes = {"lean": cls(POLL_S, False, SENDER_CANCEL_POLL_S), "every_event": cls(0.05, True, 0.0),
+                 "quiet": cls(QUIET_POLL_S, False, QUIET_POLL_S)}
         if name not in modes:
             raise ValueError(f"relay_wakeups must be one of {sorted(modes)}, got {name!r}")
         return modes[name]
@@ -221,6 +233,10 @@ class _Relay:
         if not self._text:
             return longest
         return min(longest, max(self.hold_s - (self.clock() - self._text_since), 0.0))
+
+    def text_due_at(self) -> float | None:
+        """When held text must go out without a chunk (this relay's clock), or None: none held."""
+        return None if not self._text else self._text_since + self.hold_s
 
     def _take_text(self) -> str:
         text, self._text, self._text_since = "".join(self._text), [], None

@@ -10,6 +10,7 @@ import triton_python_backend_utils as pb_utils
 from chroma_triton.serving import protocol as P
 from chroma_triton.serving.cancel_board import CancelBoard, CancelWatch, live_key, request_key
 from chroma_triton.serving.model_args import ModelArgs, configure_logging, input_array, load_model_parts, thinker_backend
+from chroma_triton.serving.relay_hub import RelayHub, RelayJob
 from chroma_triton.serving.triton_lm import LMInput, LMService, RelayWakeups, engine_options, throttled
 
 log = logging.getLogger("chroma_triton.chroma_lm")
@@ -26,15 +27,20 @@ class TritonPythonModel:
             raise pb_utils.TritonModelException("chroma_lm must be decoupled (model_transaction_policy { decoupled: true })")
         backend = thinker_backend(a.str("thinker_backend", "auto"))  # fails clearly for unknown values
         self.wakeups = RelayWakeups.named(a.str("relay_wakeups", "lean"))  # likewise
+        relays = a.str("relays", "shared")
+        if relays not in ("per_request", "shared"):
+            raise pb_utils.TritonModelException(f"chroma_lm: relays must be per_request or shared, got {relays!r}")
         path, parts = load_model_parts(a, {"thinker", "frame_model", "tokenizer"})
         self.args = a
         options = engine_options(a)
         options.thinker_backend = backend
         options.thinker_options = {"free_torch_thinker": True} if backend == "sglang" else {}
         self.service = LMService(parts, options)
+        self.hub = RelayHub(self.wakeups.poll_s) if relays == "shared" else None
         self.board = CancelBoard()
         self.board.sweep()
-        self.watch = CancelWatch(self.board)  # cancels streams named on the board (serving/cancel_board.py)
+        # cancels streams named on the board (serving/cancel_board.py), looking every cancel_watch_ms
+        self.watch = CancelWatch(self.board, period_s=a.float("cancel_watch_ms", 10.0) / 1000.0)
         self._init_metrics(a)
         print(f"[{a.instance_name}] ready on {a.device}: {path}, max_batch {self.service.engine.opts.max_batch}", flush=True)
 
@@ -74,10 +80,16 @@ class TritonPythonModel:
             "host_cpu_s": family("chroma_lm_host_cpu_seconds_total",
                                  "CPU time of the engine thread in its steps (the gap to the wall time: "
                                  "waiting for the GIL or a core)", C),
+            "host_wait_s": family("chroma_lm_host_wait_seconds_total",
+                                  "Wall time the engine thread waited for a step's codes from the GPU", C),
+            "prefills": family("chroma_lm_prefills_total", "Batched prefill calls (admissions)", C),
+            "prefill_s": family("chroma_lm_prefill_seconds_total",
+                                "Wall time of the batched prefills (every running stream waits for them)", C),
         }
         self._seen = {k: 0 for k in self.counters}
         self._metrics_lock = threading.Lock()
         self._stop = threading.Event()
+        self._kick = threading.Event()  # metrics_soon(): update now rather than at the next period
         self._metrics_thread = threading.Thread(target=self._metrics_loop, name="chroma-lm-metrics", daemon=True)
         self._metrics_thread.start()
 
@@ -92,8 +104,16 @@ class TritonPythonModel:
                     counter.increment(value - self._seen[key])
                     self._seen[key] = value
 
+    def metrics_soon(self):
+        """Counters current shortly after a request ends (on the metrics thread, not the caller's)."""
+        self._kick.set()
+
     def _metrics_loop(self):
-        while not self._stop.wait(METRICS_PERIOD_S):
+        while not self._stop.is_set():
+            self._kick.wait(METRICS_PERIOD_S)
+            self._kick.clear()
+            if self._stop.is_set():
+                return
             try:
                 self._update_metrics()
             except Exception:  # noqa: BLE001 - metrics must never take the model down
@@ -116,74 +136,12 @@ class TritonPythonModel:
             except Exception as exc:  # noqa: BLE001
                 self._send_error(sender, exc)
                 continue
-            rid = request.request_id() or ""  # the ensemble's id (the frontend's request id)
-            threading.Thread(target=self._serve, args=(inp, sender, rid), name="chroma-lm-request", daemon=True).start()
+            served = _Served(self, inp, sender, request.request_id() or "")  # the ensemble's id
+            if self.hub is not None:  # relays "shared": started here, relayed by the hub's thread
+                served.start(self.hub)
+            else:  # "per_request": a thread of its own
+                threading.Thread(target=served.run, name="chroma-lm-request", daemon=True).start()
         return None
-
-    def _serve(self, inp, sender, rid=""):
-        key = uuid.uuid4().hex  # the codec path's stream key
-        k = self.service.num_codebooks
-        arrived = time.time()
-        flag = threading.Event()
-        note = {"source": None, "posted": None, "seen": None, "freed": None}
-        streams = []
-
-        def on_cancel(source, posted):  # the cancel watch's thread
-            note.update(source=source, posted=posted, seen=time.time())
-            flag.set()
-            if streams:
-                streams[0].cancel()  # the engine drops the row at its next step
-
-        def on_submit(stream):
-            streams.append(stream)
-            if flag.is_set():
-                stream.cancel()
-
-        def send(response):
-            if response.final and note["freed"] is None:
-                note["freed"] = time.time()
-            tensors = [pb_utils.Tensor(name, value) for name, value in response.tensors(k, key).items()]
-            sender.send(pb_utils.InferenceResponse(output_tensors=tensors), flags=FINAL if response.final else 0)
-
-        sender_cancelled = throttled(sender.is_cancelled, self.wakeups.sender_cancel_poll_s)
-
-        def cancelled(ask_triton=sender_cancelled):  # the relay asks throttled; the error path asks at once
-            if flag.is_set():
-                return True
-            if ask_triton():
-                note.update(source=note["source"] or "triton", seen=note["seen"] or time.time())
-                return True
-            return False
-
-        if rid:
-            self.board.post(live_key(rid))
-        token = self.watch.register([request_key(rid) if rid else "", key], arrived, on_cancel)
-        finished = None
-        try:
-            finished = self.service.run(inp, send, cancelled, on_submit=on_submit, poll_s=self.wakeups.poll_s,
-                                        text_wakes=self.wakeups.text_wakes)
-        except Exception as exc:  # noqa: BLE001
-            if cancelled(sender.is_cancelled):  # the stream is gone; nobody is listening for an error
-                log.debug("cancelled request ended with %r", exc)
-            else:
-                self._send_error(sender, exc)
-        finally:
-            self.watch.unregister(token)
-            for marker in ([live_key(rid), request_key(rid)] if rid else []) + [key]:
-                self.board.clear(marker)
-            if note["source"] is not None:
-                # One line per cancelled request (scripts/reliability/soak.py reads them): how the
-                # cancel came, when it was posted and seen, and when the engine gave up the row.
-                # reason: "cancelled", or how the reply ended when it ended just before the cancel.
-                log.info("cancelled request id=%s source=%s posted=%s seen=%.3f freed=%.3f frames=%s reason=%s",
-                         rid or "-", note["source"], "-" if note["posted"] is None else f"{note['posted']:.3f}",
-                         note["seen"] or 0.0, note["freed"] or time.time(),
-                         finished.audio_frames if finished is not None else "-",
-                         finished.reason if finished is not None else "-")
-            try:
-                self._update_metrics()
-            except Exception:  # noqa: BLE001
-                pass
 
     @staticmethod
     def _send_error(sender, exc):
@@ -198,7 +156,98 @@ class TritonPythonModel:
     def finalize(self):
         if hasattr(self, "_stop"):
             self._stop.set()
+            self._kick.set()
         if hasattr(self, "watch"):
             self.watch.close()
         if hasattr(self, "service"):
             self.service.close()
+        if getattr(self, "hub", None) is not None:
+            self.hub.close()
+
+
+class _Served:
+    """One request in this instance: where a cancel can come from (the board, Triton), its
+    responses, and its end (an error response if it failed, the board and watch cleared)."""
+
+    def __init__(self, model: TritonPythonModel, inp: LMInput, sender, rid: str):
+        self.model, self.inp, self.sender, self.rid = model, inp, sender, rid
+        self.key = uuid.uuid4().hex  # the codec path's stream key
+        self.k = model.service.num_codebooks
+        self.flag = threading.Event()
+        self.note = {"source": None, "posted": None, "seen": None, "freed": None}
+        self.streams = []
+        self.ask_triton = throttled(sender.is_cancelled, model.wakeups.sender_cancel_poll_s)
+        if rid:
+            model.board.post(live_key(rid))
+        self.token = model.watch.register([request_key(rid) if rid else "", self.key], time.time(), self.on_cancel)
+
+    def on_cancel(self, source, posted):  # the cancel watch's thread
+        self.note.update(source=source, posted=posted, seen=time.time())
+        self.flag.set()
+        if self.streams:
+            self.streams[0].cancel()  # the engine drops the row at its next step
+
+    def on_submit(self, stream):
+        self.streams.append(stream)
+        if self.flag.is_set():
+            stream.cancel()
+
+    def send(self, response):
+        if response.final and self.note["freed"] is None:
+            self.note["freed"] = time.time()
+        tensors = [pb_utils.Tensor(name, value) for name, value in response.tensors(self.k, self.key).items()]
+        self.sender.send(pb_utils.InferenceResponse(output_tensors=tensors), flags=FINAL if response.final else 0)
+
+    def cancelled(self, ask_triton=None) -> bool:
+        """Cancelled by the board, or by Triton (asked throttled by the relay, at once by `end`)."""
+        if self.flag.is_set():
+            return True
+        if (ask_triton or self.ask_triton)():
+            self.note.update(source=self.note["source"] or "triton", seen=self.note["seen"] or time.time())
+            return True
+        return False
+
+    def run(self):
+        """relays "per_request": generate and relay on this thread."""
+        finished, error = None, None
+        w = self.model.wakeups
+        try:
+            finished = self.model.service.run(self.inp, self.send, self.cancelled, on_submit=self.on_submit,
+                                              poll_s=w.poll_s, text_wakes=w.text_wakes)
+        except Exception as exc:  # noqa: BLE001
+            error = exc
+        self.end(finished, error)
+
+    def start(self, hub):
+        """relays "shared": submit now; the hub's thread relays and calls `end`."""
+        try:
+            stream, relay = self.model.service.open(self.inp, self.on_submit)
+            hub.add(RelayJob(stream, relay, self.send, self.cancelled, self.end))
+        except Exception as exc:  # noqa: BLE001
+            if self.streams:
+                self.streams[0].cancel()
+            self.end(None, exc)
+
+    def end(self, finished, error):
+        model = self.model
+        try:
+            if error is not None:
+                if self.cancelled(self.sender.is_cancelled):  # the stream is gone; nobody listens for an error
+                    log.debug("cancelled request ended with %r", error)
+                else:
+                    model._send_error(self.sender, error)
+        finally:
+            model.watch.unregister(self.token)
+            for marker in ([live_key(self.rid), request_key(self.rid)] if self.rid else []) + [self.key]:
+                model.board.clear(marker)
+            note = self.note
+            if note["source"] is not None:
+                # One line per cancelled request (scripts/reliability/soak.py reads them): how the
+                # cancel came, when it was posted and seen, and when the engine gave up the row.
+                # reason: "cancelled", or how the reply ended when it ended just before the cancel.
+                log.info("cancelled request id=%s source=%s posted=%s seen=%.3f freed=%.3f frames=%s reason=%s",
+                         self.rid or "-", note["source"], "-" if note["posted"] is None else f"{note['posted']:.3f}",
+                         note["seen"] or 0.0, note["freed"] or time.time(),
+                         finished.audio_frames if finished is not None else "-",
+                         finished.reason if finished is not None else "-")
+            model.metrics_soon()

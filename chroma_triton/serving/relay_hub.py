@@ -1,0 +1,160 @@
+"""One thread that relays the engine's events of every request of a ``chroma_lm`` instance to
+Triton (chroma_lm's ``relays: shared``), instead of a thread per request.
+
+Why: at 256 streams the per-request threads held Python's GIL more than the engine's own thread
+did (py-spy, docs/benchmarks.md run 28), and every wake-up of one of them is a GIL hand-over the
+engine thread may wait behind (waking them more often made 256 streams 3-5x slower). Here the
+engine's ``RequestStream.put`` calls :meth:`RelayHub.wake` for audio and for the end (not for
+text), and one thread serves every woken request in one pass: drain its events, turn them into
+responses (:class:`~.triton_lm._Relay`: text rides on the next chunk), send them. Besides, the
+thread looks at every request every ``poll_s`` (held text falling due, cancellation asked of
+Triton) and wakes when a held text is due.
+
+A request ends when its relay has the ``Finished`` event, or with an exception (a failed
+request, a failed send): its ``done(finished, error)`` callback runs on this thread, once.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import logging
+import math
+import threading
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+from ..engine import Finished, RequestStream
+from ..errors import EngineError
+from .protocol import LMResponse
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(eq=False)
+class RelayJob:
+    """One request being relayed."""
+    stream: RequestStream
+    relay: object  # triton_lm._Relay: responses(events), finished, text_due_at()
+    send: Callable[[LMResponse], None]
+    cancelled: Callable[[], bool]  # asked at each pass; True once: the stream is cancelled
+    done: Callable[[Finished | None, BaseException | None], None]
+    cancel_sent: bool = False
+
+
+class RelayHub:
+    def __init__(self, poll_s: float, clock: Callable[[], float] = time.monotonic, name: str = "chroma-lm-relay"):
+        if not poll_s > 0:
+            raise ValueError(f"poll_s must be > 0, got {poll_s}")
+        self.poll_s, self.clock = poll_s, clock
+        self._cond = threading.Condition()
+        self._ready: list[RelayJob] = []  # woken since the last pass
+        self._jobs: set[RelayJob] = set()
+        self._due: list[tuple[float, int, RelayJob]] = []  # held texts' deadlines (a heap)
+        self._seq = itertools.count()
+        self._stopping = False
+        self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
+        self._thread.start()
+
+    def __len__(self) -> int:
+        return len(self._jobs)
+
+    def add(self, job: RelayJob) -> None:
+        """Relay `job` from now on (its stream may hold events already)."""
+        with self._cond:
+            if self._stopping:
+                raise EngineError("the relay has stopped")
+            self._jobs.add(job)
+            self._ready.append(job)
+            self._cond.notify()
+        job.stream.set_waker(lambda: self.wake(job))
+
+    def wake(self, job: RelayJob) -> None:
+        with self._cond:
+            self._ready.append(job)
+            self._cond.notify()
+
+    def close(self, timeout: float = 5.0) -> None:
+        """Stop the thread; requests still relayed end with an EngineError (their streams cancelled)."""
+        with self._cond:
+            self._stopping = True
+            self._cond.notify()
+        self._thread.join(timeout)
+        for job in list(self._jobs):
+            job.stream.cancel()
+            self._finish(job, None, EngineError("the server is shutting down"))
+
+    # -- the thread ------------------------------------------------------------------------------
+    def _next_batch(self, next_poll: float) -> tuple[list[RelayJob], bool]:
+        """Wait until a request is woken, a held text falls due or the poll is due; the requests to
+        serve (every one when the poll is due) and whether it was the poll."""
+        with self._cond:
+            while not self._ready and not self._stopping:
+                deadline = min(next_poll, self._due[0][0] if self._due else math.inf)
+                wait = deadline - self.clock()
+                if wait <= 0:
+                    break
+                self._cond.wait(wait)
+            if self._stopping:
+                return [], False
+            batch, self._ready = self._ready, []
+            now = self.clock()
+            while self._due and self._due[0][0] <= now:
+                batch.append(heapq.heappop(self._due)[2])
+            polled = now >= next_poll
+            if polled:
+                batch.extend(self._jobs)
+            return batch, polled
+
+    def _loop(self) -> None:
+        next_poll = self.clock() + self.poll_s
+        while True:
+            batch, polled = self._next_batch(next_poll)
+            if self._stopping:
+                return
+            if polled:
+                next_poll = self.clock() + self.poll_s
+            seen: set[int] = set()
+            for job in batch:
+                if id(job) in seen or job not in self._jobs:
+                    continue
+                seen.add(id(job))
+                try:
+                    self._serve(job)
+                except Exception:  # noqa: BLE001 - never let one request stop the relay of all
+                    log.exception("relay pass failed")
+
+    def _serve(self, job: RelayJob) -> None:
+        try:
+            if not job.cancel_sent and job.cancelled():
+                job.stream.cancel()  # the engine drops the row at its next step; its end comes here
+                job.cancel_sent = True
+            events = job.stream.drain()
+            ended = bool(events) and events[-1] is None
+            for response in job.relay.responses([e for e in events if e is not None]):
+                job.send(response)
+            if job.relay.finished is not None:
+                self._finish(job, job.relay.finished, None)
+                return
+            if ended:
+                raise EngineError("the engine ended the stream without a result")
+        except BaseException as exc:  # noqa: BLE001 - a failed request or send ends only this job
+            job.stream.cancel()  # frees the row if generation still runs (send failed)
+            self._finish(job, None, exc)
+            return
+        due = job.relay.text_due_at()
+        if due is not None:
+            with self._cond:
+                heapq.heappush(self._due, (due, next(self._seq), job))
+
+    def _finish(self, job: RelayJob, finished: Finished | None, error: BaseException | None) -> None:
+        with self._cond:
+            if job not in self._jobs:
+                return
+            self._jobs.discard(job)
+        job.stream.set_waker(None)
+        try:
+            job.done(finished, error)
+        except Exception:  # noqa: BLE001
+            log.exception("relay done callback failed")
