@@ -55,7 +55,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--base-qwen-path", default=None,
                    help="Qwen2.5-Omni folder for thinker config/tokenizer/feature extractor the checkpoint lacks")
     p.add_argument("--dp-size", type=int, default=1, help="data parallel size: chroma_lm instances, one per GPU 0..N-1")
-    p.add_argument("--workers", type=int, default=1, help="frontend worker processes")
+    p.add_argument("--workers", type=int, default=None,
+                   help="frontend worker processes (default: --dp-size; one event loop reached ~0.85 of a core "
+                        "at 512 streams on 2 GPUs: docs/benchmarks.md run 30)")
     p.add_argument("--triton-host", default=None, help="address Triton binds (default: --host)")
     p.add_argument("--triton-http-port", type=int, default=8080, help="Triton HTTP/REST port")
     p.add_argument("--triton-grpc-port", type=int, default=8001, help="Triton gRPC port (the frontend uses it)")
@@ -515,7 +517,7 @@ class Launcher:
     def _frontend_command(self) -> list[str]:
         a = self.args
         cmd = [sys.executable, "-m", "openai_frontend", "--host", a.host, "--port", str(a.port),
-               "--triton-grpc-url", self.server.grpc_url, "--workers", str(a.workers)]
+               "--triton-grpc-url", self.server.grpc_url, "--workers", str(a.dp_size if a.workers is None else a.workers)]
         for folder in a.allowed_local_media_path or [str(ASSETS)]:
             cmd += ["--allowed-local-media-path", folder]
         for origin in a.cors_allow_origin:
