@@ -103,7 +103,7 @@ case $step in
     for name in "$@"; do
       source "/root/stack-$name.env"
       until curl -sf "localhost:$PORT/health" >/dev/null; do
-        if ! pgrep -f "stack-$name( |$)" >/dev/null; then echo "stack $name exited"; tail -40 "/root/stack-$name.log"; exit 1; fi
+        if ! pgrep -f "workdir /root/stack-$name( |$)" >/dev/null; then echo "stack $name exited"; tail -40 "/root/stack-$name.log"; exit 1; fi
         sleep 2
       done
       echo "stack $name ready after $(( $(date +%s) - t0 )) s"

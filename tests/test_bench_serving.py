@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from chroma_triton.bench.procs import cpu_deltas, role_of
+from chroma_triton.bench.procs import cpu_deltas, mentions, role_of
 from chroma_triton.bench.stats import FRAME_MS, FRAME_SAMPLES, SAMPLE_RATE, StreamRecord, all_busy_window, summarize
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -56,6 +56,10 @@ def test_all_busy_window_and_its_throughput():
     # chunks in (2, 6]: 2.5, 3.5, 5.0 (stream 0) and 3.0, 5.5 (stream 1): 5 frames in 4 s
     assert level["busy_window_s"] == pytest.approx(4.0)
     assert level["audio_s_per_s_all_busy"] == pytest.approx(5 * FRAME_MS / 1000 / 4.0)
+    # a stream whose first request failed counts from its first audio; one with no audio is left out
+    failed_first = [StreamRecord(sent=0.0, stream=1, round=0, done=0.5, error="boom"), req(1, 1, 0.5, [3.0], 6.0)]
+    assert all_busy_window([records[0], records[1], *failed_first]) == (3.0, 6.0)
+    assert all_busy_window([records[0], records[1], StreamRecord(sent=0.0, stream=1, error="x")]) == (1.0, 9.0)
     # a stream that ended before another one started: no window
     assert all_busy_window([req(0, 0, 0.0, [0.5], 1.0), req(1, 0, 0.0, [2.0], 3.0)]) is None
     assert summarize([req(0, 0, 0.0, [0.5], 1.0)], 0.0, 1.0)["audio_s_per_s_all_busy"] is None  # window < 1 s
@@ -67,6 +71,9 @@ def test_server_process_roles_and_cpu():
     assert role_of(["/usr/local/bin/tritonserver", "--model-repository=/x"]) == "tritonserver"
     assert role_of(["/venv/bin/python", "-m", "openai_frontend", "--port", "8000"]) == "frontend"
     assert role_of(["/venv/bin/python", "-m", "pytest"]) is None and role_of([]) is None
+    assert mentions("/root/stack-a/repo/chroma_lm/1/model.py", "/root/stack-a")
+    assert mentions("--model-repository=/root/stack-a/repo", "/root/stack-a") and mentions("/root/stack-a", "/root/stack-a/")
+    assert not mentions("/root/stack-ab/repo", "/root/stack-a") and not mentions("x/root/stack-a", "/root/stack-a")
     tick = os.sysconf("SC_CLK_TCK")  # what cpu_deltas divides /proc's ticks by
     before = {1: {"role": "chroma_lm", "ticks": 0, "threads": {1: 0, 2: 0}},
               2: {"role": "chroma_lm", "ticks": 0, "threads": {3: 0}},

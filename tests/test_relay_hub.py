@@ -138,11 +138,50 @@ def test_a_stream_ended_without_a_result_is_an_engine_error(hub):
     assert sink.ended.wait(5) and isinstance(sink.error, EngineError)
 
 
-def test_close_ends_what_is_left():
+def test_events_wake_the_thread_without_waiting_for_the_poll():
+    hub = RelayHub(poll_s=30.0)  # the poll never comes during this test
+    try:
+        for i in range(50):
+            stream, sink = RequestStream(f"f{i}"), Sink()
+            hub.add(job_for(stream, sink))
+            stream.put(chunk(2))  # right after add: the waker is in place before the job is known
+            stream.put(Finished("stop", 3, 0, 2, ""))
+            assert sink.ended.wait(2), f"request {i} waited for the poll"
+            assert sink.finished.reason == "stop" and sum(r.new_frames for r in sink.responses) == 2
+    finally:
+        hub.close(grace_s=0)
+
+
+def test_the_thread_survives_a_failing_pass():
+    hub = RelayHub(poll_s=0.05)
+    real, failures = hub._next_batch, []
+
+    def flaky(next_poll):
+        if not failures:
+            failures.append(1)
+            raise RuntimeError("boom")
+        return real(next_poll)
+
+    hub._next_batch = flaky
+    try:
+        time.sleep(0.1)
+        stream, sink = RequestStream("s"), Sink()
+        hub.add(job_for(stream, sink))
+        stream.put(Finished("stop", 3, 0, 0, ""))
+        assert failures and sink.ended.wait(5) and sink.finished.reason == "stop"
+    finally:
+        hub.close(grace_s=0)
+
+
+def test_close_relays_ends_already_queued_then_ends_what_is_left():
     hub = RelayHub(poll_s=0.05)
     stream, sink = RequestStream("left"), Sink()
+    ending, ending_sink = RequestStream("ending"), Sink()
     hub.add(job_for(stream, sink))
-    hub.close()
+    hub.add(job_for(ending, ending_sink))
+    ending.put(Finished("length", 3, 0, 0, ""))  # as the engine does for every stream at shutdown
+    hub.close(grace_s=0.2)
+    assert ending_sink.finished is not None and ending_sink.finished.reason == "length"
     assert sink.ended.is_set() and isinstance(sink.error, EngineError) and stream.cancelled
     with pytest.raises(EngineError):
         hub.add(job_for(RequestStream("late"), Sink()))

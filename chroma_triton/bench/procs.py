@@ -11,6 +11,7 @@ after the level; no sampling thread is needed.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 from dataclasses import dataclass
@@ -40,7 +41,7 @@ def role_of(argv: list[str]) -> str | None:
     if not argv:
         return None
     exe = os.path.basename(argv[0])
-    if exe == STUB or STUB in exe:
+    if STUB in exe:
         # the stub's first argument is the instance's model.py: .../<model>/<version>/model.py
         model_py = Path(argv[1]) if len(argv) > 1 else None
         return model_py.parent.parent.name if model_py is not None and model_py.parent.parent.name else "python_stub"
@@ -59,12 +60,19 @@ def _ppid(pid: int) -> int | None:
     return int(text[text.rfind(")") + 2:].split()[1])
 
 
+def mentions(part: str, path: str) -> bool:
+    """Whether a command-line word names `path` or something under it (``/root/stack-a`` in
+    ``/root/stack-a/x/model.py`` or ``--workdir=/root/stack-a``, not in ``/root/stack-ab``)."""
+    path = path.rstrip("/")
+    return re.search(rf"(^|[=\s]){re.escape(path)}(/|$|\s)", part) is not None
+
+
 def _lineage_matches(pid: int, match: str, depth: int = 6) -> bool:
-    """Whether the process or one of its ancestors has `match` in its command line."""
+    """Whether the process or one of its ancestors names `match` on its command line."""
     for _ in range(depth):
         if pid is None or pid <= 1:
             return False
-        if any(match in part for part in _cmdline(pid)):
+        if any(mentions(part, match) for part in _cmdline(pid)):
             return True
         pid = _ppid(pid)
     return False

@@ -89,18 +89,22 @@ def pct(values, q: float) -> float | None:
 
 def all_busy_window(records: list[StreamRecord]) -> tuple[float, float] | None:
     """(start, end) of the time every stream of the level was busy: from the moment the last of
-    them got its first audio to the moment the first of them sent its last request's end. None
-    when that never happened (a stream ended before another one started)."""
+    them got its first audio to the moment the first of them saw its last request end. Streams
+    that got no audio at all (every request failed) are left out. None when that never happened
+    (a stream ended before another one started)."""
     by_stream: dict[int, list[StreamRecord]] = {}
     for r in records:
         by_stream.setdefault(r.stream, []).append(r)
     firsts, ends = [], []
     for recs in by_stream.values():
-        recs = sorted(recs, key=lambda r: r.round)
-        if not recs[0].chunks or recs[-1].done is None:
-            return None
-        firsts.append(recs[0].chunks[0][0])
-        ends.append(recs[-1].done)
+        arrivals = [r.chunks[0][0] for r in recs if r.chunks]
+        done = [r.done for r in recs if r.done is not None]
+        if not arrivals or not done:
+            continue
+        firsts.append(min(arrivals))
+        ends.append(max(done))
+    if not firsts:
+        return None
     start, end = max(firsts), min(ends)
     return (start, end) if end > start else None
 

@@ -23,11 +23,14 @@ import math
 import threading
 import time
 from dataclasses import dataclass
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 from ..engine import Finished, RequestStream
 from ..errors import EngineError
 from .protocol import LMResponse
+
+if TYPE_CHECKING:
+    from .triton_lm import _Relay
 
 log = logging.getLogger(__name__)
 
@@ -36,11 +39,12 @@ log = logging.getLogger(__name__)
 class RelayJob:
     """One request being relayed."""
     stream: RequestStream
-    relay: object  # triton_lm._Relay: responses(events), finished, text_due_at()
+    relay: "_Relay"  # responses(events), finished, text_due_at()
     send: Callable[[LMResponse], None]
     cancelled: Callable[[], bool]  # asked at each pass; True once: the stream is cancelled
     done: Callable[[Finished | None, BaseException | None], None]
     cancel_sent: bool = False
+    due_at: float | None = None  # the held text's deadline already queued in the hub's heap
 
 
 class RelayHub:
@@ -62,25 +66,39 @@ class RelayHub:
 
     def add(self, job: RelayJob) -> None:
         """Relay `job` from now on (its stream may hold events already)."""
+        # the waker first: an event put after the first pass below must wake the thread (a wake
+        # before the job is known is skipped harmlessly)
+        job.stream.set_waker(lambda: self.wake(job))
         with self._cond:
-            if self._stopping:
+            if self._stopping or not self._thread.is_alive():
+                job.stream.set_waker(None)
                 raise EngineError("the relay has stopped")
             self._jobs.add(job)
             self._ready.append(job)
             self._cond.notify()
-        job.stream.set_waker(lambda: self.wake(job))
 
     def wake(self, job: RelayJob) -> None:
         with self._cond:
             self._ready.append(job)
             self._cond.notify()
 
-    def close(self, timeout: float = 5.0) -> None:
-        """Stop the thread; requests still relayed end with an EngineError (their streams cancelled)."""
+    def close(self, grace_s: float = 1.0, timeout: float = 5.0) -> None:
+        """Stop: requests whose ends are queued (the engine ends every stream when it shuts down)
+        get `grace_s` to be relayed; those still relayed then end with an EngineError (their
+        streams cancelled). Once stopping, the thread sends nothing more."""
+        deadline = self.clock() + grace_s
+        while self._jobs and self._thread.is_alive() and self.clock() < deadline:
+            time.sleep(0.01)
         with self._cond:
             self._stopping = True
             self._cond.notify()
         self._thread.join(timeout)
+        if self._thread.is_alive():  # stuck in a send: it ends the rest itself when that returns
+            log.warning("the relay thread did not stop within %.0f s", timeout)
+            return
+        self._end_all()
+
+    def _end_all(self) -> None:
         for job in list(self._jobs):
             job.stream.cancel()
             self._finish(job, None, EngineError("the server is shutting down"))
@@ -109,21 +127,21 @@ class RelayHub:
 
     def _loop(self) -> None:
         next_poll = self.clock() + self.poll_s
-        while True:
-            batch, polled = self._next_batch(next_poll)
-            if self._stopping:
-                return
-            if polled:
-                next_poll = self.clock() + self.poll_s
-            seen: set[int] = set()
-            for job in batch:
-                if id(job) in seen or job not in self._jobs:
-                    continue
-                seen.add(id(job))
-                try:
+        while not self._stopping:
+            try:
+                batch, polled = self._next_batch(next_poll)
+                if polled:
+                    next_poll = self.clock() + self.poll_s
+                seen: set[RelayJob] = set()
+                for job in batch:
+                    if job in seen or job not in self._jobs:
+                        continue
+                    seen.add(job)
                     self._serve(job)
-                except Exception:  # noqa: BLE001 - never let one request stop the relay of all
-                    log.exception("relay pass failed")
+            except Exception:  # noqa: BLE001 - the thread relays every request: it must not die
+                log.exception("relay pass failed")
+                time.sleep(0.01)
+        self._end_all()
 
     def _serve(self, job: RelayJob) -> None:
         try:
@@ -133,18 +151,21 @@ class RelayHub:
             events = job.stream.drain()
             ended = bool(events) and events[-1] is None
             for response in job.relay.responses([e for e in events if e is not None]):
+                if self._stopping:
+                    raise EngineError("the server is shutting down")
                 job.send(response)
             if job.relay.finished is not None:
                 self._finish(job, job.relay.finished, None)
                 return
             if ended:
                 raise EngineError("the engine ended the stream without a result")
-        except BaseException as exc:  # noqa: BLE001 - a failed request or send ends only this job
+        except Exception as exc:  # noqa: BLE001 - a failed request or send ends only this job
             job.stream.cancel()  # frees the row if generation still runs (send failed)
             self._finish(job, None, exc)
             return
         due = job.relay.text_due_at()
-        if due is not None:
+        if due is not None and due != job.due_at:  # one heap entry per held text
+            job.due_at = due
             with self._cond:
                 heapq.heappush(self._due, (due, next(self._seq), job))
 

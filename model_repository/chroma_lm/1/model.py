@@ -30,6 +30,8 @@ class TritonPythonModel:
         relays = a.str("relays", "shared")
         if relays not in ("per_request", "shared"):
             raise pb_utils.TritonModelException(f"chroma_lm: relays must be per_request or shared, got {relays!r}")
+        if relays == "shared" and self.wakeups.text_wakes:  # text never wakes the shared relay thread
+            raise pb_utils.TritonModelException("chroma_lm: relay_wakeups every_event needs relays per_request")
         path, parts = load_model_parts(a, {"thinker", "frame_model", "tokenizer"})
         self.args = a
         options = engine_options(a)
@@ -136,7 +138,11 @@ class TritonPythonModel:
             except Exception as exc:  # noqa: BLE001
                 self._send_error(sender, exc)
                 continue
-            served = _Served(self, inp, sender, request.request_id() or "")  # the ensemble's id
+            try:
+                served = _Served(self, inp, sender, request.request_id() or "")  # the ensemble's id
+            except Exception as exc:  # noqa: BLE001 - e.g. the cancel board could not be written
+                self._send_error(sender, exc)
+                continue
             if self.hub is not None:  # relays "shared": started here, relayed by the hub's thread
                 served.start(self.hub)
             else:  # "per_request": a thread of its own
