@@ -27,9 +27,10 @@ MAX_BATCH = 4
 @pytest.fixture(scope="module", params=["shared", "per_request"])
 def server(request, triton_install, tmp_path_factory, tiny_checkpoint):
     """The module's tests run once per way chroma_lm relays responses (its ``relays`` parameter):
-    one thread for all requests (the default) and a thread per request."""
+    shared relay threads (here two, requests dealt over them; the default is one, which every
+    other stack test runs) and a thread per request."""
     repo = tmp_path_factory.mktemp("rendered") / "model_repository"
-    params = {"chroma_lm": {"max_batch": str(MAX_BATCH), "relays": request.param}}
+    params = {"chroma_lm": {"max_batch": str(MAX_BATCH), "relays": request.param, "relay_threads": "2"}}
     render_repository(repo, RenderSpec(model_path=str(tiny_checkpoint), params=params))
     srv = TritonServer(repo, log_file=tmp_path_factory.mktemp("logs") / "tritonserver.log")
     t0 = time.monotonic()

@@ -1,5 +1,6 @@
 """Triton adapter of chroma_lm (decoupled); the logic is chroma_triton.serving.triton_lm."""
 
+import itertools
 import logging
 import threading
 import time
@@ -38,7 +39,12 @@ class TritonPythonModel:
         options.thinker_backend = backend
         options.thinker_options = {"free_torch_thinker": True} if backend == "sglang" else {}
         self.service = LMService(parts, options)
-        self.hub = RelayHub(self.wakeups.poll_s) if relays == "shared" else None
+        # relays "shared": relay_threads threads, each relaying its share of the requests
+        n = a.int("relay_threads", 1) if relays == "shared" else 0
+        if relays == "shared" and n < 1:
+            raise pb_utils.TritonModelException(f"chroma_lm: relay_threads must be >= 1, got {n}")
+        self.hubs = [RelayHub(self.wakeups.poll_s, name=f"chroma-lm-relay-{i}") for i in range(n)]
+        self._next_hub = itertools.count()
         self.board = CancelBoard()
         self.board.sweep()
         # cancels streams named on the board (serving/cancel_board.py), looking every cancel_watch_ms
@@ -143,8 +149,8 @@ class TritonPythonModel:
             except Exception as exc:  # noqa: BLE001 - e.g. the cancel board could not be written
                 self._send_error(sender, exc)
                 continue
-            if self.hub is not None:  # relays "shared": started here, relayed by the hub's thread
-                served.start(self.hub)
+            if self.hubs:  # relays "shared": started here, relayed by a hub's thread
+                served.start(self.hubs[next(self._next_hub) % len(self.hubs)])
             else:  # "per_request": a thread of its own
                 threading.Thread(target=served.run, name="chroma-lm-request", daemon=True).start()
         return None
@@ -167,8 +173,8 @@ class TritonPythonModel:
             self.watch.close()
         if hasattr(self, "service"):
             self.service.close()
-        if getattr(self, "hub", None) is not None:
-            self.hub.close()
+        for hub in getattr(self, "hubs", []):
+            hub.close()
 
 
 class _Served:
