@@ -39,7 +39,7 @@ log = logging.getLogger(__name__)
 class RelayJob:
     """One request being relayed."""
     stream: RequestStream
-    relay: "_Relay"  # responses(events), finished, text_due_at()
+    relay: "_Relay"  # forward(events, send), finished, text_due_at()
     send: Callable[[LMResponse], None]
     cancelled: Callable[[], bool]  # asked at each pass; True once: the stream is cancelled
     done: Callable[[Finished | None, BaseException | None], None]
@@ -148,17 +148,9 @@ class RelayHub:
             if not job.cancel_sent and job.cancelled():
                 job.stream.cancel()  # the engine drops the row at its next step; its end comes here
                 job.cancel_sent = True
-            events = job.stream.drain()
-            ended = bool(events) and events[-1] is None
-            for response in job.relay.responses([e for e in events if e is not None]):
-                if self._stopping:
-                    raise EngineError("the server is shutting down")
-                job.send(response)
-            if job.relay.finished is not None:
+            if job.relay.forward(job.stream.drain(), lambda response: self._send(job, response)):
                 self._finish(job, job.relay.finished, None)
                 return
-            if ended:
-                raise EngineError("the engine ended the stream without a result")
         except Exception as exc:  # noqa: BLE001 - a failed request or send ends only this job
             job.stream.cancel()  # frees the row if generation still runs (send failed)
             self._finish(job, None, exc)
@@ -168,6 +160,11 @@ class RelayHub:
             job.due_at = due
             with self._cond:
                 heapq.heappush(self._due, (due, next(self._seq), job))
+
+    def _send(self, job: RelayJob, response: LMResponse) -> None:
+        if self._stopping:  # close() ends the rest; nothing may follow the error it sends
+            raise EngineError("the server is shutting down")
+        job.send(response)
 
     def _finish(self, job: RelayJob, finished: Finished | None, error: BaseException | None) -> None:
         with self._cond:

@@ -136,8 +136,7 @@ class LMService:
                     # or the poll wake this thread (not every token; each wake-up takes the GIL)
                     event = stream.get(timeout=relay.wait_s(poll_s), text_wakes=text_wakes)
                 except queue.Empty:
-                    for response in relay.responses([]):  # held text that waited long enough
-                        send(response)
+                    relay.forward([], send)  # held text that waited long enough
                     continue
                 events = [event]
                 while event is not None and not isinstance(event, (Finished, RequestFailed)):
@@ -146,12 +145,8 @@ class LMService:
                     except queue.Empty:
                         break
                     events.append(event)
-                for response in relay.responses(events):
-                    send(response)
-                if relay.finished is not None:
+                if relay.forward(events, send):
                     return relay.finished
-                if events[-1] is None:
-                    raise EngineError("the engine ended the stream without a result")
         finally:
             stream.cancel()  # no-op when finished; frees the row if we leave early (send failed)
 
@@ -241,6 +236,18 @@ class _Relay:
     def _take_text(self) -> str:
         text, self._text, self._text_since = "".join(self._text), [], None
         return text
+
+    def forward(self, events: list, send: Callable[[LMResponse], None]) -> bool:
+        """Send the responses of `events` (a None among them: the stream has ended); True once
+        the request has finished. Raises what a failed request raises, and EngineError when the
+        stream ended without a result."""
+        for response in self.responses(events):
+            send(response)
+        if self.finished is not None:
+            return True
+        if events and events[-1] is None:
+            raise EngineError("the engine ended the stream without a result")
+        return False
 
     def responses(self, events: list) -> list[LMResponse]:
         out: list[LMResponse] = []
