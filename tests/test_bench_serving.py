@@ -122,12 +122,12 @@ def test_bench_serving_against_the_stack(triton_install, tmp_path):
         assert lv["frames_received"] == lv["frames_reported"] <= n * MAX_TOKENS
         assert lv["triton_counters_delta"]["chroma_lm_audio_frames_total{chroma_lm}"] == lv["frames_received"]
         assert lv["triton_counters_delta"]["nv_inference_request_success{audio_encoder}"] == n
-        # this stack's processes, found by their command lines: each worked during the level
+        # this stack's processes, found by their command lines (CPU time comes in 10 ms ticks: a
+        # short level may leave one process at 0, but not all of them)
         cpu = lv["server_cpu"]
         assert {"tritonserver", "chroma_lm", "audio_encoder", "codec_decoder", "frontend"} <= set(cpu), cpu
-        assert cpu["chroma_lm"]["processes"] == 1 and cpu["chroma_lm"]["cpu_s"] > 0
-        if lv["path"] == "frontend":
-            assert cpu["frontend"]["cpu_s"] > 0
+        assert cpu["chroma_lm"]["processes"] == 1 and cpu["frontend"]["processes"] >= 1
+        assert all(v["cpu_s"] >= 0 for v in cpu.values()) and sum(v["cpu_s"] for v in cpu.values()) > 0
         assert lv["audio_s_total"] == pytest.approx(lv["frames_received"] * FRAME_MS / 1000)
         assert lv["audio_s_per_s"] == pytest.approx(lv["audio_s_total"] / lv["wall_s"])
         assert 0 < lv["ttfa_ms_p50"] <= lv["ttfa_ms_p90"] <= lv["ttfa_ms_p99"] <= lv["ttfa_ms_max"] < lv["wall_s"] * 1000

@@ -35,6 +35,7 @@ def server(request, triton_install, tmp_path_factory, tiny_checkpoint):
     srv = TritonServer(repo, log_file=tmp_path_factory.mktemp("logs") / "tritonserver.log")
     t0 = time.monotonic()
     srv.start(timeout=180)
+    srv.relays = request.param
     print(f"tritonserver with the chroma repository ready in {time.monotonic() - t0:.1f}s")
     yield srv
     srv.stop()
@@ -215,6 +216,8 @@ def test_two_concurrent_streams_complete(server, question_wav, ref_voice):
     for out in results:
         assert out is not None and out["finals"] == 1 and out["finish_reason"] in ("stop", "length")
         assert len(out["pcm"]) == out["usage"][2] * FRAME
+    if server.relays == "shared":  # the relay threads' busy time is exported
+        assert wait_for(lambda: metrics(server).get("chroma_lm_relay_busy_seconds_total", 0) > 0, what="relay busy time")
 
 
 # -- the composing models over HTTP -------------------------------------------------------------

@@ -58,6 +58,7 @@ class RelayHub:
         self._due: list[tuple[float, int, RelayJob]] = []  # held texts' deadlines (a heap)
         self._seq = itertools.count()
         self._stopping = False
+        self.busy_s = 0.0  # wall time spent serving requests (sends included), for a metric
         self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
         self._thread.start()
 
@@ -130,6 +131,7 @@ class RelayHub:
         while not self._stopping:
             try:
                 batch, polled = self._next_batch(next_poll)
+                started = time.perf_counter()
                 if polled:
                     next_poll = self.clock() + self.poll_s
                 seen: set[RelayJob] = set()
@@ -138,6 +140,7 @@ class RelayHub:
                         continue
                     seen.add(job)
                     self._serve(job)
+                self.busy_s += time.perf_counter() - started
             except Exception:  # noqa: BLE001 - the thread relays every request: it must not die
                 log.exception("relay pass failed")
                 time.sleep(0.01)

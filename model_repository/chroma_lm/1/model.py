@@ -93,6 +93,9 @@ class TritonPythonModel:
             "prefills": family("chroma_lm_prefills_total", "Batched prefill calls (admissions)", C),
             "prefill_s": family("chroma_lm_prefill_seconds_total",
                                 "Wall time of the batched prefills (every running stream waits for them)", C),
+            "relay_busy_s": family("chroma_lm_relay_busy_seconds_total",
+                                   "Wall time the shared relay threads spent relaying (near the thread count x "
+                                   "the elapsed time: the relay is the bottleneck)", C),
         }
         self._seen = {k: 0 for k in self.counters}
         self._metrics_lock = threading.Lock()
@@ -104,6 +107,7 @@ class TritonPythonModel:
     def _update_metrics(self):
         with self._metrics_lock:
             stats = self.service.stats()
+            stats["relay_busy_s"] = sum(hub.busy_s for hub in self.hubs)
             for key, gauge in self.gauges.items():
                 gauge.set(stats.get(key, 0))
             for key, counter in self.counters.items():
