@@ -17,6 +17,7 @@ from chroma_triton.serving.triton_lm import LMInput, LMService, RelayWakeups, en
 log = logging.getLogger("chroma_triton.chroma_lm")
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 METRICS_PERIOD_S = 0.25
+METRICS_MIN_GAP_S = 0.05
 
 
 
@@ -130,6 +131,7 @@ class TritonPythonModel:
                 self._update_metrics()
             except Exception:  # noqa: BLE001 - metrics must never take the model down
                 log.exception("metrics update failed")
+            self._stop.wait(METRICS_MIN_GAP_S)  # request ends coalesce: each update is ~20 IPC calls
 
     # -- requests -----------------------------------------------------------------------------------
     def execute(self, requests):
