@@ -395,6 +395,21 @@ def test_dry_run_dp2_renders_two_gpus():
     assert "KIND_GPU" in out.stdout and "NOISE" in out.stderr  # no model path: demo warning
 
 
+def test_frontend_workers_follow_the_dp_size_unless_given():
+    from types import SimpleNamespace
+
+    from chroma_triton.serving.launcher import Launcher, build_parser
+
+    def workers(*argv):
+        launcher = Launcher(build_parser().parse_args(list(argv)))
+        launcher.server = SimpleNamespace(grpc_url="localhost:8001")
+        cmd = launcher._frontend_command()
+        return cmd[cmd.index("--workers") + 1]
+
+    assert workers() == "1" and workers("--dp-size", "2") == "2"  # one event loop per GPU's streams
+    assert workers("--dp-size", "2", "--workers", "3") == "3"
+
+
 @pytest.mark.triton
 def test_fail_fast_checks(tmp_path, tiny_checkpoint):
     out = _launcher("--dp-size", "3", env={"CHROMA_GPU_COUNT": "2"})
