@@ -4,8 +4,9 @@ Prometheus metrics (``chroma_lm_*`` and ``nv_inference_*``), sampled by a backgr
 GPU memory is per GPU as nvidia-smi counts it (every process on the card: tritonserver's
 model processes and anything else), before the level and the peak during it; None where
 nvidia-smi is missing. Counters are reported as their increase over the level, summed per model;
-gauges as their peak and lowest value (summed over ``chroma_lm`` instances). The last sample is
-taken ``settle_s`` after the level so that counters updated just after a reply ended are in.
+gauges as their peak and lowest value (summed over ``chroma_lm`` instances). The first sample is
+taken ``settle_before_s`` after the run before (whose last counters may still be on their way),
+the last ``settle_s`` after the level, so that counters updated just after a reply ended are in.
 """
 
 from __future__ import annotations
@@ -114,11 +115,13 @@ class Monitor(threading.Thread):
     """Samples GPU memory and the metrics every ``interval`` seconds until :meth:`finish`."""
 
     def __init__(self, metrics_url: str | None, interval: float = 0.5, settle_s: float = 1.0,
-                 grpc_url: str | None = None):
+                 grpc_url: str | None = None, settle_before_s: float = 0.5):
         super().__init__(name="bench-monitor", daemon=True)
         self.metrics_url, self.interval, self.settle_s = metrics_url, interval, settle_s
         self.grpc_url = grpc_url
         self.stop_event = threading.Event()
+        if metrics_url or grpc_url:  # counters of the run just before (a warm-up) land first: the
+            time.sleep(settle_before_s)  # server updates them on a thread of its own, every 0.25 s
         self.gpu_before = gpu_memory_mib()
         self.metrics_before = scrape(metrics_url)
         self.executions_before = model_executions(grpc_url)
