@@ -182,12 +182,11 @@ def print_table(report: dict, previous: dict | None) -> None:
     print("|---" * (12 + bool(previous)) + "|")
     before = {(lv["path"], lv["concurrency"]): lv for lv in (previous or {}).get("levels", [])}
     for lv in report["levels"]:
-        requests = lv.get("requests", lv["streams"])
-        streams = f"{lv['concurrency']}" + (f" x {lv['rounds']}" if lv.get("rounds", 1) > 1 else "")
+        streams = f"{lv['concurrency']}" + (f" x {lv['rounds']}" if lv["rounds"] > 1 else "")
         row = (f"| {lv['path']} | {streams} | {fmt(lv['ttfa_ms_p50'])}/{fmt(lv['ttfa_ms_p90'])}/"
                f"{fmt(lv['ttfa_ms_p99'])} | {fmt(lv['ms_per_frame_p50'], '.2f')} ({fmt(lv['ms_per_frame_worst'], '.2f')}) | "
                f"{fmt(lv['rtf_p50'], '.3f')} | {fmt(lv['realtime_margin_min'], '.1f', 'x')} | "
-               f"{lv['underrun_streams']}/{requests} | "
+               f"{lv['underrun_streams']}/{lv['requests']} | "
                f"{fmt(lv['audio_s_per_s'], '.1f')} ({fmt(lv.get('audio_s_per_s_all_busy'), '.1f')}) | "
                f"{fmt(lv.get('x_naive_per_stream_p50'), '.1f')} | "
                f"{fmt(lv.get('x_naive_aggregate'), '.1f')} | {lv['errors']} | {fmt(lv.get('gpu_mem_peak_gib_max'), '.1f')} |")

@@ -52,12 +52,18 @@ def role_of(argv: list[str]) -> str | None:
     return None
 
 
-def _ppid(pid: int) -> int | None:
+def _stat_fields(stat_path: Path) -> list[str] | None:
+    """The fields of a ``/proc/.../stat`` file after ``pid (comm)`` (state first), or None."""
     try:
-        text = (PROC / str(pid) / "stat").read_text()
+        text = stat_path.read_text()
     except OSError:
         return None
-    return int(text[text.rfind(")") + 2:].split()[1])
+    return text[text.rfind(")") + 2:].split()
+
+
+def _ppid(pid: int) -> int | None:
+    fields = _stat_fields(PROC / str(pid) / "stat")
+    return None if fields is None else int(fields[1])
 
 
 def mentions(part: str, path: str) -> bool:
@@ -97,12 +103,8 @@ def server_processes(match: str | None = None) -> list[ServerProcess]:
 
 
 def _ticks(stat_path: Path) -> int | None:
-    try:
-        text = stat_path.read_text()
-    except OSError:
-        return None
-    fields = text[text.rfind(")") + 2:].split()  # after "pid (comm) "
-    return int(fields[11]) + int(fields[12])  # utime, stime
+    fields = _stat_fields(stat_path)
+    return None if fields is None else int(fields[11]) + int(fields[12])  # utime, stime
 
 
 def cpu_snapshot(procs: list[ServerProcess]) -> dict[int, dict]:

@@ -208,7 +208,7 @@ class CancelWatch:
         with self._lock:  # only registrations whose marker is on the board (a set intersection,
             #               not a loop over every running request: this runs 100 times a second)
             hits = [(token, key, self._entries[token]) for key in names.intersection(self._by_key)
-                    for token in self._by_key[key] if token in self._entries]
+                    for token in self._by_key[key]]  # (_by_key only names registered tokens)
         fired = 0
         for token, key, (keys, since, callback) in sorted(hits, key=lambda h: (h[0], h[2][0].index(h[1]))):
             posted = self.board.posted_at(key)

@@ -225,9 +225,8 @@ class _Relay:
 
     def wait_s(self, longest: float) -> float:
         """How long to wait for the next event: `longest`, or less when held text falls due sooner."""
-        if not self._text:
-            return longest
-        return min(longest, max(self.hold_s - (self.clock() - self._text_since), 0.0))
+        due = self.text_due_at()
+        return longest if due is None else min(longest, max(due - self.clock(), 0.0))
 
     def text_due_at(self) -> float | None:
         """When held text must go out without a chunk (this relay's clock), or None: none held."""
