@@ -493,7 +493,10 @@ def test_overlap_admits_into_a_freed_row_as_early_as_without_it(pipe, question_w
     admitted = {}
     for overlap in (False, True):
         pipe.engine.shutdown()
-        engine = ChromaEngine(pipe.parts, EngineOptions(max_batch=2, overlap=overlap, admission_pacing=False))
+        # one prefill per admitting step: the first two requests start at two steps even when the
+        # second is queued before the engine thread takes the first (a start-up race on a busy CPU)
+        engine = ChromaEngine(pipe.parts, EngineOptions(max_batch=2, overlap=overlap, admission_pacing=False,
+                                                        max_prefills_per_step=1))
         steps, orig = [], engine._admit
 
         def admit(orig=orig, engine=engine, steps=steps, **kw):
