@@ -156,6 +156,7 @@ async def _measure_levels(args, targets, baseline, workload, workers) -> list[di
                   f"p50, {level['underrun_streams']} underrun request(s) of {level['requests']}, "
                   f"{fmt(level['audio_s_per_s'], '.1f')} audio s/s ({fmt(level['audio_s_per_s_all_busy'], '.1f')} while "
                   f"all streams were busy), {level['errors']} error(s) {level['error_samples'] or ''}", flush=True)
+            print("  engine: " + engine_summary(level), flush=True)
             print(f"  server CPU cores: " + ", ".join(
                 f"{role} {fmt(v['cores'], '.2f')} (hottest threads {v['hot_threads_cores']})"
                 for role, v in level["server_cpu"].items()), flush=True)
@@ -163,6 +164,22 @@ async def _measure_levels(args, targets, baseline, workload, workers) -> list[di
 
 
 # -- report ------------------------------------------------------------------------------------
+def engine_summary(level: dict) -> str:
+    """The chroma_lm counters of a level that explain its late chunks: admissions (and those
+    forced in past the pacer), and chunks the engine itself put out late (the rest of the late
+    chunks the client saw were delayed after the engine: codec, Triton, network, client)."""
+    deltas = level.get("triton_counters_delta") or {}
+
+    def total(name: str) -> float:
+        return sum(v for k, v in deltas.items() if k.split("{")[0] == name)
+
+    return (f"{total('chroma_lm_prefills_total'):.0f} prefills ({total('chroma_lm_prefill_seconds_total'):.2f} s), "
+            f"{total('chroma_lm_forced_admissions_total'):.0f} forced admissions, "
+            f"{total('chroma_lm_late_chunks_total'):.0f} chunks late at the engine "
+            f"({total('chroma_lm_late_chunk_seconds_total'):.2f} s in all); "
+            f"client saw {level.get('underrun_chunks', 0)} late chunk(s)")
+
+
 def fmt(value, spec: str = ".0f", suffix: str = "") -> str:
     return "–" if value is None else format(value, spec) + suffix
 

@@ -88,9 +88,12 @@ def test_pacer_admits_what_the_tightest_stream_can_wait_for():
     assert p.how_many([100] * 10, [roomy, starving], 0.0) == 0
     # ...unless the head of the queue has waited too long: then the batch goes in regardless
     assert p.how_many([100] * 10, [roomy, starving], 5.0) == 10
+    assert p.forced == 10  # the engine counts these (chroma_lm_forced_admissions_total)
     p.forced_max = 2  # starving, but at most 2 regardless of the pacer...
     assert p.how_many([100] * 10, [roomy, starving], 5.0) == 2
+    assert p.forced == 2
     assert p.how_many([100] * 10, [roomy], 5.0) == 10  # ...and never fewer than it would admit
+    assert p.forced == 0
     assert p.how_many([100], [roomy, starving], 5.0) == 1
 
 

@@ -216,6 +216,11 @@ def test_two_concurrent_streams_complete(server, question_wav, ref_voice):
     for out in results:
         assert out is not None and out["finals"] == 1 and out["finish_reason"] in ("stop", "length")
         assert len(out["pcm"]) == out["usage"][2] * FRAME
+    exported = metrics(server)
+    for family in ("chroma_lm_prefills_total", "chroma_lm_forced_admissions_total", "chroma_lm_late_chunks_total",
+                   "chroma_lm_late_chunk_seconds_total"):
+        assert family in exported, family
+    assert exported["chroma_lm_prefills_total"] >= 1
     if server.relays == "shared":  # the relay threads' busy time is exported
         assert wait_for(lambda: metrics(server).get("chroma_lm_relay_busy_seconds_total", 0) > 0, what="relay busy time")
 

@@ -68,6 +68,7 @@ class EngineOptions:
     prefill_token_budget: int = 4096  # ...and their prompt tokens, so a burst does not stall running streams
     admission_pacing: bool = True  # admit only what running streams can wait for (engine/pacing.py)
     admission_margin_s: float = 0.1  # audio kept in hand at every listener when admitting
+    admission_slack: bool = True  # while requests wait, chunks keep their prefill's worth more in hand
     max_admission_wait_s: float = 5.0  # ...but never keep a waiting request out longer than this:
     forced_admissions: int = 0  # admit at most this many per step then (0: as many as fit, up to
     #                             max_prefills_per_step)
@@ -107,7 +108,16 @@ class _Active:
     frames: list[np.ndarray] = field(default_factory=list)
     sent: int = 0  # frames already sent in chunks
     first_chunk_at: float | None = None  # monotonic time the first chunk was sent
+    in_hand_s: float = 0.0  # audio the listener had left right after the last chunk went out
     finish: str | None = None
+
+
+@dataclass
+class _ChunkPlan:
+    """How chunks are sized in one step (engine._chunk_plan)."""
+    first: int  # frames of a first chunk
+    slack_s: float  # audio every listener should keep in hand when a chunk goes out (0: no guard)
+    step_s: float | None  # the pacer's step time
 
 
 @dataclass
@@ -188,6 +198,7 @@ class ChromaEngine:
         self.pacer = AdmissionPacer(self.opts.admission_margin_s, self.opts.max_admission_wait_s,
                                     forced_max=self.opts.forced_admissions or None)
         self._frame_s = self.cfg.frame_seconds
+        self._next_prefill_tokens = 0  # prompt positions of the next admission's batch, as last planned
         self._active: list[_Active] = []  # _active[i].row == i
         self._global_step = 0
         self._lock = threading.Lock()
@@ -205,7 +216,13 @@ class ChromaEngine:
                          "host_step_s": 0.0, "host_cpu_s": 0.0,
                          # admissions: batched prefill calls and their wall time (synchronised on CUDA;
                          # running streams wait for it)
-                         "prefills": 0, "prefill_s": 0.0}
+                         "prefills": 0, "prefill_s": 0.0,
+                         # requests admitted past the pacer's allowance (waited max_admission_wait_s)
+                         "forced_admissions": 0,
+                         # chunks put on a stream after its listener's audio would have run out, by
+                         # the engine's clock (playback from the first chunk's send), and by how much:
+                         # late here is late at every client; late only at clients is delivery's doing
+                         "late_chunks": 0, "late_chunk_s": 0.0}
         self._last_done: torch.cuda.Event | None = None  # the latest step's end marker (CUDA)
         self._compiled_shapes = False
         self._inflight: _Launched | None = None
@@ -546,10 +563,10 @@ class ChromaEngine:
         # every row at once: per-row numpy calls cost ~10 us x 256 rows on the engine's thread
         frames = host[:, :k].copy()
         eos = (frames[:, : k - 1] == self.cfg.codebook_eos_id).all(axis=1).tolist()
-        first = self._first_chunk_target()
+        plan = self._chunk_plan()
         for a in step.batch:
             if not a.finish:  # a row finished (or cancelled) after this step was launched: dropped
-                self._on_frame(a, frames[a.row], eos[a.row], a.row in step.at_cache_end, first)
+                self._on_frame(a, frames[a.row], eos[a.row], a.row in step.at_cache_end, plan)
 
     def _mark(self) -> torch.cuda.Event | None:
         """A timing marker on the engine's stream (CUDA), else None."""
@@ -756,9 +773,11 @@ class ChromaEngine:
             costs.append(self._prefill_tokens(req))
             tokens += len(req.thinker_ids)
         n = len(costs)
+        self._next_prefill_tokens = sum(costs)  # what the chunk plan makes room for (_start_slack)
         if n and self.opts.admission_pacing and self._active:
             waited = time.monotonic() - self._staged[0][1].submitted_at
             n = self.pacer.how_many(costs, self._stream_states(), waited)
+            self.counters["forced_admissions"] += self.pacer.forced
         items = [self._staged.popleft() for _ in range(n)]
         if not items:
             return []
@@ -803,34 +822,58 @@ class ChromaEngine:
         return len(req.thinker_ids) + (2 if cached else len(req.prompt_text_ids) + len(req.prompt_codes) + 5)
 
     def _stream_states(self) -> list[StreamState]:
-        now = time.monotonic()
+        now, plan = time.monotonic(), self._chunk_plan()
         out = []
         for a in self._active:
             slack = None if a.first_chunk_at is None else a.first_chunk_at + a.sent * self._frame_s - now
-            out.append(StreamState(slack, max(self._chunk_target(a) - (len(a.frames) - a.sent), 0)))
+            out.append(StreamState(slack, max(self._chunk_target(a, plan) - (len(a.frames) - a.sent), 0)))
         return out
 
-    def _chunk_target(self, a: _Active, first: int | None = None) -> int:
-        """Frames the next chunk waits for: 2, 2, 4, 8, ... up to chunk_frames (first chunk small;
-        `first`: its size, when the caller has it already). (Growing by half the audio sent
-        instead, 2, 2, 2, 3, 4, 6, ..., tripled codec executions and made 256 served streams
-        slower and later: docs/benchmarks.md run 20.)"""
+    def _chunk_target(self, a: _Active, plan: "_ChunkPlan") -> int:
+        """Frames the next chunk waits for: `plan.first` for a first chunk, then doubling (2, 2, 4,
+        8, ... up to chunk_frames), but never so many that the listener would be down to less than
+        `plan.slack_s` of audio when the chunk goes out (at least first_chunk_frames). Doubling alone
+        keeps that only while a step takes under half a frame time; at 256 streams steps take
+        40-48 ms and the third chunk found half the audio in hand the second had (run 31's late
+        chunks were the third and fourth). (Growing by half the audio sent instead, 2, 2, 2, 3, 4,
+        6, ..., tripled codec executions and made 256 served streams slower and later:
+        docs/benchmarks.md run 20.)"""
         if a.sent == 0:
-            return self._first_chunk_target() if first is None else first
-        return min(self.opts.chunk_frames, a.sent)
+            return plan.first
+        n = min(self.opts.chunk_frames, a.sent)
+        if plan.slack_s > 0 and plan.step_s:
+            n = max(self.opts.first_chunk_frames, min(n, int((a.in_hand_s - plan.slack_s) / plan.step_s + 1e-6)))
+        return n
 
-    def _first_chunk_target(self) -> int:
+    def _chunk_plan(self) -> "_ChunkPlan":
+        """This step's chunk sizing (once per step, for every stream)."""
+        step, slack = self.pacer.step_s, self._start_slack()
+        return _ChunkPlan(first=self._first_chunk_frames(slack, step), slack_s=slack, step_s=step)
+
+    def _start_slack(self) -> float:
+        """Audio a listener should keep in hand at each chunk: `start_slack_s`, and while requests
+        wait for rows, enough more to sit out their prefill (the pacer's estimate for the next
+        admission, plus its margin). Otherwise the newest streams leave the pacer no room: it
+        holds the next admission until they have built up audio, which at 256 streams took
+        several steps per batch of admissions, or it forces one in and they stutter."""
+        slack = self.opts.start_slack_s
+        if (slack <= 0 or not (self.opts.admission_pacing and self.opts.admission_slack) or not self._next_prefill_tokens
+                or not self.pacer.cost.known):
+            return slack
+        return max(slack, self.pacer.cost.estimate(self._next_prefill_tokens) + self.opts.admission_margin_s)
+
+    def _first_chunk_frames(self, slack: float, step: float | None) -> int:
         """Frames of a first chunk: `first_chunk_frames`, or more when steps are slow. A first chunk
         of f frames plays for f frame times, and the second (f more) is out f steps later, leaving
-        the listener f x (frame time - step time) of audio in hand; chunks doubling from there keep
-        about that much while a step takes up to half a frame time. So f is the least that leaves
-        `start_slack_s` (2 at batch 1, where a step takes 5 ms of the 80; 4 at 256 streams, 35-40 ms),
-        which also leaves the pacer room to admit the next requests (engine/pacing.py)."""
-        f, step = self.opts.first_chunk_frames, self.pacer.step_s
-        if self.opts.start_slack_s <= 0 or not step:
+        the listener f x (frame time - step time) of audio in hand. So f is the least that leaves
+        `slack` (with start_slack_s = 0.14: 2 at batch 1, where a step takes 5 ms of the 80; 4 at
+        256 streams, 35-40 ms), which also leaves the pacer room to admit the next requests
+        (engine/pacing.py)."""
+        f = self.opts.first_chunk_frames
+        if slack <= 0 or not step:
             return f
         gain = self._frame_s - step  # audio gained per step
-        need = self.opts.chunk_frames if gain <= 0 else math.ceil(self.opts.start_slack_s / gain - 1e-9)
+        need = self.opts.chunk_frames if gain <= 0 else math.ceil(slack / gain - 1e-9)
         return max(f, min(need, self.opts.chunk_frames))
 
     def _prefill(self, items: list[tuple[GenerationRequest, RequestStream]]) -> list[torch.Tensor]:
@@ -842,7 +885,8 @@ class ChromaEngine:
     def _prefill_eager(self, items: list[tuple[GenerationRequest, RequestStream]]) -> list[torch.Tensor]:
         row = len(self._active)
         dev = self.device
-        h0, t1 = self.thinker.prefill(row, [(torch.tensor(r.thinker_ids, dtype=torch.long, device=dev), r.audio_embeds)
+        # ids stay on the host: the thinker batches them into one copy (model.thinker.prompt_batch)
+        h0, t1 = self.thinker.prefill(row, [(torch.tensor(r.thinker_ids, dtype=torch.long), r.audio_embeds)
                                             for r, _ in items],
                                       max_new_tokens=[self._thinker_budget(r) for r, _ in items])
         firsts = self.thinker.embed(t1).to(self._dtype)
@@ -881,7 +925,7 @@ class ChromaEngine:
             prefixes = self._voice_prefixes_of(row, [reqs[keys.index(k)] for k in missing])
             for k, (pk, pv) in zip(missing, prefixes):
                 self.voice_prefixes.put(k, pk, pv)
-        lengths = []
+        lengths, runs = [], []  # runs: [first row, rows, (pk, pv)] of consecutive rows with one voice
         for i, k in enumerate(keys):
             held = self.voice_prefixes.get(k)
             if held is None:  # evicted by a voice of this same admission (capacity below its voices)
@@ -889,11 +933,15 @@ class ChromaEngine:
                 self.counters["voice_prefix_misses"] += 1
             elif known[i]:  # admissions that found their voice cached
                 self.counters["voice_prefix_hits"] += 1
-            pk, pv = held
+            if runs and runs[-1][2][0] is held[0]:
+                runs[-1][1] += 1
+            else:
+                runs.append([row + i, 1, held])
+            lengths.append(held[0].shape[2])
+        for first, count, (pk, pv) in runs:  # one copy per run: a burst of one voice is two copies
             n = pk.shape[2]
-            cache.k[:, row + i, :, :n].copy_(pk)
-            cache.v[:, row + i, :, :n].copy_(pv)
-            lengths.append(n)
+            cache.k[:, first:first + count, :, :n].copy_(pk[:, None])
+            cache.v[:, first:first + count, :, :n].copy_(pv[:, None])
         start = torch.tensor(lengths, device=self.device)
         positions = start[:, None] + torch.arange(2, device=self.device)
         last = torch.ones(len(reqs), dtype=torch.long, device=self.device)
@@ -943,10 +991,10 @@ class ChromaEngine:
         if a.thinker_pos + 1 >= self.opts.thinker_max_len:
             a.thinker_done = True  # context full: the reply text ends here, audio goes on
 
-    def _on_frame(self, a: _Active, codes: np.ndarray, eos: bool, at_cache_end: bool, first_chunk: int) -> None:
+    def _on_frame(self, a: _Active, codes: np.ndarray, eos: bool, at_cache_end: bool, plan: "_ChunkPlan") -> None:
         """One frame of `a`: `codes` [K] (kept as is: a row of this step's own array), `eos`
         whether it is the end-of-audio frame, `at_cache_end` whether the row's backbone cache has
-        no room for another step, `first_chunk` the frames a first chunk waits for now."""
+        no room for another step, `plan` this step's chunk sizing."""
         if eos:
             a.finish = "stop"
             return
@@ -958,7 +1006,7 @@ class ChromaEngine:
             return
         # chunk sizes grow with the audio already sent (2, 2, 4, 8, ... up to chunk_frames): the
         # first chunk comes fast, and each next one is due before the buffered audio runs out
-        if len(a.frames) - a.sent >= self._chunk_target(a, first_chunk):
+        if len(a.frames) - a.sent >= self._chunk_target(a, plan):
             self._send_chunk(a)
 
     def _send_chunk(self, a: _Active) -> None:
@@ -967,9 +1015,14 @@ class ChromaEngine:
         ctx = min(self.opts.context_frames, a.sent)
         codes = np.stack(a.frames[a.sent - ctx:])
         a.stream.put(AudioChunk(codes=codes, context_frames=ctx, start_frame=a.sent))
+        now = time.monotonic()
         if a.first_chunk_at is None:
-            a.first_chunk_at = time.monotonic()
+            a.first_chunk_at = now
+        elif (late := now - (a.first_chunk_at + a.sent * self._frame_s)) > 0:
+            self.counters["late_chunks"] += 1
+            self.counters["late_chunk_s"] += late
         a.sent = len(a.frames)
+        a.in_hand_s = a.first_chunk_at + a.sent * self._frame_s - now
 
     def _retire(self) -> None:
         """Finish flagged requests and compact: the last row moves into each freed row."""

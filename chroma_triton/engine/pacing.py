@@ -71,6 +71,7 @@ class AdmissionPacer:
     def __post_init__(self):
         self.cost = PrefillCost()
         self.step_s: float | None = None
+        self.forced = 0  # of the last how_many(): requests admitted beyond the allowance (starving)
 
     def observe_step(self, seconds: float) -> None:
         self.step_s = seconds if self.step_s is None else self.step_decay * self.step_s + (1 - self.step_decay) * seconds
@@ -86,6 +87,7 @@ class AdmissionPacer:
 
     def how_many(self, waiting_tokens: list[int], streams: list[StreamState], oldest_wait_s: float) -> int:
         """How many of the waiting requests (prompt tokens each, in queue order) to prefill now."""
+        self.forced = 0
         if not waiting_tokens:
             return 0
         allowance = self.allowance(streams)
@@ -97,5 +99,7 @@ class AdmissionPacer:
                 break
             n, tokens = n + 1, tokens + t
         if oldest_wait_s >= self.max_wait_s:  # starving: admit regardless (a full batch by default)
-            return max(n, min(len(waiting_tokens), self.forced_max or len(waiting_tokens)))
+            forced = max(n, min(len(waiting_tokens), self.forced_max or len(waiting_tokens)))
+            self.forced = forced - n
+            return forced
         return n

@@ -76,20 +76,41 @@ class TorchThinker:
 
     def prompt_embeddings(self, input_ids: torch.Tensor, audio_embeds: torch.Tensor | None) -> torch.Tensor:
         """Token embeddings with the audio tower's outputs in place of the <|AUDIO|> run(s)."""
-        x = self.embed(input_ids)
-        is_audio = input_ids.to(self.device) == self.cfg.audio_token_id
-        n = int(is_audio.sum())
-        got = 0 if audio_embeds is None else audio_embeds.shape[0]
-        if n != got:
-            raise ValueError(f"prompt has {n} audio placeholder tokens but {got} audio embeddings")
-        if n:
-            x = x.clone()
-            x[is_audio] = audio_embeds.to(device=x.device, dtype=x.dtype)
-        return x
+        x, _lengths = self.prompt_batch([(input_ids, audio_embeds)])
+        return x[0]
+
+    def prompt_batch(self, prompts: list[tuple[torch.Tensor, torch.Tensor | None]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Prompts (ids, audio embeddings) -> right-padded embeddings [P, max L, H] (zeros past each
+        prompt's end, as `pad_batch`) and lengths [P] on the device. Where the audio goes is
+        worked out on the host, so this queues a handful of kernels for the whole batch and never
+        waits for the device (it runs between steps the device is still computing, and every
+        wait would also hand the GIL to the server's other threads)."""
+        ids = [t.detach().reshape(-1).cpu() for t, _ in prompts]
+        lengths = torch.tensor([t.shape[0] for t in ids])
+        batch = torch.zeros(len(ids), int(lengths.max()), dtype=torch.long)
+        for i, t in enumerate(ids):
+            batch[i, : t.shape[0]] = t
+        valid = torch.arange(batch.shape[1])[None, :] < lengths[:, None]
+        is_audio = (batch == self.cfg.audio_token_id) & valid
+        pieces = []
+        for i, (_ids, audio) in enumerate(prompts):
+            n, got = int(is_audio[i].sum()), 0 if audio is None else audio.shape[0]
+            if n != got:
+                raise ValueError(f"prompt has {n} audio placeholder tokens but {got} audio embeddings")
+            if n:
+                pieces.append(audio.detach().reshape(n, -1))
+        dev = self.device
+        x = self.embed(batch.to(dev, non_blocking=True))
+        x = x.masked_fill(~valid.to(dev, non_blocking=True)[..., None], 0)  # padding: zeros
+        if pieces:  # flat positions of the audio tokens, in prompt order (each prompt's audio in order)
+            where = is_audio.reshape(-1).nonzero().squeeze(1)
+            audio = torch.cat([a.to(dtype=x.dtype) for a in pieces]) if len(pieces) > 1 else pieces[0].to(dtype=x.dtype)
+            x.view(-1, x.shape[-1]).index_copy_(0, where.to(dev, non_blocking=True), audio.to(dev, non_blocking=True))
+        return x, lengths.to(dev, non_blocking=True)
 
     @torch.inference_mode()
     def prefill(self, row_start, prompts, max_new_tokens=None):
-        x, lengths = pad_batch([self.prompt_embeddings(ids, audio) for ids, audio in prompts])
+        x, lengths = self.prompt_batch(prompts)
         positions = torch.arange(x.shape[1], device=self.device).expand(x.shape[0], -1)
         h = self.lm.model(x, self.cache, self.rotary, positions, x.shape[1], row_start=row_start)
         last = h[torch.arange(len(prompts), device=self.device), lengths - 1]

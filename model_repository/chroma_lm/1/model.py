@@ -94,6 +94,13 @@ class TritonPythonModel:
             "prefills": family("chroma_lm_prefills_total", "Batched prefill calls (admissions)", C),
             "prefill_s": family("chroma_lm_prefill_seconds_total",
                                 "Wall time of the batched prefills (every running stream waits for them)", C),
+            "forced_admissions": family("chroma_lm_forced_admissions_total",
+                                        "Requests admitted beyond what running streams could wait for "
+                                        "(they had waited max_admission_wait_s)", C),
+            "late_chunks": family("chroma_lm_late_chunks_total",
+                                  "Audio chunks the engine put out after the listener's audio would have run "
+                                  "out (playback from the first chunk's send; delivery delays come on top)", C),
+            "late_chunk_s": family("chroma_lm_late_chunk_seconds_total", "How late those chunks were, summed", C),
             "relay_busy_s": family("chroma_lm_relay_busy_seconds_total",
                                    "Wall time the shared relay threads spent relaying (near the thread count x "
                                    "the elapsed time: the relay is the bottleneck)", C),
