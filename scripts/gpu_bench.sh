@@ -15,6 +15,7 @@
 #                                                # a stack left running across calls (its own session):
 #                                                # GPUS "0" or "0,1" (dp = their count), frontend on PORT,
 #                                                # Triton gRPC/metrics/HTTP on PORT+1/+2/+3; log /root/stack-NAME.log
+#                                                # (the launcher runs it under CUDA MPS: --cuda-mps off for without)
 #   bash scripts/gpu_bench.sh wait NAME...       # until those stacks answer (or one died)
 #   bash scripts/gpu_bench.sh bench NAME TAG LEVELS [bench_serving args...]
 #                                                # measure stack NAME -> $OUT/bench_NAME_TAG.json (+ py-spy files)
@@ -61,16 +62,11 @@ case $step in
     # start the stack once (launcher, DP GPUs), measure it with bench_serving, then (PERF_LEVELS
     # set) with perf_analyzer, then stop it
     dp=${1:-1}; levels=${2:-1,8,64,256}; shift $(( $# < 2 ? $# : 2 ))
-    if [ -n "${CUDA_MPS:-}" ]; then  # CUDA MPS: the stub processes' kernels share the GPU concurrently
-      export CUDA_MPS_PIPE_DIRECTORY=/tmp/mps-pipe CUDA_MPS_LOG_DIRECTORY=/tmp/mps-log
-      mkdir -p $CUDA_MPS_PIPE_DIRECTORY $CUDA_MPS_LOG_DIRECTORY
-      nvidia-cuda-mps-control -d && echo "MPS daemon started"
-    fi
     # shellcheck disable=SC2086  # LAUNCHER_EXTRA: more launcher flags, e.g. "--thinker-backend sglang"
     "$PY" -m chroma_triton.serving.launcher --chroma-model-path "$CKPT" --dp-size "$dp" "${SERVE_ARGS[@]}" ${LAUNCHER_EXTRA:-} \
       --quiet --workdir "/root/stack-dp$dp" > "$OUT/stack_dp$dp.log" 2>&1 &
     pid=$!
-    trap 'kill $pid 2>/dev/null; wait $pid 2>/dev/null || true; [ -z "${CUDA_MPS:-}" ] || echo quit | nvidia-cuda-mps-control' EXIT
+    trap 'kill $pid 2>/dev/null; wait $pid 2>/dev/null || true' EXIT
     t0=$(date +%s)
     until curl -sf localhost:8000/health >/dev/null; do
       kill -0 $pid 2>/dev/null || { echo "stack exited"; tail -40 "$OUT/stack_dp$dp.log"; exit 1; }

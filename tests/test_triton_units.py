@@ -410,6 +410,80 @@ def test_frontend_workers_follow_the_dp_size_unless_given():
     assert workers("--dp-size", "2", "--workers", "3") == "3"
 
 
+def _fake_mps_control(tmp_path, fail=False):
+    """A stand-in for nvidia-cuda-mps-control (the real one needs an NVIDIA driver): it records
+    each call's arguments, stdin and pipe directory."""
+    calls = tmp_path / "mps_calls.txt"
+    script = tmp_path / "bin" / "nvidia-cuda-mps-control"
+    script.parent.mkdir()
+    script.write_text(f"""#!/bin/sh
+stdin=$( [ "$1" = "-d" ] && echo - || cat )
+echo "args=$* stdin=$stdin pipe=$CUDA_MPS_PIPE_DIRECTORY log=$CUDA_MPS_LOG_DIRECTORY" >> {calls}
+{"echo 'cannot start: no GPU' >&2; exit 3" if fail else "exit 0"}
+""")
+    script.chmod(0o755)
+    return script, calls
+
+
+def test_cuda_mps_modes(tmp_path):
+    from chroma_triton.serving.cuda_mps import MpsError, find_control
+
+    found = {"nvidia-cuda-mps-control": "/usr/bin/nvidia-cuda-mps-control"}.get
+    assert find_control("auto", "gpu", which=found) == "/usr/bin/nvidia-cuda-mps-control"
+    assert find_control("auto", "cpu", which=found) is None  # nothing to share on the CPU
+    assert find_control("auto", "gpu", which=lambda _name: None) is None  # no driver utilities: without MPS
+    assert find_control("off", "gpu", which=found) is None
+    with pytest.raises(MpsError, match="not on PATH"):
+        find_control("on", "gpu", which=lambda _name: None)
+    with pytest.raises(MpsError, match="needs GPUs"):
+        find_control("on", "cpu", which=found)
+    with pytest.raises(MpsError, match="must be one of"):
+        find_control("yes", "gpu", which=found)
+
+
+def test_cuda_mps_daemon_has_its_own_pipes_and_quits(tmp_path):
+    from chroma_triton.serving.cuda_mps import MpsDaemon, MpsError
+
+    script, calls = _fake_mps_control(tmp_path)
+    daemon = MpsDaemon(str(script), tmp_path / "mps-log")
+    daemon.start()
+    env = daemon.env
+    assert Path(env["CUDA_MPS_PIPE_DIRECTORY"]).is_dir() and len(env["CUDA_MPS_PIPE_DIRECTORY"]) < 60
+    daemon.stop()
+    lines = calls.read_text().splitlines()
+    assert lines[0].startswith("args=-d stdin=- pipe=" + env["CUDA_MPS_PIPE_DIRECTORY"])
+    assert lines[1].startswith("args= stdin=quit pipe=" + env["CUDA_MPS_PIPE_DIRECTORY"])
+    assert not Path(env["CUDA_MPS_PIPE_DIRECTORY"]).exists()
+    (tmp_path / "b").mkdir()
+    broken, _ = _fake_mps_control(tmp_path / "b", fail=True)
+    with pytest.raises(MpsError, match="exited with 3: cannot start: no GPU"):
+        MpsDaemon(str(broken), tmp_path / "log2").start()
+
+
+def test_launcher_points_the_stack_at_its_mps_daemon(tmp_path, monkeypatch):
+    """--cuda-mps: the daemon starts before tritonserver (whose processes inherit its pipe
+    directory) and quits after; `auto` runs on without MPS when the daemon cannot start, `on`
+    refuses to."""
+    from chroma_triton.serving.launcher import LaunchError, Launcher, build_parser
+
+    script, calls = _fake_mps_control(tmp_path)
+    monkeypatch.setenv("PATH", f"{script.parent}:{os.environ['PATH']}")
+    launcher = Launcher(build_parser().parse_args([]))
+    env = launcher._start_mps("gpu", tmp_path)
+    assert env["CUDA_MPS_PIPE_DIRECTORY"] and env["CUDA_MPS_LOG_DIRECTORY"] == str(tmp_path / "mps-log")
+    launcher._shutdown()
+    assert [line.split(" stdin")[0] for line in calls.read_text().splitlines()] == ["args=-d", "args="]
+    assert Launcher(build_parser().parse_args([]))._start_mps("cpu", tmp_path) == {}
+    assert Launcher(build_parser().parse_args(["--cuda-mps", "off"]))._start_mps("gpu", tmp_path) == {}
+
+    (tmp_path / "bad").mkdir()
+    broken, _ = _fake_mps_control(tmp_path / "bad", fail=True)
+    monkeypatch.setenv("PATH", f"{broken.parent}:{os.environ['PATH']}")
+    assert Launcher(build_parser().parse_args([]))._start_mps("gpu", tmp_path) == {}  # auto: a warning
+    with pytest.raises(LaunchError, match="exited with 3"):
+        Launcher(build_parser().parse_args(["--cuda-mps", "on"]))._start_mps("gpu", tmp_path)
+
+
 @pytest.mark.triton
 def test_fail_fast_checks(tmp_path, tiny_checkpoint):
     out = _launcher("--dp-size", "3", env={"CHROMA_GPU_COUNT": "2"})

@@ -28,6 +28,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from ..demo import ASSETS
+from .cuda_mps import MODES, MpsDaemon, MpsError, find_control
 from .repository import MODELS, SOURCE_REPOSITORY, RenderSpec, render_configs, render_repository
 from .tritonserver import PYTHON_STUB, TritonServer, TritonServerError, find_tritonserver, is_port_free
 from .tritonserver import _http_ok as http_ok
@@ -89,6 +90,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--malloc", default=os.environ.get("CHROMA_TRITON_MALLOC", "auto"),
                    help="allocator of tritonserver and its model processes: auto (jemalloc, else tcmalloc, when "
                         "installed; else glibc's), system, or a library path (default: $CHROMA_TRITON_MALLOC or auto)")
+    p.add_argument("--cuda-mps", choices=MODES, default="auto",
+                   help="run the stack's GPU processes under a CUDA MPS daemon of its own, so the codec's and "
+                        "the encoder's kernels run beside chroma_lm's instead of in time slices (auto: on GPUs "
+                        "when nvidia-cuda-mps-control is on PATH; see chroma_triton/serving/cuda_mps.py)")
     p.add_argument("--no-frontend", action="store_true", help="serve Triton only")
     p.add_argument("--allowed-local-media-path", action="append", default=None, metavar="DIR",
                    help="folder whose files requests may name by path (repeatable; default: the project's assets/)")
@@ -389,6 +394,7 @@ class Launcher:
         self.frontend: subprocess.Popen | None = None
         self.restarts: list[float] = []
         self.watch = ModelWatch()
+        self.mps: MpsDaemon | None = None
 
     # -- plan ----------------------------------------------------------------------------------
     def plan(self) -> tuple[RenderSpec, dict[str, str]]:
@@ -455,10 +461,16 @@ class Launcher:
         render_repository(repo, spec, Path(a.model_repository))
         log.info("rendered %s (%s, dp %d) from %s", repo, spec.kind.upper(), spec.dp_size, a.model_repository)
         log.info("tritonserver: %s (%s)", install.binary, install.kind)
-        self.server = TritonServer(
-            repo, http_port=a.triton_http_port, grpc_port=a.triton_grpc_port, metrics_port=a.triton_metrics_port,
-            address=triton_host, log_file=workdir / "tritonserver.log", log_verbose=a.log_verbose, install=install,
-            malloc=a.malloc, env={**thread_env(a.cpu_threads, spec.kind), **compile_cache_env(a.compile_cache, spec.kind)})
+        mps_env = self._start_mps(spec.kind, workdir)
+        try:
+            self.server = TritonServer(
+                repo, http_port=a.triton_http_port, grpc_port=a.triton_grpc_port, metrics_port=a.triton_metrics_port,
+                address=triton_host, log_file=workdir / "tritonserver.log", log_verbose=a.log_verbose, install=install,
+                malloc=a.malloc, env={**thread_env(a.cpu_threads, spec.kind),
+                                      **compile_cache_env(a.compile_cache, spec.kind), **mps_env})
+        except BaseException:
+            self._shutdown()
+            raise
         if self.server.malloc_library is not None:
             log.info("tritonserver allocator: %s (LD_PRELOAD; --malloc system for glibc's)", self.server.malloc_library)
         self._install_signals()
@@ -484,6 +496,27 @@ class Launcher:
             if echo:
                 time.sleep(0.4)
                 echo.stop_event.set()
+
+    def _start_mps(self, kind: str, workdir: Path) -> dict[str, str]:
+        """Start the CUDA MPS daemon (--cuda-mps); returns the environment that points the stack at
+        it ({} without MPS). With `auto`, a daemon that does not start is a warning, not an error."""
+        try:
+            binary = find_control(self.args.cuda_mps, kind)
+        except MpsError as exc:
+            raise LaunchError(str(exc)) from None
+        if binary is None:
+            return {}
+        daemon = MpsDaemon(binary, workdir / "mps-log")
+        try:
+            daemon.start()
+        except MpsError as exc:
+            daemon.stop()
+            if self.args.cuda_mps == "on":
+                raise LaunchError(str(exc)) from None
+            log.warning("%s; running without CUDA MPS", exc)
+            return {}
+        self.mps = daemon
+        return daemon.env
 
     def _install_signals(self) -> None:
         def handler(signum, _frame):
@@ -581,6 +614,8 @@ class Launcher:
         if self.server is not None:
             log.info("stopping tritonserver")
             self.server.stop()
+        if self.mps is not None:
+            self.mps.stop()
         log.info("stopped")
 
 
