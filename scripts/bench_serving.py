@@ -173,7 +173,9 @@ def engine_summary(level: dict) -> str:
     def total(name: str) -> float:
         return sum(v for k, v in deltas.items() if k.split("{")[0] == name)
 
-    return (f"{total('chroma_lm_prefills_total'):.0f} prefills ({total('chroma_lm_prefill_seconds_total'):.2f} s), "
+    return (f"{total('chroma_lm_prefills_total'):.0f} prefills ({total('chroma_lm_prefill_seconds_total'):.2f} s; "
+            f"pacer's estimates {total('chroma_lm_prefill_estimate_seconds_total'):.2f} s, overrun "
+            f"{total('chroma_lm_prefill_overrun_seconds_total'):.2f} s), "
             f"{total('chroma_lm_forced_admissions_total'):.0f} forced admissions, "
             f"{total('chroma_lm_late_chunks_total'):.0f} chunks late at the engine "
             f"({total('chroma_lm_late_chunk_seconds_total'):.2f} s in all); "

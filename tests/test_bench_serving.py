@@ -65,6 +65,25 @@ def test_all_busy_window_and_its_throughput():
     assert summarize([req(0, 0, 0.0, [0.5], 1.0)], 0.0, 1.0)["audio_s_per_s_all_busy"] is None  # window < 1 s
 
 
+def test_engine_summary_sums_the_instances_counters():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_serving_script", ROOT / "scripts" / "bench_serving.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    engine_summary = bench.engine_summary
+
+    level = {"underrun_chunks": 7, "triton_counters_delta": {
+        "chroma_lm_prefills_total{chroma_lm}": 3.0, "chroma_lm_prefill_seconds_total{chroma_lm}": 0.3,
+        "chroma_lm_prefill_estimate_seconds_total{chroma_lm}": 0.25,
+        "chroma_lm_prefill_overrun_seconds_total{chroma_lm}": 0.07,
+        "chroma_lm_forced_admissions_total{chroma_lm}": 2.0, "chroma_lm_late_chunks_total{chroma_lm}": 4.0,
+        "chroma_lm_late_chunk_seconds_total{chroma_lm}": 0.5, "nv_inference_count{chroma_lm}": 9.0}}
+    assert engine_summary(level) == ("3 prefills (0.30 s; pacer's estimates 0.25 s, overrun 0.07 s), 2 forced "
+                                     "admissions, 4 chunks late at the engine (0.50 s in all); client saw 7 late chunk(s)")
+    assert engine_summary({}).startswith("0 prefills (0.00 s;")
+
+
 def test_server_process_roles_and_cpu():
     stub = "/opt/tritonserver/backends/python/triton_python_backend_stub"
     assert role_of([stub, "/root/stack-dp1/repo/chroma_lm/1/model.py", "shm", "1048576"]) == "chroma_lm"

@@ -121,6 +121,9 @@ def test_paced_engine_admits_a_burst_and_finishes_every_request(tiny_checkpoint,
         assert all(r == alone for r in results)
         stats = pipe.engine.stats()
         assert stats["active"] == 0 and stats["queued"] == 0 and stats["admitted"] == 7
+        # from the second admission on, the pacer's estimate is counted beside the actual time
+        assert stats["prefills"] >= 2 and stats["prefill_estimate_s"] > 0
+        assert 0 <= stats["prefill_overrun_s"] <= stats["prefill_s"]
     finally:
         pipe.close()
 

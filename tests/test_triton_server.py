@@ -221,6 +221,10 @@ def test_two_concurrent_streams_complete(server, question_wav, ref_voice):
                    "chroma_lm_late_chunk_seconds_total"):
         assert family in exported, family
     assert exported["chroma_lm_prefills_total"] >= 1
+    # dp instances share Triton's instance name across GPUs: the device label keeps them apart
+    text = urllib.request.build_opener(urllib.request.ProxyHandler({})).open(
+        f"http://{server.metrics_url}/metrics", timeout=5).read().decode()
+    assert re.search(r'^chroma_lm_free_slots\{[^}]*device="cpu"', text, re.M), text[:500]
     if server.relays == "shared":  # the relay threads' busy time is exported
         assert wait_for(lambda: metrics(server).get("chroma_lm_relay_busy_seconds_total", 0) > 0, what="relay busy time")
 

@@ -217,6 +217,10 @@ class ChromaEngine:
                          # admissions: batched prefill calls and their wall time (synchronised on CUDA;
                          # running streams wait for it)
                          "prefills": 0, "prefill_s": 0.0,
+                         # the pacer's estimates of those prefills (once it has one), and by how much
+                         # they ran over them in all: an overrun is a stall the running streams were
+                         # not kept ready for
+                         "prefill_estimate_s": 0.0, "prefill_overrun_s": 0.0,
                          # requests admitted past the pacer's allowance (waited max_admission_wait_s)
                          "forced_admissions": 0,
                          # chunks put on a stream after its listener's audio would have run out, by
@@ -789,6 +793,10 @@ class ChromaEngine:
             if self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)
             took = time.perf_counter() - t0
+            if self.pacer.cost.known:  # what the pacer expected, against what it got (before learning it)
+                expected = self.pacer.cost.estimate(sum(costs[:n]))
+                self.counters["prefill_estimate_s"] += expected
+                self.counters["prefill_overrun_s"] += max(took - expected, 0.0)
             self.pacer.cost.observe(sum(costs[:n]), took)
             self.counters["prefills"] += 1
             self.counters["prefill_s"] += took

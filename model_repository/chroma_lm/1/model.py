@@ -55,7 +55,9 @@ class TritonPythonModel:
 
     # -- metrics ------------------------------------------------------------------------------------
     def _init_metrics(self, a):
-        labels = {"model": a.name, "instance": a.instance_name}
+        # Triton names the instances of one group alike on every GPU (chroma_lm_0_0 on GPU 0 and on
+        # GPU 1), so the device tells dp instances apart: without it their gauges overwrote each other
+        labels = {"model": a.name, "instance": a.instance_name, "device": a.device}
 
         self._families = []  # a MetricFamily must outlive its Metric objects
 
@@ -94,6 +96,11 @@ class TritonPythonModel:
             "prefills": family("chroma_lm_prefills_total", "Batched prefill calls (admissions)", C),
             "prefill_s": family("chroma_lm_prefill_seconds_total",
                                 "Wall time of the batched prefills (every running stream waits for them)", C),
+            "prefill_estimate_s": family("chroma_lm_prefill_estimate_seconds_total",
+                                         "The admission pacer's estimates of those prefills (once it has one)", C),
+            "prefill_overrun_s": family("chroma_lm_prefill_overrun_seconds_total",
+                                        "How far prefills ran over the pacer's estimate, summed (stalls the running "
+                                        "streams were not kept ready for)", C),
             "forced_admissions": family("chroma_lm_forced_admissions_total",
                                         "Requests admitted beyond what running streams could wait for "
                                         "(they had waited max_admission_wait_s)", C),
