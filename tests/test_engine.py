@@ -293,6 +293,26 @@ def test_chunks_double_only_while_the_listener_keeps_the_slack(pipe):
     assert engine._chunk_target(stream, engine._chunk_plan()) == 10  # guard off with the start slack
 
 
+def test_room_is_what_no_request_has_claimed(pipe, question_wav, ref_voice):
+    """has_room / wait_for_room (hold_when_full): a row taken by a running request, by one being
+    admitted or by one waiting is not room; a row freed by a finished one is, and wakes a waiter."""
+    engine = make_engine(pipe, max_batch=1)
+    try:
+        assert engine.has_room() and engine.wait_for_room(0.01)
+        stream = engine.submit(request(pipe, question_wav, ref_voice, max_tokens=40))
+        assert not engine.has_room()  # queued: its row is claimed already
+        assert not engine.wait_for_room(0.05)
+        woke = []
+        waiter = threading.Thread(target=lambda: woke.append(engine.wait_for_room(60)))
+        waiter.start()
+        collect(stream)
+        waiter.join(60)
+        assert woke == [True] and engine.has_room()
+    finally:
+        engine.shutdown()
+    assert engine.has_room()  # a stopped engine holds nobody back (its submit fails clearly)
+
+
 def test_chunks_sent_after_the_listener_ran_dry_are_counted(pipe):
     pipe.engine.shutdown()
     engine = ChromaEngine(pipe.parts, EngineOptions(max_batch=1))

@@ -283,7 +283,11 @@ def test_model_args_and_backends():
                                "model_instance_device_id": "1", "model_instance_name": "chroma_lm_0_1"})
     assert a.device == "cuda:1" and a.int("max_batch", 8) == 4 and a.str("model_path", "x") == "x"
     a = ModelArgs.from_triton({"model_config": json.dumps(cfg), "model_instance_kind": "CPU"})
-    assert a.device == "cpu"
+    assert a.device == "cpu" and a.instances == 1  # no instance_group: Triton's one instance
+    # how many instances hold_when_full counts (auto: more than one); dp 2 renders gpus [0, 1]
+    for groups, n in [([{"count": 1, "kind": "KIND_GPU", "gpus": [0, 1]}], 2), ([{"count": 2, "kind": "KIND_CPU"}], 2),
+                      ([{"count": 1, "kind": "KIND_CPU"}], 1), ([{"count": 2, "kind": "KIND_GPU", "gpus": [0]}], 2)]:
+        assert ModelArgs.from_triton({"model_config": json.dumps({**cfg, "instance_group": groups})}).instances == n
     assert [thinker_backend(v) for v in ("auto", "Torch", "sglang", "")] == ["auto", "torch", "sglang", "auto"]
     with pytest.raises(ValueError):
         thinker_backend("vllm")

@@ -202,6 +202,8 @@ class ChromaEngine:
         self._active: list[_Active] = []  # _active[i].row == i
         self._global_step = 0
         self._lock = threading.Lock()
+        self._room = threading.Condition(self._lock)  # notified when a row frees (wait_for_room)
+        self._admitting = 0  # requests taken off the queue whose prefill is running (rows claimed)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.counters = {"admitted": 0, "finished": 0, "cancelled": 0, "failed": 0, "frames": 0, "steps": 0,
@@ -337,6 +339,7 @@ class ChromaEngine:
 
     def shutdown(self, timeout: float = 10.0) -> None:
         self._stop.set()
+        self._notify_room()
         self._pending.put(None)  # wake the loop
         if self._thread is not None:
             self._thread.join(timeout)
@@ -360,6 +363,23 @@ class ChromaEngine:
         if self._dead:  # the loop stopped between the check above and the put: it will not see this
             stream.put(RequestFailed(self._dead))
         return stream
+
+    def has_room(self) -> bool:
+        """Whether a request submitted now would find a row no earlier request has claimed:
+        running, being admitted and waiting requests together hold fewer than max_batch rows."""
+        claimed = len(self._active) + self._admitting + self._pending.qsize() + len(self._staged)
+        return claimed < self.opts.max_batch or self._dead is not None or self._stop.is_set()
+
+    def wait_for_room(self, timeout: float) -> bool:
+        """Block until `has_room()` (True) or `timeout` seconds pass (False). A model instance
+        that waits here before taking its next request lets Triton hand that request to another
+        instance with free rows (serving/triton_lm.py, `hold_when_full`)."""
+        with self._room:
+            return self._room.wait_for(self.has_room, timeout)
+
+    def _notify_room(self) -> None:
+        with self._room:
+            self._room.notify_all()
 
     def stats(self) -> dict[str, int]:
         with self._lock:
@@ -414,6 +434,7 @@ class ChromaEngine:
         except BaseException as exc:  # the loop itself broke: nobody may wait for it forever
             log.exception("engine loop stopped")
             self._dead = f"the generation engine stopped: {exc!r}"
+            self._notify_room()
             self._inflight = None
             try:
                 self._fail_all(self._dead)
@@ -769,6 +790,7 @@ class ChromaEngine:
                 stream.put(Finished("cancelled", len(req.thinker_ids), 0, 0, ""))
                 self.counters["cancelled"] += 1
             self._staged = deque(item for item in self._staged if not item[1].cancelled)
+            self._notify_room()
         room = min(self.opts.max_batch - len(self._active), self.opts.max_prefills_per_step)
         costs, tokens = [], 0
         for req, _stream in list(self._staged)[:max(room, 0)]:
@@ -782,9 +804,18 @@ class ChromaEngine:
             waited = time.monotonic() - self._staged[0][1].submitted_at
             n = self.pacer.how_many(costs, self._stream_states(), waited)
             self.counters["forced_admissions"] += self.pacer.forced
+        self._admitting = n  # claimed rows while they are off the queue and not yet running
         items = [self._staged.popleft() for _ in range(n)]
         if not items:
             return []
+        try:
+            return self._admit_items(items, costs[:n])
+        finally:
+            self._admitting = 0
+            self._notify_room()  # a failed prefill frees its rows
+
+    def _admit_items(self, items: list[tuple[GenerationRequest, RequestStream]], costs: list[int]) -> list[torch.Tensor]:
+        """Prefill `items` (prompt positions `costs`), batched, or one by one if the batch fails."""
         if self.device.type == "cuda":  # the prefill's cost, not that of steps still queued before it
             torch.cuda.synchronize(self.device)
         t0 = time.perf_counter()
@@ -794,10 +825,10 @@ class ChromaEngine:
                 torch.cuda.synchronize(self.device)
             took = time.perf_counter() - t0
             if self.pacer.cost.known:  # what the pacer expected, against what it got (before learning it)
-                expected = self.pacer.cost.estimate(sum(costs[:n]))
+                expected = self.pacer.cost.estimate(sum(costs))
                 self.counters["prefill_estimate_s"] += expected
                 self.counters["prefill_overrun_s"] += max(took - expected, 0.0)
-            self.pacer.cost.observe(sum(costs[:n]), took)
+            self.pacer.cost.observe(sum(costs), took)
             self.counters["prefills"] += 1
             self.counters["prefill_s"] += took
             return states
@@ -1054,6 +1085,7 @@ class ChromaEngine:
                 last.row = a.row
                 self._active[a.row] = last
             self._active.pop()
+            self._room.notify_all()
 
     def _fail_all(self, message: str) -> None:
         """Fail every running request, then free their rows (a row that cannot be freed is logged:

@@ -33,6 +33,17 @@ class ModelArgs:
         device = f"cuda:{int(args.get('model_instance_device_id', 0))}" if kind == "GPU" else "cpu"
         return cls(config["name"], config, params, device, args.get("model_instance_name", config["name"]))
 
+    @property
+    def instances(self) -> int:
+        """How many instances of this model Triton runs: count x GPUs of each instance group (Triton
+        fills in every GPU of a KIND_GPU group that names none)."""
+        total = 0
+        for group in self.config.get("instance_group") or [{}]:
+            gpus = group.get("gpus") or []
+            on_gpus = str(group.get("kind", "")).upper() in ("KIND_GPU", "GPU")
+            total += int(group.get("count", 1)) * (len(gpus) if on_gpus and gpus else 1)
+        return total
+
     # typed parameter access; an empty string means "use the default"
     def str(self, key: str, default: str = "") -> str:
         value = self.params.get(key, "")

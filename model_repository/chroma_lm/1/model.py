@@ -45,6 +45,8 @@ class TritonPythonModel:
         if relays == "shared" and n < 1:
             raise pb_utils.TritonModelException(f"chroma_lm: relay_threads must be >= 1, got {n}")
         self.hubs = [RelayHub(self.wakeups.poll_s, name=f"chroma-lm-relay-{i}") for i in range(n)]
+        hold = a.str("hold_when_full", "auto").lower()
+        self.hold_when_full = a.instances > 1 if hold == "auto" else a.bool("hold_when_full", False)
         self._next_hub = itertools.count()
         self.board = CancelBoard()
         self.board.sweep()
@@ -173,7 +175,20 @@ class TritonPythonModel:
                 served.start(self.hubs[next(self._next_hub) % len(self.hubs)])
             else:  # "per_request": a thread of its own
                 threading.Thread(target=served.run, name="chroma-lm-request", daemon=True).start()
+        if self.hold_when_full:
+            self._hold()
         return None
+
+    def _hold(self):
+        """Return only once this instance has a row for another request. Triton hands each request
+        to an instance whose execute has returned, so an instance that is full takes no more while
+        another (dp > 1: another GPU) has rows free; its requests wait in Triton's queue instead of
+        in this engine's, where they waited for a stream of this GPU to end. (With relays
+        per_request a request is submitted by its thread, which may come after this check.)"""
+        engine = self.service.engine
+        while not engine.wait_for_room(1.0):
+            if self._stop.is_set():
+                return
 
     @staticmethod
     def _send_error(sender, exc):
