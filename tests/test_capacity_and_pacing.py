@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import copy
+import importlib.util
+import json
 import math
+from pathlib import Path
 
 import pytest
 
@@ -11,6 +14,8 @@ from chroma_triton.engine import EngineOptions, Finished, SamplingParams
 from chroma_triton.engine.capacity import GIB, kv_bytes_per_row, plan_rows
 from chroma_triton.engine.pacing import AdmissionPacer, PrefillCost, StreamState
 from chroma_triton.pipeline import ChromaPipeline
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 # -- capacity -----------------------------------------------------------------------------------
@@ -103,11 +108,13 @@ def test_pacer_without_a_cost_estimate_admits_the_batch():
     assert p.how_many([50, 50], [StreamState(0.2, 1)], 0.0) == 2
 
 
-def test_paced_engine_admits_a_burst_and_finishes_every_request(tiny_checkpoint, question_wav, ref_voice):
+def test_paced_engine_admits_a_burst_and_finishes_every_request(tiny_checkpoint, question_wav, ref_voice, tmp_path):
     """Requests arriving while others play are all admitted (paced or forced by max_admission_wait_s)
-    and produce what they produce alone."""
+    and produce what they produce alone; the engine's trace records each admission."""
+    trace = tmp_path / "trace.jsonl"
     pipe = ChromaPipeline.from_pretrained(tiny_checkpoint, options=EngineOptions(
-        max_batch=4, admission_pacing=True, admission_margin_s=0.0, max_admission_wait_s=0.5))
+        max_batch=4, admission_pacing=True, admission_margin_s=0.0, max_admission_wait_s=0.5,
+        trace_path=str(trace)))
     try:
         content = [{"type": "audio", "audio": question_wav}, {"type": "text", "text": "Hello."}]
         base = pipe.prepare([{"role": "user", "content": content}], ref_voice[0], ref_voice[1],
@@ -126,6 +133,16 @@ def test_paced_engine_admits_a_burst_and_finishes_every_request(tiny_checkpoint,
         assert 0 <= stats["prefill_overrun_s"] <= stats["prefill_s"]
     finally:
         pipe.close()
+    events = [json.loads(line) for line in trace.read_text().splitlines()]
+    admits = [e for e in events if e["ev"] == "admit"]
+    assert len(admits) == stats["prefills"] and sum(e["n"] for e in admits) == 7
+    assert all(e["took_s"] > 0 and len(e["requests"]) == e["n"] for e in admits)
+    assert admits[0]["est_s"] is None and all(e["est_s"] is not None for e in admits[1:])  # learnt from the first
+    spec = importlib.util.spec_from_file_location("trace_summary", ROOT / "scripts" / "engine_trace_summary.py")
+    summary = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(summary)
+    lines = summary.summarize(events)
+    assert lines[0].startswith(f"{len(admits)} admissions of 7 requests")
 
 
 def _codes(stream):

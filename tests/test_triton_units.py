@@ -308,6 +308,16 @@ def test_compile_option_auto_follows_the_device(value, kind, expected):
         engine_options(ModelArgs.from_triton({"model_config": json.dumps(cfg), "model_instance_kind": kind}))
 
 
+def test_trace_path_names_each_instance_its_own_file():
+    from chroma_triton.serving.triton_lm import engine_options
+
+    cfg = {"name": "chroma_lm", "parameters": {"trace_path": {"string_value": "/tmp/t_{device}_{instance}.jsonl"}}}
+    a = ModelArgs.from_triton({"model_config": json.dumps(cfg), "model_instance_kind": "GPU",
+                               "model_instance_device_id": "1", "model_instance_name": "chroma_lm_0_0"})
+    assert engine_options(a).trace_path == "/tmp/t_cuda1_chroma_lm_0_0.jsonl"
+    assert engine_options(ModelArgs.from_triton({"model_config": json.dumps({"name": "chroma_lm"})})).trace_path == ""
+
+
 # -- audio encoder ---------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def encoder(tiny_checkpoint):

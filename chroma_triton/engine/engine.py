@@ -46,6 +46,7 @@ from .capacity import GIB, kv_bytes_per_row, free_device_bytes, plan_rows
 from .detokenizer import IncrementalDetokenizer
 from .graphs import StepRunner, batch_buckets, bucket, length_buckets
 from .pacing import AdmissionPacer, StreamState
+from .trace import EngineTrace
 from .voice_prefix import VoicePrefixCache, voice_key
 from .request import AudioChunk, Finished, GenerationRequest, RequestFailed, RequestStream, SamplingParams, TextDelta
 
@@ -88,6 +89,7 @@ class EngineOptions:
     key_bucket: int = 256  # key-length bucket of captured graphs
     thinker_backend: str = "torch"  # "auto" | "torch" | "sglang" (model.loading.make_thinker)
     thinker_options: dict = field(default_factory=dict)  # backend options (SGLang: engine_kwargs, ...)
+    trace_path: str = ""  # JSON lines of admissions, late chunks and every 20th step (engine/trace.py); "": off
 
 
 @dataclass
@@ -199,6 +201,8 @@ class ChromaEngine:
                                     forced_max=self.opts.forced_admissions or None)
         self._frame_s = self.cfg.frame_seconds
         self._next_prefill_tokens = 0  # prompt positions of the next admission's batch, as last planned
+        self.trace = EngineTrace(self.opts.trace_path) if self.opts.trace_path else None
+        self._last_prefill_s: float | None = None
         self._active: list[_Active] = []  # _active[i].row == i
         self._global_step = 0
         self._lock = threading.Lock()
@@ -347,6 +351,8 @@ class ChromaEngine:
         close = getattr(self.thinker, "close", None)
         if self._owns_thinker and close is not None:
             close()
+        if self.trace is not None:
+            self.trace.close()
 
     def submit(self, req: GenerationRequest) -> RequestStream:
         """Validate and queue a request; events arrive on the returned stream."""
@@ -506,6 +512,9 @@ class ChromaEngine:
         # its drain (two steps' device time)
         if launched.old_rows and (previous is not None) != drained:
             self.pacer.observe_step(time.perf_counter() - t0 - launched.prefill_s)
+        if self.trace is not None:
+            self.trace.step(rows=len(launched.batch), step_s=self.pacer.step_s, took_s=time.perf_counter() - t0,
+                            prefill_s=launched.prefill_s, waiting=len(self._staged) + self._pending.qsize())
 
     def _waiting(self) -> bool:
         return bool(self._staged) or not self._pending.empty()
@@ -800,19 +809,31 @@ class ChromaEngine:
             tokens += len(req.thinker_ids)
         n = len(costs)
         self._next_prefill_tokens = sum(costs)  # what the chunk plan makes room for (_start_slack)
+        allowance = None
         if n and self.opts.admission_pacing and self._active:
             waited = time.monotonic() - self._staged[0][1].submitted_at
-            n = self.pacer.how_many(costs, self._stream_states(), waited)
+            states = self._stream_states()
+            n = self.pacer.how_many(costs, states, waited)
             self.counters["forced_admissions"] += self.pacer.forced
+            allowance = self.pacer.allowance(states) if self.trace is not None else None
         self._admitting = n  # claimed rows while they are off the queue and not yet running
         items = [self._staged.popleft() for _ in range(n)]
         if not items:
             return []
+        estimate = self.pacer.cost.estimate(sum(costs[:n])) if self.pacer.cost.known else None
+        t0, self._last_prefill_s = time.perf_counter(), None
         try:
             return self._admit_items(items, costs[:n])
         finally:
             self._admitting = 0
             self._notify_room()  # a failed prefill frees its rows
+            if self.trace is not None:
+                # took_s: the batched prefill (None: it failed); stall_s: with the wait for queued steps
+                self.trace.event("admit", n=n, tokens=sum(costs[:n]), est_s=estimate, took_s=self._last_prefill_s,
+                                 stall_s=time.perf_counter() - t0,
+                                 allowance_s=allowance, forced=self.pacer.forced if allowance is not None else 0,
+                                 step_s=self.pacer.step_s, active=len(self._active), waiting=len(self._staged),
+                                 requests=[req.request_id for req, _ in items])
 
     def _admit_items(self, items: list[tuple[GenerationRequest, RequestStream]], costs: list[int]) -> list[torch.Tensor]:
         """Prefill `items` (prompt positions `costs`), batched, or one by one if the batch fails."""
@@ -829,6 +850,7 @@ class ChromaEngine:
                 self.counters["prefill_estimate_s"] += expected
                 self.counters["prefill_overrun_s"] += max(took - expected, 0.0)
             self.pacer.cost.observe(sum(costs), took)
+            self._last_prefill_s = took
             self.counters["prefills"] += 1
             self.counters["prefill_s"] += took
             return states
@@ -1060,6 +1082,9 @@ class ChromaEngine:
         elif (late := now - (a.first_chunk_at + a.sent * self._frame_s)) > 0:
             self.counters["late_chunks"] += 1
             self.counters["late_chunk_s"] += late
+            if self.trace is not None:
+                self.trace.event("late", request=a.req.request_id, start_frame=a.sent, frames=len(a.frames) - a.sent,
+                                 late_s=late, since_first_chunk_s=now - a.first_chunk_at, step_s=self.pacer.step_s)
         a.sent = len(a.frames)
         a.in_hand_s = a.first_chunk_at + a.sent * self._frame_s - now
 

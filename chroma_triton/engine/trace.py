@@ -1,0 +1,46 @@
+"""A flight recorder of the engine's scheduling decisions (`EngineOptions.trace_path`): one JSON
+line per admission, per chunk put out late and per 20th step, written by the engine's thread.
+
+The served stack's late start-up chunks come partly from admissions the pacer judged safe
+(docs/benchmarks.md, runs 33-35); counters show how many, not which. This file shows each
+admission's estimate against its actual time, the allowance it was judged by, and which streams
+then ran late, so the next GPU run can tell a cost model that guesses low from step times that
+grow or from stalls outside the prefill. `scripts/engine_trace_summary.py` reads it.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+
+class EngineTrace:
+    STEP_EVERY = 20
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._file = open(self.path, "a", buffering=1 << 16, encoding="utf-8")
+        self._t0 = time.monotonic()
+        self._steps = 0
+        self._last_flush = self._t0
+
+    def event(self, kind: str, **fields) -> None:
+        now = time.monotonic()
+        fields = {k: (round(v, 5) if isinstance(v, float) else v) for k, v in fields.items()}
+        self._file.write(json.dumps({"t": round(now - self._t0, 5), "ev": kind, **fields}) + "\n")
+        if now - self._last_flush > 1.0:  # readable while the server runs, without a write per event
+            self._file.flush()
+            self._last_flush = now
+
+    def step(self, **fields) -> None:
+        self._steps += 1
+        if self._steps % self.STEP_EVERY == 0:
+            self.event("step", **fields)
+
+    def close(self) -> None:
+        try:
+            self._file.close()
+        except OSError:
+            pass
