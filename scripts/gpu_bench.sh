@@ -89,8 +89,11 @@ case $step in
     dp=$(awk -F, '{print NF}' <<<"$gpus")
     printf 'PORT=%s\nDP=%s\nGPUS=%s\nARGS="%s"\n' "$port" "$dp" "$gpus" "$*" > "/root/stack-$name.env"
     # setsid: the stack outlives this call (a lent machine keeps it while warm)
+    # every instance traces its admissions and late chunks (chroma_triton/engine/trace.py); bench
+    # empties the files before a level and copies them next to its results
     CUDA_VISIBLE_DEVICES=$gpus setsid nohup "$PY" -m chroma_triton.serving.launcher --chroma-model-path "$CKPT" \
-      --dp-size "$dp" "${SERVE_ARGS[@]}" --port "$port" --triton-grpc-port $((port + 1)) \
+      --dp-size "$dp" "${SERVE_ARGS[@]}" --param="chroma_lm.trace_path=/root/trace-$name-{device}.jsonl" \
+      --port "$port" --triton-grpc-port $((port + 1)) \
       --triton-metrics-port $((port + 2)) --triton-http-port $((port + 3)) "$@" \
       --quiet --workdir "/root/stack-$name" > "/root/stack-$name.log" 2>&1 < /dev/null &
     echo "stack $name: GPUs $gpus, frontend :$port, launcher pid $!" ;;
@@ -109,11 +112,19 @@ case $step in
     source "/root/stack-$name.env"
     spy=$(ls "$ENV"/lib/python3*/site-packages/bin/py-spy 2>/dev/null | head -1 || true)
     mkdir -p "$OUT/$name"
+    for f in /root/trace-"$name"-*.jsonl; do [ -f "$f" ] && : > "$f"; done  # appended to: the level's alone
     PY_SPY=$spy "$PY" scripts/bench_serving.py --model "$CKPT" --frontend-url "http://localhost:$PORT" \
       --grpc-url "localhost:$((PORT + 1))" --metrics-url "http://localhost:$((PORT + 2))/metrics" \
       --concurrency "$levels" --max-tokens 100 --baseline-frames 0 --client-procs "${CLIENT_PROCS:-8}" \
       --server-match "/root/stack-$name" --note "stack $name: GPUs $GPUS, $ARGS" --out "$OUT/$name/bench_${name}_$tag.json" "$@" 2>&1 \
-      | tee "$OUT/$name/bench_${name}_$tag.log" | grep -v '^|' ;;
+      | tee "$OUT/$name/bench_${name}_$tag.log" | grep -v '^|'
+    sleep 1  # the engine flushes its trace when it goes idle
+    for f in /root/trace-"$name"-*.jsonl; do
+      [ -f "$f" ] || continue
+      cp "$f" "$OUT/$name/trace_${name}_${tag}_$(basename "$f" .jsonl | sed "s/^trace-$name-//").jsonl"
+    done
+    "$PY" scripts/engine_trace_summary.py "$OUT/$name"/trace_"${name}_${tag}"_*.jsonl 2>/dev/null \
+      | tee -a "$OUT/$name/bench_${name}_$tag.log" || true ;;
   down)
     for name in "$@"; do
       pkill -f "workdir /root/stack-$name( |$)" || true

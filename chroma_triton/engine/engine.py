@@ -469,6 +469,8 @@ class ChromaEngine:
                     self.pacer.step_s = None  # the last batch's step time says nothing of the next one's
                     if not self._staged:
                         failures = 0  # idle: nothing left that failed
+                        if self.trace is not None:
+                            self.trace.flush()  # complete on disk while nothing runs
                         item = self._pending.get()  # idle: block until work (or shutdown) arrives
                         if item is None:
                             continue

@@ -34,6 +34,10 @@ class EngineTrace:
             self._file.flush()
             self._last_flush = now
 
+    def flush(self) -> None:
+        self._file.flush()
+        self._last_flush = time.monotonic()
+
     def step(self, **fields) -> None:
         self._steps += 1
         if self._steps % self.STEP_EVERY == 0:
