@@ -505,6 +505,8 @@ class Launcher:
         except MpsError as exc:
             raise LaunchError(str(exc)) from None
         if binary is None:
+            if kind == "gpu" and self.args.cuda_mps == "auto":
+                log.info("CUDA MPS off: nvidia-cuda-mps-control is not on PATH (the model processes take turns on each GPU)")
             return {}
         daemon = MpsDaemon(binary, workdir / "mps-log")
         try:
