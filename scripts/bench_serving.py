@@ -168,7 +168,9 @@ def engine_summary(level: dict) -> str:
     """The chroma_lm counters of a level that explain its late chunks: admissions (and those
     forced in past the pacer), and chunks the engine itself put out late (the rest of the late
     chunks the client saw were delayed after the engine: codec, Triton, network, client)."""
-    deltas = level.get("triton_counters_delta") or {}
+    deltas = level.get("triton_counters_delta")
+    if not deltas:
+        return "– (no chroma_lm counters: metrics not scraped)"
 
     def total(name: str) -> float:
         return sum(v for k, v in deltas.items() if k.split("{")[0] == name)

@@ -90,9 +90,10 @@ case $step in
     printf 'PORT=%s\nDP=%s\nGPUS=%s\nARGS="%s"\n' "$port" "$dp" "$gpus" "$*" > "/root/stack-$name.env"
     # setsid: the stack outlives this call (a lent machine keeps it while warm)
     # every instance traces its admissions and late chunks (chroma_triton/engine/trace.py); bench
-    # empties the files before a level and copies them next to its results
+    # empties the files before its levels and copies them next to its results (one bench call's
+    # levels share a file: give each level its own call to read them apart)
     CUDA_VISIBLE_DEVICES=$gpus setsid nohup "$PY" -m chroma_triton.serving.launcher --chroma-model-path "$CKPT" \
-      --dp-size "$dp" "${SERVE_ARGS[@]}" --param="chroma_lm.trace_path=/root/trace-$name-{device}.jsonl" \
+      --dp-size "$dp" "${SERVE_ARGS[@]}" --param="chroma_lm.trace_path=/root/trace-$name-{device}_{instance}.jsonl" \
       --port "$port" --triton-grpc-port $((port + 1)) \
       --triton-metrics-port $((port + 2)) --triton-http-port $((port + 3)) "$@" \
       --quiet --workdir "/root/stack-$name" > "/root/stack-$name.log" 2>&1 < /dev/null &
@@ -112,7 +113,7 @@ case $step in
     source "/root/stack-$name.env"
     spy=$(ls "$ENV"/lib/python3*/site-packages/bin/py-spy 2>/dev/null | head -1 || true)
     mkdir -p "$OUT/$name"
-    for f in /root/trace-"$name"-*.jsonl; do [ -f "$f" ] && : > "$f"; done  # appended to: the level's alone
+    for f in /root/trace-"$name"-*.jsonl; do [ -f "$f" ] && : > "$f"; done  # appended to: this call's alone
     PY_SPY=$spy "$PY" scripts/bench_serving.py --model "$CKPT" --frontend-url "http://localhost:$PORT" \
       --grpc-url "localhost:$((PORT + 1))" --metrics-url "http://localhost:$((PORT + 2))/metrics" \
       --concurrency "$levels" --max-tokens 100 --baseline-frames 0 --client-procs "${CLIENT_PROCS:-8}" \

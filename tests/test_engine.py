@@ -347,7 +347,6 @@ def test_slow_steps_start_with_a_larger_chunk(pipe, question_wav, ref_voice):
     # then up to 6 (the rest) at once; fewer if this machine took so long for the second chunk's
     # 4 steps that 6 more would leave less than 0.14 s in hand (the 45 ms is the pacer's belief)
     assert new[:2] == [4, 4] and sum(new) == 14 and min(new[2:]) >= 2
-    assert new == [4, 4, 6] or len(new) > 3
 
 
 # -- batching -----------------------------------------------------------------------------------

@@ -206,8 +206,10 @@ class ChromaEngine:
         self._active: list[_Active] = []  # _active[i].row == i
         self._global_step = 0
         self._lock = threading.Lock()
-        self._room = threading.Condition(self._lock)  # notified when a row frees (wait_for_room)
-        self._admitting = 0  # requests taken off the queue whose prefill is running (rows claimed)
+        # rows claimed: requests submitted and not yet ended (waiting, being admitted or running);
+        # counted on submit and released by their stream's last event, under their own lock
+        self._room = threading.Condition()
+        self._claimed = 0
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.counters = {"admitted": 0, "finished": 0, "cancelled": 0, "failed": 0, "frames": 0, "steps": 0,
@@ -231,7 +233,8 @@ class ChromaEngine:
                          "forced_admissions": 0,
                          # chunks put on a stream after its listener's audio would have run out, by
                          # the engine's clock (playback from the first chunk's send), and by how much:
-                         # late here is late at every client; late only at clients is delivery's doing
+                         # late here is late at the client too unless the first chunk's delivery took
+                         # longer than this one's; late only at the client is delivery's doing
                          "late_chunks": 0, "late_chunk_s": 0.0}
         self._last_done: torch.cuda.Event | None = None  # the latest step's end marker (CUDA)
         self._compiled_shapes = False
@@ -345,13 +348,15 @@ class ChromaEngine:
         self._stop.set()
         self._notify_room()
         self._pending.put(None)  # wake the loop
+        stuck = False
         if self._thread is not None:
             self._thread.join(timeout)
+            stuck = self._thread.is_alive()
             self._thread = None
         close = getattr(self.thinker, "close", None)
         if self._owns_thinker and close is not None:
             close()
-        if self.trace is not None:
+        if self.trace is not None and not stuck:  # not while a stuck loop may still write to it
             self.trace.close()
 
     def submit(self, req: GenerationRequest) -> RequestStream:
@@ -364,7 +369,9 @@ class ChromaEngine:
         self._validate(req)
         if self._pending.qsize() + len(self._staged) >= self.opts.max_queue:
             raise CapacityError(f"server busy: {self.opts.max_queue} requests already waiting; retry later")
-        stream = RequestStream(req.request_id)
+        stream = RequestStream(req.request_id, on_end=self._release_claim)
+        with self._room:
+            self._claimed += 1
         self._pending.put((req, stream))
         if self._dead:  # the loop stopped between the check above and the put: it will not see this
             stream.put(RequestFailed(self._dead))
@@ -372,9 +379,9 @@ class ChromaEngine:
 
     def has_room(self) -> bool:
         """Whether a request submitted now would find a row no earlier request has claimed:
-        running, being admitted and waiting requests together hold fewer than max_batch rows."""
-        claimed = len(self._active) + self._admitting + self._pending.qsize() + len(self._staged)
-        return claimed < self.opts.max_batch or self._dead is not None or self._stop.is_set()
+        the requests submitted and not yet ended (waiting, being admitted or running) number fewer
+        than max_batch. A stopped engine holds nobody back (its submit fails clearly)."""
+        return self._claimed < self.opts.max_batch or self._dead is not None or self._stop.is_set()
 
     def wait_for_room(self, timeout: float) -> bool:
         """Block until `has_room()` (True) or `timeout` seconds pass (False). A model instance
@@ -385,6 +392,11 @@ class ChromaEngine:
 
     def _notify_room(self) -> None:
         with self._room:
+            self._room.notify_all()
+
+    def _release_claim(self) -> None:
+        with self._room:
+            self._claimed -= 1
             self._room.notify_all()
 
     def stats(self) -> dict[str, int]:
@@ -801,7 +813,6 @@ class ChromaEngine:
                 stream.put(Finished("cancelled", len(req.thinker_ids), 0, 0, ""))
                 self.counters["cancelled"] += 1
             self._staged = deque(item for item in self._staged if not item[1].cancelled)
-            self._notify_room()
         room = min(self.opts.max_batch - len(self._active), self.opts.max_prefills_per_step)
         costs, tokens = [], 0
         for req, _stream in list(self._staged)[:max(room, 0)]:
@@ -810,7 +821,6 @@ class ChromaEngine:
             costs.append(self._prefill_tokens(req))
             tokens += len(req.thinker_ids)
         n = len(costs)
-        self._next_prefill_tokens = sum(costs)  # what the chunk plan makes room for (_start_slack)
         allowance = None
         if n and self.opts.admission_pacing and self._active:
             waited = time.monotonic() - self._staged[0][1].submitted_at
@@ -818,8 +828,8 @@ class ChromaEngine:
             n = self.pacer.how_many(costs, states, waited)
             self.counters["forced_admissions"] += self.pacer.forced
             allowance = self.pacer.allowance(states) if self.trace is not None else None
-        self._admitting = n  # claimed rows while they are off the queue and not yet running
         items = [self._staged.popleft() for _ in range(n)]
+        self._next_prefill_tokens = self._waiting_batch_tokens()  # what the chunk plan makes room for
         if not items:
             return []
         estimate = self.pacer.cost.estimate(sum(costs[:n])) if self.pacer.cost.known else None
@@ -827,8 +837,6 @@ class ChromaEngine:
         try:
             return self._admit_items(items, costs[:n])
         finally:
-            self._admitting = 0
-            self._notify_room()  # a failed prefill frees its rows
             if self.trace is not None:
                 # took_s: the batched prefill (None: it failed); stall_s: with the wait for queued steps
                 self.trace.event("admit", n=n, tokens=sum(costs[:n]), est_s=estimate, took_s=self._last_prefill_s,
@@ -867,6 +875,17 @@ class ChromaEngine:
                 self.counters["failed"] += 1
                 stream.put(RequestFailed(f"could not start generation: {exc}"))
         return states
+
+    def _waiting_batch_tokens(self) -> int:
+        """Prompt positions of the next batch the waiting requests would make (free rows or not:
+        a row may free at any step), as `_admit` would cut it; 0 when none waits."""
+        tokens, ids = 0, 0
+        for i, (req, _stream) in enumerate(self._staged):
+            if i >= self.opts.max_prefills_per_step or (i and ids >= self.opts.prefill_token_budget):
+                break
+            tokens += self._prefill_tokens(req)
+            ids += len(req.thinker_ids)
+        return tokens
 
     def _stage_pending(self) -> None:
         """Everything queued joins the staged line, in order."""
@@ -1112,7 +1131,6 @@ class ChromaEngine:
                 last.row = a.row
                 self._active[a.row] = last
             self._active.pop()
-            self._room.notify_all()
 
     def _fail_all(self, message: str) -> None:
         """Fail every running request, then free their rows (a row that cannot be freed is logged:

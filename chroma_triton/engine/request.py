@@ -99,7 +99,9 @@ class RequestStream:
 
     _END = object()
 
-    def __init__(self, request_id: str):
+    def __init__(self, request_id: str, on_end: Callable[[], None] | None = None):
+        """`on_end`: called once, on the engine's thread, when the stream's last event (finish or
+        failure) is put."""
         self.request_id = request_id
         self.submitted_at = time.monotonic()
         self._items: deque = deque()
@@ -107,19 +109,24 @@ class RequestStream:
         self._text_wakes = True  # whether a text delta wakes a waiting get (its caller says)
         self._cancelled = threading.Event()
         self._waker: Callable[[], None] | None = None
+        self._on_end = on_end
 
     # engine side
     def put(self, event: Event) -> None:
+        on_end = None
         with self._ready:
             self._items.append(event)
             if isinstance(event, (Finished, RequestFailed)):
                 self._items.append(self._END)
                 self._ready.notify_all()  # the end: every waiting reader
+                on_end, self._on_end = self._on_end, None
             elif self._text_wakes or not isinstance(event, TextDelta):
                 self._ready.notify()
             waker = None if isinstance(event, TextDelta) else self._waker
         if waker is not None:
             waker()
+        if on_end is not None:
+            on_end()
 
     # caller side
     def set_waker(self, waker: Callable[[], None] | None) -> None:

@@ -1,5 +1,6 @@
 """A flight recorder of the engine's scheduling decisions (`EngineOptions.trace_path`): one JSON
-line per admission, per chunk put out late and per 20th step, written by the engine's thread.
+line per admission, per chunk put out late and per 20th step, written by the engine's thread
+(one engine per file: two processes appending to one file would interleave their lines).
 
 The served stack's late start-up chunks come partly from admissions the pacer judged safe
 (docs/benchmarks.md, runs 33-35); counters show how many, not which. This file shows each

@@ -104,8 +104,11 @@ class TorchThinker:
         x = x.masked_fill(~valid.to(dev, non_blocking=True)[..., None], 0)  # padding: zeros
         if pieces:  # flat positions of the audio tokens, in prompt order (each prompt's audio in order)
             where = is_audio.reshape(-1).nonzero().squeeze(1)
-            audio = torch.cat([a.to(dtype=x.dtype) for a in pieces]) if len(pieces) > 1 else pieces[0].to(dtype=x.dtype)
-            x.view(-1, x.shape[-1]).index_copy_(0, where.to(dev, non_blocking=True), audio.to(dev, non_blocking=True))
+            if all(a.device.type == "cpu" for a in pieces):  # the served case: one copy for the batch
+                audio = torch.cat([a.to(dtype=x.dtype) for a in pieces]).to(dev, non_blocking=True)
+            else:
+                audio = torch.cat([a.to(device=dev, dtype=x.dtype, non_blocking=True) for a in pieces])
+            x.view(-1, x.shape[-1]).index_copy_(0, where.to(dev, non_blocking=True), audio)
         return x, lengths.to(dev, non_blocking=True)
 
     @torch.inference_mode()

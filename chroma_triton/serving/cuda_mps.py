@@ -60,17 +60,23 @@ class MpsDaemon:
         return {"CUDA_MPS_PIPE_DIRECTORY": str(self.pipe_dir), "CUDA_MPS_LOG_DIRECTORY": str(self.log_dir)}
 
     def _control(self, args: list[str], stdin: str | None = None) -> subprocess.CompletedProcess:
+        """A command to the running daemon (a client process that exits once answered)."""
         return subprocess.run([self.binary, *args], input=stdin, env={**os.environ, **self.env},
                               capture_output=True, text=True, timeout=30)
 
     def start(self) -> None:
         self.log_dir.mkdir(parents=True, exist_ok=True)
+        # output to a file, not a pipe: the daemon it forks could hold a pipe open and keep us waiting
+        out_path = self.log_dir / "control-start.txt"
         try:
-            done = self._control(["-d"])
+            with open(out_path, "w") as out:
+                done = subprocess.run([self.binary, "-d"], stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                                      env={**os.environ, **self.env}, timeout=30)
         except (OSError, subprocess.TimeoutExpired) as exc:
             raise MpsError(f"{self.binary} -d failed: {exc}") from None
         if done.returncode != 0:
-            raise MpsError(f"{self.binary} -d exited with {done.returncode}: {(done.stderr or done.stdout).strip()}")
+            said = out_path.read_text(errors="replace").strip()
+            raise MpsError(f"{self.binary} -d exited with {done.returncode}: {said}")
         self.running = True
         log.info("CUDA MPS control daemon started (pipes %s, logs %s)", self.pipe_dir, self.log_dir)
 

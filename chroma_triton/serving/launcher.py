@@ -461,6 +461,7 @@ class Launcher:
         render_repository(repo, spec, Path(a.model_repository))
         log.info("rendered %s (%s, dp %d) from %s", repo, spec.kind.upper(), spec.dp_size, a.model_repository)
         log.info("tritonserver: %s (%s)", install.binary, install.kind)
+        self._install_signals()  # before the MPS daemon starts: a stop from now on goes through _shutdown
         mps_env = self._start_mps(spec.kind, workdir)
         try:
             self.server = TritonServer(
@@ -473,7 +474,6 @@ class Launcher:
             raise
         if self.server.malloc_library is not None:
             log.info("tritonserver allocator: %s (LD_PRELOAD; --malloc system for glibc's)", self.server.malloc_library)
-        self._install_signals()
         echo = None if a.quiet else _LogEcho(workdir / "tritonserver.log")
         if echo:
             echo.start()
@@ -613,11 +613,14 @@ class Launcher:
             except subprocess.TimeoutExpired:
                 os.killpg(self.frontend.pid, signal.SIGKILL)
                 self.frontend.wait()
-        if self.server is not None:
-            log.info("stopping tritonserver")
-            self.server.stop()
-        if self.mps is not None:
-            self.mps.stop()
+        try:
+            if self.server is not None:
+                log.info("stopping tritonserver")
+                self.server.stop()
+        finally:
+            if self.mps is not None:
+                self.mps.stop()
+                self.mps = None
         log.info("stopped")
 
 
