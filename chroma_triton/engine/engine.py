@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import itertools
 import logging
 import math
 import queue
@@ -813,13 +814,7 @@ class ChromaEngine:
                 stream.put(Finished("cancelled", len(req.thinker_ids), 0, 0, ""))
                 self.counters["cancelled"] += 1
             self._staged = deque(item for item in self._staged if not item[1].cancelled)
-        room = min(self.opts.max_batch - len(self._active), self.opts.max_prefills_per_step)
-        costs, tokens = [], 0
-        for req, _stream in list(self._staged)[:max(room, 0)]:
-            if costs and tokens >= self.opts.prefill_token_budget:
-                break
-            costs.append(self._prefill_tokens(req))
-            tokens += len(req.thinker_ids)
+        costs = self._batch_costs(min(self.opts.max_batch - len(self._active), self.opts.max_prefills_per_step))
         n = len(costs)
         allowance = None
         if n and self.opts.admission_pacing and self._active:
@@ -829,24 +824,29 @@ class ChromaEngine:
             self.counters["forced_admissions"] += self.pacer.forced
             allowance = self.pacer.allowance(states) if self.trace is not None else None
         items = [self._staged.popleft() for _ in range(n)]
-        self._next_prefill_tokens = self._waiting_batch_tokens()  # what the chunk plan makes room for
+        # what the chunk plan makes room for: the batch of whatever still waits, free rows or not
+        # (a row may free at any step)
+        self._next_prefill_tokens = sum(self._batch_costs(self.opts.max_prefills_per_step))
         if not items:
             return []
-        estimate = self.pacer.cost.estimate(sum(costs[:n])) if self.pacer.cost.known else None
+        tokens = sum(costs[:n])
+        estimate = self.pacer.cost.estimate(tokens) if self.pacer.cost.known else None
         t0, self._last_prefill_s = time.perf_counter(), None
         try:
-            return self._admit_items(items, costs[:n])
+            return self._admit_items(items, tokens, estimate)
         finally:
             if self.trace is not None:
                 # took_s: the batched prefill (None: it failed); stall_s: with the wait for queued steps
-                self.trace.event("admit", n=n, tokens=sum(costs[:n]), est_s=estimate, took_s=self._last_prefill_s,
+                self.trace.event("admit", n=n, tokens=tokens, est_s=estimate, took_s=self._last_prefill_s,
                                  stall_s=time.perf_counter() - t0,
                                  allowance_s=allowance, forced=self.pacer.forced if allowance is not None else 0,
                                  step_s=self.pacer.step_s, active=len(self._active), waiting=len(self._staged),
                                  requests=[req.request_id for req, _ in items])
 
-    def _admit_items(self, items: list[tuple[GenerationRequest, RequestStream]], costs: list[int]) -> list[torch.Tensor]:
-        """Prefill `items` (prompt positions `costs`), batched, or one by one if the batch fails."""
+    def _admit_items(self, items: list[tuple[GenerationRequest, RequestStream]], tokens: int,
+                     estimate: float | None) -> list[torch.Tensor]:
+        """Prefill `items` (`tokens` prompt positions, which the pacer expected to take `estimate`
+        seconds: None before it has seen a prefill), batched, or one by one if the batch fails."""
         if self.device.type == "cuda":  # the prefill's cost, not that of steps still queued before it
             torch.cuda.synchronize(self.device)
         t0 = time.perf_counter()
@@ -855,11 +855,10 @@ class ChromaEngine:
             if self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)
             took = time.perf_counter() - t0
-            if self.pacer.cost.known:  # what the pacer expected, against what it got (before learning it)
-                expected = self.pacer.cost.estimate(sum(costs))
-                self.counters["prefill_estimate_s"] += expected
-                self.counters["prefill_overrun_s"] += max(took - expected, 0.0)
-            self.pacer.cost.observe(sum(costs), took)
+            if estimate is not None:  # what the pacer expected, against what it got (before learning it)
+                self.counters["prefill_estimate_s"] += estimate
+                self.counters["prefill_overrun_s"] += max(took - estimate, 0.0)
+            self.pacer.cost.observe(tokens, took)
             self._last_prefill_s = took
             self.counters["prefills"] += 1
             self.counters["prefill_s"] += took
@@ -876,16 +875,17 @@ class ChromaEngine:
                 stream.put(RequestFailed(f"could not start generation: {exc}"))
         return states
 
-    def _waiting_batch_tokens(self) -> int:
-        """Prompt positions of the next batch the waiting requests would make (free rows or not:
-        a row may free at any step), as `_admit` would cut it; 0 when none waits."""
-        tokens, ids = 0, 0
-        for i, (req, _stream) in enumerate(self._staged):
-            if i >= self.opts.max_prefills_per_step or (i and ids >= self.opts.prefill_token_budget):
+    def _batch_costs(self, limit: int) -> list[int]:
+        """Prompt positions (`_prefill_tokens`) of each request of the next batch the staged line
+        makes, in order: at most `limit` requests, and no more once `prefill_token_budget` thinker
+        tokens are in (the first always goes)."""
+        costs, tokens = [], 0
+        for req, _stream in itertools.islice(self._staged, max(limit, 0)):
+            if costs and tokens >= self.opts.prefill_token_budget:
                 break
-            tokens += self._prefill_tokens(req)
-            ids += len(req.thinker_ids)
-        return tokens
+            costs.append(self._prefill_tokens(req))
+            tokens += len(req.thinker_ids)
+        return costs
 
     def _stage_pending(self) -> None:
         """Everything queued joins the staged line, in order."""

@@ -74,13 +74,9 @@ class TorchThinker:
     def embed(self, token_ids: torch.Tensor) -> torch.Tensor:
         return self.lm.model.embed_tokens(token_ids.to(self.device))
 
-    def prompt_embeddings(self, input_ids: torch.Tensor, audio_embeds: torch.Tensor | None) -> torch.Tensor:
-        """Token embeddings with the audio tower's outputs in place of the <|AUDIO|> run(s)."""
-        x, _lengths = self.prompt_batch([(input_ids, audio_embeds)])
-        return x[0]
-
     def prompt_batch(self, prompts: list[tuple[torch.Tensor, torch.Tensor | None]]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Prompts (ids, audio embeddings) -> right-padded embeddings [P, max L, H] (zeros past each
+        """Prompts (ids, audio embeddings) -> token embeddings with the audio tower's outputs in
+        place of the <|AUDIO|> runs, right-padded [P, max L, H] (zeros past each
         prompt's end, as `pad_batch`) and lengths [P] on the device. Where the audio goes is
         worked out on the host, so this queues a handful of kernels for the whole batch and never
         waits for the device (it runs between steps the device is still computing, and every

@@ -295,10 +295,10 @@ def engine_options(args) -> EngineOptions:
     kwargs.update({name: args.float(name, getattr(d, name)) for name in _FLOAT_OPTIONS})
     kwargs.update({name: args.bool(name, getattr(d, name)) for name in _BOOL_OPTIONS})
     kwargs["math_attention"] = args.str("math_attention", d.math_attention)
+    device = str(getattr(args, "device", "cpu"))
     # one file per instance: "{device}" / "{instance}" in the path name it (dp instances share a name)
-    device = str(getattr(args, "device", "cpu")).replace(":", "")
-    kwargs["trace_path"] = args.str("trace_path", "").replace("{device}", device).replace(
+    kwargs["trace_path"] = args.str("trace_path", "").replace("{device}", device.replace(":", "")).replace(
         "{instance}", str(getattr(args, "instance_name", "chroma_lm")))
-    on_gpu = str(getattr(args, "device", "cpu")).startswith("cuda")
+    on_gpu = device.startswith("cuda")
     kwargs["compile"] = on_gpu if args.str("compile").strip().lower() in ("", "auto") else args.bool("compile", d.compile)
     return EngineOptions(**kwargs)
