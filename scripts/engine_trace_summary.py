@@ -3,8 +3,10 @@
 
 Prints the admissions (how many, their prefill time against the pacer's estimate, overruns and the
 allowance they were admitted under, forced ones), the chunks put out late (how late, how far into
-their stream, and which admission started each late stream, with how long before), and the step
-times seen.
+their stream, and which admission started each late stream, with how long before), the step
+times seen, the audio each stream's listener had left when its start-up chunks went out, and for
+the late chunks where the time went since their stream's first chunk (admissions' stalls against
+their estimates, steps against the step time planned with).
 
     python scripts/engine_trace_summary.py /root/res/trace_cuda0.jsonl
 """
@@ -69,7 +71,44 @@ def summarize(events: list[dict]) -> list[str]:
                        f"{1000 * statistics.median(c[1] for c in causes):.0f} ms")
     if steps:
         out.append("step time (pacer's average): " + spread([e["step_s"] for e in steps if e.get("step_s")]))
+        out.append("step wall time (prefills out): " + spread([e["took_s"] - (e.get("prefill_s") or 0.0) for e in steps]))
+    chunks = [e for e in events if e["ev"] == "chunk"]
+    for index in sorted({e["index"] for e in chunks if e["index"] > 0}):
+        left = [e["left_s"] for e in chunks if e["index"] == index]
+        out.append(f"chunk {index}: audio left at the listener when it went out: " + spread(left)
+                   + f"; {sum(1 for v in left if v < 0)} late, {sum(1 for v in left if 0 <= v < 0.05)} under 50 ms")
+    out += late_windows(late, chunks, admits, steps)
     return out
+
+
+def late_windows(late: list[dict], chunks: list[dict], admits: list[dict], steps: list[dict]) -> list[str]:
+    """Where the time went between a late stream's first chunk and its late chunk: the admissions'
+    stalls in that window against what the pacer expected of them, and the steps against the step
+    time the pacer had planned with when the first chunk went out."""
+    first = {e["request"]: e for e in chunks if e["index"] == 0}
+    rows = []
+    for e in late:
+        start = first.get(e["request"])
+        if start is None:
+            continue
+        inside = [s for s in steps if start["t"] < s["t"] <= e["t"]]
+        taken = [a for a in admits if start["t"] < a["t"] <= e["t"]]
+        planned = next((s.get("step_s") for s in reversed(steps) if s["t"] <= start["t"]), None)
+        step_wall = sum(s["took_s"] - (s.get("prefill_s") or 0.0) for s in inside)
+        rows.append({"window": e["t"] - start["t"], "steps": len(inside), "step_wall": step_wall,
+                     "step_over": step_wall - len(inside) * planned if planned else None,
+                     "stall": sum(a["stall_s"] for a in taken), "est": sum(a.get("est_s") or 0.0 for a in taken),
+                     "admissions": len(taken)})
+    if not rows:
+        return []
+
+    def med(key):
+        vals = [r[key] for r in rows if r[key] is not None]
+        return 1000 * statistics.median(vals) if vals else float("nan")
+    return [f"late chunks' windows (first chunk to the late one, n={len(rows)}): median {med('window'):.0f} ms; "
+            f"admissions in them {statistics.median(r['admissions'] for r in rows):.0f}, stalling "
+            f"{med('stall'):.0f} ms (estimated {med('est'):.0f} ms); steps {statistics.median(r['steps'] for r in rows):.0f}, "
+            f"{med('step_wall'):.0f} ms, {med('step_over'):+.0f} ms against the step time planned with"]
 
 
 def main(argv: list[str] | None = None) -> int:

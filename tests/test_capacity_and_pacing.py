@@ -102,6 +102,33 @@ def test_pacer_admits_what_the_tightest_stream_can_wait_for():
     assert p.how_many([100], [roomy, starving], 5.0) == 1
 
 
+def test_sigmas_plan_with_the_recent_spread_of_prefills_and_steps():
+    cost = PrefillCost()
+    cost.observe(100, 0.1)
+    assert cost.relative_error == 0.0 and cost.upper(100, 2.0) == pytest.approx(0.1)
+    cost.observe(100, 0.15)  # 50 % over the estimate of 0.1 s
+    assert cost.relative_error == pytest.approx(0.5)
+    est = cost.estimate(100)
+    assert cost.upper(100, 2.0) == pytest.approx(est * 2.0)  # 1 + 2 x 0.5
+    assert cost.upper(100, 0.0) == pytest.approx(est)
+
+    p = AdmissionPacer(margin_s=0.1, max_wait_s=5.0, sigmas=2.0)
+    assert p.step_high is None and p.prefill_estimate(100) == 0.0
+    for s in (0.03, 0.05, 0.03, 0.05):
+        p.observe_step(s)
+    assert 0.03 < p.step_s < 0.05 and p.step_var > 0
+    assert p.step_high == pytest.approx(p.step_s + 2.0 * math.sqrt(p.step_var))
+    p.cost = cost
+    # the allowance counts the pessimistic step, the admission the pessimistic prefill
+    tight = StreamState(slack_s=0.6, frames_missing=2)
+    assert p.allowance([tight]) == pytest.approx(0.6 - 2 * p.step_high - 0.1)
+    averages = AdmissionPacer(margin_s=0.1, max_wait_s=5.0)
+    averages.cost, averages.step_s = cost, p.step_s
+    assert p.how_many([100] * 5, [tight], 0.0) < averages.how_many([100] * 5, [tight], 0.0)
+    p.reset_steps()
+    assert p.step_s is None and p.step_var == 0.0
+
+
 def test_pacer_without_a_cost_estimate_admits_the_batch():
     p = AdmissionPacer()
     assert math.isfinite(p.allowance([StreamState(0.2, 1)]))
@@ -143,6 +170,38 @@ def test_paced_engine_admits_a_burst_and_finishes_every_request(tiny_checkpoint,
     spec.loader.exec_module(summary)
     lines = summary.summarize(events)
     assert lines[0].startswith(f"{len(admits)} admissions of 7 requests")
+    # every step, and each stream's start-up chunks with the audio its listener had left
+    assert sum(1 for e in events if e["ev"] == "step") == stats["steps"]
+    firsts = [e for e in events if e["ev"] == "chunk" and e["index"] == 0]
+    assert len(firsts) == 7 and all(e["left_s"] is None for e in firsts)
+    later = [e for e in events if e["ev"] == "chunk" and e["index"] > 0]
+    assert later and all(isinstance(e["left_s"], float) for e in later)
+    assert any(line.startswith("chunk 1: audio left") for line in lines)
+
+
+def test_trace_summary_splits_a_late_chunks_window_into_stalls_and_steps():
+    spec = importlib.util.spec_from_file_location("trace_summary", ROOT / "scripts" / "engine_trace_summary.py")
+    summary = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(summary)
+    events = [
+        {"t": 0.00, "ev": "step", "took_s": 0.04, "prefill_s": 0.0, "step_s": 0.04},
+        {"t": 0.01, "ev": "chunk", "request": "r", "index": 0, "frames": 4, "left_s": None},
+        {"t": 0.05, "ev": "step", "took_s": 0.05, "prefill_s": 0.0, "step_s": 0.04},
+        {"t": 0.20, "ev": "admit", "n": 3, "tokens": 300, "est_s": 0.1, "took_s": 0.14, "stall_s": 0.15,
+         "allowance_s": 0.12, "forced": 0, "requests": ["x", "y", "z"]},
+        {"t": 0.25, "ev": "step", "took_s": 0.2, "prefill_s": 0.15, "step_s": 0.04},
+        {"t": 0.30, "ev": "step", "took_s": 0.06, "prefill_s": 0.0, "step_s": 0.04},
+        {"t": 0.31, "ev": "late", "request": "r", "start_frame": 4, "frames": 4, "late_s": 0.01,
+         "since_first_chunk_s": 0.3, "step_s": 0.04},
+        {"t": 0.31, "ev": "chunk", "request": "r", "index": 1, "frames": 4, "left_s": -0.01},
+    ]
+    lines = summary.summarize(events)
+    assert "chunk 1: audio left at the listener when it went out: median -10 ms" in "\n".join(lines)
+    window = lines[-1]
+    # 3 steps after the first chunk: 50 + 50 + 60 ms of stepping against 3 x 40 planned
+    assert window.startswith("late chunks' windows (first chunk to the late one, n=1): median 300 ms")
+    assert "admissions in them 1, stalling 150 ms (estimated 100 ms)" in window
+    assert "steps 3, 160 ms, +40 ms against the step time planned with" in window
 
 
 def _codes(stream):

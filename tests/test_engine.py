@@ -317,7 +317,7 @@ def test_chunks_sent_after_the_listener_ran_dry_are_counted(pipe):
     pipe.engine.shutdown()
     engine = ChromaEngine(pipe.parts, EngineOptions(max_batch=1))
     sent = []
-    stream = SimpleNamespace(frames=[np.zeros(8, dtype=np.int64)] * 6, sent=2, in_hand_s=0.0,
+    stream = SimpleNamespace(frames=[np.zeros(8, dtype=np.int64)] * 6, sent=2, in_hand_s=0.0, chunks=1,
                              first_chunk_at=time.monotonic() - 1.0, stream=SimpleNamespace(put=sent.append))
     engine._send_chunk(stream)  # 2 frames (0.16 s) went out 1 s ago: 0.84 s late
     assert engine.counters["late_chunks"] == 1

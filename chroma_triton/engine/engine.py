@@ -71,6 +71,8 @@ class EngineOptions:
     admission_pacing: bool = True  # admit only what running streams can wait for (engine/pacing.py)
     admission_margin_s: float = 0.1  # audio kept in hand at every listener when admitting
     admission_slack: bool = True  # while requests wait, chunks keep their prefill's worth more in hand
+    pacing_sigmas: float = 0.0  # plan admissions and chunks with prefill and step times this many
+    #                             standard deviations (of their recent spread) above average (engine/pacing.py)
     max_admission_wait_s: float = 5.0  # ...but never keep a waiting request out longer than this:
     forced_admissions: int = 0  # admit at most this many per step then (0: as many as fit, up to
     #                             max_prefills_per_step)
@@ -90,7 +92,7 @@ class EngineOptions:
     key_bucket: int = 256  # key-length bucket of captured graphs
     thinker_backend: str = "torch"  # "auto" | "torch" | "sglang" (model.loading.make_thinker)
     thinker_options: dict = field(default_factory=dict)  # backend options (SGLang: engine_kwargs, ...)
-    trace_path: str = ""  # JSON lines of admissions, late chunks and every 20th step (engine/trace.py); "": off
+    trace_path: str = ""  # JSON lines of admissions, steps, start-up and late chunks (engine/trace.py); "": off
 
 
 @dataclass
@@ -112,6 +114,7 @@ class _Active:
     sent: int = 0  # frames already sent in chunks
     first_chunk_at: float | None = None  # monotonic time the first chunk was sent
     in_hand_s: float = 0.0  # audio the listener had left right after the last chunk went out
+    chunks: int = 0  # chunks sent
     finish: str | None = None
 
 
@@ -162,6 +165,8 @@ _NINT = 7
 
 
 class ChromaEngine:
+    TRACED_CHUNKS = 5  # a trace records each stream's first chunks (audio left at the listener when each went out)
+
     def __init__(self, parts: ChromaParts, options: EngineOptions | None = None, thinker: Thinker | None = None):
         if parts.thinker_lm is None or parts.frame_model is None or parts.tokenizer is None:
             raise ValueError("the engine needs the thinker, frame_model and tokenizer parts")
@@ -196,10 +201,11 @@ class ChromaEngine:
         self._backbone_lens = length_buckets(self.opts.backbone_max_len, self.opts.key_bucket) if on_gpu else None
         self._pending: queue.Queue[tuple[GenerationRequest, RequestStream] | None] = queue.Queue()
         self._staged: deque = deque()  # taken off the queue, waiting for admission (queue order)
-        if self.opts.forced_admissions < 0 or self.opts.start_slack_s < 0:
-            raise ValueError("forced_admissions and start_slack_s must be >= 0 (0: as many as fit / off)")
+        if self.opts.forced_admissions < 0 or self.opts.start_slack_s < 0 or self.opts.pacing_sigmas < 0:
+            raise ValueError("forced_admissions, start_slack_s and pacing_sigmas must be >= 0 "
+                             "(0: as many as fit / off / plan with averages)")
         self.pacer = AdmissionPacer(self.opts.admission_margin_s, self.opts.max_admission_wait_s,
-                                    forced_max=self.opts.forced_admissions or None)
+                                    forced_max=self.opts.forced_admissions or None, sigmas=self.opts.pacing_sigmas)
         self._frame_s = self.cfg.frame_seconds
         self._next_prefill_tokens = 0  # prompt positions of the next admission's batch, as last planned
         self.trace = EngineTrace(self.opts.trace_path) if self.opts.trace_path else None
@@ -479,7 +485,7 @@ class ChromaEngine:
                 if not self._active:
                     self._last_done = None  # idle time between requests is not a gap between steps
                     self._global_step = 0  # next step talks, so a new request is admitted at once
-                    self.pacer.step_s = None  # the last batch's step time says nothing of the next one's
+                    self.pacer.reset_steps()  # the last batch's step time says nothing of the next one's
                     if not self._staged:
                         failures = 0  # idle: nothing left that failed
                         if self.trace is not None:
@@ -830,7 +836,7 @@ class ChromaEngine:
         if not items:
             return []
         tokens = sum(costs[:n])
-        estimate = self.pacer.cost.estimate(tokens) if self.pacer.cost.known else None
+        estimate = self.pacer.prefill_estimate(tokens) if self.pacer.cost.known else None
         t0, self._last_prefill_s = time.perf_counter(), None
         try:
             return self._admit_items(items, tokens, estimate)
@@ -929,7 +935,7 @@ class ChromaEngine:
 
     def _chunk_plan(self) -> "_ChunkPlan":
         """This step's chunk sizing (once per step, for every stream)."""
-        step, slack = self.pacer.step_s, self._start_slack()
+        step, slack = self.pacer.step_high, self._start_slack()
         return _ChunkPlan(first=self._first_chunk_frames(slack, step), slack_s=slack, step_s=step)
 
     def _start_slack(self) -> float:
@@ -942,7 +948,7 @@ class ChromaEngine:
         if (slack <= 0 or not (self.opts.admission_pacing and self.opts.admission_slack) or not self._next_prefill_tokens
                 or not self.pacer.cost.known):
             return slack
-        return max(slack, self.pacer.cost.estimate(self._next_prefill_tokens) + self.opts.admission_margin_s)
+        return max(slack, self.pacer.prefill_estimate(self._next_prefill_tokens) + self.opts.admission_margin_s)
 
     def _first_chunk_frames(self, slack: float, step: float | None) -> int:
         """Frames of a first chunk: `first_chunk_frames`, or more when steps are slow. A first chunk
@@ -1098,9 +1104,14 @@ class ChromaEngine:
         codes = np.stack(a.frames[a.sent - ctx:])
         a.stream.put(AudioChunk(codes=codes, context_frames=ctx, start_frame=a.sent))
         now = time.monotonic()
-        if a.first_chunk_at is None:
+        left = None if a.first_chunk_at is None else a.first_chunk_at + a.sent * self._frame_s - now
+        if self.trace is not None and a.chunks < self.TRACED_CHUNKS:  # the start-up chunks, where lateness lives
+            self.trace.event("chunk", request=a.req.request_id, index=a.chunks, frames=len(a.frames) - a.sent,
+                             left_s=left, rows=len(self._active))
+        a.chunks += 1
+        if left is None:
             a.first_chunk_at = now
-        elif (late := now - (a.first_chunk_at + a.sent * self._frame_s)) > 0:
+        elif (late := -left) > 0:
             self.counters["late_chunks"] += 1
             self.counters["late_chunk_s"] += late
             if self.trace is not None:

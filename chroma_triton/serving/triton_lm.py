@@ -282,7 +282,7 @@ _INT_OPTIONS = ("max_batch", "thinker_max_len", "backbone_max_len", "max_frames"
                 "chunk_frames", "context_frames", "max_queue", "max_prefills_per_step", "prefill_token_budget",
                 "forced_admissions", "voice_prefix_cache", "topk_segments")
 _FLOAT_OPTIONS = ("start_slack_s", "admission_margin_s", "max_admission_wait_s", "kv_memory_fraction",
-                  "activation_reserve_gib", "switch_interval_ms")
+                  "activation_reserve_gib", "switch_interval_ms", "pacing_sigmas")
 _BOOL_OPTIONS = ("admission_pacing", "admission_slack", "cuda_graphs", "overlap", "thinker_ahead")
 
 
