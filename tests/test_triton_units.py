@@ -432,7 +432,7 @@ def _fake_mps_control(tmp_path, fail=False):
     script.parent.mkdir()
     script.write_text(f"""#!/bin/sh
 stdin=$( [ "$1" = "-d" ] && echo - || cat )
-echo "args=$* stdin=$stdin pipe=$CUDA_MPS_PIPE_DIRECTORY log=$CUDA_MPS_LOG_DIRECTORY" >> {calls}
+echo "args=$* stdin=$stdin pipe=$CUDA_MPS_PIPE_DIRECTORY log=$CUDA_MPS_LOG_DIRECTORY gpus=$CUDA_VISIBLE_DEVICES" >> {calls}
 {"echo 'cannot start: no GPU' >&2; exit 3" if fail else "exit 0"}
 """)
     script.chmod(0o755)
@@ -472,6 +472,21 @@ def test_cuda_mps_daemon_has_its_own_pipes_and_quits(tmp_path):
     broken, _ = _fake_mps_control(tmp_path / "b", fail=True)
     with pytest.raises(MpsError, match="exited with 3: cannot start: no GPU"):
         MpsDaemon(str(broken), tmp_path / "log2").start()
+
+
+def test_cuda_mps_clients_count_gpus_within_the_daemons(tmp_path):
+    """The daemon sees the launcher's CUDA_VISIBLE_DEVICES; its clients number those GPUs from 0
+    (a client asking for GPU 1 of a daemon that sees only GPU 1 finds none)."""
+    from chroma_triton.serving.cuda_mps import MpsDaemon
+
+    script, calls = _fake_mps_control(tmp_path)
+    daemon = MpsDaemon(str(script), tmp_path / "mps-log", visible="2,3")
+    assert daemon.env["CUDA_VISIBLE_DEVICES"] == "0,1"
+    daemon.start()
+    daemon.stop()
+    assert [line.rsplit(" ", 1)[1] for line in calls.read_text().splitlines()] == ["gpus=2,3", "gpus=2,3"]
+    assert MpsDaemon(str(script), tmp_path / "l2", visible="1").env["CUDA_VISIBLE_DEVICES"] == "0"
+    assert "CUDA_VISIBLE_DEVICES" not in MpsDaemon(str(script), tmp_path / "l3", visible="").env
 
 
 def test_launcher_points_the_stack_at_its_mps_daemon(tmp_path, monkeypatch):

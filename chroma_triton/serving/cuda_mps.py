@@ -9,6 +9,12 @@ ms on the same machine, and fewer late chunks at the clients (docs/benchmarks.md
 The launcher starts a control daemon of its own: its pipe directory is private to this stack (the
 processes find it through ``CUDA_MPS_PIPE_DIRECTORY``), so other CUDA programs on the machine are
 not affected, and it is told to quit when the stack stops.
+
+The daemon sees the GPUs of the launcher's ``CUDA_VISIBLE_DEVICES``, and a client's
+``CUDA_VISIBLE_DEVICES`` counts within those: with ``CUDA_VISIBLE_DEVICES=1`` the daemon serves GPU 1
+as its device 0, and a model process that asked for device 1 found no GPU at all (every model of
+stacks on GPUs 1-3 of a 4-GPU machine failed to load). So the stack's processes get the daemon's
+devices renumbered from 0.
 """
 
 from __future__ import annotations
@@ -48,20 +54,34 @@ def find_control(mode: str, kind: str, which=shutil.which) -> str | None:
 class MpsDaemon:
     """One MPS control daemon with a private pipe directory; ``env`` points processes at it."""
 
-    def __init__(self, binary: str, log_dir: Path):
+    def __init__(self, binary: str, log_dir: Path, visible: str | None = None):
         self.binary = binary
+        self.visible = os.environ.get("CUDA_VISIBLE_DEVICES") if visible is None else visible
         # the pipe directory holds unix sockets, whose paths must stay short (about 100 bytes)
         self.pipe_dir = Path(tempfile.mkdtemp(prefix="chroma-mps-"))
         self.log_dir = Path(log_dir)
         self.running = False
 
     @property
+    def _daemon_env(self) -> dict[str, str]:
+        env = {**os.environ, "CUDA_MPS_PIPE_DIRECTORY": str(self.pipe_dir), "CUDA_MPS_LOG_DIRECTORY": str(self.log_dir)}
+        if self.visible is not None:
+            env["CUDA_VISIBLE_DEVICES"] = self.visible
+        return env
+
+    @property
     def env(self) -> dict[str, str]:
-        return {"CUDA_MPS_PIPE_DIRECTORY": str(self.pipe_dir), "CUDA_MPS_LOG_DIRECTORY": str(self.log_dir)}
+        """What the stack's processes (the daemon's clients) need: its pipes, and the GPUs it sees
+        numbered as it numbers them (0, 1, ... in the order of ``CUDA_VISIBLE_DEVICES``)."""
+        env = {"CUDA_MPS_PIPE_DIRECTORY": str(self.pipe_dir), "CUDA_MPS_LOG_DIRECTORY": str(self.log_dir)}
+        devices = [d for d in (self.visible or "").split(",") if d.strip()]
+        if devices:
+            env["CUDA_VISIBLE_DEVICES"] = ",".join(str(i) for i in range(len(devices)))
+        return env
 
     def _control(self, args: list[str], stdin: str | None = None) -> subprocess.CompletedProcess:
         """A command to the running daemon (a client process that exits once answered)."""
-        return subprocess.run([self.binary, *args], input=stdin, env={**os.environ, **self.env},
+        return subprocess.run([self.binary, *args], input=stdin, env=self._daemon_env,
                               capture_output=True, text=True, timeout=30)
 
     def start(self) -> None:
@@ -71,7 +91,7 @@ class MpsDaemon:
         try:
             with open(out_path, "w") as out:
                 done = subprocess.run([self.binary, "-d"], stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-                                      env={**os.environ, **self.env}, timeout=30)
+                                      env=self._daemon_env, timeout=30)
         except (OSError, subprocess.TimeoutExpired) as exc:
             raise MpsError(f"{self.binary} -d failed: {exc}") from None
         if done.returncode != 0:
