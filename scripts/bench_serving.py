@@ -166,8 +166,9 @@ async def _measure_levels(args, targets, baseline, workload, workers) -> list[di
 # -- report ------------------------------------------------------------------------------------
 def engine_summary(level: dict) -> str:
     """The chroma_lm counters of a level that explain its late chunks: admissions (and those
-    forced in past the pacer), and chunks the engine itself put out late (the rest of the late
-    chunks the client saw were delayed after the engine: codec, Triton, network, client)."""
+    forced in past the pacer), chunks the engine itself put out late (the rest of the late
+    chunks the client saw were delayed after the engine: codec, Triton, network, client), and
+    the garbage collections that stopped its process."""
     deltas = level.get("triton_counters_delta")
     if not deltas:
         return "– (no chroma_lm counters: metrics not scraped)"
@@ -181,7 +182,9 @@ def engine_summary(level: dict) -> str:
             f"{total('chroma_lm_forced_admissions_total'):.0f} forced admissions, "
             f"{total('chroma_lm_late_chunks_total'):.0f} chunks late at the engine "
             f"({total('chroma_lm_late_chunk_seconds_total'):.2f} s in all); "
-            f"client saw {level.get('underrun_chunks', 0)} late chunk(s)")
+            f"client saw {level.get('underrun_chunks', 0)} late chunk(s); "
+            f"{total('chroma_lm_gc_full_collections_total'):.0f} full garbage collections "
+            f"({total('chroma_lm_gc_full_seconds_total'):.2f} s; all collections {total('chroma_lm_gc_seconds_total'):.2f} s)")
 
 
 def fmt(value, spec: str = ".0f", suffix: str = "") -> str:

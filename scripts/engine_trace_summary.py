@@ -6,7 +6,8 @@ allowance they were admitted under, forced ones), the chunks put out late (how l
 their stream, and which admission started each late stream, with how long before), the step
 times seen, the audio each stream's listener had left when its start-up chunks went out, and for
 the late chunks where the time went since their stream's first chunk (admissions' stalls against
-their estimates, steps against the step time planned with).
+their estimates, steps against the step time planned with), and the garbage collections that
+stopped the process (with the prefills they fell into).
 
     python scripts/engine_trace_summary.py /root/res/trace_cuda0.jsonl
 """
@@ -78,6 +79,15 @@ def summarize(events: list[dict]) -> list[str]:
         out.append(f"chunk {index}: audio left at the listener when it went out: " + spread(left)
                    + f"; {sum(1 for v in left if v < 0)} late, {sum(1 for v in left if 0 <= v < 0.05)} under 50 ms")
     out += late_windows(late, chunks, admits, steps)
+    pauses = [e for e in events if e["ev"] == "gc"]
+    if pauses:
+        full = [e for e in pauses if e.get("gen") == 2]
+        # an admission's prefill spans [t - took_s, t]: which of the long ones had a collection inside
+        slow = [a for a in timed if a.get("est_s") and a["took_s"] > 2 * a["est_s"]]
+        hit = [a for a in slow if any(a["t"] - a["took_s"] <= p["t"] <= a["t"] for p in pauses)]
+        out.append(f"garbage collections of 5 ms or more: {len(pauses)} ({len(full)} full), "
+                   + spread([e["s"] for e in pauses]) + f"; prefills over twice their estimate: {len(slow)}, "
+                   f"{len(hit)} of them with a collection inside")
     return out
 
 

@@ -78,9 +78,12 @@ def test_engine_summary_sums_the_instances_counters():
         "chroma_lm_prefill_estimate_seconds_total{chroma_lm}": 0.25,
         "chroma_lm_prefill_overrun_seconds_total{chroma_lm}": 0.07,
         "chroma_lm_forced_admissions_total{chroma_lm}": 2.0, "chroma_lm_late_chunks_total{chroma_lm}": 4.0,
-        "chroma_lm_late_chunk_seconds_total{chroma_lm}": 0.5, "nv_inference_count{chroma_lm}": 9.0}}
+        "chroma_lm_late_chunk_seconds_total{chroma_lm}": 0.5, "nv_inference_count{chroma_lm}": 9.0,
+        "chroma_lm_gc_full_collections_total{chroma_lm}": 2.0, "chroma_lm_gc_full_seconds_total{chroma_lm}": 0.4,
+        "chroma_lm_gc_seconds_total{chroma_lm}": 0.45}}
     assert engine_summary(level) == ("3 prefills (0.30 s; pacer's estimates 0.25 s, overrun 0.07 s), 2 forced "
-                                     "admissions, 4 chunks late at the engine (0.50 s in all); client saw 7 late chunk(s)")
+                                     "admissions, 4 chunks late at the engine (0.50 s in all); client saw 7 late chunk(s); "
+                                     "2 full garbage collections (0.40 s; all collections 0.45 s)")
     assert engine_summary({}).startswith("–")  # nothing scraped is not zero
 
 

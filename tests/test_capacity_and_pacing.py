@@ -187,7 +187,8 @@ def test_trace_summary_splits_a_late_chunks_window_into_stalls_and_steps():
         {"t": 0.00, "ev": "step", "took_s": 0.04, "prefill_s": 0.0, "step_s": 0.04},
         {"t": 0.01, "ev": "chunk", "request": "r", "index": 0, "frames": 4, "left_s": None},
         {"t": 0.05, "ev": "step", "took_s": 0.05, "prefill_s": 0.0, "step_s": 0.04},
-        {"t": 0.20, "ev": "admit", "n": 3, "tokens": 300, "est_s": 0.1, "took_s": 0.14, "stall_s": 0.15,
+        {"t": 0.12, "ev": "gc", "gen": 2, "s": 0.06, "thread": "chroma-engine"},
+        {"t": 0.20, "ev": "admit", "n": 3, "tokens": 300, "est_s": 0.1, "took_s": 0.21, "stall_s": 0.15,
          "allowance_s": 0.12, "forced": 0, "requests": ["x", "y", "z"]},
         {"t": 0.25, "ev": "step", "took_s": 0.2, "prefill_s": 0.15, "step_s": 0.04},
         {"t": 0.30, "ev": "step", "took_s": 0.06, "prefill_s": 0.0, "step_s": 0.04},
@@ -197,7 +198,9 @@ def test_trace_summary_splits_a_late_chunks_window_into_stalls_and_steps():
     ]
     lines = summary.summarize(events)
     assert "chunk 1: audio left at the listener when it went out: median -10 ms" in "\n".join(lines)
-    window = lines[-1]
+    assert lines[-1] == ("garbage collections of 5 ms or more: 1 (1 full), median 60 ms, p90 60, max 60 (n=1); "
+                         "prefills over twice their estimate: 1, 1 of them with a collection inside")
+    window = lines[-2]
     # 3 steps after the first chunk: 50 + 50 + 60 ms of stepping against 3 x 40 planned
     assert window.startswith("late chunks' windows (first chunk to the late one, n=1): median 300 ms")
     assert "admissions in them 1, stalling 150 ms (estimated 100 ms)" in window

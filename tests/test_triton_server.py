@@ -218,7 +218,8 @@ def test_two_concurrent_streams_complete(server, question_wav, ref_voice):
         assert len(out["pcm"]) == out["usage"][2] * FRAME
     exported = metrics(server)
     for family in ("chroma_lm_prefills_total", "chroma_lm_forced_admissions_total", "chroma_lm_late_chunks_total",
-                   "chroma_lm_late_chunk_seconds_total"):
+                   "chroma_lm_late_chunk_seconds_total", "chroma_lm_gc_full_collections_total",
+                   "chroma_lm_gc_full_seconds_total", "chroma_lm_gc_seconds_total"):
         assert family in exported, family
     assert exported["chroma_lm_prefills_total"] >= 1
     # dp instances share Triton's instance name across GPUs: the device label keeps them apart

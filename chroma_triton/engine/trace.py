@@ -12,6 +12,7 @@ grow or from stalls outside the prefill. `scripts/engine_trace_summary.py` reads
 from __future__ import annotations
 
 import json
+import threading
 import time
 from pathlib import Path
 
@@ -26,18 +27,25 @@ class EngineTrace:
         self._t0 = time.monotonic()
         self._steps = 0
         self._last_flush = self._t0
+        self._lock = threading.Lock()  # the engine's thread writes; so may another (a GC pause report)
 
     def event(self, kind: str, **fields) -> None:
         now = time.monotonic()
         fields = {k: (round(v, 5) if isinstance(v, float) else v) for k, v in fields.items()}
-        self._file.write(json.dumps({"t": round(now - self._t0, 5), "ev": kind, **fields}) + "\n")
-        if now - self._last_flush > 1.0:  # readable while the server runs, without a write per event
-            self._file.flush()
-            self._last_flush = now
+        line = json.dumps({"t": round(now - self._t0, 5), "ev": kind, **fields}) + "\n"
+        with self._lock:
+            if self._file.closed:
+                return
+            self._file.write(line)
+            if now - self._last_flush > 1.0:  # readable while the server runs, without a write per event
+                self._file.flush()
+                self._last_flush = now
 
     def flush(self) -> None:
-        self._file.flush()
-        self._last_flush = time.monotonic()
+        with self._lock:
+            if not self._file.closed:
+                self._file.flush()
+            self._last_flush = time.monotonic()
 
     def step(self, **fields) -> None:
         self._steps += 1
@@ -45,7 +53,8 @@ class EngineTrace:
             self.event("step", **fields)
 
     def close(self) -> None:
-        try:
-            self._file.close()
-        except OSError:
-            pass
+        with self._lock:
+            try:
+                self._file.close()
+            except OSError:
+                pass

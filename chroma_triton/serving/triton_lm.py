@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import queue
+import threading
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -25,6 +26,7 @@ from ..engine import (AudioChunk, ChromaEngine, EngineOptions, Finished, Generat
 from ..errors import EngineError, InvalidRequestError
 from ..model.loading import ChromaParts
 from ..processor import PromptBuilder, normalize_messages
+from .gc_pauses import GcMonitor
 from .protocol import LMResponse, parse_messages, resolve_audio_parts
 
 log = logging.getLogger(__name__)
@@ -60,12 +62,20 @@ class LMService:
         self.hidden = int(parts.config.thinker.text.hidden_size)
         self.prompts = PromptBuilder(parts.tokenizer, parts.special.audio)
         self.engine = ChromaEngine(parts, options).start()
+        # the process's garbage collections, timed (they stop the engine's thread too)
+        self.gc = GcMonitor(on_pause=self._gc_pause).install()
+
+    def _gc_pause(self, generation: int, seconds: float) -> None:
+        trace = self.engine.trace
+        if trace is not None:
+            trace.event("gc", gen=generation, s=seconds, thread=threading.current_thread().name)
 
     def close(self) -> None:
+        self.gc.uninstall()
         self.engine.shutdown()
 
     def stats(self) -> dict[str, int]:
-        return self.engine.stats()
+        return {**self.engine.stats(), **self.gc.stats()}
 
     # -- inputs ------------------------------------------------------------------------------------
     def prepare(self, inp: LMInput) -> GenerationRequest:

@@ -3,6 +3,7 @@
 import triton_python_backend_utils as pb_utils
 
 from chroma_triton.serving import protocol as P
+from chroma_triton.serving.gc_pauses import freeze_if_asked
 from chroma_triton.serving.model_args import ModelArgs, configure_logging, input_array, load_model_parts, resolve_default_voice
 from chroma_triton.serving.triton_audio_encoder import AudioEncoderService, EncoderInput
 
@@ -16,6 +17,7 @@ class TritonPythonModel:
         self.service = AudioEncoderService(parts, (voice_path.read_bytes(), transcript),
                                            voice_cache_size=a.int("voice_cache_size", 256))
         graphs = parts.audio_tower.use_cuda_graphs(a.int("cuda_graph_windows", 64))
+        freeze_if_asked(a)  # after loading and graph captures: nothing of that is ever garbage
         print(f"[{a.instance_name}] ready on {a.device}: {path}, default voice {voice_path}, {graphs} CUDA graphs",
               flush=True)
 

@@ -10,6 +10,7 @@ import triton_python_backend_utils as pb_utils
 
 from chroma_triton.serving import protocol as P
 from chroma_triton.serving.cancel_board import CancelBoard, CancelWatch, live_key, request_key
+from chroma_triton.serving.gc_pauses import freeze_if_asked
 from chroma_triton.serving.model_args import ModelArgs, configure_logging, input_array, load_model_parts, thinker_backend
 from chroma_triton.serving.relay_hub import RelayHub, RelayJob
 from chroma_triton.serving.triton_lm import LMInput, LMService, RelayWakeups, engine_options, throttled
@@ -53,7 +54,10 @@ class TritonPythonModel:
         # cancels streams named on the board (serving/cancel_board.py), looking every cancel_watch_ms
         self.watch = CancelWatch(self.board, period_s=a.float("cancel_watch_ms", 10.0) / 1000.0)
         self._init_metrics(a)
-        print(f"[{a.instance_name}] ready on {a.device}: {path}, max_batch {self.service.engine.opts.max_batch}", flush=True)
+        frozen = freeze_if_asked(a)  # after loading and warm-ups: nothing of that is ever garbage
+        print(f"[{a.instance_name}] ready on {a.device}: {path}, max_batch {self.service.engine.opts.max_batch}, "
+              f"{'gc off for ' + str(frozen) + ' objects of the load' if frozen is not None else 'gc_freeze off'}",
+              flush=True)
 
     # -- metrics ------------------------------------------------------------------------------------
     def _init_metrics(self, a):
@@ -110,6 +114,11 @@ class TritonPythonModel:
                                   "Audio chunks the engine put out after the listener's audio would have run "
                                   "out (playback from the first chunk's send; delivery delays come on top)", C),
             "late_chunk_s": family("chroma_lm_late_chunk_seconds_total", "How late those chunks were, summed", C),
+            "gc_full": family("chroma_lm_gc_full_collections_total",
+                              "Full (generation 2) garbage collections of the instance's process (every thread "
+                              "waits for one, the engine's too)", C),
+            "gc_full_s": family("chroma_lm_gc_full_seconds_total", "Wall time of those full collections", C),
+            "gc_s": family("chroma_lm_gc_seconds_total", "Wall time of all its garbage collections", C),
             "relay_busy_s": family("chroma_lm_relay_busy_seconds_total",
                                    "Wall time the shared relay threads spent relaying (near the thread count x "
                                    "the elapsed time: the relay is the bottleneck)", C),

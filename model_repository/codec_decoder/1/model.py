@@ -4,6 +4,7 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from chroma_triton.serving import protocol as P
+from chroma_triton.serving.gc_pauses import freeze_if_asked
 from chroma_triton.serving.model_args import ModelArgs, configure_logging, input_array, load_model_parts
 from chroma_triton.serving.triton_codec import CodecService
 
@@ -14,6 +15,7 @@ class TritonPythonModel:
         a = ModelArgs.from_triton(args)
         path, parts = load_model_parts(a, {"codec"})
         self.service = CodecService(parts.codec, graph_frames=a.int("cuda_graph_frames", 24))
+        freeze_if_asked(a)  # after loading and graph captures: nothing of that is ever garbage
         print(f"[{a.instance_name}] ready on {a.device}: {path} ({self.service.graphs} CUDA graphs)", flush=True)
 
     def execute(self, requests):
