@@ -83,7 +83,7 @@ class StreamState:
 
 @dataclass
 class AdmissionPacer:
-    margin_s: float = 0.1  # kept in hand for delivery jitter (codec, network)
+    margin_s: float = 0.2  # kept in hand for delivery jitter (codec, network)
     max_wait_s: float = 5.0  # a request waiting longer is admitted regardless...
     forced_max: int | None = None  # ...at most this many per step then (None: all that fit)
     step_decay: float = 0.9
