@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+from chroma_triton.engine.graphs import StepRunner, batch_buckets, length_buckets
 from chroma_triton.engine.pacing import AdmissionPacer
 from chroma_triton.engine import (AudioChunk, ChromaEngine, EngineOptions, Finished, GenerationRequest,
                                   RequestFailed, SamplingParams, TextDelta)
@@ -742,3 +743,44 @@ def test_kernel_choices_change_nothing_a_client_sees(pipe, question_wav, ref_voi
         engine.shutdown()
     with pytest.raises(ValueError, match="math_attention"):
         ChromaEngine(pipe.parts, EngineOptions(max_batch=2, math_attention="talker"))
+
+
+class _RecordingRunner(StepRunner):
+    """A StepRunner that runs eagerly (the CPU has no graphs) and notes the graph key of each call."""
+
+    def __init__(self):
+        super().__init__(use_graphs=False)
+        self.keys: list = []
+
+    def __call__(self, key, fn, *args):
+        self.keys.append(key)
+        return fn(*args)
+
+
+def test_capture_at_start_covers_every_step_a_request_needs(pipe, question_wav, ref_voice):
+    """`capture_at_start` asks for every (function, batch bucket, key-length bucket) graph before
+    serving; requests afterwards, at the batch sizes and context lengths a GPU engine pads to, need
+    no graph that was not asked for (each one would have been captured mid-stream). The CPU has no
+    graphs: the engine is given the GPU's buckets and a runner that records the keys."""
+    pipe.engine.shutdown()
+    engine = ChromaEngine(pipe.parts, EngineOptions(max_batch=4, thinker_max_len=512, backbone_max_len=512,
+                                                    start_slack_s=0.0))
+    engine._batch_sizes = batch_buckets(4)  # [1, 2, 4]
+    engine._thinker_lens = engine._backbone_lens = length_buckets(512, 256)  # [256, 512]
+    engine.runner = engine.thinker_runner = recorder = _RecordingRunner()
+    engine._capture_step_graphs()
+    asked = set(recorder.keys)
+    k_max = engine._k_max_of([engine.default_top_k])
+    assert asked == {(name, size, length) for size in (1, 2, 4) for length in (256, 512)
+                     for name in ("thinker", "backbone1", "backbone3")} | {("sample", size, k_max) for size in (1, 2, 4)}
+    recorder.keys.clear()
+    engine.start()
+    try:
+        streams = [engine.submit(copy.deepcopy(request(pipe, question_wav, ref_voice, seed=s, max_tokens=12 + 4 * s)))
+                   for s in range(3)]
+        results = [collect(s) for s in streams]
+    finally:
+        engine.shutdown()
+    assert all(r["finished"] is not None and r["finished"].reason in ("stop", "length") for r in results)
+    used = set(recorder.keys)
+    assert used and used <= asked, used - asked

@@ -171,3 +171,22 @@ def test_math_attention_steps_match_sdpa_in_bf16():
     cos = torch.nn.functional.cosine_similarity(outs[0].flatten(1), outs[1].flatten(1)).min()
     assert cos > 0.999, cos
     assert (outs[0] - outs[1]).abs().max() <= 0.02 * outs[0].abs().max()
+
+
+def test_step_graphs_are_captured_before_serving(pipe, question_wav, ref_voice):
+    """`capture_at_start` (the default): every step graph exists once the engine has started, and
+    serving requests captures none (a capture mid-stream stops every running stream)."""
+    engine = ChromaEngine(pipe.parts, EngineOptions(max_batch=4, thinker_max_len=512, backbone_max_len=512)).start()
+    try:
+        captured = engine.stats()["graphs"]
+        # batch buckets 1, 2, 4 x (thinker, silent and talking backbone steps at 2 key lengths each
+        # + the sampler at the default top-k bound)
+        assert captured == 3 * (3 * 2 + 1)
+        reqs = [pipe.prepare([{"role": "user", "content": [{"type": "audio", "audio": question_wav}]}], ref_voice[0],
+                             ref_voice[1], SamplingParams(seed=s, max_tokens=12 + 4 * s)) for s in range(3)]
+        streams = [engine.submit(copy.deepcopy(r)) for r in reqs]
+        for s in streams:
+            assert any(isinstance(ev, AudioChunk) for ev in s)
+        assert engine.stats()["graphs"] == captured
+    finally:
+        engine.shutdown()

@@ -80,6 +80,7 @@ class EngineOptions:
     kv_memory_fraction: float = 0.9  # on a GPU: share of free memory the KV caches may take (engine/capacity.py)
     activation_reserve_gib: float = 4.0  # ...after keeping this much for activations and graph pools
     cuda_graphs: bool = True  # on CUDA: capture steps as graphs (ignored on CPU)
+    capture_at_start: bool = True  # ...every step graph before serving, not when a shape is first needed
     overlap: bool = True  # launch step n+1 before reading step n's codes (host work overlaps the device's)
     thinker_ahead: bool = True  # run the thinker's step for the next talking step right after this one,
     #                              on a second CUDA stream, concurrently with the silent frame step between
@@ -246,6 +247,7 @@ class ChromaEngine:
                          "late_chunks": 0, "late_chunk_s": 0.0}
         self._last_done: torch.cuda.Event | None = None  # the latest step's end marker (CUDA)
         self._compiled_shapes = False
+        self._captured_at_start = False
         self._inflight: _Launched | None = None
         self.voice_prefixes = VoicePrefixCache(self.opts.voice_prefix_cache)
         self._dead: str | None = None  # why the loop stopped, once it has
@@ -333,6 +335,51 @@ class ChromaEngine:
         self._compiled_shapes = True
         log.info("compile: step shapes compiled in %.1f s", time.perf_counter() - t0)
 
+    def _capture_step_graphs(self) -> None:
+        """Capture every step graph the loop can ask for before serving (`capture_at_start`): per
+        batch bucket, the thinker's step at each of its key-length buckets and the backbone's
+        silent and talking steps at each of theirs, and the sampler at the default top-k bound
+        (other bounds are captured when a request first needs one). Captured when first needed
+        instead, every new shape stopped all running streams while it was captured: in the traces
+        of docs/benchmarks.md runs 36-38, steps took 0.2-0.8 s each time the batch reached a new
+        bucket, and single steps 2.5-7.4 s at a stack's first requests. Dummy inputs: positions
+        0..2 of the first rows, which a request placed there overwrites before it reads them. Out
+        of GPU memory, it stops and leaves the rest to be captured when needed."""
+        t0, before = time.perf_counter(), self.stats()["graphs"]
+        dev, dtype, k = self.device, self._dtype, self.num_codebooks
+        k_max = self._k_max_of([self.default_top_k])
+        try:
+            with torch.no_grad():  # the mode the engine thread runs in (see _loop)
+                for size in self._batch_sizes:
+                    ints = torch.zeros(_NINT, size, dtype=torch.long, device=dev)
+                    ints[_TALK] = 1
+                    ints[_TOPK] = self.default_top_k
+                    floats = torch.ones(2, size, dtype=torch.float32, device=dev)
+                    prev = torch.zeros(size, k, dtype=torch.long, device=dev)
+                    h = torch.zeros(size, self.thinker.hidden_size, dtype=dtype, device=dev)
+                    nxt = ints[_TOKEN]
+                    if self._prepare_decode is None:  # a thinker that runs ahead (SGLang) has no graphs here
+                        for th_len in self._thinker_lens:
+                            h, nxt = self.thinker_runner(("thinker", size, th_len),
+                                                         partial(self.thinker.decode, key_len=th_len),
+                                                         ints[_TOKEN], ints[_TPOS])
+                    for bb_len in self._backbone_lens:
+                        self.runner(("backbone1", size, bb_len), partial(self._backbone_silent, key_len=bb_len),
+                                    prev, ints[_BPOS])
+                        self.runner(("backbone3", size, bb_len), partial(self._backbone_talk, key_len=bb_len),
+                                    prev, h, nxt, ints[_TALK], ints[_BPOS])
+                    states = torch.zeros(size, self.cfg.backbone.trunk.hidden_size, dtype=dtype, device=dev)
+                    self.runner(("sample", size, k_max), partial(self._sample_fn, k_max=k_max), states,
+                                ints[_SEED], ints[_FRAME], ints[_TOPK], floats[0], floats[1])
+        except torch.cuda.OutOfMemoryError:
+            log.warning("capture_at_start: out of GPU memory after %d step graphs; the rest are captured "
+                        "when first needed", self.stats()["graphs"] - before)
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+        self._captured_at_start = True
+        log.info("capture_at_start: %d step graphs captured in %.1f s", self.stats()["graphs"] - before,
+                 time.perf_counter() - t0)
+
     def _warm(self, fn, *args):
         """Call a step function as `self.runner` will: with CUDA graphs it gets copies (the graph's
         static inputs), otherwise the views themselves. Compiled code is specialised to what it
@@ -343,9 +390,11 @@ class ChromaEngine:
     def start(self) -> "ChromaEngine":
         if self.opts.switch_interval_ms > 0:
             sys.setswitchinterval(self.opts.switch_interval_ms / 1000.0)
-        if self.opts.compile and not self._compiled_shapes:
-            with torch.cuda.device(self.device) if self.device.type == "cuda" else contextlib.nullcontext():
+        with torch.cuda.device(self.device) if self.device.type == "cuda" else contextlib.nullcontext():
+            if self.opts.compile and not self._compiled_shapes:
                 self._compile_step_shapes()
+            if self.opts.capture_at_start and self.runner.use_graphs and not self._captured_at_start:
+                self._capture_step_graphs()
         if self._thread is None:
             self._stop.clear()
             self._thread = threading.Thread(target=self._loop, name="chroma-engine", daemon=True)
