@@ -19,6 +19,10 @@
 #   bash scripts/gpu_bench.sh wait NAME...       # until those stacks answer (or one died)
 #   bash scripts/gpu_bench.sh bench NAME TAG LEVELS [bench_serving args...]
 #                                                # measure stack NAME -> $OUT/bench_NAME_TAG.json (+ py-spy files)
+#   bash scripts/gpu_bench.sh seq SECONDS NAME:TAG:LEVELS[:CLIENT_PROCS[:VIA]]...
+#                                                # bench those in turn (--rounds ${ROUNDS:-2}, via grpc unless
+#                                                # VIA), each only if it should end within SECONDS of the
+#                                                # start (a lent machine's call limit), printing a few lines each
 #   bash scripts/gpu_bench.sh down NAME...       # stop those stacks
 #
 # Two stacks, one per GPU, compare two settings on one machine without restarts between runs:
@@ -126,6 +130,21 @@ case $step in
     done
     "$PY" scripts/engine_trace_summary.py "$OUT/$name"/trace_"${name}_${tag}"_*.jsonl 2>/dev/null \
       | tee -a "$OUT/$name/bench_${name}_$tag.log" || true ;;
+  seq)
+    # levels above 256 streams take longer: ~80 s for 512 x 2 requests, ~50 s for 256 x 2 (H100)
+    budget=${1:?usage: seq SECONDS NAME:TAG:LEVELS[:CLIENT_PROCS[:VIA]]...}; shift
+    t0=$(date +%s)
+    for item in "$@"; do
+      IFS=: read -r name tag levels procs via <<<"$item"
+      need=$(( ${levels##*,} > 256 ? 80 : 50 ))
+      if (( $(date +%s) - t0 + need > budget )); then echo "seq: $item skipped (no time left)"; continue; fi
+      CLIENT_PROCS=${procs:-${CLIENT_PROCS:-8}} bash "$0" bench "$name" "$tag" "$levels" --via "${via:-grpc}" \
+        --rounds "${ROUNDS:-2}" > "$OUT/seq_${name}_$tag.log" 2>&1 || echo "seq: $item failed (see $OUT/seq_${name}_$tag.log)"
+      echo "== $item"
+      grep -E "^(grpc|frontend) x[0-9]+:|^  engine:|^  (prefill time|over the pacer|chunk [12]:|late chunks' windows|garbage)" \
+        "$OUT/seq_${name}_$tag.log" || true
+    done
+    echo "seq: done after $(( $(date +%s) - t0 )) s" ;;
   down)
     for name in "$@"; do
       pkill -f "workdir /root/stack-$name( |$)" || true
