@@ -103,7 +103,8 @@ def late_windows(late: list[dict], chunks: list[dict], admits: list[dict], steps
             continue
         inside = [s for s in steps if start["t"] < s["t"] <= e["t"]]
         taken = [a for a in admits if start["t"] < a["t"] <= e["t"]]
-        planned = next((s.get("step_s") for s in reversed(steps) if s["t"] <= start["t"]), None)
+        # the step time chunks and admissions were planned with (plan_s; older traces: the average)
+        planned = next((s.get("plan_s", s.get("step_s")) for s in reversed(steps) if s["t"] <= start["t"]), None)
         step_wall = sum(s["took_s"] - (s.get("prefill_s") or 0.0) for s in inside)
         rows.append({"window": e["t"] - start["t"], "steps": len(inside), "step_wall": step_wall,
                      "step_over": step_wall - len(inside) * planned if planned else None,

@@ -58,3 +58,24 @@ def stack(triton_install, tmp_path_factory):
     chroma = ChromaStack(tmp_path_factory.getbasetemp() / "chroma_stack", frontend_args=TEST_FRONTEND_ARGS).start()
     yield chroma
     chroma.stop()
+
+
+class RecordingRunner:
+    """Stands in for the engine's StepRunner on the CPU, which has no CUDA graphs: runs each step
+    function eagerly and notes the graph key it was asked for."""
+    use_graphs = False
+
+    def __init__(self):
+        self.keys: list = []
+
+    def __len__(self) -> int:
+        return len(set(self.keys))
+
+    def __call__(self, key, fn, *args):
+        self.keys.append(key)
+        return fn(*args)
+
+
+@pytest.fixture
+def recording_runner():
+    return RecordingRunner()

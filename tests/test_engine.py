@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from chroma_triton.engine.graphs import StepRunner, batch_buckets, length_buckets
+from chroma_triton.engine.graphs import batch_buckets, length_buckets
 from chroma_triton.engine.pacing import AdmissionPacer
 from chroma_triton.engine import (AudioChunk, ChromaEngine, EngineOptions, Finished, GenerationRequest,
                                   RequestFailed, SamplingParams, TextDelta)
@@ -745,19 +745,7 @@ def test_kernel_choices_change_nothing_a_client_sees(pipe, question_wav, ref_voi
         ChromaEngine(pipe.parts, EngineOptions(max_batch=2, math_attention="talker"))
 
 
-class _RecordingRunner(StepRunner):
-    """A StepRunner that runs eagerly (the CPU has no graphs) and notes the graph key of each call."""
-
-    def __init__(self):
-        super().__init__(use_graphs=False)
-        self.keys: list = []
-
-    def __call__(self, key, fn, *args):
-        self.keys.append(key)
-        return fn(*args)
-
-
-def test_capture_at_start_covers_every_step_a_request_needs(pipe, question_wav, ref_voice):
+def test_capture_at_start_covers_every_step_a_request_needs(pipe, question_wav, ref_voice, recording_runner):
     """`capture_at_start` asks for every (function, batch bucket, key-length bucket) graph before
     serving; requests afterwards, at the batch sizes and context lengths a GPU engine pads to, need
     no graph that was not asked for (each one would have been captured mid-stream). The CPU has no
@@ -767,7 +755,7 @@ def test_capture_at_start_covers_every_step_a_request_needs(pipe, question_wav, 
                                                     start_slack_s=0.0))
     engine._batch_sizes = batch_buckets(4)  # [1, 2, 4]
     engine._thinker_lens = engine._backbone_lens = length_buckets(512, 256)  # [256, 512]
-    engine.runner = engine.thinker_runner = recorder = _RecordingRunner()
+    engine.runner = engine.thinker_runner = recorder = recording_runner
     engine._capture_step_graphs()
     asked = set(recorder.keys)
     k_max = engine._k_max_of([engine.default_top_k])

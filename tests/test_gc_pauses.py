@@ -52,3 +52,46 @@ def test_freeze_exempts_what_exists_and_the_parameter_turns_it_off():
     finally:
         gc.unfreeze()
     assert gc.get_freeze_count() == 0
+
+
+def test_collection_reports_are_queued_and_written_with_the_next_event(tmp_path):
+    """A collection can start on any thread, the engine's too, maybe while it writes the trace
+    with the trace's lock held; its report (EngineTrace.note) takes no lock and writes nothing: it
+    is queued, and the next event writes it first. Collections as often as possible here (the
+    first 200 reported: each report allocates, which would start more)."""
+    import threading
+
+    from chroma_triton.engine.trace import EngineTrace
+
+    trace = EngineTrace(tmp_path / "t.jsonl")
+    reported = []
+
+    def report(gen, s):
+        if len(reported) < 200:
+            reported.append(gen)
+            trace.note("gc", gen=gen, s=s)
+
+    monitor = GcMonitor(on_pause=report, report_s=0.0).install()
+    thresholds = gc.get_threshold()
+
+    def write():
+        for i in range(300):
+            trace.event("step", i=i, payload=[[j] for j in range(5)])
+        trace.flush()
+
+    gc.freeze()  # full collections walk only what the loop makes
+    gc.set_threshold(1, 1, 1)
+    try:
+        writer = threading.Thread(target=write, daemon=True)
+        writer.start()
+        writer.join(60)
+        hung = writer.is_alive()
+    finally:
+        gc.set_threshold(*thresholds)
+        gc.unfreeze()
+        monitor.uninstall()
+    assert not hung, "writing the trace hung"
+    trace.close()
+    lines = (tmp_path / "t.jsonl").read_text().splitlines()
+    assert sum('"ev": "step"' in line for line in lines) == 300
+    assert sum('"ev": "gc"' in line for line in lines) == len(reported) == 200

@@ -277,6 +277,35 @@ def test_engine_with_ahead_thinker_streams_what_the_torch_thinker_streams(pipe, 
         np.testing.assert_array_equal(b["codes"], a["codes"])
 
 
+def test_capture_at_start_covers_the_ahead_thinkers_steps(pipe, parts, question_wav, ref_voice, recording_runner):
+    """With a thinker that generates ahead (SGLang), the talking step still asks for a thinker graph
+    (a gather from its buffers) per batch and key-length bucket: capture_at_start asks for those
+    too, and served requests need nothing else (the CPU has no graphs: a runner records the keys
+    with the GPU's buckets)."""
+    from chroma_triton.engine.graphs import batch_buckets, length_buckets
+
+    thinker = ahead_thinker(parts, 4, 512, delay_s=0.001)
+    engine = ChromaEngine(parts, EngineOptions(max_batch=4, thinker_max_len=512, backbone_max_len=512),
+                          thinker=thinker)
+    engine._batch_sizes = batch_buckets(4)
+    engine._thinker_lens = engine._backbone_lens = length_buckets(512, 256)
+    engine.runner = engine.thinker_runner = recording_runner
+    try:
+        engine._capture_step_graphs()
+        asked = set(recording_runner.keys)
+        assert {key for key in asked if key[0] == "thinker"} == {("thinker", b, n) for b in (1, 2, 4) for n in (256, 512)}
+        recording_runner.keys.clear()
+        engine.start()
+        reqs = [make_request(pipe, question_wav, ref_voice, seed=s, max_tokens=10 + 3 * s) for s in range(3)]
+        results = [_collect(s) for s in [engine.submit(copy.deepcopy(r)) for r in reqs]]
+    finally:
+        engine.shutdown()
+        thinker.close()
+    assert all(r["failed"] is None and r["finished"] is not None for r in results)
+    used = set(recording_runner.keys)
+    assert any(key[0] == "thinker" for key in used) and used <= asked, used - asked
+
+
 def test_cancel_aborts_the_backend_request_and_frees_its_slot(pipe, parts, question_wav, ref_voice):
     thinker = ahead_thinker(parts, 2, 256, delay_s=0.05)  # slow: still generating when cancelled
     engine = ChromaEngine(parts, EngineOptions(max_batch=2, thinker_max_len=256, backbone_max_len=512), thinker=thinker).start()

@@ -336,49 +336,66 @@ class ChromaEngine:
         log.info("compile: step shapes compiled in %.1f s", time.perf_counter() - t0)
 
     def _capture_step_graphs(self) -> None:
-        """Capture every step graph the loop can ask for before serving (`capture_at_start`): per
-        batch bucket, the thinker's step at each of its key-length buckets and the backbone's
-        silent and talking steps at each of theirs, and the sampler at the default top-k bound
-        (other bounds are captured when a request first needs one). Captured when first needed
-        instead, every new shape stopped all running streams while it was captured: in the traces
-        of docs/benchmarks.md runs 36-38, steps took 0.2-0.8 s each time the batch reached a new
-        bucket, and single steps 2.5-7.4 s at a stack's first requests. Dummy inputs: positions
-        0..2 of the first rows, which a request placed there overwrites before it reads them. Out
-        of GPU memory, it stops and leaves the rest to be captured when needed."""
+        """Capture the step graphs the loop can ask for before serving (`capture_at_start`): per
+        key-length bucket (shortest first, where every request starts) and batch bucket, the
+        thinker's step and the backbone's silent and talking steps, and per batch bucket the
+        sampler at the default top-k bound (other bounds are captured when a request first needs
+        one). Captured when first needed instead, every new shape stopped all running streams
+        while it was captured: in the traces of docs/benchmarks.md runs 36-38, steps took 0.2-0.8 s
+        each time the batch reached a new bucket, and single steps 2.5-7.4 s at a stack's first
+        requests. Dummy inputs write keys and values at positions 0..2 of every row, which a
+        request placed in a row overwrites before it reads them. Each graph holds memory of its
+        own: once the GPU's free memory falls below half of `activation_reserve_gib` (or a capture
+        runs out), the rest are left to be captured when first needed, with a warning."""
         t0, before = time.perf_counter(), self.stats()["graphs"]
-        dev, dtype, k = self.device, self._dtype, self.num_codebooks
-        k_max = self._k_max_of([self.default_top_k])
         try:
             with torch.no_grad():  # the mode the engine thread runs in (see _loop)
-                for size in self._batch_sizes:
-                    ints = torch.zeros(_NINT, size, dtype=torch.long, device=dev)
-                    ints[_TALK] = 1
-                    ints[_TOPK] = self.default_top_k
+                stopped = self._capture_all_steps()
+        except torch.cuda.OutOfMemoryError:
+            stopped = "a capture ran out of GPU memory"
+            torch.cuda.empty_cache()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        self._captured_at_start = True
+        captured = self.stats()["graphs"] - before
+        if stopped:
+            log.warning("capture_at_start: stopped after %d step graphs (%s); the rest are captured when first "
+                        "needed, stopping running streams meanwhile: raise activation_reserve_gib or lower "
+                        "max_batch / the context lengths", captured, stopped)
+        log.info("capture_at_start: %d step graphs captured in %.1f s", captured, time.perf_counter() - t0)
+
+    def _capture_all_steps(self) -> str | None:
+        """`_capture_step_graphs`' loop; returns why it stopped early, or None."""
+        dev, dtype, k = self.device, self._dtype, self.num_codebooks
+        k_max = self._k_max_of([self.default_top_k])
+        floor = self.opts.activation_reserve_gib * (1 << 30) / 2
+        th_lens, bb_lens = self._thinker_lens or [], self._backbone_lens or []
+        for i in range(max(len(th_lens), len(bb_lens))):
+            for size in self._batch_sizes:
+                if dev.type == "cuda" and torch.cuda.mem_get_info(dev)[0] < floor:
+                    return "free GPU memory fell below half of activation_reserve_gib"
+                ints = torch.zeros(_NINT, size, dtype=torch.long, device=dev)
+                ints[_TALK] = 1
+                ints[_TOPK] = self.default_top_k
+                prev = torch.zeros(size, k, dtype=torch.long, device=dev)
+                h = torch.zeros(size, self.thinker.hidden_size, dtype=dtype, device=dev)
+                nxt = ints[_TOKEN]
+                if i < len(th_lens):  # every thinker backend: _thinker_step asks for these keys
+                    h, nxt = self.thinker_runner(("thinker", size, th_lens[i]),
+                                                 partial(self.thinker.decode, key_len=th_lens[i]),
+                                                 ints[_TOKEN], ints[_TPOS])
+                if i < len(bb_lens):
+                    bb_len = bb_lens[i]
+                    self.runner(("backbone1", size, bb_len), partial(self._backbone_silent, key_len=bb_len),
+                                prev, ints[_BPOS])
+                    self.runner(("backbone3", size, bb_len), partial(self._backbone_talk, key_len=bb_len),
+                                prev, h, nxt, ints[_TALK], ints[_BPOS])
+                if i == 0:
                     floats = torch.ones(2, size, dtype=torch.float32, device=dev)
-                    prev = torch.zeros(size, k, dtype=torch.long, device=dev)
-                    h = torch.zeros(size, self.thinker.hidden_size, dtype=dtype, device=dev)
-                    nxt = ints[_TOKEN]
-                    if self._prepare_decode is None:  # a thinker that runs ahead (SGLang) has no graphs here
-                        for th_len in self._thinker_lens:
-                            h, nxt = self.thinker_runner(("thinker", size, th_len),
-                                                         partial(self.thinker.decode, key_len=th_len),
-                                                         ints[_TOKEN], ints[_TPOS])
-                    for bb_len in self._backbone_lens:
-                        self.runner(("backbone1", size, bb_len), partial(self._backbone_silent, key_len=bb_len),
-                                    prev, ints[_BPOS])
-                        self.runner(("backbone3", size, bb_len), partial(self._backbone_talk, key_len=bb_len),
-                                    prev, h, nxt, ints[_TALK], ints[_BPOS])
                     states = torch.zeros(size, self.cfg.backbone.trunk.hidden_size, dtype=dtype, device=dev)
                     self.runner(("sample", size, k_max), partial(self._sample_fn, k_max=k_max), states,
                                 ints[_SEED], ints[_FRAME], ints[_TOPK], floats[0], floats[1])
-        except torch.cuda.OutOfMemoryError:
-            log.warning("capture_at_start: out of GPU memory after %d step graphs; the rest are captured "
-                        "when first needed", self.stats()["graphs"] - before)
-        if dev.type == "cuda":
-            torch.cuda.synchronize(dev)
-        self._captured_at_start = True
-        log.info("capture_at_start: %d step graphs captured in %.1f s", self.stats()["graphs"] - before,
-                 time.perf_counter() - t0)
+        return None
 
     def _warm(self, fn, *args):
         """Call a step function as `self.runner` will: with CUDA graphs it gets copies (the graph's
@@ -455,6 +472,11 @@ class ChromaEngine:
         with self._room:
             self._claimed -= 1
             self._room.notify_all()
+
+    @property
+    def thread_ident(self) -> int | None:
+        """The engine loop thread's identifier (None before start)."""
+        return None if self._thread is None else self._thread.ident
 
     def stats(self) -> dict[str, int]:
         with self._lock:
@@ -584,7 +606,8 @@ class ChromaEngine:
         if launched.old_rows and (previous is not None) != drained:
             self.pacer.observe_step(time.perf_counter() - t0 - launched.prefill_s)
         if self.trace is not None:
-            self.trace.step(rows=len(launched.batch), step_s=self.pacer.step_s, took_s=time.perf_counter() - t0,
+            self.trace.step(rows=len(launched.batch), step_s=self.pacer.step_s, plan_s=self.pacer.step_high,
+                            took_s=time.perf_counter() - t0,
                             prefill_s=launched.prefill_s, waiting=len(self._staged) + self._pending.qsize())
 
     def _waiting(self) -> bool:

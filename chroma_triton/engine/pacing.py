@@ -32,6 +32,8 @@ from dataclasses import dataclass
 class PrefillCost:
     """seconds ~ a + b * tokens, fitted online with exponential forgetting."""
 
+    MAX_ERROR = 2.0  # relative error counted at most, per observation
+
     def __init__(self, decay: float = 0.9):
         self.decay = decay
         self._s = self._sx = self._sy = self._sxx = self._sxy = 0.0
@@ -41,8 +43,11 @@ class PrefillCost:
         d = self.decay
         guess = self.estimate(tokens)
         if guess > 0:  # how far off the model was, before it learns from this one
+            # at most 2 (three times the estimate): one stall of seconds (a capture, a collection)
+            # would otherwise hold admissions back for dozens of admissions to come
+            err = min((seconds - guess) / guess, self.MAX_ERROR)
             self._n_err = self._n_err * d + 1
-            self._s_err2 = self._s_err2 * d + ((seconds - guess) / guess) ** 2
+            self._s_err2 = self._s_err2 * d + err * err
         self._s = self._s * d + 1
         self._sx = self._sx * d + tokens
         self._sy = self._sy * d + seconds

@@ -62,13 +62,19 @@ class LMService:
         self.hidden = int(parts.config.thinker.text.hidden_size)
         self.prompts = PromptBuilder(parts.tokenizer, parts.special.audio)
         self.engine = ChromaEngine(parts, options).start()
-        # the process's garbage collections, timed (they stop the engine's thread too)
-        self.gc = GcMonitor(on_pause=self._gc_pause).install()
+        self.gc = GcMonitor(on_pause=self._gc_pause)
+
+    def watch_gc(self) -> None:
+        """Time the process's garbage collections from now on (they stop the engine's thread too):
+        `stats()` and, with a trace, a `gc` note per collection of 5 ms or more. Call it once
+        loading is done, after `gc_freeze`'s own collection."""
+        self.gc.install()
 
     def _gc_pause(self, generation: int, seconds: float) -> None:
+        # runs inside the collection, in whichever thread it happened: queue only (EngineTrace.note)
         trace = self.engine.trace
         if trace is not None:
-            trace.event("gc", gen=generation, s=seconds, thread=threading.current_thread().name)
+            trace.note("gc", gen=generation, s=seconds, in_engine=threading.get_ident() == self.engine.thread_ident)
 
     def close(self) -> None:
         self.gc.uninstall()

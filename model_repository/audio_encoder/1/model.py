@@ -17,7 +17,7 @@ class TritonPythonModel:
         self.service = AudioEncoderService(parts, (voice_path.read_bytes(), transcript),
                                            voice_cache_size=a.int("voice_cache_size", 256))
         graphs = parts.audio_tower.use_cuda_graphs(a.int("cuda_graph_windows", 64))
-        freeze_if_asked(a)  # after loading and graph captures: nothing of that is ever garbage
+        freeze_if_asked(a)  # once loaded, its graphs captured: none of that is garbage
         print(f"[{a.instance_name}] ready on {a.device}: {path}, default voice {voice_path}, {graphs} CUDA graphs",
               flush=True)
 

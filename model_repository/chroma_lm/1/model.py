@@ -54,7 +54,8 @@ class TritonPythonModel:
         # cancels streams named on the board (serving/cancel_board.py), looking every cancel_watch_ms
         self.watch = CancelWatch(self.board, period_s=a.float("cancel_watch_ms", 10.0) / 1000.0)
         self._init_metrics(a)
-        frozen = freeze_if_asked(a)  # after loading and warm-ups: nothing of that is ever garbage
+        frozen = freeze_if_asked(a)  # once loaded (engine started, its graphs captured): none of that is garbage
+        self.service.watch_gc()
         print(f"[{a.instance_name}] ready on {a.device}: {path}, max_batch {self.service.engine.opts.max_batch}, "
               f"{'gc off for ' + str(frozen) + ' objects of the load' if frozen is not None else 'gc_freeze off'}",
               flush=True)

@@ -15,7 +15,7 @@ class TritonPythonModel:
         a = ModelArgs.from_triton(args)
         path, parts = load_model_parts(a, {"codec"})
         self.service = CodecService(parts.codec, graph_frames=a.int("cuda_graph_frames", 24))
-        freeze_if_asked(a)  # after loading and graph captures: nothing of that is ever garbage
+        freeze_if_asked(a)  # once loaded, its graphs captured: none of that is garbage
         print(f"[{a.instance_name}] ready on {a.device}: {path} ({self.service.graphs} CUDA graphs)", flush=True)
 
     def execute(self, requests):
