@@ -4,6 +4,7 @@ over HTTP, cancellation, errors and concurrency. One server for the module, per 
 
 from __future__ import annotations
 
+import json
 import queue
 import re
 import threading
@@ -30,12 +31,15 @@ def server(request, triton_install, tmp_path_factory, tiny_checkpoint):
     shared relay threads (here two, requests dealt over them; the default is one, which every
     other stack test runs) and a thread per request."""
     repo = tmp_path_factory.mktemp("rendered") / "model_repository"
-    params = {"chroma_lm": {"max_batch": str(MAX_BATCH), "relays": request.param, "relay_threads": "2"}}
+    traces = tmp_path_factory.mktemp("traces")  # the engine's trace, written inside the stub process
+    params = {"chroma_lm": {"max_batch": str(MAX_BATCH), "relays": request.param, "relay_threads": "2",
+                            "trace_path": str(traces / "trace_{device}_{instance}.jsonl")}}
     render_repository(repo, RenderSpec(model_path=str(tiny_checkpoint), params=params))
     srv = TritonServer(repo, log_file=tmp_path_factory.mktemp("logs") / "tritonserver.log")
     t0 = time.monotonic()
     srv.start(timeout=180)
     srv.relays = request.param
+    srv.traces = traces
     print(f"tritonserver with the chroma repository ready in {time.monotonic() - t0:.1f}s")
     yield srv
     srv.stop()
@@ -228,6 +232,12 @@ def test_two_concurrent_streams_complete(server, question_wav, ref_voice):
     assert re.search(r'^chroma_lm_free_slots\{[^}]*device="cpu"', text, re.M), text[:500]
     if server.relays == "shared":  # the relay threads' busy time is exported
         assert wait_for(lambda: metrics(server).get("chroma_lm_relay_busy_seconds_total", 0) > 0, what="relay busy time")
+    # the engine's trace (flushed once the engine is idle): the admissions, steps and start-up chunks
+    trace = next(server.traces.glob("trace_cpu_*.jsonl"))
+
+    def kinds():
+        return {json.loads(line)["ev"] for line in trace.read_text().splitlines() if line.strip()}
+    assert wait_for(lambda: {"admit", "step", "chunk"} <= kinds(), what="the engine's trace")
 
 
 # -- the composing models over HTTP -------------------------------------------------------------
