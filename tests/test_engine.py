@@ -772,3 +772,52 @@ def test_capture_at_start_covers_every_step_a_request_needs(pipe, question_wav, 
     assert all(r["finished"] is not None and r["finished"].reason in ("stop", "length") for r in results)
     used = set(recorder.keys)
     assert used and used <= asked, used - asked
+
+
+def test_prefill_graphs_write_what_the_eager_prefill_writes(pipe, question_wav, ref_voice):
+    """The graph path of the thinker's prefill (padded to bucket shapes, run into scratch rows, then
+    copied into the engine's rows) leaves the same keys and values at every prompt position and
+    returns the same states and tokens as the eager prefill. The CPU runs it without graphs, the
+    same code a GPU captures."""
+    from chroma_triton.engine.prefill_graphs import PrefillGraphs
+
+    pipe.engine.shutdown()
+    engine = ChromaEngine(pipe.parts, EngineOptions(max_batch=8))
+    thinker = engine.thinker
+    graphs = PrefillGraphs(thinker, max_rows=4, max_len=256, device=torch.device("cpu"))
+    reqs = [request(pipe, question_wav, ref_voice, text=t) for t in ("Hi.", "Tell me a long story about the sea.", "Why?")]
+    prompts = [(torch.tensor(r.thinker_ids), r.audio_embeds) for r in reqs]
+    assert graphs.fits(prompts) and not graphs.fits(prompts * 2)  # 6 rows > 4
+    assert not PrefillGraphs(thinker, max_rows=4, max_len=64, device=torch.device("cpu")).fits(prompts)  # too long
+    with torch.no_grad():
+        h_eager, t_eager = thinker.prefill(0, prompts)
+        h_graph, t_graph = graphs.prefill(3, prompts)
+    assert graphs.calls == 1
+    torch.testing.assert_close(h_graph, h_eager)
+    assert torch.equal(t_graph, t_eager)
+    for i, (ids, _) in enumerate(prompts):
+        n = ids.shape[0]
+        torch.testing.assert_close(thinker.cache.k[:, 3 + i, :, :n], thinker.cache.k[:, i, :, :n])
+        torch.testing.assert_close(thinker.cache.v[:, 3 + i, :, :n], thinker.cache.v[:, i, :, :n])
+
+
+def test_engine_with_prefill_graphs_streams_the_eager_codes(pipe, question_wav, ref_voice):
+    """Through the loop: `prefill_graphs` takes the graph path for its prefills and streams what the
+    eager prefill streams (on this CPU the padded shapes round alike; on a GPU in bf16 they may not,
+    which tests/test_gpu.py bounds)."""
+    reqs = [request(pipe, question_wav, ref_voice, text=t, seed=s, max_tokens=12 + 2 * s)
+            for s, t in enumerate(("Hi.", "Tell me a long story about the sea.", "Why?"))]
+    codes = {}
+    for on in (False, True):
+        engine = make_engine(pipe, max_batch=4, prefill_graphs=on)
+        try:
+            results = [collect(s) for s in [engine.submit(copy.deepcopy(r)) for r in reqs]]  # batched admissions
+            if on:
+                assert engine.prefill_graphs.calls >= 1
+            else:
+                assert engine.prefill_graphs is None
+        finally:
+            engine.shutdown()
+        codes[on] = [np.concatenate([c.codes[c.context_frames:] for c in r["chunks"]]) for r in results]
+    for a, b in zip(codes[False], codes[True]):
+        np.testing.assert_array_equal(a, b)

@@ -41,12 +41,13 @@ import torch
 from ..errors import CapacityError, EngineError, InvalidRequestError
 from ..model.frame_model import FrameModel, SamplingTensors
 from ..model.loading import ChromaParts, make_thinker, resolve_thinker_backend
-from ..model.thinker import Thinker, pad_batch
+from ..model.thinker import Thinker, TorchThinker, pad_batch
 from ..model.trunk import eager_layers
 from .capacity import GIB, kv_bytes_per_row, free_device_bytes, plan_rows
 from .detokenizer import IncrementalDetokenizer
 from .graphs import StepRunner, batch_buckets, bucket, length_buckets
 from .pacing import AdmissionPacer, StreamState
+from .prefill_graphs import PrefillGraphs
 from .trace import EngineTrace
 from .voice_prefix import VoicePrefixCache, voice_key
 from .request import AudioChunk, Finished, GenerationRequest, RequestFailed, RequestStream, SamplingParams, TextDelta
@@ -81,6 +82,8 @@ class EngineOptions:
     activation_reserve_gib: float = 4.0  # ...after keeping this much for activations and graph pools
     cuda_graphs: bool = True  # on CUDA: capture steps as graphs (ignored on CPU)
     capture_at_start: bool = True  # ...every step graph before serving, not when a shape is first needed
+    prefill_graphs: bool = False  # on CUDA: the thinker's prompt prefill through graphs (engine/prefill_graphs.py)
+    prefill_graph_max_len: int = 512  # ...for prompts up to this many tokens (longer: eager)
     overlap: bool = True  # launch step n+1 before reading step n's codes (host work overlaps the device's)
     thinker_ahead: bool = True  # run the thinker's step for the next talking step right after this one,
     #                              on a second CUDA stream, concurrently with the silent frame step between
@@ -259,6 +262,10 @@ class ChromaEngine:
         self._thinker_stream = torch.cuda.Stream(self.device, priority=-1) if on_gpu and self.opts.thinker_ahead else None
         self.thinker_runner = self.runner if self._thinker_stream is None else StepRunner(
             use_graphs=self.opts.cuda_graphs, device=self.device, capture_stream=self._thinker_stream)
+        self.prefill_graphs = None
+        if self.opts.prefill_graphs and isinstance(self.thinker, TorchThinker):
+            self.prefill_graphs = PrefillGraphs(self.thinker, min(self.opts.max_prefills_per_step, self.opts.max_batch),
+                                                self.opts.prefill_graph_max_len, self.device)
 
     def _set_kernel_choices(self, parts: ChromaParts) -> None:
         """Apply `math_attention` and `topk_segments` to the shared modules (both ways, like compile)."""
@@ -395,6 +402,12 @@ class ChromaEngine:
                     states = torch.zeros(size, self.cfg.backbone.trunk.hidden_size, dtype=dtype, device=dev)
                     self.runner(("sample", size, k_max), partial(self._sample_fn, k_max=k_max), states,
                                 ints[_SEED], ints[_FRAME], ints[_TOPK], floats[0], floats[1])
+        if self.prefill_graphs is not None:
+            low = lambda: dev.type == "cuda" and torch.cuda.mem_get_info(dev)[0] < floor  # noqa: E731
+            with eager_layers():  # prefills run their layers eagerly (see _prefill)
+                self.prefill_graphs.capture_all(stop=low)
+            if low():
+                return "free GPU memory fell below half of activation_reserve_gib (prefill graphs)"
         return None
 
     def _warm(self, fn, *args):
@@ -485,6 +498,7 @@ class ChromaEngine:
                 "free_rows": self.opts.max_batch - active, "max_batch": self.opts.max_batch,
                 "requested_batch": self.capacity.requested,
                 "graphs": len(self.runner) + (len(self.thinker_runner) if self.thinker_runner is not self.runner else 0),
+                "prefill_graphs": len(self.prefill_graphs) if self.prefill_graphs is not None else 0,
                 **self.counters}
 
     # -- validation ---------------------------------------------------------------------------
@@ -1047,9 +1061,10 @@ class ChromaEngine:
         row = len(self._active)
         dev = self.device
         # ids stay on the host: the thinker batches them into one copy (model.thinker.prompt_batch)
-        h0, t1 = self.thinker.prefill(row, [(torch.tensor(r.thinker_ids, dtype=torch.long), r.audio_embeds)
-                                            for r, _ in items],
-                                      max_new_tokens=[self._thinker_budget(r) for r, _ in items])
+        prompts = [(torch.tensor(r.thinker_ids, dtype=torch.long), r.audio_embeds) for r, _ in items]
+        graphs = self.prefill_graphs
+        prefill = graphs.prefill if graphs is not None and graphs.fits(prompts) else self.thinker.prefill
+        h0, t1 = prefill(row, prompts, max_new_tokens=[self._thinker_budget(r) for r, _ in items])
         firsts = self.thinker.embed(t1).to(self._dtype)
         tails = torch.stack([h0.to(self._dtype), firsts], dim=1)  # [n, 2, H]: each request's own positions
         if self.voice_prefixes.capacity:

@@ -113,15 +113,16 @@ class TorchThinker:
         positions = torch.arange(x.shape[1], device=self.device).expand(x.shape[0], -1)
         h = self.lm.model(x, self.cache, self.rotary, positions, x.shape[1], row_start=row_start)
         last = h[torch.arange(len(prompts), device=self.device), lengths - 1]
-        return last, self._greedy(last)
+        return last, self.greedy(last)
 
     def decode(self, tokens, positions, key_len):
         x = self.embed(tokens)[:, None]
         h = self.lm.model(x, self.cache, self.rotary, positions[:, None], key_len)[:, 0]
-        return h, self._greedy(h)
+        return h, self.greedy(h)
 
     def move_row(self, src, dst):
         self.cache.move_row(src, dst)
 
-    def _greedy(self, h: torch.Tensor) -> torch.Tensor:
+    def greedy(self, h: torch.Tensor) -> torch.Tensor:
+        """Post-norm states [B, H] -> greedy next ids [B]."""
         return self.lm.lm_head(h).float().argmax(dim=-1)
