@@ -789,10 +789,12 @@ def test_prefill_graphs_write_what_the_eager_prefill_writes(pipe, question_wav, 
     prompts = [(torch.tensor(r.thinker_ids), r.audio_embeds) for r in reqs]
     assert graphs.fits(prompts) and not graphs.fits(prompts * 2)  # 6 rows > 4
     assert not PrefillGraphs(thinker, max_rows=4, max_len=64, device=torch.device("cpu")).fits(prompts)  # too long
+    untouched = thinker.cache.k[:, 6:].clone()
     with torch.no_grad():
         h_eager, t_eager = thinker.prefill(0, prompts)
         h_graph, t_graph = graphs.prefill(3, prompts)
     assert graphs.calls == 1
+    assert torch.equal(thinker.cache.k[:, 6:], untouched)  # rows past row_start + 3: as they were
     torch.testing.assert_close(h_graph, h_eager)
     assert torch.equal(t_graph, t_eager)
     for i, (ids, _) in enumerate(prompts):

@@ -265,7 +265,8 @@ class ChromaEngine:
         self.prefill_graphs = None
         if self.opts.prefill_graphs and isinstance(self.thinker, TorchThinker):
             self.prefill_graphs = PrefillGraphs(self.thinker, min(self.opts.max_prefills_per_step, self.opts.max_batch),
-                                                self.opts.prefill_graph_max_len, self.device)
+                                                self.opts.prefill_graph_max_len, self.device,
+                                                use_graphs=self.opts.cuda_graphs)
 
     def _set_kernel_choices(self, parts: ChromaParts) -> None:
         """Apply `math_attention` and `topk_segments` to the shared modules (both ways, like compile)."""
@@ -369,7 +370,8 @@ class ChromaEngine:
             log.warning("capture_at_start: stopped after %d step graphs (%s); the rest are captured when first "
                         "needed, stopping running streams meanwhile: raise activation_reserve_gib or lower "
                         "max_batch / the context lengths", captured, stopped)
-        log.info("capture_at_start: %d step graphs captured in %.1f s", captured, time.perf_counter() - t0)
+        log.info("capture_at_start: %d step graphs and %d prefill graphs captured in %.1f s", captured,
+                 self.stats()["prefill_graphs"], time.perf_counter() - t0)
 
     def _capture_all_steps(self) -> str | None:
         """`_capture_step_graphs`' loop; returns why it stopped early, or None."""
@@ -402,12 +404,9 @@ class ChromaEngine:
                     states = torch.zeros(size, self.cfg.backbone.trunk.hidden_size, dtype=dtype, device=dev)
                     self.runner(("sample", size, k_max), partial(self._sample_fn, k_max=k_max), states,
                                 ints[_SEED], ints[_FRAME], ints[_TOPK], floats[0], floats[1])
-        if self.prefill_graphs is not None:
-            low = lambda: dev.type == "cuda" and torch.cuda.mem_get_info(dev)[0] < floor  # noqa: E731
-            with eager_layers():  # prefills run their layers eagerly (see _prefill)
-                self.prefill_graphs.capture_all(stop=low)
-            if low():
-                return "free GPU memory fell below half of activation_reserve_gib (prefill graphs)"
+        if self.prefill_graphs is not None and not self.prefill_graphs.capture_all(
+                stop=lambda: dev.type == "cuda" and torch.cuda.mem_get_info(dev)[0] < floor):
+            return "free GPU memory fell below half of activation_reserve_gib (prefill graphs)"
         return None
 
     def _warm(self, fn, *args):

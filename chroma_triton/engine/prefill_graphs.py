@@ -16,6 +16,8 @@ than `max_rows`, take the eager path.
 Padded to a bucket, a prompt's states are computed with other matrix shapes than the eager
 path's (padded to the batch's longest prompt only): equal up to the kernels' rounding, not
 bitwise. The graphs share one memory pool: a prefill's outputs are read before the next prefill.
+The scratch rows (`max_rows` x `max_len` positions of the thinker's cache) and the largest graph's
+pool come out of `activation_reserve_gib`; the engine's row planning does not count them.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from functools import partial
 import torch
 
 from ..model.thinker import TorchThinker
+from ..model.trunk import eager_layers
 from .graphs import StepRunner, batch_buckets, bucket
 
 LENGTH_STEP = 64
@@ -40,14 +43,15 @@ def prefill_length_buckets(max_len: int) -> list[int]:
 
 
 class PrefillGraphs:
-    def __init__(self, thinker: TorchThinker, max_rows: int, max_len: int, device: torch.device):
+    def __init__(self, thinker: TorchThinker, max_rows: int, max_len: int, device: torch.device,
+                 use_graphs: bool = True):
         self.thinker = thinker
         self.rows = batch_buckets(max_rows)
         self.lengths = prefill_length_buckets(min(max_len, thinker.max_len))
         lm = thinker.lm
         p = lm.lm_head.weight
         self.scratch, _ = lm.model.new_cache(self.rows[-1], self.lengths[-1], p.device, p.dtype)
-        self.runner = StepRunner(use_graphs=device.type == "cuda", shared_pool=True,
+        self.runner = StepRunner(use_graphs=use_graphs and device.type == "cuda", shared_pool=True,
                                  device=device if device.type == "cuda" else None)
         self.calls = 0  # prefills that took this path
 
@@ -57,6 +61,7 @@ class PrefillGraphs:
     def fits(self, prompts: list[tuple[torch.Tensor, torch.Tensor | None]]) -> bool:
         return len(prompts) <= self.rows[-1] and max(t.reshape(-1).shape[0] for t, _ in prompts) <= self.lengths[-1]
 
+    @torch.no_grad()  # not inference mode: a graph's static inputs are copied into outside it
     def prefill(self, row_start: int, prompts, max_new_tokens=None):
         """As `TorchThinker.prefill`: prompts into cache rows row_start.., returning (last states
         [P, H], greedy next ids [P])."""
@@ -68,7 +73,8 @@ class PrefillGraphs:
         xb[:n, :length] = x
         lb = torch.ones(rows, dtype=lengths.dtype, device=lengths.device)
         lb[:n] = lengths
-        h, t = self.runner(("prefill", rows, padded), partial(self._run, key_len=padded), xb, lb)
+        with eager_layers():  # prompt shapes: compiled layers stay out of prefills (see trunk.eager_layers)
+            h, t = self.runner(("prefill", rows, padded), partial(self._run, key_len=padded), xb, lb)
         cache = self.thinker.cache  # this prefill's keys and values, into the engine's rows
         cache.k[:, row_start:row_start + n, :, :padded].copy_(self.scratch.k[:, :n, :, :padded])
         cache.v[:, row_start:row_start + n, :, :padded].copy_(self.scratch.v[:, :n, :, :padded])
@@ -81,17 +87,17 @@ class PrefillGraphs:
         last = h[torch.arange(rows, device=x.device), lengths - 1]
         return last, self.thinker.greedy(last)
 
-    def capture_all(self, stop=lambda: False) -> int:
+    @torch.no_grad()
+    def capture_all(self, stop=lambda: False) -> bool:
         """Capture every (rows, length) graph now, shortest first; `stop()` ends it early. Returns
-        how many were captured."""
-        lm = self.thinker.lm
-        p = lm.lm_head.weight
-        before = len(self.runner)
+        whether all were captured."""
+        p = self.thinker.lm.lm_head.weight
         for padded in self.lengths:
             for rows in self.rows:
                 if stop():
-                    return len(self.runner) - before
+                    return False
                 x = torch.zeros(rows, padded, self.thinker.hidden_size, dtype=p.dtype, device=p.device)
                 lengths = torch.ones(rows, dtype=torch.long, device=p.device)
-                self.runner(("prefill", rows, padded), partial(self._run, key_len=padded), x, lengths)
-        return len(self.runner) - before
+                with eager_layers():
+                    self.runner(("prefill", rows, padded), partial(self._run, key_len=padded), x, lengths)
+        return True
