@@ -311,7 +311,6 @@ class ChromaEngine:
         before it reads them."""
         t0 = time.perf_counter()
         dev, dtype, o = self.device, self._dtype, self.opts
-        k = self.num_codebooks
         vocab = self.cfg.backbone.audio_vocab_size
         bound = self._k_max_of([self.default_top_k]) or 64
         k_maxes = [bound, None] + ([bound * 2] if bound * 2 < vocab else [])
@@ -319,12 +318,7 @@ class ChromaEngine:
             # batch 1 and one odd size: 2 would equal the decoder's 2 positions and the 2 rows of
             # the sampling floats, and dynamo would then specialise on those equalities
             for b in sorted({1, min(5, o.max_batch)}):
-                # inputs laid out as _pack lays them out, handed over as the runner hands them
-                ints = torch.zeros(_NINT, b, dtype=torch.long, device=dev)
-                ints[_TALK] = 1
-                ints[_TOPK] = self.default_top_k
-                floats = torch.ones(2, b, dtype=torch.float32, device=dev)
-                prev = torch.zeros(b, k, dtype=torch.long, device=dev)
+                ints, floats, prev, states = self._dummy_step_inputs(b)  # handed over as the runner hands them
                 for bb_len in sorted({self._key_len(3, self._backbone_lens), o.backbone_max_len}):
                     self._warm(partial(self._backbone_silent, key_len=bb_len), prev, ints[_BPOS])
                     if self._prepare_decode is None:  # a thinker that runs ahead has no trunk here
@@ -334,7 +328,6 @@ class ChromaEngine:
                         h = torch.zeros(b, self.thinker.hidden_size, dtype=dtype, device=dev)
                         nxt = ints[_TOKEN]
                     self._warm(partial(self._backbone_talk, key_len=bb_len), prev, h, nxt, ints[_TALK], ints[_BPOS])
-                states = torch.zeros(b, self.cfg.backbone.trunk.hidden_size, dtype=dtype, device=dev)
                 for k_max in k_maxes:
                     self._warm(partial(self._sample_fn, k_max=k_max), states, ints[_SEED], ints[_FRAME], ints[_TOPK],
                                floats[0], floats[1])
@@ -375,19 +368,19 @@ class ChromaEngine:
 
     def _capture_all_steps(self) -> str | None:
         """`_capture_step_graphs`' loop; returns why it stopped early, or None."""
-        dev, dtype, k = self.device, self._dtype, self.num_codebooks
+        dev = self.device
         k_max = self._k_max_of([self.default_top_k])
         floor = self.opts.activation_reserve_gib * (1 << 30) / 2
+
+        def low_memory() -> bool:
+            return dev.type == "cuda" and torch.cuda.mem_get_info(dev)[0] < floor
         th_lens, bb_lens = self._thinker_lens or [], self._backbone_lens or []
         for i in range(max(len(th_lens), len(bb_lens))):
             for size in self._batch_sizes:
-                if dev.type == "cuda" and torch.cuda.mem_get_info(dev)[0] < floor:
+                if low_memory():
                     return "free GPU memory fell below half of activation_reserve_gib"
-                ints = torch.zeros(_NINT, size, dtype=torch.long, device=dev)
-                ints[_TALK] = 1
-                ints[_TOPK] = self.default_top_k
-                prev = torch.zeros(size, k, dtype=torch.long, device=dev)
-                h = torch.zeros(size, self.thinker.hidden_size, dtype=dtype, device=dev)
+                ints, floats, prev, states = self._dummy_step_inputs(size)
+                h = torch.zeros(size, self.thinker.hidden_size, dtype=self._dtype, device=dev)
                 nxt = ints[_TOKEN]
                 if i < len(th_lens):  # every thinker backend: _thinker_step asks for these keys
                     h, nxt = self.thinker_runner(("thinker", size, th_lens[i]),
@@ -400,14 +393,24 @@ class ChromaEngine:
                     self.runner(("backbone3", size, bb_len), partial(self._backbone_talk, key_len=bb_len),
                                 prev, h, nxt, ints[_TALK], ints[_BPOS])
                 if i == 0:
-                    floats = torch.ones(2, size, dtype=torch.float32, device=dev)
-                    states = torch.zeros(size, self.cfg.backbone.trunk.hidden_size, dtype=dtype, device=dev)
                     self.runner(("sample", size, k_max), partial(self._sample_fn, k_max=k_max), states,
                                 ints[_SEED], ints[_FRAME], ints[_TOPK], floats[0], floats[1])
-        if self.prefill_graphs is not None and not self.prefill_graphs.capture_all(
-                stop=lambda: dev.type == "cuda" and torch.cuda.mem_get_info(dev)[0] < floor):
+        if self.prefill_graphs is not None and not self.prefill_graphs.capture_all(stop=low_memory):
             return "free GPU memory fell below half of activation_reserve_gib (prefill graphs)"
         return None
+
+    def _dummy_step_inputs(self, size: int):
+        """Placeholder inputs of a step for `size` rows, laid out as `_pack` lays them out (for
+        warm-ups and captures; a request's own inputs replace them): ints [7, size] (talking rows,
+        the default top-k), floats [2, size], previous codes [size, K] and backbone states [size, H]."""
+        dev = self.device
+        ints = torch.zeros(_NINT, size, dtype=torch.long, device=dev)
+        ints[_TALK] = 1
+        ints[_TOPK] = self.default_top_k
+        floats = torch.ones(2, size, dtype=torch.float32, device=dev)
+        prev = torch.zeros(size, self.num_codebooks, dtype=torch.long, device=dev)
+        states = torch.zeros(size, self.cfg.backbone.trunk.hidden_size, dtype=self._dtype, device=dev)
+        return ints, floats, prev, states
 
     def _warm(self, fn, *args):
         """Call a step function as `self.runner` will: with CUDA graphs it gets copies (the graph's

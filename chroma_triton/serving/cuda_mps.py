@@ -63,8 +63,12 @@ class MpsDaemon:
         self.running = False
 
     @property
+    def _pipes(self) -> dict[str, str]:
+        return {"CUDA_MPS_PIPE_DIRECTORY": str(self.pipe_dir), "CUDA_MPS_LOG_DIRECTORY": str(self.log_dir)}
+
+    @property
     def _daemon_env(self) -> dict[str, str]:
-        env = {**os.environ, "CUDA_MPS_PIPE_DIRECTORY": str(self.pipe_dir), "CUDA_MPS_LOG_DIRECTORY": str(self.log_dir)}
+        env = {**os.environ, **self._pipes}
         if self.visible is not None:
             env["CUDA_VISIBLE_DEVICES"] = self.visible
         return env
@@ -73,7 +77,7 @@ class MpsDaemon:
     def env(self) -> dict[str, str]:
         """What the stack's processes (the daemon's clients) need: its pipes, and the GPUs it sees
         numbered as it numbers them (0, 1, ... in the order of ``CUDA_VISIBLE_DEVICES``)."""
-        env = {"CUDA_MPS_PIPE_DIRECTORY": str(self.pipe_dir), "CUDA_MPS_LOG_DIRECTORY": str(self.log_dir)}
+        env = self._pipes
         devices = [d for d in (self.visible or "").split(",") if d.strip()]
         if devices:
             env["CUDA_VISIBLE_DEVICES"] = ",".join(str(i) for i in range(len(devices)))
