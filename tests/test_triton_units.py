@@ -297,14 +297,15 @@ def test_model_args_and_backends():
 
 @pytest.mark.parametrize("value, kind, expected", [("auto", "GPU", True), ("", "GPU", True), ("auto", "CPU", False),
                                                    ("false", "GPU", False), ("true", "CPU", True)])
-def test_compile_option_auto_follows_the_device(value, kind, expected):
+@pytest.mark.parametrize("name", ["compile", "prefill_graphs"])
+def test_auto_options_follow_the_device(name, value, kind, expected):
     from chroma_triton.serving.triton_lm import engine_options
 
-    cfg = {"name": "chroma_lm", "parameters": {"compile": {"string_value": value}}}
+    cfg = {"name": "chroma_lm", "parameters": {name: {"string_value": value}}}
     a = ModelArgs.from_triton({"model_config": json.dumps(cfg), "model_instance_kind": kind})
-    assert engine_options(a).compile is expected
-    cfg["parameters"]["compile"]["string_value"] = "sometimes"
-    with pytest.raises(ValueError, match="compile"):
+    assert getattr(engine_options(a), name) is expected
+    cfg["parameters"][name]["string_value"] = "sometimes"
+    with pytest.raises(ValueError, match=name):
         engine_options(ModelArgs.from_triton({"model_config": json.dumps(cfg), "model_instance_kind": kind}))
 
 

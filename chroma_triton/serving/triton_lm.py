@@ -299,14 +299,15 @@ _INT_OPTIONS = ("max_batch", "thinker_max_len", "backbone_max_len", "max_frames"
                 "forced_admissions", "voice_prefix_cache", "topk_segments", "prefill_graph_max_len")
 _FLOAT_OPTIONS = ("start_slack_s", "admission_margin_s", "max_admission_wait_s", "kv_memory_fraction",
                   "activation_reserve_gib", "switch_interval_ms", "pacing_sigmas")
-_BOOL_OPTIONS = ("admission_pacing", "admission_slack", "cuda_graphs", "capture_at_start", "prefill_graphs", "overlap",
-                 "thinker_ahead")
+_BOOL_OPTIONS = ("admission_pacing", "admission_slack", "cuda_graphs", "capture_at_start", "overlap", "thinker_ahead")
+_AUTO_OPTIONS = ("compile", "prefill_graphs")  # "auto" (or empty): on for an instance on a GPU, off on the CPU
 
 
 def engine_options(args) -> EngineOptions:
     """EngineOptions from a model's config parameters (``args.int/float/bool(key, default)``, as
-    ModelArgs has them); parameters left out keep EngineOptions' defaults. ``compile`` may also be
-    ``auto`` (the default): on for an instance on a GPU, off on the CPU."""
+    ModelArgs has them); parameters left out keep EngineOptions' defaults. ``compile`` and
+    ``prefill_graphs`` may also be ``auto`` (their default): on for an instance on a GPU, off on
+    the CPU."""
     d = EngineOptions()
     kwargs = {name: args.int(name, getattr(d, name)) for name in _INT_OPTIONS}
     kwargs.update({name: args.float(name, getattr(d, name)) for name in _FLOAT_OPTIONS})
@@ -317,5 +318,7 @@ def engine_options(args) -> EngineOptions:
     kwargs["trace_path"] = args.str("trace_path", "").replace("{device}", device.replace(":", "")).replace(
         "{instance}", str(getattr(args, "instance_name", "chroma_lm")))
     on_gpu = device.startswith("cuda")
-    kwargs["compile"] = on_gpu if args.str("compile").strip().lower() in ("", "auto") else args.bool("compile", d.compile)
+    for name in _AUTO_OPTIONS:
+        auto = args.str(name).strip().lower() in ("", "auto")
+        kwargs[name] = on_gpu if auto else args.bool(name, getattr(d, name))
     return EngineOptions(**kwargs)
