@@ -81,7 +81,7 @@ def run_baseline(args, model: str | None) -> dict | None:
 async def run_level(path: str, streams: int, args, targets: dict, workload: Workload, *, monitor: bool,
                     workers=None) -> dict:
     settings = DriveSettings(seed=args.seed, ramp_s=args.ramp_s, request_timeout=args.request_timeout,
-                             rounds=args.rounds if monitor and streams > 1 else 1)  # warm-ups: one round
+                             rounds=args.rounds if monitor else 1)  # warm-ups: one round
     mon = Monitor(targets.get("metrics"), grpc_url=targets.get("grpc")) if monitor else None
     spy = None
     if mon:
@@ -157,7 +157,7 @@ async def _measure_levels(args, targets, baseline, workload, workers) -> list[di
                   f"{fmt(level['audio_s_per_s'], '.1f')} audio s/s ({fmt(level['audio_s_per_s_all_busy'], '.1f')} while "
                   f"all streams were busy), {level['errors']} error(s) {level['error_samples'] or ''}", flush=True)
             print("  engine: " + engine_summary(level), flush=True)
-            print(f"  server CPU cores: " + ", ".join(
+            print("  server CPU cores: " + ", ".join(
                 f"{role} {fmt(v['cores'], '.2f')} (hottest threads {v['hot_threads_cores']})"
                 for role, v in level["server_cpu"].items()), flush=True)
     return levels
@@ -284,9 +284,9 @@ def parse_args(argv=None):
                     help="skip the untimed run of each level before its timed run")
     ap.add_argument("--ramp-s", type=float, default=0.0, help="spread a level's request starts over this many seconds")
     ap.add_argument("--rounds", type=int, default=1,
-                    help="requests each stream of a level (above 1 stream) sends one after another: keeps the "
-                         "server loaded past the start-up burst; 'all busy' throughput counts the time every "
-                         "stream was streaming")
+                    help="requests each stream of a level sends one after another: keeps the server loaded "
+                         "past the start-up burst ('all busy' throughput counts the time every stream was "
+                         "streaming); at 1 stream, that many timed requests in turn")
     ap.add_argument("--server-match", default=None,
                     help="count CPU (and py-spy) only for server processes whose command line or an ancestor's "
                          "holds this text, e.g. the launcher's --workdir when two stacks run on one machine")
