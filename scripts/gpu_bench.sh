@@ -5,7 +5,8 @@
 #   bash scripts/gpu_bench.sh env WHEEL_DIR...   # scripts/gpu_env.sh: venv with numpy<2, tritonserver, clients
 #   bash scripts/gpu_bench.sh checkpoint         # random `full` checkpoint in $CKPT (skipped when present)
 #   bash scripts/gpu_bench.sh tests              # tests/test_gpu.py (a test blocked 5 min dumps its stacks and exits)
-#   bash scripts/gpu_bench.sh engine             # scripts/bench_engine.py (pacing on/off, batch-1 kernel profile)
+#   bash scripts/gpu_bench.sh engine             # scripts/bench_engine.py (pacing on/off, batch-1 kernel profile;
+#                                                # MPS=on: under a private CUDA MPS daemon, see below)
 #   bash scripts/gpu_bench.sh variants VARIANT... # bench_engine.py --variants: engine options compared
 #                                                # (compiled, LEVELS), the best written to $OUT/best_params.txt
 #   bash scripts/gpu_bench.sh serving [DP] [LEVELS] [extra bench_serving args...]
@@ -44,24 +45,40 @@ SERVE_ARGS=(--triton-http-port=${TRITON_HTTP_PORT:-8080} --max-batch=256 --param
 
 step=${1:?usage: gpu_bench.sh env|checkpoint|tests|engine|serving ...}
 shift
+
+# MPS=on (engine, variants, tests): the step runs as a client of a private CUDA MPS daemon, as the
+# launcher's stacks do, with nothing else on the GPU: MPS's own cost at batch 1 apart from the
+# codec's kernels running beside the engine's (docs/benchmarks.md run 39: 4.93 vs 4.67 ms per
+# frame served). Results get the suffix _mps.
+SUFFIX=""
+if [ "${MPS:-off}" = on ] && [[ $step =~ ^(engine|variants|tests)$ ]]; then
+  export CUDA_MPS_PIPE_DIRECTORY=/tmp/gpu-bench-mps/pipe CUDA_MPS_LOG_DIRECTORY=/tmp/gpu-bench-mps/log
+  mkdir -p "$CUDA_MPS_PIPE_DIRECTORY" "$CUDA_MPS_LOG_DIRECTORY"
+  nvidia-cuda-mps-control -d
+  trap 'echo quit | nvidia-cuda-mps-control' EXIT
+  if [ -n "${CUDA_VISIBLE_DEVICES:-}" ]; then  # a client counts GPUs within the daemon's (see serving/cuda_mps.py)
+    CUDA_VISIBLE_DEVICES=$(seq -s, 0 $(( $(awk -F, '{print NF}' <<<"$CUDA_VISIBLE_DEVICES") - 1 )))
+  fi
+  SUFFIX=_mps
+fi
 case $step in
   env)
     bash scripts/gpu_env.sh "$@" ;;
   checkpoint)
     [ -f "$CKPT/config.json" ] || "$PY" scripts/make_checkpoint.py --preset full --out "$CKPT" --no-visual ;;
   tests)
-    "$PY" -m pytest -q -ra -p no:cacheprovider tests/test_gpu.py "$@" 2>&1 | tee "$OUT/test_gpu.log" ;;
+    "$PY" -m pytest -q -ra -p no:cacheprovider tests/test_gpu.py "$@" 2>&1 | tee "$OUT/test_gpu$SUFFIX.log" ;;
   engine)
     # COMPILE_LEVELS (e.g. 1,64,256): the same levels again on an engine with compile on;
     # PACING / OVERLAP: the modes each level runs with (default on,off / on)
     "$PY" scripts/bench_engine.py --model "$CKPT" --concurrency "${LEVELS:-1,8,64,256}" --frames 100 \
       --pacing "${PACING:-on,off}" --overlap "${OVERLAP:-on}" \
       --baseline-frames 20 --profile-frames 16 --compile-levels "${COMPILE_LEVELS:-}" \
-      --out "$OUT/bench_engine.json" 2>&1 | tee "$OUT/bench_engine.log" ;;
+      --out "$OUT/bench_engine$SUFFIX.json" 2>&1 | tee "$OUT/bench_engine$SUFFIX.log" ;;
   variants)
     "$PY" scripts/bench_engine.py --model "$CKPT" --variants-only --variants "$@" --variant-levels "${LEVELS:-1,64,256}" \
-      --variant-repeats "${REPEATS:-2}" --profile-frames 16 --best-params-out "$OUT/best_params.txt" \
-      --out "$OUT/bench_variants.json" 2>&1 | tee "$OUT/bench_variants.log" ;;
+      --variant-repeats "${REPEATS:-2}" --profile-frames 16 --best-params-out "$OUT/best_params$SUFFIX.txt" \
+      --out "$OUT/bench_variants$SUFFIX.json" 2>&1 | tee "$OUT/bench_variants$SUFFIX.log" ;;
   serving)
     # start the stack once (launcher, DP GPUs), measure it with bench_serving, then (PERF_LEVELS
     # set) with perf_analyzer, then stop it
