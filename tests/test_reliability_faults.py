@@ -4,13 +4,14 @@ runs every kind of kill and writes the figures for ``docs/reliability.md``):
 * the launcher's stack (tritonserver + frontend, supervised); ``kill -9`` of the ``chroma_lm``
   model process while requests run: those requests fail with a clear 503 (or, for streams that had
   started, an in-band ``service_unavailable`` event and ``[DONE]``), ``/health`` says 503, the
-  launcher restarts tritonserver, ``/health`` says 200 again and requests are served, by the same
-  frontend process;
+  launcher restarts tritonserver (and sends its warm-up request again), ``/health`` says 200 again
+  and requests are served, by the same frontend process;
 * a frontend started before Triton: 503 (health and requests) while Triton is away, then serves.
 """
 
 from __future__ import annotations
 
+import re
 import sys
 from pathlib import Path
 
@@ -30,7 +31,7 @@ def _triton(triton_install):
 
 
 def test_killed_model_process_fails_requests_clearly_and_the_service_recovers(tmp_path):
-    stack = LaunchedStack(tmp_path / "launcher").start()
+    stack = LaunchedStack(tmp_path / "launcher", extra_args=("--warmup-frames", "3")).start()
     try:
         result = kill_during_requests(stack, "stub:chroma_lm", in_flight=4, max_tokens=1000)
     finally:
@@ -46,6 +47,10 @@ def test_killed_model_process_fails_requests_clearly_and_the_service_recovers(tm
     assert result["tritonserver_restarted"] and not result["frontend_restarted"], result
     assert result["request_after_recovery"] == 200, (result, log[-3000:])
     assert "model process(es) died: chroma_lm" in log, log[-3000:]
+    # the warm-up request went through the ensemble at start and again after the restart
+    warmups = re.findall(r"warm-up request: first audio after (\d+ ms|none), (\d+) frames", log)
+    assert len(warmups) == 2 and all(int(frames) <= 3 for _, frames in warmups), log[-3000:]
+    assert "warm-up request failed" not in log, log[-3000:]
     assert stack.proc.returncode == 0, log[-3000:]  # and it stops cleanly
 
 

@@ -410,6 +410,16 @@ def test_dry_run_dp2_renders_two_gpus():
     assert "KIND_GPU" in out.stdout and "NOISE" in out.stderr  # no model path: demo warning
 
 
+def test_warmup_frames_default_by_device_and_must_not_be_negative():
+    out = _launcher("--dry-run", "--warmup-frames", "-1")
+    assert out.returncode == 2 and "--warmup-frames must be >= 0" in out.stderr, out.stderr
+    from chroma_triton.serving.launcher import WARMUP_FRAMES_GPU, build_parser, warmup_frames
+
+    default = build_parser().parse_args([]).warmup_frames
+    assert warmup_frames(default, "gpu") == WARMUP_FRAMES_GPU > 0 and warmup_frames(default, "cpu") == 0
+    assert warmup_frames(5, "cpu") == 5 and warmup_frames(0, "gpu") == 0
+
+
 def test_frontend_workers_follow_the_dp_size_unless_given():
     from types import SimpleNamespace
 

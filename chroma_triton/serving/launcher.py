@@ -32,6 +32,9 @@ from .cuda_mps import MODES, MpsDaemon, MpsError, find_control
 from .repository import MODELS, SOURCE_REPOSITORY, RenderSpec, render_configs, render_repository
 from .tritonserver import PYTHON_STUB, TritonServer, TritonServerError, find_tritonserver, is_port_free
 from .tritonserver import _http_ok as http_ok
+from .warmup import send_warmup
+
+WARMUP_FRAMES_GPU = 20  # 1.6 s of audio: the first chunks' sizes and a few steps past them
 
 log = logging.getLogger("chroma_triton.launcher")
 
@@ -94,6 +97,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="run the stack's GPU processes under a CUDA MPS daemon of its own, so the codec's and "
                         "the encoder's kernels run beside chroma_lm's instead of in time slices (auto: on GPUs "
                         "when nvidia-cuda-mps-control is on PATH; see chroma_triton/serving/cuda_mps.py)")
+    p.add_argument("--warmup-frames", type=int, default=None, metavar="N",
+                   help=f"before reporting ready (and after each restart), send one request of N audio frames "
+                        f"through the ensemble with the default voice, so the first user's request does not pay "
+                        f"first-call costs (default: {WARMUP_FRAMES_GPU} on GPUs, 0 = none on the CPU; see "
+                        f"chroma_triton/serving/warmup.py)")
     p.add_argument("--no-frontend", action="store_true", help="serve Triton only")
     p.add_argument("--allowed-local-media-path", action="append", default=None, metavar="DIR",
                    help="folder whose files requests may name by path (repeatable; default: the project's assets/)")
@@ -181,6 +189,14 @@ def compile_cache_env(cache: str | None, kind: str, environ: Mapping[str, str] =
 
         cache = str(cache_dir() / "torch-compile")
     return {COMPILE_CACHE_VARIABLE: cache}
+
+
+def warmup_frames(requested: int | None, kind: str) -> int:
+    """--warmup-frames: as given, else WARMUP_FRAMES_GPU on GPUs and none on the CPU (where the
+    first request pays no GPU first-call costs, and tests count requests from the start)."""
+    if requested is not None:
+        return requested
+    return WARMUP_FRAMES_GPU if kind == "gpu" else 0
 
 
 def choose_device(requested: str, dp_size: int, gpus: int, dry_run: bool) -> str:
@@ -395,6 +411,7 @@ class Launcher:
         self.restarts: list[float] = []
         self.watch = ModelWatch()
         self.mps: MpsDaemon | None = None
+        self.warmup_frames = 0  # set from --warmup-frames and the device kind in run()
 
     # -- plan ----------------------------------------------------------------------------------
     def plan(self) -> tuple[RenderSpec, dict[str, str]]:
@@ -410,6 +427,8 @@ class Launcher:
                 raise LaunchError(f"--default-voice {a.default_voice}: need the audio file and its transcript "
                                   f"{voice.with_suffix('.txt').name} beside it")
             params.setdefault("audio_encoder", {})["default_voice"] = str(voice.resolve())
+        if a.warmup_frames is not None and a.warmup_frames < 0:
+            raise LaunchError(f"--warmup-frames must be >= 0 (0 = no warm-up request), got {a.warmup_frames}")
         gpus = visible_gpus()
         kind = choose_device(a.device, a.dp_size, gpus, a.dry_run)
         if params.get("chroma_lm", {}).get("thinker_backend") == "sglang" and not a.dry_run:
@@ -455,6 +474,7 @@ class Launcher:
             install = find_tritonserver()
         except TritonServerError as exc:
             raise LaunchError(str(exc)) from None
+        self.warmup_frames = warmup_frames(a.warmup_frames, spec.kind)
         workdir = Path(a.workdir or tempfile.mkdtemp(prefix="chroma-triton-"))
         workdir.mkdir(parents=True, exist_ok=True)
         repo = workdir / "model_repository"
@@ -481,6 +501,7 @@ class Launcher:
             self._start_triton()
             if self.stop_event.is_set():
                 return 0
+            self._warm_up()
             if self.want_frontend():
                 self._start_frontend()
             elif a.no_frontend:
@@ -543,6 +564,19 @@ class Launcher:
             raise self._start_error
         log.info("tritonserver ready in %.1fs (pid %s)", time.monotonic() - t0, self.server.pid)
 
+    def _warm_up(self) -> None:
+        """One request through the ensemble (serving/warmup.py); a failure is logged, not fatal:
+        the server stays up and its health and the first real requests tell the rest."""
+        if self.warmup_frames <= 0 or self.stop_event.is_set():
+            return
+        result = send_warmup(self.server.grpc_url, self.warmup_frames)
+        if result.error is not None:
+            log.warning("warm-up request failed after %.1f s: %s (serving anyway)", result.total_s, result.error)
+        else:
+            first = "none" if result.first_audio_s is None else f"{result.first_audio_s * 1000:.0f} ms"
+            log.info("warm-up request: first audio after %s, %d frames in %.1f s", first, result.frames,
+                     result.total_s)
+
     def _start_triton_blocking(self) -> None:
         try:
             self.server.start(timeout=self.args.startup_timeout)
@@ -593,6 +627,7 @@ class Launcher:
                 except TritonServerError as exc:
                     log.error("restart failed: %s", exc)
                     continue
+                self._warm_up()
                 self.watch.reset(self.server)
             if self.frontend is not None and self.frontend.poll() is not None:
                 log.error("frontend exited with code %s", self.frontend.returncode)
