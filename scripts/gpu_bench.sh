@@ -48,18 +48,21 @@ shift
 
 # MPS=on (engine, variants, tests): the step runs as a client of a private CUDA MPS daemon, as the
 # launcher's stacks do, with nothing else on the GPU: MPS's own cost at batch 1 apart from the
-# codec's kernels running beside the engine's (docs/benchmarks.md run 39: 4.93 vs 4.67 ms per
-# frame served). Results get the suffix _mps.
+# codec's kernels running beside the engine's (docs/benchmarks.md run 39: 4.93-4.94 vs 4.65-4.69 ms
+# per frame served). Results get the suffix _mps.
 SUFFIX=""
 if [ "${MPS:-off}" = on ] && [[ $step =~ ^(engine|variants|tests)$ ]]; then
   export CUDA_MPS_PIPE_DIRECTORY=/tmp/gpu-bench-mps/pipe CUDA_MPS_LOG_DIRECTORY=/tmp/gpu-bench-mps/log
   mkdir -p "$CUDA_MPS_PIPE_DIRECTORY" "$CUDA_MPS_LOG_DIRECTORY"
+  echo quit | nvidia-cuda-mps-control 2>/dev/null || true  # one left by a step killed at the call limit
   nvidia-cuda-mps-control -d
   trap 'echo quit | nvidia-cuda-mps-control' EXIT
   if [ -n "${CUDA_VISIBLE_DEVICES:-}" ]; then  # a client counts GPUs within the daemon's (see serving/cuda_mps.py)
     CUDA_VISIBLE_DEVICES=$(seq -s, 0 $(( $(awk -F, '{print NF}' <<<"$CUDA_VISIBLE_DEVICES") - 1 )))
   fi
   SUFFIX=_mps
+elif [ "${MPS:-off}" = on ]; then
+  echo "MPS=on applies to engine, variants and tests only (stacks: up ... --cuda-mps on|off)" >&2
 fi
 case $step in
   env)

@@ -420,6 +420,17 @@ def test_warmup_frames_default_by_device_and_must_not_be_negative():
     assert warmup_frames(5, "cpu") == 5 and warmup_frames(0, "gpu") == 0
 
 
+def test_warmup_reports_a_server_that_is_not_there_and_a_stop():
+    from chroma_triton.serving.tritonserver import free_port
+    from chroma_triton.serving.warmup import send_warmup, send_warmups
+
+    url = f"127.0.0.1:{free_port()}"  # nothing listens: the stream fails, the warm-up says so
+    result = send_warmup(url, 3, timeout_s=20)
+    assert result.error and result.first_audio_s is None and result.frames == 0 and result.total_s < 20
+    stopped = send_warmups(url, 3, 2, stop=lambda: True)  # one per instance, each ends at the stop
+    assert [r.error for r in stopped] == ["stopped", "stopped"]
+
+
 def test_frontend_workers_follow_the_dp_size_unless_given():
     from types import SimpleNamespace
 

@@ -32,7 +32,7 @@ from .cuda_mps import MODES, MpsDaemon, MpsError, find_control
 from .repository import MODELS, SOURCE_REPOSITORY, RenderSpec, render_configs, render_repository
 from .tritonserver import PYTHON_STUB, TritonServer, TritonServerError, find_tritonserver, is_port_free
 from .tritonserver import _http_ok as http_ok
-from .warmup import send_warmup
+from .warmup import send_warmups
 
 WARMUP_FRAMES_GPU = 20  # 1.6 s of audio: the first chunks' sizes and a few steps past them
 
@@ -412,6 +412,7 @@ class Launcher:
         self.watch = ModelWatch()
         self.mps: MpsDaemon | None = None
         self.warmup_frames = 0  # set from --warmup-frames and the device kind in run()
+        self.dp_size = 1
 
     # -- plan ----------------------------------------------------------------------------------
     def plan(self) -> tuple[RenderSpec, dict[str, str]]:
@@ -474,7 +475,7 @@ class Launcher:
             install = find_tritonserver()
         except TritonServerError as exc:
             raise LaunchError(str(exc)) from None
-        self.warmup_frames = warmup_frames(a.warmup_frames, spec.kind)
+        self.warmup_frames, self.dp_size = warmup_frames(a.warmup_frames, spec.kind), spec.dp_size
         workdir = Path(a.workdir or tempfile.mkdtemp(prefix="chroma-triton-"))
         workdir.mkdir(parents=True, exist_ok=True)
         repo = workdir / "model_repository"
@@ -501,7 +502,10 @@ class Launcher:
             self._start_triton()
             if self.stop_event.is_set():
                 return 0
+            self.watch.reset(self.server)  # before the warm-up: a model process it kills is noticed
             self._warm_up()
+            if self.stop_event.is_set():
+                return 0
             if self.want_frontend():
                 self._start_frontend()
             elif a.no_frontend:
@@ -565,17 +569,18 @@ class Launcher:
         log.info("tritonserver ready in %.1fs (pid %s)", time.monotonic() - t0, self.server.pid)
 
     def _warm_up(self) -> None:
-        """One request through the ensemble (serving/warmup.py); a failure is logged, not fatal:
-        the server stays up and its health and the first real requests tell the rest."""
+        """One request through the ensemble per chroma_lm instance (serving/warmup.py); a failure
+        is logged, not fatal: the model watch, the server's health and the first real requests
+        tell the rest. A stop (Ctrl-C, SIGTERM) ends it within 0.25 s."""
         if self.warmup_frames <= 0 or self.stop_event.is_set():
             return
-        result = send_warmup(self.server.grpc_url, self.warmup_frames)
-        if result.error is not None:
-            log.warning("warm-up request failed after %.1f s: %s (serving anyway)", result.total_s, result.error)
-        else:
-            first = "none" if result.first_audio_s is None else f"{result.first_audio_s * 1000:.0f} ms"
-            log.info("warm-up request: first audio after %s, %d frames in %.1f s", first, result.frames,
-                     result.total_s)
+        for result in send_warmups(self.server.grpc_url, self.warmup_frames, self.dp_size, stop=self.stop_event.is_set):
+            if result.error is not None:
+                log.warning("warm-up request failed after %.1f s: %s (serving anyway)", result.total_s, result.error)
+            else:
+                first = "none" if result.first_audio_s is None else f"{result.first_audio_s * 1000:.0f} ms"
+                log.info("warm-up request: first audio after %s, %d frames in %.1f s", first, result.frames,
+                         result.total_s)
 
     def _start_triton_blocking(self) -> None:
         try:
@@ -610,7 +615,6 @@ class Launcher:
         return True
 
     def _supervise(self) -> int:
-        self.watch.reset(self.server)
         while not self.stop_event.wait(1.0):
             fault = "tritonserver exited unexpectedly" if not self.server.is_running() else self.watch.fault()
             if fault:
@@ -627,8 +631,8 @@ class Launcher:
                 except TritonServerError as exc:
                     log.error("restart failed: %s", exc)
                     continue
-                self._warm_up()
                 self.watch.reset(self.server)
+                self._warm_up()
             if self.frontend is not None and self.frontend.poll() is not None:
                 log.error("frontend exited with code %s", self.frontend.returncode)
                 if not self._note_restart("frontend"):

@@ -320,5 +320,8 @@ def engine_options(args) -> EngineOptions:
     on_gpu = device.startswith("cuda")
     for name in _AUTO_OPTIONS:
         auto = args.str(name).strip().lower() in ("", "auto")
-        kwargs[name] = on_gpu if auto else args.bool(name, getattr(d, name))
+        try:
+            kwargs[name] = on_gpu if auto else args.bool(name, getattr(d, name))
+        except ValueError as exc:
+            raise ValueError(f"{exc} (or auto: on for a GPU instance, off on the CPU)") from None
     return EngineOptions(**kwargs)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import io
 import queue
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -44,28 +45,40 @@ def question_wav(seconds: float = 1.0, seed: int = 0) -> bytes:
     return buf.getvalue()
 
 
-def send_warmup(url: str, frames: int, timeout_s: float = 120.0) -> WarmupResult:
-    """One streamed request of up to ``frames`` audio frames to ``chroma`` at the gRPC ``url``;
-    never raises for a failed request (``error`` says what failed)."""
-    import tritonclient.grpc as grpcclient
-
-    arrays = ensemble_inputs([{"role": "user", "content": [{"type": "audio", "audio_index": 0}]}],
-                             user_audio=[question_wav()], max_tokens=frames, seed=0)
-    inputs = []
-    for name, array in arrays.items():
-        item = grpcclient.InferInput(name, list(array.shape), triton_dtype(array))
-        item.set_data_from_numpy(array)
-        inputs.append(item)
-    responses: queue.Queue = queue.Queue()
-    client = grpcclient.InferenceServerClient(url)
+def send_warmup(url: str, frames: int, timeout_s: float = 120.0, stop=lambda: False) -> WarmupResult:
+    """One streamed request of up to ``frames`` audio frames to ``chroma`` at the gRPC ``url``.
+    Never raises: ``error`` says what failed. ``stop()`` (polled every 0.25 s) ends it early, the
+    request cancelled, as does ``timeout_s``."""
     start = time.perf_counter()
     first, samples, error = None, 0, None
+    client = None
+    if stop():
+        return WarmupResult(first_audio_s=None, total_s=0.0, frames=0, error="stopped")
     try:
+        import tritonclient.grpc as grpcclient
+
+        arrays = ensemble_inputs([{"role": "user", "content": [{"type": "audio", "audio_index": 0}]}],
+                                 user_audio=[question_wav()], max_tokens=frames, seed=0)
+        inputs = []
+        for name, array in arrays.items():
+            item = grpcclient.InferInput(name, list(array.shape), triton_dtype(array))
+            item.set_data_from_numpy(array)
+            inputs.append(item)
+        responses: queue.Queue = queue.Queue()
+        client = grpcclient.InferenceServerClient(url)
         client.start_stream(callback=lambda result, error: responses.put((result, error, time.perf_counter())))
         client.async_stream_infer("chroma", inputs, request_id="launcher-warmup", enable_empty_final_response=True)
-        deadline = start + timeout_s
         while True:
-            result, err, at = responses.get(timeout=max(0.0, deadline - time.perf_counter()))
+            if stop():
+                error = "stopped"
+                break
+            if time.perf_counter() - start > timeout_s:
+                error = f"no final response within {timeout_s:.0f} s"
+                break
+            try:
+                result, err, at = responses.get(timeout=0.25)
+            except queue.Empty:
+                continue
             if err is not None:
                 error = str(err)
                 break
@@ -77,12 +90,23 @@ def send_warmup(url: str, frames: int, timeout_s: float = 120.0) -> WarmupResult
                     samples += audio.size
             if reply.parameters["triton_final_response"].bool_param:
                 break
-    except queue.Empty:
-        error = f"no final response within {timeout_s:.0f} s"
     except Exception as exc:  # noqa: BLE001 - reported, the launcher goes on
         error = f"{type(exc).__name__}: {exc}"
     finally:
-        client.stop_stream(cancel_requests=error is not None)  # a failed one frees its resources
-        client.close()
+        if client is not None:
+            try:
+                client.stop_stream(cancel_requests=error is not None)  # a failed one frees its resources
+                client.close()
+            except Exception as exc:  # noqa: BLE001
+                error = error or f"closing the stream: {type(exc).__name__}: {exc}"
     return WarmupResult(first_audio_s=first, total_s=time.perf_counter() - start,
                         frames=samples // FRAME_SAMPLES, error=error)
+
+
+def send_warmups(url: str, frames: int, count: int, stop=lambda: False) -> list[WarmupResult]:
+    """``count`` warm-ups at once (one per ``chroma_lm`` instance with dp > 1: Triton hands each
+    to an instance that is free, which usually spreads them, but nothing guarantees it)."""
+    if count <= 1:
+        return [send_warmup(url, frames, stop=stop)]
+    with ThreadPoolExecutor(count) as pool:
+        return list(pool.map(lambda _: send_warmup(url, frames, stop=stop), range(count)))
