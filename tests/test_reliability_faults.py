@@ -11,6 +11,7 @@ runs every kind of kill and writes the figures for ``docs/reliability.md``):
 
 from __future__ import annotations
 
+import os
 import re
 import sys
 from pathlib import Path
@@ -64,3 +65,40 @@ def test_frontend_started_before_triton_reports_not_ready_then_serves(tmp_path):
     assert result["frontend_healthy_after_triton_ready_s"] < 10, result  # reconnects within the 2 s backoff cap
     assert result["after_triton"]["chat"]["status"] == 200, result
     assert result["frontend_pid_unchanged"], result
+
+
+def test_a_stop_during_the_warmup_request_stops_the_stack_promptly(tmp_path):
+    """SIGTERM while the launcher's warm-up request runs (a long one: 4000 frames): the warm-up
+    ends, the control model cancels it in chroma_lm (the ensemble does not pass the gRPC cancel
+    on), so tritonserver need not wait its 30 s exit timeout, and nothing is left running."""
+    import signal
+    import subprocess
+    import time
+
+    from faults import ROOT, _children
+
+    stack = LaunchedStack(tmp_path / "launcher", extra_args=("--warmup-frames", "4000"))
+    stack.workdir.mkdir(parents=True)
+    with open(stack.log_path, "wb") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "chroma_triton.serving.launcher", *stack.args], stdout=log,
+                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=ROOT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 300
+        while "watching" not in stack.log_path.read_text(errors="replace"):  # models loaded, warm-up next
+            assert proc.poll() is None and time.monotonic() < deadline, stack.log_path.read_text(errors="replace")
+            time.sleep(0.2)
+        time.sleep(1.0)  # the warm-up request is generating
+        children = _children(proc.pid)  # tritonserver (the frontend starts after the warm-up)
+        children += [pid for child in children for pid in _children(child)]  # and its model processes
+        assert len(children) >= 4, "tritonserver and its model processes should be running"
+        proc.send_signal(signal.SIGTERM)
+        stopped_at = time.monotonic()
+        proc.wait(60)
+        took = time.monotonic() - stopped_at
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    log = stack.log_path.read_text(errors="replace")
+    assert "warm-up request stopped" in log and "READY" not in log, log[-3000:]
+    assert took < 20, (took, log[-3000:])  # 30 s and more when the request was left running
+    assert proc.returncode == 0 and not any(Path(f"/proc/{pid}").exists() for pid in children), log[-3000:]

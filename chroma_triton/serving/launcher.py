@@ -575,7 +575,9 @@ class Launcher:
         if self.warmup_frames <= 0 or self.stop_event.is_set():
             return
         for result in send_warmups(self.server.grpc_url, self.warmup_frames, self.dp_size, stop=self.stop_event.is_set):
-            if result.error is not None:
+            if result.error == "stopped":
+                log.info("warm-up request stopped after %.1f s", result.total_s)
+            elif result.error is not None:
                 log.warning("warm-up request failed after %.1f s: %s (serving anyway)", result.total_s, result.error)
             else:
                 first = "none" if result.first_audio_s is None else f"{result.first_audio_s * 1000:.0f} ms"

@@ -16,6 +16,7 @@ from __future__ import annotations
 import io
 import queue
 import time
+import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -52,6 +53,7 @@ def send_warmup(url: str, frames: int, timeout_s: float = 120.0, stop=lambda: Fa
     start = time.perf_counter()
     first, samples, error = None, 0, None
     client = None
+    request_id = f"launcher-warmup-{uuid.uuid4().hex[:12]}"
     if stop():
         return WarmupResult(first_audio_s=None, total_s=0.0, frames=0, error="stopped")
     try:
@@ -67,7 +69,7 @@ def send_warmup(url: str, frames: int, timeout_s: float = 120.0, stop=lambda: Fa
         responses: queue.Queue = queue.Queue()
         client = grpcclient.InferenceServerClient(url)
         client.start_stream(callback=lambda result, error: responses.put((result, error, time.perf_counter())))
-        client.async_stream_infer("chroma", inputs, request_id="launcher-warmup", enable_empty_final_response=True)
+        client.async_stream_infer("chroma", inputs, request_id=request_id, enable_empty_final_response=True)
         while True:
             if stop():
                 error = "stopped"
@@ -95,12 +97,28 @@ def send_warmup(url: str, frames: int, timeout_s: float = 120.0, stop=lambda: Fa
     finally:
         if client is not None:
             try:
-                client.stop_stream(cancel_requests=error is not None)  # a failed one frees its resources
+                client.stop_stream(cancel_requests=error is not None)
+                if error is not None:
+                    cancel_in_engine(client, request_id)
                 client.close()
             except Exception as exc:  # noqa: BLE001
                 error = error or f"closing the stream: {type(exc).__name__}: {exc}"
     return WarmupResult(first_audio_s=first, total_s=time.perf_counter() - start,
                         frames=samples // FRAME_SAMPLES, error=error)
+
+
+def cancel_in_engine(client, request_id: str) -> None:
+    """The gRPC cancel does not reach the ``chroma_lm`` step an ensemble request is already in
+    (README "Cancellation"): the ``chroma_cancel`` control model frees its row, so a stop during
+    the warm-up does not leave tritonserver waiting for it. Best effort."""
+    import tritonclient.grpc as grpcclient
+
+    item = grpcclient.InferInput("request_id", [1], "BYTES")
+    item.set_data_from_numpy(np.array([request_id.encode()], dtype=np.object_))
+    try:
+        client.infer("chroma_cancel", [item], client_timeout=5.0)
+    except Exception:  # noqa: BLE001 - e.g. a repository without chroma_cancel: the ensemble's own path remains
+        pass
 
 
 def send_warmups(url: str, frames: int, count: int, stop=lambda: False) -> list[WarmupResult]:
