@@ -72,16 +72,12 @@ def test_a_stop_during_the_warmup_request_stops_the_stack_promptly(tmp_path):
     ends, the control model cancels it in chroma_lm (the ensemble does not pass the gRPC cancel
     on), so tritonserver need not wait its 30 s exit timeout, and nothing is left running."""
     import signal
-    import subprocess
     import time
 
-    from faults import ROOT, _children
+    from faults import _children
 
     stack = LaunchedStack(tmp_path / "launcher", extra_args=("--warmup-frames", "4000"))
-    stack.workdir.mkdir(parents=True)
-    with open(stack.log_path, "wb") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "chroma_triton.serving.launcher", *stack.args], stdout=log,
-                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=ROOT, start_new_session=True)
+    proc = stack.spawn()
     try:
         deadline = time.monotonic() + 300
         while "watching" not in stack.log_path.read_text(errors="replace"):  # models loaded, warm-up next

@@ -382,19 +382,13 @@ class ChromaEngine:
                 ints, floats, prev, states = self._dummy_step_inputs(size)
                 h = torch.zeros(size, self.thinker.hidden_size, dtype=self._dtype, device=dev)
                 nxt = ints[_TOKEN]
-                if i < len(th_lens):  # every thinker backend: _thinker_step asks for these keys
-                    h, nxt = self.thinker_runner(("thinker", size, th_lens[i]),
-                                                 partial(self.thinker.decode, key_len=th_lens[i]),
-                                                 ints[_TOKEN], ints[_TPOS])
+                if i < len(th_lens):  # every thinker backend: serving asks for these keys
+                    h, nxt = self._thinker_graph(size, th_lens[i], ints)
                 if i < len(bb_lens):
-                    bb_len = bb_lens[i]
-                    self.runner(("backbone1", size, bb_len), partial(self._backbone_silent, key_len=bb_len),
-                                prev, ints[_BPOS])
-                    self.runner(("backbone3", size, bb_len), partial(self._backbone_talk, key_len=bb_len),
-                                prev, h, nxt, ints[_TALK], ints[_BPOS])
+                    self._silent_graph(size, bb_lens[i], prev, ints)
+                    self._talk_graph(size, bb_lens[i], prev, h, nxt, ints)
                 if i == 0:
-                    self.runner(("sample", size, k_max), partial(self._sample_fn, k_max=k_max), states,
-                                ints[_SEED], ints[_FRAME], ints[_TOPK], floats[0], floats[1])
+                    self._sample_graph(size, k_max, states, ints, floats)
         if self.prefill_graphs is not None and not self.prefill_graphs.capture_all(stop=low_memory):
             return "free GPU memory fell below half of activation_reserve_gib (prefill graphs)"
         return None
@@ -784,12 +778,26 @@ class ChromaEngine:
                 if self._prepare_decode is not None:
                     self._prepare_decode([None if a.thinker_done else a.thinker_pos for a in batch])
                 h, nxt = self._thinker_step(batch, size, ints)
-            states = self.runner(("backbone3", size, bb_len), partial(self._backbone_talk, key_len=bb_len),
-                                 prev, h, nxt, ints[_TALK], ints[_BPOS])
-            return states, nxt
-        states = self.runner(("backbone1", size, bb_len), partial(self._backbone_silent, key_len=bb_len),
-                             prev, ints[_BPOS])
-        return states, None
+            return self._talk_graph(size, bb_len, prev, h, nxt, ints), nxt
+        return self._silent_graph(size, bb_len, prev, ints), None
+
+    # One method per step graph: its key and function, for serving and capture_at_start alike
+    # (ints, floats: the rows of a step's packed inputs, see _pack).
+    def _silent_graph(self, size: int, bb_len: int, prev, ints):
+        return self.runner(("backbone1", size, bb_len), partial(self._backbone_silent, key_len=bb_len),
+                           prev, ints[_BPOS])
+
+    def _talk_graph(self, size: int, bb_len: int, prev, h, nxt, ints):
+        return self.runner(("backbone3", size, bb_len), partial(self._backbone_talk, key_len=bb_len),
+                           prev, h, nxt, ints[_TALK], ints[_BPOS])
+
+    def _thinker_graph(self, size: int, th_len: int, ints):
+        return self.thinker_runner(("thinker", size, th_len), partial(self.thinker.decode, key_len=th_len),
+                                   ints[_TOKEN], ints[_TPOS])
+
+    def _sample_graph(self, size: int, k_max, states, ints, floats):
+        return self.runner(("sample", size, k_max), partial(self._sample_fn, k_max=k_max), states,
+                           ints[_SEED], ints[_FRAME], ints[_TOPK], floats[0], floats[1])
 
     # -- the thinker running ahead (thinker_ahead) ----------------------------------------------
     # The thinker's input at a talking step is its own greedy output of the previous one, so its
@@ -802,8 +810,7 @@ class ChromaEngine:
     def _thinker_step(self, batch: list[_Active], size: int, ints: torch.Tensor):
         """One thinker decode step for rows 0..size-1 (tokens and positions: rows of `ints`)."""
         th_len = self._key_len(max(a.thinker_pos for a in batch) + 1, self._thinker_lens)
-        return self.thinker_runner(("thinker", size, th_len), partial(self.thinker.decode, key_len=th_len),
-                                   ints[_TOKEN], ints[_TPOS])
+        return self._thinker_graph(size, th_len, ints)
 
     def _run_ahead(self, batch: list[_Active], tokens: torch.Tensor) -> None:
         positions = [a.thinker_pos for a in batch]  # already advanced to the next talking step's
@@ -875,8 +882,7 @@ class ChromaEngine:
             states = torch.cat([states, states.new_zeros(size - states.shape[0], states.shape[1])])
         ints, floats, _ = self._pack(batch, size, codes=False)
         k_max = self._k_max(batch)
-        codes = self.runner(("sample", size, k_max), partial(self._sample_fn, k_max=k_max), states[:size],
-                            ints[_SEED], ints[_FRAME], ints[_TOPK], floats[0], floats[1])
+        codes = self._sample_graph(size, k_max, states[:size], ints, floats)
         extra = thinker_next if thinker_next is not None else torch.zeros(size, dtype=torch.long, device=self.device)
         if extra.shape[0] < size:
             extra = torch.cat([extra, extra.new_zeros(size - extra.shape[0])])

@@ -73,12 +73,17 @@ class PrefillGraphs:
         xb[:n, :length] = x
         lb = torch.ones(rows, dtype=lengths.dtype, device=lengths.device)
         lb[:n] = lengths
-        with eager_layers():  # prompt shapes: compiled layers stay out of prefills (see trunk.eager_layers)
-            h, t = self.runner(("prefill", rows, padded), partial(self._run, key_len=padded), xb, lb)
+        h, t = self._graph(xb, lb)
         cache = self.thinker.cache  # this prefill's keys and values, into the engine's rows
         cache.k[:, row_start:row_start + n, :, :padded].copy_(self.scratch.k[:, :n, :, :padded])
         cache.v[:, row_start:row_start + n, :, :padded].copy_(self.scratch.v[:, :n, :, :padded])
         return h[:n], t[:n]
+
+    def _graph(self, x: torch.Tensor, lengths: torch.Tensor):
+        """The graph of x's (rows, length) bucket: captured on its first call, replayed after."""
+        rows, padded = x.shape[0], x.shape[1]
+        with eager_layers():  # prompt shapes: compiled layers stay out of prefills (see trunk.eager_layers)
+            return self.runner(("prefill", rows, padded), partial(self._run, key_len=padded), x, lengths)
 
     def _run(self, x: torch.Tensor, lengths: torch.Tensor, *, key_len: int):
         rows = x.shape[0]
@@ -97,7 +102,5 @@ class PrefillGraphs:
                 if stop():
                     return False
                 x = torch.zeros(rows, padded, self.thinker.hidden_size, dtype=p.dtype, device=p.device)
-                lengths = torch.ones(rows, dtype=torch.long, device=p.device)
-                with eager_layers():
-                    self.runner(("prefill", rows, padded), partial(self._run, key_len=padded), x, lengths)
+                self._graph(x, torch.ones(rows, dtype=torch.long, device=p.device))
         return True

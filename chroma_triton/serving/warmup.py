@@ -124,7 +124,5 @@ def cancel_in_engine(client, request_id: str) -> None:
 def send_warmups(url: str, frames: int, count: int, stop=lambda: False) -> list[WarmupResult]:
     """``count`` warm-ups at once (one per ``chroma_lm`` instance with dp > 1: Triton hands each
     to an instance that is free, which usually spreads them, but nothing guarantees it)."""
-    if count <= 1:
-        return [send_warmup(url, frames, stop=stop)]
-    with ThreadPoolExecutor(count) as pool:
+    with ThreadPoolExecutor(max(count, 1)) as pool:
         return list(pool.map(lambda _: send_warmup(url, frames, stop=stop), range(count)))

@@ -105,12 +105,17 @@ class LaunchedStack:
     def metrics_url(self) -> str:
         return f"127.0.0.1:{self.ports['triton-metrics-port']}"
 
-    def start(self, timeout: float = 300.0) -> "LaunchedStack":
+    def spawn(self) -> subprocess.Popen:
+        """The launcher started, not waited for (its log in `log_path`)."""
         self.workdir.mkdir(parents=True, exist_ok=True)
         with open(self.log_path, "wb") as log:
             self.proc = subprocess.Popen([sys.executable, "-m", "chroma_triton.serving.launcher", *self.args],
                                          stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                          cwd=ROOT, env={**os.environ, "NO_PROXY": "*"}, start_new_session=True)
+        return self.proc
+
+    def start(self, timeout: float = 300.0) -> "LaunchedStack":
+        self.spawn()
         if wait_health(self.url, 200, timeout, interval=0.25) is None:
             self.stop()
             raise RuntimeError(f"launcher stack not healthy in {timeout:g} s:\n{self.log_tail()}")
