@@ -7,6 +7,8 @@
 #   bash scripts/gpu_bench.sh tests              # tests/test_gpu.py (a test blocked 5 min dumps its stacks and exits)
 #   bash scripts/gpu_bench.sh engine             # scripts/bench_engine.py (pacing on/off, batch-1 kernel profile;
 #                                                # MPS=on: under a private CUDA MPS daemon, see below)
+#   bash scripts/gpu_bench.sh launch             # scripts/bench_launch.py: per-kernel and per-step launch costs,
+#                                                # the sampler per call (MPS=on: under the private daemon)
 #   bash scripts/gpu_bench.sh variants VARIANT... # bench_engine.py --variants: engine options compared
 #                                                # (compiled, LEVELS), the best written to $OUT/best_params.txt
 #   bash scripts/gpu_bench.sh serving [DP] [LEVELS] [extra bench_serving args...]
@@ -46,12 +48,12 @@ SERVE_ARGS=(--triton-http-port=${TRITON_HTTP_PORT:-8080} --max-batch=256 --param
 step=${1:?usage: gpu_bench.sh env|checkpoint|tests|engine|serving ...}
 shift
 
-# MPS=on (engine, variants, tests): the step runs as a client of a private CUDA MPS daemon, as the
+# MPS=on (engine, variants, tests, launch): the step runs as a client of a private CUDA MPS daemon, as the
 # launcher's stacks do, with nothing else on the GPU: MPS's own cost at batch 1 apart from the
 # codec's kernels running beside the engine's (docs/benchmarks.md run 39: 4.93-4.94 vs 4.65-4.69 ms
 # per frame served). Results get the suffix _mps.
 SUFFIX=""
-if [ "${MPS:-off}" = on ] && [[ $step =~ ^(engine|variants|tests)$ ]]; then
+if [ "${MPS:-off}" = on ] && [[ $step =~ ^(engine|variants|tests|launch)$ ]]; then
   export CUDA_MPS_PIPE_DIRECTORY=/tmp/gpu-bench-mps/pipe CUDA_MPS_LOG_DIRECTORY=/tmp/gpu-bench-mps/log
   mkdir -p "$CUDA_MPS_PIPE_DIRECTORY" "$CUDA_MPS_LOG_DIRECTORY"
   echo quit | nvidia-cuda-mps-control 2>/dev/null || true  # one left by a step killed at the call limit
@@ -62,7 +64,7 @@ if [ "${MPS:-off}" = on ] && [[ $step =~ ^(engine|variants|tests)$ ]]; then
   fi
   SUFFIX=_mps
 elif [ "${MPS:-off}" = on ]; then
-  echo "MPS=on applies to engine, variants and tests only (stacks: up ... --cuda-mps on|off)" >&2
+  echo "MPS=on applies to engine, variants, tests and launch only (stacks: up ... --cuda-mps on|off)" >&2
 fi
 case $step in
   env)
@@ -78,6 +80,8 @@ case $step in
       --pacing "${PACING:-on,off}" --overlap "${OVERLAP:-on}" \
       --baseline-frames 20 --profile-frames 16 --compile-levels "${COMPILE_LEVELS:-}" \
       --out "$OUT/bench_engine$SUFFIX.json" 2>&1 | tee "$OUT/bench_engine$SUFFIX.log" ;;
+  launch)
+    "$PY" scripts/bench_launch.py --out "$OUT/bench_launch$SUFFIX.json" 2>&1 | tee "$OUT/bench_launch$SUFFIX.log" ;;
   variants)
     "$PY" scripts/bench_engine.py --model "$CKPT" --variants-only --variants "$@" --variant-levels "${LEVELS:-1,64,256}" \
       --variant-repeats "${REPEATS:-2}" --profile-frames 16 --best-params-out "$OUT/best_params$SUFFIX.txt" \

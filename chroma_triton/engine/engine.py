@@ -38,6 +38,7 @@ from functools import partial
 import numpy as np
 import torch
 
+from .. import sampling_kernel
 from ..errors import CapacityError, EngineError, InvalidRequestError
 from ..model.frame_model import FrameModel, SamplingTensors
 from ..model.loading import ChromaParts, make_thinker, resolve_thinker_backend
@@ -92,6 +93,8 @@ class EngineOptions:
     # kernel choices for steps, same results (bench_engine.py --variants compares them on a GPU):
     math_attention: str = ""  # trunks ("thinker,backbone,decoder") whose steps attend by matmuls, not SDPA
     topk_segments: int = 1  # > 1: sampling's top-k over that many vocabulary slices first (sampling.segmented_topk)
+    fused_sampling: bool = False  # on CUDA: each sampling call as one Triton kernel (sampling_kernel.py)
+    #                               instead of PyTorch's topk and elementwise kernels; the same noise
     switch_interval_ms: float = 0.0  # > 0: Python's thread switch interval (process-wide), so the engine
     #                                  thread gets the GIL back sooner after a wait (default 5 ms)
     key_bucket: int = 256  # key-length bucket of captured graphs
@@ -269,7 +272,8 @@ class ChromaEngine:
                                                 use_graphs=self.opts.cuda_graphs)
 
     def _set_kernel_choices(self, parts: ChromaParts) -> None:
-        """Apply `math_attention` and `topk_segments` to the shared modules (both ways, like compile)."""
+        """Apply `math_attention`, `topk_segments` and `fused_sampling` to the shared modules (both
+        ways, like compile)."""
         trunks = {"backbone": self.frames.backbone.model, "decoder": self.frames.decoder.model}
         if parts.thinker_lm is not None:
             trunks["thinker"] = parts.thinker_lm.model
@@ -282,6 +286,11 @@ class ChromaEngine:
         if self.opts.topk_segments < 1:
             raise ValueError("topk_segments must be >= 1")
         self.frames.topk_segments = self.opts.topk_segments
+        if self.opts.fused_sampling and self.device.type != "cuda":
+            raise ValueError(f"fused_sampling needs a CUDA device; this engine runs on {self.device}")
+        if self.opts.fused_sampling and not sampling_kernel.available():
+            raise ValueError("fused_sampling needs Triton, which is not installed (it comes with PyTorch's CUDA builds)")
+        self.frames.fused_sampling = self.opts.fused_sampling
 
     def _make_thinker_and_size(self, parts: ChromaParts, thinker: Thinker | None) -> Thinker:
         """The thinker, and `opts.max_batch` lowered to the rows whose KV caches fit in memory.

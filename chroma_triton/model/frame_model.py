@@ -15,6 +15,7 @@ from torch import nn
 
 from ..config import ChromaConfig
 from ..sampling import sample, stream_keys, token_hashes
+from ..sampling_kernel import fused_sample
 from .trunk import KVCache, RotaryTable, Trunk, compile_function
 
 
@@ -83,6 +84,7 @@ class FrameModel(nn.Module):
         self.backbone_rotary: RotaryTable | None = None
         self._sampler = sample
         self.topk_segments = 1  # > 1: sampling's top-k in two rounds over vocabulary slices (sampling.segmented_topk)
+        self.fused_sampling = False  # True: sampling by one Triton kernel per call (sampling_kernel.py; CUDA)
 
     def set_compiled(self, on: bool) -> "FrameModel":
         """torch.compile the backbone's and decoder's layers and the sampling chain (see
@@ -137,6 +139,8 @@ class FrameModel(nn.Module):
         return codes
 
     def _sample(self, logits: torch.Tensor, p: SamplingTensors, keys: torch.Tensor) -> torch.Tensor:
+        if self.fused_sampling:
+            return fused_sample(logits, p.temperature, p.top_k, p.top_p, keys, token_table=self.token_table)
         return self._sampler(logits, p.temperature, p.top_k, p.top_p, keys, p.k_max, self.token_table,
                              self.topk_segments)
 

@@ -1,0 +1,131 @@
+#!/usr/bin/env python3
+"""Launch costs on one GPU, to tell a per-kernel cost from a per-step one (run it with and without
+CUDA MPS: `MPS=on bash scripts/gpu_bench.sh launch`), and the sampler's cost per call
+(sampling.sample vs the fused Triton kernel, each replayed from a CUDA graph).
+
+Every timing is GPU time between CUDA events around graph replays (median of --repeats), except
+`round_trip_us`: host wall time of one step's pattern (a small copy in, one graph, a copy out,
+waiting on an event), as the engine does per step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from chroma_triton.sampling import sample, stream_keys, token_hashes  # noqa: E402
+from chroma_triton.sampling_kernel import fused_sample  # noqa: E402
+
+
+def graph_of(fn, warmup: int = 2) -> torch.cuda.CUDAGraph:
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(warmup):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph
+
+
+def replay_us(graph: torch.cuda.CUDAGraph, repeats: int) -> float:
+    """Median GPU time of one replay, in microseconds."""
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) * 1000.0)
+    return statistics.median(times)
+
+
+def kernels_in_graph(n: int, repeats: int) -> dict:
+    """n dependent tiny kernels (one-element adds) and n bf16 matrix-vector products in a graph."""
+    x = torch.zeros(1, device="cuda")
+    tiny = graph_of(lambda: [x.add_(1.0) for _ in range(n)])
+    v = torch.randn(1, 2048, device="cuda", dtype=torch.bfloat16)
+    w = torch.randn(2048, 2048, device="cuda", dtype=torch.bfloat16) * 0.02
+    state = {"v": v}
+
+    def gemvs():
+        y = state["v"]
+        for _ in range(n // 4):
+            y = y @ w
+        return y
+    gemv = graph_of(gemvs)
+    t_tiny, t_gemv = replay_us(tiny, repeats), replay_us(gemv, repeats)
+    return {"tiny_kernels": n, "tiny_us_per_kernel": t_tiny / n,
+            "gemv_kernels": n // 4, "gemv_us_per_kernel": t_gemv / (n // 4)}
+
+
+def round_trip(repeats: int) -> dict:
+    """Host wall time of: pinned 7x1 int64 copy in, a graph of 50 tiny kernels, copy out, event wait."""
+    host_in = torch.zeros(7, 1, dtype=torch.long).pin_memory()
+    host_out = torch.zeros(9, dtype=torch.long).pin_memory()
+    dev_in = torch.zeros(7, 1, dtype=torch.long, device="cuda")
+    dev_out = torch.zeros(9, dtype=torch.long, device="cuda")
+    g = graph_of(lambda: [dev_out.add_(dev_in[0, 0]) for _ in range(50)])
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        dev_in.copy_(host_in, non_blocking=True)
+        g.replay()
+        host_out.copy_(dev_out, non_blocking=True)
+        done = torch.cuda.Event()
+        done.record()
+        done.synchronize()
+        times.append((time.perf_counter() - t0) * 1e6)
+    return {"round_trip_us": statistics.median(times), "round_trip_p90_us": sorted(times)[int(0.9 * len(times))]}
+
+
+def sampler_costs(rows_list: list[int], repeats: int, vocab: int = 2051) -> list[dict]:
+    """One sampling call (top_k 50, k_max 64, temperature 0.9, top_p 1) per replay, both samplers."""
+    out = []
+    table = token_hashes(torch.arange(vocab, device="cuda"))
+    for rows in rows_list:
+        logits = torch.randn(rows, vocab, device="cuda", dtype=torch.bfloat16)
+        temp = torch.full((rows,), 0.9, device="cuda")
+        top_k = torch.full((rows,), 50, device="cuda", dtype=torch.long)
+        top_p = torch.ones(rows, device="cuda")
+        keys = stream_keys(torch.arange(rows, device="cuda"), torch.zeros(rows, dtype=torch.long, device="cuda"), 1)
+        res = {"rows": rows}
+        for name, fn in (("pytorch", lambda: sample(logits, temp, top_k, top_p, keys, 64, table)),
+                         ("fused", lambda: fused_sample(logits, temp, top_k, top_p, keys, token_table=table))):
+            res[f"{name}_us"] = replay_us(graph_of(fn), repeats)
+        out.append(res)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--kernels", type=int, default=1000, help="kernels per graph for the per-kernel cost")
+    ap.add_argument("--repeats", type=int, default=200)
+    ap.add_argument("--sampler-rows", default="1,64,256")
+    ap.add_argument("--out", help="JSON report")
+    args = ap.parse_args()
+    torch.cuda.init()
+    report = {"device": torch.cuda.get_device_name(), "mps": bool(os.environ.get("CUDA_MPS_PIPE_DIRECTORY")),
+              "torch": torch.__version__}
+    report.update(kernels_in_graph(args.kernels, args.repeats))
+    report.update(round_trip(args.repeats * 5))
+    report["sampler"] = sampler_costs([int(r) for r in args.sampler_rows.split(",")], args.repeats)
+    print(json.dumps(report, indent=1), flush=True)
+    if args.out:
+        Path(args.out).write_text(json.dumps(report, indent=1))
+
+
+if __name__ == "__main__":
+    main()

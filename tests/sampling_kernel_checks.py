@@ -1,0 +1,97 @@
+"""Checks of the fused sampling kernel (chroma_triton/sampling_kernel.py) against sampling.sample,
+shared by tests/test_sampling_kernel.py (CPU: run as a script under Triton's interpreter, which
+must be switched on before the kernel is defined) and tests/test_gpu.py (compiled, on a GPU)."""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+
+from chroma_triton.sampling import sample, stream_keys, token_hashes
+from chroma_triton.sampling_kernel import fused_sample
+
+VOCAB = 2051  # the audio vocabulary of Chroma's codebooks
+
+
+def _params(rows: int, seed: int):
+    """Every kind of row: greedy, top-k off / 1 / V-1 / V / beyond V, top-p on and off."""
+    g = torch.Generator().manual_seed(seed)
+    temperature = torch.rand(rows, generator=g) * 1.5 + 0.05
+    temperature[:4] = 0.0
+    temperature[4:12] = 1.0
+    top_k = torch.randint(1, 100, (rows,), generator=g)
+    top_k[12:16], top_k[16:20], top_k[20:24], top_k[24:28], top_k[28:32] = 0, 1, VOCAB - 1, VOCAB, VOCAB + 7
+    top_p = torch.rand(rows, generator=g) * 0.9 + 0.05
+    top_p[::2] = 1.0
+    keys = stream_keys(torch.arange(rows) + 1000 * seed, torch.full((rows,), 3), 5)
+    return temperature, top_k, top_p, keys
+
+
+def _to(device, *tensors):
+    return [t.to(device) for t in tensors]
+
+
+def agreement_with_pytorch(device: str, rows: int = 128, seed: int = 0) -> float:
+    """Share of rows where both samplers pick the same token, for float32 logits (no ties)."""
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(rows, VOCAB, generator=g) * torch.linspace(0.05, 8.0, rows)[:, None]
+    temperature, top_k, top_p, keys = _params(rows, seed)
+    args = _to(device, logits, temperature, top_k, top_p, keys)
+    table = token_hashes(torch.arange(VOCAB, device=device))
+    want = sample(*args, None, table)
+    got = fused_sample(*args, token_table=table)
+    return (want == got).float().mean().item()
+
+
+def violations(device: str, rows: int = 128, seed: int = 1) -> list[str]:
+    """Rows whose token lies outside what sampling allows, for bf16 logits (many ties): a greedy row
+    not on a maximum, a token below the k-th largest scaled logit, or one with as much mass ranked
+    strictly above it as top_p."""
+    g = torch.Generator().manual_seed(seed)
+    logits = (torch.randn(rows, VOCAB, generator=g) * torch.linspace(0.05, 8.0, rows)[:, None]).bfloat16()
+    temperature, top_k, top_p, keys = _params(rows, seed)
+    got = fused_sample(*_to(device, logits, temperature, top_k, top_p, keys)).cpu()
+    bad = []
+    for r in range(rows):
+        scaled = logits[r].float() / (temperature[r] if temperature[r] > 0 else 1.0)
+        x = scaled[got[r]]
+        if temperature[r] <= 0:
+            if x != scaled.max():
+                bad.append(f"row {r}: greedy token {int(got[r])} is not a maximum")
+            continue
+        k = int(top_k[r]) if 0 < top_k[r] <= VOCAB else VOCAB
+        kth = scaled.sort(descending=True).values[k - 1]
+        if x < kth:
+            bad.append(f"row {r}: token {int(got[r])} below the {k}-th largest logit")
+        kept = scaled >= kth
+        probs = torch.softmax(scaled.masked_fill(~kept, float("-inf")), dim=0)
+        above = probs[kept & (scaled > x)].sum()
+        if above >= top_p[r] and top_p[r] < 1:
+            bad.append(f"row {r}: mass {float(above):.4f} ranked above token {int(got[r])} >= top_p {float(top_p[r]):.4f}")
+    return bad
+
+
+def follows_the_distribution(device: str, draws: int = 4000) -> float:
+    """Largest gap between the kernel's token frequencies and the probabilities sampling allows,
+    for one row (temperature 0.8, top_k 6, top_p 0.9) drawn with `draws` different keys."""
+    logits = torch.tensor([3.0, 2.5, 2.4, 1.0, 0.5, 0.4, 0.3] + [-1.0] * (VOCAB - 7))
+    temperature, top_k, top_p = torch.full((draws,), 0.8), torch.full((draws,), 6), torch.full((draws,), 0.9)
+    keys = stream_keys(torch.arange(draws), torch.zeros(draws, dtype=torch.long), 0)
+    got = fused_sample(*_to(device, logits.expand(draws, VOCAB).contiguous(), temperature, top_k, top_p, keys)).cpu()
+    probs = torch.softmax(logits[:6] / 0.8, dim=0)
+    keep = (probs.cumsum(0) - probs) < 0.9
+    probs = torch.where(keep, probs, 0.0)
+    probs = probs / probs.sum()
+    freq = torch.bincount(got, minlength=VOCAB)[:6].float() / draws
+    assert int(torch.bincount(got, minlength=VOCAB)[6:].sum()) == 0, "a token outside the top k"
+    return float((freq - probs).abs().max())
+
+
+if __name__ == "__main__":  # the CPU test: python tests/sampling_kernel_checks.py under TRITON_INTERPRET=1
+    rate = agreement_with_pytorch("cpu")
+    bad = violations("cpu")
+    print(f"agreement {rate:.4f}; violations {len(bad)}")  # (the distribution check: GPU only, it takes minutes here)
+    for line in bad[:10]:
+        print(line)
+    sys.exit(0 if rate == 1.0 and not bad else 1)
