@@ -109,16 +109,49 @@ def sampler_costs(rows_list: list[int], repeats: int, vocab: int = 2051) -> list
     return out
 
 
+# One frame's matrix products at batch 1 (fused q/k/v and gate/up weights): the backbone's 16 layers,
+# the depth decoder's 4 layers for 7 codebooks, and half a thinker step (36 layers, every other step)
+FRAME_MATMULS = ([(2048, 3072), (2048, 2048), (2048, 16384), (8192, 2048)], 16), \
+                ([(1024, 1536), (1024, 1024), (1024, 16384), (8192, 1024)], 28), \
+                ([(2048, 2560), (2048, 2048), (2048, 22016), (11008, 2048)], 18)
+
+
+def frame_matmuls(rows_list: list[int], repeats: int) -> list[dict]:
+    """GPU time of one frame's matrix products (distinct weights, as in the model) per batch size,
+    with this process's cuBLAS settings (CUBLAS_WORKSPACE_CONFIG, --blas)."""
+    weights = [torch.randn(k, n, device="cuda", dtype=torch.bfloat16) * 0.02
+               for shapes, layers in FRAME_MATMULS for _ in range(layers) for k, n in shapes]
+    out = []
+    for rows in rows_list:
+        inputs = {k: torch.randn(rows, k, device="cuda", dtype=torch.bfloat16) for k in {w.shape[0] for w in weights}}
+        graph = graph_of(lambda: [inputs[w.shape[0]] @ w for w in weights])
+        out.append({"rows": rows, "matmuls": len(weights), "us_per_frame": replay_us(graph, repeats)})
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--kernels", type=int, default=1000, help="kernels per graph for the per-kernel cost")
     ap.add_argument("--repeats", type=int, default=200)
     ap.add_argument("--sampler-rows", default="1,64,256")
+    ap.add_argument("--matmul-rows", default="1,256", help="batch sizes of the frame-matmul timing")
+    ap.add_argument("--blas", choices=("default", "cublas", "cublaslt"), default="default",
+                    help="torch.backends.cuda.preferred_blas_library for this process")
+    ap.add_argument("--only-matmuls", action="store_true")
     ap.add_argument("--out", help="JSON report")
     args = ap.parse_args()
     torch.cuda.init()
+    if args.blas != "default":
+        torch.backends.cuda.preferred_blas_library(args.blas)
     report = {"device": torch.cuda.get_device_name(), "mps": bool(os.environ.get("CUDA_MPS_PIPE_DIRECTORY")),
-              "torch": torch.__version__}
+              "torch": torch.__version__, "blas": args.blas,
+              "cublas_workspace_config": os.environ.get("CUBLAS_WORKSPACE_CONFIG", "")}
+    report["frame_matmuls"] = frame_matmuls([int(r) for r in args.matmul_rows.split(",")], args.repeats)
+    if args.only_matmuls:
+        print(json.dumps(report), flush=True)
+        if args.out:
+            Path(args.out).write_text(json.dumps(report, indent=1))
+        return
     report.update(kernels_in_graph(args.kernels, args.repeats))
     report.update(round_trip(args.repeats * 5))
     report["sampler"] = sampler_costs([int(r) for r in args.sampler_rows.split(",")], args.repeats)
