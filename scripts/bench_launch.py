@@ -129,6 +129,51 @@ def frame_matmuls(rows_list: list[int], repeats: int) -> list[dict]:
     return out
 
 
+# (out features, in features, per frame at batch 1, bias): the model's weights as F.linear sees them
+LINEAR_SHAPES = [("backbone qkv", 3072, 2048, 16, False), ("backbone o", 2048, 2048, 16, False),
+                 ("backbone gate_up", 16384, 2048, 16, False), ("backbone down", 2048, 8192, 16, False),
+                 ("backbone head", 2051, 2048, 1, False), ("decoder projection", 1024, 2048, 7, False),
+                 ("decoder qkv", 1536, 1024, 28, False), ("decoder o", 1024, 1024, 28, False),
+                 ("decoder gate_up", 16384, 1024, 28, False), ("decoder down", 1024, 8192, 28, False),
+                 ("thinker qkv", 2560, 2048, 18, True), ("thinker o", 2048, 2048, 18, False),
+                 ("thinker gate_up", 22016, 2048, 18, False), ("thinker down", 2048, 11008, 18, False),
+                 ("thinker lm_head", 151936, 2048, 0.5, False)]
+GEMV_CONFIGS = [(bn, bk, w) for bn in (4, 8, 16, 32) for bk in (128, 256, 512) for w in (4, 8)
+                if bn * bk <= 64 * 32 * w]
+
+
+def gemv_vs_cublas(rows: int, repeats: int) -> dict:
+    """Per weight shape: F.linear (cuBLAS) against chroma_triton.model.gemv in each configuration,
+    us per call over as many distinct weights as a frame reads (at most 16 copies, 1 GB)."""
+    import torch.nn.functional as F
+
+    from chroma_triton.model.gemv import gemv
+    shapes, frame_cublas, frame_best = [], 0.0, 0.0
+    for name, n, k, per_frame, has_bias in LINEAR_SHAPES:
+        copies = max(1, min(16, int(per_frame), int(2**30 // (n * k * 2))))
+        ws = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02 for _ in range(copies)]
+        b = torch.randn(n, device="cuda", dtype=torch.bfloat16) if has_bias else None
+        x = torch.randn(rows, k, device="cuda", dtype=torch.bfloat16)
+        ref = F.linear(x, ws[0], b)
+        row = {"shape": name, "n": n, "k": k, "per_frame": per_frame,
+               "cublas_us": replay_us(graph_of(lambda: [F.linear(x, w, b) for w in ws]), repeats) / copies}
+        best = None
+        for bn, bk, warps in GEMV_CONFIGS:
+            got = gemv(x, ws[0], b, bn, bk, warps)
+            err = (got.float() - ref.float()).abs().max().item()
+            t = replay_us(graph_of(lambda: [gemv(x, w, b, bn, bk, warps) for w in ws]), repeats) / copies
+            if best is None or t < best[0]:
+                best = (t, (bn, bk, warps), err)
+        row.update(gemv_us=best[0], config=best[1], max_abs_diff=best[2])
+        row["gb_per_s_cublas"] = n * k * 2 / row["cublas_us"] / 1e3
+        row["gb_per_s_gemv"] = n * k * 2 / best[0] / 1e3
+        frame_cublas += per_frame * row["cublas_us"]
+        frame_best += per_frame * best[0]
+        shapes.append(row)
+        print(json.dumps(row), flush=True)
+    return {"rows": rows, "shapes": shapes, "frame_cublas_us": frame_cublas, "frame_gemv_us": frame_best}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--kernels", type=int, default=1000, help="kernels per graph for the per-kernel cost")
@@ -138,9 +183,18 @@ def main() -> None:
     ap.add_argument("--blas", choices=("default", "cublas", "cublaslt"), default="default",
                     help="torch.backends.cuda.preferred_blas_library for this process")
     ap.add_argument("--only-matmuls", action="store_true")
+    ap.add_argument("--gemv-rows", default="", help="e.g. 1,4: chroma_triton.model.gemv against cuBLAS per weight shape, then exit")
     ap.add_argument("--out", help="JSON report")
     args = ap.parse_args()
     torch.cuda.init()
+    if args.gemv_rows:
+        report = [gemv_vs_cublas(int(r), args.repeats) for r in args.gemv_rows.split(",")]
+        for r in report:
+            print(f"rows {r['rows']}: one frame's products {r['frame_cublas_us']:.0f} us cuBLAS, "
+                  f"{r['frame_gemv_us']:.0f} us gemv", flush=True)
+        if args.out:
+            Path(args.out).write_text(json.dumps(report, indent=1))
+        return
     if args.blas != "default":
         torch.backends.cuda.preferred_blas_library(args.blas)
     report = {"device": torch.cuda.get_device_name(), "mps": bool(os.environ.get("CUDA_MPS_PIPE_DIRECTORY")),
