@@ -31,6 +31,9 @@ except ImportError:  # pragma: no cover - depends on the install
     triton = None
 
 
+WARPS = 8  # warps per row's program (scripts/bench_launch.py times 2, 4, 8 and 16)
+
+
 def available() -> bool:
     """Whether Triton can be imported."""
     return triton is not None
@@ -107,7 +110,7 @@ if triton is not None:
 
 def fused_sample(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
                  keys: torch.Tensor, k_max: int | None = None, token_table: torch.Tensor | None = None,
-                 segments: int = 1) -> torch.Tensor:
+                 segments: int = 1, num_warps: int | None = None) -> torch.Tensor:
     """`sampling.sample`'s contract (k_max and segments are not needed here and are ignored):
     logits [B, V] (any float dtype, last dim contiguous), temperature [B] float32, top_k [B] int,
     top_p [B] float32, keys [B] int64; returns ids [B] int64. One kernel launch, no host sync."""
@@ -124,5 +127,5 @@ def fused_sample(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.T
     block = triton.next_power_of_2(vocab)
     _sample_rows[(rows,)](logits, logits.stride(0), temperature, temperature.stride(0), top_k, top_k.stride(0),
                        top_p, top_p.stride(0), keys, keys.stride(0), token_table, out, vocab,
-                       BLOCK=block, num_warps=max(1, min(16, block // 512)))
+                       BLOCK=block, num_warps=num_warps or WARPS)
     return out

@@ -102,9 +102,10 @@ def sampler_costs(rows_list: list[int], repeats: int, vocab: int = 2051) -> list
         top_p = torch.ones(rows, device="cuda")
         keys = stream_keys(torch.arange(rows, device="cuda"), torch.zeros(rows, dtype=torch.long, device="cuda"), 1)
         res = {"rows": rows}
-        for name, fn in (("pytorch", lambda: sample(logits, temp, top_k, top_p, keys, 64, table)),
-                         ("fused", lambda: fused_sample(logits, temp, top_k, top_p, keys, token_table=table))):
-            res[f"{name}_us"] = replay_us(graph_of(fn), repeats)
+        res["pytorch_us"] = replay_us(graph_of(lambda: sample(logits, temp, top_k, top_p, keys, 64, table)), repeats)
+        for warps in (2, 4, 8, 16):
+            res[f"fused_{warps}w_us"] = replay_us(graph_of(
+                lambda: fused_sample(logits, temp, top_k, top_p, keys, token_table=table, num_warps=warps)), repeats)
         out.append(res)
     return out
 

@@ -231,21 +231,52 @@ def test_fused_sampler_matches_pytorch_on_the_gpu():
     """The Triton sampler compiled: the token sampling.sample picks for float32 logits (but where
     exp/log round differently in the last bits), nothing top-k, top-p or greedy rule out for bf16
     logits with ties, and token frequencies within 0.03 of the allowed probabilities."""
-    import sampling_kernel_checks as checks
+    import kernel_checks as checks
 
     assert checks.agreement_with_pytorch("cuda", rows=512) >= 0.99
     assert checks.violations("cuda", rows=256) == []
     assert checks.follows_the_distribution("cuda", draws=8000) < 0.03
 
 
+def test_gemv_matches_cublas_and_compiles(pipe):
+    """gemv: F.linear within bf16 rounding for the model's single-row shapes (q/k/v with a bias);
+    and a batch-1 thinker step through it, eager and inside torch.compile'd layers, gives the
+    cuBLAS step's states to bf16 accuracy."""
+    import kernel_checks as checks
+
+    from chroma_triton.model import gemv
+
+    shapes = ((1, 3072, 2048, False), (1, 2560, 2048, True), (1, 16384, 1024, False), (1, 2051, 2048, False),
+              (2, 96, 200, True))
+    assert max(checks.gemv_errors("cuda", torch.bfloat16, shapes)) <= 0.01
+    parts = pipe.parts
+    outs = []
+    try:
+        for on, compiled in ((False, False), (True, False), (True, True)):
+            engine = ChromaEngine(parts, EngineOptions(max_batch=1, gemv=on))
+            assert gemv.ENABLED is on
+            parts.thinker_lm.model.set_compiled(compiled)
+            with torch.inference_mode():
+                outs.append(engine.thinker.decode(torch.tensor([11], device="cuda"), torch.tensor([3], device="cuda"),
+                                                  key_len=16)[0].float())
+    finally:
+        parts.thinker_lm.model.set_compiled(False)
+        gemv.ENABLED = False
+    for other in outs[1:]:
+        assert float(torch.nn.functional.cosine_similarity(outs[0], other, dim=-1).min()) >= 0.999
+        assert float((outs[0] - other).abs().max()) <= 0.02 * float(outs[0].abs().max())
+
+
 def test_fused_sampling_graphs_give_the_eager_codes(pipe, question_wav, ref_voice):
-    """`fused_sampling`: graph replay reproduces the eager steps bitwise with the Triton sampler too."""
+    """`fused_sampling` and `gemv`: graph replay reproduces the eager steps bitwise with the
+    Triton sampler and single-row products too."""
     reqs = [pipe.prepare([{"role": "user", "content": [{"type": "audio", "audio": question_wav}]}], ref_voice[0],
                          ref_voice[1], SamplingParams(seed=s, max_tokens=20 + 5 * s, top_p=0.9 if s else 1.0))
             for s in range(3)]
     results = {}
     for graphs in (False, True):
-        engine = ChromaEngine(pipe.parts, EngineOptions(max_batch=4, cuda_graphs=graphs, fused_sampling=True)).start()
+        engine = ChromaEngine(pipe.parts, EngineOptions(max_batch=4, cuda_graphs=graphs, fused_sampling=True,
+                                                        gemv=True)).start()
         try:
             assert engine.frames.fused_sampling
             streams = [engine.submit(copy.deepcopy(r)) for r in reqs]
@@ -253,5 +284,7 @@ def test_fused_sampling_graphs_give_the_eager_codes(pipe, question_wav, ref_voic
                                for s in streams]
         finally:
             engine.shutdown()
+    from chroma_triton.model import gemv
+    gemv.ENABLED = False
     for eager, graph in zip(results[False], results[True]):
         np.testing.assert_array_equal(graph, eager)

@@ -297,7 +297,7 @@ def test_model_args_and_backends():
 
 @pytest.mark.parametrize("value, kind, expected", [("auto", "GPU", True), ("", "GPU", True), ("auto", "CPU", False),
                                                    ("false", "GPU", False), ("true", "CPU", True)])
-@pytest.mark.parametrize("name", ["compile", "prefill_graphs", "fused_sampling"])
+@pytest.mark.parametrize("name", ["compile", "prefill_graphs", "fused_sampling", "gemv"])
 def test_auto_options_follow_the_device(name, value, kind, expected):
     from chroma_triton.serving.triton_lm import engine_options
 

@@ -40,6 +40,7 @@ import torch
 
 from .. import sampling_kernel
 from ..errors import CapacityError, EngineError, InvalidRequestError
+from ..model import gemv
 from ..model.frame_model import FrameModel, SamplingTensors
 from ..model.loading import ChromaParts, make_thinker, resolve_thinker_backend
 from ..model.thinker import Thinker, TorchThinker, pad_batch
@@ -95,6 +96,8 @@ class EngineOptions:
     topk_segments: int = 1  # > 1: sampling's top-k over that many vocabulary slices first (sampling.segmented_topk)
     fused_sampling: bool = False  # on CUDA: each sampling call as one Triton kernel (sampling_kernel.py)
     #                               instead of PyTorch's topk and elementwise kernels; the same noise
+    gemv: bool = False  # on CUDA: single-row products with at most 4096 inputs by a Triton kernel (model/gemv.py)
+    #                     instead of cuBLAS (batch-1 steps); process-wide, like switch_interval_ms
     switch_interval_ms: float = 0.0  # > 0: Python's thread switch interval (process-wide), so the engine
     #                                  thread gets the GIL back sooner after a wait (default 5 ms)
     key_bucket: int = 256  # key-length bucket of captured graphs
@@ -272,8 +275,8 @@ class ChromaEngine:
                                                 use_graphs=self.opts.cuda_graphs)
 
     def _set_kernel_choices(self, parts: ChromaParts) -> None:
-        """Apply `math_attention`, `topk_segments` and `fused_sampling` to the shared modules (both
-        ways, like compile)."""
+        """Apply `math_attention`, `topk_segments`, `fused_sampling` and `gemv` to the shared modules
+        (both ways, like compile)."""
         trunks = {"backbone": self.frames.backbone.model, "decoder": self.frames.decoder.model}
         if parts.thinker_lm is not None:
             trunks["thinker"] = parts.thinker_lm.model
@@ -286,11 +289,13 @@ class ChromaEngine:
         if self.opts.topk_segments < 1:
             raise ValueError("topk_segments must be >= 1")
         self.frames.topk_segments = self.opts.topk_segments
-        if self.opts.fused_sampling and self.device.type != "cuda":
-            raise ValueError(f"fused_sampling needs a CUDA device; this engine runs on {self.device}")
-        if self.opts.fused_sampling and not sampling_kernel.available():
-            raise ValueError("fused_sampling needs Triton, which is not installed (it comes with PyTorch's CUDA builds)")
         self.frames.fused_sampling = self.opts.fused_sampling
+        for name in ("fused_sampling", "gemv"):
+            if getattr(self.opts, name) and self.device.type != "cuda":
+                raise ValueError(f"{name} needs a CUDA device; this engine runs on {self.device}")
+            if getattr(self.opts, name) and not sampling_kernel.available():
+                raise ValueError(f"{name} needs Triton, which is not installed (it comes with PyTorch's CUDA builds)")
+        gemv.ENABLED = self.opts.gemv
 
     def _make_thinker_and_size(self, parts: ChromaParts, thinker: Thinker | None) -> Thinker:
         """The thinker, and `opts.max_batch` lowered to the rows whose KV caches fit in memory.

@@ -16,6 +16,7 @@ from torch import nn
 from ..config import ChromaConfig
 from ..sampling import sample, stream_keys, token_hashes
 from ..sampling_kernel import fused_sample
+from .gemv import linear
 from .trunk import KVCache, RotaryTable, Trunk, compile_function
 
 
@@ -125,7 +126,7 @@ class FrameModel(nn.Module):
         b = state.shape[0]
         keys = stream_keys(params.seeds, params.frames, self.codebook_ids)  # [B, K]: the frame's noise keys
         codes = torch.empty(b, self.num_codebooks, dtype=torch.long, device=state.device)
-        codes[:, 0] = self._sample(self.backbone.codebook0_head(state), params, keys[:, 0])
+        codes[:, 0] = self._sample(linear(state, self.backbone.codebook0_head.weight), params, keys[:, 0])
         emb = self.backbone.audio_embedding
         x = self.decoder.projection(torch.stack([state, emb.codebook(codes[:, 0], 0)], dim=1))  # [B, 2, Hd]
         positions = torch.arange(2, device=state.device).expand(b, 2)
@@ -134,7 +135,7 @@ class FrameModel(nn.Module):
             logits = h[:, -1] @ self.decoder.codebook_head.weight[k - 1]
             codes[:, k] = self._sample(logits, params, keys[:, k])
             if k + 1 < self.num_codebooks:
-                x = self.decoder.projection(emb.codebook(codes[:, k], k))[:, None]
+                x = linear(emb.codebook(codes[:, k], k), self.decoder.projection.weight)[:, None]
                 positions = positions[:, -1:] + 1
         return codes
 

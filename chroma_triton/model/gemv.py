@@ -8,9 +8,10 @@ output features, walks the whole input dimension in BLOCK_K slices with every ro
 accumulates in float32 and writes bf16: one kernel per product, no split-K reduction.
 """
 
-from __future__ import annotations
+from typing import Optional
 
 import torch
+import torch.nn.functional as F
 
 try:
     import triton
@@ -18,7 +19,8 @@ try:
 except ImportError:  # pragma: no cover - depends on the install
     triton = None
 
-MAX_ROWS = 4  # more rows: cuBLAS (the weight is read once either way; its kernels win from here)
+MAX_IN_FEATURES = 4096  # longer rows (the down projections, 8192 and 11008): cuBLAS's split-K kernels were faster
+ENABLED = False  # set by the engine (EngineOptions.gemv): `linear` takes the kernel for single rows on CUDA
 
 
 def available() -> bool:
@@ -53,7 +55,7 @@ if triton is not None:
 
 def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, block_n: int = 8,
          block_k: int = 256, num_warps: int = 4, num_stages: int = 3) -> torch.Tensor:
-    """x [M, K] (M <= MAX_ROWS, last dim contiguous) @ weight[N, K].T (+ bias) -> [M, N] in x's dtype."""
+    """x [M, K] (a few rows; last dim contiguous) @ weight[N, K].T (+ bias) -> [M, N] in x's dtype."""
     rows, k = x.shape
     n = weight.shape[0]
     if x.stride(1) != 1:
@@ -64,3 +66,23 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
         ROWS=rows, BLOCK_M=max(1, triton.next_power_of_2(rows)), BLOCK_N=block_n, BLOCK_K=block_k,
         HAS_BIAS=bias is not None, num_warps=num_warps, num_stages=num_stages)
     return out
+
+
+@torch.library.custom_op("chroma_triton::gemv", mutates_args=())
+def gemv_op(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """`gemv` as an operator torch.compile keeps as one opaque call. Blocks measured on an H100 for
+    one row (scripts/bench_launch.py --gemv-rows 1): 4 output features per program, 8 for the
+    wide gate/up and vocabulary matrices, 512-wide slices, 4 warps."""
+    return gemv(x, weight, bias, block_n=8 if weight.shape[0] >= 8192 else 4, block_k=512, num_warps=4)
+
+
+@gemv_op.register_fake
+def _(x, weight, bias):
+    return x.new_empty(x.shape[0], weight.shape[0])
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """F.linear; with ENABLED, for one row on CUDA and at most MAX_IN_FEATURES inputs: `gemv_op`."""
+    if ENABLED and x.is_cuda and x.numel() == x.shape[-1] and weight.shape[1] <= MAX_IN_FEATURES:
+        return gemv_op(x.reshape(1, -1), weight, bias).reshape(*x.shape[:-1], weight.shape[0])
+    return F.linear(x, weight, bias)

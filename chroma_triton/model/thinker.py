@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from ..config import ThinkerConfig
+from .gemv import linear
 from .trunk import Trunk
 
 
@@ -125,4 +126,4 @@ class TorchThinker:
 
     def greedy(self, h: torch.Tensor) -> torch.Tensor:
         """Post-norm states [B, H] -> greedy next ids [B]."""
-        return self.lm.lm_head(h).float().argmax(dim=-1)
+        return linear(h, self.lm.lm_head.weight).float().argmax(dim=-1)

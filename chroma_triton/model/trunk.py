@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import RopeConfig, TrunkConfig
+from .gemv import linear
 
 
 def rope_inv_freq(rope: RopeConfig, head_dim: int) -> torch.Tensor:
@@ -129,7 +130,7 @@ class Attention(nn.Module):
         if self.qkv is None:
             return torch.cat([self.q_proj(x), self.k_proj(x)], dim=-1), self.v_proj(x)
         nkv = self.num_kv_heads * self.head_dim
-        qkv = F.linear(x, *self.qkv)
+        qkv = linear(x, *self.qkv)
         return qkv[..., :-nkv], qkv[..., -nkv:]
 
     def forward(self, x, cos, sin, k_cache, v_cache, positions, mask, key_len):
@@ -153,7 +154,7 @@ class Attention(nn.Module):
         attend = attend_math if self.math_steps and length <= MATH_MAX_QUERIES else F.scaled_dot_product_attention
         out = attend(q, k_cache[:, :, :key_len], v_cache[:, :, :key_len], attn_mask=mask)
         out = out.reshape(b, self.num_heads, length, self.head_dim)
-        return self.o_proj(out.transpose(1, 2).reshape(b, length, -1))
+        return linear(out.transpose(1, 2).reshape(b, length, -1), self.o_proj.weight)
 
 
 MATH_MAX_QUERIES = 4  # decoding steps feed 1-3 positions per row; prefills more
@@ -189,7 +190,7 @@ class MLP(nn.Module):
     def forward(self, x):
         if self.gate_up is None:
             return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
-        gate, up = F.linear(x, self.gate_up).chunk(2, dim=-1)
+        gate, up = linear(x, self.gate_up).chunk(2, dim=-1)
         return self.down_proj(F.silu(gate) * up)
 
 

@@ -300,13 +300,13 @@ _INT_OPTIONS = ("max_batch", "thinker_max_len", "backbone_max_len", "max_frames"
 _FLOAT_OPTIONS = ("start_slack_s", "admission_margin_s", "max_admission_wait_s", "kv_memory_fraction",
                   "activation_reserve_gib", "switch_interval_ms", "pacing_sigmas")
 _BOOL_OPTIONS = ("admission_pacing", "admission_slack", "cuda_graphs", "capture_at_start", "overlap", "thinker_ahead")
-_AUTO_OPTIONS = ("compile", "prefill_graphs", "fused_sampling")  # "auto" (or empty): on for an instance on a GPU, off on the CPU
+_AUTO_OPTIONS = ("compile", "prefill_graphs", "fused_sampling", "gemv")  # "auto" (or empty): on for an instance on a GPU, off on the CPU
 
 
 def engine_options(args) -> EngineOptions:
     """EngineOptions from a model's config parameters (``args.int/float/bool(key, default)``, as
     ModelArgs has them); parameters left out keep EngineOptions' defaults. ``compile``,
-    ``prefill_graphs`` and ``fused_sampling`` may also be ``auto`` (their default): on for an
+    ``prefill_graphs``, ``fused_sampling`` and ``gemv`` may also be ``auto`` (their default): on for an
     instance on a GPU, off on the CPU."""
     d = EngineOptions()
     kwargs = {name: args.int(name, getattr(d, name)) for name in _INT_OPTIONS}
