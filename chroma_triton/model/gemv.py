@@ -1,11 +1,13 @@
-"""`F.linear` for a few rows (decode steps at small batch) as a Triton kernel that streams the
-weight once at close to memory bandwidth.
+"""`F.linear` for a single row (batch-1 decode steps) as a Triton kernel that reads the weight once.
 
 At batch 1 every step is a chain of matrix-vector products: cuBLAS reaches about 2.1 TB/s on
 them on an H100 (one frame's 248 products, 6.3 GB of weights, took 2.99 ms in
-scripts/bench_launch.py), two thirds of the card's bandwidth. Here each program owns BLOCK_N
-output features, walks the whole input dimension in BLOCK_K slices with every row of x at once,
-accumulates in float32 and writes bf16: one kernel per product, no split-K reduction.
+scripts/bench_launch.py), and the small ones are launch-bound (0.5-0.7 TB/s). Here each program
+owns BLOCK_N output features, walks the whole input dimension in BLOCK_K slices with every row
+of x at once, accumulates in float32 and writes x's dtype: one kernel per product, no split-K
+reduction. Measured per shape against cuBLAS in docs/benchmarks.md (session 11): faster on every
+product with at most 4096 inputs, slower on the down projections and at 4 rows, hence `linear`'s
+rule.
 """
 
 from typing import Optional
