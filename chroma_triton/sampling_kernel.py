@@ -9,7 +9,8 @@ with no sort:
   keys (a count per step, at most 32 steps, fewer once exactly k keys lie above the midpoint),
   ties at the k-th place taken by lowest token id;
 - top-p keeps a token when the probability mass of the tokens ranked above it is below top_p,
-  again by bisection over the keys (only for rows with top_p < 1);
+  again by bisection over the keys (only for rows with top_p < 1); tokens tied at the cut count
+  one by one in rank order (lowest ids first), so as many are kept as PyTorch's sort keeps;
 - the token is drawn with the same counter-based noise as `sampling.sample` (argmax of p / E).
 
 Same distribution and the same noise as `sampling.sample`: for the same logits it picks the same
@@ -83,20 +84,30 @@ if triton is not None:
         ties = valid & (key == tau)
         kept = above | (ties & (tl.cumsum(ties.to(tl.int64), axis=0) <= need))
 
-        # top-p over the top-k: keep a token when the mass ranked above it is below top_p
+        # top-p over the top-k: keep a token when the mass ranked above it is below top_p (rows
+        # with top_p >= 1, the default, skip all of it)
         top = tl.max(scaled, axis=0)
-        e = tl.where(kept, tl.exp(scaled - top), 0.0)
-        probs = e / tl.sum(e, axis=0)
         top_p = tl.load(topp_ptr + row * topp_stride)
-        lo = tl.min(tl.where(kept, key, 0x7FFFFFFF), axis=0).to(tl.int64)
-        hi = tl.max(key, axis=0).to(tl.int64)  # the mass above the top token is 0 < top_p
-        hi = tl.where(top_p >= 1.0, lo, hi)
-        while lo < hi:  # the smallest key u whose mass above is below top_p
-            mid = (lo + hi) >> 1
-            mass = tl.sum(tl.where(kept & (key > mid.to(tl.int32)), probs, 0.0), axis=0)
-            hi = tl.where(mass < top_p, mid, hi)
-            lo = tl.where(mass < top_p, lo, mid + 1)
-        kept = kept & (key >= lo.to(tl.int32))
+        if top_p < 1.0:
+            e = tl.where(kept, tl.exp(scaled - top), 0.0)
+            probs = e / tl.sum(e, axis=0)
+            lo = tl.min(tl.where(kept, key, 0x7FFFFFFF), axis=0).to(tl.int64)
+            hi = tl.max(key, axis=0).to(tl.int64)  # the mass above the top token is 0 < top_p
+            while lo < hi:  # the smallest key u whose mass above is below top_p
+                mid = (lo + hi) >> 1
+                mass = tl.sum(tl.where(kept & (key > mid.to(tl.int32)), probs, 0.0), axis=0)
+                hi = tl.where(mass < top_p, mid, hi)
+                lo = tl.where(mass < top_p, lo, mid + 1)
+            kept = kept & (key >= lo.to(tl.int32))
+            # tokens tied at the cut count in rank order, as sampling.sample's cumulative sum counts
+            # them: the j-th of them (lowest ids first) stays while the mass above the tie plus j
+            # of them is below top_p
+            cut = tl.min(tl.where(kept, key, 0x7FFFFFFF), axis=0)
+            tie = kept & (key == cut)
+            above_cut = tl.sum(tl.where(kept & (key > cut), probs, 0.0), axis=0)
+            p_tie = tl.max(tl.where(tie, probs, 0.0), axis=0)
+            tie_rank = (tl.cumsum(tie.to(tl.int32), axis=0) - 1).to(tl.float32)
+            kept = (kept & (key > cut)) | (tie & (above_cut + tie_rank * p_tie < top_p))
 
         # draw: argmax over the kept tokens of p / E, E ~ Exp(1) from (row key, token id)
         e = tl.where(kept, tl.exp(scaled - top), 0.0)

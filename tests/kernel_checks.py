@@ -50,7 +50,7 @@ def agreement_with_pytorch(device: str, rows: int = 128, seed: int = 0) -> float
 def violations(device: str, rows: int = 128, seed: int = 1) -> list[str]:
     """Rows whose token lies outside what sampling allows, for bf16 logits (many ties): a greedy row
     not on a maximum, a token below the k-th largest scaled logit, or one with as much mass ranked
-    strictly above it as top_p."""
+    above it as top_p (tied tokens ranked by id, as the kernel ranks them)."""
     g = torch.Generator().manual_seed(seed)
     logits = (torch.randn(rows, VOCAB, generator=g) * torch.linspace(0.05, 8.0, rows)[:, None]).bfloat16()
     temperature, top_k, top_p, keys = _params(rows, seed)
@@ -69,10 +69,26 @@ def violations(device: str, rows: int = 128, seed: int = 1) -> list[str]:
             bad.append(f"row {r}: token {int(got[r])} below the {k}-th largest logit")
         kept = scaled >= kth
         probs = torch.softmax(scaled.masked_fill(~kept, float("-inf")), dim=0)
-        above = probs[kept & (scaled > x)].sum()
+        # ranked above: every larger logit, and the tied ones with lower ids (the kernel's rank order)
+        tied_before = int((kept & (scaled == x) & (torch.arange(VOCAB) < got[r])).sum())
+        above = probs[kept & (scaled > x)].sum() + tied_before * probs[got[r]]
         if above >= top_p[r] and top_p[r] < 1:
             bad.append(f"row {r}: mass {float(above):.4f} ranked above token {int(got[r])} >= top_p {float(top_p[r]):.4f}")
     return bad
+
+
+def top_p_ties(device: str, draws: int = 400) -> tuple[list[int], list[int]]:
+    """Tokens drawn (sorted, distinct) by sampling.sample and by the kernel for one row whose top_p
+    cut falls inside a group of tied logits (four equal ones, each about a quarter of the mass,
+    top_p 0.5): both keep the tied tokens one by one in rank order, so both draw 3 distinct tokens
+    (PyTorch's order among the tied ones is unspecified, the kernel's is lowest ids first)."""
+    vocab = 8
+    logits = torch.tensor([2.0, 2.0, 2.0, 2.0] + [-10.0] * (vocab - 4)).expand(draws, vocab).contiguous()
+    temperature, top_k, top_p = torch.ones(draws), torch.zeros(draws, dtype=torch.long), torch.full((draws,), 0.5)
+    keys = stream_keys(torch.arange(draws), torch.zeros(draws, dtype=torch.long), 0)
+    want = sample(logits, temperature, top_k, top_p, keys)
+    got = fused_sample(*_to(device, logits, temperature, top_k, top_p, keys)).cpu()
+    return sorted(set(want.tolist())), sorted(set(got.tolist()))
 
 
 def follows_the_distribution(device: str, draws: int = 4000) -> float:
@@ -111,7 +127,9 @@ if __name__ == "__main__":  # the CPU test: python tests/kernel_checks.py under 
     rate = agreement_with_pytorch("cpu")
     bad = violations("cpu")
     worst = max(gemv_errors("cpu"))
-    print(f"agreement {rate:.4f}; violations {len(bad)}; gemv error {worst:.2e}")  # (the distribution check: GPU only)
+    want, got = top_p_ties("cpu")
+    print(f"agreement {rate:.4f}; violations {len(bad)}; gemv error {worst:.2e}; "
+          f"top-p tie tokens {want} / {got}")  # (the distribution check: GPU only)
     for line in bad[:10]:
         print(line)
-    sys.exit(0 if rate == 1.0 and not bad and worst < 1e-5 else 1)
+    sys.exit(0 if rate == 1.0 and not bad and worst < 1e-5 and len(want) == len(got) == 3 and got == [0, 1, 2] else 1)

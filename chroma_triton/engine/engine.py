@@ -289,12 +289,12 @@ class ChromaEngine:
         if self.opts.topk_segments < 1:
             raise ValueError("topk_segments must be >= 1")
         self.frames.topk_segments = self.opts.topk_segments
-        self.frames.fused_sampling = self.opts.fused_sampling
-        for name in ("fused_sampling", "gemv"):
+        for name in ("fused_sampling", "gemv"):  # checked before the shared modules change
             if getattr(self.opts, name) and self.device.type != "cuda":
                 raise ValueError(f"{name} needs a CUDA device; this engine runs on {self.device}")
             if getattr(self.opts, name) and not sampling_kernel.available():
                 raise ValueError(f"{name} needs Triton, which is not installed (it comes with PyTorch's CUDA builds)")
+        self.frames.fused_sampling = self.opts.fused_sampling
         gemv.ENABLED = self.opts.gemv
 
     def _make_thinker_and_size(self, parts: ChromaParts, thinker: Thinker | None) -> Thinker:

@@ -36,7 +36,7 @@ if triton is not None:
                      HAS_BIAS: tl.constexpr):
         pid = tl.program_id(0)
         rm = tl.arange(0, BLOCK_M)
-        rn = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+        rn = pid.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)  # int64: row offsets of large weights
         rk = tl.arange(0, BLOCK_K)
         m_ok = rm < ROWS
         n_ok = rn < N
@@ -84,7 +84,9 @@ def _(x, weight, bias):
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """F.linear; with ENABLED, for one row on CUDA and at most MAX_IN_FEATURES inputs: `gemv_op`."""
-    if ENABLED and x.is_cuda and x.numel() == x.shape[-1] and weight.shape[1] <= MAX_IN_FEATURES:
+    """F.linear; with ENABLED, for one row on CUDA, at most MAX_IN_FEATURES inputs and a weight
+    whose rows are contiguous: `gemv_op`."""
+    if ENABLED and x.is_cuda and x.numel() == x.shape[-1] and weight.shape[1] <= MAX_IN_FEATURES \
+            and weight.stride(1) == 1:
         return gemv_op(x.reshape(1, -1), weight, bias).reshape(*x.shape[:-1], weight.shape[0])
     return F.linear(x, weight, bias)

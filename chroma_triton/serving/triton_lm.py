@@ -23,6 +23,7 @@ import torch
 
 from ..engine import (AudioChunk, ChromaEngine, EngineOptions, Finished, GenerationRequest, RequestFailed, RequestStream,
                       SamplingParams, TextDelta)
+from .. import sampling_kernel
 from ..errors import EngineError, InvalidRequestError
 from ..model.loading import ChromaParts
 from ..processor import PromptBuilder, normalize_messages
@@ -300,7 +301,8 @@ _INT_OPTIONS = ("max_batch", "thinker_max_len", "backbone_max_len", "max_frames"
 _FLOAT_OPTIONS = ("start_slack_s", "admission_margin_s", "max_admission_wait_s", "kv_memory_fraction",
                   "activation_reserve_gib", "switch_interval_ms", "pacing_sigmas")
 _BOOL_OPTIONS = ("admission_pacing", "admission_slack", "cuda_graphs", "capture_at_start", "overlap", "thinker_ahead")
-_AUTO_OPTIONS = ("compile", "prefill_graphs", "fused_sampling", "gemv")  # "auto" (or empty): on for an instance on a GPU, off on the CPU
+_AUTO_OPTIONS = ("compile", "prefill_graphs", "fused_sampling", "gemv")
+_TRITON_KERNEL_OPTIONS = ("fused_sampling", "gemv")  # "auto" (or empty): on for an instance on a GPU, off on the CPU
 
 
 def engine_options(args) -> EngineOptions:
@@ -320,8 +322,10 @@ def engine_options(args) -> EngineOptions:
     on_gpu = device.startswith("cuda")
     for name in _AUTO_OPTIONS:
         auto = args.str(name).strip().lower() in ("", "auto")
+        # the two Triton kernels: auto also needs Triton (PyTorch's CUDA builds bring it)
+        usable = on_gpu and (name not in _TRITON_KERNEL_OPTIONS or sampling_kernel.available())
         try:
-            kwargs[name] = on_gpu if auto else args.bool(name, getattr(d, name))
+            kwargs[name] = usable if auto else args.bool(name, getattr(d, name))
         except ValueError as exc:
             raise ValueError(f"{exc} (or auto: on for a GPU instance, off on the CPU)") from None
     return EngineOptions(**kwargs)
