@@ -289,10 +289,11 @@ class ChromaEngine:
         if self.opts.topk_segments < 1:
             raise ValueError("topk_segments must be >= 1")
         self.frames.topk_segments = self.opts.topk_segments
-        for name in ("fused_sampling", "gemv"):  # checked before the shared modules change
+        # checked before the shared modules change
+        for name, available in (("fused_sampling", sampling_kernel.available), ("gemv", gemv.available)):
             if getattr(self.opts, name) and self.device.type != "cuda":
                 raise ValueError(f"{name} needs a CUDA device; this engine runs on {self.device}")
-            if getattr(self.opts, name) and not sampling_kernel.available():
+            if getattr(self.opts, name) and not available():
                 raise ValueError(f"{name} needs Triton, which is not installed (it comes with PyTorch's CUDA builds)")
         self.frames.fused_sampling = self.opts.fused_sampling
         gemv.ENABLED = self.opts.gemv
@@ -328,6 +329,8 @@ class ChromaEngine:
         vocab = self.cfg.backbone.audio_vocab_size
         bound = self._k_max_of([self.default_top_k]) or 64
         k_maxes = [bound, None] + ([bound * 2] if bound * 2 < vocab else [])
+        if self.frames.fused_sampling:  # one kernel whatever the bound (see _k_max_of)
+            k_maxes = [None]
         with torch.no_grad():  # the mode the engine thread runs in (see _loop)
             # batch 1 and one odd size: 2 would equal the decoder's 2 positions and the 2 rows of
             # the sampling floats, and dynamo would then specialise on those equalities
@@ -911,6 +914,8 @@ class ChromaEngine:
         return self._k_max_of([a.params.top_k for a in batch])
 
     def _k_max_of(self, ks: list[int]) -> int | None:
+        if self.frames.fused_sampling:  # the Triton sampler needs no bound: one sample graph per batch size
+            return None
         vocab = self.cfg.backbone.audio_vocab_size
         if min(ks) <= 0 or max(ks) >= vocab:
             return None

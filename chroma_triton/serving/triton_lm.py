@@ -301,8 +301,8 @@ _INT_OPTIONS = ("max_batch", "thinker_max_len", "backbone_max_len", "max_frames"
 _FLOAT_OPTIONS = ("start_slack_s", "admission_margin_s", "max_admission_wait_s", "kv_memory_fraction",
                   "activation_reserve_gib", "switch_interval_ms", "pacing_sigmas")
 _BOOL_OPTIONS = ("admission_pacing", "admission_slack", "cuda_graphs", "capture_at_start", "overlap", "thinker_ahead")
-_AUTO_OPTIONS = ("compile", "prefill_graphs", "fused_sampling", "gemv")
-_TRITON_KERNEL_OPTIONS = ("fused_sampling", "gemv")  # "auto" (or empty): on for an instance on a GPU, off on the CPU
+_AUTO_OPTIONS = ("compile", "prefill_graphs", "fused_sampling", "gemv")  # "auto" (or empty): on for an instance on a GPU, off on the CPU
+_TRITON_KERNEL_OPTIONS = ("fused_sampling", "gemv")  # ...and for these, only where Triton imports
 
 
 def engine_options(args) -> EngineOptions:
