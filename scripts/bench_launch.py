@@ -92,28 +92,21 @@ def round_trip(repeats: int) -> dict:
 
 
 def sampler_costs(rows_list: list[int], repeats: int, vocab: int = 2051) -> list[dict]:
-    """One sampling call (bf16 logits as the model's, top_k 50, k_max 64, temperature 0.9; top_p 1,
-    the default, and 0.9) per replay: sampling.sample, and the fused kernel per warps and search
-    width (radix), plus `32bit_r2`: 32-bit keys of the scaled floats and one threshold per pass (the
-    kernel as first served, runs 40-42)."""
+    """One sampling call (top_k 50, k_max 64, temperature 0.9, top_p 1) per replay, both samplers."""
     out = []
     table = token_hashes(torch.arange(vocab, device="cuda"))
     for rows in rows_list:
-        for p in (1.0, 0.9):
-            logits = torch.randn(rows, vocab, device="cuda", dtype=torch.bfloat16)
-            temp = torch.full((rows,), 0.9, device="cuda")
-            top_k = torch.full((rows,), 50, device="cuda", dtype=torch.long)
-            top_p = torch.full((rows,), p, device="cuda")
-            keys = stream_keys(torch.arange(rows, device="cuda"), torch.zeros(rows, dtype=torch.long, device="cuda"), 1)
-            res = {"rows": rows, "top_p": p}
-            res["pytorch_us"] = replay_us(graph_of(lambda: sample(logits, temp, top_k, top_p, keys, 64, table)), repeats)
-            variants = [(w, r, "auto") for w in (4, 8, 16) for r in (2, 4, 8, 16)] + [(8, 2, "32")]
-            for warps, radix, bits in variants:
-                name = f"fused_{warps}w_r{radix}_us" if bits == "auto" else f"fused_{warps}w_32bit_r{radix}_us"
-                res[name] = replay_us(graph_of(lambda: fused_sample(logits, temp, top_k, top_p, keys, token_table=table,
-                                                                    num_warps=warps, radix=radix, key_bits=bits)), repeats)
-            print(json.dumps(res), flush=True)
-            out.append(res)
+        logits = torch.randn(rows, vocab, device="cuda", dtype=torch.bfloat16)
+        temp = torch.full((rows,), 0.9, device="cuda")
+        top_k = torch.full((rows,), 50, device="cuda", dtype=torch.long)
+        top_p = torch.ones(rows, device="cuda")
+        keys = stream_keys(torch.arange(rows, device="cuda"), torch.zeros(rows, dtype=torch.long, device="cuda"), 1)
+        res = {"rows": rows}
+        res["pytorch_us"] = replay_us(graph_of(lambda: sample(logits, temp, top_k, top_p, keys, 64, table)), repeats)
+        for warps in (2, 4, 8, 16):
+            res[f"fused_{warps}w_us"] = replay_us(graph_of(
+                lambda: fused_sample(logits, temp, top_k, top_p, keys, token_table=table, num_warps=warps)), repeats)
+        out.append(res)
     return out
 
 
@@ -191,7 +184,6 @@ def main() -> None:
     ap.add_argument("--blas", choices=("default", "cublas", "cublaslt"), default="default",
                     help="torch.backends.cuda.preferred_blas_library for this process")
     ap.add_argument("--only-matmuls", action="store_true")
-    ap.add_argument("--only-sampler", action="store_true", help="the sampler's costs alone")
     ap.add_argument("--gemv-rows", default="", help="e.g. 1,4: chroma_triton.model.gemv against cuBLAS per weight shape, then exit")
     ap.add_argument("--out", help="JSON report")
     args = ap.parse_args()
@@ -201,13 +193,6 @@ def main() -> None:
         for r in report:
             print(f"rows {r['rows']}: one frame's products {r['frame_cublas_us']:.0f} us cuBLAS, "
                   f"{r['frame_gemv_us']:.0f} us gemv", flush=True)
-        if args.out:
-            Path(args.out).write_text(json.dumps(report, indent=1))
-        return
-    if args.only_sampler:
-        report = {"device": torch.cuda.get_device_name(), "mps": bool(os.environ.get("CUDA_MPS_PIPE_DIRECTORY")),
-                  "torch": torch.__version__, "sampler": sampler_costs([int(r) for r in args.sampler_rows.split(",")],
-                                                                       args.repeats)}
         if args.out:
             Path(args.out).write_text(json.dumps(report, indent=1))
         return

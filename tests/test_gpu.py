@@ -230,15 +230,12 @@ def test_prefill_graphs_replay_the_padded_eager_prefill(pipe, question_wav, ref_
 def test_fused_sampler_matches_pytorch_on_the_gpu():
     """The Triton sampler compiled: the token sampling.sample picks for float32 logits (but where
     exp/log round differently in the last bits), nothing top-k, top-p or greedy rule out for bf16
-    logits with ties (at each search width), neighbouring bf16/fp16 values kept apart by the 16-bit
-    keys, as many tied tokens kept at a top-p cut as PyTorch keeps, and token frequencies within
-    0.03 of the allowed probabilities."""
+    logits with ties, as many tied tokens kept at a top-p cut as PyTorch keeps, and token
+    frequencies within 0.03 of the allowed probabilities."""
     import kernel_checks as checks
 
     assert checks.agreement_with_pytorch("cuda", rows=512) >= 0.99
-    for radix in (None, 2, 16):
-        assert checks.violations("cuda", rows=256, radix=radix) == []
-    assert checks.adjacent_top_errors("cuda", rows=256) == 0
+    assert checks.violations("cuda", rows=256) == []
     want, got = checks.top_p_ties("cuda")
     assert len(got) == len(want) == 3
     assert checks.follows_the_distribution("cuda", draws=8000) < 0.03
