@@ -283,13 +283,13 @@ class ChatService:
         sent_audio = False
         transcript: list[str] = []
 
-        def chunk(delta: dict, finish_reason: str | None = None) -> str:
+        def chunk(delta: dict, finish_reason: str | None = None, audio_data: str | None = None) -> str:
             body = {"id": plan.chat_id, "object": "chat.completion.chunk", "created": plan.created,
                     "model": plan.model,
                     "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason, "logprobs": None}]}
             if plan.include_usage:
                 body["usage"] = None
-            return sse(body)
+            return sse(body, audio_data)
 
         def for_delta(d: Delta) -> list[str]:
             nonlocal sent_audio
@@ -298,20 +298,22 @@ class ChatService:
             if d.text:
                 body["content"] = d.text
                 transcript.append(d.text)
+            data = None
             if plan.want_audio and (d.text or d.audio.size):
                 audio: dict = {"id": audio_id}
                 if not sent_audio:
                     audio["expires_at"] = expires_at
                     sent_audio = True
                 if d.audio.size:
-                    audio["data"] = base64.b64encode(encode_audio(d.audio, SAMPLE_RATE, "pcm16")).decode("ascii")
+                    data = base64.b64encode(encode_audio(d.audio, SAMPLE_RATE, "pcm16")).decode("ascii")
+                    audio["data"] = ""  # filled in by sse()
                     audio["format"] = "pcm16"
                     audio["sample_rate"] = SAMPLE_RATE
                 if d.text:
                     audio["transcript"] = d.text
                 body["audio"] = audio
             if body:
-                out.append(chunk(body))
+                out.append(chunk(body, audio_data=data))
             if d.finish_reason is not None:
                 out.append(chunk({}, d.finish_reason))
                 if plan.include_usage:
@@ -338,8 +340,16 @@ class ChatService:
         yield "data: [DONE]\n\n"
 
 
-def sse(body: dict) -> str:
-    return f"data: {json.dumps(body, ensure_ascii=False, separators=(',', ':'))}\n\n"
+def sse(body: dict, audio_data: str | None = None) -> str:
+    """One server-sent event. ``audio_data`` (base64: nothing in it needs JSON escaping) replaces the
+    body's empty ``"data"`` value after serialising, so json does not scan the chunk's audio, about
+    50 kB per event (5 instead of 60 us per event, scripts/bench_frontend.py). The body has one key
+    named data, and the text ``"data":""`` cannot occur inside a JSON string (its quotes would be
+    escaped), so the first match is that key."""
+    text = json.dumps(body, ensure_ascii=False, separators=(',', ':'))
+    if audio_data is not None:
+        text = text.replace('"data":""', f'"data":"{audio_data}"', 1)
+    return f"data: {text}\n\n"
 
 
 def usage_body(usage: Usage) -> dict:

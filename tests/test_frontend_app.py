@@ -221,6 +221,21 @@ def test_seed_defaults_and_prompt_forms(client, backend):
         assert sent.max_tokens == 1000  # the seed's default
 
 
+def test_base64_with_line_breaks_and_spaces(client, backend):
+    """Base64 wrapped at 76 characters (MIME style) or padded with spaces decodes to the same bytes
+    as the unbroken string, in both schemas (the unbroken string skips the whitespace removal)."""
+    ref = ASSETS / "ref_audio.wav"
+    text = (ASSETS / "ref_audio.txt").read_text().strip()
+    plain = b64(ref)
+    wrapped = "\n".join(plain[i:i + 76] for i in range(0, len(plain), 76))
+    for value in (plain, wrapped, f"  {wrapped}\r\n", "data:audio/wav;base64," + wrapped):
+        assert post(client, seed_body(prompt_text=text, prompt_audio=value)).status_code == 200
+        assert backend.requests[-1].prompt_audio == ref.read_bytes()
+        assert post(client, openai_body(messages=[{"role": "user", "content": [
+            {"type": "input_audio", "input_audio": {"data": value, "format": "wav"}}]}])).status_code == 200
+        assert backend.requests[-1].user_audio == [ref.read_bytes()]
+
+
 def test_openai_schema_and_options(client, backend):
     body = openai_body(seed=7, top_k=5, temperature=0.5, top_p=0.9, max_completion_tokens=20, max_tokens=99)
     body["audio"]["voice"] = "deep"
@@ -304,6 +319,21 @@ def test_stream_chunks(client):
     assert len(finish) == 1 and finish[0]["choices"][0]["finish_reason"] == "stop"
     assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["completion_tokens_details"]["audio_tokens"] == 3
     assert all(c["usage"] is None for c in chunks[:-1])
+
+
+@pytest.mark.parametrize("text", ['"data":""', 'say \\"data\\":\\"\\" and \\', "é ✓ \u2028 \x00", ""])
+def test_sse_splices_audio_as_json_would(text):
+    """sse() puts the base64 audio into the serialised body instead of letting json scan it; the line
+    is the one json.dumps makes with the audio inside, whatever the text around it holds."""
+    from openai_frontend.chat import sse
+
+    data = base64.b64encode(os.urandom(3000)).decode()
+    audio = {"id": "audio_x", "data": "", "format": "pcm16", "transcript": text}
+    body = {"id": text or "x", "choices": [{"index": 0, "delta": {"content": text, "audio": audio}}], "model": text}
+    inline = json.loads(json.dumps(body))
+    inline["choices"][0]["delta"]["audio"]["data"] = data
+    assert sse(body, data) == sse(inline)
+    assert json.loads(sse(body, data)[len("data: "):])["choices"][0]["delta"]["audio"]["data"] == data
 
 
 def test_stream_without_usage_or_audio(client):
