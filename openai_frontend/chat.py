@@ -348,7 +348,10 @@ def sse(body: dict, audio_data: str | None = None) -> str:
     escaped), so the first match is that key."""
     text = json.dumps(body, ensure_ascii=False, separators=(',', ':'))
     if audio_data is not None:
-        text = text.replace('"data":""', f'"data":"{audio_data}"', 1)
+        head, key, tail = text.partition('"data":""')
+        if not key:
+            raise ValueError('sse: audio_data given but the body has no empty "data" value')
+        text = f'{head}"data":"{audio_data}"{tail}'
     return f"data: {text}\n\n"
 
 

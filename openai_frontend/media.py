@@ -28,50 +28,65 @@ from chroma_triton.audio_io import AudioDecodeError, audio_duration
 from .errors import InvalidRequest, PayloadTooLarge
 
 PATH_MAX = 4096
-_WHITESPACE = re.compile(r"\s+")
 _DATA_URI = re.compile(r"data:(?P<type>[\w.+-]+/[\w.+-]+)?(?P<params>(;[\w.+-]+=[\w.+-]+)*)(?P<b64>;base64)?,", re.I)
-_PADDING = ValueError("'=' may only pad the end, at most twice")
 _ENCODE_HINT = "send the audio file's bytes base64-encoded, or as a data: URI (data:audio/wav;base64,...)"
 
 
+def _compact(value: str) -> str:
+    """``value`` without whitespace (str.split's set, as the regex ``\\s``; 14x faster than it)."""
+    return "".join(value.split())
+
+
 def _strict_base64(value: str) -> bytes | None:
-    """The bytes of strict base64 (standard alphabet; whitespace and line breaks are ignored), or
-    None. The usual unbroken string is decoded as it is: removing whitespace first, a regex over
-    every character while holding the GIL the event loop's thread needs too, made the plan of the
-    bench's request with its two clips inline take 8.2-8.5 ms instead of 1.1 ms
-    (scripts/bench_frontend.py; docs/benchmarks.md, session 12)."""
-    try:
-        return base64.b64decode(value, validate=True)
-    except (binascii.Error, ValueError):
-        pass
-    compact = _WHITESPACE.sub("", value)
-    if compact == value:
-        return None
-    try:
-        return base64.b64decode(compact, validate=True)
-    except (binascii.Error, ValueError):
-        return None
+    """The bytes of strict base64 (standard alphabet, length a multiple of 4, at most two '=' at
+    the end; whitespace and line breaks are ignored), or None. The usual unbroken string is decoded
+    as it is: removing whitespace first with a regex, over every character while holding the GIL
+    the event loop's thread needs too, made the plan of the bench's request with its two clips
+    inline take 8.2-8.5 ms instead of 1.1 ms (scripts/bench_frontend.py; docs/benchmarks.md,
+    session 12)."""
+    for text in (value, None):
+        if text is None:
+            text = _compact(value)
+            if text == value:
+                return None
+        try:
+            data = base64.b64decode(text, validate=True)
+        except (binascii.Error, ValueError):
+            continue
+        # Python's strict decoder also takes surplus '=' after a complete group ("AAAA=")
+        return data if len(text) % 4 == 0 and not text.endswith("===") else None
+    return None
 
 
 def decode_base64(value: str, param: str) -> bytes:
-    """Strict base64 (standard alphabet; whitespace and line breaks are ignored)."""
+    """Strict base64 (see _strict_base64)."""
     data = _strict_base64(value)
     if data is None:
-        problem = _base64_problem(_WHITESPACE.sub("", value), _PADDING)
-        raise InvalidRequest(f"{param} is not valid base64 ({problem}); {_ENCODE_HINT}",
+        raise InvalidRequest(f"{param} is not valid base64 ({_base64_problem(_compact(value))}); {_ENCODE_HINT}",
                              param=param, code="invalid_base64")
+    return _not_empty(data, param)
+
+
+def _not_empty(data: bytes, param: str) -> bytes:
     if not data:
         raise InvalidRequest(f"{param} is empty; {_ENCODE_HINT}", param=param, code="invalid_audio")
     return data
 
 
-def _base64_problem(compact: str, exc: Exception) -> str:
+def _base64_problem(compact: str) -> str:
+    """Why ``compact`` (no whitespace) is not strict base64, in the client's terms."""
     bad = next((c for c in compact.rstrip("=") if not (c.isascii() and (c.isalnum() or c in "+/"))), None)
     if bad is not None:
         return f"it contains {bad!r}, which is not a base64 character"
     if len(compact) % 4:
         return f"its length {len(compact)} is not a multiple of 4: padding missing or data cut short"
-    return str(exc)
+    if len(compact) - len(compact.rstrip("=")) > 2:
+        return "it ends in more than two '='"
+    try:
+        base64.b64decode(compact, validate=True)
+    except (binascii.Error, ValueError) as exc:
+        return str(exc)
+    return "invalid base64"  # pragma: no cover - every other string decodes
 
 
 def decode_data_uri(value: str, param: str) -> bytes:
@@ -127,13 +142,12 @@ class MediaResolver:
             if isinstance(found, Path):
                 return self._read(found, value, param)
         data = _strict_base64(value)
-        if data:
-            return data
+        if data is not None:
+            return _not_empty(data, param)
         if not _could_be_path(value):
             return decode_base64(value, param)  # raises with the base64 problem
         # Neither base64 nor a readable file: say what fits best.
-        compact = _WHITESPACE.sub("", value)
-        b64_problem = _base64_problem(compact, _PADDING)
+        b64_problem = _base64_problem(_compact(value))
         if not self.roots:
             raise InvalidRequest(
                 f"{param} is not valid base64 ({b64_problem}), and this server reads no local files "

@@ -39,10 +39,10 @@ from openai_frontend.voices import VoiceLibrary  # noqa: E402
 
 
 def per_call_us(fn, repeats: int) -> float:
-    """Median wall time of fn() in microseconds, in batches of 10 calls."""
+    """Median wall time of fn() in microseconds, over batches of 10 calls (at least 5 batches)."""
     fn()
     times = []
-    for _ in range(max(1, repeats // 10)):
+    for _ in range(max(5, repeats // 10)):
         t0 = time.perf_counter()
         for _ in range(10):
             fn()

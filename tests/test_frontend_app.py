@@ -234,6 +234,22 @@ def test_base64_with_line_breaks_and_spaces(client, backend):
         assert post(client, openai_body(messages=[{"role": "user", "content": [
             {"type": "input_audio", "input_audio": {"data": value, "format": "wav"}}]}])).status_code == 200
         assert backend.requests[-1].user_audio == [ref.read_bytes()]
+    # a short clip (its base64 could be a path, so the file lookup runs first) with a space in it
+    buf = io.BytesIO()
+    sf.write(buf, np.zeros(1200, dtype=np.float32), 24000, format="WAV", subtype="PCM_16")
+    short = base64.b64encode(buf.getvalue()).decode()
+    assert len(short) < 4096
+    assert post(client, seed_body(prompt_text=text, prompt_audio=short[:100] + " " + short[100:])).status_code == 200
+    assert backend.requests[-1].prompt_audio == buf.getvalue()
+
+
+def test_empty_or_overpadded_base64_is_named_as_such(client):
+    for value in ("", "   ", "\n\t"):
+        assert_error(post(client, seed_body(prompt_text="x", prompt_audio=value)), 400, "prompt_audio", contains="is empty")
+        assert_error(post(client, _input_audio(value)), 400, OPENAI_PARAM, contains="is empty")
+    for value, why in (("QUJD=", "multiple of 4"), ("QUJD====", "more than two '='")):
+        assert_error(post(client, seed_body(prompt_text="x", prompt_audio=value)), 400, "prompt_audio", contains=why)
+        assert_error(post(client, _input_audio(value)), 400, OPENAI_PARAM, contains=why)
 
 
 def test_openai_schema_and_options(client, backend):
@@ -334,6 +350,8 @@ def test_sse_splices_audio_as_json_would(text):
     inline["choices"][0]["delta"]["audio"]["data"] = data
     assert sse(body, data) == sse(inline)
     assert json.loads(sse(body, data)[len("data: "):])["choices"][0]["delta"]["audio"]["data"] == data
+    with pytest.raises(ValueError, match="no empty"):  # never a line without the audio it was given
+        sse(inline, data)
 
 
 def test_stream_without_usage_or_audio(client):
