@@ -57,6 +57,10 @@ from .request import AudioChunk, Finished, GenerationRequest, RequestFailed, Req
 log = logging.getLogger(__name__)
 
 
+#: the options that use a Triton kernel, each with the check that its module can run it
+TRITON_KERNEL_OPTIONS = {"fused_sampling": sampling_kernel.available, "gemv": gemv.available}
+
+
 @dataclass
 class EngineOptions:
     max_batch: int = 8  # concurrent requests (cache rows)
@@ -290,7 +294,7 @@ class ChromaEngine:
             raise ValueError("topk_segments must be >= 1")
         self.frames.topk_segments = self.opts.topk_segments
         # checked before the shared modules change
-        for name, available in (("fused_sampling", sampling_kernel.available), ("gemv", gemv.available)):
+        for name, available in TRITON_KERNEL_OPTIONS.items():
             if getattr(self.opts, name) and self.device.type != "cuda":
                 raise ValueError(f"{name} needs a CUDA device; this engine runs on {self.device}")
             if getattr(self.opts, name) and not available():

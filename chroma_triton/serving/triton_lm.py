@@ -23,7 +23,7 @@ import torch
 
 from ..engine import (AudioChunk, ChromaEngine, EngineOptions, Finished, GenerationRequest, RequestFailed, RequestStream,
                       SamplingParams, TextDelta)
-from .. import sampling_kernel
+from ..engine.engine import TRITON_KERNEL_OPTIONS
 from ..errors import EngineError, InvalidRequestError
 from ..model.loading import ChromaParts
 from ..processor import PromptBuilder, normalize_messages
@@ -302,7 +302,6 @@ _FLOAT_OPTIONS = ("start_slack_s", "admission_margin_s", "max_admission_wait_s",
                   "activation_reserve_gib", "switch_interval_ms", "pacing_sigmas")
 _BOOL_OPTIONS = ("admission_pacing", "admission_slack", "cuda_graphs", "capture_at_start", "overlap", "thinker_ahead")
 _AUTO_OPTIONS = ("compile", "prefill_graphs", "fused_sampling", "gemv")  # "auto" (or empty): on for an instance on a GPU, off on the CPU
-_TRITON_KERNEL_OPTIONS = ("fused_sampling", "gemv")  # ...and for these, only where Triton imports
 
 
 def engine_options(args) -> EngineOptions:
@@ -323,7 +322,7 @@ def engine_options(args) -> EngineOptions:
     for name in _AUTO_OPTIONS:
         auto = args.str(name).strip().lower() in ("", "auto")
         # the two Triton kernels: auto also needs Triton (PyTorch's CUDA builds bring it)
-        usable = on_gpu and (name not in _TRITON_KERNEL_OPTIONS or sampling_kernel.available())
+        usable = on_gpu and TRITON_KERNEL_OPTIONS.get(name, lambda: True)()
         try:
             kwargs[name] = usable if auto else args.bool(name, getattr(d, name))
         except ValueError as exc:
