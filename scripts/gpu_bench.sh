@@ -19,6 +19,11 @@
 #                                                # GPUS "0" or "0,1" (dp = their count), frontend on PORT,
 #                                                # Triton gRPC/metrics/HTTP on PORT+1/+2/+3; log /root/stack-NAME.log
 #                                                # (the launcher runs it under CUDA MPS: --cuda-mps off for without)
+#   bash scripts/gpu_bench.sh frontend NAME STACK PORT [frontend args...]
+#                                                # a second frontend (python -m openai_frontend, e.g.
+#                                                # --workers 2) on PORT, in front of stack STACK's
+#                                                # tritonserver; bench NAME then drives it (gRPC levels
+#                                                # and engine traces are STACK's); log /root/stack-NAME.log
 #   bash scripts/gpu_bench.sh wait NAME...       # until those stacks answer (or one died)
 #   bash scripts/gpu_bench.sh bench NAME TAG LEVELS [bench_serving args...]
 #                                                # measure stack NAME -> $OUT/bench_NAME_TAG.json (+ py-spy files)
@@ -126,31 +131,44 @@ case $step in
       --triton-metrics-port $((port + 2)) --triton-http-port $((port + 3)) "$@" \
       --quiet --workdir "/root/stack-$name" > "/root/stack-$name.log" 2>&1 < /dev/null &
     echo "stack $name: GPUs $gpus, frontend :$port, launcher pid $!" ;;
+  frontend)
+    name=${1:?usage: frontend NAME STACK PORT [frontend args...]}; stack=${2:?STACK}; port=${3:?PORT}; shift 3
+    source "/root/stack-$stack.env"
+    printf 'PORT=%s\nGRPC=%s\nMETRICS=%s\nTRACE=%s\nDP=%s\nGPUS=%s\nARGS="frontend of stack %s: %s"\n' \
+      "$port" $((PORT + 1)) $((PORT + 2)) "$stack" "$DP" "$GPUS" "$stack" "$*" > "/root/stack-$name.env"
+    mkdir -p "/root/stack-$name"
+    # the last media folder names /root/stack-NAME/ on the command line: bench's --server-match and down find it
+    setsid nohup "$PY" -m openai_frontend --port "$port" --triton-grpc-url "localhost:$((PORT + 1))" \
+      --allowed-local-media-path "$ROOT/assets" "$@" --allowed-local-media-path "/root/stack-$name/" \
+      > "/root/stack-$name.log" 2>&1 < /dev/null &
+    echo "frontend $name: :$port in front of stack $stack (gRPC :$((PORT + 1))), pid $!" ;;
   wait)
     t0=$(date +%s)
     for name in "$@"; do
       source "/root/stack-$name.env"
       until curl -sf "localhost:$PORT/health" >/dev/null; do
-        if ! pgrep -f "workdir /root/stack-$name( |$)" >/dev/null; then echo "stack $name exited"; tail -40 "/root/stack-$name.log"; exit 1; fi
+        if ! pgrep -f "/root/stack-$name(/| |$)" >/dev/null; then echo "stack $name exited"; tail -40 "/root/stack-$name.log"; exit 1; fi
         sleep 2
       done
       echo "stack $name ready after $(( $(date +%s) - t0 )) s"
     done ;;
   bench)
     name=${1:?usage: bench NAME TAG LEVELS [bench_serving args...]}; tag=${2:?TAG}; levels=${3:?LEVELS}; shift 3
+    GRPC="" METRICS="" TRACE=""
     source "/root/stack-$name.env"
+    GRPC=${GRPC:-$((PORT + 1))} METRICS=${METRICS:-$((PORT + 2))} TRACE=${TRACE:-$name}
     spy=$(ls "$ENV"/lib/python3*/site-packages/bin/py-spy 2>/dev/null | head -1 || true)
     mkdir -p "$OUT/$name"
-    for f in /root/trace-"$name"-*.jsonl; do [ -f "$f" ] && : > "$f"; done  # appended to: this call's alone
+    for f in /root/trace-"$TRACE"-*.jsonl; do [ -f "$f" ] && : > "$f"; done  # appended to: this call's alone
     PY_SPY=$spy "$PY" scripts/bench_serving.py --model "$CKPT" --frontend-url "http://localhost:$PORT" \
-      --grpc-url "localhost:$((PORT + 1))" --metrics-url "http://localhost:$((PORT + 2))/metrics" \
+      --grpc-url "localhost:$GRPC" --metrics-url "http://localhost:$METRICS/metrics" \
       --concurrency "$levels" --max-tokens 100 --baseline-frames 0 --client-procs "${CLIENT_PROCS:-8}" \
       --server-match "/root/stack-$name" --note "stack $name: GPUs $GPUS, $ARGS" --out "$OUT/$name/bench_${name}_$tag.json" "$@" 2>&1 \
       | tee "$OUT/$name/bench_${name}_$tag.log" | grep -v '^|'
     sleep 1  # the engine flushes its trace when it goes idle
-    for f in /root/trace-"$name"-*.jsonl; do
+    for f in /root/trace-"$TRACE"-*.jsonl; do
       [ -f "$f" ] || continue
-      cp "$f" "$OUT/$name/trace_${name}_${tag}_$(basename "$f" .jsonl | sed "s/^trace-$name-//").jsonl"
+      cp "$f" "$OUT/$name/trace_${name}_${tag}_$(basename "$f" .jsonl | sed "s/^trace-$TRACE-//").jsonl"
     done
     "$PY" scripts/engine_trace_summary.py "$OUT/$name"/trace_"${name}_${tag}"_*.jsonl 2>/dev/null \
       | tee -a "$OUT/$name/bench_${name}_$tag.log" || true ;;
