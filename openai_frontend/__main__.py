@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import dataclasses
 import os
+import tempfile
 
 from .settings import API_KEY_ENV, SETTINGS_ENV, Settings
 
@@ -70,17 +73,22 @@ def main(argv: list[str] | None = None) -> None:
     args, settings = parse_args(argv)
     configure_logging(settings.log_level)
     tune_malloc()
-    try:
-        app = create_app(settings)  # also validates folders and voices before any worker starts
-    except ValueError as exc:
-        raise SystemExit(f"openai_frontend: {exc}") from None
-    common = dict(host=args.host, port=args.port, log_config=None, access_log=False,
-                  timeout_graceful_shutdown=5, log_level=settings.log_level)
-    if args.workers == 1:
-        uvicorn.run(app, **common)
-    else:
-        os.environ[SETTINGS_ENV] = settings.to_env()
-        uvicorn.run("openai_frontend.app:app_from_env", factory=True, workers=args.workers, **common)
+    with contextlib.ExitStack() as cleanup:
+        if args.workers > 1 and settings.transcript_db is None:
+            # a reply's transcript must be found by whichever worker takes the next turn
+            folder = cleanup.enter_context(tempfile.TemporaryDirectory(prefix="chroma-frontend-"))
+            settings = dataclasses.replace(settings, transcript_db=os.path.join(folder, "transcripts.sqlite3"))
+        try:
+            app = create_app(settings)  # also validates folders and voices before any worker starts
+        except ValueError as exc:
+            raise SystemExit(f"openai_frontend: {exc}") from None
+        common = dict(host=args.host, port=args.port, log_config=None, access_log=False,
+                      timeout_graceful_shutdown=5, log_level=settings.log_level)
+        if args.workers == 1:
+            uvicorn.run(app, **common)
+        else:
+            os.environ[SETTINGS_ENV] = settings.to_env()
+            uvicorn.run("openai_frontend.app:app_from_env", factory=True, workers=args.workers, **common)
 
 
 if __name__ == "__main__":

@@ -43,6 +43,7 @@ from .errors import (
 )
 from .media import MediaResolver
 from .settings import Settings
+from .transcripts import MemoryTranscripts, SharedTranscripts
 from .voices import VoiceLibrary
 
 log = logging.getLogger("openai_frontend")
@@ -62,7 +63,7 @@ class RequestIdFilter(logging.Filter):
         return True
 
 
-LOG_FORMAT = "%(asctime)s %(levelname)s [%(request_id)s] %(name)s: %(message)s"
+LOG_FORMAT = "%(asctime)s %(levelname)s %(process)d [%(request_id)s] %(name)s: %(message)s"
 
 
 def configure_logging(level: str) -> None:
@@ -91,11 +92,22 @@ def tune_malloc() -> bool:
     come from the heap, fragment it, and VmRSS crept up by ~10 MiB per 200 streams in the soak
     (docs/reliability.md) while Python's own traced memory stayed flat. A fixed threshold (which
     also stops the dynamic adjustment) returns large blocks to the system when freed: measured
-    growth fell to 1-3 MiB per 200 streams. Returns whether the settings were applied.
+    growth fell to 1-3 MiB per 200 streams.
+
+    The price is CPU: each such block is mapped afresh and its pages faulted in, which made an
+    audio event cost 126-157 us instead of 51 us of the event loop's time (scripts/bench_frontend.py
+    --malloc frontend|glibc, docs/benchmarks.md session 13). A 1 MiB threshold
+    (``MALLOC_MMAP_THRESHOLD_=1048576``) gave 60 us, with VmRSS moving between 154 and 251 MiB
+    from round to round of the 200-stream soak instead of 148-164 MiB. Operators who prefer that
+    trade set glibc's own ``MALLOC_MMAP_THRESHOLD_`` (or ``MALLOC_TRIM_THRESHOLD_``): this then
+    leaves glibc's settings alone. Returns whether the settings were applied.
     """
     import ctypes
     import ctypes.util
+    import os
 
+    if any(os.environ.get(name) for name in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")):
+        return False  # glibc read them at start-up
     name = ctypes.util.find_library("c")
     if not name:
         return False
@@ -298,6 +310,7 @@ def create_app(settings: Settings | None = None, *, backend: ChatBackend | None 
                                 cancel_model=settings.triton_cancel_model)
     media = MediaResolver(settings.allowed_local_media_paths, max_bytes=settings.max_body_bytes)
     voices = VoiceLibrary.load(settings.voices_dir, settings.max_prompt_audio_seconds)
+    transcripts = SharedTranscripts(settings.transcript_db) if settings.transcript_db else MemoryTranscripts()
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -306,6 +319,8 @@ def create_app(settings: Settings | None = None, *, backend: ChatBackend | None 
                  "required" if settings.api_key else "not required")
         yield
         await backend.close()
+        if isinstance(transcripts, SharedTranscripts):
+            transcripts.close()
 
     app = FastAPI(
         title="Chroma on Triton: OpenAI-compatible API",
@@ -317,7 +332,7 @@ def create_app(settings: Settings | None = None, *, backend: ChatBackend | None 
     app.state.settings = settings
     app.state.backend = backend
     app.state.voices = voices
-    app.state.chat = ChatService(settings, backend, media, voices)
+    app.state.chat = ChatService(settings, backend, media, voices, transcripts)
     app.state.started = int(time.time())
     for exc_type in (APIError, RequestValidationError, StarletteHTTPException):
         app.add_exception_handler(exc_type, handle_error)

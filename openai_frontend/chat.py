@@ -15,10 +15,9 @@ import asyncio
 import base64
 import json
 import logging
-import threading
+import sqlite3
 import time
 import uuid
-from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import AsyncIterator
 
@@ -31,33 +30,10 @@ from .errors import APIError, InvalidRequest, NotFound, PayloadTooLarge, Service
 from .media import MediaResolver, check_audio
 from .schemas import AudioURLPart, ChatCompletionRequest, InputAudioPart, SeedAudioPart, TextPart
 from .settings import Settings
+from .transcripts import MemoryTranscripts, TranscriptStore
 from .voices import DEFAULT_VOICE, VoiceLibrary
 
 log = logging.getLogger("openai_frontend")
-
-
-class TranscriptStore:
-    """Transcripts of audio replies by ``message.audio.id``, so that a later turn can refer to
-    an earlier reply as ``{"role": "assistant", "audio": {"id": ...}}`` (OpenAI's multi-turn
-    audio).  Bounded and expiring (``expires_at``); per process."""
-
-    def __init__(self, capacity: int = 10_000):
-        self.capacity = capacity
-        self._items: OrderedDict[str, tuple[str, float]] = OrderedDict()
-        self._lock = threading.Lock()
-
-    def put(self, audio_id: str, transcript: str, expires_at: float) -> None:
-        with self._lock:
-            self._items[audio_id] = (transcript, expires_at)
-            while len(self._items) > self.capacity:
-                self._items.popitem(last=False)
-
-    def get(self, audio_id: str) -> str | None:
-        with self._lock:
-            item = self._items.get(audio_id)
-        if item is None or item[1] < time.time():
-            return None
-        return item[0]
 
 
 @dataclass
@@ -76,12 +52,13 @@ class Plan:
 
 
 class ChatService:
-    def __init__(self, settings: Settings, backend: ChatBackend, media: MediaResolver, voices: VoiceLibrary):
+    def __init__(self, settings: Settings, backend: ChatBackend, media: MediaResolver, voices: VoiceLibrary,
+                 transcripts: TranscriptStore | None = None):
         self.settings = settings
         self.backend = backend
         self.media = media
         self.voices = voices
-        self.transcripts = TranscriptStore()
+        self.transcripts = transcripts if transcripts is not None else MemoryTranscripts()
 
     # -- request -> plan --------------------------------------------------------------------------
     def plan(self, req: ChatCompletionRequest, request_id: str) -> Plan:
@@ -142,7 +119,12 @@ class ChatService:
             content = message.content
             if content is None:
                 if role == "assistant" and message.audio is not None:
-                    content = self.transcripts.get(message.audio.id)
+                    try:
+                        content = self.transcripts.get(message.audio.id)
+                    except sqlite3.Error as exc:
+                        log.error("transcript store unreadable: %s", exc)
+                        raise ServiceUnavailable(f"{where}.audio.id cannot be looked up right now; retry, or send "
+                                                 "the assistant's reply text as content instead") from None
                     if content is None:
                         raise InvalidRequest(
                             f"{where}.audio.id {message.audio.id!r} is unknown or expired on this server; "

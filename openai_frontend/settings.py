@@ -56,6 +56,7 @@ class Settings:
     health_timeout: float = 2.0
     audio_retention_seconds: int = 3600
     log_level: str = "info"
+    transcript_db: str | None = None  # SQLite file shared by worker processes; None: in this process's memory
 
     def __post_init__(self) -> None:
         for name in ("max_body_bytes", "max_tokens_limit", "default_max_tokens"):

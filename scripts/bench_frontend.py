@@ -104,8 +104,11 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=200)
     ap.add_argument("--frames", type=int, default=10, help="audio frames (80 ms) per event")
     ap.add_argument("--out", help="JSON report")
+    ap.add_argument("--malloc", choices=("frontend", "glibc"), default="frontend",
+                    help="frontend: the allocator settings the frontend's process applies (tune_malloc); "
+                         "glibc: glibc's defaults (its mmap threshold adapts)")
     args = ap.parse_args()
-    malloc_tuned = tune_malloc()  # as the frontend's process does: large buffers come from mmap each time
+    malloc_tuned = tune_malloc() if args.malloc == "frontend" else False
     settings = Settings(allowed_local_media_paths=(str(ROOT / "assets"),))
     service = ChatService(settings, TritonBackend("localhost:1"),
                           MediaResolver(settings.allowed_local_media_paths, max_bytes=settings.max_body_bytes),

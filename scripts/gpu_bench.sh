@@ -30,7 +30,8 @@
 #   bash scripts/gpu_bench.sh seq SECONDS NAME:TAG:LEVELS[:CLIENT_PROCS[:VIA]]...
 #                                                # bench those in turn (--rounds ${ROUNDS:-2}, via grpc unless
 #                                                # VIA), each only if it should end within SECONDS of the
-#                                                # start (a lent machine's call limit), printing a few lines each
+#                                                # start (a lent machine's call limit), printing a few lines each;
+#                                                # BENCH_EXTRA: more bench_serving args (e.g. --inline-audio)
 #   bash scripts/gpu_bench.sh down NAME...       # stop those stacks
 #
 # Two stacks, one per GPU, compare two settings on one machine without restarts between runs:
@@ -181,7 +182,7 @@ case $step in
       need=$(( ${levels##*,} > 256 ? 80 : 50 ))
       if (( $(date +%s) - t0 + need > budget )); then echo "seq: $item skipped (no time left)"; continue; fi
       CLIENT_PROCS=${procs:-${CLIENT_PROCS:-8}} bash "$0" bench "$name" "$tag" "$levels" --via "${via:-grpc}" \
-        --rounds "${ROUNDS:-2}" > "$OUT/seq_${name}_$tag.log" 2>&1 || echo "seq: $item failed (see $OUT/seq_${name}_$tag.log)"
+        --rounds "${ROUNDS:-2}" ${BENCH_EXTRA:-} > "$OUT/seq_${name}_$tag.log" 2>&1 || echo "seq: $item failed (see $OUT/seq_${name}_$tag.log)"
       echo "== $item"
       grep -E "^(grpc|frontend) x[0-9]+:|^  engine:|^  (prefill time|over the pacer|chunk [12]:|late chunks' windows|garbage)" \
         "$OUT/seq_${name}_$tag.log" || true

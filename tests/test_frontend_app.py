@@ -314,6 +314,21 @@ def test_developer_role_and_multi_turn_audio_reference(client, backend):
     assert_error(post(client, body), 400, "messages[2].audio.id", contains="unknown or expired")
 
 
+def test_multi_turn_audio_reference_through_the_shared_store(tmp_path):
+    """The store that --workers N shares: a reply's transcript is found by id; when the store
+    cannot be read, the turn gets a 503 that says what to do instead."""
+    client, backend = make_client(transcript_db=str(tmp_path / "transcripts.sqlite3"))
+    with client:
+        audio_id = post(client, openai_body()).json()["choices"][0]["message"]["audio"]["id"]
+        body = openai_body()
+        body["messages"] = [{"role": "user", "content": "hello"}, {"role": "assistant", "audio": {"id": audio_id}},
+                            {"role": "user", "content": "and?"}]
+        assert post(client, body).status_code == 200
+        assert backend.requests[-1].messages[1] == {"role": "assistant", "content": "".join(REPLY)}
+        client.app.state.chat.transcripts.close()
+        assert_error(post(client, body), 503, contains="send the assistant's reply text as content")
+
+
 # -- streaming ----------------------------------------------------------------------------------------
 def test_stream_chunks(client):
     with client.stream("POST", "/v1/chat/completions",
@@ -594,3 +609,12 @@ def test_validation_error_without_errors_is_still_400():
     from fastapi.exceptions import RequestValidationError
 
     assert validation_error(RequestValidationError([])).status_code == 400
+
+
+def test_tune_malloc_leaves_glibc_settings_given_in_the_environment(monkeypatch):
+    from openai_frontend.app import tune_malloc
+
+    for name in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_"):
+        with monkeypatch.context() as m:
+            m.setenv(name, "1048576")
+            assert tune_malloc() is False

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import base64
 import json
+import re
 import socket
 import textwrap
 import time
@@ -55,6 +56,7 @@ instance_group [ { count: 1, kind: KIND_CPU } ]
 
 MODEL = '''
 import json
+import re
 import threading
 import time
 
@@ -359,3 +361,53 @@ def test_workers_and_api_key_from_the_command_line(stack, tmp_path):
             assert resp.status_code == 200 and resp.json()["choices"][0]["message"]["content"] == "w0 "
         assert requests.get(f"{frontend.url}/health", timeout=10).status_code == 200
     assert "Started parent process" in frontend.log_tail(200)
+
+
+def _served_by(log_text: str) -> dict[str, int]:
+    """request id -> pid of the worker that logged its completion line."""
+    lines = re.finditer(r" (\d+) \[([^\]]+)\] openai_frontend: POST /v1/chat/completions -> 200", log_text)
+    return {m.group(2): int(m.group(1)) for m in lines}
+
+
+def _streamed_reply(url: str) -> tuple[str, str, str]:
+    """(request id, audio id, transcript) of one streamed audio reply."""
+    body = {"model": "chroma", "stream": True, "max_tokens": 4, "modalities": ["text", "audio"],
+            "audio": {"voice": "default", "format": "pcm16"}, "messages": [{"role": "user", "content": "hello"}]}
+    audio_id, transcript = None, []
+    with requests.post(url, json=body, headers={"Connection": "close"}, stream=True, timeout=30) as resp:
+        assert resp.status_code == 200, resp.text
+        for line in resp.iter_lines():
+            if line.startswith(b"data: {"):
+                for choice in json.loads(line[6:])["choices"]:
+                    audio = choice["delta"].get("audio") or {}
+                    audio_id = audio.get("id", audio_id)
+                    transcript.append(audio.get("transcript") or "")
+        return resp.headers["X-Request-ID"], audio_id, "".join(transcript)
+
+
+@pytest.mark.triton
+def test_workers_share_the_transcripts_of_audio_replies(stack, tmp_path):
+    """With --workers 2, a turn that refers to an earlier audio reply by id gets its transcript
+    whichever worker streamed the reply (each worker process takes connections as they come)."""
+    triton, _ = stack
+    log_file = tmp_path / "frontend.log"
+    with FrontendProcess(triton.grpc_url, args=["--workers", "2"], log_file=log_file).start(wait_ready=True) as frontend:
+        url = f"{frontend.url}/v1/chat/completions"
+        pairs = []
+        for _ in range(40):
+            reply_id, audio_id, transcript = _streamed_reply(url)
+            assert audio_id and audio_id.startswith("audio_") and transcript == "w0 w1 "
+            body = {"model": "chroma", "max_tokens": 2, "messages": [
+                {"role": "user", "content": "hello"}, {"role": "assistant", "audio": {"id": audio_id}},
+                {"role": "user", "content": "echo"}]}
+            resp = requests.post(url, json=body, headers={"Connection": "close"}, timeout=30)
+            assert resp.status_code == 200, resp.text
+            seen = json.loads(resp.json()["choices"][0]["message"]["content"])
+            assert seen["messages"][1] == {"role": "assistant", "content": transcript}
+            pairs.append((reply_id, resp.headers["X-Request-ID"]))
+            served = _served_by(log_file.read_text(errors="replace"))
+            if any(served.get(a) != served.get(b) for a, b in pairs if a in served and b in served):
+                break
+        served = _served_by(log_file.read_text(errors="replace"))
+        assert len(set(served.values())) == 2, f"one worker served all {len(pairs)} pairs: {served}"
+        assert any(served[a] != served[b] for a, b in pairs), "no follow-up landed on the other worker"

@@ -431,7 +431,7 @@ def test_warmup_reports_a_server_that_is_not_there_and_a_stop():
     assert [r.error for r in stopped] == ["stopped", "stopped"]
 
 
-def test_frontend_workers_follow_the_dp_size_unless_given():
+def test_frontend_workers_are_two_per_gpu_unless_given():
     from types import SimpleNamespace
 
     from chroma_triton.serving.launcher import Launcher, build_parser
@@ -442,8 +442,8 @@ def test_frontend_workers_follow_the_dp_size_unless_given():
         cmd = launcher._frontend_command()
         return cmd[cmd.index("--workers") + 1]
 
-    assert workers() == "1" and workers("--dp-size", "2") == "2"  # one event loop per GPU's streams
-    assert workers("--dp-size", "2", "--workers", "3") == "3"
+    assert workers() == "2" and workers("--dp-size", "2") == "4"  # two event loops per GPU's streams
+    assert workers("--dp-size", "2", "--workers", "3") == "3" and workers("--workers", "1") == "1"
 
 
 def _fake_mps_control(tmp_path, fail=False):

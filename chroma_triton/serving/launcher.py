@@ -60,8 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Qwen2.5-Omni folder for thinker config/tokenizer/feature extractor the checkpoint lacks")
     p.add_argument("--dp-size", type=int, default=1, help="data parallel size: chroma_lm instances, one per GPU 0..N-1")
     p.add_argument("--workers", type=int, default=None,
-                   help="frontend worker processes (default: --dp-size; one event loop reached ~0.85 of a core "
-                        "at 512 streams on 2 GPUs: docs/benchmarks.md run 30)")
+                   help="frontend worker processes (default: 2 per --dp-size: one event loop could not carry 256 "
+                        "streams of requests with inline base64 audio, two could: docs/benchmarks.md run 45)")
     p.add_argument("--triton-host", default=None, help="address Triton binds (default: --host)")
     p.add_argument("--triton-http-port", type=int, default=8080, help="Triton HTTP/REST port")
     p.add_argument("--triton-grpc-port", type=int, default=8001, help="Triton gRPC port (the frontend uses it)")
@@ -593,7 +593,7 @@ class Launcher:
     def _frontend_command(self) -> list[str]:
         a = self.args
         cmd = [sys.executable, "-m", "openai_frontend", "--host", a.host, "--port", str(a.port),
-               "--triton-grpc-url", self.server.grpc_url, "--workers", str(a.dp_size if a.workers is None else a.workers)]
+               "--triton-grpc-url", self.server.grpc_url, "--workers", str(2 * a.dp_size if a.workers is None else a.workers)]
         for folder in a.allowed_local_media_path or [str(ASSETS)]:
             cmd += ["--allowed-local-media-path", folder]
         for origin in a.cors_allow_origin:
