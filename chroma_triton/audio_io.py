@@ -144,14 +144,10 @@ def encode_audio(samples: np.ndarray, rate: int, fmt: str) -> bytes:
     if fmt not in SUPPORTED_OUTPUT_FORMATS:
         raise ValueError(f"unsupported output format {fmt!r}; supported: {', '.join(SUPPORTED_OUTPUT_FORMATS)}")
     _check_rate(rate, "rate")
-    x = np.asarray(samples, dtype=np.float32)
-    if x.ndim not in (1, 2):
-        raise ValueError(f"samples must be 1-D or (frames, channels), got shape {x.shape}")
-    if not np.isfinite(x).all():
-        raise ValueError("samples contain NaN or infinity")
-    x = np.clip(x, -1.0, 1.0)
     if fmt == "pcm16":
-        return np.round(x * 32767.0).astype("<i2").tobytes()
+        return to_pcm16(samples).tobytes()
+    x = _checked_float32(samples)
+    x = np.clip(x, -1.0, 1.0)
     container, subtype, rates = _CODECS[fmt]
     codec_rate = _codec_rate(rate, rates)
     if codec_rate != rate:
@@ -159,6 +155,32 @@ def encode_audio(samples: np.ndarray, rate: int, fmt: str) -> bytes:
     buf = io.BytesIO()
     sf.write(buf, x, codec_rate, format=container, subtype=subtype)
     return buf.getvalue()
+
+
+def to_pcm16(samples: np.ndarray) -> np.ndarray:
+    """Float samples in [-1, 1] as little-endian int16 (x 32767, rounded half to even, clipped).
+
+    Streaming calls this once per audio event on the frontend's event loop, so it makes one float
+    temporary and the int16 array, and checks for NaN and infinity through the minimum and maximum
+    (which carry them) instead of a mask: allocations of this size are mapped afresh there.
+
+    Raises:
+        ValueError: non-finite samples or more than 2 dimensions.
+    """
+    x = _checked_float32(samples)
+    y = np.multiply(x, 32767.0, dtype=np.float32)
+    np.clip(y, -32767.0, 32767.0, out=y)
+    np.rint(y, out=y)
+    return y.astype("<i2")
+
+
+def _checked_float32(samples: np.ndarray) -> np.ndarray:
+    x = np.asarray(samples, dtype=np.float32)
+    if x.ndim not in (1, 2):
+        raise ValueError(f"samples must be 1-D or (frames, channels), got shape {x.shape}")
+    if x.size and not (np.isfinite(x.min()) and np.isfinite(x.max())):
+        raise ValueError("samples contain NaN or infinity")
+    return x
 
 
 def content_hash(samples: np.ndarray, rate: int) -> str:

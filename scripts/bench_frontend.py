@@ -86,14 +86,14 @@ def event_costs(service: ChatService, frames: int, repeats: int) -> dict:
             pass
         return (time.perf_counter() - t0) / repeats * 1e6
 
-    data = base64.b64encode(np.round(audio * 32767).astype("<i2").tobytes()).decode()
+    data = base64.b64encode(np.round(audio * 32767).astype("<i2").tobytes())
     body = {"id": "chatcmpl-x", "object": "chat.completion.chunk", "created": 1, "model": "chroma",
             "choices": [{"index": 0, "delta": {"content": "a few words ", "audio": {
                 "id": "audio_x", "data": "", "format": "pcm16", "sample_rate": 24000, "transcript": "a few words "}},
                 "finish_reason": None, "logprobs": None}], "usage": None}
     inline = json.loads(json.dumps(body))
-    inline["choices"][0]["delta"]["audio"]["data"] = data
-    assert sse(body, data) == sse(inline)
+    inline["choices"][0]["delta"]["audio"]["data"] = data.decode()
+    assert sse(body, data) == sse(inline).encode()
     return {"frames": frames, "base64_bytes": len(data), "event_us": asyncio.run(drain()),
             "sse_spliced_us": per_call_us(lambda: sse(body, data), repeats),
             "sse_inside_json_us": per_call_us(lambda: sse(inline), repeats)}

@@ -102,6 +102,27 @@ def test_pcm16_is_raw_little_endian_int16():
     assert np.frombuffer(data, "<i2").tolist() == [0, 16384, -16384, 32767, -32767, 32767, -32767]
 
 
+def test_to_pcm16_matches_clip_then_scale_then_round():
+    """The streaming path's int16 conversion (one temporary, no mask) gives the same samples as the
+    plain formula, rounding halves to even, at the clip edges, in 2-D and for no samples."""
+    from chroma_triton.audio_io import to_pcm16
+
+    rng = np.random.default_rng(0)
+    halves = (np.arange(-40, 40, dtype=np.float32) + 0.5) / np.float32(32767.0)
+    edges = np.array([1.0, -1.0, 1.0000001, -1.0000001, 3e38, -3e38, 0.0, -0.0], dtype=np.float32)
+    for x in (rng.standard_normal(48_000).astype(np.float32) * 0.7, halves, edges,
+              rng.standard_normal((500, 2)).astype(np.float32), np.zeros(0, np.float32)):
+        expected = np.round(np.clip(x, -1.0, 1.0) * 32767.0).astype("<i2")
+        got = to_pcm16(x)
+        assert got.dtype == np.dtype("<i2") and got.shape == x.shape and np.array_equal(got, expected)
+    for bad in (np.float32(np.inf), np.float32(-np.inf), np.float32(np.nan)):
+        x = np.zeros(100, np.float32)
+        x[37] = bad
+        for fmt in ("pcm16", "wav"):
+            with pytest.raises(ValueError, match="NaN or infinity"):
+                encode_audio(x, 24000, fmt)
+
+
 def test_encode_clips_instead_of_wrapping():
     x = np.full(1000, 1.5, dtype=np.float32)
     y = decode_audio(encode_audio(x, 16000, "wav"), 16000)

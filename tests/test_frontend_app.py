@@ -358,13 +358,13 @@ def test_sse_splices_audio_as_json_would(text):
     is the one json.dumps makes with the audio inside, whatever the text around it holds."""
     from openai_frontend.chat import sse
 
-    data = base64.b64encode(os.urandom(3000)).decode()
+    data = base64.b64encode(os.urandom(3000))
     audio = {"id": "audio_x", "data": "", "format": "pcm16", "transcript": text}
     body = {"id": text or "x", "choices": [{"index": 0, "delta": {"content": text, "audio": audio}}], "model": text}
     inline = json.loads(json.dumps(body))
-    inline["choices"][0]["delta"]["audio"]["data"] = data
-    assert sse(body, data) == sse(inline)
-    assert json.loads(sse(body, data)[len("data: "):])["choices"][0]["delta"]["audio"]["data"] == data
+    inline["choices"][0]["delta"]["audio"]["data"] = data.decode()
+    assert sse(body, data) == sse(inline).encode()
+    assert json.loads(sse(body, data)[len("data: "):])["choices"][0]["delta"]["audio"]["data"] == data.decode()
     with pytest.raises(ValueError, match="no empty"):  # never a line without the audio it was given
         sse(inline, data)
 
