@@ -94,13 +94,14 @@ def tune_malloc() -> bool:
     also stops the dynamic adjustment) returns large blocks to the system when freed: measured
     growth fell to 1-3 MiB per 200 streams.
 
-    The price is CPU: each such block is mapped afresh and its pages faulted in, which made an
-    audio event cost 126-157 us instead of 51 us of the event loop's time (scripts/bench_frontend.py
-    --malloc frontend|glibc, docs/benchmarks.md session 13). A 1 MiB threshold
-    (``MALLOC_MMAP_THRESHOLD_=1048576``) gave 60 us, with VmRSS moving between 154 and 251 MiB
-    from round to round of the 200-stream soak instead of 148-164 MiB. Operators who prefer that
-    trade set glibc's own ``MALLOC_MMAP_THRESHOLD_`` (or ``MALLOC_TRIM_THRESHOLD_``): this then
-    leaves glibc's settings alone. Returns whether the settings were applied.
+    The price is CPU: each such block is mapped afresh and its pages faulted in. An audio event
+    cost 76-157 us instead of 51 us of the event loop's time until its copies were cut (47-49 us
+    now, either way); a request with inline audio still pays about 2.2 ms instead of 1.2 ms
+    (scripts/bench_frontend.py --malloc frontend|glibc, docs/benchmarks.md session 13). A 1 MiB
+    threshold (``MALLOC_MMAP_THRESHOLD_=1048576``) saves most of that, with VmRSS moving between
+    150 and 245 MiB from round to round of the 200-stream soak instead of 145-160 MiB. Operators
+    who prefer that trade set glibc's own ``MALLOC_MMAP_THRESHOLD_`` (or ``MALLOC_TRIM_THRESHOLD_``):
+    this then leaves glibc's settings alone. Returns whether the settings were applied.
     """
     import ctypes
     import ctypes.util
