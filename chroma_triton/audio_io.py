@@ -168,10 +168,10 @@ def to_pcm16(samples: np.ndarray) -> np.ndarray:
         ValueError: non-finite samples or more than 2 dimensions.
     """
     x = _checked_float32(samples)
-    y = np.multiply(x, 32767.0, dtype=np.float32)
-    np.clip(y, -32767.0, 32767.0, out=y)
+    y = np.clip(x, -1.0, 1.0)  # the one temporary; scaled and rounded in place
+    np.multiply(y, np.float32(32767.0), out=y)
     np.rint(y, out=y)
-    return y.astype("<i2")
+    return y.astype("<i2", order="C")  # C order whatever the input's: callers take its buffer
 
 
 def _checked_float32(samples: np.ndarray) -> np.ndarray:

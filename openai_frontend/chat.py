@@ -238,7 +238,7 @@ class ChatService:
             pcm = np.concatenate(chunks) if chunks else np.zeros(0, np.float32)
             encoded = await asyncio.to_thread(encode_audio, pcm, SAMPLE_RATE, plan.audio_format)
             audio_b64 = base64.b64encode(encoded).decode("ascii")
-            audio_id, expires_at = self._remember(transcript, plan)
+            audio_id, expires_at = await self._remember(transcript, plan)
             message["audio"] = {"id": audio_id, "data": audio_b64, "format": plan.audio_format,
                                 "transcript": transcript, "expires_at": expires_at}
         return {
@@ -251,10 +251,10 @@ class ChatService:
             "audio": audio_b64,
         }
 
-    def _remember(self, transcript: str, plan: Plan) -> tuple[str, int]:
+    async def _remember(self, transcript: str, plan: Plan) -> tuple[str, int]:
         audio_id = f"audio_{plan.engine.request_id}"
         expires_at = plan.created + self.settings.audio_retention_seconds
-        self.transcripts.put(audio_id, transcript, expires_at)
+        await asyncio.to_thread(self.transcripts.put, audio_id, transcript, expires_at)  # off the event loop
         return audio_id, expires_at
 
     # -- streaming ----------------------------------------------------------------------------------
@@ -312,7 +312,7 @@ class ChatService:
                 for line in for_delta(delta):
                     yield line
             if plan.want_audio:
-                self.transcripts.put(audio_id, "".join(transcript), expires_at)
+                await asyncio.to_thread(self.transcripts.put, audio_id, "".join(transcript), expires_at)
         except Exception as exc:  # noqa: BLE001 - every failure becomes an in-band error event
             err = to_api_error(exc)
             log_error(err, exc, f"stream {plan.chat_id}")

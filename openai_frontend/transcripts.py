@@ -21,8 +21,11 @@ from typing import Protocol
 
 log = logging.getLogger("openai_frontend")
 
-#: Entries kept at most (about 0.4 KiB each for replies of ~100 frames).
+#: Entries kept at most in one process (about 0.4 KiB each for replies of ~100 frames).
 DEFAULT_CAPACITY = 10_000
+#: Entries kept at most in the shared file: an hour of replies at 256 streams of 8 s replies
+#: (256 / 8 s x 3600 s = 115,200), about 50 MB, so that ``expires_at`` (one hour) holds at that load.
+SHARED_CAPACITY = 120_000
 
 
 class TranscriptStore(Protocol):
@@ -65,7 +68,7 @@ class SharedTranscripts:
     raises :class:`sqlite3.Error` for the caller to answer.
     """
 
-    def __init__(self, path: str, capacity: int = DEFAULT_CAPACITY, prune_every: int = 256):
+    def __init__(self, path: str, capacity: int = SHARED_CAPACITY, prune_every: int = 256):
         self.path, self.capacity, self.prune_every = path, capacity, prune_every
         self._lock = threading.Lock()  # one connection, used from the event loop and from worker threads
         self._db = sqlite3.connect(path, timeout=5.0, isolation_level=None, check_same_thread=False)
@@ -89,8 +92,9 @@ class SharedTranscripts:
 
     def _prune(self) -> None:
         self._db.execute("DELETE FROM transcripts WHERE expires_at < ?", (time.time(),))
-        self._db.execute("DELETE FROM transcripts WHERE rowid <= (SELECT max(rowid) FROM transcripts) - ?",
-                         (self.capacity,))
+        # below the capacity-th newest row (NULL, so nothing, while there are fewer)
+        self._db.execute("DELETE FROM transcripts WHERE rowid < "
+                         "(SELECT rowid FROM transcripts ORDER BY rowid DESC LIMIT 1 OFFSET ?)", (self.capacity - 1,))
 
     def get(self, audio_id: str) -> str | None:
         with self._lock:

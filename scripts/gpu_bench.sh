@@ -190,9 +190,19 @@ case $step in
     echo "seq: done after $(( $(date +%s) - t0 )) s" ;;
   down)
     for name in "$@"; do
-      pkill -f "workdir /root/stack-$name( |$)" || true
-      sleep 3
-      pkill -9 -f "/root/stack-$name/" || true
+      # `up` and `frontend` start each stack in its own session: signal the whole process group, so
+      # that uvicorn's worker processes (whose command lines name no stack) go too; never our own
+      # group (a caller whose command line names the stack); wait up to 30 s for the launcher's own
+      # shutdown (frontend, tritonserver, the MPS daemon) before killing what is left
+      own=$(ps -o pgid= -p $$ | tr -d ' ')
+      groups=$(for pid in $(pgrep -f "/root/stack-$name(/| |$)" || true); do ps -o pgid= -p "$pid" || true; done \
+               | tr -d ' ' | sort -u | grep -vx "$own" || true)
+      for g in $groups; do kill -TERM -- "-$g" 2>/dev/null || true; done
+      for _ in $(seq 30); do
+        alive=0; for g in $groups; do pgrep -g "$g" >/dev/null && alive=1; done
+        [ $alive = 0 ] && break; sleep 1
+      done
+      for g in $groups; do kill -KILL -- "-$g" 2>/dev/null || true; done
     done ;;
   *)
     echo "unknown step $step" >&2; exit 2 ;;

@@ -111,10 +111,12 @@ def test_to_pcm16_matches_clip_then_scale_then_round():
     halves = (np.arange(-40, 40, dtype=np.float32) + 0.5) / np.float32(32767.0)
     edges = np.array([1.0, -1.0, 1.0000001, -1.0000001, 3e38, -3e38, 0.0, -0.0], dtype=np.float32)
     for x in (rng.standard_normal(48_000).astype(np.float32) * 0.7, halves, edges,
-              rng.standard_normal((500, 2)).astype(np.float32), np.zeros(0, np.float32)):
+              rng.standard_normal((500, 2)).astype(np.float32), rng.standard_normal((2, 500)).astype(np.float32).T,
+              np.zeros(0, np.float32)):
         expected = np.round(np.clip(x, -1.0, 1.0) * 32767.0).astype("<i2")
         got = to_pcm16(x)
         assert got.dtype == np.dtype("<i2") and got.shape == x.shape and np.array_equal(got, expected)
+        assert got.flags.c_contiguous and bytes(memoryview(got).cast("B")) == expected.tobytes()
     for bad in (np.float32(np.inf), np.float32(-np.inf), np.float32(np.nan)):
         x = np.zeros(100, np.float32)
         x[37] = bad
