@@ -4,7 +4,7 @@
 # OpenAI-compatible frontend, and stop both on Ctrl-C / SIGTERM.
 #
 #   scripts/chroma_server.sh [--host 0.0.0.0] [--port 8000] [--chroma-model-path PATH]
-#                            [--base-qwen-path PATH] [--dp-size 1] [--workers 1]
+#                            [--base-qwen-path PATH] [--dp-size 1] [--workers 2xDP]
 #                            [--triton-http-port 8080] [--triton-grpc-port 8001]
 #                            [--triton-metrics-port 8002] [--dry-run] [--no-frontend] ...
 #
