@@ -117,14 +117,34 @@ def process_name(pid: int) -> str:
     return Path(args[0]).name
 
 
+def frontend_workers(pid: int) -> list[int]:
+    """uvicorn's worker processes under the frontend process ``pid`` (``--workers N > 1``), by pid."""
+    workers = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            argv = (entry / "cmdline").read_bytes()
+        except (OSError, ValueError, IndexError):
+            continue
+        if ppid == pid and b"spawn_main" in argv:  # not multiprocessing's resource tracker
+            workers.append(int(entry.name))
+    return sorted(workers)
+
+
 def stack_rss(stack: ChromaStack) -> dict[str, int]:
-    """Resident memory (KiB) of tritonserver, each Python stub and the frontend."""
-    pids = list(stack.triton.group_pids()) + [stack.frontend._proc.pid]
+    """Resident memory (KiB) of tritonserver, each Python stub, the frontend and its workers
+    (``frontend worker 1``, ... in the order of their pids)."""
+    named = [(process_name(pid), pid) for pid in stack.triton.group_pids()]
+    front = stack.frontend._proc.pid
+    named.append(("frontend", front))
+    named += [(f"frontend worker {i}", pid) for i, pid in enumerate(frontend_workers(front), 1)]
     out = {}
-    for pid in pids:
+    for name, pid in named:
         value = rss_kib(pid)
         if value is not None:
-            out[process_name(pid)] = value
+            out[name] = value
     return out
 
 

@@ -316,6 +316,8 @@ def main(argv=None) -> int:
                    help="extra environment variable of tritonserver (repeatable), e.g. LD_PRELOAD=... or MALLOC_ARENA_MAX=2")
     p.add_argument("--no-cancel-call", action="store_true",
                    help="run the frontend without its control call to chroma_cancel (the old path only), to compare")
+    p.add_argument("--frontend-workers", type=int, default=1,
+                   help="the frontend's --workers (the launcher starts 2 per GPU); their VmRSS is read one by one")
     p.add_argument("--rss-settle", type=float, default=0.0,
                    help="seconds the idle stack is left alone before VmRSS is read after each round")
     p.add_argument("--seed", type=int, default=0)
@@ -329,6 +331,7 @@ def main(argv=None) -> int:
     lm_params = {"max_batch": str(args.max_batch), **dict(item.split("=", 1) for item in args.lm_param)}
     stack = start_stack(workdir, lm_params=lm_params,
                         frontend_args=default_frontend_args(*(["--triton-cancel-model", ""] if args.no_cancel_call else []),
+                                                            "--workers", str(args.frontend_workers),
                                                             request_timeout=args.timeout), triton_env=triton_env)
     print(f"stack up: frontend {stack.frontend.url}, metrics {stack.triton.metrics_url}; logs in {workdir}; "
           f"tritonserver allocator: {stack.triton.malloc_library or 'glibc'}", flush=True)
