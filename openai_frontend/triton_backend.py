@@ -51,6 +51,9 @@ _MAX_MESSAGE = 2**31 - 1
 #: Keepalive pings no more often than Triton accepts: with its defaults (a ping at most every
 #: 300 s without data, 2 strikes) pings every 30 s made Triton drop the connection with
 #: "Too many pings" after ~90 s without data, failing every stream on it (measured on 2.51).
+#: How long a request waits for a reconnecting channel (a little over the longest reconnect backoff).
+READY_WAIT_S = 2.5
+
 #: Reconnect quickly (≤ 2 s) after Triton restarts, instead of gRPC's default backoff of up to 120 s.
 _CHANNEL_OPTIONS = [
     ("grpc.max_send_message_length", _MAX_MESSAGE),
@@ -105,6 +108,18 @@ class TritonBackend:
             self._client = InferenceServerClient(self.url, channel_args=_CHANNEL_OPTIONS)
         return self._client
 
+    async def _channel_ready(self) -> None:
+        """After Triton restarts, each worker's channel reconnects on its own backoff (at most
+        ``max_reconnect_backoff_ms``), so one worker can still be reconnecting when another already
+        answers /health 200. A request reaching it waits that long for the channel instead of
+        failing at once; if Triton is really down, the call then fails as before."""
+        if self._channel is None or self._channel.get_state(try_to_connect=True) == grpc.ChannelConnectivity.READY:
+            return
+        try:
+            await asyncio.wait_for(self._channel.channel_ready(), READY_WAIT_S)
+        except asyncio.TimeoutError:
+            pass
+
     async def close(self) -> None:
         if self._cancels:
             await asyncio.wait(list(self._cancels), timeout=self.cancel_timeout)
@@ -136,6 +151,7 @@ class TritonBackend:
             yield infer_request
             await writes_done.wait()  # keep our side open until the reply is complete
 
+        await self._channel_ready()
         call = stub.ModelStreamInfer(requests(), timeout=self.request_timeout)
         completed = False
         pending: Delta | None = None
