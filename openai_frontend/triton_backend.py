@@ -51,9 +51,6 @@ _MAX_MESSAGE = 2**31 - 1
 #: Keepalive pings no more often than Triton accepts: with its defaults (a ping at most every
 #: 300 s without data, 2 strikes) pings every 30 s made Triton drop the connection with
 #: "Too many pings" after ~90 s without data, failing every stream on it (measured on 2.51).
-#: How long a request waits for a reconnecting channel (a little over the longest reconnect backoff).
-READY_WAIT_S = 2.5
-
 #: Reconnect quickly (≤ 2 s) after Triton restarts, instead of gRPC's default backoff of up to 120 s.
 _CHANNEL_OPTIONS = [
     ("grpc.max_send_message_length", _MAX_MESSAGE),
@@ -66,6 +63,8 @@ _CHANNEL_OPTIONS = [
     ("grpc.min_reconnect_backoff_ms", 500),
     ("grpc.max_reconnect_backoff_ms", 2000),
 ]
+#: How long a request waits for a reconnecting channel: a little over the longest reconnect backoff.
+READY_WAIT_S = dict(_CHANNEL_OPTIONS)["grpc.max_reconnect_backoff_ms"] / 1000 + 0.5
 #: Request fields the engine validates; a Triton "invalid request: <field> ..." names its param.
 _PARAMS = ("max_tokens", "temperature", "top_k", "top_p", "seed", "prompt_audio", "prompt_text", "messages")
 _USER_AUDIO = re.compile(r"\buser_audio\[(\d+)\]")

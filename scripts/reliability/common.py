@@ -119,18 +119,11 @@ def process_name(pid: int) -> str:
 
 def frontend_workers(pid: int) -> list[int]:
     """uvicorn's worker processes under the frontend process ``pid`` (``--workers N > 1``), by pid."""
-    workers = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            argv = (entry / "cmdline").read_bytes()
-        except (OSError, ValueError, IndexError):
-            continue
-        if ppid == pid and b"spawn_main" in argv:  # not multiprocessing's resource tracker
-            workers.append(int(entry.name))
-    return sorted(workers)
+    from chroma_triton.bench.procs import PROC, _cmdline, _ppid
+
+    children = [int(e.name) for e in PROC.iterdir() if e.name.isdigit() and _ppid(int(e.name)) == pid]
+    # not multiprocessing's resource tracker, the other child
+    return sorted(c for c in children if any("spawn_main" in part for part in _cmdline(c)))
 
 
 def stack_rss(stack: ChromaStack) -> dict[str, int]:
