@@ -14,6 +14,7 @@ import base64
 import io
 import json
 import re
+import time
 from pathlib import Path
 
 import numpy as np
@@ -275,6 +276,11 @@ def test_request_id_on_every_log_line_and_error(frontend):
             assert resp.json()["error"]["request_id"] == rid
         ids.append(rid)
     assert len(set(ids)) == len(ids)
+    # A request's closing line is logged after its response went out (with two workers, by another
+    # process than the one that answered the next request): wait for it instead of racing it.
+    deadline = time.monotonic() + 10
+    while not all(rid in frontend.log_tail(5000) for rid in ids) and time.monotonic() < deadline:
+        time.sleep(0.1)
     log = frontend.log_tail(5000)
     for rid in ids:
         lines = [line for line in log.splitlines() if rid in line]
