@@ -61,7 +61,7 @@ def request_costs(service: ChatService, repeats: int) -> list[dict]:
             "audio": "inline base64" if inline else "paths (the bench's default)", "body_bytes": len(raw),
             "parse_us": per_call_us(lambda: ChatCompletionRequest.model_validate_json(raw), repeats),
             "plan_us": per_call_us(lambda: service.plan(req, "bench"), repeats),
-            "grpc_message_us": per_call_us(lambda: backend._infer_request(plan.engine).SerializeToString(), repeats),
+            "grpc_message_us": per_call_us(lambda: backend._infer_request(plan.engine), repeats),
         })
     return out
 

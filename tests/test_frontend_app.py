@@ -22,7 +22,7 @@ from openai_frontend.app import create_app, validation_error
 from openai_frontend.backend import SAMPLES_PER_FRAME, ChatBackend, ChatRequest, Delta, Readiness, Usage
 from openai_frontend.errors import InternalError, InvalidRequest
 from openai_frontend.settings import Settings
-from openai_frontend.triton_backend import TritonBackend, classify_triton_error, encode_bytes
+from openai_frontend.triton_backend import TritonBackend, classify_triton_error, encode_bytes, serialize_infer_request
 
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
@@ -593,6 +593,45 @@ def test_classify_triton_errors():
 
 def test_bytes_wire_format():
     assert encode_bytes([b"ab", b""]) == b"\x02\x00\x00\x00ab\x00\x00\x00\x00"
+
+
+@pytest.mark.parametrize("with_options", [False, True])
+def test_the_serialized_request_is_the_message_protobuf_would_send(with_options):
+    """The frontend serializes its requests itself (one copy of the audio): parsed back, each is
+    the message built field by field with protobuf, with entries whose lengths take 1, 2 and 3
+    bytes of varint, and an empty clip."""
+    from tritonclient.grpc import service_pb2
+
+    clips = [b"", b"x" * 1000, bytes(range(256)) * 64, b"\xff" * 20_000]
+    request = ChatRequest(request_id="req-1", messages=[{"role": "user", "content": [{"type": "audio", "audio_index": 0}]}],
+                          user_audio=clips if with_options else [clips[1]],
+                          prompt_audio=b"RIFF" * 40_000 if with_options else b"", prompt_text="hé" if with_options else "",
+                          max_tokens=7, temperature=0.5, top_k=3 if with_options else None, top_p=0.9,
+                          seed=-5 if with_options else None)
+    wire = TritonBackend("localhost:1")._infer_request(request)
+
+    expected = service_pb2.ModelInferRequest(model_name="chroma", id="req-1")
+    expected.parameters["triton_enable_empty_final_response"].bool_param = True
+
+    def add(name, datatype, shape, raw):
+        tensor = expected.inputs.add()
+        tensor.name, tensor.datatype = name, datatype
+        tensor.shape.extend(shape)
+        expected.raw_input_contents.append(raw)
+
+    add("messages", "BYTES", [1], encode_bytes([json.dumps(request.messages).encode()]))
+    add("user_audio", "BYTES", [len(request.user_audio)], encode_bytes(request.user_audio))
+    if with_options:
+        add("prompt_audio", "BYTES", [1], encode_bytes([request.prompt_audio]))
+        add("prompt_text", "BYTES", [1], encode_bytes(["hé".encode()]))
+    add("max_tokens", "INT32", [1], np.array([7], "<i4").tobytes())
+    add("temperature", "FP32", [1], np.array([0.5], "<f4").tobytes())
+    add("top_p", "FP32", [1], np.array([0.9], "<f4").tobytes())
+    if with_options:
+        add("top_k", "INT32", [1], np.array([3], "<i4").tobytes())
+        add("seed", "INT64", [1], np.array([-5], "<i8").tobytes())
+    assert service_pb2.ModelInferRequest.FromString(wire) == expected
+    assert serialize_infer_request(expected, []) == expected.SerializeToString()
 
 
 def test_unreachable_triton_is_503():
