@@ -19,6 +19,9 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, Setti
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--triton-grpc-url", default=d.triton_grpc_url, help="Triton's gRPC endpoint, host:port")
     p.add_argument("--workers", type=int, default=1, help="uvicorn worker processes")
+    p.add_argument("--http", default="auto", choices=["auto", "httptools", "h11"],
+                   help="uvicorn's HTTP parser: auto = httptools (C, a dependency) when installed, else h11 "
+                        "(pure Python: more of the event loop's time per request body and per event)")
     p.add_argument("--allowed-local-media-path", action="append", default=[], metavar="DIR",
                    help="a folder whose files requests may name by path (repeatable); none: no local files")
     p.add_argument("--api-key", default=argparse.SUPPRESS,
@@ -82,7 +85,7 @@ def main(argv: list[str] | None = None) -> None:
             app = create_app(settings)  # also validates folders and voices before any worker starts
         except ValueError as exc:
             raise SystemExit(f"openai_frontend: {exc}") from None
-        common = dict(host=args.host, port=args.port, log_config=None, access_log=False,
+        common = dict(host=args.host, port=args.port, http=args.http, log_config=None, access_log=False,
                       timeout_graceful_shutdown=5, log_level=settings.log_level)
         if args.workers == 1:
             uvicorn.run(app, **common)

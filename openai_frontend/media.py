@@ -8,9 +8,9 @@ Local paths are the seed server's convenience (``"audio": "assets/question_audio
 way to read any file the server can: so they are accepted only inside the folders given with
 ``--allowed-local-media-path``.  A path is resolved (symlinks and ``..`` included) before it is
 checked, so neither traversal nor a symlink leads outside; with no folder configured no path is
-read at all.  A relative path is looked up against the working directory, each allowed folder
-and each allowed folder's parent, so ``assets/question_audio.wav`` works whatever directory the
-server was started from when ``assets/`` is allowed.
+read at all.  A relative path is looked up against the working directory the server started in,
+each allowed folder and each allowed folder's parent, so ``assets/question_audio.wav`` works
+whatever directory the server was started from when ``assets/`` is allowed.
 """
 
 from __future__ import annotations
@@ -125,6 +125,9 @@ class MediaResolver:
             roots.append(resolved)
         self.roots: tuple[Path, ...] = tuple(dict.fromkeys(roots))
         self.max_bytes = max_bytes
+        # the working directory at start-up: asking for it per request failed every path request
+        # with a 500 (FileNotFoundError) once that folder had been removed or replaced (a redeploy)
+        self.cwd = Path.cwd()
 
     # -- the three ways audio is given ---------------------------------------------------------
     def from_openai(self, data: str, param: str) -> bytes:
@@ -192,7 +195,7 @@ class MediaResolver:
         """The file ``value`` names inside an allowed root; "outside" when every reading of it
         leaves the roots; None when it would be inside but no such file exists."""
         raw = Path(os.path.expanduser(value))
-        bases = [Path.cwd(), *self.roots, *(r.parent for r in self.roots)] if not raw.is_absolute() else [Path("/")]
+        bases = [self.cwd, *self.roots, *(r.parent for r in self.roots)] if not raw.is_absolute() else [Path("/")]
         inside = escapes = False
         for base in dict.fromkeys(bases):
             try:

@@ -13,7 +13,7 @@
 #
 # Only what the image lacks or must replace: numpy 1.26 and a scipy built for it (the bundled Triton
 # Python backend needs numpy < 2), tritonserver (nvidia-pytriton), tritonclient with the grpcio and
-# protobuf its generated code asks for, the frontend (fastapi, uvicorn, pydantic), audio I/O,
+# protobuf its generated code asks for, the frontend (fastapi, uvicorn, httptools, pydantic), audio I/O,
 # openai (2.x: 3.x wants httpx2, which the image lacks), perf_analyzer and py-spy for profiles.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -27,7 +27,7 @@ WHEELS=(nvidia-pytriton==0.7.0 "scipy>=1.13,<1.14" perf-analyzer==2.60.0 py-spy=
         numpy==1.26.4 tritonclient==2.73.0 python-rapidjson "grpcio>=1.81.1" "protobuf>=6.30,<7"
         ml-dtypes==0.5.4 "greenlet<3.4" gevent geventhttpclient brotli zope.event zope.interface
         fastapi==0.165.0 starlette pydantic pydantic-core annotated-types annotated-doc typing-inspection
-        typing-extensions opentelemetry-api uvicorn soundfile cffi pycparser "soxr>=0.5"
+        typing-extensions opentelemetry-api uvicorn httptools soundfile cffi pycparser "soxr>=0.5"
         openai==2.6.1 jiter distro sniffio)
 tmp=$(mktemp -d); trap 'rm -rf "$tmp"' EXIT
 python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \

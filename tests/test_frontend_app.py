@@ -546,6 +546,19 @@ def test_local_paths_are_confined(client, tmp_path):
     assert_error(post(client, _audio_part("https://example.com/a.wav")), 400, SEED_PARAM, code="unsupported_url")
 
 
+def test_paths_still_resolve_after_the_working_directory_is_removed(tmp_path, monkeypatch):
+    """A redeploy may remove the folder the server was started in: path requests kept working
+    (they were answered 500, FileNotFoundError, when the frontend asked for the folder per request)."""
+    start = tmp_path / "release-1"
+    start.mkdir()
+    monkeypatch.chdir(start)
+    client, _ = make_client()
+    start.rmdir()
+    with client:
+        assert post(client, seed_body()).status_code == 200
+        assert_error(post(client, _audio_part("assets/missing.wav")), 400, SEED_PARAM, code="file_not_found")
+
+
 def test_paths_disabled_without_allowed_folder():
     client, _ = make_client(allowed_local_media_paths=())
     with client:
@@ -657,3 +670,34 @@ def test_tune_malloc_leaves_glibc_settings_given_in_the_environment(monkeypatch)
         with monkeypatch.context() as m:
             m.setenv(name, "1048576")
             assert tune_malloc() is False
+
+
+@pytest.mark.parametrize("body", [
+    b'{"a": 0.1, "b": 1e400, "c": -0.0, "d": 123456789012345678901234567890, "e": 1.7976931348623157e308}',
+    b'{"a": 1, "a": 2, "nested": {"x": [1, 2.5, null, true, false, "s"]}}',
+    b'{"s": "\\u00e9\\ud83d\\ude00 \\" \\\\ \\/ \\n", "raw": "h\xc3\xa9"}',
+    b'{"lone": "\\ud800"}',  # a lone surrogate: json.loads keeps it
+    b'{"n": NaN, "i": -Infinity}',
+    b'  [1, 2]  ',
+])
+def test_fast_json_parses_bodies_as_json_loads_does(body):
+    import asyncio as aio
+
+    from openai_frontend.routes import FastJSONRequest
+
+    async def receive():
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    request = FastJSONRequest({"type": "http", "method": "POST", "headers": []}, receive)
+    parsed = aio.run(request.json())
+    assert repr(parsed) == repr(json.loads(body))
+
+
+
+def test_http_parser_flag():
+    from openai_frontend.__main__ import parse_args
+
+    assert parse_args([])[0].http == "auto"  # httptools when installed (it is a dependency), else h11
+    assert parse_args(["--http", "h11"])[0].http == "h11"
+    with pytest.raises(SystemExit):
+        parse_args(["--http", "asyncio"])
