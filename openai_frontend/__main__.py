@@ -19,9 +19,10 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, Setti
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--triton-grpc-url", default=d.triton_grpc_url, help="Triton's gRPC endpoint, host:port")
     p.add_argument("--workers", type=int, default=1, help="uvicorn worker processes")
-    p.add_argument("--http", default="auto", choices=["auto", "httptools", "h11"],
-                   help="uvicorn's HTTP parser: auto = httptools (C, a dependency) when installed, else h11 "
-                        "(pure Python: more of the event loop's time per request body and per event)")
+    p.add_argument("--http", default="h11", choices=["h11", "httptools"],
+                   help="uvicorn's HTTP parser. h11 refuses request headers over 16 KiB; httptools (C, install "
+                        "it yourself) has no such limit, so put a proxy that caps headers in front of it; it did "
+                        "not serve 256 streams measurably better (docs/benchmarks.md run 48)")
     p.add_argument("--allowed-local-media-path", action="append", default=[], metavar="DIR",
                    help="a folder whose files requests may name by path (repeatable); none: no local files")
     p.add_argument("--api-key", default=argparse.SUPPRESS,

@@ -51,6 +51,19 @@ class Plan:
     audio_params: list[str] = field(default_factory=list)  # client param of each user_audio clip
 
 
+def _unicode_text(value: str, param: str) -> str:
+    """``value`` unless it holds a lone surrogate: JSON's ``\\ud800`` escapes let a body carry one,
+    no UTF-8 encoder takes it, and the request to Triton failed with a 500."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise InvalidRequest(
+            f"{param} holds a lone surrogate ({value[exc.start]!r} at character {exc.start}), which is not "
+            "Unicode text; send the text as UTF-8 (a surrogate escape needs its pair)", param=param,
+            code="invalid_text") from None
+    return value
+
+
 class ChatService:
     def __init__(self, settings: Settings, backend: ChatBackend, media: MediaResolver, voices: VoiceLibrary,
                  transcripts: TranscriptStore | None = None):
@@ -132,7 +145,7 @@ class ChatService:
                 else:
                     raise InvalidRequest(f"{where}.content is required", param=f"{where}.content")
             if isinstance(content, str):
-                out.append({"role": role, "content": content})
+                out.append({"role": role, "content": _unicode_text(content, f"{where}.content")})
                 continue
             if not content:
                 raise InvalidRequest(f"{where}.content is an empty list; give a string or at least one part",
@@ -141,7 +154,7 @@ class ChatService:
             for j, part in enumerate(content):
                 pw = f"{where}.content[{j}]"
                 if isinstance(part, TextPart):
-                    parts.append({"type": "text", "text": part.text})
+                    parts.append({"type": "text", "text": _unicode_text(part.text, f"{pw}.text")})
                     continue
                 if role != "user":
                     raise InvalidRequest(f"{pw}: audio is accepted in user messages only", param=pw)
@@ -182,7 +195,7 @@ class ChatService:
         if req.prompt_audio is not None:
             data = self.media.from_seed(req.prompt_audio, "prompt_audio")
             check_audio(data, "prompt_audio", self.settings.max_prompt_audio_seconds)
-            return data, req.prompt_text
+            return data, _unicode_text(req.prompt_text, "prompt_text")
         name = req.audio.voice if req.audio is not None else DEFAULT_VOICE
         voice = self.voices.get(name)
         if voice is not None:

@@ -186,6 +186,7 @@ class TritonBackend:
     # -- generation ------------------------------------------------------------------------------
     async def stream(self, request: ChatRequest) -> AsyncIterator[Delta]:
         self._get_stub()
+        stream_infer = self._stream_infer  # close() may clear it while this request waits below
         infer_request = self._infer_request(request)
         writes_done = asyncio.Event()
 
@@ -194,7 +195,10 @@ class TritonBackend:
             await writes_done.wait()  # keep our side open until the reply is complete
 
         await self._channel_ready()
-        call = self._stream_infer(requests(), timeout=self.request_timeout)
+        try:
+            call = stream_infer(requests(), timeout=self.request_timeout)
+        except grpc.aio.UsageError:  # the channel was closed: the frontend is shutting down
+            raise ServiceUnavailable("the frontend is shutting down; retry the request") from None
         completed = False
         pending: Delta | None = None
         utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")  # a character may span responses

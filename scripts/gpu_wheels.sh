@@ -13,8 +13,9 @@
 #
 # Only what the image lacks or must replace: numpy 1.26 and a scipy built for it (the bundled Triton
 # Python backend needs numpy < 2), tritonserver (nvidia-pytriton), tritonclient with the grpcio and
-# protobuf its generated code asks for, the frontend (fastapi, uvicorn, httptools, pydantic), audio I/O,
-# openai (2.x: 3.x wants httpx2, which the image lacks), perf_analyzer and py-spy for profiles.
+# protobuf its generated code asks for, the frontend (fastapi, uvicorn, pydantic; httptools for
+# `--http httptools`), audio I/O, openai (2.x: 3.x wants httpx2, which the image lacks),
+# perf_analyzer and py-spy for profiles.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 DEST=.gpu

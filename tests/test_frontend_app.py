@@ -697,7 +697,31 @@ def test_fast_json_parses_bodies_as_json_loads_does(body):
 def test_http_parser_flag():
     from openai_frontend.__main__ import parse_args
 
-    assert parse_args([])[0].http == "auto"  # httptools when installed (it is a dependency), else h11
-    assert parse_args(["--http", "h11"])[0].http == "h11"
+    # h11 by default, whatever is installed: httptools takes headers of any size
+    assert parse_args([])[0].http == "h11"
+    assert parse_args(["--http", "httptools"])[0].http == "httptools"
     with pytest.raises(SystemExit):
-        parse_args(["--http", "asyncio"])
+        parse_args(["--http", "auto"])
+
+
+def test_a_request_racing_the_backends_close_gets_a_503():
+    """close() (at shutdown) while a request waits for the channel: a clear 503, not a TypeError."""
+    import asyncio as aio
+
+    from openai_frontend.errors import ServiceUnavailable
+
+    async def scenario():
+        backend = TritonBackend("127.0.0.1:9")
+        backend._get_stub()
+        real_ready = backend._channel_ready
+
+        async def ready_then_closed():
+            await backend.close()
+            await real_ready()
+
+        backend._channel_ready = ready_then_closed
+        stream = backend.stream(ChatRequest(request_id="r", messages=[{"role": "user", "content": "hi"}]))
+        with pytest.raises(ServiceUnavailable, match="shutting down"):
+            await anext(stream)
+
+    aio.run(scenario())
