@@ -583,3 +583,17 @@ def test_codec_decoder_batches_on_gpus_only():
     cpu = render_configs(RenderSpec(kind="cpu"))
     assert "dynamic_batching" not in cpu["codec_decoder"] and "max_batch_size: 64" in cpu["codec_decoder"]
     assert "dynamic_batching" in cpu["audio_encoder"]
+
+
+def test_chroma_lm_defaults_on_the_cpu_relay_per_request_and_double_chunks():
+    """The CPU render keeps the 200-stream soak flat (docs/reliability.md 2d); GPUs keep the
+    config's values, and parameters given explicitly win on both."""
+    from chroma_triton.serving.repository import RenderSpec, parse_config, render_configs
+
+    def params(spec):
+        config = parse_config(render_configs(spec)["chroma_lm"])
+        return {k: config.parameters[k].string_value for k in ("relays", "start_slack_s")}
+
+    assert params(RenderSpec(kind="cpu")) == {"relays": "per_request", "start_slack_s": "0"}
+    assert params(RenderSpec(kind="gpu")) == {"relays": "shared", "start_slack_s": "0.14"}
+    assert params(RenderSpec(kind="cpu", params={"chroma_lm": {"relays": "shared"}}))["relays"] == "shared"

@@ -56,6 +56,9 @@ def render_config(name: str, text: str, spec: RenderSpec) -> str:
         text = _set_instance_group(name, text, spec)
     if name in CPU_UNBATCHED and spec.kind != "gpu":
         text = _DYNAMIC_BATCHING.sub("", text, count=1)
+    if spec.kind != "gpu":
+        for key, value in CPU_PARAMS.get(name, {}).items():
+            text = _set_param(name, text, key, value)
     for key, value in spec.params.get(name, {}).items():
         text = _set_param(name, text, key, value)
     config = parse_config(text)
@@ -70,6 +73,16 @@ def render_config(name: str, text: str, spec: RenderSpec) -> str:
 # backlog growing each round; without it 22, 23, 26, 36 s. The tensor shapes stay the same.
 CPU_UNBATCHED = ("codec_decoder",)
 _DYNAMIC_BATCHING = re.compile(r"^dynamic_batching \{.*?^\}\n", re.S | re.M)
+
+# On the CPU, chroma_lm's steps are slow and Mimi decoding shares the cores: a thread per request
+# relays its events (the shared relay thread, the GPU default, let the engine run ahead of
+# delivery), and chunks double as they go (start_slack_s keeps them small while steps are slow,
+# so every stream makes many more responses). Measured in the 200-stream soak (2 cores, 30 % of
+# clients hanging up): with the GPU defaults the rounds took 22, 37, 46 s and the hung-up requests
+# had ended before their clients left (40, 0, 0 of 60 cancelled); with these 17, 16, 13 s and 60 of
+# 60 cancelled each round (docs/reliability.md section 2d). Explicit parameters still win. (Either
+# relay mode submits a request before chroma_lm's execute returns, so hold_when_full holds with both.)
+CPU_PARAMS = {"chroma_lm": {"relays": "per_request", "start_slack_s": "0"}}
 
 _PARAM = r'parameters:\s*\{\s*key:\s*"%s"\s*value:\s*\{\s*string_value:\s*"(?:[^"\\]|\\.)*"\s*\}\s*\}'
 _GROUP = re.compile(r"^instance_group \[.*?^\]", re.S | re.M)

@@ -134,7 +134,8 @@ class LMService:
 
     def run(self, inp: LMInput, send: Callable[[LMResponse], None], cancelled: Callable[[], bool],
             poll_s: float = POLL_S, on_submit: Callable | None = None, text_wakes: bool = False) -> Finished:
-        """Generate for one request, calling ``send`` for each response (the last has ``final``).
+        """Generate for one request, calling ``send`` for each response (the last has ``final``):
+        :meth:`open` then :meth:`relay` on this thread.
 
         ``on_submit(stream)`` gets the engine stream as soon as it exists, so that another thread
         (the cancel watch) can ``cancel()`` it directly, without waiting for this relay loop.
@@ -142,6 +143,13 @@ class LMService:
         Raises InvalidRequestError / EngineError before any response when the request cannot
         start, and EngineError when generation fails midway."""
         stream, relay = self.open(inp, on_submit)
+        return self.relay(stream, relay, send, cancelled, poll_s=poll_s, text_wakes=text_wakes)
+
+    def relay(self, stream: RequestStream, relay: "_Relay", send: Callable[[LMResponse], None],
+              cancelled: Callable[[], bool], poll_s: float = POLL_S, text_wakes: bool = False) -> Finished:
+        """Relay an opened request's events as responses on this thread until its end (a thread
+        per request: chroma_lm's ``relays: per_request``). Raises EngineError when generation
+        fails midway."""
         cancel_sent = False
         try:
             while True:

@@ -181,10 +181,9 @@ class TritonPythonModel:
             except Exception as exc:  # noqa: BLE001 - e.g. the cancel board could not be written
                 self._send_error(sender, exc)
                 continue
-            if self.hubs:  # relays "shared": started here, relayed by a hub's thread
-                served.start(self.hubs[next(self._next_hub) % len(self.hubs)])
-            else:  # "per_request": a thread of its own
-                threading.Thread(target=served.run, name="chroma-lm-request", daemon=True).start()
+            # submitted to the engine here, in either mode (so that _hold sees its row taken), then
+            # relayed by a hub's thread ("shared") or by a thread of its own ("per_request")
+            served.start(self.hubs[next(self._next_hub) % len(self.hubs)] if self.hubs else None)
         if self.hold_when_full:
             self._hold()
         return None
@@ -193,8 +192,8 @@ class TritonPythonModel:
         """Return only once this instance has a row for another request. Triton hands each request
         to an instance whose execute has returned, so an instance that is full takes no more while
         another (dp > 1: another GPU) has rows free; its requests wait in Triton's queue instead of
-        in this engine's, where they waited for a stream of this GPU to end. (With relays
-        per_request a request is submitted by its thread, which may come after this check.)"""
+        in this engine's, where they waited for a stream of this GPU to end. Every request of this
+        call has been submitted to the engine before this check, whichever the relays."""
         engine = self.service.engine
         while not engine.wait_for_room(1.0):
             if self._stop.is_set():
@@ -264,26 +263,32 @@ class _Served:
             return True
         return False
 
-    def run(self):
-        """relays "per_request": generate and relay on this thread."""
+    def start(self, hub):
+        """Submit now; then relay on ``hub``'s thread (relays "shared"), or with ``hub`` None on a
+        thread of this request's own (relays "per_request"); either calls ``end``."""
+        try:
+            stream, relay = self.model.service.open(self.inp, self.on_submit)
+        except Exception as exc:  # noqa: BLE001 - e.g. an invalid request: its error response
+            self.end(None, exc)
+            return
+        if hub is None:
+            threading.Thread(target=self._relay, args=(stream, relay), name="chroma-lm-request", daemon=True).start()
+            return
+        try:
+            hub.add(RelayJob(stream, relay, self.send, self.cancelled, self.end))
+        except Exception as exc:  # noqa: BLE001
+            stream.cancel()
+            self.end(None, exc)
+
+    def _relay(self, stream, relay):
         finished, error = None, None
         w = self.model.wakeups
         try:
-            finished = self.model.service.run(self.inp, self.send, self.cancelled, on_submit=self.on_submit,
-                                              poll_s=w.poll_s, text_wakes=w.text_wakes)
+            finished = self.model.service.relay(stream, relay, self.send, self.cancelled, poll_s=w.poll_s,
+                                                text_wakes=w.text_wakes)
         except Exception as exc:  # noqa: BLE001
             error = exc
         self.end(finished, error)
-
-    def start(self, hub):
-        """relays "shared": submit now; the hub's thread relays and calls `end`."""
-        try:
-            stream, relay = self.model.service.open(self.inp, self.on_submit)
-            hub.add(RelayJob(stream, relay, self.send, self.cancelled, self.end))
-        except Exception as exc:  # noqa: BLE001
-            if self.streams:
-                self.streams[0].cancel()
-            self.end(None, exc)
 
     def end(self, finished, error):
         model = self.model
