@@ -20,10 +20,13 @@ from test_triton_server import Stream, user_turn
 pytestmark = pytest.mark.triton
 
 
-@pytest.fixture(scope="module")
-def server(triton_install, tmp_path_factory, tiny_checkpoint):
+@pytest.fixture(scope="module", params=["per_request", "shared"])
+def server(request, triton_install, tmp_path_factory, tiny_checkpoint):
+    """Both relay modes (the CPU render's and the GPUs'): each submits its requests in ``execute``,
+    before ``hold_when_full`` looks for a free row."""
     repo = tmp_path_factory.mktemp("rendered") / "model_repository"
-    render_repository(repo, RenderSpec(model_path=str(tiny_checkpoint), params={"chroma_lm": {"max_batch": "1"}}))
+    render_repository(repo, RenderSpec(model_path=str(tiny_checkpoint),
+                                       params={"chroma_lm": {"max_batch": "1", "relays": request.param}}))
     config = repo / "chroma_lm" / "config.pbtxt"
     text = config.read_text()
     assert text.count("count: 1") == 1
