@@ -42,6 +42,9 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, Setti
     p.add_argument("--max-tokens-limit", type=int, default=d.max_tokens_limit, help="largest max_tokens (frames)")
     p.add_argument("--request-timeout", type=float, default=d.request_timeout,
                    help="seconds one request may take in all (then 504)")
+    p.add_argument("--slow-client-timeout", type=float, default=d.slow_client_timeout,
+                   help="seconds a streamed event may wait for a client that does not read before the "
+                        "reply is abandoned (Triton request cancelled, connection closed); 0 = never")
     p.add_argument("--log-level", default=d.log_level, choices=["debug", "info", "warning", "error"])
     args = p.parse_args(argv)
     if args.workers < 1:
@@ -62,6 +65,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, Setti
             max_tokens_limit=args.max_tokens_limit,
             default_max_tokens=min(Settings.default_max_tokens, args.max_tokens_limit),
             request_timeout=args.request_timeout,
+            slow_client_timeout=args.slow_client_timeout,
             log_level=args.log_level,
         )
     except ValueError as exc:

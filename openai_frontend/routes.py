@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
+import sys
 from typing import Any, Awaitable, Callable, TypeVar
 
 import pydantic_core
@@ -51,6 +53,7 @@ class FastJSONRoute(APIRoute):
 
 
 router = APIRouter(route_class=FastJSONRoute)
+log = logging.getLogger("openai_frontend")
 
 _ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 404, 413, 429, 500, 503, 504)}
 ENDPOINTS = ["/v1/chat/completions", "/v1/models", "/v1/models/{model}", "/v1/voices", "/health", "/docs", "/openapi.json"]
@@ -58,15 +61,48 @@ ENDPOINTS = ["/v1/chat/completions", "/v1/models", "/v1/models/{model}", "/v1/vo
 
 class EventStreamResponse(StreamingResponse):
     """SSE response that always closes its event generator when it ends, so a client leaving
-    mid-stream cancels the engine request right away (not when the generator is collected)."""
+    mid-stream cancels the engine request right away (not when the generator is collected).
+
+    With ``send_timeout`` > 0, a client that stops reading is let go: when one event cannot be
+    handed to its connection for that long (the socket buffers are full), the reply is abandoned
+    like a disconnect (the Triton request cancelled) and uvicorn closes the connection (logging
+    "ASGI callable returned without completing response")."""
 
     media_type = "text/event-stream"
 
+    def __init__(self, content, *, send_timeout: float = 0.0, **kwargs):
+        super().__init__(content, **kwargs)
+        self.send_timeout = send_timeout
+
     async def __call__(self, scope, receive, send) -> None:
+        stalled = False
+
+        async def bounded_send(message) -> None:
+            nonlocal stalled
+            try:
+                await _within(self.send_timeout, send(message))
+            except asyncio.TimeoutError:
+                stalled = True
+                raise
+
         try:
-            await super().__call__(scope, receive, send)
+            await super().__call__(scope, receive, bounded_send if self.send_timeout > 0 else send)
+        except BaseException:
+            if not stalled:
+                raise
+            log.warning("the client's connection took no data for %g s (it stopped reading); abandoning the reply "
+                        "and closing the connection", self.send_timeout)
+            raise ClientDisconnected() from None
         finally:
             await self.body_iterator.aclose()
+
+
+async def _within(seconds: float, awaitable: Awaitable[T]) -> T:
+    """``awaitable``'s result, or asyncio.TimeoutError after ``seconds``."""
+    if sys.version_info >= (3, 11):  # no task per call, unlike wait_for
+        async with asyncio.timeout(seconds):
+            return await awaitable
+    return await asyncio.wait_for(awaitable, seconds)  # pragma: no cover - Python 3.10
 
 
 async def until_disconnected(request: Request) -> None:
@@ -163,5 +199,5 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
     except BaseException:
         await deltas.aclose()
         raise
-    return EventStreamResponse(chat.events(plan, first, deltas),
+    return EventStreamResponse(chat.events(plan, first, deltas), send_timeout=request.app.state.settings.slow_client_timeout,
                                headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})

@@ -37,6 +37,11 @@ class Settings:
       frontend abandons, so that ``chroma_lm`` frees its row at once (docs/reliability.md).
     * ``request_timeout`` 600 s: the gRPC deadline of one request's whole stream; a stuck
       server costs a client at most this long, then a 504.
+    * ``slow_client_timeout`` 30 s: a streamed reply is abandoned (its Triton request cancelled,
+      its connection closed) when one event cannot be handed to the client's connection for this
+      long: by then both sockets' buffers (megabytes each on Linux; a second of audio is 64 kB of
+      base64 PCM) are full of audio the client has not read, and a client that stopped reading would keep the reply's events in this process and in Triton
+      until ``request_timeout``. 0 = never.
     """
 
     triton_grpc_url: str = "localhost:8001"
@@ -53,6 +58,7 @@ class Settings:
     max_tokens_limit: int = 4000
     default_max_tokens: int = 1000
     request_timeout: float = 600.0
+    slow_client_timeout: float = 30.0
     health_timeout: float = 2.0
     audio_retention_seconds: int = 3600
     log_level: str = "info"
@@ -65,6 +71,8 @@ class Settings:
         for name in ("max_audio_seconds", "max_prompt_audio_seconds", "request_timeout", "health_timeout"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        if self.slow_client_timeout < 0:
+            raise ValueError(f"slow_client_timeout must be >= 0, got {self.slow_client_timeout}")
         if self.default_max_tokens > self.max_tokens_limit:
             raise ValueError("default_max_tokens must not exceed max_tokens_limit")
 

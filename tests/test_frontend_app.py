@@ -725,3 +725,72 @@ def test_a_request_racing_the_backends_close_gets_a_503():
             await anext(stream)
 
     aio.run(scenario())
+
+
+class _EndlessBackend:
+    """Audio events as fast as the client takes them, until the stream is closed."""
+
+    def __init__(self):
+        import threading
+
+        self.closed = threading.Event()
+
+    async def stream(self, request: ChatRequest):
+        import asyncio as aio
+
+        try:
+            while True:
+                yield Delta(text="", audio=_frames(10, 0.1))
+                await aio.sleep(0.002)
+        finally:
+            self.closed.set()
+
+    async def ready(self) -> Readiness:
+        return Readiness(True)
+
+    async def close(self) -> None:
+        pass
+
+
+def test_a_client_that_stops_reading_is_let_go():
+    """A real uvicorn server and a client that never reads its SSE stream: once an event has
+    waited slow_client_timeout for the full socket, the reply is abandoned (the backend stream
+    closed, which cancels the Triton request) and the connection is closed."""
+    import socket
+    import threading
+    import time
+
+    import uvicorn
+
+    backend = _EndlessBackend()
+    app = create_app(Settings(slow_client_timeout=1.0), backend=backend)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_config=None, http="h11"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 20
+        while not server.started and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert server.started
+        body = json.dumps({"model": "chroma", "messages": [{"role": "user", "content": "hi"}], "stream": True}).encode()
+        client = socket.socket()
+        client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        client.connect(("127.0.0.1", port))
+        client.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                      b"Content-Length: %d\r\n\r\n" % len(body) + body)
+        started = time.monotonic()
+        assert backend.closed.wait(30), "the reply of a client that reads nothing was never abandoned"
+        waited = time.monotonic() - started
+        # what the server had written before giving up is still readable, then the connection ends
+        client.settimeout(10)
+        received = 0
+        while chunk := client.recv(1 << 20):
+            received += len(chunk)
+        client.close()
+        assert received > 0 and waited >= 1.0
+    finally:
+        server.should_exit = True
+        thread.join(10)
