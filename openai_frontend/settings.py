@@ -40,8 +40,9 @@ class Settings:
     * ``slow_client_timeout`` 30 s: a streamed reply is abandoned (its Triton request cancelled,
       its connection closed) when one event cannot be handed to the client's connection for this
       long: by then both sockets' buffers (megabytes each on Linux; a second of audio is 64 kB of
-      base64 PCM) are full of audio the client has not read, and a client that stopped reading would keep the reply's events in this process and in Triton
-      until ``request_timeout``. 0 = never.
+      base64 PCM) are full of audio the client has not read, and a client that stopped reading
+      would keep the reply's events in this process and in Triton until ``request_timeout``.
+      0 = never.
     """
 
     triton_grpc_url: str = "localhost:8001"
