@@ -69,8 +69,14 @@ def test_frontend_started_before_triton_reports_not_ready_then_serves(tmp_path):
 
 def test_a_stop_during_the_warmup_request_stops_the_stack_promptly(tmp_path):
     """SIGTERM while the launcher's warm-up request runs (a long one: 4000 frames): the warm-up
-    ends, the control model cancels it in chroma_lm (the ensemble does not pass the gRPC cancel
-    on), so tritonserver need not wait its 30 s exit timeout, and nothing is left running."""
+    ends, the control model cancels it in chroma_lm at once (the ensemble does not pass the gRPC
+    cancel on), and the stack stops with nothing left running.
+
+    How long tritonserver then takes is not the measure: it also waits for codec_decoder to decode
+    the chunks already queued for the ensemble (on a loaded CPU 11 s locally, and up to its 30 s
+    exit timeout in a CI run: docs/reliability.md, known problem 16). Left running, the request
+    would have kept its row until tritonserver's timeout."""
+    import re
     import signal
     import time
 
@@ -88,7 +94,7 @@ def test_a_stop_during_the_warmup_request_stops_the_stack_promptly(tmp_path):
         children += [pid for child in children for pid in _children(child)]  # and its model processes
         assert len(children) >= 4, "tritonserver and its model processes should be running"
         proc.send_signal(signal.SIGTERM)
-        stopped_at = time.monotonic()
+        stopped_at, stopped_wall = time.monotonic(), time.time()
         proc.wait(60)
         took = time.monotonic() - stopped_at
     finally:
@@ -96,5 +102,9 @@ def test_a_stop_during_the_warmup_request_stops_the_stack_promptly(tmp_path):
             os.killpg(proc.pid, signal.SIGKILL)
     log = stack.log_path.read_text(errors="replace")
     assert "warm-up request stopped" in log and "READY" not in log, log[-3000:]
-    assert took < 20, (took, log[-3000:])  # 30 s and more when the request was left running
+    triton_log = (stack.workdir / "tritonserver.log").read_text(errors="replace")
+    freed = re.findall(r"cancelled request id=launcher-warmup-\S+ source=control .*?freed=([\d.]+)", triton_log)
+    assert freed, "chroma_lm did not cancel the warm-up request through the control model:\n" + triton_log[-3000:]
+    assert float(freed[0]) - stopped_wall < 5, (float(freed[0]) - stopped_wall, triton_log[-3000:])
+    assert took < 45, (took, log[-3000:])  # tritonserver's exit timeout (30 s) and the models' unloading
     assert proc.returncode == 0 and not any(Path(f"/proc/{pid}").exists() for pid in children), log[-3000:]
