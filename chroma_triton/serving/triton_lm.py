@@ -124,7 +124,9 @@ class LMService:
     # -- streaming --------------------------------------------------------------------------------
     def open(self, inp: LMInput, on_submit: Callable | None = None) -> tuple[RequestStream, "_Relay"]:
         """Start generating for one request: its engine stream and the relay that turns the
-        stream's events into responses (for :meth:`run` or a :class:`~.relay_hub.RelayHub`).
+        stream's events into responses (for :meth:`relay` or a :class:`~.relay_hub.RelayHub`).
+        ``on_submit(stream)`` gets the engine stream as soon as it exists, so that another thread
+        (the cancel watch) can ``cancel()`` it directly, without waiting for the relay.
         Raises InvalidRequestError / EngineError when the request cannot start."""
         req = self.prepare(inp)
         stream = self.engine.submit(req)
@@ -132,24 +134,11 @@ class LMService:
             on_submit(stream)
         return stream, _Relay(len(req.thinker_ids), TEXT_HOLD_S)
 
-    def run(self, inp: LMInput, send: Callable[[LMResponse], None], cancelled: Callable[[], bool],
-            poll_s: float = POLL_S, on_submit: Callable | None = None, text_wakes: bool = False) -> Finished:
-        """Generate for one request, calling ``send`` for each response (the last has ``final``):
-        :meth:`open` then :meth:`relay` on this thread.
-
-        ``on_submit(stream)`` gets the engine stream as soon as it exists, so that another thread
-        (the cancel watch) can ``cancel()`` it directly, without waiting for this relay loop.
-
-        Raises InvalidRequestError / EngineError before any response when the request cannot
-        start, and EngineError when generation fails midway."""
-        stream, relay = self.open(inp, on_submit)
-        return self.relay(stream, relay, send, cancelled, poll_s=poll_s, text_wakes=text_wakes)
-
     def relay(self, stream: RequestStream, relay: "_Relay", send: Callable[[LMResponse], None],
               cancelled: Callable[[], bool], poll_s: float = POLL_S, text_wakes: bool = False) -> Finished:
-        """Relay an opened request's events as responses on this thread until its end (a thread
-        per request: chroma_lm's ``relays: per_request``). Raises EngineError when generation
-        fails midway."""
+        """Relay an opened request's events on this thread, calling ``send`` for each response
+        (the last has ``final``), until its end (a thread per request: chroma_lm's ``relays:
+        per_request``). Raises EngineError when generation fails midway."""
         cancel_sent = False
         try:
             while True:
