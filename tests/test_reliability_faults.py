@@ -80,7 +80,7 @@ def test_a_stop_during_the_warmup_request_stops_the_stack_promptly(tmp_path):
     import signal
     import time
 
-    from faults import _children
+    from chroma_triton.bench.procs import children as _children
 
     stack = LaunchedStack(tmp_path / "launcher", extra_args=("--warmup-frames", "4000"))
     proc = stack.spawn()

@@ -36,6 +36,15 @@ def _cmdline(pid: int) -> list[str]:
     return [part.decode("utf-8", "replace") for part in raw.split(b"\0") if part]
 
 
+def children(pid: int) -> list[int]:
+    """The pids of the processes ``pid`` started (its main thread's children), [] when it is gone."""
+    try:
+        text = (PROC / str(pid) / "task" / str(pid) / "children").read_text()
+    except OSError:
+        return []
+    return [int(p) for p in text.split()]
+
+
 def role_of(argv: list[str]) -> str | None:
     """The server role of a process from its argv, or None when it is not part of the stack."""
     if not argv:

@@ -119,11 +119,10 @@ def process_name(pid: int) -> str:
 
 def frontend_workers(pid: int) -> list[int]:
     """uvicorn's worker processes under the frontend process ``pid`` (``--workers N > 1``), by pid."""
-    from chroma_triton.bench.procs import PROC, _cmdline, _ppid
+    from chroma_triton.bench.procs import _cmdline, children
 
-    children = [int(e.name) for e in PROC.iterdir() if e.name.isdigit() and _ppid(int(e.name)) == pid]
     # not multiprocessing's resource tracker, the other child
-    return sorted(c for c in children if any("spawn_main" in part for part in _cmdline(c)))
+    return sorted(c for c in children(pid) if any("spawn_main" in part for part in _cmdline(c)))
 
 
 def stack_rss(stack: ChromaStack) -> dict[str, int]:

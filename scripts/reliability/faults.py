@@ -29,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import ROOT, RunInfo, exit_on_sigterm, git_revision, http_get, write_report  # noqa: E402
 
+from chroma_triton.bench.procs import _cmdline, children  # noqa: E402
 from chroma_triton.serving.launcher import stub_model  # noqa: E402
 from chroma_triton.serving.tritonserver import free_port  # noqa: E402
 
@@ -124,11 +125,11 @@ class LaunchedStack:
     def children(self) -> dict[str, int]:
         """{'tritonserver': pid, 'frontend': pid, 'stub:<model>': pid}"""
         out = {}
-        for pid in _children(self.proc.pid):
-            argv = _argv(pid)
+        for pid in children(self.proc.pid):
+            argv = _cmdline(pid)
             if argv and argv[0].endswith("tritonserver"):
                 out["tritonserver"] = pid
-                for stub in _children(pid):
+                for stub in children(pid):
                     model = stub_model(stub)
                     if model:
                         out[f"stub:{model}"] = stub
@@ -150,21 +151,6 @@ class LaunchedStack:
             return "".join(self.log_path.read_text(errors="replace").splitlines(True)[-lines:])
         except OSError:
             return ""
-
-
-def _children(pid: int) -> list[int]:
-    try:
-        text = Path(f"/proc/{pid}/task/{pid}/children").read_text()
-    except OSError:
-        return []
-    return [int(p) for p in text.split()]
-
-
-def _argv(pid: int) -> list[str]:
-    try:
-        return [a.decode(errors="replace") for a in Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0") if a]
-    except OSError:
-        return []
 
 
 def kill_during_requests(stack: LaunchedStack, target: str, *, in_flight: int = 4, max_tokens: int = 1000,
