@@ -251,7 +251,8 @@ class ChatService:
             pcm = np.concatenate(chunks) if chunks else np.zeros(0, np.float32)
             encoded = await asyncio.to_thread(encode_audio, pcm, SAMPLE_RATE, plan.audio_format)
             audio_b64 = base64.b64encode(encoded).decode("ascii")
-            audio_id, expires_at = await self._remember(transcript, plan)
+            audio_id, expires_at = self._audio_ref(plan)
+            await self._remember(audio_id, transcript, expires_at)
             message["audio"] = {"id": audio_id, "data": audio_b64, "format": plan.audio_format,
                                 "transcript": transcript, "expires_at": expires_at}
         return {
@@ -264,17 +265,17 @@ class ChatService:
             "audio": audio_b64,
         }
 
-    async def _remember(self, transcript: str, plan: Plan) -> tuple[str, int]:
-        audio_id = f"audio_{plan.engine.request_id}"
-        expires_at = plan.created + self.settings.audio_retention_seconds
+    def _audio_ref(self, plan: Plan) -> tuple[str, int]:
+        """The id of a reply's audio (a later turn may name it) and when it expires."""
+        return f"audio_{plan.engine.request_id}", plan.created + self.settings.audio_retention_seconds
+
+    async def _remember(self, audio_id: str, transcript: str, expires_at: int) -> None:
         await asyncio.to_thread(self.transcripts.put, audio_id, transcript, expires_at)  # off the event loop
-        return audio_id, expires_at
 
     # -- streaming ----------------------------------------------------------------------------------
     async def events(self, plan: Plan, first: Delta | None, deltas: AsyncIterator[Delta]) -> AsyncIterator[str | bytes]:
         """SSE lines for a stream whose first delta was already read (errors before it are HTTP errors)."""
-        audio_id = f"audio_{plan.engine.request_id}"
-        expires_at = plan.created + self.settings.audio_retention_seconds
+        audio_id, expires_at = self._audio_ref(plan)
         sent_audio = False
         transcript: list[str] = []
 
@@ -325,7 +326,7 @@ class ChatService:
                 for line in for_delta(delta):
                     yield line
             if plan.want_audio:
-                await asyncio.to_thread(self.transcripts.put, audio_id, "".join(transcript), expires_at)
+                await self._remember(audio_id, "".join(transcript), expires_at)
         except Exception as exc:  # noqa: BLE001 - every failure becomes an in-band error event
             err = to_api_error(exc)
             log_error(err, exc, f"stream {plan.chat_id}")
