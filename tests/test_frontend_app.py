@@ -762,11 +762,11 @@ def test_a_client_that_stops_reading_is_let_go():
 
     import uvicorn
 
+    from chroma_triton.serving.tritonserver import free_port
+
     backend = _EndlessBackend()
     app = create_app(Settings(slow_client_timeout=1.0), backend=backend)
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_config=None, http="h11"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
