@@ -97,6 +97,7 @@ def test_a_stop_during_the_warmup_request_stops_the_stack_promptly(tmp_path):
         stopped_at, stopped_wall = time.monotonic(), time.time()
         proc.wait(60)
         took = time.monotonic() - stopped_at
+        print(f"the stack stopped {took:.1f} s after SIGTERM")
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)

@@ -116,7 +116,7 @@ def metrics(server) -> dict[str, float]:
     text = opener.open(f"http://{server.metrics_url}/metrics", timeout=5).read().decode()
     out = {}
     for line in text.splitlines():
-        m = re.match(r"^(chroma_lm_\w+)\{[^}]*\}\s+([0-9.e+-]+)$", line)
+        m = re.match(r"^(chroma_\w+)\{[^}]*\}\s+([0-9.e+-]+)$", line)
         if m:
             out[m.group(1)] = out.get(m.group(1), 0.0) + float(m.group(2))
     return out
@@ -191,8 +191,15 @@ def test_client_errors_are_triton_errors(server, question_wav, ref_voice):
     assert wait_for(lambda: idle(server), what="idle engine")
 
 
+def gone_marks(server) -> set[str]:
+    """The stream keys chroma_lm has marked gone on this server's cancel board."""
+    from chroma_triton.serving.cancel_board import GONE, server_dir
+
+    return {p.name for p in (server_dir(server.pid) / GONE).iterdir()}
+
+
 def test_cancel_frees_the_engine_row(server, question_wav, ref_voice):
-    before = metrics(server)
+    before, gone_before = metrics(server), gone_marks(server)
     arrays = P.ensemble_inputs(user_turn(), [question_wav], ref_voice[0], ref_voice[1], max_tokens=2000, seed=2)
     stream = Stream(server, arrays)
     for _ in range(3):
@@ -202,6 +209,8 @@ def test_cancel_frees_the_engine_row(server, question_wav, ref_voice):
     wait_for(lambda: metrics(server)["chroma_lm_cancelled_total"] == before.get("chroma_lm_cancelled_total", 0) + 1,
              what="the cancelled counter")
     assert wait_for(lambda: idle(server), what="free rows")
+    # and the stream is marked gone, so codec_decoder skips its chunks still queued
+    assert len(gone_marks(server) - gone_before) == 1
 
 
 def test_two_concurrent_streams_complete(server, question_wav, ref_voice):
@@ -305,6 +314,31 @@ def test_codec_decoder_batches_concurrent_chunks_of_different_lengths(server, co
         assert isinstance(audio, np.ndarray), audio
         assert audio.shape == (1, (len(codes) - ctx) * FRAME)
         np.testing.assert_allclose(audio[0], codec.decode_chunk(codes.astype(np.int64), ctx), atol=1e-4)
+
+
+def test_codec_decoder_skips_chunks_of_streams_marked_gone(server, codec):
+    """A chunk whose stream chroma_lm marked gone (cancelled) is answered with no audio and counted;
+    chunks of other streams, and chunks sent without a stream key (direct callers), are decoded."""
+    import uuid
+
+    from chroma_triton.serving.cancel_board import CancelBoard, server_dir
+
+    codes = np.random.default_rng(3).integers(0, codec.codebook_size, size=(6, codec.num_codebooks)).astype(np.int32)
+    alive, gone = uuid.uuid4().hex, uuid.uuid4().hex
+    CancelBoard(server_dir(server.pid)).mark_gone(gone)
+    skipped = metrics(server).get("chroma_codec_skipped_chunks_total", 0)
+
+    def decode(key):
+        arrays = {"audio_codes": codes[None], "context_frames": np.array([[2]], np.int32)}
+        if key is not None:
+            arrays["stream_key"] = P.bytes_tensor(key)[None]
+        return _http_infer(server, "codec_decoder", arrays, ["audio"])["audio"]
+
+    expected = codec.decode_chunk(codes.astype(np.int64), 2)
+    for key in (alive, None):
+        np.testing.assert_allclose(decode(key)[0], expected, atol=1e-4)
+    assert decode(gone).shape == (1, 0)
+    assert metrics(server)["chroma_codec_skipped_chunks_total"] == skipped + 1
 
 
 # -- the control call: chroma_cancel --------------------------------------------------------------

@@ -20,7 +20,7 @@ from chroma_triton.engine import AudioChunk, Finished, RequestFailed, TextDelta
 from chroma_triton.engine.request import RequestStream
 from chroma_triton.errors import EngineError, InvalidRequestError
 from chroma_triton.serving import protocol as P
-from chroma_triton.serving.cancel_board import CONTROL_GRACE_S, CancelBoard, CancelWatch, live_key, request_key
+from chroma_triton.serving.cancel_board import CONTROL_GRACE_S, GONE, CancelBoard, CancelWatch, live_key, request_key
 from chroma_triton.serving.model_args import ModelArgs, resolve_default_voice, thinker_backend
 from chroma_triton.serving.repository import RenderSpec, parse_config, render_configs, render_repository
 from chroma_triton.serving.triton_codec import chunk_plan, streaming_difference
@@ -225,6 +225,22 @@ def test_cancel_board(tmp_path):
     assert not board.is_posted("abc")
     board.post("../escape")  # not a key: ignored
     assert not (tmp_path.parent / "escape").exists()
+
+
+def test_gone_marks_for_codec_decoder(tmp_path):
+    """Cancelled streams' keys, in a folder of their own (the cancel watch lists only the top level),
+    swept once old; keys that are not file names are ignored."""
+    board = CancelBoard(tmp_path)
+    board.mark_gone("stream1")
+    assert board.is_gone("stream1") and not board.is_gone("stream2") and not board.is_gone("")
+    assert "stream1" not in board.names()
+    board.mark_gone("../stream3")
+    assert not board.is_gone("../stream3") and not (tmp_path / "stream3").exists()
+    board.mark_gone("stream2")
+    old = time.time() - 3600
+    os.utime(tmp_path / GONE / "stream1", (old, old))
+    assert board.sweep(older_than_s=60) == 1
+    assert not board.is_gone("stream1") and board.is_gone("stream2") and (tmp_path / GONE).is_dir()
 
 
 def test_cancel_watch_control_and_codec_markers(tmp_path):

@@ -24,6 +24,13 @@ so the control call can say whether it was running) and a :class:`CancelWatch` t
 ``chroma_lm`` lists the folder every few milliseconds and cancels the engine stream of each id
 posted after that request arrived (older markers, e.g. for a reused id, are ignored). The
 OpenAI frontend calls it whenever it abandons a stream; direct gRPC users can call it too.
+
+Once ``chroma_lm`` has seen a stream's cancel it also marks the stream *gone* (``gone/<stream
+key>``): the chunks it had already sent may still wait in ``codec_decoder``'s queue, and the
+ensemble flags only the step requests it creates after the cancel, so ``codec_decoder`` looks the
+stream key up there and answers those chunks with no audio instead of decoding them for nobody.
+Gone marks live in a folder of their own (the cancel watch lists only the board's top level) and
+are swept like unclaimed markers.
 """
 
 from __future__ import annotations
@@ -48,6 +55,7 @@ PREFIX = "chroma-triton-cancel-"
 #: posted (the control call may come while the request still waits in audio_encoder).
 CONTROL_GRACE_S = 120.0
 WATCH_PERIOD_S = 0.01
+GONE = "gone"  # the board's folder of cancelled streams' keys (codec_decoder skips their chunks)
 
 
 def _base() -> Path:
@@ -88,7 +96,7 @@ def live_key(request_id: str) -> str:
 class CancelBoard:
     def __init__(self, folder: str | os.PathLike | None = None):
         self.folder = Path(folder) if folder else default_dir()
-        self.folder.mkdir(parents=True, exist_ok=True)
+        (self.folder / GONE).mkdir(parents=True, exist_ok=True)
 
     def _path(self, key: str) -> Path | None:
         return self.folder / key if _KEY.match(key or "") else None
@@ -117,6 +125,14 @@ class CancelBoard:
         self.post(request_key(request_id))
         return self.is_posted(live_key(request_id))
 
+    def mark_gone(self, stream_key: str) -> None:
+        """The stream of ``stream_key`` was cancelled: its chunks still queued need no decoding."""
+        if _KEY.match(stream_key or ""):
+            (self.folder / GONE / stream_key).touch()
+
+    def is_gone(self, stream_key: str) -> bool:
+        return bool(_KEY.match(stream_key or "")) and (self.folder / GONE / stream_key).exists()
+
     def names(self) -> set[str]:
         try:
             return set(os.listdir(self.folder))
@@ -132,11 +148,13 @@ class CancelBoard:
                 pass
 
     def sweep(self, older_than_s: float = 3600.0) -> int:
-        """Remove markers nobody collected (e.g. posted after the stream had ended); ``live-``
-        markers belong to running requests and are left alone."""
+        """Remove markers nobody collected (e.g. posted after the stream had ended) and gone marks
+        (by then no chunk of their streams is queued); ``live-`` markers belong to running requests
+        and are left alone."""
         now, removed = time.time(), 0
-        for path in self.folder.iterdir():
-            if path.name.startswith("live-"):
+        gone = self.folder / GONE
+        for path in [*self.folder.iterdir(), *(gone.iterdir() if gone.is_dir() else ())]:
+            if path.name.startswith("live-") or path == gone:
                 continue
             try:
                 if now - path.stat().st_mtime > older_than_s:

@@ -242,6 +242,14 @@ class _Served:
         self.flag.set()
         if self.streams:
             self.streams[0].cancel()  # the engine drops the row at its next step
+        self.mark_gone()
+
+    def mark_gone(self):
+        """codec_decoder skips this stream's chunks still in its queue (nobody will hear them)."""
+        try:
+            self.model.board.mark_gone(self.key)
+        except OSError:  # noqa: BLE001 - only saves decoding; the cancel itself goes on
+            log.warning("could not mark stream %s gone on the cancel board", self.key, exc_info=True)
 
     def on_submit(self, stream):
         self.streams.append(stream)
@@ -259,7 +267,9 @@ class _Served:
         if self.flag.is_set():
             return True
         if (ask_triton or self.ask_triton)():
-            self.note.update(source=self.note["source"] or "triton", seen=self.note["seen"] or time.time())
+            if self.note["source"] is None:
+                self.note.update(source="triton", seen=time.time())
+                self.mark_gone()
             return True
         return False
 

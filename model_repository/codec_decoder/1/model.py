@@ -4,6 +4,7 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from chroma_triton.serving import protocol as P
+from chroma_triton.serving.cancel_board import CancelBoard
 from chroma_triton.serving.gc_pauses import freeze_if_asked
 from chroma_triton.serving.model_args import ModelArgs, configure_logging, input_array, load_model_parts
 from chroma_triton.serving.triton_codec import CodecService
@@ -15,6 +16,11 @@ class TritonPythonModel:
         a = ModelArgs.from_triton(args)
         path, parts = load_model_parts(a, {"codec"})
         self.service = CodecService(parts.codec, graph_frames=a.int("cuda_graph_frames", 24))
+        self.board = CancelBoard()  # the streams chroma_lm saw cancelled ("gone")
+        self._skip_family = pb_utils.MetricFamily(
+            name="chroma_codec_skipped_chunks_total", kind=pb_utils.MetricFamily.COUNTER,
+            description="Chunks not decoded because their stream had been cancelled")
+        self.skipped = self._skip_family.Metric(labels={"model": a.name, "instance": a.instance_name})
         freeze_if_asked(a)  # once loaded, its graphs captured: none of that is garbage
         print(f"[{a.instance_name}] ready on {a.device}: {path} ({self.service.graphs} CUDA graphs)", flush=True)
 
@@ -22,20 +28,28 @@ class TritonPythonModel:
         # The dynamic batcher hands over the chunks of several streams: decode them in one call.
         responses = [None] * len(requests)
         chunks, slots = [], []
+        skipped = 0
         for i, request in enumerate(requests):
-            if request.is_cancelled():
-                # the client left (its ensemble request was cancelled while this chunk waited in
-                # the queue): nobody will hear it, so do not spend the decode on it
-                responses[i] = pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor(P.AUDIO, np.zeros((1, 0), np.float32))])
-                continue
             try:
-                codes = input_array(request, P.AUDIO_CODES)
-                context = int(P.as_scalar(input_array(request, P.CONTEXT_FRAMES), P.CONTEXT_FRAMES) or 0)
+                # the client left: its ensemble request was cancelled while this chunk waited in the
+                # queue (Triton flags the chunks created after the cancel, chroma_lm marks the stream
+                # gone for those created before); nobody will hear it, so do not decode it
+                gone = request.is_cancelled() or self.board.is_gone(
+                    P.as_text(input_array(request, P.STREAM_KEY), P.STREAM_KEY, ""))
+                if not gone:
+                    codes = input_array(request, P.AUDIO_CODES)
+                    context = int(P.as_scalar(input_array(request, P.CONTEXT_FRAMES), P.CONTEXT_FRAMES) or 0)
             except Exception as exc:  # noqa: BLE001
                 responses[i] = pb_utils.InferenceResponse(error=pb_utils.TritonError(P.error_message(exc)))
                 continue
+            if gone:
+                responses[i] = pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor(P.AUDIO, np.zeros((1, 0), np.float32))])
+                skipped += 1
+                continue
             chunks.append((codes, context))
             slots.append(i)
+        if skipped:
+            self.skipped.increment(skipped)
         try:
             decoded = self.service.decode_many(chunks)
         except Exception as exc:  # noqa: BLE001 - the batched decode failed: every chunk in it fails
