@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
 # On the CPU machine, from the project root: download the wheels that scripts/gpu_env.sh installs on
 # an offline GPU machine (Python 3.12 image with CUDA torch, transformers, grpcio, httpx, ...), as a
-# tar split into three equal pieces, one per device call (a call carries 64 MiB with the working
-# tree; the tree is ~13 MiB, the wheels ~145 MiB, tritonserver's alone 53 MiB):
+# tar split into $PARTS (4) equal pieces, one per device call (a call carries 64 MiB with the working
+# tree; the tree is ~17 MiB, the wheels ~145 MiB, tritonserver's alone 53 MiB):
 #
-#   bash scripts/gpu_wheels.sh            # -> .gpu/p1 .gpu/p2 .gpu/p3 (/.gpu/ is git-ignored)
+#   bash scripts/gpu_wheels.sh            # -> .gpu/p1 ... .gpu/p4 (/.gpu/ is git-ignored)
 #
-# On the GPU machine, three calls back to back (a warm machine keeps /root), carrying one part each:
+# On the GPU machine, four calls back to back (a warm machine keeps /root), carrying one part each:
 #   mkdir -p /root/whl && cp .gpu/pN/* /root/whl/
 # then, in the last one:
 #   cat /root/whl/wheels.tar.* | tar x -C /root/whl && bash scripts/gpu_bench.sh env /root/whl
@@ -19,6 +19,7 @@
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 DEST=.gpu
+PARTS=${PARTS:-4}
 PLATFORMS=()
 for p in manylinux1 manylinux2014 manylinux_2_5 manylinux_2_17 manylinux_2_24 manylinux_2_26 manylinux_2_27 \
          manylinux_2_28 manylinux_2_31 manylinux_2_34 manylinux_2_35 manylinux_2_38; do
@@ -35,8 +36,8 @@ python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 -
   "${PLATFORMS[@]}" --platform any -d "$tmp/whl" "${WHEELS[@]}" 2>&1 | grep -v '^WARNING: Location' || true
 got=$(ls "$tmp"/whl/*.whl | wc -l)
 [ "$got" -eq ${#WHEELS[@]} ] || { echo "got $got wheels, expected ${#WHEELS[@]}" >&2; exit 1; }
-rm -rf "$DEST"/p1 "$DEST"/p2 "$DEST"/p3 && mkdir -p "$DEST"/p1 "$DEST"/p2 "$DEST"/p3
+rm -rf "$DEST"/p[0-9]*
 tar cf "$tmp/wheels.tar" -C "$tmp/whl" .
-split -n 3 -d -a 1 "$tmp/wheels.tar" "$tmp/wheels.tar."
-for i in 0 1 2; do mv "$tmp/wheels.tar.$i" "$DEST/p$((i + 1))/"; done
+split -n "$PARTS" -d -a 1 "$tmp/wheels.tar" "$tmp/wheels.tar."
+for i in $(seq 0 $((PARTS - 1))); do mkdir -p "$DEST/p$((i + 1))" && mv "$tmp/wheels.tar.$i" "$DEST/p$((i + 1))/"; done
 echo "$got wheels"; du -sh "$DEST"/p?
