@@ -9,9 +9,13 @@ Measured, from Triton's statistics extension and metrics:
   ``chroma_lm`` had marked gone) instead of decoding;
 * how long until every engine row was free again.
 
-A CPU stack with the demo checkpoint; loopback only.
+By default a tritonserver of its own (the repository rendered for the CPU, the demo checkpoint);
+``--grpc-url`` measures a running one instead (e.g. a GPU stack started by the launcher), whose
+``chroma_lm`` must have rows for ``--streams``. Loopback only.
 
     python scripts/reliability/cancel_drain.py --streams 16 --read-s 8 --report out/cancel_drain.json
+    python scripts/reliability/cancel_drain.py --grpc-url localhost:8001 --http-url localhost:8080 \
+        --metrics-url localhost:8002 --streams 256 --read-s 5 --max-tokens 1000
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -44,7 +49,7 @@ def codec_chunks(http_url: str) -> int:
     return int(json.loads(body)["model_stats"][0]["inference_stats"]["success"]["count"])
 
 
-def open_streams(server: TritonServer, n: int, max_tokens: int) -> list:
+def open_streams(server, n: int, max_tokens: int) -> list:
     import tritonclient.grpc as grpcclient
 
     messages = [{"role": "user", "content": [{"type": "audio", "audio_index": 0},
@@ -65,7 +70,7 @@ def open_streams(server: TritonServer, n: int, max_tokens: int) -> list:
     return streams
 
 
-def measure(server: TritonServer, streams: int, read_s: float, max_tokens: int) -> dict:
+def measure(server, streams: int, read_s: float, max_tokens: int) -> dict:
     opened = open_streams(server, streams, max_tokens)
     time.sleep(read_s)
     received = sum(q.qsize() for _, q in opened)
@@ -102,16 +107,36 @@ def measure(server: TritonServer, streams: int, read_s: float, max_tokens: int) 
     }
 
 
+def _gpus() -> list[str]:
+    """``nvidia-smi -L``'s lines (RunInfo describes the CPU machines of the other drivers)."""
+    import subprocess
+
+    try:
+        out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=10)
+        return out.stdout.strip().splitlines()
+    except (OSError, subprocess.TimeoutExpired):
+        return []
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--streams", type=int, default=16, help="concurrent streams (also chroma_lm's max_batch)")
     ap.add_argument("--read-s", type=float, default=8.0, help="seconds the streams run before every client cancels")
     ap.add_argument("--max-tokens", type=int, default=4000, help="reply length asked for (long: the cancel ends it)")
     ap.add_argument("--rounds", type=int, default=1, help="measurements on the same server")
+    ap.add_argument("--grpc-url", help="a running tritonserver's gRPC host:port (default: start one)")
+    ap.add_argument("--http-url", default="localhost:8000", help="...its HTTP host:port (with --grpc-url)")
+    ap.add_argument("--metrics-url", default="localhost:8002", help="...its metrics host:port (with --grpc-url)")
     ap.add_argument("--report", help="also write the JSON report here")
     args = ap.parse_args(argv)
     exit_on_sigterm()
     info = RunInfo.now()
+    if args.grpc_url:
+        server = SimpleNamespace(grpc_url=args.grpc_url, http_url=args.http_url, metrics_url=args.metrics_url)
+        rounds = [measure(server, args.streams, args.read_s, args.max_tokens) for _ in range(args.rounds)]
+        write_report(args.report, {"run": info.__dict__, "revision": git_revision(), "server": vars(server),
+                                   "gpus": _gpus(), "rounds": rounds})
+        return 0
     with tempfile.TemporaryDirectory(prefix="cancel-drain-") as tmp:
         repo = Path(tmp) / "model_repository"
         render_repository(repo, RenderSpec(kind="cpu", params={"chroma_lm": {"max_batch": str(args.streams)}}))
