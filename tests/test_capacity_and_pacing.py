@@ -185,6 +185,57 @@ def test_paced_engine_admits_a_burst_and_finishes_every_request(tiny_checkpoint,
     assert any(line.startswith("chunk 1: audio left") for line in lines)
 
 
+@pytest.mark.parametrize("clock", ["free_row", "arrival"])
+def test_max_admission_wait_counts_from_a_free_row(tiny_checkpoint, question_wav, ref_voice, tmp_path, clock):
+    """Under overload a request waits for a row first; with admission_wait_clock free_row that
+    wait does not count towards max_admission_wait_s, so once a row frees the pacer still decides
+    (here it never allows one: a huge margin) and admits the request regardless only after holding
+    it that long with the row free. With "arrival" (the behaviour before) a request that waited for
+    a row is forced in at once. Rows: 2; A plays throughout, B and C arrive together."""
+    import threading
+
+    wait_s = 0.5
+    trace = tmp_path / "trace.jsonl"
+    pipe = ChromaPipeline.from_pretrained(tiny_checkpoint, options=EngineOptions(
+        max_batch=2, admission_pacing=True, admission_margin_s=1000.0, max_admission_wait_s=wait_s,
+        admission_wait_clock=clock, trace_path=str(trace)))
+    try:
+        content = [{"type": "audio", "audio": question_wav}, {"type": "text", "text": "Hello."}]
+        base = pipe.prepare([{"role": "user", "content": content}], ref_voice[0], ref_voice[1],
+                            SamplingParams(seed=3, max_tokens=8, temperature=0.0))
+
+        def request(rid, max_tokens):
+            req = copy.deepcopy(base)
+            req.request_id, req.sampling.max_tokens = rid, max_tokens
+            return req
+
+        a = pipe.engine.submit(request("A", 4000))
+        next(ev for ev in a if hasattr(ev, "codes"))  # A plays: its listener has audio (the pacer's slack)
+        b, c = pipe.engine.submit(request("B", 8)), pipe.engine.submit(request("C", 8))
+        drained = [threading.Thread(target=lambda s=s: list(s)) for s in (b, c)]
+        for t in drained:
+            t.start()
+        for t in drained:
+            t.join(120)
+        a.cancel()
+        list(a)
+        stats = pipe.engine.stats()
+    finally:
+        pipe.close()
+    events = [json.loads(line) for line in trace.read_text().splitlines()]
+    admit = {r: e for e in events if e["ev"] == "admit" for r in e["requests"]}
+    assert admit["B"]["forced"] == 1 and admit["C"]["forced"] == 1 and stats["forced_admissions"] == 2
+    b_ended = max(e["t"] for e in events if e["ev"] == "chunk" and e["request"] == "B")
+    # B was forced in after being held wait_s from its arrival (a row was free), and C arrived with
+    # it: when B ended C had waited longer than the limit, all of it for a row; then, B's row free:
+    assert b_ended > admit["B"]["t"]
+    gap = admit["C"]["t"] - b_ended
+    if clock == "free_row":
+        assert gap >= wait_s * 0.9, gap  # held as long as the limit (the trace rounds to 10 µs)
+    else:
+        assert gap < wait_s * 0.9, gap  # let in at the next admission round
+
+
 def test_trace_summary_splits_a_late_chunks_window_into_stalls_and_steps():
     spec = importlib.util.spec_from_file_location("trace_summary", ROOT / "scripts" / "engine_trace_summary.py")
     summary = importlib.util.module_from_spec(spec)

@@ -254,6 +254,8 @@ def test_first_chunk_grows_when_steps_are_slow(pipe, step_ms, first):
     assert engine._chunk_plan().first == 2
     with pytest.raises(ValueError, match="must be >= 0"):
         ChromaEngine(pipe.parts, EngineOptions(max_batch=1, forced_admissions=-1))
+    with pytest.raises(ValueError, match="admission_wait_clock must be free_row or arrival"):
+        ChromaEngine(pipe.parts, EngineOptions(max_batch=1, admission_wait_clock="submit"))
 
 
 def test_waiting_requests_make_first_chunks_cover_their_prefill(pipe):

@@ -335,6 +335,14 @@ def test_trace_path_names_each_instance_its_own_file():
     assert engine_options(ModelArgs.from_triton({"model_config": json.dumps({"name": "chroma_lm"})})).trace_path == ""
 
 
+def test_admission_wait_clock_comes_from_the_config():
+    from chroma_triton.serving.triton_lm import engine_options
+
+    assert engine_options(ModelArgs.from_triton({"model_config": json.dumps({"name": "chroma_lm"})})).admission_wait_clock == "free_row"
+    cfg = {"name": "chroma_lm", "parameters": {"admission_wait_clock": {"string_value": "arrival"}}}
+    assert engine_options(ModelArgs.from_triton({"model_config": json.dumps(cfg)})).admission_wait_clock == "arrival"
+
+
 # -- audio encoder ---------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def encoder(tiny_checkpoint):

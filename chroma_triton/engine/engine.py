@@ -84,6 +84,10 @@ class EngineOptions:
     max_admission_wait_s: float = 5.0  # ...but never keep a waiting request out longer than this:
     forced_admissions: int = 0  # admit at most this many per step then (0: as many as fit, up to
     #                             max_prefills_per_step)
+    admission_wait_clock: str = "free_row"  # what max_admission_wait_s counts: the time the pacer has
+    #   held the queue's head back while a row was free for it ("free_row"), or since it arrived
+    #   ("arrival", before session 15: under overload every queued request was that old, so every
+    #   admission was forced and stalled the running streams; docs/benchmarks.md run 49)
     kv_memory_fraction: float = 0.9  # on a GPU: share of free memory the KV caches may take (engine/capacity.py)
     activation_reserve_gib: float = 4.0  # ...after keeping this much for activations and graph pools
     cuda_graphs: bool = True  # on CUDA: capture steps as graphs (ignored on CPU)
@@ -219,8 +223,11 @@ class ChromaEngine:
         if self.opts.forced_admissions < 0 or self.opts.start_slack_s < 0 or self.opts.pacing_sigmas < 0:
             raise ValueError("forced_admissions, start_slack_s and pacing_sigmas must be >= 0 "
                              "(0: as many as fit / off / plan with averages)")
+        if self.opts.admission_wait_clock not in ("free_row", "arrival"):
+            raise ValueError(f"admission_wait_clock must be free_row or arrival, got {self.opts.admission_wait_clock!r}")
         self.pacer = AdmissionPacer(self.opts.admission_margin_s, self.opts.max_admission_wait_s,
                                     forced_max=self.opts.forced_admissions or None, sigmas=self.opts.pacing_sigmas)
+        self._held: tuple[object, float] | None = None  # (the queue's head, since when the pacer holds it with a row free)
         self._frame_s = self.cfg.frame_seconds
         self._next_prefill_tokens = 0  # prompt positions of the next admission's batch, as last planned
         self.trace = EngineTrace(self.opts.trace_path) if self.opts.trace_path else None
@@ -942,7 +949,7 @@ class ChromaEngine:
         n = len(costs)
         allowance = None
         if n and self.opts.admission_pacing and self._active:
-            waited = time.monotonic() - self._staged[0][1].submitted_at
+            waited = self._held_for(self._staged[0][1])
             states = self._stream_states()
             n = self.pacer.how_many(costs, states, waited)
             self.counters["forced_admissions"] += self.pacer.forced
@@ -966,6 +973,18 @@ class ChromaEngine:
                                  allowance_s=allowance, forced=self.pacer.forced if allowance is not None else 0,
                                  step_s=self.pacer.step_s, active=len(self._active), waiting=len(self._staged),
                                  requests=[req.request_id for req, _ in items])
+
+    def _held_for(self, head) -> float:
+        """How long the queue's head (its stream) has waited by ``admission_wait_clock``: with
+        "free_row", since the first admission round that had a row for it (this is called only when
+        rows are free), so waiting for a row under overload does not count; with "arrival", since
+        it was submitted."""
+        now = time.monotonic()
+        if self.opts.admission_wait_clock == "arrival":
+            return now - head.submitted_at
+        if self._held is None or self._held[0] is not head:
+            self._held = (head, now)
+        return now - self._held[1]
 
     def _admit_items(self, items: list[tuple[GenerationRequest, RequestStream]], tokens: int,
                      estimate: float | None) -> list[torch.Tensor]:
