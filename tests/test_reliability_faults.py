@@ -72,10 +72,11 @@ def test_a_stop_during_the_warmup_request_stops_the_stack_promptly(tmp_path):
     ends, the control model cancels it in chroma_lm at once (the ensemble does not pass the gRPC
     cancel on), and the stack stops with nothing left running.
 
-    How long tritonserver then takes is not the measure: it also waits for codec_decoder to decode
-    the chunks already queued for the ensemble (on a loaded CPU 11 s locally, and up to its 30 s
-    exit timeout in a CI run: docs/reliability.md, known problem 16). Left running, the request
-    would have kept its row until tritonserver's timeout."""
+    How long tritonserver then takes is not the measure: it also waits for codec_decoder to answer
+    the chunks already queued for the ensemble (before the codec skipped a cancelled stream's
+    chunks, 11 s on a loaded CPU and once its whole 30 s exit timeout in CI: docs/reliability.md,
+    known problem 16). Left running, the request would have kept its row until tritonserver's
+    timeout."""
     import re
     import signal
     import time
