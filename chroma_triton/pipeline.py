@@ -17,7 +17,7 @@ import torch
 
 from .audio_io import content_hash, decode_audio
 from .engine import AudioChunk, ChromaEngine, EngineOptions, Finished, GenerationRequest, RequestFailed, SamplingParams, TextDelta
-from .errors import EngineError, InvalidRequestError
+from .errors import InvalidRequestError
 from .model.loading import ChromaParts, load_parts
 from .processor import PromptBuilder, normalize_messages
 from .voice_cache import VoiceCache, bytes_key
@@ -96,12 +96,12 @@ class ChromaPipeline:
 
     # -- generation ---------------------------------------------------------------------------
     def stream(self, request: GenerationRequest) -> Iterator[TextDelta | AudioChunk | Finished]:
-        """Engine events; a failure is raised as EngineError."""
+        """Engine events; a failure is raised (RequestFailed.exception(): InvalidRequestError, CapacityError or EngineError)."""
         stream = self.engine.submit(request)
         try:
             for event in stream:
                 if isinstance(event, RequestFailed):
-                    raise (InvalidRequestError if event.client_error else EngineError)(event.message)
+                    raise event.exception()
                 yield event
         finally:
             stream.cancel()  # no-op once finished; frees the row if the caller stopped early

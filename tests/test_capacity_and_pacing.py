@@ -236,6 +236,38 @@ def test_max_admission_wait_counts_from_a_free_row(tiny_checkpoint, question_wav
         assert gap < wait_s * 0.9, gap  # let in at the next admission round
 
 
+def test_a_request_waiting_longer_than_max_queue_wait_s_is_refused(tiny_checkpoint, question_wav, ref_voice):
+    """One row, taken by a long reply: the request behind it is refused as "server busy" once it
+    has waited max_queue_wait_s (CapacityError: HTTP 429 at the frontend), counted, and the reply
+    in the row goes on."""
+    import time
+
+    from chroma_triton.engine import RequestFailed
+    from chroma_triton.errors import CapacityError
+
+    pipe = ChromaPipeline.from_pretrained(tiny_checkpoint, options=EngineOptions(max_batch=1, max_queue_wait_s=0.3))
+    try:
+        content = [{"type": "audio", "audio": question_wav}, {"type": "text", "text": "Hello."}]
+        base = pipe.prepare([{"role": "user", "content": content}], ref_voice[0], ref_voice[1],
+                            SamplingParams(seed=3, max_tokens=4000, temperature=0.0))
+        a = pipe.engine.submit(copy.deepcopy(base))
+        next(ev for ev in a if hasattr(ev, "codes"))  # A holds the row
+        t0 = time.monotonic()
+        events = list(pipe.engine.submit(copy.deepcopy(base)))
+        waited = time.monotonic() - t0
+        assert len(events) == 1 and isinstance(events[0], RequestFailed) and events[0].busy, events
+        error = events[0].exception()
+        assert isinstance(error, CapacityError) and "server busy" in str(error) and "max_queue_wait_s" in str(error)
+        assert 0.3 <= waited < 10, waited
+        assert next(ev for ev in a if hasattr(ev, "codes")) is not None  # A still streams
+        stats = pipe.engine.stats()
+        assert stats["queue_timeouts"] == 1 and stats["failed"] == 0 and stats["active"] == 1
+        a.cancel()
+        list(a)
+    finally:
+        pipe.close()
+
+
 def test_trace_summary_splits_a_late_chunks_window_into_stalls_and_steps():
     spec = importlib.util.spec_from_file_location("trace_summary", ROOT / "scripts" / "engine_trace_summary.py")
     summary = importlib.util.module_from_spec(spec)

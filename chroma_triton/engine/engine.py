@@ -73,6 +73,8 @@ class EngineOptions:
     chunk_frames: int = 10  # largest chunk
     context_frames: int = 12  # already-sent frames repeated before each chunk as decode context
     max_queue: int = 1024  # requests waiting for a row before submit() refuses
+    max_queue_wait_s: float = 30.0  # a request still waiting for a row after this long is refused
+    #                                 ("server busy", HTTP 429) rather than answered later; 0: no limit
     max_prefills_per_step: int = 16  # requests prefilled together (one batched call) per step
     prefill_token_budget: int = 4096  # ...and their prompt tokens, so a burst does not stall running streams
     admission_pacing: bool = True  # admit only what running streams can wait for (engine/pacing.py)
@@ -220,9 +222,9 @@ class ChromaEngine:
         self._backbone_lens = length_buckets(self.opts.backbone_max_len, self.opts.key_bucket) if on_gpu else None
         self._pending: queue.Queue[tuple[GenerationRequest, RequestStream] | None] = queue.Queue()
         self._staged: deque = deque()  # taken off the queue, waiting for admission (queue order)
-        if self.opts.forced_admissions < 0 or self.opts.start_slack_s < 0 or self.opts.pacing_sigmas < 0:
-            raise ValueError("forced_admissions, start_slack_s and pacing_sigmas must be >= 0 "
-                             "(0: as many as fit / off / plan with averages)")
+        if min(self.opts.forced_admissions, self.opts.start_slack_s, self.opts.pacing_sigmas, self.opts.max_queue_wait_s) < 0:
+            raise ValueError("forced_admissions, start_slack_s, pacing_sigmas and max_queue_wait_s must be >= 0 "
+                             "(0: as many as fit / off / plan with averages / no limit)")
         if self.opts.admission_wait_clock not in ("free_row", "arrival"):
             raise ValueError(f"admission_wait_clock must be free_row or arrival, got {self.opts.admission_wait_clock!r}")
         self.pacer = AdmissionPacer(self.opts.admission_margin_s, self.opts.max_admission_wait_s,
@@ -260,6 +262,8 @@ class ChromaEngine:
                          "prefill_estimate_s": 0.0, "prefill_overrun_s": 0.0,
                          # requests admitted past the pacer's allowance (waited max_admission_wait_s)
                          "forced_admissions": 0,
+                         # requests refused after waiting max_queue_wait_s for a row (overload)
+                         "queue_timeouts": 0,
                          # chunks put on a stream after its listener's audio would have run out, by
                          # the engine's clock (playback from the first chunk's send), and by how much:
                          # late here is late at the client too unless the first chunk's delivery took
@@ -945,6 +949,8 @@ class ChromaEngine:
                 stream.put(Finished("cancelled", len(req.thinker_ids), 0, 0, ""))
                 self.counters["cancelled"] += 1
             self._staged = deque(item for item in self._staged if not item[1].cancelled)
+        if self.opts.max_queue_wait_s > 0:
+            self._refuse_overdue()
         costs = self._batch_costs(min(self.opts.max_batch - len(self._active), self.opts.max_prefills_per_step))
         n = len(costs)
         allowance = None
@@ -973,6 +979,17 @@ class ChromaEngine:
                                  allowance_s=allowance, forced=self.pacer.forced if allowance is not None else 0,
                                  step_s=self.pacer.step_s, active=len(self._active), waiting=len(self._staged),
                                  requests=[req.request_id for req, _ in items])
+
+    def _refuse_overdue(self) -> None:
+        """Refuse the requests that have waited longer than ``max_queue_wait_s`` (oldest first: the
+        line is in arrival order). Under sustained overload their first audio would come later
+        than that; "server busy" (HTTP 429 at the frontend) lets the client retry or go elsewhere."""
+        limit, now = self.opts.max_queue_wait_s, time.monotonic()
+        while self._staged and now - self._staged[0][1].submitted_at > limit:
+            _req, stream = self._staged.popleft()
+            self.counters["queue_timeouts"] += 1
+            stream.put(RequestFailed(f"server busy: no generation row came free within {limit:g} s "
+                                     "(max_queue_wait_s); retry later", busy=True))
 
     def _held_for(self, head) -> float:
         """How long the queue's head (its stream) has waited by ``admission_wait_clock``: with

@@ -13,7 +13,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from ..errors import InvalidRequestError
+from ..errors import CapacityError, ChromaError, EngineError, InvalidRequestError
 
 MAX_SEED = 2**63 - 1
 
@@ -89,6 +89,12 @@ class Finished:
 class RequestFailed:
     message: str
     client_error: bool = False
+    busy: bool = False  # refused for capacity (no row in time): the client may retry
+
+    def exception(self) -> ChromaError:
+        """The error to raise for it: the caller's fault, capacity, or the engine's."""
+        kind = InvalidRequestError if self.client_error else CapacityError if self.busy else EngineError
+        return kind(self.message)
 
 
 Event = TextDelta | AudioChunk | Finished | RequestFailed

@@ -8,6 +8,7 @@ import uuid
 
 import triton_python_backend_utils as pb_utils
 
+from chroma_triton.errors import CapacityError
 from chroma_triton.serving import protocol as P
 from chroma_triton.serving.cancel_board import CancelBoard, CancelWatch, live_key, request_key
 from chroma_triton.serving.gc_pauses import freeze_if_asked
@@ -108,6 +109,8 @@ class TritonPythonModel:
             "prefill_overrun_s": family("chroma_lm_prefill_overrun_seconds_total",
                                         "How far prefills ran over the pacer's estimate, summed (stalls the running "
                                         "streams were not kept ready for)", C),
+            "queue_timeouts": family("chroma_lm_queue_timeouts_total",
+                                     "Requests refused as server busy after waiting max_queue_wait_s for a row", C),
             "forced_admissions": family("chroma_lm_forced_admissions_total",
                                         "Requests admitted beyond what running streams could wait for "
                                         "(they had waited max_admission_wait_s)", C),
@@ -202,7 +205,9 @@ class TritonPythonModel:
     @staticmethod
     def _send_error(sender, exc):
         message = P.error_message(exc)
-        if message.startswith(P.INTERNAL_PREFIX):
+        if isinstance(exc, CapacityError):  # overload: expected, one line each, no traceback
+            log.warning("request refused: %s", message)
+        elif message.startswith(P.INTERNAL_PREFIX):
             log.error("request failed: %s", message, exc_info=exc)
         try:
             sender.send(pb_utils.InferenceResponse(error=pb_utils.TritonError(message)), flags=FINAL)
