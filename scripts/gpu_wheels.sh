@@ -20,6 +20,7 @@ set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 DEST=.gpu
 PARTS=${PARTS:-4}
+[[ $PARTS =~ ^[1-9]$ ]] || { echo "PARTS must be 1..9 (one-digit part names), got $PARTS" >&2; exit 2; }
 PLATFORMS=()
 for p in manylinux1 manylinux2014 manylinux_2_5 manylinux_2_17 manylinux_2_24 manylinux_2_26 manylinux_2_27 \
          manylinux_2_28 manylinux_2_31 manylinux_2_34 manylinux_2_35 manylinux_2_38; do
@@ -40,4 +41,4 @@ rm -rf "$DEST"/p[0-9]*
 tar cf "$tmp/wheels.tar" -C "$tmp/whl" .
 split -n "$PARTS" -d -a 1 "$tmp/wheels.tar" "$tmp/wheels.tar."
 for i in $(seq 0 $((PARTS - 1))); do mkdir -p "$DEST/p$((i + 1))" && mv "$tmp/wheels.tar.$i" "$DEST/p$((i + 1))/"; done
-echo "$got wheels"; du -sh "$DEST"/p?
+echo "$got wheels"; du -sh "$DEST"/p[1-9]

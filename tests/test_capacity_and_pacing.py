@@ -194,7 +194,7 @@ def test_max_admission_wait_counts_from_a_free_row(tiny_checkpoint, question_wav
     a row is forced in at once. Rows: 2; A plays throughout, B and C arrive together."""
     import threading
 
-    wait_s = 0.5
+    wait_s = 1.0
     trace = tmp_path / "trace.jsonl"
     pipe = ChromaPipeline.from_pretrained(tiny_checkpoint, options=EngineOptions(
         max_batch=2, admission_pacing=True, admission_margin_s=1000.0, max_admission_wait_s=wait_s,
@@ -234,6 +234,70 @@ def test_max_admission_wait_counts_from_a_free_row(tiny_checkpoint, question_wav
         assert gap >= wait_s * 0.9, gap  # held as long as the limit (the trace rounds to 10 µs)
     else:
         assert gap < wait_s * 0.9, gap  # let in at the next admission round
+
+
+def _held_engine(tiny_checkpoint, question_wav, ref_voice, tmp_path, **options):
+    """Two rows; a pacer that never allows an admission while A plays (a huge margin); a trace."""
+    pipe = ChromaPipeline.from_pretrained(tiny_checkpoint, options=EngineOptions(
+        max_batch=2, admission_pacing=True, admission_margin_s=1000.0, trace_path=str(tmp_path / "trace.jsonl"),
+        **options))
+    content = [{"type": "audio", "audio": question_wav}, {"type": "text", "text": "Hello."}]
+    base = pipe.prepare([{"role": "user", "content": content}], ref_voice[0], ref_voice[1],
+                        SamplingParams(seed=3, max_tokens=8, temperature=0.0))
+
+    def submit(rid, max_tokens):
+        req = copy.deepcopy(base)
+        req.request_id, req.sampling.max_tokens = rid, max_tokens
+        return pipe.engine.submit(req)
+    return pipe, submit
+
+
+def test_a_new_queue_head_does_not_restart_the_admission_clock(tiny_checkpoint, question_wav, ref_voice, tmp_path):
+    """The free-row clock belongs to the free row, not to the request at the head: when the held
+    head is cancelled, the next one is let in when the row has been held empty for
+    max_admission_wait_s in all (a clock per head would hold the row that much longer again)."""
+    import threading
+    import time
+
+    wait_s = 1.0
+    pipe, submit = _held_engine(tiny_checkpoint, question_wav, ref_voice, tmp_path, max_admission_wait_s=wait_s)
+    try:
+        a = submit("A", 4000)
+        next(ev for ev in a if hasattr(ev, "codes"))
+        t0 = time.monotonic() - pipe.engine.trace._t0  # on the trace's clock
+        b, c = submit("B", 8), submit("C", 8)
+        time.sleep(wait_s / 2)
+        b.cancel()
+        drained = threading.Thread(target=lambda: list(c))
+        drained.start()
+        drained.join(120)
+        a.cancel()
+        list(a)
+    finally:
+        pipe.close()
+    events = [json.loads(line) for line in (tmp_path / "trace.jsonl").read_text().splitlines()]
+    admit = {r: e for e in events if e["ev"] == "admit" for r in e["requests"]}
+    assert "B" not in admit and admit["C"]["forced"] == 1
+    assert wait_s * 0.9 <= admit["C"]["t"] - t0 < wait_s * 1.4, admit["C"]["t"] - t0
+
+
+def test_a_request_a_row_is_free_for_is_not_refused_by_max_queue_wait_s(tiny_checkpoint, question_wav, ref_voice,
+                                                                        tmp_path):
+    """max_queue_wait_s bounds the wait for a row: a request whose row is free and which the pacer
+    holds (here longer than max_queue_wait_s) is let in by max_admission_wait_s, not refused."""
+    pipe, submit = _held_engine(tiny_checkpoint, question_wav, ref_voice, tmp_path, max_admission_wait_s=0.8,
+                                max_queue_wait_s=0.3)
+    try:
+        a = submit("A", 4000)
+        next(ev for ev in a if hasattr(ev, "codes"))
+        b = submit("B", 8)
+        assert isinstance(_codes(b), list)  # served, not refused
+        a.cancel()
+        list(a)
+        stats = pipe.engine.stats()
+    finally:
+        pipe.close()
+    assert stats["queue_timeouts"] == 0 and stats["forced_admissions"] == 1
 
 
 def test_a_request_waiting_longer_than_max_queue_wait_s_is_refused(tiny_checkpoint, question_wav, ref_voice):

@@ -338,7 +338,8 @@ def test_codec_decoder_skips_chunks_of_streams_marked_gone(server, codec):
     for key in (alive, None):
         np.testing.assert_allclose(decode(key)[0], expected, atol=1e-4)
     assert decode(gone).shape == (1, 0)
-    assert metrics(server)["chroma_codec_skipped_chunks_total"] == skipped + 1
+    # at least ours (chunks of a stream cancelled by an earlier test may still be skipped meanwhile)
+    assert metrics(server)["chroma_codec_skipped_chunks_total"] >= skipped + 1
 
 
 # -- the control call: chroma_cancel --------------------------------------------------------------

@@ -87,7 +87,7 @@ class EngineOptions:
     forced_admissions: int = 0  # admit at most this many per step then (0: as many as fit, up to
     #                             max_prefills_per_step)
     admission_wait_clock: str = "free_row"  # what max_admission_wait_s counts: the time the pacer has
-    #   held the queue's head back while a row was free for it ("free_row"), or since it arrived
+    #   kept a free row empty while requests waited ("free_row"), or since the queue's head arrived
     #   ("arrival", before session 15: under overload every queued request was that old, so every
     #   admission was forced and stalled the running streams; docs/benchmarks.md run 49)
     kv_memory_fraction: float = 0.9  # on a GPU: share of free memory the KV caches may take (engine/capacity.py)
@@ -229,7 +229,7 @@ class ChromaEngine:
             raise ValueError(f"admission_wait_clock must be free_row or arrival, got {self.opts.admission_wait_clock!r}")
         self.pacer = AdmissionPacer(self.opts.admission_margin_s, self.opts.max_admission_wait_s,
                                     forced_max=self.opts.forced_admissions or None, sigmas=self.opts.pacing_sigmas)
-        self._held: tuple[object, float] | None = None  # (the queue's head, since when the pacer holds it with a row free)
+        self._held_since: float | None = None  # since when the pacer has kept a free row empty (admission_wait_clock)
         self._frame_s = self.cfg.frame_seconds
         self._next_prefill_tokens = 0  # prompt positions of the next admission's batch, as last planned
         self.trace = EngineTrace(self.opts.trace_path) if self.opts.trace_path else None
@@ -960,6 +960,8 @@ class ChromaEngine:
             n = self.pacer.how_many(costs, states, waited)
             self.counters["forced_admissions"] += self.pacer.forced
             allowance = self.pacer.allowance(states) if self.trace is not None else None
+        if n or not costs:  # something admitted, or no row free / nobody waiting: nothing is held back
+            self._held_since = None
         items = [self._staged.popleft() for _ in range(n)]
         # what the chunk plan makes room for: the batch of whatever still waits, free rows or not
         # (a row may free at any step)
@@ -981,27 +983,36 @@ class ChromaEngine:
                                  requests=[req.request_id for req, _ in items])
 
     def _refuse_overdue(self) -> None:
-        """Refuse the requests that have waited longer than ``max_queue_wait_s`` (oldest first: the
-        line is in arrival order). Under sustained overload their first audio would come later
+        """Refuse the requests that have waited longer than ``max_queue_wait_s`` for a row (the
+        line is in arrival order; those a free row is there for now are left to the pacer, which
+        bounds their wait itself). Under sustained overload their first audio would come later
         than that; "server busy" (HTTP 429 at the frontend) lets the client retry or go elsewhere."""
         limit, now = self.opts.max_queue_wait_s, time.monotonic()
-        while self._staged and now - self._staged[0][1].submitted_at > limit:
-            _req, stream = self._staged.popleft()
+        free = max(self.opts.max_batch - len(self._active), 0)
+        if len(self._staged) <= free or now - self._staged[free][1].submitted_at <= limit:
+            return
+        line = list(self._staged)
+        overdue = free
+        while overdue < len(line) and now - line[overdue][1].submitted_at > limit:
+            overdue += 1
+        for _req, stream in line[free:overdue]:
             self.counters["queue_timeouts"] += 1
             stream.put(RequestFailed(f"server busy: no generation row came free within {limit:g} s "
                                      "(max_queue_wait_s); retry later", busy=True))
+        self._staged = deque(line[:free] + line[overdue:])
 
     def _held_for(self, head) -> float:
-        """How long the queue's head (its stream) has waited by ``admission_wait_clock``: with
-        "free_row", since the first admission round that had a row for it (this is called only when
-        rows are free), so waiting for a row under overload does not count; with "arrival", since
-        it was submitted."""
+        """How long the pacer has held the queue back, by ``admission_wait_clock``: with "free_row",
+        since the first admission round in which a row was free and nothing was admitted (an
+        admission, or a round without a free row, restarts it; a new head does not), so the pacer
+        keeps a row empty at most ``max_admission_wait_s`` and waiting for a row does not count;
+        with "arrival", since the head was submitted."""
         now = time.monotonic()
         if self.opts.admission_wait_clock == "arrival":
             return now - head.submitted_at
-        if self._held is None or self._held[0] is not head:
-            self._held = (head, now)
-        return now - self._held[1]
+        if self._held_since is None:
+            self._held_since = now
+        return now - self._held_since
 
     def _admit_items(self, items: list[tuple[GenerationRequest, RequestStream]], tokens: int,
                      estimate: float | None) -> list[torch.Tensor]:

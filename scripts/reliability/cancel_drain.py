@@ -6,7 +6,7 @@ Measured, from Triton's statistics extension and metrics:
 * how many chunks ``codec_decoder`` handled after the cancel, and when it handled the last one
   (it runs for every chunk ``chroma_lm`` had sent before it saw the cancel);
 * how many of those it skipped (``chroma_codec_skipped_chunks_total``: chunks of streams
-  ``chroma_lm`` had marked gone) instead of decoding;
+  ``chroma_lm`` had marked gone, and chunks Triton itself flagged cancelled) instead of decoding;
 * how long until every engine row was free again.
 
 By default a tritonserver of its own (the repository rendered for the CPU, the demo checkpoint);
@@ -86,6 +86,8 @@ def measure(server, streams: int, read_s: float, max_tokens: int) -> dict:
             last, last_at = count, time.monotonic()
         if idle_at is None:
             rows = metrics(server.metrics_url, ("chroma_lm_active_requests",))["chroma_lm_active_requests"]
+            if rows is None:
+                raise RuntimeError(f"no chroma_lm_active_requests on {server.metrics_url}: not a chroma tritonserver?")
             idle_at = time.monotonic() if rows == 0 else None
         if time.monotonic() - t0 > 300:
             break

@@ -244,10 +244,10 @@ class _Served:
 
     def on_cancel(self, source, posted):  # the cancel watch's thread
         self.note.update(source=source, posted=posted, seen=time.time())
+        self.mark_gone()  # first: from here on, no chunk of this stream is decoded
         self.flag.set()
         if self.streams:
             self.streams[0].cancel()  # the engine drops the row at its next step
-        self.mark_gone()
 
     def mark_gone(self):
         """codec_decoder skips this stream's chunks still in its queue (nobody will hear them)."""
