@@ -185,6 +185,22 @@ def test_paced_engine_admits_a_burst_and_finishes_every_request(tiny_checkpoint,
     assert any(line.startswith("chunk 1: audio left") for line in lines)
 
 
+def _held_engine(tiny_checkpoint, question_wav, ref_voice, tmp_path, **options):
+    """Two rows; a pacer that never allows an admission while A plays (a huge margin); a trace."""
+    pipe = ChromaPipeline.from_pretrained(tiny_checkpoint, options=EngineOptions(
+        max_batch=2, admission_pacing=True, admission_margin_s=1000.0, trace_path=str(tmp_path / "trace.jsonl"),
+        **options))
+    content = [{"type": "audio", "audio": question_wav}, {"type": "text", "text": "Hello."}]
+    base = pipe.prepare([{"role": "user", "content": content}], ref_voice[0], ref_voice[1],
+                        SamplingParams(seed=3, max_tokens=8, temperature=0.0))
+
+    def submit(rid, max_tokens):
+        req = copy.deepcopy(base)
+        req.request_id, req.sampling.max_tokens = rid, max_tokens
+        return pipe.engine.submit(req)
+    return pipe, submit
+
+
 @pytest.mark.parametrize("clock", ["free_row", "arrival"])
 def test_max_admission_wait_counts_from_a_free_row(tiny_checkpoint, question_wav, ref_voice, tmp_path, clock):
     """Under overload a request waits for a row first; with admission_wait_clock free_row that
@@ -196,22 +212,12 @@ def test_max_admission_wait_counts_from_a_free_row(tiny_checkpoint, question_wav
 
     wait_s = 1.0
     trace = tmp_path / "trace.jsonl"
-    pipe = ChromaPipeline.from_pretrained(tiny_checkpoint, options=EngineOptions(
-        max_batch=2, admission_pacing=True, admission_margin_s=1000.0, max_admission_wait_s=wait_s,
-        admission_wait_clock=clock, trace_path=str(trace)))
+    pipe, submit = _held_engine(tiny_checkpoint, question_wav, ref_voice, tmp_path, max_admission_wait_s=wait_s,
+                                admission_wait_clock=clock)
     try:
-        content = [{"type": "audio", "audio": question_wav}, {"type": "text", "text": "Hello."}]
-        base = pipe.prepare([{"role": "user", "content": content}], ref_voice[0], ref_voice[1],
-                            SamplingParams(seed=3, max_tokens=8, temperature=0.0))
-
-        def request(rid, max_tokens):
-            req = copy.deepcopy(base)
-            req.request_id, req.sampling.max_tokens = rid, max_tokens
-            return req
-
-        a = pipe.engine.submit(request("A", 4000))
+        a = submit("A", 4000)
         next(ev for ev in a if hasattr(ev, "codes"))  # A plays: its listener has audio (the pacer's slack)
-        b, c = pipe.engine.submit(request("B", 8)), pipe.engine.submit(request("C", 8))
+        b, c = submit("B", 8), submit("C", 8)
         drained = [threading.Thread(target=lambda s=s: list(s)) for s in (b, c)]
         for t in drained:
             t.start()
@@ -234,22 +240,6 @@ def test_max_admission_wait_counts_from_a_free_row(tiny_checkpoint, question_wav
         assert gap >= wait_s * 0.9, gap  # held as long as the limit (the trace rounds to 10 µs)
     else:
         assert gap < wait_s * 0.9, gap  # let in at the next admission round
-
-
-def _held_engine(tiny_checkpoint, question_wav, ref_voice, tmp_path, **options):
-    """Two rows; a pacer that never allows an admission while A plays (a huge margin); a trace."""
-    pipe = ChromaPipeline.from_pretrained(tiny_checkpoint, options=EngineOptions(
-        max_batch=2, admission_pacing=True, admission_margin_s=1000.0, trace_path=str(tmp_path / "trace.jsonl"),
-        **options))
-    content = [{"type": "audio", "audio": question_wav}, {"type": "text", "text": "Hello."}]
-    base = pipe.prepare([{"role": "user", "content": content}], ref_voice[0], ref_voice[1],
-                        SamplingParams(seed=3, max_tokens=8, temperature=0.0))
-
-    def submit(rid, max_tokens):
-        req = copy.deepcopy(base)
-        req.request_id, req.sampling.max_tokens = rid, max_tokens
-        return pipe.engine.submit(req)
-    return pipe, submit
 
 
 def test_a_new_queue_head_does_not_restart_the_admission_clock(tiny_checkpoint, question_wav, ref_voice, tmp_path):
