@@ -98,16 +98,18 @@ class CancelBoard:
         self.folder = Path(folder) if folder else default_dir()
         (self.folder / GONE).mkdir(parents=True, exist_ok=True)
 
-    def _path(self, key: str) -> Path | None:
-        return self.folder / key if _KEY.match(key or "") else None
+    def _path(self, key: str, under: str = "") -> Path | None:
+        return self.folder / under / key if _KEY.match(key or "") else None
 
-    def post(self, key: str) -> None:
-        path = self._path(key)
+    def post(self, key: str, under: str = "") -> None:
+        """Post marker ``key`` (in the board's folder ``under``, e.g. :data:`GONE`); a key that
+        is not a file name is ignored."""
+        path = self._path(key, under)
         if path is not None:
             path.touch()
 
-    def is_posted(self, key: str) -> bool:
-        path = self._path(key)
+    def is_posted(self, key: str, under: str = "") -> bool:
+        path = self._path(key, under)
         return path is not None and path.exists()
 
     def posted_at(self, key: str) -> float | None:
@@ -127,11 +129,10 @@ class CancelBoard:
 
     def mark_gone(self, stream_key: str) -> None:
         """The stream of ``stream_key`` was cancelled: its chunks still queued need no decoding."""
-        if _KEY.match(stream_key or ""):
-            (self.folder / GONE / stream_key).touch()
+        self.post(stream_key, GONE)
 
     def is_gone(self, stream_key: str) -> bool:
-        return bool(_KEY.match(stream_key or "")) and (self.folder / GONE / stream_key).exists()
+        return self.is_posted(stream_key, GONE)
 
     def names(self) -> set[str]:
         try:
