@@ -9,6 +9,9 @@
 #                                                # MPS=on: under a private CUDA MPS daemon, see below)
 #   bash scripts/gpu_bench.sh launch             # scripts/bench_launch.py: per-kernel and per-step launch costs,
 #                                                # the sampler per call (MPS=on: under the private daemon)
+#   bash scripts/gpu_bench.sh profile [profile_engine.py args...]
+#                                                # scripts/profile_engine.py: a batched step's and a prefill's
+#                                                # kernels and host work (TAG=name: file suffix; MPS=on)
 #   bash scripts/gpu_bench.sh variants VARIANT... # bench_engine.py --variants: engine options compared
 #                                                # (compiled, LEVELS), the best written to $OUT/best_params.txt
 #   bash scripts/gpu_bench.sh serving [DP] [LEVELS] [extra bench_serving args...]
@@ -59,7 +62,7 @@ shift
 # codec's kernels running beside the engine's (docs/benchmarks.md run 39: 4.93-4.94 vs 4.65-4.69 ms
 # per frame served). Results get the suffix _mps.
 SUFFIX=""
-if [ "${MPS:-off}" = on ] && [[ $step =~ ^(engine|variants|tests|launch)$ ]]; then
+if [ "${MPS:-off}" = on ] && [[ $step =~ ^(engine|variants|tests|launch|profile)$ ]]; then
   export CUDA_MPS_PIPE_DIRECTORY=/tmp/gpu-bench-mps/pipe CUDA_MPS_LOG_DIRECTORY=/tmp/gpu-bench-mps/log
   mkdir -p "$CUDA_MPS_PIPE_DIRECTORY" "$CUDA_MPS_LOG_DIRECTORY"
   echo quit | nvidia-cuda-mps-control 2>/dev/null || true  # one left by a step killed at the call limit
@@ -70,7 +73,7 @@ if [ "${MPS:-off}" = on ] && [[ $step =~ ^(engine|variants|tests|launch)$ ]]; th
   fi
   SUFFIX=_mps
 elif [ "${MPS:-off}" = on ]; then
-  echo "MPS=on applies to engine, variants, tests and launch only (stacks: up ... --cuda-mps on|off)" >&2
+  echo "MPS=on applies to engine, variants, tests, launch and profile only (stacks: up ... --cuda-mps on|off)" >&2
 fi
 case $step in
   env)
@@ -86,6 +89,12 @@ case $step in
       --pacing "${PACING:-on,off}" --overlap "${OVERLAP:-on}" \
       --baseline-frames 20 --profile-frames 16 --compile-levels "${COMPILE_LEVELS:-}" \
       --out "$OUT/bench_engine$SUFFIX.json" 2>&1 | tee "$OUT/bench_engine$SUFFIX.log" ;;
+  profile)
+    # where a step's and a prefill's time goes (torch.profiler on the engine's thread, served options):
+    # gpu_bench.sh profile --rows 256 --prefills 1,16 [--set prefill_graphs=false] [--spy-s 3]
+    spy=$(ls "$ENV"/lib/python3*/site-packages/bin/py-spy 2>/dev/null | head -1 || true)
+    PY_SPY=${PY_SPY:-$spy} "$PY" scripts/profile_engine.py --model "$CKPT" --keep-traces "$OUT/traces_profile" \
+      --out "$OUT/profile_engine${TAG:+_$TAG}$SUFFIX.json" "$@" 2>&1 | tee "$OUT/profile_engine${TAG:+_$TAG}$SUFFIX.log" ;;
   launch)
     "$PY" scripts/bench_launch.py --out "$OUT/bench_launch$SUFFIX.json" 2>&1 | tee "$OUT/bench_launch$SUFFIX.log" ;;
   variants)

@@ -233,6 +233,11 @@ class ChromaEngine:
         self._frame_s = self.cfg.frame_seconds
         self._next_prefill_tokens = 0  # prompt positions of the next admission's batch, as last planned
         self.trace = EngineTrace(self.opts.trace_path) if self.opts.trace_path else None
+        # for profilers (scripts/profile_engine.py): a callable the engine's thread calls before each
+        # step (a profiler records the thread that starts it), and whether steps and batched
+        # prefills are marked as profiler ranges ("chroma.step", "chroma.prefill[N]")
+        self.between_steps = None
+        self.profile_ranges = False
         self._last_prefill_s: float | None = None
         self._active: list[_Active] = []  # _active[i].row == i
         self._global_step = 0
@@ -608,9 +613,12 @@ class ChromaEngine:
                         if item is None:
                             continue
                         self._staged.append(item)
+                if self.between_steps is not None:
+                    self.between_steps()
                 wall, cpu = time.perf_counter(), time.thread_time()
                 try:
-                    self._step()
+                    with self._profile_range("chroma.step"):
+                        self._step()
                 finally:
                     self.counters["host_step_s"] += time.perf_counter() - wall
                     self.counters["host_cpu_s"] += time.thread_time() - cpu
@@ -651,6 +659,9 @@ class ChromaEngine:
             self.trace.step(rows=len(launched.batch), step_s=self.pacer.step_s, plan_s=self.pacer.step_high,
                             took_s=time.perf_counter() - t0,
                             prefill_s=launched.prefill_s, waiting=len(self._staged) + self._pending.qsize())
+
+    def _profile_range(self, name: str):
+        return torch.profiler.record_function(name) if self.profile_ranges else contextlib.nullcontext()
 
     def _waiting(self) -> bool:
         return bool(self._staged) or not self._pending.empty()
@@ -1022,9 +1033,10 @@ class ChromaEngine:
             torch.cuda.synchronize(self.device)
         t0 = time.perf_counter()
         try:
-            states = self._prefill(items)
-            if self.device.type == "cuda":
-                torch.cuda.synchronize(self.device)
+            with self._profile_range(f"chroma.prefill[{len(items)}]"):
+                states = self._prefill(items)
+                if self.device.type == "cuda":
+                    torch.cuda.synchronize(self.device)
             took = time.perf_counter() - t0
             if estimate is not None:  # what the pacer expected, against what it got (before learning it)
                 self.counters["prefill_estimate_s"] += estimate
