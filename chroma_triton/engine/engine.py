@@ -46,7 +46,7 @@ from ..model.loading import ChromaParts, make_thinker, resolve_thinker_backend
 from ..model.thinker import Thinker, TorchThinker, pad_batch
 from ..model.trunk import eager_layers
 from .capacity import GIB, kv_bytes_per_row, free_device_bytes, plan_rows
-from .detokenizer import IncrementalDetokenizer
+from .detokenizer import IncrementalDetokenizer, fast_decode
 from .graphs import StepRunner, batch_buckets, bucket, length_buckets
 from .pacing import AdmissionPacer, StreamState
 from .prefill_graphs import PrefillGraphs
@@ -199,6 +199,7 @@ class ChromaEngine:
         self.special = parts.special
         self.default_top_k = parts.top_k
         self.tokenizer = parts.tokenizer
+        self._decode = fast_decode(self.tokenizer)  # shared by every request's detokenizer
         self._owns_thinker = thinker is None
         self.thinker: Thinker = self._make_thinker_and_size(parts, thinker)
         # optional hooks of thinkers that generate ahead (SGLangThinker): host-side wait before a
@@ -1168,7 +1169,7 @@ class ChromaEngine:
         skip = {self.special.im_end, self.special.im_start}
         for i, ((req, stream), token) in enumerate(zip(items, t1.tolist())):
             a = _Active(req=req, stream=stream, row=row + i, params=req.sampling,
-                        detok=IncrementalDetokenizer(self.tokenizer, skip), prompt_tokens=len(req.thinker_ids),
+                        detok=IncrementalDetokenizer(self.tokenizer, skip, self._decode), prompt_tokens=len(req.thinker_ids),
                         thinker_pos=len(req.thinker_ids), thinker_token=token, thinker_done=False,
                         backbone_pos=ends[i])
             self._on_text_token(a, token)
