@@ -805,6 +805,42 @@ def test_prefill_graphs_write_what_the_eager_prefill_writes(pipe, question_wav, 
         torch.testing.assert_close(thinker.cache.v[:, 3 + i, :, :n], thinker.cache.v[:, i, :, :n])
 
 
+def test_backbone_tail_graphs_write_what_the_eager_step_writes(pipe, question_wav, ref_voice):
+    """The graph path of an admission's backbone step after cached voice prefixes (rows padded to a
+    bucket, run in scratch rows, prefix and tail copied into the engine's rows) leaves the same keys
+    and values and returns the same states as the eager step, for rows of two voices. The CPU runs
+    it without graphs, the same code a GPU captures."""
+    from chroma_triton.engine.prefill_graphs import BackboneTailGraphs
+    from chroma_triton.engine.voice_prefix import copy_prefixes
+
+    pipe.engine.shutdown()
+    engine = ChromaEngine(pipe.parts, EngineOptions(max_batch=8))
+    frames, cache = engine.frames, engine.frames.backbone_cache
+    other_voice = (question_wav, "What is the weather like?")
+    reqs = [request(pipe, question_wav, voice) for voice in (ref_voice, ref_voice, other_voice)]
+    with torch.no_grad():
+        voices = [engine._voice_prefixes_of(0, [r])[0] for r in (reqs[0], reqs[2])]
+    prefixes = [voices[0], voices[0], voices[1]]
+    lengths = [pk.shape[2] for pk, _ in prefixes]
+    assert lengths[0] != lengths[2]
+    graphs = BackboneTailGraphs(frames, max_rows=4, max_len=512, device=torch.device("cpu"))
+    assert graphs.fits(3, max(lengths)) and not graphs.fits(5, max(lengths)) and not graphs.fits(3, 511)
+    tails = torch.randn(3, 2, frames.backbone.model.cfg.hidden_size, generator=torch.Generator().manual_seed(0))
+    untouched = cache.k[:, 7:].clone()
+    with torch.no_grad():
+        copy_prefixes(cache, 1, prefixes)
+        positions = torch.tensor(lengths)[:, None] + torch.arange(2)
+        eager = frames.backbone_step(tails, positions, torch.ones(3, dtype=torch.long), max(lengths) + 2, row_start=1)
+        graphed = graphs.run(4, prefixes, tails)
+    assert graphs.calls == 1
+    torch.testing.assert_close(graphed, eager)
+    assert torch.equal(cache.k[:, 7:], untouched)  # rows past row_start + 3: as they were
+    for i, n in enumerate(lengths):
+        torch.testing.assert_close(cache.k[:, 4 + i, :, :n + 2], cache.k[:, 1 + i, :, :n + 2])
+        torch.testing.assert_close(cache.v[:, 4 + i, :, :n + 2], cache.v[:, 1 + i, :, :n + 2])
+    assert torch.equal(cache.k[:, 4, :, :lengths[0]], voices[0][0])  # the voice's own prefix, copied
+
+
 def test_engine_with_prefill_graphs_streams_the_eager_codes(pipe, question_wav, ref_voice):
     """Through the loop: `prefill_graphs` takes the graph path for its prefills and streams what the
     eager prefill streams (on this CPU the padded shapes round alike; on a GPU in bf16 they may not,
@@ -817,9 +853,9 @@ def test_engine_with_prefill_graphs_streams_the_eager_codes(pipe, question_wav, 
         try:
             results = [collect(s) for s in [engine.submit(copy.deepcopy(r)) for r in reqs]]  # batched admissions
             if on:
-                assert engine.prefill_graphs.calls >= 1
+                assert engine.prefill_graphs.calls >= 1 and engine.backbone_tails.calls >= 1
             else:
-                assert engine.prefill_graphs is None
+                assert engine.prefill_graphs is None and engine.backbone_tails is None
         finally:
             engine.shutdown()
         codes[on] = [np.concatenate([c.codes[c.context_frames:] for c in r["chunks"]]) for r in results]

@@ -227,6 +227,44 @@ def test_prefill_graphs_replay_the_padded_eager_prefill(pipe, question_wav, ref_
     assert len(graphs) == len(graphs.rows) * len(graphs.lengths)  # nothing captured while prefilling
 
 
+def test_backbone_tail_graphs_replay_the_padded_eager_step(pipe, question_wav, ref_voice):
+    """`prefill_graphs`' backbone tails: graphs captured at start and replayed for rows of cached
+    voices give what the same padded step gives eagerly, bitwise, touch no other rows, and match the
+    unpadded eager step within bf16 tolerance."""
+    from chroma_triton.engine.prefill_graphs import BackboneTailGraphs
+
+    engine = ChromaEngine(pipe.parts, EngineOptions(max_batch=8, capture_at_start=False))
+    frames, cache = engine.frames, engine.frames.backbone_cache
+    reqs = [pipe.prepare([{"role": "user", "content": [{"type": "audio", "audio": question_wav}]}], *voice,
+                         SamplingParams(seed=1, max_tokens=8)) for voice in (ref_voice, (question_wav, "Hello."))]
+    with torch.no_grad():
+        voices = [engine._voice_prefixes_of(0, [r])[0] for r in reqs]
+    eager = BackboneTailGraphs(frames, 4, 512, torch.device("cpu"))  # a CPU device: no graphs, tensors on the GPU
+    graphs = BackboneTailGraphs(frames, 4, 512, torch.device("cuda", torch.cuda.current_device()))
+    assert graphs.capture_all() and len(graphs) == len(graphs.rows) * len(graphs.lengths)
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    with torch.no_grad():
+        for prefixes in ([voices[0], voices[0], voices[1]], [voices[1]], [voices[0]] * 4):
+            n = len(prefixes)
+            tails = torch.randn(n, 2, frames.backbone.model.cfg.hidden_size, device="cuda", generator=gen,
+                                dtype=cache.k.dtype)
+            padded = eager.run(0, prefixes, tails)
+            written = cache.k[:, :n].clone()
+            untouched = cache.k[:, 4 + n:].clone()
+            graphed = graphs.run(4, prefixes, tails)
+            assert torch.equal(graphed, padded)
+            for i, (pk, _) in enumerate(prefixes):
+                m = pk.shape[2] + 2
+                assert torch.equal(cache.k[:, 4 + i, :, :m], written[:, i, :, :m])
+            assert torch.equal(cache.k[:, 4 + n:], untouched)
+            lengths = [pk.shape[2] for pk, _ in prefixes]
+            positions = torch.tensor(lengths, device="cuda")[:, None] + torch.arange(2, device="cuda")
+            plain = frames.backbone_step(tails, positions, torch.ones(n, dtype=torch.long, device="cuda"),
+                                         max(lengths) + 2, row_start=0)
+            torch.testing.assert_close(graphed.float(), plain.float(), atol=3e-2, rtol=3e-2)
+    assert len(graphs) == len(graphs.rows) * len(graphs.lengths)  # nothing captured while serving
+
+
 def test_fused_sampler_matches_pytorch_on_the_gpu():
     """The Triton sampler compiled: the token sampling.sample picks for float32 logits (but where
     exp/log round differently in the last bits), nothing top-k, top-p or greedy rule out for bf16

@@ -49,9 +49,9 @@ from .capacity import GIB, kv_bytes_per_row, free_device_bytes, plan_rows
 from .detokenizer import IncrementalDetokenizer, fast_decode
 from .graphs import StepRunner, batch_buckets, bucket, length_buckets
 from .pacing import AdmissionPacer, StreamState
-from .prefill_graphs import PrefillGraphs
+from .prefill_graphs import BackboneTailGraphs, PrefillGraphs
 from .trace import EngineTrace
-from .voice_prefix import VoicePrefixCache, voice_key
+from .voice_prefix import VoicePrefixCache, copy_prefixes, voice_key
 from .request import AudioChunk, Finished, GenerationRequest, RequestFailed, RequestStream, SamplingParams, TextDelta
 
 log = logging.getLogger(__name__)
@@ -94,7 +94,8 @@ class EngineOptions:
     activation_reserve_gib: float = 4.0  # ...after keeping this much for activations and graph pools
     cuda_graphs: bool = True  # on CUDA: capture steps as graphs (ignored on CPU)
     capture_at_start: bool = True  # ...every step graph before serving, not when a shape is first needed
-    prefill_graphs: bool = False  # on CUDA: the thinker's prompt prefill through graphs (engine/prefill_graphs.py)
+    prefill_graphs: bool = False  # on CUDA: the thinker's prompt prefill, and the backbone's two positions after a
+    #                               cached voice prefix, through graphs (engine/prefill_graphs.py)
     prefill_graph_max_len: int = 512  # ...for prompts up to this many tokens (longer: eager)
     overlap: bool = True  # launch step n+1 before reading step n's codes (host work overlaps the device's)
     thinker_ahead: bool = True  # run the thinker's step for the next talking step right after this one,
@@ -294,6 +295,12 @@ class ChromaEngine:
             self.prefill_graphs = PrefillGraphs(self.thinker, min(self.opts.max_prefills_per_step, self.opts.max_batch),
                                                 self.opts.prefill_graph_max_len, self.device,
                                                 use_graphs=self.opts.cuda_graphs)
+        # the backbone's two positions of an admission whose voice prefix is cached (any thinker)
+        self.backbone_tails = None
+        if self.opts.prefill_graphs and self.voice_prefixes.capacity:
+            self.backbone_tails = BackboneTailGraphs(self.frames, min(self.opts.max_prefills_per_step, self.opts.max_batch),
+                                                     self.opts.prefill_graph_max_len, self.device,
+                                                     use_graphs=self.opts.cuda_graphs)
 
     def _set_kernel_choices(self, parts: ChromaParts) -> None:
         """Apply `math_attention`, `topk_segments`, `fused_sampling` and `gemv` to the shared modules
@@ -429,6 +436,8 @@ class ChromaEngine:
                     self._sample_graph(size, k_max, states, ints, floats)
         if self.prefill_graphs is not None and not self.prefill_graphs.capture_all(stop=low_memory):
             return "free GPU memory fell below half of activation_reserve_gib (prefill graphs)"
+        if self.backbone_tails is not None and not self.backbone_tails.capture_all(stop=low_memory):
+            return "free GPU memory fell below half of activation_reserve_gib (backbone tail graphs)"
         return None
 
     def _dummy_step_inputs(self, size: int):
@@ -533,6 +542,7 @@ class ChromaEngine:
                 "requested_batch": self.capacity.requested,
                 "graphs": len(self.runner) + (len(self.thinker_runner) if self.thinker_runner is not self.runner else 0),
                 "prefill_graphs": len(self.prefill_graphs) if self.prefill_graphs is not None else 0,
+                "backbone_tail_graphs": len(self.backbone_tails) if self.backbone_tails is not None else 0,
                 **self.counters}
 
     # -- validation ---------------------------------------------------------------------------
@@ -1182,8 +1192,8 @@ class ChromaEngine:
         """Backbone prefill of rows row.. with voice prefixes from `voice_prefixes`: prefixes not
         held yet are computed once per voice (in the first rows, as scratch) and kept; every row
         then gets its voice's keys and values copied in, and one batched step computes the two
-        positions of its own ([h0, embed(t1)]). Returns (states [n, H], backbone positions used)."""
-        cache = self.frames.backbone_cache
+        positions of its own ([h0, embed(t1)]): through `backbone_tails`' graphs where they fit,
+        else eagerly. Returns (states [n, H], backbone positions used)."""
         keys = [voice_key(r.prompt_text_ids, r.prompt_codes) for r in reqs]
         known = [k in self.voice_prefixes for k in keys]
         missing = list(dict.fromkeys(k for k, held in zip(keys, known) if not held))
@@ -1192,7 +1202,7 @@ class ChromaEngine:
             prefixes = self._voice_prefixes_of(row, [reqs[keys.index(k)] for k in missing])
             for k, (pk, pv) in zip(missing, prefixes):
                 self.voice_prefixes.put(k, pk, pv)
-        lengths, runs = [], []  # runs: [first row, rows, (pk, pv)] of consecutive rows with one voice
+        prefixes = []
         for i, k in enumerate(keys):
             held = self.voice_prefixes.get(k)
             if held is None:  # evicted by a voice of this same admission (capacity below its voices)
@@ -1200,19 +1210,17 @@ class ChromaEngine:
                 self.counters["voice_prefix_misses"] += 1
             elif known[i]:  # admissions that found their voice cached
                 self.counters["voice_prefix_hits"] += 1
-            if runs and runs[-1][2][0] is held[0]:
-                runs[-1][1] += 1
-            else:
-                runs.append([row + i, 1, held])
-            lengths.append(held[0].shape[2])
-        for first, count, (pk, pv) in runs:  # one copy per run: a burst of one voice is two copies
-            n = pk.shape[2]
-            cache.k[:, first:first + count, :, :n].copy_(pk[:, None])
-            cache.v[:, first:first + count, :, :n].copy_(pv[:, None])
-        start = torch.tensor(lengths, device=self.device)
-        positions = start[:, None] + torch.arange(2, device=self.device)
-        last = torch.ones(len(reqs), dtype=torch.long, device=self.device)
-        states = self.frames.backbone_step(tails, positions, last, max(lengths) + 2, row_start=row)
+            prefixes.append(held)
+        lengths = [pk.shape[2] for pk, _ in prefixes]
+        tail_graphs = self.backbone_tails
+        if tail_graphs is not None and tail_graphs.fits(len(reqs), max(lengths)):
+            states = tail_graphs.run(row, prefixes, tails)
+        else:
+            copy_prefixes(self.frames.backbone_cache, row, prefixes)
+            start = torch.tensor(lengths, device=self.device)
+            positions = start[:, None] + torch.arange(2, device=self.device)
+            last = torch.ones(len(reqs), dtype=torch.long, device=self.device)
+            states = self.frames.backbone_step(tails, positions, last, max(lengths) + 2, row_start=row)
         return states, [n + 2 for n in lengths]
 
     def _voice_prefixes_of(self, row: int, reqs: list[GenerationRequest]) -> list[tuple[torch.Tensor, torch.Tensor]]:

@@ -1,4 +1,5 @@
-"""The thinker's prompt prefill through CUDA graphs (`EngineOptions.prefill_graphs`).
+"""Admissions through CUDA graphs (`EngineOptions.prefill_graphs`): the thinker's prompt prefill
+(`PrefillGraphs`) and the backbone's two positions after a cached voice prefix (`BackboneTailGraphs`).
 
 An eager prefill launches its kernels one by one from Python: about 45 per layer, over 1,600 for
 the thinker's 36 layers, whatever the batch. In the traces of docs/benchmarks.md run 36 a
@@ -29,6 +30,7 @@ import torch
 from ..model.thinker import TorchThinker
 from ..model.trunk import eager_layers
 from .graphs import StepRunner, batch_buckets, bucket
+from .voice_prefix import copy_prefixes
 
 LENGTH_STEP = 64
 
@@ -103,4 +105,76 @@ class PrefillGraphs:
                     return False
                 x = torch.zeros(rows, padded, self.thinker.hidden_size, dtype=p.dtype, device=p.device)
                 self._graph(x, torch.ones(rows, dtype=torch.long, device=p.device))
+        return True
+
+
+class BackboneTailGraphs:
+    """The backbone's part of an admission when the voice's prefix is cached, through CUDA graphs.
+
+    With the voice's keys and values cached (engine/voice_prefix.py), a new row's backbone prefill
+    is two positions, [h0, embed(t1)], after its voice's prefix. Eagerly that is one call of 16
+    layers, some 450 kernels launched one by one from Python: the profile of session 16
+    (scripts/profile_engine.py, one H200) had an admission of one request take 23 ms, of which
+    6 ms on the GPU. Here the rows are padded to a rows bucket (1, 2, 4, ... `max_rows`) and their
+    key length to a length bucket (64, 128, ... `max_len`); the voices' prefixes are copied into
+    scratch rows 0.., the graph computes the two positions there, and the scratch rows (prefix and
+    tail) are copied into the engine's rows. Rows past the batch and keys past a row's end are
+    padding the causal mask keeps out of every real query, so the states match the eager step's
+    up to the kernels' rounding (other shapes). Longer prefixes, or more rows, take the eager step.
+    """
+
+    def __init__(self, frames, max_rows: int, max_len: int, device: torch.device, use_graphs: bool = True):
+        self.frames = frames
+        self.rows = batch_buckets(max_rows)
+        self.lengths = prefill_length_buckets(min(max_len, frames.backbone_cache.max_len))
+        p = frames.backbone.codebook0_head.weight
+        self.scratch, _ = frames.backbone.model.new_cache(self.rows[-1], self.lengths[-1], p.device, p.dtype)
+        self.hidden = frames.backbone.model.cfg.hidden_size
+        self.runner = StepRunner(use_graphs=use_graphs and device.type == "cuda", shared_pool=True,
+                                 device=device if device.type == "cuda" else None)
+        self.calls = 0  # admissions that took this path
+
+    def __len__(self) -> int:
+        return len(self.runner)
+
+    def fits(self, rows: int, longest_prefix: int) -> bool:
+        return rows <= self.rows[-1] and longest_prefix + 2 <= self.lengths[-1]
+
+    @torch.no_grad()
+    def run(self, row_start: int, prefixes: list[tuple[torch.Tensor, torch.Tensor]], tails: torch.Tensor) -> torch.Tensor:
+        """Rows row_start.. of the backbone cache get their voice's prefix (`prefixes[i]`: keys and
+        values [layers, kv_heads, P_i, head_dim]) and the two positions of `tails` [n, 2, H] after
+        it; returns the states at the second position [n, H]."""
+        self.calls += 1
+        n = tails.shape[0]
+        lengths = [pk.shape[2] for pk, _ in prefixes]
+        rows, padded = bucket(n, self.rows), bucket(max(lengths) + 2, self.lengths)
+        copy_prefixes(self.scratch, 0, prefixes)
+        x = tails.new_zeros(rows, 2, self.hidden)
+        x[:n] = tails
+        start = torch.zeros(rows, dtype=torch.long)
+        start[:n] = torch.tensor(lengths)
+        positions = (start[:, None] + torch.arange(2)).to(tails.device, non_blocking=True)
+        states = self.runner(("backbone_tail", rows, padded), partial(self._run, key_len=padded), x, positions)
+        cache = self.frames.backbone_cache  # every row's prefix and tail, into the engine's rows
+        cache.k[:, row_start:row_start + n, :, :padded].copy_(self.scratch.k[:, :n, :, :padded])
+        cache.v[:, row_start:row_start + n, :, :padded].copy_(self.scratch.v[:, :n, :, :padded])
+        return states[:n].clone()  # the pool's memory is the next replay's
+
+    def _run(self, x: torch.Tensor, positions: torch.Tensor, *, key_len: int) -> torch.Tensor:
+        with eager_layers():  # the graph holds the layers' kernels either way; no compile for these shapes
+            h = self.frames.backbone.model(x, self.scratch, self.frames.backbone_rotary, positions, key_len)
+        return h[:, 1]
+
+    @torch.no_grad()
+    def capture_all(self, stop=lambda: False) -> bool:
+        """Capture every (rows, length) graph now, shortest first; `stop()` ends it early."""
+        p = self.frames.backbone.codebook0_head.weight
+        for padded in self.lengths:
+            for rows in self.rows:
+                if stop():
+                    return False
+                x = torch.zeros(rows, 2, self.hidden, dtype=p.dtype, device=p.device)
+                positions = torch.arange(2, device=p.device).expand(rows, 2).contiguous()
+                self.runner(("backbone_tail", rows, padded), partial(self._run, key_len=padded), x, positions)
         return True

@@ -54,3 +54,19 @@ class VoicePrefixCache:
         self._items.move_to_end(key)
         while len(self._items) > self.capacity:
             self._items.popitem(last=False)
+
+
+def copy_prefixes(cache, first_row: int, prefixes: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+    """Copy `prefixes[i]` (keys and values [layers, kv_heads, P, head_dim]) into rows first_row + i
+    of `cache` (a KVCache), one copy per run of consecutive rows that share a voice (a burst of
+    one voice is two copies, not two per row)."""
+    i = 0
+    while i < len(prefixes):
+        pk, pv = prefixes[i]
+        j = i + 1
+        while j < len(prefixes) and prefixes[j][0] is pk:
+            j += 1
+        n = pk.shape[2]
+        cache.k[:, first_row + i:first_row + j, :, :n].copy_(pk[:, None])
+        cache.v[:, first_row + i:first_row + j, :, :n].copy_(pv[:, None])
+        i = j
