@@ -209,8 +209,9 @@ class EngineThreadProfiler:
     """torch.profiler run on the engine's thread (a profiler records the CPU ops of the thread that
     starts it): started and stopped there between two steps (`ChromaEngine.between_steps`)."""
 
-    def __init__(self, engine, activities):
-        self.engine, self.activities = engine, activities
+    def __init__(self, engine, activities, wake):
+        """`wake()`: submit something, so that an idle engine's thread comes round to a step."""
+        self.engine, self.activities, self.wake = engine, activities, wake
         self._want, self._prof = None, None
         self._done = threading.Event()
         engine.between_steps = self._between_steps
@@ -232,8 +233,11 @@ class EngineThreadProfiler:
     def _ask(self, what: str):
         self._done.clear()
         self._want = what
-        if not self._done.wait(60):
-            raise SystemExit(f"the engine's thread did not {what} the profiler (is a request running?)")
+        for _ in range(60):  # an idle engine (every request ended) waits for work: give it some
+            if self._done.wait(1.0):
+                return
+            self.wake()
+        raise SystemExit(f"the engine's thread did not {what} the profiler")
 
     def run(self, fn, trace_file: Path) -> dict:
         """Profile the engine's thread while `fn()` runs here; returns the chrome trace."""
@@ -361,7 +365,8 @@ def main():
     ap.add_argument("--rows", type=int, default=256, help="requests running together in the steady phase (0: skip it)")
     ap.add_argument("--steady-s", type=float, default=1.0, help="seconds the steady phase is measured by the engine's "
                     "counters, then as long profiled")
-    ap.add_argument("--steady-frames", type=int, default=400, help="max_tokens of the steady phase's requests")
+    ap.add_argument("--steady-frames", type=int, default=600, help="max_tokens of the steady phase's requests: "
+                    "enough to outlast their admission and both windows (rows_at_end in the JSON says whether they did)")
     ap.add_argument("--settle-s", type=float, default=1.0, help="wait after the last admission before profiling")
     ap.add_argument("--prefills", default="1,16", help="group sizes of the prefill phase (empty: skip it)")
     ap.add_argument("--prefill-rounds", type=int, default=5)
@@ -395,7 +400,7 @@ def main():
     engine = ChromaEngine(parts, opts).start()
     report["engine_start_s"] = time.perf_counter() - t
     print(f"engine ready in {report['engine_start_s']:.0f} s ({json.dumps(changes)})", flush=True)
-    profiler = EngineThreadProfiler(engine, activities)
+    profiler = EngineThreadProfiler(engine, activities, wake=lambda: submit(engine, template, 2, 1))
     work = Path(args.keep_traces) if args.keep_traces else Path(tempfile.mkdtemp(prefix="profile_engine_"))
     work.mkdir(parents=True, exist_ok=True)
     try:
