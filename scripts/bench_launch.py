@@ -175,6 +175,49 @@ def gemv_vs_cublas(rows: int, repeats: int) -> dict:
     return {"rows": rows, "shapes": shapes, "frame_cublas_us": frame_cublas, "frame_gemv_us": frame_best}
 
 
+# (name, kv heads, heads per kv head, new positions per row, head dim, cache length, calls per frame,
+#  rows' last positions drawn from [lo, hi]): the trunks' step attention as trunk.Attention calls it
+ATTENTION_SHAPES = [("backbone silent", 8, 4, 1, 64, 1536, 8, 160, 700), ("backbone talking", 8, 4, 3, 64, 1536, 8, 160, 700),
+                    ("thinker", 2, 8, 1, 128, 1024, 18, 120, 420), ("decoder", 2, 4, 1, 128, 8, 28, 1, 7)]
+
+
+def attention_costs(rows_list: list[int], repeats: int, key_bucket: int = 256) -> list[dict]:
+    """Per trunk shape and batch: SDPA as the trunk calls it (keys up to the batch's key bucket, an
+    additive mask) against chroma_triton.model.decode_attention (each row's keys up to its own last
+    position), us per call (8 calls per graph), rows at mixed lengths and all at the longest."""
+    import torch.nn.functional as F
+
+    from chroma_triton.model.decode_attention import decode_attention
+    out = []
+    g = torch.Generator().manual_seed(0)
+    for rows in rows_list:
+        for name, kvh, group, length, d, t, per_frame, lo, hi in ATTENTION_SHAPES:
+            for spread in ("mixed", "equal"):
+                last = torch.randint(lo, hi + 1, (rows,), generator=g) if spread == "mixed" else torch.full((rows,), hi)
+                positions = (last[:, None] - length + 1 + torch.arange(length)).cuda()
+                need = int(last.max()) + 1
+                key_len = min(t, -(-need // key_bucket) * key_bucket) if t > key_bucket else t
+                q = torch.randn(rows, kvh, group * length, d, device="cuda", dtype=torch.bfloat16)
+                k = torch.randn(rows, kvh, t, d, device="cuda", dtype=torch.bfloat16)
+                v = torch.randn(rows, kvh, t, d, device="cuda", dtype=torch.bfloat16)
+                allowed = torch.arange(key_len, device="cuda")[None, None, :] <= positions[:, :, None]
+                mask = torch.zeros(allowed.shape, device="cuda", dtype=torch.bfloat16).masked_fill_(~allowed, float("-inf"))
+                mask = mask.unsqueeze(1).repeat(1, 1, group, 1)
+
+                def sdpa():
+                    return F.scaled_dot_product_attention(q, k[:, :, :key_len], v[:, :, :key_len], attn_mask=mask)
+                want, got = sdpa(), decode_attention(q, k, v, positions)
+                row = {"shape": name, "rows": rows, "lengths": spread, "key_len": key_len,
+                       "mean_keys": float(last.float().mean()) + 1, "per_frame": per_frame,
+                       "sdpa_us": replay_us(graph_of(lambda: [sdpa() for _ in range(8)]), repeats) / 8,
+                       "kernel_us": replay_us(graph_of(lambda: [decode_attention(q, k, v, positions) for _ in range(8)]),
+                                              repeats) / 8,
+                       "max_abs_diff": float((got.float() - want.float()).abs().max())}
+                out.append(row)
+                print(json.dumps(row), flush=True)
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--kernels", type=int, default=1000, help="kernels per graph for the per-kernel cost")
@@ -185,9 +228,20 @@ def main() -> None:
                     help="torch.backends.cuda.preferred_blas_library for this process")
     ap.add_argument("--only-matmuls", action="store_true")
     ap.add_argument("--gemv-rows", default="", help="e.g. 1,4: chroma_triton.model.gemv against cuBLAS per weight shape, then exit")
+    ap.add_argument("--attention-rows", default="", help="e.g. 1,64,256: SDPA against "
+                    "chroma_triton.model.decode_attention per trunk shape, then exit")
     ap.add_argument("--out", help="JSON report")
     args = ap.parse_args()
     torch.cuda.init()
+    if args.attention_rows:
+        report = attention_costs([int(r) for r in args.attention_rows.split(",")], args.repeats)
+        for r in report:
+            print(f"{r['shape']:>16} rows {r['rows']:>3} {r['lengths']:>5}: SDPA {r['sdpa_us']:7.1f} us, "
+                  f"kernel {r['kernel_us']:7.1f} us (keys {r['mean_keys']:.0f} of {r['key_len']}), "
+                  f"max diff {r['max_abs_diff']:.3g}", flush=True)
+        if args.out:
+            Path(args.out).write_text(json.dumps(report, indent=1))
+        return
     if args.gemv_rows:
         report = [gemv_vs_cublas(int(r), args.repeats) for r in args.gemv_rows.split(",")]
         for r in report:

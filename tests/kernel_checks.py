@@ -10,6 +10,7 @@ import sys
 
 import torch
 
+from chroma_triton.model.decode_attention import decode_attention_op
 from chroma_triton.model.gemv import gemv_op
 from chroma_triton.sampling import sample, stream_keys, token_hashes
 from chroma_triton.sampling_kernel import fused_sample
@@ -123,13 +124,69 @@ def gemv_errors(device: str, dtype=torch.float32, shapes=((1, 96, 200, True), (1
     return errors
 
 
+def decode_attention_errors(device: str, dtype=torch.float32,
+                            cases=((3, 2, 4, 1, 64, 300), (2, 8, 4, 3, 64, 200), (1, 2, 8, 1, 128, 70),
+                                   (2, 2, 4, 2, 128, 9))) -> list[float]:
+    """Largest |decode_attention - masked SDPA| relative to the largest |SDPA| for (rows, kv heads,
+    heads per kv head, new positions, head dim, cache length) cases, as trunk.Attention lays them
+    out: rows of different lengths (one shorter than a key slice, one not a multiple of it),
+    several new positions per row (causal among them), grouped query heads."""
+    g = torch.Generator().manual_seed(3)
+    errors = []
+    for b, kvh, group, length, d, t in cases:
+        q = torch.randn(b, kvh, group * length, d, generator=g)
+        k, v = torch.randn(b, kvh, t, d, generator=g), torch.randn(b, kvh, t, d, generator=g)
+        last = torch.randint(length - 1, t, (b,), generator=g)
+        last[0] = min(t - 1, length + 5)
+        positions = last[:, None] - length + 1 + torch.arange(length)  # [b, L], ascending
+        allowed = torch.arange(t)[None, None, :] <= positions[:, :, None]  # [b, L, t]
+        mask = torch.zeros(allowed.shape).masked_fill_(~allowed, float("-inf")).unsqueeze(1).repeat(1, 1, group, 1)
+        want = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        q, k, v = (x.to(device, dtype) for x in (q, k, v))
+        got = decode_attention_op(q, k, v, positions.to(device)).float().cpu()
+        errors.append(float((got - want).abs().max() / want.abs().max()))
+    return errors
+
+
+def trunk_step_outputs(device: str, dtype=torch.float32) -> list[torch.Tensor]:
+    """A small trunk's outputs for decoding steps of 1 and 3 positions with its rows at different
+    lengths, attending by SDPA and by decode_attention (trunk.set_decode_attention)."""
+    from test_trunk_attention import _trunk
+
+    outs = []
+    for kernel in (False, True):
+        trunk = _trunk(device, dtype).set_decode_attention(kernel)
+        cache, rotary = trunk.new_cache(4, 300, device, dtype)
+        g = torch.Generator(device=device).manual_seed(0)
+        with torch.no_grad():
+            trunk(torch.randn(4, 200, 64, device=device, dtype=dtype, generator=g), cache, rotary,
+                  torch.arange(200, device=device)[None].repeat(4, 1), key_len=200)
+            got = []
+            for width, starts in ((3, (120, 150, 197, 200)), (1, (123, 153, 200, 203))):
+                pos = torch.tensor(starts, device=device)[:, None] + torch.arange(width, device=device)
+                x = torch.randn(4, width, 64, device=device, dtype=dtype, generator=g)
+                got.append(trunk(x, cache, rotary, pos, key_len=256).float())
+        outs.append(torch.cat([o.flatten(1) for o in got], dim=1))
+    return outs
+
+
+def trunk_step_error(device: str, dtype=torch.float32) -> float:
+    sdpa, kernel = trunk_step_outputs(device, dtype)
+    return float((kernel - sdpa).abs().max() / sdpa.abs().max())
+
+
 if __name__ == "__main__":  # the CPU test: python tests/kernel_checks.py under TRITON_INTERPRET=1
     rate = agreement_with_pytorch("cpu")
     bad = violations("cpu")
     worst = max(gemv_errors("cpu"))
     want, got = top_p_ties("cpu")
+    attention = max(decode_attention_errors("cpu"))
+    attention_bf16 = max(decode_attention_errors("cpu", torch.bfloat16))
+    trunk_error = trunk_step_error("cpu")
     print(f"agreement {rate:.4f}; violations {len(bad)}; gemv error {worst:.2e}; "
-          f"top-p tie tokens {want} / {got}")  # (the distribution check: GPU only)
+          f"top-p tie tokens {want} / {got}; decode attention error {attention:.2e} (bf16 {attention_bf16:.2e}, "
+          f"trunk steps {trunk_error:.2e})")  # (distribution: GPU only)
     for line in bad[:10]:
         print(line)
-    sys.exit(0 if rate == 1.0 and not bad and worst < 1e-5 and len(want) == len(got) == 3 and got == [0, 1, 2] else 1)
+    sys.exit(0 if rate == 1.0 and not bad and worst < 1e-5 and len(want) == len(got) == 3 and got == [0, 1, 2]
+             and attention < 1e-5 and attention_bf16 < 2e-2 and trunk_error < 1e-5 else 1)

@@ -173,6 +173,30 @@ def test_math_attention_steps_match_sdpa_in_bf16():
     assert (outs[0] - outs[1]).abs().max() <= 0.02 * outs[0].abs().max()
 
 
+def test_decode_attention_matches_sdpa_and_serves_through_graphs(pipe, question_wav, ref_voice):
+    """`decode_attention` on the GPU in bf16: a trunk's decoding steps (rows at different lengths,
+    1 and 3 positions) agree with SDPA's within bf16 tolerance; an engine with it on every trunk,
+    compiled, serves through its graphs the codes its eager run gives."""
+    import kernel_checks as checks
+
+    sdpa, kernel = checks.trunk_step_outputs("cuda", torch.bfloat16)
+    assert torch.nn.functional.cosine_similarity(sdpa[None], kernel[None]).item() > 0.999
+    assert (kernel - sdpa).abs().max() <= 0.02 * sdpa.abs().max()
+    reqs = [pipe.prepare([{"role": "user", "content": [{"type": "audio", "audio": question_wav}]}], ref_voice[0],
+                         ref_voice[1], SamplingParams(seed=s, max_tokens=16 + 4 * s)) for s in range(3)]
+    results = {}
+    for graphs, compiled in ((False, False), (True, False), (True, True)):
+        engine = ChromaEngine(pipe.parts, EngineOptions(max_batch=4, cuda_graphs=graphs, compile=compiled,
+                                                        decode_attention="thinker,backbone,decoder")).start()
+        try:
+            results[graphs, compiled] = [_codes(engine, r) for r in reqs]
+        finally:
+            engine.shutdown()
+    for eager, graph, fused in zip(results[False, False], results[True, False], results[True, True]):
+        np.testing.assert_array_equal(graph, eager)  # the same kernels replayed
+        assert fused.shape[1] == eager.shape[1] and len(fused) > 0  # compiled (other fusions): it serves
+
+
 def test_step_graphs_are_captured_before_serving(pipe, question_wav, ref_voice):
     """`capture_at_start` (the default): every step graph exists once the engine has started, and
     serving requests captures none (a capture mid-stream stops every running stream)."""

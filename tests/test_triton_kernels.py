@@ -35,3 +35,16 @@ def test_kernel_options_are_refused_off_cuda(tiny_checkpoint, name):
     parts = load_parts(tiny_checkpoint, device="cpu")
     with pytest.raises(ValueError, match=f"{name} needs a CUDA device"):
         ChromaEngine(parts, EngineOptions(max_batch=1, **{name: True}))
+
+
+def test_decode_attention_is_refused_off_cuda_and_for_unknown_trunks(tiny_checkpoint):
+    from chroma_triton.engine import ChromaEngine, EngineOptions
+    from chroma_triton.model.loading import load_parts
+
+    parts = load_parts(tiny_checkpoint, device="cpu")
+    with pytest.raises(ValueError, match="decode_attention needs a CUDA device"):
+        ChromaEngine(parts, EngineOptions(max_batch=1, decode_attention="backbone"))
+    with pytest.raises(ValueError, match=r"decode_attention: unknown trunk\(s\) \['talker'\]"):
+        ChromaEngine(parts, EngineOptions(max_batch=1, decode_attention="backbone,talker"))
+    engine = ChromaEngine(parts, EngineOptions(max_batch=1))  # off (the default): SDPA everywhere
+    assert not any(layer.self_attn.decode_kernel for layer in engine.frames.backbone.model.layers)

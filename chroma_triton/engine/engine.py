@@ -40,7 +40,7 @@ import torch
 
 from .. import sampling_kernel
 from ..errors import CapacityError, EngineError, InvalidRequestError
-from ..model import gemv
+from ..model import decode_attention, gemv
 from ..model.frame_model import FrameModel, SamplingTensors
 from ..model.loading import ChromaParts, make_thinker, resolve_thinker_backend
 from ..model.thinker import Thinker, TorchThinker, pad_batch
@@ -55,6 +55,15 @@ from .voice_prefix import VoicePrefixCache, copy_prefixes, voice_key
 from .request import AudioChunk, Finished, GenerationRequest, RequestFailed, RequestStream, SamplingParams, TextDelta
 
 log = logging.getLogger(__name__)
+
+
+def _trunk_names(option: str, value: str) -> set[str]:
+    """The trunks a comma-separated option names (thinker, backbone, decoder)."""
+    wanted = {t.strip() for t in value.split(",") if t.strip()}
+    unknown = wanted - {"thinker", "backbone", "decoder"}
+    if unknown:
+        raise ValueError(f"{option}: unknown trunk(s) {sorted(unknown)}; use thinker, backbone, decoder")
+    return wanted
 
 
 #: the options that use a Triton kernel, each with the check that its module can run it
@@ -104,6 +113,8 @@ class EngineOptions:
     compile: bool = False  # torch.compile each decoder layer and the sampler (fused kernels; CPU: needs a C++ compiler)
     # kernel choices for steps, same results (bench_engine.py --variants compares them on a GPU):
     math_attention: str = ""  # trunks ("thinker,backbone,decoder") whose steps attend by matmuls, not SDPA
+    decode_attention: str = ""  # trunks whose steps attend by a Triton kernel that reads each row's keys up to its
+    #                             own length (model/decode_attention.py; CUDA), not SDPA up to the batch's key bucket
     topk_segments: int = 1  # > 1: sampling's top-k over that many vocabulary slices first (sampling.segmented_topk)
     fused_sampling: bool = False  # on CUDA: each sampling call as one Triton kernel (sampling_kernel.py)
     #                               instead of PyTorch's topk and elementwise kernels; the same noise
@@ -303,17 +314,20 @@ class ChromaEngine:
                                                      use_graphs=self.opts.cuda_graphs)
 
     def _set_kernel_choices(self, parts: ChromaParts) -> None:
-        """Apply `math_attention`, `topk_segments`, `fused_sampling` and `gemv` to the shared modules
-        (both ways, like compile)."""
+        """Apply `math_attention`, `decode_attention`, `topk_segments`, `fused_sampling` and `gemv`
+        to the shared modules (both ways, like compile)."""
         trunks = {"backbone": self.frames.backbone.model, "decoder": self.frames.decoder.model}
         if parts.thinker_lm is not None:
             trunks["thinker"] = parts.thinker_lm.model
-        wanted = {t.strip() for t in self.opts.math_attention.split(",") if t.strip()}
-        unknown = wanted - {"thinker", "backbone", "decoder"}
-        if unknown:
-            raise ValueError(f"math_attention: unknown trunk(s) {sorted(unknown)}; use thinker, backbone, decoder")
+        math, kernel = _trunk_names("math_attention", self.opts.math_attention), \
+            _trunk_names("decode_attention", self.opts.decode_attention)
+        if kernel and self.device.type != "cuda":
+            raise ValueError(f"decode_attention needs a CUDA device; this engine runs on {self.device}")
+        if kernel and not decode_attention.available():
+            raise ValueError("decode_attention needs Triton, which is not installed (it comes with PyTorch's CUDA builds)")
         for name, trunk in trunks.items():
-            trunk.set_math_attention(name in wanted)
+            trunk.set_math_attention(name in math)
+            trunk.set_decode_attention(name in kernel)
         if self.opts.topk_segments < 1:
             raise ValueError("topk_segments must be >= 1")
         self.frames.topk_segments = self.opts.topk_segments

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import RopeConfig, TrunkConfig
+from .decode_attention import decode_attention_op
 from .gemv import linear
 
 
@@ -109,6 +110,7 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(cfg.num_heads * cfg.head_dim, cfg.hidden_size, bias=False)
         self.qkv: tuple[torch.Tensor, torch.Tensor | None] | None = None
         self.math_steps = False  # steps (<= MATH_MAX_QUERIES positions) attend by explicit matmuls, not SDPA
+        self.decode_kernel = False  # ...or by model/decode_attention.py's kernel (CUDA), each row to its own length
 
     def fuse(self) -> None:
         """One [q; k; v] matrix (one matmul per step instead of three). The q/k/v parameters become
@@ -151,8 +153,11 @@ class Attention(nn.Module):
         # become extra query rows of that head ([B, kvh, G*L, D]); `mask` is already repeated G times.
         group = self.num_heads // self.num_kv_heads
         q = q.reshape(b, self.num_kv_heads, group * length, self.head_dim)
-        attend = attend_math if self.math_steps and length <= MATH_MAX_QUERIES else F.scaled_dot_product_attention
-        out = attend(q, k_cache[:, :, :key_len], v_cache[:, :, :key_len], attn_mask=mask)
+        if self.decode_kernel and length <= MATH_MAX_QUERIES:
+            out = decode_attention_op(q, k_cache, v_cache, positions)
+        else:
+            attend = attend_math if self.math_steps and length <= MATH_MAX_QUERIES else F.scaled_dot_product_attention
+            out = attend(q, k_cache[:, :, :key_len], v_cache[:, :, :key_len], attn_mask=mask)
         out = out.reshape(b, self.num_heads, length, self.head_dim)
         return linear(out.transpose(1, 2).reshape(b, length, -1), self.o_proj.weight)
 
@@ -230,6 +235,13 @@ class Trunk(nn.Module):
         2-position prefill) attend with `attend_math` instead of SDPA; longer prefills keep SDPA."""
         for layer in self.layers:
             layer.self_attn.math_steps = on
+        return self
+
+    def set_decode_attention(self, on: bool) -> "Trunk":
+        """Calls of at most MATH_MAX_QUERIES positions attend with model/decode_attention.py's
+        Triton kernel (CUDA; each row's keys up to its own last position) instead of SDPA."""
+        for layer in self.layers:
+            layer.self_attn.decode_kernel = on
         return self
 
     def fuse(self) -> "Trunk":

@@ -311,6 +311,7 @@ def engine_options(args) -> EngineOptions:
     kwargs.update({name: args.float(name, getattr(d, name)) for name in _FLOAT_OPTIONS})
     kwargs.update({name: args.bool(name, getattr(d, name)) for name in _BOOL_OPTIONS})
     kwargs["math_attention"] = args.str("math_attention", d.math_attention)
+    kwargs["decode_attention"] = args.str("decode_attention", d.decode_attention)
     kwargs["admission_wait_clock"] = args.str("admission_wait_clock", d.admission_wait_clock)
     device = str(getattr(args, "device", "cpu"))
     # one file per instance: "{device}" / "{instance}" in the path name it (dp instances share a name)
