@@ -32,6 +32,11 @@ def available() -> bool:
     return triton is not None
 
 
+def supports(head_dim: int) -> bool:
+    """Head sizes the kernel handles: powers of two from 16 (its products' inner size)."""
+    return head_dim >= 16 and head_dim & (head_dim - 1) == 0
+
+
 if triton is not None:
     @triton.jit
     def _decode_attention_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, out_ptr,

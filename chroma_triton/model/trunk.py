@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import RopeConfig, TrunkConfig
-from .decode_attention import decode_attention_op
+from .decode_attention import decode_attention_op, supports
 from .gemv import linear
 
 
@@ -239,9 +239,10 @@ class Trunk(nn.Module):
 
     def set_decode_attention(self, on: bool) -> "Trunk":
         """Calls of at most MATH_MAX_QUERIES positions attend with model/decode_attention.py's
-        Triton kernel (CUDA; each row's keys up to its own last position) instead of SDPA."""
+        Triton kernel (CUDA; each row's keys up to its own last position) instead of SDPA. Heads
+        the kernel does not handle (decode_attention.supports) keep SDPA."""
         for layer in self.layers:
-            layer.self_attn.decode_kernel = on
+            layer.self_attn.decode_kernel = on and supports(self.cfg.head_dim)
         return self
 
     def fuse(self) -> "Trunk":
