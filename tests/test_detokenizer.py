@@ -75,3 +75,17 @@ def test_fast_decode_matches_transformers(tokenizer):
         def decode(self, ids, skip_special_tokens=False):
             return f"{len(ids)}:{skip_special_tokens}"
     assert fast_decode(Slow())([1, 2]) == "2:True"
+
+
+def test_a_decoder_that_rewrites_earlier_text_does_not_stop_the_deltas():
+    """A tokenizer whose decode cleans up spaces (" ." -> ".") can make the window's text disagree
+    with what was emitted; the detokenizer goes on instead of waiting for ever."""
+    pieces = {0: "a", 1: " ", 2: ".", 3: " b", 4: " c"}
+
+    class CleaningUp:
+        def decode(self, ids, skip_special_tokens=False):
+            return "".join(pieces[i] for i in ids).replace(" .", ".")
+    detok = IncrementalDetokenizer(CleaningUp(), set())
+    deltas = feed(detok, [0, 1, 2, 3, 4])
+    assert "".join(deltas) == "a . b c"  # nothing lost: the space already out stays out
+    assert detok.text == "a. b c"

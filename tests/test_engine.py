@@ -861,3 +861,21 @@ def test_engine_with_prefill_graphs_streams_the_eager_codes(pipe, question_wav, 
         codes[on] = [np.concatenate([c.codes[c.context_frames:] for c in r["chunks"]]) for r in results]
     for a, b in zip(codes[False], codes[True]):
         np.testing.assert_array_equal(a, b)
+
+
+def test_a_failing_between_steps_hook_is_removed_and_fails_no_request(pipe, question_wav, ref_voice):
+    """A profiler's hook (scripts/profile_engine.py) that raises is logged and dropped; the request
+    running goes on as if it had never been there."""
+    engine = make_engine(pipe, max_batch=2)
+    calls = []
+
+    def broken():
+        calls.append(1)
+        raise RuntimeError("profiler trouble")
+    try:
+        engine.between_steps = broken
+        out = run(engine, request(pipe, question_wav, ref_voice, max_tokens=6))
+        assert out["failed"] is None and out["finished"].reason == "length"
+        assert calls == [1] and engine.between_steps is None
+    finally:
+        engine.shutdown()

@@ -10,6 +10,8 @@ them, through the tokenizers library directly when transformers would add nothin
 
 from __future__ import annotations
 
+import os
+
 
 def fast_decode(tokenizer):
     """`ids -> text` as `tokenizer.decode(ids, skip_special_tokens=True)` gives it: the Rust
@@ -38,10 +40,13 @@ class IncrementalDetokenizer:
         before = self._decode(self.ids[self._start:self._read])
         text = self._decode(self.ids[self._start:])
         # an unfinished multi-byte character (or nothing new yet): wait for more tokens
-        if len(text) <= len(before) or text.endswith("\ufffd") or not text.startswith(before):
+        if len(text) <= len(before) or text.endswith("\ufffd"):
             return ""
         self._start, self._read = self._read, len(self.ids)
-        return text[len(before):]
+        # a decoder that rewrites what it decoded before (a tokenizer that cleans up spaces, " ."
+        # -> ".") can make the window's text disagree with what was emitted: what was emitted
+        # stays, the text past the part both agree on goes out
+        return text[len(os.path.commonprefix([before, text])):]
 
     @property
     def text(self) -> str:

@@ -638,8 +638,13 @@ class ChromaEngine:
                         if item is None:
                             continue
                         self._staged.append(item)
-                if self.between_steps is not None:
-                    self.between_steps()
+                hook = self.between_steps
+                if hook is not None:
+                    try:
+                        hook()
+                    except Exception:  # a profiler's trouble must not fail the requests running
+                        log.exception("between_steps hook failed; removed")
+                        self.between_steps = None
                 wall, cpu = time.perf_counter(), time.thread_time()
                 try:
                     with self._profile_range("chroma.step"):
