@@ -34,6 +34,19 @@ def test_profile_engine_reports_steps_and_prefills(tiny_checkpoint, tmp_path):
     assert "steady chroma.step" in run.stdout and "prefill chroma.prefill[1]" in run.stdout
 
 
+def test_an_engine_gone_idle_is_woken_to_stop_the_profiler(tiny_checkpoint, tmp_path):
+    """Requests that end before the profiled window does: the engine's thread, waiting for work,
+    is given a short request so that it comes round to stop the profiler; the report says how many
+    rows were still running."""
+    out = tmp_path / "profile.json"
+    run = subprocess.run([sys.executable, str(ROOT / "scripts" / "profile_engine.py"), "--model", str(tiny_checkpoint),
+                          "--device", "cpu", "--rows", "2", "--steady-s", "1.5", "--steady-frames", "12",
+                          "--settle-s", "0", "--prefills", "", "--out", str(out)], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    steady = json.loads(out.read_text())["steady"]
+    assert steady["rows_at_end"] == 0 and steady["ranges"]["chroma.step"]["count"] >= 1
+
+
 def test_chrome_trace_reading():
     from profile_engine import self_times, summarize_ranges, union_us
 
