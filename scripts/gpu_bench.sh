@@ -4,6 +4,8 @@
 #
 #   bash scripts/gpu_bench.sh env WHEEL_DIR...   # scripts/gpu_env.sh: venv with numpy<2, tritonserver, clients
 #   bash scripts/gpu_bench.sh checkpoint         # random `full` checkpoint in $CKPT (skipped when present)
+#   bash scripts/gpu_bench.sh env-copy TREE NEW_ENV  # that environment again, importing TREE's code (an older
+#                                                # checkout for an A/B; its stacks: CHROMA_GPU_ENV=NEW_ENV, run from TREE)
 #   bash scripts/gpu_bench.sh tests              # tests/test_gpu.py (a test blocked 5 min dumps its stacks and exits)
 #   bash scripts/gpu_bench.sh engine             # scripts/bench_engine.py (pacing on/off, batch-1 kernel profile;
 #                                                # MPS=on: under a private CUDA MPS daemon, see below)
@@ -78,6 +80,15 @@ fi
 case $step in
   env)
     bash scripts/gpu_env.sh "$@" ;;
+  env-copy)
+    # a copy of the environment whose .pth names another checkout, for a stack of older code beside
+    # this one (docs/benchmarks.md run 53): env-copy /root/old /root/chroma-env-old, then
+    # (cd /root/old && CHROMA_GPU_ENV=/root/chroma-env-old bash scripts/gpu_bench.sh up o 1 8100)
+    tree=$(cd "${1:?usage: env-copy TREE NEW_ENV}" && pwd); new=${2:?usage: env-copy TREE NEW_ENV}
+    rm -rf "$new" && cp -a "$ENV" "$new"
+    site=$(ls -d "$new"/lib/python3*/site-packages)
+    printf '%s\n%s\n' "$tree" "$(sed -n 2p "$site/zz_chroma_image.pth")" > "$site/zz_chroma_image.pth"
+    (cd / && "$new/bin/python" -c 'import chroma_triton; print("env-copy:", chroma_triton.__file__)') ;;
   checkpoint)
     [ -f "$CKPT/config.json" ] || "$PY" scripts/make_checkpoint.py --preset full --out "$CKPT" --no-visual ;;
   tests)
