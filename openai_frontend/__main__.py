@@ -45,6 +45,9 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, Setti
     p.add_argument("--slow-client-timeout", type=float, default=d.slow_client_timeout,
                    help="seconds a streamed event may wait for a client that does not read before the "
                         "reply is abandoned (Triton request cancelled, connection closed); 0 = never")
+    p.add_argument("--start-timeout", type=float, default=d.start_timeout,
+                   help="seconds a reply may take to start (waiting for a generation row) before the request "
+                        "gets 429 server_busy and is cancelled; 0 = never")
     p.add_argument("--log-level", default=d.log_level, choices=["debug", "info", "warning", "error"])
     args = p.parse_args(argv)
     if args.workers < 1:
@@ -66,6 +69,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, Setti
             default_max_tokens=min(Settings.default_max_tokens, args.max_tokens_limit),
             request_timeout=args.request_timeout,
             slow_client_timeout=args.slow_client_timeout,
+            start_timeout=args.start_timeout,
             log_level=args.log_level,
         )
     except ValueError as exc:

@@ -26,7 +26,8 @@ import numpy as np
 from chroma_triton.audio_io import encode_audio, to_pcm16
 
 from .backend import SAMPLE_RATE, ChatBackend, ChatRequest, Delta, Usage
-from .errors import APIError, InvalidRequest, NotFound, PayloadTooLarge, ServiceUnavailable, error_body, log_error, to_api_error
+from .errors import (APIError, InvalidRequest, NotFound, PayloadTooLarge, RateLimited, ServiceUnavailable, error_body, log_error,
+                     to_api_error)
 from .media import MediaResolver, check_audio
 from .schemas import AudioURLPart, ChatCompletionRequest, InputAudioPart, SeedAudioPart, TextPart
 from .settings import Settings
@@ -219,9 +220,21 @@ class ChatService:
         return err
 
     def engine_stream(self, plan: Plan) -> AsyncIterator[Delta]:
+        limit = self.settings.start_timeout
+
         async def deltas():
             gen = self.backend.stream(plan.engine)
             try:
+                if limit > 0:  # the reply must start in time: a request still waiting for a row is refused
+                    try:
+                        async with asyncio.timeout(limit):
+                            first = await anext(gen, None)
+                    except TimeoutError:
+                        raise RateLimited(f"server busy: the reply did not start within {limit:g} s (every "
+                                          "generation row is taken; start_timeout); retry later") from None
+                    if first is None:
+                        return
+                    gen = _chain(first, gen)
                 async for delta in gen:
                     if delta.finish_reason == "cancelled":
                         raise ServiceUnavailable("the server cancelled the request (it may be shutting down); retry")
@@ -365,3 +378,13 @@ def usage_body(usage: Usage) -> dict:
 
 def new_request_id() -> str:
     return uuid.uuid4().hex
+
+
+async def _chain(first: Delta, rest: AsyncIterator[Delta]) -> AsyncIterator[Delta]:
+    """``first``, then what ``rest`` yields (closing this closes ``rest``)."""
+    try:
+        yield first
+        async for delta in rest:
+            yield delta
+    finally:
+        await rest.aclose()

@@ -43,6 +43,11 @@ class Settings:
       base64 PCM) are full of audio the client has not read, and a client that stopped reading
       would keep the reply's events in this process and in Triton until ``request_timeout``.
       0 = never.
+    * ``start_timeout`` 60 s: a request whose reply has not started (no text, no audio) within
+      this long gets 429 ``server_busy`` and its Triton request is cancelled. A reply starts
+      within a second once it has a generation row, so such a request is waiting for one: in the
+      engine's queue (whose own bound, ``max_queue_wait_s`` 30 s, answers first) or, with more
+      than one ``chroma_lm`` instance, in Triton's, which nothing else bounds. 0 = never.
     """
 
     triton_grpc_url: str = "localhost:8001"
@@ -60,6 +65,7 @@ class Settings:
     default_max_tokens: int = 1000
     request_timeout: float = 600.0
     slow_client_timeout: float = 30.0
+    start_timeout: float = 60.0
     health_timeout: float = 2.0
     audio_retention_seconds: int = 3600
     log_level: str = "info"
@@ -72,6 +78,8 @@ class Settings:
         for name in ("max_audio_seconds", "max_prompt_audio_seconds", "request_timeout", "health_timeout"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        if self.start_timeout < 0:
+            raise ValueError(f"start_timeout must be >= 0, got {self.start_timeout}")
         if self.slow_client_timeout < 0:
             raise ValueError(f"slow_client_timeout must be >= 0, got {self.slow_client_timeout}")
         if self.default_max_tokens > self.max_tokens_limit:

@@ -1,8 +1,10 @@
 """Overload through the whole stack: a request that waits longer than ``max_queue_wait_s`` for an
 engine row is refused with HTTP 429 (``server_busy``) and an OpenAI-style error body, while the
-reply holding the row goes on; the server serves again once the row is free.
+reply holding the row goes on; the server serves again once the row is free. Where nothing else
+bounds the wait (the engine's bound off, or Triton's queue in front of two instances), the
+frontend's ``--start-timeout`` does.
 
-Its own small stack (one engine row, a 1 s queue wait) on the CPU with the demo checkpoint.
+Small stacks of their own (one engine row per instance) on the CPU with the demo checkpoint.
 """
 
 from __future__ import annotations
@@ -82,4 +84,110 @@ def test_a_request_that_waits_too_long_for_a_row_gets_429(one_row_stack):
         except openai.RateLimitError:
             assert time.monotonic() < deadline, "still refused a minute after the row's holder hung up"
             time.sleep(0.2)
+    assert reply.choices[0].finish_reason in ("stop", "length")
+
+
+START_TIMEOUT_S = 2.0
+
+
+@pytest.fixture(scope="module")
+def unbounded_queue_stack(triton_install, tmp_path_factory):
+    """One engine row, the engine's own queue bound off (as Triton's queue is at dp > 1), and the
+    frontend's ``--start-timeout`` at 2 s."""
+    from chroma_triton.serving.repository import RenderSpec, render_repository
+
+    workdir = tmp_path_factory.mktemp("unbounded_queue_stack")
+    render_repository(workdir / "model_repository", RenderSpec(kind="cpu", params={
+        "chroma_lm": {"max_batch": "1", "max_queue_wait_s": "0"}}))
+    stack = ChromaStack(workdir, frontend_args=(*TEST_FRONTEND_ARGS, "--start-timeout", str(START_TIMEOUT_S)),
+                        repository=workdir / "model_repository").start()
+    yield stack
+    stack.stop()
+
+
+def test_a_reply_that_does_not_start_in_time_gets_429_and_leaves_the_queue(unbounded_queue_stack):
+    """Where nothing else bounds the wait for a row, the frontend does: the waiting request gets
+    429 ``server_busy`` after ``--start-timeout``, and its request leaves the engine's queue."""
+    stack = unbounded_queue_stack
+    sdk = openai.OpenAI(api_key="unused", base_url=f"{stack.frontend.url}/v1", max_retries=0, timeout=120)
+    cancelled = _metric(stack, "chroma_lm_cancelled_total")
+    for seed in (1, 2, 3, 5, 8):  # the random demo model may end a reply early: then try another seed
+        holder = sdk.chat.completions.create(**_request(max_tokens=3000, seed=seed), stream=True)
+        chunks = iter(holder)
+        next(chunks)  # the row is taken: the reply is streaming
+        t0 = time.monotonic()
+        try:
+            sdk.chat.completions.create(**_request(max_tokens=8, seed=seed), stream=True)
+        except openai.RateLimitError as exc:
+            refused, waited = exc, time.monotonic() - t0
+            break
+        finally:
+            holder.close()
+        assert time.monotonic() - t0 < START_TIMEOUT_S + 8, "waited past --start-timeout and was served"
+    else:
+        pytest.skip("the demo model ended every long reply before the start timeout ran out")
+    error = refused.body if isinstance(refused.body, dict) else {}
+    assert refused.status_code == 429 and error.get("code") == "server_busy", refused.body
+    assert "did not start within 2 s" in error["message"] and "start_timeout" in error["message"], error["message"]
+    assert START_TIMEOUT_S <= waited < 15, waited
+    # both requests leave the engine: the refused one cancelled from the queue, the holder hung up
+    deadline = time.monotonic() + 30
+    while _metric(stack, "chroma_lm_cancelled_total") < cancelled + 2 or \
+            _metric(stack, "chroma_lm_queued_requests") or _metric(stack, "chroma_lm_active_requests"):
+        assert time.monotonic() < deadline, (_metric(stack, "chroma_lm_cancelled_total"),
+                                             _metric(stack, "chroma_lm_queued_requests"))
+        time.sleep(0.1)
+    reply = sdk.chat.completions.create(**_request(max_tokens=8, seed=1))
+    assert reply.choices[0].finish_reason in ("stop", "length")
+
+
+@pytest.fixture(scope="module")
+def two_instance_stack(triton_install, tmp_path_factory):
+    """Two chroma_lm instances of one row each (what --dp-size 2 renders, on the CPU): a request
+    beyond both rows waits in Triton's queue (``hold_when_full``), which has no bound of its own;
+    the frontend's ``--start-timeout`` at 2 s."""
+    from chroma_triton.serving.repository import RenderSpec, render_repository
+
+    workdir = tmp_path_factory.mktemp("two_instance_stack")
+    repo = workdir / "model_repository"
+    render_repository(repo, RenderSpec(kind="cpu", params={"chroma_lm": {"max_batch": "1"}}))
+    config = repo / "chroma_lm" / "config.pbtxt"
+    assert config.read_text().count("count: 1") == 1
+    config.write_text(config.read_text().replace("count: 1", "count: 2"))
+    stack = ChromaStack(workdir, frontend_args=(*TEST_FRONTEND_ARGS, "--start-timeout", str(START_TIMEOUT_S)),
+                        repository=repo).start()
+    yield stack
+    stack.stop()
+
+
+def test_a_request_in_tritons_queue_gets_429_after_the_start_timeout(two_instance_stack):
+    stack = two_instance_stack
+    sdk = openai.OpenAI(api_key="unused", base_url=f"{stack.frontend.url}/v1", max_retries=0, timeout=120)
+    finished = _metric(stack, "chroma_lm_finished_total")
+    holders = [sdk.chat.completions.create(**_request(max_tokens=3000, seed=seed), stream=True) for seed in (1, 2)]
+    try:
+        for h in holders:
+            next(iter(h))  # both rows taken
+        t0 = time.monotonic()
+        with pytest.raises(openai.RateLimitError) as refused:
+            sdk.chat.completions.create(**_request(max_tokens=8, seed=3), stream=True)
+        waited = time.monotonic() - t0
+        pending = metric_value(requests.get(f"http://{stack.triton.metrics_url}/metrics", timeout=5).text,
+                               "nv_inference_pending_request_count")
+    finally:
+        for h in holders:
+            h.close()
+    assert "did not start within 2 s" in refused.value.body["message"], refused.value.body
+    assert START_TIMEOUT_S <= waited < 15, waited
+    # the refused request leaves Triton's queue without ever generating; both rows free again
+    deadline = time.monotonic() + 30
+    while True:
+        text = requests.get(f"http://{stack.triton.metrics_url}/metrics", timeout=5).text
+        if not metric_value(text, "nv_inference_pending_request_count") and not metric_value(text, "chroma_lm_active_requests"):
+            break
+        assert time.monotonic() < deadline, (pending, metric_value(text, "nv_inference_pending_request_count"))
+        time.sleep(0.2)
+    time.sleep(1.0)  # a request Triton still held would be executed now: the rows are free
+    assert _metric(stack, "chroma_lm_finished_total") == finished  # the refused request never ran to its end
+    reply = sdk.chat.completions.create(**_request(max_tokens=8, seed=1))
     assert reply.choices[0].finish_reason in ("stop", "length")
