@@ -470,6 +470,21 @@ def test_frontend_workers_are_two_per_gpu_unless_given():
     assert workers("--dp-size", "2", "--workers", "3") == "3" and workers("--workers", "1") == "1"
 
 
+def test_the_launcher_passes_the_start_timeout_to_the_frontend_when_given():
+    from types import SimpleNamespace
+
+    from chroma_triton.serving.launcher import Launcher, build_parser
+
+    def command(*argv):
+        launcher = Launcher(build_parser().parse_args(list(argv)))
+        launcher.server = SimpleNamespace(grpc_url="localhost:8001")
+        return launcher._frontend_command()
+
+    assert "--start-timeout" not in command()  # the frontend's own default
+    cmd = command("--start-timeout", "45")
+    assert cmd[cmd.index("--start-timeout") + 1] == "45.0"
+
+
 def _fake_mps_control(tmp_path, fail=False):
     """A stand-in for nvidia-cuda-mps-control (the real one needs an NVIDIA driver): it records
     each call's arguments, stdin and pipe directory."""

@@ -109,6 +109,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="require this Bearer key on /v1/* (passed to the frontend in its environment, not argv)")
     p.add_argument("--cors-allow-origin", action="append", default=[], metavar="ORIGIN",
                    help="passed to the frontend: browser origins allowed to call the API (repeatable; * = any)")
+    p.add_argument("--start-timeout", type=float, default=None, metavar="SECONDS",
+                   help="frontend: a reply not started within this long gets 429 and is cancelled "
+                        "(the frontend's default: 60; 0 = never)")
     p.add_argument("--dry-run", action="store_true", help="print the rendered configs and exit")
     return p
 
@@ -598,6 +601,8 @@ class Launcher:
             cmd += ["--allowed-local-media-path", folder]
         for origin in a.cors_allow_origin:
             cmd += ["--cors-allow-origin", origin]
+        if a.start_timeout is not None:
+            cmd += ["--start-timeout", str(a.start_timeout)]
         return cmd
 
     def _start_frontend(self) -> None:
