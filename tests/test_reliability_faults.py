@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import re
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -109,4 +110,24 @@ def test_a_stop_during_the_warmup_request_stops_the_stack_promptly(tmp_path):
     assert freed, "chroma_lm did not cancel the warm-up request through the control model:\n" + triton_log[-3000:]
     assert float(freed[0]) - stopped_wall < 5, (float(freed[0]) - stopped_wall, triton_log[-3000:])
     assert took < 45, (took, log[-3000:])  # tritonserver's exit timeout (30 s) and the models' unloading
-    assert proc.returncode == 0 and not any(Path(f"/proc/{pid}").exists() for pid in children), log[-3000:]
+    # a model process that tritonserver's exit left behind is re-parented and reaped by the system:
+    # its /proc entry may outlive the launcher by a moment (seen once in CI), not by seconds
+    left = _alive(children, within_s=10.0)
+    assert proc.returncode == 0 and not left, (left, log[-3000:])
+
+
+def _alive(pids, within_s: float) -> list[int]:
+    """The processes of ``pids`` still running (not zombies) after waiting up to ``within_s``."""
+    deadline = time.monotonic() + within_s
+    while True:
+        left = []
+        for pid in pids:
+            try:
+                state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+            except (OSError, IndexError):
+                continue  # gone
+            if state != "Z":
+                left.append(pid)
+        if not left or time.monotonic() > deadline:
+            return left
+        time.sleep(0.1)
