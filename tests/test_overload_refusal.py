@@ -22,22 +22,36 @@ pytestmark = pytest.mark.triton
 QUEUE_WAIT_S = 1.0
 
 
-@pytest.fixture(scope="module")
-def one_row_stack(triton_install, tmp_path_factory):
+def _stack(tmp_path_factory, name: str, lm_params: dict, frontend_args=(), instances: int = 1) -> ChromaStack:
+    """A CPU stack of the demo checkpoint with these chroma_lm parameters, ``instances`` chroma_lm
+    instances and these frontend flags (after the tests' own)."""
     from chroma_triton.serving.repository import RenderSpec, render_repository
 
-    workdir = tmp_path_factory.mktemp("one_row_stack")
-    render_repository(workdir / "model_repository", RenderSpec(kind="cpu", params={
-        "chroma_lm": {"max_batch": "1", "max_queue_wait_s": str(QUEUE_WAIT_S)}}))
-    stack = ChromaStack(workdir, frontend_args=TEST_FRONTEND_ARGS, repository=workdir / "model_repository").start()
+    workdir = tmp_path_factory.mktemp(name)
+    repo = workdir / "model_repository"
+    render_repository(repo, RenderSpec(kind="cpu", params={"chroma_lm": lm_params}))
+    if instances != 1:
+        config = repo / "chroma_lm" / "config.pbtxt"
+        assert config.read_text().count("count: 1") == 1
+        config.write_text(config.read_text().replace("count: 1", f"count: {instances}"))
+    return ChromaStack(workdir, frontend_args=(*TEST_FRONTEND_ARGS, *frontend_args), repository=repo).start()
+
+
+@pytest.fixture(scope="module")
+def one_row_stack(triton_install, tmp_path_factory):
+    stack = _stack(tmp_path_factory, "one_row_stack", {"max_batch": "1", "max_queue_wait_s": str(QUEUE_WAIT_S)})
     yield stack
     stack.stop()
 
 
-def _metric(stack, name: str) -> float:
+def _metrics(stack) -> str:
     session = requests.Session()
     session.trust_env = False
-    return metric_value(session.get(f"http://{stack.triton.metrics_url}/metrics", timeout=5).text, name) or 0.0
+    return session.get(f"http://{stack.triton.metrics_url}/metrics", timeout=5).text
+
+
+def _metric(stack, name: str) -> float:
+    return metric_value(_metrics(stack), name) or 0.0
 
 
 def _request(**extra) -> dict:
@@ -46,26 +60,35 @@ def _request(**extra) -> dict:
         extra_body={"return_audio": True}, **extra)
 
 
-def test_a_request_that_waits_too_long_for_a_row_gets_429(one_row_stack):
-    sdk = openai.OpenAI(api_key="unused", base_url=f"{one_row_stack.frontend.url}/v1", max_retries=0, timeout=120)
-    before = _metric(one_row_stack, "chroma_lm_queue_timeouts_total")
-    for seed in (1, 2, 3, 5, 8):  # the random demo model may end a reply early: then try another seed
+def _sdk(stack) -> openai.OpenAI:
+    return openai.OpenAI(api_key="unused", base_url=f"{stack.frontend.url}/v1", max_retries=0, timeout=120)
+
+
+def _refused_beside_a_holder(sdk, limit_s: float, what: str, stream: bool = False):
+    """A long reply takes the one row; a second request must be refused within ``limit_s``.
+    Returns (the RateLimitError, seconds it waited); the holder is closed. The random demo model
+    may end a long reply early, which frees the row: then another seed is tried."""
+    for seed in (1, 2, 3, 5, 8):
         holder = sdk.chat.completions.create(**_request(max_tokens=3000, seed=seed), stream=True)
         chunks = iter(holder)
         next(chunks)  # the row is taken: the reply is streaming
         t0 = time.monotonic()
         try:
-            sdk.chat.completions.create(**_request(max_tokens=8, seed=seed))
+            sdk.chat.completions.create(**_request(max_tokens=8, seed=seed), stream=stream)
         except openai.RateLimitError as exc:
-            refused, waited = exc, time.monotonic() - t0
-            break
+            return exc, time.monotonic() - t0
         finally:
             holder.close()
         # served: the holder must have ended early (its 3000 frames take ~18 s here); served only
         # after waiting well past the limit means the limit did not hold
-        assert time.monotonic() - t0 < QUEUE_WAIT_S + 8, "waited past max_queue_wait_s and was served"
-    else:
-        pytest.skip("the demo model ended every long reply before the queue wait ran out")
+        assert time.monotonic() - t0 < limit_s + 8, f"waited past {what} and was served"
+    pytest.skip(f"the demo model ended every long reply before {what} ran out")
+
+
+def test_a_request_that_waits_too_long_for_a_row_gets_429(one_row_stack):
+    sdk = _sdk(one_row_stack)
+    before = _metric(one_row_stack, "chroma_lm_queue_timeouts_total")
+    refused, waited = _refused_beside_a_holder(sdk, QUEUE_WAIT_S, "max_queue_wait_s")
     assert refused.status_code == 429
     error = refused.body if isinstance(refused.body, dict) else {}
     assert error.get("code") == "server_busy" and error.get("type") == "rate_limit_error", refused.body
@@ -94,13 +117,8 @@ START_TIMEOUT_S = 2.0
 def unbounded_queue_stack(triton_install, tmp_path_factory):
     """One engine row, the engine's own queue bound off (as Triton's queue is at dp > 1), and the
     frontend's ``--start-timeout`` at 2 s."""
-    from chroma_triton.serving.repository import RenderSpec, render_repository
-
-    workdir = tmp_path_factory.mktemp("unbounded_queue_stack")
-    render_repository(workdir / "model_repository", RenderSpec(kind="cpu", params={
-        "chroma_lm": {"max_batch": "1", "max_queue_wait_s": "0"}}))
-    stack = ChromaStack(workdir, frontend_args=(*TEST_FRONTEND_ARGS, "--start-timeout", str(START_TIMEOUT_S)),
-                        repository=workdir / "model_repository").start()
+    stack = _stack(tmp_path_factory, "unbounded_queue_stack", {"max_batch": "1", "max_queue_wait_s": "0"},
+                   ("--start-timeout", str(START_TIMEOUT_S)))
     yield stack
     stack.stop()
 
@@ -109,23 +127,9 @@ def test_a_reply_that_does_not_start_in_time_gets_429_and_leaves_the_queue(unbou
     """Where nothing else bounds the wait for a row, the frontend does: the waiting request gets
     429 ``server_busy`` after ``--start-timeout``, and its request leaves the engine's queue."""
     stack = unbounded_queue_stack
-    sdk = openai.OpenAI(api_key="unused", base_url=f"{stack.frontend.url}/v1", max_retries=0, timeout=120)
+    sdk = _sdk(stack)
     cancelled = _metric(stack, "chroma_lm_cancelled_total")
-    for seed in (1, 2, 3, 5, 8):  # the random demo model may end a reply early: then try another seed
-        holder = sdk.chat.completions.create(**_request(max_tokens=3000, seed=seed), stream=True)
-        chunks = iter(holder)
-        next(chunks)  # the row is taken: the reply is streaming
-        t0 = time.monotonic()
-        try:
-            sdk.chat.completions.create(**_request(max_tokens=8, seed=seed), stream=True)
-        except openai.RateLimitError as exc:
-            refused, waited = exc, time.monotonic() - t0
-            break
-        finally:
-            holder.close()
-        assert time.monotonic() - t0 < START_TIMEOUT_S + 8, "waited past --start-timeout and was served"
-    else:
-        pytest.skip("the demo model ended every long reply before the start timeout ran out")
+    refused, waited = _refused_beside_a_holder(sdk, START_TIMEOUT_S, "--start-timeout", stream=True)
     error = refused.body if isinstance(refused.body, dict) else {}
     assert refused.status_code == 429 and error.get("code") == "server_busy", refused.body
     assert "did not start within 2 s" in error["message"] and "start_timeout" in error["message"], error["message"]
@@ -146,23 +150,15 @@ def two_instance_stack(triton_install, tmp_path_factory):
     """Two chroma_lm instances of one row each (what --dp-size 2 renders, on the CPU): a request
     beyond both rows waits in Triton's queue (``hold_when_full``), which has no bound of its own;
     the frontend's ``--start-timeout`` at 2 s."""
-    from chroma_triton.serving.repository import RenderSpec, render_repository
-
-    workdir = tmp_path_factory.mktemp("two_instance_stack")
-    repo = workdir / "model_repository"
-    render_repository(repo, RenderSpec(kind="cpu", params={"chroma_lm": {"max_batch": "1"}}))
-    config = repo / "chroma_lm" / "config.pbtxt"
-    assert config.read_text().count("count: 1") == 1
-    config.write_text(config.read_text().replace("count: 1", "count: 2"))
-    stack = ChromaStack(workdir, frontend_args=(*TEST_FRONTEND_ARGS, "--start-timeout", str(START_TIMEOUT_S)),
-                        repository=repo).start()
+    stack = _stack(tmp_path_factory, "two_instance_stack", {"max_batch": "1"}, ("--start-timeout", str(START_TIMEOUT_S)),
+                   instances=2)
     yield stack
     stack.stop()
 
 
 def test_a_request_in_tritons_queue_gets_429_after_the_start_timeout(two_instance_stack):
     stack = two_instance_stack
-    sdk = openai.OpenAI(api_key="unused", base_url=f"{stack.frontend.url}/v1", max_retries=0, timeout=120)
+    sdk = _sdk(stack)
     finished = _metric(stack, "chroma_lm_finished_total")
     holders = [sdk.chat.completions.create(**_request(max_tokens=3000, seed=seed), stream=True) for seed in (1, 2)]
     try:
@@ -172,8 +168,7 @@ def test_a_request_in_tritons_queue_gets_429_after_the_start_timeout(two_instanc
         with pytest.raises(openai.RateLimitError) as refused:
             sdk.chat.completions.create(**_request(max_tokens=8, seed=3), stream=True)
         waited = time.monotonic() - t0
-        pending = metric_value(requests.get(f"http://{stack.triton.metrics_url}/metrics", timeout=5).text,
-                               "nv_inference_pending_request_count")
+        pending = _metric(stack, "nv_inference_pending_request_count")
     finally:
         for h in holders:
             h.close()
@@ -182,7 +177,7 @@ def test_a_request_in_tritons_queue_gets_429_after_the_start_timeout(two_instanc
     # the refused request leaves Triton's queue without ever generating; both rows free again
     deadline = time.monotonic() + 30
     while True:
-        text = requests.get(f"http://{stack.triton.metrics_url}/metrics", timeout=5).text
+        text = _metrics(stack)
         if not metric_value(text, "nv_inference_pending_request_count") and not metric_value(text, "chroma_lm_active_requests"):
             break
         assert time.monotonic() < deadline, (pending, metric_value(text, "nv_inference_pending_request_count"))
