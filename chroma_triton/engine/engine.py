@@ -66,8 +66,10 @@ def _trunk_names(option: str, value: str) -> set[str]:
     return wanted
 
 
-#: the options that use a Triton kernel, each with the check that its module can run it
-TRITON_KERNEL_OPTIONS = {"fused_sampling": sampling_kernel.available, "gemv": gemv.available}
+#: the options that use a Triton kernel (set: True, or trunk names), each with the check that its
+#: module can run it
+TRITON_KERNEL_OPTIONS = {"fused_sampling": sampling_kernel.available, "gemv": gemv.available,
+                         "decode_attention": decode_attention.available}
 
 
 @dataclass
@@ -321,22 +323,18 @@ class ChromaEngine:
             trunks["thinker"] = parts.thinker_lm.model
         math, kernel = _trunk_names("math_attention", self.opts.math_attention), \
             _trunk_names("decode_attention", self.opts.decode_attention)
-        if kernel and self.device.type != "cuda":
-            raise ValueError(f"decode_attention needs a CUDA device; this engine runs on {self.device}")
-        if kernel and not decode_attention.available():
-            raise ValueError("decode_attention needs Triton, which is not installed (it comes with PyTorch's CUDA builds)")
-        for name, trunk in trunks.items():
-            trunk.set_math_attention(name in math)
-            trunk.set_decode_attention(name in kernel)
         if self.opts.topk_segments < 1:
             raise ValueError("topk_segments must be >= 1")
-        self.frames.topk_segments = self.opts.topk_segments
         # checked before the shared modules change
         for name, available in TRITON_KERNEL_OPTIONS.items():
             if getattr(self.opts, name) and self.device.type != "cuda":
                 raise ValueError(f"{name} needs a CUDA device; this engine runs on {self.device}")
             if getattr(self.opts, name) and not available():
                 raise ValueError(f"{name} needs Triton, which is not installed (it comes with PyTorch's CUDA builds)")
+        for name, trunk in trunks.items():
+            trunk.set_math_attention(name in math)
+            trunk.set_decode_attention(name in kernel)
+        self.frames.topk_segments = self.opts.topk_segments
         self.frames.fused_sampling = self.opts.fused_sampling
         gemv.ENABLED = self.opts.gemv
 
