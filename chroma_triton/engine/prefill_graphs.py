@@ -44,21 +44,60 @@ def prefill_length_buckets(max_len: int) -> list[int]:
     return sizes + [max_len]
 
 
-class PrefillGraphs:
-    def __init__(self, thinker: TorchThinker, max_rows: int, max_len: int, device: torch.device,
-                 use_graphs: bool = True):
-        self.thinker = thinker
+class _ScratchGraphs:
+    """What both kinds of admission graphs share: a batch is padded to a rows bucket (1, 2, 4, ...
+    `max_rows`) and a length bucket (`prefill_length_buckets`), computed in scratch rows 0.. of a
+    cache of their own by the graph of that bucket (captured on first use or by `capture_all`; all
+    share one memory pool, so a replay's outputs are read before the next replay), and its keys and
+    values are copied into the engine's rows. Subclasses give `KIND`, `_run(*inputs, key_len)` and
+    `_dummy_inputs(rows, padded)`."""
+
+    KIND = ""
+
+    def __init__(self, trunk, like: torch.Tensor, cache_len: int, max_rows: int, max_len: int, device: torch.device,
+                 use_graphs: bool):
+        """`trunk`: the trunk the scratch cache is for; `like`: a weight whose device and dtype it
+        takes; `cache_len`: the engine cache's length (no bucket goes past it)."""
         self.rows = batch_buckets(max_rows)
-        self.lengths = prefill_length_buckets(min(max_len, thinker.max_len))
-        lm = thinker.lm
-        p = lm.lm_head.weight
-        self.scratch, _ = lm.model.new_cache(self.rows[-1], self.lengths[-1], p.device, p.dtype)
+        self.lengths = prefill_length_buckets(min(max_len, cache_len))
+        self.scratch, _ = trunk.new_cache(self.rows[-1], self.lengths[-1], like.device, like.dtype)
         self.runner = StepRunner(use_graphs=use_graphs and device.type == "cuda", shared_pool=True,
                                  device=device if device.type == "cuda" else None)
-        self.calls = 0  # prefills that took this path
+        self.calls = 0  # admissions that took this path
 
     def __len__(self) -> int:
         return len(self.runner)
+
+    def _replay(self, rows: int, padded: int, *inputs):
+        """The graph of the (rows, padded) bucket on `inputs`: captured on its first call, replayed after."""
+        with eager_layers():  # prompt shapes: compiled layers stay out of prefills (see trunk.eager_layers)
+            return self.runner((self.KIND, rows, padded), partial(self._run, key_len=padded), *inputs)
+
+    def _copy_into(self, cache, row_start: int, n: int, padded: int) -> None:
+        """Scratch rows 0..n-1, positions 0..padded-1, into `cache`'s rows row_start.."""
+        cache.k[:, row_start:row_start + n, :, :padded].copy_(self.scratch.k[:, :n, :, :padded])
+        cache.v[:, row_start:row_start + n, :, :padded].copy_(self.scratch.v[:, :n, :, :padded])
+
+    @torch.no_grad()
+    def capture_all(self, stop=lambda: False) -> bool:
+        """Capture every (rows, length) graph now, shortest first; `stop()` ends it early. Returns
+        whether all were captured."""
+        for padded in self.lengths:
+            for rows in self.rows:
+                if stop():
+                    return False
+                self._replay(rows, padded, *self._dummy_inputs(rows, padded))
+        return True
+
+
+class PrefillGraphs(_ScratchGraphs):
+    KIND = "prefill"
+
+    def __init__(self, thinker: TorchThinker, max_rows: int, max_len: int, device: torch.device,
+                 use_graphs: bool = True):
+        super().__init__(thinker.lm.model, thinker.lm.lm_head.weight, thinker.max_len, max_rows, max_len, device,
+                         use_graphs)
+        self.thinker = thinker
 
     def fits(self, prompts: list[tuple[torch.Tensor, torch.Tensor | None]]) -> bool:
         return len(prompts) <= self.rows[-1] and max(t.reshape(-1).shape[0] for t, _ in prompts) <= self.lengths[-1]
@@ -75,17 +114,9 @@ class PrefillGraphs:
         xb[:n, :length] = x
         lb = torch.ones(rows, dtype=lengths.dtype, device=lengths.device)
         lb[:n] = lengths
-        h, t = self._graph(xb, lb)
-        cache = self.thinker.cache  # this prefill's keys and values, into the engine's rows
-        cache.k[:, row_start:row_start + n, :, :padded].copy_(self.scratch.k[:, :n, :, :padded])
-        cache.v[:, row_start:row_start + n, :, :padded].copy_(self.scratch.v[:, :n, :, :padded])
+        h, t = self._replay(rows, padded, xb, lb)
+        self._copy_into(self.thinker.cache, row_start, n, padded)  # this prefill's keys and values
         return h[:n], t[:n]
-
-    def _graph(self, x: torch.Tensor, lengths: torch.Tensor):
-        """The graph of x's (rows, length) bucket: captured on its first call, replayed after."""
-        rows, padded = x.shape[0], x.shape[1]
-        with eager_layers():  # prompt shapes: compiled layers stay out of prefills (see trunk.eager_layers)
-            return self.runner(("prefill", rows, padded), partial(self._run, key_len=padded), x, lengths)
 
     def _run(self, x: torch.Tensor, lengths: torch.Tensor, *, key_len: int):
         rows = x.shape[0]
@@ -94,48 +125,34 @@ class PrefillGraphs:
         last = h[torch.arange(rows, device=x.device), lengths - 1]
         return last, self.thinker.greedy(last)
 
-    @torch.no_grad()
-    def capture_all(self, stop=lambda: False) -> bool:
-        """Capture every (rows, length) graph now, shortest first; `stop()` ends it early. Returns
-        whether all were captured."""
+    def _dummy_inputs(self, rows: int, padded: int):
         p = self.thinker.lm.lm_head.weight
-        for padded in self.lengths:
-            for rows in self.rows:
-                if stop():
-                    return False
-                x = torch.zeros(rows, padded, self.thinker.hidden_size, dtype=p.dtype, device=p.device)
-                self._graph(x, torch.ones(rows, dtype=torch.long, device=p.device))
-        return True
+        return (torch.zeros(rows, padded, self.thinker.hidden_size, dtype=p.dtype, device=p.device),
+                torch.ones(rows, dtype=torch.long, device=p.device))
 
 
-class BackboneTailGraphs:
+class BackboneTailGraphs(_ScratchGraphs):
     """The backbone's part of an admission when the voice's prefix is cached, through CUDA graphs.
 
     With the voice's keys and values cached (engine/voice_prefix.py), a new row's backbone prefill
     is two positions, [h0, embed(t1)], after its voice's prefix. Eagerly that is one call of 16
     layers, some 450 kernels launched one by one from Python: the profile of session 16
     (scripts/profile_engine.py, one H200) had an admission of one request take 23 ms, of which
-    6 ms on the GPU. Here the rows are padded to a rows bucket (1, 2, 4, ... `max_rows`) and their
-    key length to a length bucket (64, 128, ... `max_len`); the voices' prefixes are copied into
-    scratch rows 0.., the graph computes the two positions there, and the scratch rows (prefix and
-    tail) are copied into the engine's rows. Rows past the batch and keys past a row's end are
-    padding the causal mask keeps out of every real query, so the states match the eager step's
-    up to the kernels' rounding (other shapes). Longer prefixes, or more rows, take the eager step.
+    6 ms on the GPU. Here the rows are padded to a rows bucket and their key length to a length
+    bucket; the voices' prefixes are copied into the scratch rows, the graph computes the two
+    positions there, and the scratch rows (prefix and tail) are copied into the engine's rows.
+    Rows past the batch and keys past a row's end are padding the causal mask keeps out of every
+    real query, so the states match the eager step's up to the kernels' rounding (other shapes).
+    Longer prefixes, or more rows, take the eager step.
     """
 
-    def __init__(self, frames, max_rows: int, max_len: int, device: torch.device, use_graphs: bool = True):
-        self.frames = frames
-        self.rows = batch_buckets(max_rows)
-        self.lengths = prefill_length_buckets(min(max_len, frames.backbone_cache.max_len))
-        p = frames.backbone.codebook0_head.weight
-        self.scratch, _ = frames.backbone.model.new_cache(self.rows[-1], self.lengths[-1], p.device, p.dtype)
-        self.hidden = frames.backbone.model.cfg.hidden_size
-        self.runner = StepRunner(use_graphs=use_graphs and device.type == "cuda", shared_pool=True,
-                                 device=device if device.type == "cuda" else None)
-        self.calls = 0  # admissions that took this path
+    KIND = "backbone_tail"
 
-    def __len__(self) -> int:
-        return len(self.runner)
+    def __init__(self, frames, max_rows: int, max_len: int, device: torch.device, use_graphs: bool = True):
+        super().__init__(frames.backbone.model, frames.backbone.codebook0_head.weight, frames.backbone_cache.max_len,
+                         max_rows, max_len, device, use_graphs)
+        self.frames = frames
+        self.hidden = frames.backbone.model.cfg.hidden_size
 
     def fits(self, rows: int, longest_prefix: int) -> bool:
         return rows <= self.rows[-1] and longest_prefix + 2 <= self.lengths[-1]
@@ -155,26 +172,15 @@ class BackboneTailGraphs:
         start = torch.zeros(rows, dtype=torch.long)
         start[:n] = torch.tensor(lengths)
         positions = (start[:, None] + torch.arange(2)).to(tails.device, non_blocking=True)
-        states = self.runner(("backbone_tail", rows, padded), partial(self._run, key_len=padded), x, positions)
-        cache = self.frames.backbone_cache  # every row's prefix and tail, into the engine's rows
-        cache.k[:, row_start:row_start + n, :, :padded].copy_(self.scratch.k[:, :n, :, :padded])
-        cache.v[:, row_start:row_start + n, :, :padded].copy_(self.scratch.v[:, :n, :, :padded])
+        states = self._replay(rows, padded, x, positions)
+        self._copy_into(self.frames.backbone_cache, row_start, n, padded)  # every row's prefix and tail
         return states[:n].clone()  # the pool's memory is the next replay's
 
     def _run(self, x: torch.Tensor, positions: torch.Tensor, *, key_len: int) -> torch.Tensor:
-        with eager_layers():  # the graph holds the layers' kernels either way; no compile for these shapes
-            h = self.frames.backbone.model(x, self.scratch, self.frames.backbone_rotary, positions, key_len)
+        h = self.frames.backbone.model(x, self.scratch, self.frames.backbone_rotary, positions, key_len)
         return h[:, 1]
 
-    @torch.no_grad()
-    def capture_all(self, stop=lambda: False) -> bool:
-        """Capture every (rows, length) graph now, shortest first; `stop()` ends it early."""
+    def _dummy_inputs(self, rows: int, padded: int):
         p = self.frames.backbone.codebook0_head.weight
-        for padded in self.lengths:
-            for rows in self.rows:
-                if stop():
-                    return False
-                x = torch.zeros(rows, 2, self.hidden, dtype=p.dtype, device=p.device)
-                positions = torch.arange(2, device=p.device).expand(rows, 2).contiguous()
-                self.runner(("backbone_tail", rows, padded), partial(self._run, key_len=padded), x, positions)
-        return True
+        return (torch.zeros(rows, 2, self.hidden, dtype=p.dtype, device=p.device),
+                torch.arange(2, device=p.device).expand(rows, 2).contiguous())
