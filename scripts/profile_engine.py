@@ -4,8 +4,8 @@ and a batched prefill's, under torch.profiler, with the options `chroma_lm` serv
 
     python scripts/profile_engine.py --model /root/chroma-full --rows 256 --prefills 1,16 --out profile.json
 
-Two phases, each on the same engine (the served defaults: `model_repository/chroma_lm/config.pbtxt`'s
-parameters for an instance on this device, with `--max-batch` rows and `--set name=value` changes):
+Two phases, each on the same engine (the served defaults: `chroma_lm`'s config parameters as the
+launcher renders them for this kind of device, with `--rows` rows and `--set name=value` changes):
 
 * **steady**: `--rows` requests run together (admitted first, then `--steady-s` seconds profiled,
   then cancelled). Per step: wall time, GPU kernel time, the GPU's busy share of the window (the
@@ -29,7 +29,6 @@ import collections
 import copy
 import json
 import os
-import re
 import shutil
 import statistics
 import subprocess
@@ -49,19 +48,22 @@ from chroma_triton.engine import ChromaEngine, EngineOptions, SamplingParams  # 
 from chroma_triton.model.loading import load_parts  # noqa: E402
 from chroma_triton.pipeline import ChromaPipeline  # noqa: E402
 from chroma_triton.serving.model_args import ModelArgs  # noqa: E402
+from chroma_triton.serving.repository import RenderSpec, parse_config, render_configs  # noqa: E402
 from chroma_triton.serving.triton_lm import engine_options  # noqa: E402
 
-CONFIG = ROOT / "model_repository" / "chroma_lm" / "config.pbtxt"
-_PARAM = re.compile(r'parameters:\s*\{\s*key:\s*"([^"]+)"\s*value:\s*\{\s*string_value:\s*"([^"]*)"\s*\}\s*\}')
 KERNEL_CATS = ("kernel", "gpu_memcpy", "gpu_memset")
 SYNC_CALLS = ("cudaStreamSynchronize", "cudaEventSynchronize", "cudaDeviceSynchronize", "cudaMemcpy")
 
 
 def served_options(device: str, rows: int, thinker_len: int, backbone_len: int, changes: dict[str, str]) -> EngineOptions:
-    """EngineOptions as `chroma_lm` builds them from its config parameters on `device`."""
-    params = dict(_PARAM.findall(CONFIG.read_text()))
-    params.update(max_batch=str(rows), thinker_max_len=str(thinker_len), backbone_max_len=str(backbone_len))
-    params.update(changes)
+    """EngineOptions as `chroma_lm` builds them on `device` from its config parameters, rendered
+    as the launcher renders the repository for that kind of device, with these changes (a name
+    the config lacks is refused)."""
+    changes = {"max_batch": str(rows), "thinker_max_len": str(thinker_len), "backbone_max_len": str(backbone_len),
+               **changes}
+    spec = RenderSpec(kind="gpu" if device.startswith("cuda") else "cpu", params={"chroma_lm": changes})
+    config = parse_config(render_configs(spec)["chroma_lm"])
+    params = {key: value.string_value for key, value in config.parameters.items()}
     return engine_options(ModelArgs("chroma_lm", {}, params, device, "chroma_lm"))
 
 
