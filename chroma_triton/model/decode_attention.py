@@ -87,7 +87,7 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         q = q.contiguous()
     if positions.stride(-1) != 1:
         positions = positions.contiguous()
-    out = torch.empty_like(q)
+    out = q.new_empty(q.shape)  # contiguous, as the fake below says (empty_like would copy q's strides)
     block_m = max(16, triton.next_power_of_2(m))  # tl.dot wants at least 16 rows
     _decode_attention_kernel[(b, kvh)](
         q, k_cache, v_cache, positions, out,
@@ -107,4 +107,4 @@ def decode_attention_op(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
 
 @decode_attention_op.register_fake
 def _(q, k_cache, v_cache, positions):
-    return torch.empty_like(q)
+    return q.new_empty(q.shape)
