@@ -104,7 +104,7 @@ case $step in
     # where a step's and a prefill's time goes (torch.profiler on the engine's thread, served options):
     # gpu_bench.sh profile --rows 256 --prefills 1,16 [--set prefill_graphs=false] [--spy-s 3]
     spy=$(ls "$ENV"/lib/python3*/site-packages/bin/py-spy 2>/dev/null | head -1 || true)
-    PY_SPY=${PY_SPY:-$spy} "$PY" scripts/profile_engine.py --model "$CKPT" --keep-traces "$OUT/traces_profile" \
+    PY_SPY=${PY_SPY:-$spy} "$PY" scripts/profile_engine.py --model "$CKPT" --keep-traces "$OUT/traces_profile${TAG:+_$TAG}$SUFFIX" \
       --out "$OUT/profile_engine${TAG:+_$TAG}$SUFFIX.json" "$@" 2>&1 | tee "$OUT/profile_engine${TAG:+_$TAG}$SUFFIX.log" ;;
   launch)
     "$PY" scripts/bench_launch.py --out "$OUT/bench_launch$SUFFIX.json" 2>&1 | tee "$OUT/bench_launch$SUFFIX.log" ;;

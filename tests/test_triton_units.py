@@ -325,6 +325,27 @@ def test_auto_options_follow_the_device(name, value, kind, expected):
         engine_options(ModelArgs.from_triton({"model_config": json.dumps(cfg), "model_instance_kind": kind}))
 
 
+@pytest.mark.parametrize("value, kind, on_gpu_with_triton", [
+    ("auto", "GPU", True), ("AUTO", "GPU", True), ("auto", "CPU", False), ("", "GPU", True), ("none", "GPU", False),
+    (" None ", "GPU", False),
+    ("backbone", "CPU", "backbone"), ("thinker,decoder", "GPU", "thinker,decoder")])
+def test_decode_attention_auto_is_every_trunk_on_a_gpu_and_none_on_the_cpu(value, kind, on_gpu_with_triton):
+    from chroma_triton.model import decode_attention
+    from chroma_triton.serving.triton_lm import engine_options
+
+    cfg = {"name": "chroma_lm", "parameters": {"decode_attention": {"string_value": value}}}
+    got = engine_options(ModelArgs.from_triton({"model_config": json.dumps(cfg), "model_instance_kind": kind}))
+    if on_gpu_with_triton is True:
+        expected = "thinker,backbone,decoder" if decode_attention.available() else ""
+    else:
+        expected = on_gpu_with_triton or ""
+    assert got.decode_attention == expected
+    # left out of the config, it is auto too
+    cfg["parameters"] = {}
+    got = engine_options(ModelArgs.from_triton({"model_config": json.dumps(cfg), "model_instance_kind": "CPU"}))
+    assert got.decode_attention == ""
+
+
 def test_trace_path_names_each_instance_its_own_file():
     from chroma_triton.serving.triton_lm import engine_options
 

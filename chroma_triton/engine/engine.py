@@ -57,10 +57,13 @@ from .request import AudioChunk, Finished, GenerationRequest, RequestFailed, Req
 log = logging.getLogger(__name__)
 
 
+ALL_TRUNKS = "thinker,backbone,decoder"  # the value of a trunk-list option that names every trunk
+
+
 def _trunk_names(option: str, value: str) -> set[str]:
     """The trunks a comma-separated option names (thinker, backbone, decoder)."""
     wanted = {t.strip() for t in value.split(",") if t.strip()}
-    unknown = wanted - {"thinker", "backbone", "decoder"}
+    unknown = wanted - set(ALL_TRUNKS.split(","))
     if unknown:
         raise ValueError(f"{option}: unknown trunk(s) {sorted(unknown)}; use thinker, backbone, decoder")
     return wanted

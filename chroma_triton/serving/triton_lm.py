@@ -23,7 +23,7 @@ import torch
 
 from ..engine import (AudioChunk, ChromaEngine, EngineOptions, Finished, GenerationRequest, RequestFailed, RequestStream,
                       SamplingParams, TextDelta)
-from ..engine.engine import TRITON_KERNEL_OPTIONS
+from ..engine.engine import ALL_TRUNKS, TRITON_KERNEL_OPTIONS
 from ..errors import EngineError, InvalidRequestError
 from ..model.loading import ChromaParts
 from ..processor import PromptBuilder, normalize_messages
@@ -305,13 +305,13 @@ def engine_options(args) -> EngineOptions:
     """EngineOptions from a model's config parameters (``args.int/float/bool(key, default)``, as
     ModelArgs has them); parameters left out keep EngineOptions' defaults. ``compile``,
     ``prefill_graphs``, ``fused_sampling`` and ``gemv`` may also be ``auto`` (their default): on for an
-    instance on a GPU, off on the CPU."""
+    instance on a GPU, off on the CPU. ``decode_attention`` lists trunks, or is ``auto`` (or empty, its
+    default: all three on a GPU, none on the CPU) or ``none``."""
     d = EngineOptions()
     kwargs = {name: args.int(name, getattr(d, name)) for name in _INT_OPTIONS}
     kwargs.update({name: args.float(name, getattr(d, name)) for name in _FLOAT_OPTIONS})
     kwargs.update({name: args.bool(name, getattr(d, name)) for name in _BOOL_OPTIONS})
     kwargs["math_attention"] = args.str("math_attention", d.math_attention)
-    kwargs["decode_attention"] = args.str("decode_attention", d.decode_attention)
     kwargs["admission_wait_clock"] = args.str("admission_wait_clock", d.admission_wait_clock)
     device = str(getattr(args, "device", "cpu"))
     # one file per instance: "{device}" / "{instance}" in the path name it (dp instances share a name)
@@ -326,4 +326,14 @@ def engine_options(args) -> EngineOptions:
             kwargs[name] = usable if auto else args.bool(name, getattr(d, name))
         except ValueError as exc:
             raise ValueError(f"{exc} (or auto: on for a GPU instance, off on the CPU)") from None
+    kwargs["decode_attention"] = _decode_attention_trunks(args.str("decode_attention", "auto"), on_gpu)
     return EngineOptions(**kwargs)
+
+
+def _decode_attention_trunks(value: str, on_gpu: bool) -> str:
+    """`decode_attention`'s trunk list: auto = every trunk on a GPU instance with Triton (run 55:
+    8-12 % more audio per second at 256 streams, 6 % less time per frame at batch 1), none on the CPU."""
+    value = value.strip().lower()
+    if value == "auto":
+        return ALL_TRUNKS if on_gpu and TRITON_KERNEL_OPTIONS["decode_attention"]() else ""
+    return "" if value == "none" else value
