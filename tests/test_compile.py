@@ -4,6 +4,7 @@ Compiling happens in `start()`, for every shape class the step functions meet; s
 must compile nothing (a compilation mid-serving stalls every stream for seconds: seen on an H100
 before the warm-up existed). Prefills stay eager. On the CPU in float32 the compiled path gives
 the plain path's codes and text exactly (on a GPU in bf16 it does not, see tests/test_gpu.py).
+With `compiled_prefills` the admission graphs' buckets run compiled layers too, compiled at start.
 """
 
 from __future__ import annotations
@@ -62,22 +63,27 @@ def waves_of(pipe, question_wav, ref_voice):
     ]
 
 
-def test_compile_happens_at_start_and_matches_the_plain_engine(pipe, question_wav, ref_voice):
+@pytest.mark.parametrize("admission_graphs", [{}, {"prefill_graphs": True, "compiled_prefills": True}],
+                         ids=["eager_prefills", "compiled_prefill_graphs"])
+def test_compile_happens_at_start_and_matches_the_plain_engine(pipe, question_wav, ref_voice, admission_graphs):
     from torch._dynamo.utils import counters
 
     waves = waves_of(pipe, question_wav, ref_voice)
-    plain = ChromaEngine(pipe.parts, EngineOptions(**OPTIONS)).start()
+    plain = ChromaEngine(pipe.parts, EngineOptions(**OPTIONS, prefill_graphs=bool(admission_graphs))).start()
     try:
         expected = [serve(plain, wave) for wave in waves]
     finally:
         plain.shutdown()
 
-    compiled = ChromaEngine(pipe.parts, EngineOptions(**OPTIONS, compile=True)).start()  # compiles here
+    compiled = ChromaEngine(pipe.parts, EngineOptions(**OPTIONS, compile=True, **admission_graphs)).start()  # compiles here
     try:
         graphs = counters["stats"]["unique_graphs"]
         assert graphs > 0
         got = [serve(compiled, wave) for wave in waves]
         assert counters["stats"]["unique_graphs"] == graphs, "serving compiled a new graph after start()"
+        if admission_graphs:  # the admissions took the compiled graph path
+            assert compiled.prefill_graphs.compiled and compiled.prefill_graphs.calls >= 3
+            assert compiled.backbone_tails.compiled and compiled.backbone_tails.calls >= 3
     finally:
         compiled.shutdown()
         pipe.parts.frame_model.set_compiled(False)

@@ -111,6 +111,8 @@ class EngineOptions:
     prefill_graphs: bool = False  # on CUDA: the thinker's prompt prefill, and the backbone's two positions after a
     #                               cached voice prefix, through graphs (engine/prefill_graphs.py)
     prefill_graph_max_len: int = 512  # ...for prompts up to this many tokens (longer: eager)
+    compiled_prefills: bool = False  # with compile: the prefill graphs run the compiled layers too (their shapes
+    #                                  are buckets; compiled at start), not eager ones
     overlap: bool = True  # launch step n+1 before reading step n's codes (host work overlaps the device's)
     thinker_ahead: bool = True  # run the thinker's step for the next talking step right after this one,
     #                              on a second CUDA stream, concurrently with the silent frame step between
@@ -306,17 +308,19 @@ class ChromaEngine:
         self._thinker_stream = torch.cuda.Stream(self.device, priority=-1) if on_gpu and self.opts.thinker_ahead else None
         self.thinker_runner = self.runner if self._thinker_stream is None else StepRunner(
             use_graphs=self.opts.cuda_graphs, device=self.device, capture_stream=self._thinker_stream)
+        # with compile: the admission graphs run compiled layers (compiled in start(), like the steps)
+        self._compiled_prefills = self.opts.compile and self.opts.compiled_prefills
         self.prefill_graphs = None
         if self.opts.prefill_graphs and isinstance(self.thinker, TorchThinker):
             self.prefill_graphs = PrefillGraphs(self.thinker, min(self.opts.max_prefills_per_step, self.opts.max_batch),
                                                 self.opts.prefill_graph_max_len, self.device,
-                                                use_graphs=self.opts.cuda_graphs)
+                                                use_graphs=self.opts.cuda_graphs, compiled=self._compiled_prefills)
         # the backbone's two positions of an admission whose voice prefix is cached (any thinker)
         self.backbone_tails = None
         if self.opts.prefill_graphs and self.voice_prefixes.capacity:
             self.backbone_tails = BackboneTailGraphs(self.frames, min(self.opts.max_prefills_per_step, self.opts.max_batch),
                                                      self.opts.prefill_graph_max_len, self.device,
-                                                     use_graphs=self.opts.cuda_graphs)
+                                                     use_graphs=self.opts.cuda_graphs, compiled=self._compiled_prefills)
 
     def _set_kernel_choices(self, parts: ChromaParts) -> None:
         """Apply `math_attention`, `decode_attention`, `topk_segments`, `fused_sampling` and `gemv`
@@ -364,7 +368,8 @@ class ChromaEngine:
         torch.compile compiles now, not when a request first needs a shape. Dynamic shapes cover
         batch sizes >= 2 and every key length below the cache's; what is left to specialise is
         batch 1, the full cache length and the sampler's top-k bound (two values make it dynamic,
-        plus None = the whole vocabulary). Prefills run eagerly (engine._prefill). The KV caches
+        plus None = the whole vocabulary). Prefills run eagerly (engine._prefill), but for the
+        admission graphs' buckets under `compiled_prefills`. The KV caches
         get writes at positions 0..2 of the first rows, which any request placed there overwrites
         before it reads them."""
         t0 = time.perf_counter()
@@ -391,6 +396,10 @@ class ChromaEngine:
                 for k_max in k_maxes:
                     self._warm(partial(self._sample_fn, k_max=k_max), states, ints[_SEED], ints[_FRAME], ints[_TOPK],
                                floats[0], floats[1])
+            # every admission graph's bucket (on a GPU: captured now; the CPU runs each once)
+            for graphs in (self.prefill_graphs, self.backbone_tails) if self._compiled_prefills else ():
+                if graphs is not None:
+                    graphs.capture_all()
         if dev.type == "cuda":
             torch.cuda.synchronize(dev)
         self._compiled_shapes = True

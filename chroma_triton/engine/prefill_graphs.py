@@ -23,6 +23,7 @@ pool come out of `activation_reserve_gib`; the engine's row planning does not co
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from functools import partial
 
 import torch
@@ -50,12 +51,13 @@ class _ScratchGraphs:
     cache of their own by the graph of that bucket (captured on first use or by `capture_all`; all
     share one memory pool, so a replay's outputs are read before the next replay), and its keys and
     values are copied into the engine's rows. Subclasses give `KIND`, `_run(*inputs, key_len)` and
-    `_dummy_inputs(rows, padded)`."""
+    `_dummy_inputs(rows, padded)`. `compiled`: a compiled trunk's layers run compiled here too
+    (else eagerly: see trunk.eager_layers); the buckets bound the shapes torch.compile meets."""
 
     KIND = ""
 
     def __init__(self, trunk, like: torch.Tensor, cache_len: int, max_rows: int, max_len: int, device: torch.device,
-                 use_graphs: bool):
+                 use_graphs: bool, compiled: bool = False):
         """`trunk`: the trunk the scratch cache is for; `like`: a weight whose device and dtype it
         takes; `cache_len`: the engine cache's length (no bucket goes past it)."""
         self.rows = batch_buckets(max_rows)
@@ -64,13 +66,14 @@ class _ScratchGraphs:
         self.runner = StepRunner(use_graphs=use_graphs and device.type == "cuda", shared_pool=True,
                                  device=device if device.type == "cuda" else None)
         self.calls = 0  # admissions that took this path
+        self.compiled = compiled
 
     def __len__(self) -> int:
         return len(self.runner)
 
     def _replay(self, rows: int, padded: int, *inputs):
         """The graph of the (rows, padded) bucket on `inputs`: captured on its first call, replayed after."""
-        with eager_layers():  # prompt shapes: compiled layers stay out of prefills (see trunk.eager_layers)
+        with nullcontext() if self.compiled else eager_layers():
             return self.runner((self.KIND, rows, padded), partial(self._run, key_len=padded), *inputs)
 
     def _copy_into(self, cache, row_start: int, n: int, padded: int) -> None:
@@ -94,9 +97,9 @@ class PrefillGraphs(_ScratchGraphs):
     KIND = "prefill"
 
     def __init__(self, thinker: TorchThinker, max_rows: int, max_len: int, device: torch.device,
-                 use_graphs: bool = True):
+                 use_graphs: bool = True, compiled: bool = False):
         super().__init__(thinker.lm.model, thinker.lm.lm_head.weight, thinker.max_len, max_rows, max_len, device,
-                         use_graphs)
+                         use_graphs, compiled)
         self.thinker = thinker
 
     def fits(self, prompts: list[tuple[torch.Tensor, torch.Tensor | None]]) -> bool:
@@ -148,9 +151,10 @@ class BackboneTailGraphs(_ScratchGraphs):
 
     KIND = "backbone_tail"
 
-    def __init__(self, frames, max_rows: int, max_len: int, device: torch.device, use_graphs: bool = True):
+    def __init__(self, frames, max_rows: int, max_len: int, device: torch.device, use_graphs: bool = True,
+                 compiled: bool = False):
         super().__init__(frames.backbone.model, frames.backbone.codebook0_head.weight, frames.backbone_cache.max_len,
-                         max_rows, max_len, device, use_graphs)
+                         max_rows, max_len, device, use_graphs, compiled)
         self.frames = frames
         self.hidden = frames.backbone.model.cfg.hidden_size
 

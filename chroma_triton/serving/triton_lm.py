@@ -297,7 +297,8 @@ _INT_OPTIONS = ("max_batch", "thinker_max_len", "backbone_max_len", "max_frames"
                 "forced_admissions", "voice_prefix_cache", "topk_segments", "prefill_graph_max_len")
 _FLOAT_OPTIONS = ("start_slack_s", "admission_margin_s", "max_admission_wait_s", "max_queue_wait_s", "kv_memory_fraction",
                   "activation_reserve_gib", "switch_interval_ms", "pacing_sigmas")
-_BOOL_OPTIONS = ("admission_pacing", "admission_slack", "cuda_graphs", "capture_at_start", "overlap", "thinker_ahead")
+_BOOL_OPTIONS = ("admission_pacing", "admission_slack", "cuda_graphs", "capture_at_start", "overlap", "thinker_ahead",
+                 "compiled_prefills")
 _AUTO_OPTIONS = ("compile", "prefill_graphs", "fused_sampling", "gemv")  # "auto" (or empty): on for an instance on a GPU, off on the CPU
 
 
