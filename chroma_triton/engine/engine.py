@@ -111,8 +111,8 @@ class EngineOptions:
     prefill_graphs: bool = False  # on CUDA: the thinker's prompt prefill, and the backbone's two positions after a
     #                               cached voice prefix, through graphs (engine/prefill_graphs.py)
     prefill_graph_max_len: int = 512  # ...for prompts up to this many tokens (longer: eager)
-    compiled_prefills: bool = False  # with compile: the prefill graphs run the compiled layers too (their shapes
-    #                                  are buckets; compiled at start), not eager ones
+    compiled_prefills: bool = True  # with compile: the prefill graphs run the compiled layers too (their shapes
+    #                                 are buckets; compiled at start), not eager ones
     overlap: bool = True  # launch step n+1 before reading step n's codes (host work overlaps the device's)
     thinker_ahead: bool = True  # run the thinker's step for the next talking step right after this one,
     #                              on a second CUDA stream, concurrently with the silent frame step between
