@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from chroma_triton.engine import EngineOptions, Finished, SamplingParams
-from chroma_triton.engine.capacity import GIB, kv_bytes_per_row, plan_rows
+from chroma_triton.engine.capacity import GIB, admission_scratch_bytes, kv_bytes_per_row, plan_rows
 from chroma_triton.engine.pacing import AdmissionPacer, PrefillCost, StreamState
 from chroma_triton.pipeline import ChromaPipeline
 
@@ -35,6 +35,22 @@ def test_per_row_bytes_match_the_caches_the_engine_allocates(tiny_checkpoint):
         pipe.close()
 
 
+def test_admission_scratch_bytes_match_what_the_admission_graphs_allocate(tiny_checkpoint):
+    """The row planning counts the scratch caches PrefillGraphs and BackboneTailGraphs allocate
+    (here: 3 prefill rows of 64 thinker and 64 backbone positions)."""
+    pipe = ChromaPipeline.from_pretrained(tiny_checkpoint, options=EngineOptions(
+        max_batch=4, thinker_max_len=96, backbone_max_len=80, prefill_graphs=True, max_prefills_per_step=3,
+        prefill_graph_max_len=64))
+    try:
+        eng = pipe.engine
+        allocated = eng.prefill_graphs.scratch.nbytes() + eng.backbone_tails.scratch.nbytes()
+        dtype_bytes = pipe.parts.frame_model.backbone.codebook0_head.weight.element_size()
+        assert allocated == admission_scratch_bytes(pipe.parts.config, 3, 64, 64, dtype_bytes)
+        assert eng.capacity.scratch_bytes == allocated
+    finally:
+        pipe.close()
+
+
 def test_rows_are_limited_by_free_memory():
     per_row = 300 << 20
     plan = plan_rows(256, per_row, free_bytes=70 * GIB, fraction=0.9, reserve_bytes=4 * GIB)
@@ -42,6 +58,9 @@ def test_rows_are_limited_by_free_memory():
     assert "limited by memory" in plan.describe()
     roomy = plan_rows(8, per_row, free_bytes=70 * GIB, fraction=0.9, reserve_bytes=4 * GIB)
     assert roomy.rows == 8 and "limited" not in roomy.describe()
+    scratch = plan_rows(256, per_row, free_bytes=70 * GIB, fraction=0.9, reserve_bytes=4 * GIB, scratch_bytes=GIB)
+    assert scratch.rows == int((70 * GIB * 0.9 - 5 * GIB) // per_row) < plan.rows
+    assert "1.00 GiB for admission scratch rows" in scratch.describe()
 
 
 def test_too_little_memory_for_one_stream_is_a_clear_error():

@@ -4,8 +4,9 @@ Every row preallocates its KV caches at the engine's context lengths: the thinke
 holds the thinker's cache), the backbone's and the depth decoder's. On a GPU the engine asks for
 `max_batch` rows but takes only as many as fit in `kv_memory_fraction` of the memory that is free
 once the weights are loaded, after keeping `activation_reserve_gib` for activations, prefill
-workspaces and CUDA-graph pools. Requests beyond the rows wait in the queue; they never make the
-server run out of memory mid-reply.
+workspaces and CUDA-graph pools, and the scratch rows of the admission graphs (`prefill_graphs`,
+engine/prefill_graphs.py), which are allocated with the caches. Requests beyond the rows wait in
+the queue; they never make the server run out of memory mid-reply.
 """
 
 from __future__ import annotations
@@ -37,6 +38,13 @@ def kv_bytes_per_row(cfg: ChromaConfig, thinker_max_len: int, backbone_max_len: 
     return total
 
 
+def admission_scratch_bytes(cfg: ChromaConfig, rows: int, thinker_len: int, backbone_len: int, dtype_bytes: int) -> int:
+    """The admission graphs' scratch caches: `rows` rows of the thinker's cache at `thinker_len`
+    positions (0: no prefill graphs) and of the backbone's at `backbone_len` (0: no tail graphs)."""
+    return rows * (trunk_kv_bytes(cfg.thinker.text, thinker_len, dtype_bytes)
+                   + trunk_kv_bytes(cfg.backbone.trunk, backbone_len, dtype_bytes))
+
+
 @dataclass(frozen=True)
 class CapacityPlan:
     rows: int  # rows the engine allocates
@@ -44,34 +52,38 @@ class CapacityPlan:
     per_row_bytes: int
     free_bytes: int | None  # device memory free before the caches (None: not measured, CPU)
     budget_bytes: int | None  # what the caches may take
+    scratch_bytes: int = 0  # the admission graphs' scratch rows, kept out of the budget
 
     def describe(self) -> str:
         per_row = f"{self.per_row_bytes / (1 << 20):.1f} MiB of KV per stream"
         if self.free_bytes is None:
             return f"{self.rows} streams ({per_row}; not sized from memory on this device)"
         limited = " (limited by memory)" if self.rows < self.requested else ""
+        scratch = f", {self.scratch_bytes / GIB:.2f} GiB for admission scratch rows" if self.scratch_bytes else ""
         return (f"{self.rows} of {self.requested} requested streams{limited}: {per_row}, "
-                f"{self.free_bytes / GIB:.1f} GiB free, {self.budget_bytes / GIB:.1f} GiB for KV caches")
+                f"{self.free_bytes / GIB:.1f} GiB free, {self.budget_bytes / GIB:.1f} GiB for KV caches{scratch}")
 
 
 def plan_rows(requested: int, per_row_bytes: int, free_bytes: int | None, fraction: float,
-              reserve_bytes: int) -> CapacityPlan:
-    """Rows to allocate: `requested`, or fewer when `free_bytes` (None: do not size) cannot hold them."""
+              reserve_bytes: int, scratch_bytes: int = 0) -> CapacityPlan:
+    """Rows to allocate: `requested`, or fewer when `free_bytes` (None: do not size) cannot hold them
+    beside `reserve_bytes` and `scratch_bytes`."""
     if requested < 1:
         raise ValueError(f"max_batch must be >= 1, got {requested}")
     if not 0 < fraction <= 1:
         raise ValueError(f"kv_memory_fraction must lie in (0, 1], got {fraction}")
     if free_bytes is None:
-        return CapacityPlan(requested, requested, per_row_bytes, None, None)
-    budget = max(0, int(free_bytes * fraction) - reserve_bytes)
+        return CapacityPlan(requested, requested, per_row_bytes, None, None, scratch_bytes)
+    budget = max(0, int(free_bytes * fraction) - reserve_bytes - scratch_bytes)
     fit = budget // max(per_row_bytes, 1)
     if fit < 1:
         raise MemoryError(
             f"not enough device memory for one stream: each needs {per_row_bytes / GIB:.2f} GiB of KV cache "
             f"(thinker_max_len / backbone_max_len set its size), but only {budget / GIB:.2f} GiB of the "
             f"{free_bytes / GIB:.2f} GiB free may be used (kv_memory_fraction {fraction}, "
-            f"activation reserve {reserve_bytes / GIB:.1f} GiB); shorten the contexts or free the GPU")
-    return CapacityPlan(min(requested, fit), requested, per_row_bytes, free_bytes, budget)
+            f"activation reserve {reserve_bytes / GIB:.1f} GiB, admission scratch rows {scratch_bytes / GIB:.2f} GiB); "
+            f"shorten the contexts or free the GPU")
+    return CapacityPlan(min(requested, fit), requested, per_row_bytes, free_bytes, budget, scratch_bytes)
 
 
 def free_device_bytes(device: torch.device) -> int | None:

@@ -45,7 +45,7 @@ from ..model.frame_model import FrameModel, SamplingTensors
 from ..model.loading import ChromaParts, make_thinker, resolve_thinker_backend
 from ..model.thinker import Thinker, TorchThinker, pad_batch
 from ..model.trunk import eager_layers
-from .capacity import GIB, kv_bytes_per_row, free_device_bytes, plan_rows
+from .capacity import GIB, admission_scratch_bytes, kv_bytes_per_row, free_device_bytes, plan_rows
 from .detokenizer import IncrementalDetokenizer, fast_decode
 from .graphs import StepRunner, batch_buckets, bucket, length_buckets
 from .pacing import AdmissionPacer, StreamState
@@ -355,8 +355,14 @@ class ChromaEngine:
             thinker = make_thinker(parts, o.thinker_backend, o.max_batch, o.thinker_max_len, **o.thinker_options)
         dtype_bytes = parts.frame_model.backbone.codebook0_head.weight.element_size()
         per_row = kv_bytes_per_row(self.cfg, o.thinker_max_len, o.backbone_max_len, dtype_bytes, torch_thinker)
+        scratch = 0
+        if o.prefill_graphs:  # PrefillGraphs' and BackboneTailGraphs' scratch caches (made in __init__)
+            scratch = admission_scratch_bytes(
+                self.cfg, min(o.max_prefills_per_step, o.max_batch),
+                min(o.prefill_graph_max_len, o.thinker_max_len) if torch_thinker else 0,
+                min(o.prefill_graph_max_len, o.backbone_max_len) if o.voice_prefix_cache else 0, dtype_bytes)
         self.capacity = plan_rows(o.max_batch, per_row, free_device_bytes(self.device), o.kv_memory_fraction,
-                                  int(o.activation_reserve_gib * GIB))
+                                  int(o.activation_reserve_gib * GIB), scratch)
         log.info("engine capacity: %s", self.capacity.describe())
         o.max_batch = self.capacity.rows
         if thinker is None:

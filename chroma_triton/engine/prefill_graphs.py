@@ -17,8 +17,9 @@ than `max_rows`, take the eager path.
 Padded to a bucket, a prompt's states are computed with other matrix shapes than the eager
 path's (padded to the batch's longest prompt only): equal up to the kernels' rounding, not
 bitwise. The graphs share one memory pool: a prefill's outputs are read before the next prefill.
-The scratch rows (`max_rows` x `max_len` positions of the thinker's cache) and the largest graph's
-pool come out of `activation_reserve_gib`; the engine's row planning does not count them.
+The engine's row planning keeps the scratch rows (`max_rows` x `max_len` positions of the thinker's
+cache, and of the backbone's for the tails; capacity.admission_scratch_bytes) out of the KV
+budget; the largest graph's pool comes out of `activation_reserve_gib`.
 """
 
 from __future__ import annotations
