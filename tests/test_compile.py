@@ -2,9 +2,9 @@
 
 Compiling happens in `start()`, for every shape class the step functions meet; serving afterwards
 must compile nothing (a compilation mid-serving stalls every stream for seconds: seen on an H100
-before the warm-up existed). Prefills stay eager. On the CPU in float32 the compiled path gives
+before the warm-up existed). Prefills stay eager, but for the admission graphs' buckets under
+`compiled_prefill_graphs`, compiled at start too. On the CPU in float32 the compiled path gives
 the plain path's codes and text exactly (on a GPU in bf16 it does not, see tests/test_gpu.py).
-With `compiled_prefills` the admission graphs' buckets run compiled layers too, compiled at start.
 """
 
 from __future__ import annotations
@@ -63,10 +63,14 @@ def waves_of(pipe, question_wav, ref_voice):
     ]
 
 
-@pytest.mark.parametrize("admission_graphs", [{}, {"prefill_graphs": True, "compiled_prefills": True}],
+@pytest.mark.parametrize("admission_graphs", [{}, {"prefill_graphs": True, "compiled_prefill_graphs": True}],
                          ids=["eager_prefills", "compiled_prefill_graphs"])
-def test_compile_happens_at_start_and_matches_the_plain_engine(pipe, question_wav, ref_voice, admission_graphs):
+def test_compile_happens_at_start_and_matches_the_plain_engine(pipe, question_wav, ref_voice, admission_graphs,
+                                                               monkeypatch):
     from torch._dynamo.utils import counters
+
+    from chroma_triton.engine.prefill_graphs import LENGTH_STEP
+    from chroma_triton.model import trunk
 
     waves = waves_of(pipe, question_wav, ref_voice)
     plain = ChromaEngine(pipe.parts, EngineOptions(**OPTIONS, prefill_graphs=bool(admission_graphs))).start()
@@ -79,11 +83,22 @@ def test_compile_happens_at_start_and_matches_the_plain_engine(pipe, question_wa
     try:
         graphs = counters["stats"]["unique_graphs"]
         assert graphs > 0
+        lengths = []  # the positions of every compiled layer call while serving
+        real = trunk.compiled_layer
+
+        def counting():
+            fn = real()
+            return lambda layer, x, *rest: lengths.append(x.shape[1]) or fn(layer, x, *rest)
+        monkeypatch.setattr(trunk, "compiled_layer", counting)
         got = [serve(compiled, wave) for wave in waves]
+        monkeypatch.undo()
         assert counters["stats"]["unique_graphs"] == graphs, "serving compiled a new graph after start()"
-        if admission_graphs:  # the admissions took the compiled graph path
+        if admission_graphs:  # the admissions took the graph path, through the compiled layers
             assert compiled.prefill_graphs.compiled and compiled.prefill_graphs.calls >= 3
             assert compiled.backbone_tails.compiled and compiled.backbone_tails.calls >= 3
+            assert max(lengths) >= LENGTH_STEP  # the thinker's prefill buckets
+        else:  # prefills eager: only steps' few positions ran compiled
+            assert 0 < max(lengths) <= trunk.MATH_MAX_QUERIES
     finally:
         compiled.shutdown()
         pipe.parts.frame_model.set_compiled(False)

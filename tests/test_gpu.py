@@ -289,47 +289,63 @@ def test_backbone_tail_graphs_replay_the_padded_eager_step(pipe, question_wav, r
     assert len(graphs) == len(graphs.rows) * len(graphs.lengths)  # nothing captured while serving
 
 
-def test_compiled_prefill_graphs_match_the_eager_admission(pipe, question_wav, ref_voice):
-    """`compiled_prefills`: the admission graphs captured with a compiled trunk's layers (inductor's
-    fused kernels, other rounding) match the eager prefill and the eager backbone step within bf16
-    tolerance, and an engine with `compile` and `compiled_prefills` serves through them."""
-    from chroma_triton.engine.prefill_graphs import BackboneTailGraphs, PrefillGraphs
-    from chroma_triton.model.trunk import eager_layers
+def test_compiled_prefill_graphs_match_the_eager_admission(pipe, question_wav, ref_voice, monkeypatch):
+    """`compiled_prefill_graphs`: the admission graphs, captured through a compiled trunk's layers
+    (inductor's fused kernels, other rounding), match the eager prefill and the eager backbone step
+    within bf16 tolerance, and an engine with `compile` and the option serves through them."""
+    from chroma_triton.engine.prefill_graphs import LENGTH_STEP, BackboneTailGraphs, PrefillGraphs
+    from chroma_triton.engine.voice_prefix import copy_prefixes
+    from chroma_triton.model import trunk
 
     engine = ChromaEngine(pipe.parts, EngineOptions(max_batch=8, capture_at_start=False))
     thinker, frames = engine.thinker, engine.frames
     reqs = [pipe.prepare([{"role": "user", "content": [{"type": "audio", "audio": question_wav},
-                                                       {"type": "text", "text": t}]}], ref_voice[0], ref_voice[1],
-                         SamplingParams(seed=1, max_tokens=8)) for t in ("Hi.", "Tell me a long story about the sea.")]
+                                                       {"type": "text", "text": t}]}], *voice,
+                         SamplingParams(seed=1, max_tokens=8))
+            for t, voice in (("Hi.", ref_voice), ("Tell me a long story about the sea.", (question_wav, "Hello.")))]
     prompts = [(torch.tensor(r.thinker_ids), r.audio_embeds) for r in reqs]
     gpu = torch.device("cuda", torch.cuda.current_device())
+    lengths = []  # positions of every compiled layer call while capturing
+    real = trunk.compiled_layer
+
+    def counting():
+        fn = real()
+        return lambda layer, x, *rest: lengths.append(x.shape[1]) or fn(layer, x, *rest)
     thinker.lm.model.set_compiled(True)
     frames.set_compiled(True)
     try:
         prefill = PrefillGraphs(thinker, 4, 256, gpu, compiled=True)
         tails = BackboneTailGraphs(frames, 4, 512, gpu, compiled=True)
-        assert prefill.capture_all() and tails.capture_all()
+        with monkeypatch.context() as m:
+            m.setattr(trunk, "compiled_layer", counting)
+            assert prefill.capture_all()
+            assert lengths and min(lengths) >= LENGTH_STEP  # captured through the compiled layers
+            del lengths[:]
+            assert tails.capture_all()
+            assert lengths and set(lengths) == {2}
         with torch.no_grad():
             voices = [engine._voice_prefixes_of(0, [r])[0] for r in reqs]
+            assert voices[0][0].shape[2] != voices[1][0].shape[2]
             h_graph, _ = prefill.prefill(4, prompts)
-            with eager_layers():
+            with trunk.eager_layers():
                 h_plain, _ = thinker.prefill(0, prompts)
             torch.testing.assert_close(h_graph.float(), h_plain.float(), atol=3e-2, rtol=3e-2)
             x = torch.randn(2, 2, frames.backbone.model.cfg.hidden_size, device=gpu,
                             generator=torch.Generator(device=gpu).manual_seed(0), dtype=h_plain.dtype)
             graphed = tails.run(4, voices, x)
-            lengths = [pk.shape[2] for pk, _ in voices]
-            positions = torch.tensor(lengths, device=gpu)[:, None] + torch.arange(2, device=gpu)
-            with eager_layers():
+            copy_prefixes(frames.backbone_cache, 0, voices)  # the plain step reads each row's own voice
+            starts = [pk.shape[2] for pk, _ in voices]
+            positions = torch.tensor(starts, device=gpu)[:, None] + torch.arange(2, device=gpu)
+            with trunk.eager_layers():
                 plain = frames.backbone_step(x, positions, torch.ones(2, dtype=torch.long, device=gpu),
-                                             max(lengths) + 2, row_start=0)
+                                             max(starts) + 2, row_start=0)
             torch.testing.assert_close(graphed.float(), plain.float(), atol=3e-2, rtol=3e-2)
     finally:
         thinker.lm.model.set_compiled(False)
         frames.set_compiled(False)
     engine.shutdown()
     served = ChromaEngine(pipe.parts, EngineOptions(max_batch=4, compile=True, prefill_graphs=True,
-                                                    compiled_prefills=True)).start()
+                                                    compiled_prefill_graphs=True)).start()
     try:
         codes = [_codes(served, r) for r in reqs]
         assert served.prefill_graphs.calls >= 1 and served.backbone_tails.calls >= 1

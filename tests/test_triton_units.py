@@ -325,25 +325,25 @@ def test_auto_options_follow_the_device(name, value, kind, expected):
         engine_options(ModelArgs.from_triton({"model_config": json.dumps(cfg), "model_instance_kind": kind}))
 
 
-@pytest.mark.parametrize("value, kind, on_gpu_with_triton", [
-    ("auto", "GPU", True), ("AUTO", "GPU", True), ("auto", "CPU", False), ("", "GPU", True), ("none", "GPU", False),
-    (" None ", "GPU", False),
-    ("backbone", "CPU", "backbone"), ("thinker,decoder", "GPU", "thinker,decoder")])
-def test_decode_attention_auto_is_every_trunk_on_a_gpu_and_none_on_the_cpu(value, kind, on_gpu_with_triton):
+ALL = "every trunk where Triton is available"  # the value auto gives a GPU instance
+
+
+@pytest.mark.parametrize("value, kind, expected", [
+    ("auto", "GPU", ALL), ("AUTO", "GPU", ALL), ("auto", "CPU", ""), ("", "GPU", ALL), ("none", "GPU", ""),
+    (" None ", "GPU", ""), ("backbone", "CPU", "backbone"), ("thinker,decoder", "GPU", "thinker,decoder")])
+def test_decode_attention_auto_is_every_trunk_on_a_gpu_and_none_on_the_cpu(value, kind, expected):
     from chroma_triton.model import decode_attention
     from chroma_triton.serving.triton_lm import engine_options
 
-    cfg = {"name": "chroma_lm", "parameters": {"decode_attention": {"string_value": value}}}
-    got = engine_options(ModelArgs.from_triton({"model_config": json.dumps(cfg), "model_instance_kind": kind}))
-    if on_gpu_with_triton is True:
-        expected = "thinker,backbone,decoder" if decode_attention.available() else ""
-    else:
-        expected = on_gpu_with_triton or ""
-    assert got.decode_attention == expected
-    # left out of the config, it is auto too
-    cfg["parameters"] = {}
-    got = engine_options(ModelArgs.from_triton({"model_config": json.dumps(cfg), "model_instance_kind": "CPU"}))
-    assert got.decode_attention == ""
+    every = "thinker,backbone,decoder" if decode_attention.available() else ""
+
+    def option(params, kind):
+        cfg = {"name": "chroma_lm", "parameters": params}
+        return engine_options(ModelArgs.from_triton({"model_config": json.dumps(cfg),
+                                                     "model_instance_kind": kind})).decode_attention
+
+    assert option({"decode_attention": {"string_value": value}}, kind) == (every if expected is ALL else expected)
+    assert option({}, "GPU") == every and option({}, "CPU") == ""  # left out of the config: auto
 
 
 def test_trace_path_names_each_instance_its_own_file():

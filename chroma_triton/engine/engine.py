@@ -111,7 +111,7 @@ class EngineOptions:
     prefill_graphs: bool = False  # on CUDA: the thinker's prompt prefill, and the backbone's two positions after a
     #                               cached voice prefix, through graphs (engine/prefill_graphs.py)
     prefill_graph_max_len: int = 512  # ...for prompts up to this many tokens (longer: eager)
-    compiled_prefills: bool = True  # with compile: the prefill graphs run the compiled layers too (their shapes
+    compiled_prefill_graphs: bool = True  # with compile: the prefill graphs run the compiled layers too (their shapes
     #                                 are buckets; compiled at start), not eager ones
     overlap: bool = True  # launch step n+1 before reading step n's codes (host work overlaps the device's)
     thinker_ahead: bool = True  # run the thinker's step for the next talking step right after this one,
@@ -309,18 +309,18 @@ class ChromaEngine:
         self.thinker_runner = self.runner if self._thinker_stream is None else StepRunner(
             use_graphs=self.opts.cuda_graphs, device=self.device, capture_stream=self._thinker_stream)
         # with compile: the admission graphs run compiled layers (compiled in start(), like the steps)
-        self._compiled_prefills = self.opts.compile and self.opts.compiled_prefills
+        self._compiled_prefill_graphs = self.opts.compile and self.opts.compiled_prefill_graphs
         self.prefill_graphs = None
         if self.opts.prefill_graphs and isinstance(self.thinker, TorchThinker):
             self.prefill_graphs = PrefillGraphs(self.thinker, min(self.opts.max_prefills_per_step, self.opts.max_batch),
                                                 self.opts.prefill_graph_max_len, self.device,
-                                                use_graphs=self.opts.cuda_graphs, compiled=self._compiled_prefills)
+                                                use_graphs=self.opts.cuda_graphs, compiled=self._compiled_prefill_graphs)
         # the backbone's two positions of an admission whose voice prefix is cached (any thinker)
         self.backbone_tails = None
         if self.opts.prefill_graphs and self.voice_prefixes.capacity:
             self.backbone_tails = BackboneTailGraphs(self.frames, min(self.opts.max_prefills_per_step, self.opts.max_batch),
                                                      self.opts.prefill_graph_max_len, self.device,
-                                                     use_graphs=self.opts.cuda_graphs, compiled=self._compiled_prefills)
+                                                     use_graphs=self.opts.cuda_graphs, compiled=self._compiled_prefill_graphs)
 
     def _set_kernel_choices(self, parts: ChromaParts) -> None:
         """Apply `math_attention`, `decode_attention`, `topk_segments`, `fused_sampling` and `gemv`
@@ -357,9 +357,10 @@ class ChromaEngine:
         per_row = kv_bytes_per_row(self.cfg, o.thinker_max_len, o.backbone_max_len, dtype_bytes, torch_thinker)
         scratch = 0
         if o.prefill_graphs:  # PrefillGraphs' and BackboneTailGraphs' scratch caches (made in __init__)
+            prefill_graphs = torch_thinker or isinstance(thinker, TorchThinker)  # as __init__ decides
             scratch = admission_scratch_bytes(
                 self.cfg, min(o.max_prefills_per_step, o.max_batch),
-                min(o.prefill_graph_max_len, o.thinker_max_len) if torch_thinker else 0,
+                min(o.prefill_graph_max_len, o.thinker_max_len) if prefill_graphs else 0,
                 min(o.prefill_graph_max_len, o.backbone_max_len) if o.voice_prefix_cache else 0, dtype_bytes)
         self.capacity = plan_rows(o.max_batch, per_row, free_device_bytes(self.device), o.kv_memory_fraction,
                                   int(o.activation_reserve_gib * GIB), scratch)
@@ -375,7 +376,7 @@ class ChromaEngine:
         batch sizes >= 2 and every key length below the cache's; what is left to specialise is
         batch 1, the full cache length and the sampler's top-k bound (two values make it dynamic,
         plus None = the whole vocabulary). Prefills run eagerly (engine._prefill), but for the
-        admission graphs' buckets under `compiled_prefills`. The KV caches
+        admission graphs' buckets under `compiled_prefill_graphs`. The KV caches
         get writes at positions 0..2 of the first rows, which any request placed there overwrites
         before it reads them."""
         t0 = time.perf_counter()
@@ -402,10 +403,9 @@ class ChromaEngine:
                 for k_max in k_maxes:
                     self._warm(partial(self._sample_fn, k_max=k_max), states, ints[_SEED], ints[_FRAME], ints[_TOPK],
                                floats[0], floats[1])
-            # every admission graph's bucket (on a GPU: captured now; the CPU runs each once)
-            for graphs in (self.prefill_graphs, self.backbone_tails) if self._compiled_prefills else ():
+            for graphs in (self.prefill_graphs, self.backbone_tails):  # compiled_prefill_graphs: their buckets
                 if graphs is not None:
-                    graphs.capture_all()
+                    graphs.compile_all()
         if dev.type == "cuda":
             torch.cuda.synchronize(dev)
         self._compiled_shapes = True
@@ -1189,7 +1189,8 @@ class ChromaEngine:
 
     def _prefill(self, items: list[tuple[GenerationRequest, RequestStream]]) -> list[torch.Tensor]:
         """Thinker and backbone prefill of `items` in rows len(active).. (one batched call each),
-        with eager layers even under `compile` (prompt shapes vary; see trunk.eager_layers)."""
+        with eager layers even under `compile` (prompt shapes vary; see trunk.eager_layers), but
+        for the admission graphs under `compiled_prefill_graphs` (bucketed shapes, compiled at start)."""
         with eager_layers():
             return self._prefill_eager(items)
 

@@ -24,7 +24,6 @@ budget; the largest graph's pool comes out of `activation_reserve_gib`.
 
 from __future__ import annotations
 
-from contextlib import nullcontext
 from functools import partial
 
 import torch
@@ -74,13 +73,25 @@ class _ScratchGraphs:
 
     def _replay(self, rows: int, padded: int, *inputs):
         """The graph of the (rows, padded) bucket on `inputs`: captured on its first call, replayed after."""
-        with nullcontext() if self.compiled else eager_layers():
+        with eager_layers(not self.compiled):  # the engine's admissions run inside eager_layers()
             return self.runner((self.KIND, rows, padded), partial(self._run, key_len=padded), *inputs)
 
     def _copy_into(self, cache, row_start: int, n: int, padded: int) -> None:
         """Scratch rows 0..n-1, positions 0..padded-1, into `cache`'s rows row_start.."""
         cache.k[:, row_start:row_start + n, :, :padded].copy_(self.scratch.k[:, :n, :, :padded])
         cache.v[:, row_start:row_start + n, :, :padded].copy_(self.scratch.v[:, :n, :, :padded])
+
+    @torch.no_grad()
+    def compile_all(self) -> None:
+        """With `compiled`: run every (rows, length) bucket's function once, outside any graph, so
+        that torch.compile compiles for them now (captures, at start or on first use, then find
+        the code compiled)."""
+        if not self.compiled:
+            return
+        with eager_layers(False):
+            for padded in self.lengths:
+                for rows in self.rows:
+                    self._run(*self._dummy_inputs(rows, padded), key_len=padded)
 
     @torch.no_grad()
     def capture_all(self, stop=lambda: False) -> bool:

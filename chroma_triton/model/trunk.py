@@ -296,11 +296,13 @@ _EAGER = threading.local()
 
 
 @contextmanager
-def eager_layers():
-    """Inside this block (this thread), compiled trunks run their layers eagerly. For prefills:
-    their shapes change with every prompt, and compiling for a new one would stall the engine."""
+def eager_layers(on: bool = True):
+    """Inside this block (this thread), compiled trunks run their layers eagerly (`on`), or compiled
+    again (`on=False`, inside an eager block). For prefills: their shapes change with every prompt,
+    and compiling for a new one would stall the engine; the admission graphs' bucketed shapes are
+    the exception (engine/prefill_graphs.py, `compiled_prefill_graphs`)."""
     before = getattr(_EAGER, "on", False)
-    _EAGER.on = True
+    _EAGER.on = on
     try:
         yield
     finally:

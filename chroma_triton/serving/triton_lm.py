@@ -298,7 +298,7 @@ _INT_OPTIONS = ("max_batch", "thinker_max_len", "backbone_max_len", "max_frames"
 _FLOAT_OPTIONS = ("start_slack_s", "admission_margin_s", "max_admission_wait_s", "max_queue_wait_s", "kv_memory_fraction",
                   "activation_reserve_gib", "switch_interval_ms", "pacing_sigmas")
 _BOOL_OPTIONS = ("admission_pacing", "admission_slack", "cuda_graphs", "capture_at_start", "overlap", "thinker_ahead",
-                 "compiled_prefills")
+                 "compiled_prefill_graphs")
 _AUTO_OPTIONS = ("compile", "prefill_graphs", "fused_sampling", "gemv")  # "auto" (or empty): on for an instance on a GPU, off on the CPU
 
 
@@ -333,7 +333,7 @@ def engine_options(args) -> EngineOptions:
 
 def _decode_attention_trunks(value: str, on_gpu: bool) -> str:
     """`decode_attention`'s trunk list: auto = every trunk on a GPU instance with Triton (run 55:
-    8-12 % more audio per second at 256 streams, 6 % less time per frame at batch 1), none on the CPU."""
+    8-13 % more audio per second at 256 streams, 6-7 % less time per frame at batch 1), none on the CPU."""
     value = value.strip().lower()
     if value == "auto":
         return ALL_TRUNKS if on_gpu and TRITON_KERNEL_OPTIONS["decode_attention"]() else ""
