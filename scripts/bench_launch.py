@@ -188,6 +188,7 @@ def attention_costs(rows_list: list[int], repeats: int, key_bucket: int = 256) -
     import torch.nn.functional as F
 
     from chroma_triton.model.decode_attention import decode_attention
+    from chroma_triton.model.trunk import causal_mask
     out = []
     g = torch.Generator().manual_seed(0)
     for rows in rows_list:
@@ -200,9 +201,7 @@ def attention_costs(rows_list: list[int], repeats: int, key_bucket: int = 256) -
                 q = torch.randn(rows, kvh, group * length, d, device="cuda", dtype=torch.bfloat16)
                 k = torch.randn(rows, kvh, t, d, device="cuda", dtype=torch.bfloat16)
                 v = torch.randn(rows, kvh, t, d, device="cuda", dtype=torch.bfloat16)
-                allowed = torch.arange(key_len, device="cuda")[None, None, :] <= positions[:, :, None]
-                mask = torch.zeros(allowed.shape, device="cuda", dtype=torch.bfloat16).masked_fill_(~allowed, float("-inf"))
-                mask = mask.unsqueeze(1).repeat(1, 1, group, 1)
+                mask = causal_mask(positions, key_len, group, torch.bfloat16)
 
                 def sdpa():
                     return F.scaled_dot_product_attention(q, k[:, :, :key_len], v[:, :, :key_len], attn_mask=mask)

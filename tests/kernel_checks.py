@@ -12,6 +12,7 @@ import torch
 
 from chroma_triton.model.decode_attention import decode_attention_op
 from chroma_triton.model.gemv import gemv_op
+from chroma_triton.model.trunk import causal_mask
 from chroma_triton.sampling import sample, stream_keys, token_hashes
 from chroma_triton.sampling_kernel import fused_sample
 
@@ -139,8 +140,7 @@ def decode_attention_errors(device: str, dtype=torch.float32,
         last = torch.randint(length - 1, t, (b,), generator=g)
         last[0] = min(t - 1, length + 5)
         positions = last[:, None] - length + 1 + torch.arange(length)  # [b, L], ascending
-        allowed = torch.arange(t)[None, None, :] <= positions[:, :, None]  # [b, L, t]
-        mask = torch.zeros(allowed.shape).masked_fill_(~allowed, float("-inf")).unsqueeze(1).repeat(1, 1, group, 1)
+        mask = causal_mask(positions, t, group, torch.float32)
         want = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         q, k, v = (x.to(device, dtype) for x in (q, k, v))
         got = decode_attention_op(q, k, v, positions.to(device)).float().cpu()

@@ -275,17 +275,22 @@ class Trunk(nn.Module):
         """
         b = x.shape[0]
         cos, sin = rotary.lookup(positions)
-        key_pos = torch.arange(key_len, device=x.device)
-        allowed = key_pos[None, None, :] <= positions[:, :, None]  # [B, L, key_len]
-        # additive mask, made once per call; repeated per query head of a kv group (see Attention)
-        group = self.cfg.num_heads // self.cfg.num_kv_heads
-        mask = torch.zeros(allowed.shape, dtype=x.dtype, device=x.device).masked_fill_(~allowed, float("-inf"))
-        mask = mask.unsqueeze(1).repeat(1, 1, group, 1)  # [B, 1, G*L, key_len]
+        # made once per call for every layer
+        mask = causal_mask(positions, key_len, self.cfg.num_heads // self.cfg.num_kv_heads, x.dtype)
         rows = slice(row_start, row_start + b)
         run = compiled_layer() if self.compiled and not getattr(_EAGER, "on", False) else _run_layer
         for i, layer in enumerate(self.layers):
             x = run(layer, x, cos, sin, cache.k[i, rows], cache.v[i, rows], positions, mask, key_len)
         return self.norm(x)
+
+
+def causal_mask(positions: torch.Tensor, key_len: int, group: int, dtype: torch.dtype) -> torch.Tensor:
+    """The additive mask `Attention` passes SDPA: query position positions[b, l] sees keys
+    0..positions[b, l] of key_len; repeated per query head of a kv group (`group` heads), as
+    Attention lays the heads out: [B, 1, group * L, key_len]."""
+    allowed = torch.arange(key_len, device=positions.device)[None, None, :] <= positions[:, :, None]  # [B, L, key_len]
+    mask = torch.zeros(allowed.shape, dtype=dtype, device=positions.device).masked_fill_(~allowed, float("-inf"))
+    return mask.unsqueeze(1).repeat(1, 1, group, 1)
 
 
 def _run_layer(layer: DecoderLayer, x, cos, sin, k_cache, v_cache, positions, mask, key_len):
