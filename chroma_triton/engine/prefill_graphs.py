@@ -89,20 +89,22 @@ class _ScratchGraphs:
         if not self.compiled:
             return
         with eager_layers(False):
-            for padded in self.lengths:
-                for rows in self.rows:
-                    self._run(*self._dummy_inputs(rows, padded), key_len=padded)
+            for rows, padded in self._buckets():
+                self._run(*self._dummy_inputs(rows, padded), key_len=padded)
 
     @torch.no_grad()
     def capture_all(self, stop=lambda: False) -> bool:
         """Capture every (rows, length) graph now, shortest first; `stop()` ends it early. Returns
         whether all were captured."""
-        for padded in self.lengths:
-            for rows in self.rows:
-                if stop():
-                    return False
-                self._replay(rows, padded, *self._dummy_inputs(rows, padded))
+        for rows, padded in self._buckets():
+            if stop():
+                return False
+            self._replay(rows, padded, *self._dummy_inputs(rows, padded))
         return True
+
+    def _buckets(self):
+        """Every (rows, length) bucket, shortest length first."""
+        return ((rows, padded) for padded in self.lengths for rows in self.rows)
 
 
 class PrefillGraphs(_ScratchGraphs):
