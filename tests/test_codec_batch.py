@@ -8,7 +8,7 @@ import pytest
 
 from chroma_triton.errors import InvalidRequestError
 from chroma_triton.model.loading import load_parts
-from chroma_triton.serving.triton_codec import CodecService
+from chroma_triton.serving.triton_codec import CodecChunk, CodecService
 
 
 @pytest.fixture(scope="module")
@@ -31,8 +31,10 @@ def test_a_bad_chunk_fails_alone(codec):
     service = CodecService(codec)
     good = np.zeros((1, 3, codec.num_codebooks), np.int32)  # with the leading batch dimension
     wrong_width = np.zeros((3, codec.num_codebooks + 1), np.int32)
-    out = service.decode_many([(good, 1), (wrong_width, 0), (good, 5), (good[:, :0], 0)])
+    out = service.decode_many([CodecChunk(good, 1), CodecChunk(wrong_width, 0), CodecChunk(good, 5),
+                               CodecChunk(good[:, :0], 0), CodecChunk(good, 1, "s", -3)])
     assert out[0].shape == (2 * codec.frame_size,)
     assert isinstance(out[1], InvalidRequestError) and "columns" in str(out[1])
     assert isinstance(out[2], InvalidRequestError) and "context_frames" in str(out[2])
     assert out[3].shape == (0,)
+    assert isinstance(out[4], InvalidRequestError) and "start_frame" in str(out[4])

@@ -85,18 +85,33 @@ def test_compiled_layers_match_the_plain_ones(pipe):
 
 def test_codec_graphs_give_the_eager_samples(tiny_checkpoint):
     """codec_decoder's CUDA graphs (captured for every bucket at load) replay what the eager,
-    sync-free decode computes, for ragged batches of every row bucket."""
+    sync-free decode computes, for ragged batches of every row bucket, stateless and carried."""
     from chroma_triton.model.loading import load_parts
+    from chroma_triton.serving.triton_codec import CodecChunk, CodecService, chunk_plan
 
     codec = load_parts(tiny_checkpoint, parts={"codec"}, device="cuda").codec
     rng = np.random.default_rng(0)
     batches = [[(rng.integers(0, codec.codebook_size, size=(n, codec.num_codebooks)), ctx) for n, ctx in plan]
                for plan in ([(2, 0)], [(22, 12), (9, 1), (12, 12)], [(16, 4)] * 5, [(3, 0)] * 17)]
     eager = [codec.decode_batch(b) for b in batches]
-    assert codec.use_cuda_graphs(24, 64) == 7 * 3  # rows 1..64 x frames 8, 16, 24
+    streams = [[CodecChunk(c[a:e], s - a, f"s{i}", s) for a, s, e in chunk_plan(len(c), 2, 10, 12)]
+               for i, c in enumerate(rng.integers(0, codec.codebook_size, size=(n, codec.num_codebooks)) for n in (45, 70, 9))]
+
+    def carried():  # three streams' chunks, a step of each per batch, each continuing its state
+        service = CodecService(codec, stream_states=64)
+        out = [service.decode_many([s[step] for s in streams if step < len(s)]) for step in range(max(map(len, streams)))]
+        assert service.counts()["carried"] == sum(map(len, streams)) - len(streams)
+        return out
+
+    eager_carried = carried()
+    # rows 1..64 x (the transformer's frames 8, 16, 24 + the SEANet decoder's frames 2, 4, ..., 24)
+    assert codec.use_cuda_graphs(24, 64) == 7 * (3 + 12)
     for batch, expected in zip(batches, eager):
         for got, want in zip(codec.decode_batch(batch), expected):
             np.testing.assert_allclose(got, want, rtol=0, atol=1e-5)
+    for got_step, want_step in zip(carried(), eager_carried):
+        for got, want in zip(got_step, want_step):
+            np.testing.assert_allclose(got, want, rtol=0, atol=1e-4)
 
 
 @pytest.mark.parametrize("device", ["cuda:0", "cuda:1"])

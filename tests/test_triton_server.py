@@ -122,6 +122,14 @@ def metrics(server) -> dict[str, float]:
     return out
 
 
+def codec_chunks(server) -> dict[str, float]:
+    """chroma_codec_chunks_total by its `how` label."""
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    text = opener.open(f"http://{server.metrics_url}/metrics", timeout=5).read().decode()
+    return {m.group(1): float(m.group(2)) for m in
+            re.finditer(r'^chroma_codec_chunks_total\{[^}]*how="(\w+)"[^}]*\}\s+([0-9.e+-]+)$', text, re.M)}
+
+
 def wait_for(predicate, timeout=20.0, what="condition"):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -141,6 +149,7 @@ def idle(server) -> bool:
 def test_stream_text_audio_final(server, question_wav, ref_voice):
     arrays = P.ensemble_inputs(user_turn(), [question_wav], ref_voice[0], ref_voice[1], max_tokens=20, seed=11,
                                temperature=0.9, top_k=20, top_p=0.95)
+    chunks_before = codec_chunks(server)
     out = Stream(server, arrays).collect()
     prompt_tokens, text_tokens, frames = out["usage"]
     assert out["finals"] == 1 and out["finish_reason"] in ("stop", "length")
@@ -149,6 +158,10 @@ def test_stream_text_audio_final(server, question_wav, ref_voice):
     assert sum(len(a) > 0 for a in out["audio"]) >= 2  # audio came in several chunks
     assert out["pcm"].dtype == np.float32 and len(out["pcm"]) == frames * FRAME
     assert np.isfinite(out["pcm"]).all() and np.abs(out["pcm"]).max() > 0
+    # codec_decoder continued the stream's SEANet state from its second audio chunk on (the
+    # ensemble passes stream_key and start_frame)
+    chunks = sum(len(a) > 0 for a in out["audio"])
+    assert codec_chunks(server).get("carried", 0) - chunks_before.get("carried", 0) >= chunks - 1
 
 
 def test_streamed_audio_is_seamless(server, codec, question_wav, ref_voice):
@@ -340,6 +353,35 @@ def test_codec_decoder_skips_chunks_of_streams_marked_gone(server, codec):
     assert decode(gone).shape == (1, 0)
     # at least ours (chunks of a stream cancelled by an earlier test may still be skipped meanwhile)
     assert metrics(server)["chroma_codec_skipped_chunks_total"] >= skipped + 1
+
+
+def test_codec_decoder_continues_a_stream_given_its_key_and_start_frame(server, codec):
+    """Chunks sent with stream_key and start_frame continue the stream's SEANet state (counted as
+    carried) and give what the codec service gives in-process; a chunk that does not follow the
+    stream's last one decodes statelessly (counted as restarted)."""
+    import uuid
+
+    from chroma_triton.serving.triton_codec import CodecChunk, CodecService, chunk_plan
+
+    codes = np.random.default_rng(4).integers(0, codec.codebook_size, size=(30, codec.num_codebooks))
+    key = uuid.uuid4().hex
+    plan = chunk_plan(len(codes), 2, 10, 12)
+    local = CodecService(codec, stream_states=64)
+    before = codec_chunks(server)
+    for a, s, e in plan:
+        arrays = {"audio_codes": codes[a:e].astype(np.int32)[None], "context_frames": np.array([[s - a]], np.int32),
+                  "stream_key": P.bytes_tensor(key)[None], "start_frame": np.array([[s]], np.int32)}
+        audio = _http_infer(server, "codec_decoder", arrays, ["audio"])["audio"]
+        expected = local.decode_many([CodecChunk(codes[a:e], s - a, key, s)])[0]
+        np.testing.assert_allclose(audio[0], expected, atol=1e-4)
+    a, s, e = plan[1]  # again: the stream is past it now
+    arrays = {"audio_codes": codes[a:e].astype(np.int32)[None], "context_frames": np.array([[s - a]], np.int32),
+              "stream_key": P.bytes_tensor(key)[None], "start_frame": np.array([[s]], np.int32)}
+    audio = _http_infer(server, "codec_decoder", arrays, ["audio"])["audio"]
+    np.testing.assert_allclose(audio[0], codec.decode_chunk(codes[a:e], s - a), atol=1e-4)
+    after = codec_chunks(server)
+    assert after.get("carried", 0) - before.get("carried", 0) >= len(plan) - 1
+    assert after.get("restarted", 0) - before.get("restarted", 0) >= 1
 
 
 # -- the control call: chroma_cancel --------------------------------------------------------------

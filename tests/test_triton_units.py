@@ -82,6 +82,7 @@ def test_relay_merges_text_into_chunks_and_flags_the_last():
     assert len(out) == 1 and out[0].text == "ab" and out[0].new_frames == 2 and out[0].usage == (10, 2, 2)
     out = relay.responses([AudioChunk(codes, 0, 3), Finished("stop", 10, 4, 5, "abcd")])
     assert len(out) == 1 and out[0].final and out[0].finish_reason == "stop" and out[0].usage == (10, 4, 5)
+    assert out[0].start_frame == 3 and out[0].tensors(8, "k")["start_frame"].tolist() == [[3]]
     out = _Relay(1).responses([TextDelta("x", 1), Finished("length", 1, 1, 0, "x")])
     assert [(r.text, r.final, r.codes) for r in out] == [("x", True, None)]
     with pytest.raises(InvalidRequestError):
@@ -420,11 +421,18 @@ def test_codec_streamed_decode_matches_one_shot(encoder):
         plan.append((codes[sent - min(ctx, sent):end], min(ctx, sent)))
         sent = end
     d = streaming_difference(codec, codes, plan)
-    print(f"codec streamed vs one-shot: {d}, SNR {d.snr_db:.1f} dB")
-    assert d.samples == len(codes) * codec.frame_size
+    carried = streaming_difference(codec, codes, plan, carried=True)
+    print(f"codec streamed vs one-shot: {d}, SNR {d.snr_db:.1f} dB; carried {carried}, SNR {carried.snr_db:.1f} dB")
+    assert d.samples == carried.samples == len(codes) * codec.frame_size
     assert d.rms < 1e-4 * max(d.signal_rms, 1.0) and d.snr_db > 80
+    assert carried.rms < 1e-4 * max(d.signal_rms, 1.0) and carried.snr_db > 80
     no_ctx = streaming_difference(codec, codes, [(codes[s:e], 0) for _, s, e in chunk_plan(len(codes), 2, 10, 0)])
     assert no_ctx.rms > 100 * d.rms  # without left context there are seams
+    # with only 4 frames of context the stateless SEANet decoder misses part of its receptive field
+    # (seams); carried, it continues its own state and only the transformer sees less history
+    short = [(codes[a:e], s - a) for a, s, e in chunk_plan(len(codes), 2, 10, 4)]
+    short_stateless, short_carried = (streaming_difference(codec, codes, short, carried=c) for c in (False, True))
+    assert short_carried.rms < short_stateless.rms / 100 and short_carried.snr_db > 80
 
 
 # -- repository rendering and the launcher ---------------------------------------------------------

@@ -1,14 +1,18 @@
 """Mimi codec (transformers' `MimiModel`): reference audio -> codes, codes -> 24 kHz audio.
 
-Streaming decode is stateless: each chunk is decoded together with up to `context_frames`
-frames before it and only the new part is kept. Mimi's decoder is causal, so enough left
-context reproduces the one-shot decode; what remains differs only through the decoder
-transformer's attention to frames older than the context (measured in tests/docs).
+Streaming decode: each chunk comes with up to `context_frames` frames before it. The quantizer,
+the upsampling and the decoder transformer run over context + new frames (the transformer's
+attention needs the history); the SEANet decoder, most of the work, runs either over the same
+frames with zeros before them (a stateless chunk: only the new part is kept) or over the new
+frames alone, continuing from the state its stream's previous chunk left (a carried chunk,
+:class:`StreamingSeanet`). Both give the one-shot decode's samples for the SEANet part; what
+remains differs from it only through the transformer's attention to frames older than the
+context (measured in tests/docs).
 
 Decoding goes through :class:`MimiDecode` (transformers' modules without their host syncs). On a
 GPU, :meth:`Codec.use_cuda_graphs` replays batched chunk decodes as CUDA graphs, one per
-(rows, frames) bucket: one launch and one read-back per batch instead of hundreds of kernel
-launches and a dozen syncs, which matters most when another process keeps the GPU busy.
+(rows, frames) bucket of each half: two launches and one read-back per batch instead of hundreds
+of kernel launches and a dozen syncs, which matters most when another process keeps the GPU busy.
 """
 
 from __future__ import annotations
@@ -17,8 +21,10 @@ import numpy as np
 import torch
 
 from .mimi_decode import MimiDecode
+from .seanet_stream import StreamingSeanet
 
-FRAME_BUCKET = 8  # batched decodes pad their length to a multiple of this many frames
+FRAME_BUCKET = 8  # batched decodes pad the transformer's length to a multiple of this many frames
+SEANET_BUCKET = 2  # ... and the SEANet decoder's to a multiple of this many (it costs far more per frame)
 
 
 class Codec:
@@ -31,6 +37,9 @@ class Codec:
         p = next(mimi.parameters())
         self.device, self.dtype = p.device, p.dtype
         self._decode = MimiDecode(mimi)
+        self._seanet = StreamingSeanet(mimi.decoder, mimi.config)
+        self.state_size = self._seanet.state_size  # one stream's carried SEANet state (values)
+        self._steps_per_frame = frame_size // self._seanet.upsampling  # SEANet input steps per frame
         self._graphs = None  # a StepRunner once use_cuda_graphs ran
         self._graph_frames = 0
 
@@ -42,15 +51,29 @@ class Codec:
             return 0
         from ..engine.graphs import StepRunner, batch_buckets  # the engine package imports this module
 
-        # graphs share one memory pool: decode_batch reads each replay's output before the next
+        # graphs share one memory pool: _decode_rows reads each replay's output before the next
         self._graphs = StepRunner(True, shared_pool=True, device=self.device)
         self._graph_frames = -(-max_frames // FRAME_BUCKET) * FRAME_BUCKET
-        silence = np.zeros((0, self.num_codebooks), np.int64)
-        for rows in batch_buckets(1 << (max_rows - 1).bit_length()):  # decode_batch's row counts
+        hidden = self.mimi.config.hidden_size
+        for rows in batch_buckets(1 << (max_rows - 1).bit_length()):  # _decode_rows' row counts
             for frames in range(FRAME_BUCKET, self._graph_frames + 1, FRAME_BUCKET):
-                filler = np.zeros((frames, self.num_codebooks), np.int64)
-                self.decode_batch([(filler, 0)] + [(silence, 0)] * (rows - 1))
+                self._embed(torch.zeros(rows, self.num_codebooks, frames, dtype=torch.long, device=self.device))
+            for frames in range(SEANET_BUCKET, self._graph_frames + 1, SEANET_BUCKET):
+                steps = frames * self._steps_per_frame
+                self._run_seanet(torch.zeros(rows, hidden, steps, device=self.device, dtype=self.dtype),
+                                 torch.zeros(rows, dtype=torch.long, device=self.device),
+                                 torch.zeros(rows, self.state_size, device=self.device, dtype=self.dtype))
         return len(self._graphs)
+
+    def _embed(self, codes: torch.Tensor) -> torch.Tensor:
+        if self._graphs is not None and codes.shape[-1] <= self._graph_frames:
+            return self._graphs(("embed", *codes.shape[::2]), self._decode.embed, codes)
+        return self._decode.embed(codes)
+
+    def _run_seanet(self, x: torch.Tensor, lengths: torch.Tensor, state: torch.Tensor):
+        if self._graphs is not None and x.shape[-1] <= self._graph_frames * self._steps_per_frame:
+            return self._graphs(("seanet", x.shape[0], x.shape[-1]), self._seanet, x, lengths, state)
+        return self._seanet(x, lengths, state)
 
     @torch.inference_mode()
     def encode(self, wav: np.ndarray) -> np.ndarray:
@@ -71,37 +94,68 @@ class Codec:
         audio = self._decode(c)  # [1, 1, samples]
         return audio[0, 0].float().cpu().numpy()
 
-    @torch.inference_mode()
     def decode_batch(self, chunks: list[tuple[np.ndarray, int]]) -> list[np.ndarray]:
         """Decode several chunks (codes [context + new, K], context_frames) in one batched call;
-        returns each chunk's new samples, as `decode_chunk` would. Shorter chunks are padded on the
-        right: Mimi's decoder is causal, so padding after a chunk cannot change its samples."""
-        if not chunks:
-            return []
-        for codes, context in chunks:
+        returns each chunk's new samples, as `decode_chunk` would."""
+        return self.decode_carried([(codes, context, False) for codes, context in chunks])[0]
+
+    @torch.inference_mode()
+    def decode_carried(self, chunks: list[tuple[np.ndarray, int, bool]], state: torch.Tensor | None = None
+                       ) -> tuple[list[np.ndarray], torch.Tensor]:
+        """Decode chunks ``(codes [context + new, K], context_frames, carried)`` in one batched call.
+
+        A carried chunk continues from its row of ``state`` (``[len(chunks), state_size]``, the
+        state its stream's previous chunk returned): the SEANet decoder runs over its new frames
+        only. Any other chunk runs it over all its frames from a zero state, as a stream's start.
+        Returns each chunk's new samples and the SEANet state after each chunk's last frame
+        (``[len(chunks), state_size]``, on the codec's device). Rows are padded on the right to a
+        common length: every part of the decode is causal, and each row's state is taken at its
+        own end, so padding changes no row's samples."""
+        n = len(chunks)
+        if state is not None and tuple(state.shape) != (n, self.state_size):
+            raise ValueError(f"state must have shape [{n}, {self.state_size}], got {tuple(state.shape)}")
+        for codes, context, carried in chunks:
             if codes.ndim != 2 or codes.shape[1] != self.num_codebooks:
                 raise ValueError(f"codes must have shape [frames, {self.num_codebooks}], got {tuple(codes.shape)}")
             if not 0 <= context <= len(codes):
                 raise ValueError(f"context_frames {context} outside 0..{len(codes)}")
-        longest = max(len(c) for c, _ in chunks)
+        longest = max((len(c) for c, _, _ in chunks), default=0)
         if longest == 0:
-            return [np.zeros(0, dtype=np.float32) for _ in chunks]
-        # a few shapes only (lengths in steps of 8 frames; on a GPU, where idle rows cost little,
+            empty = torch.zeros(n, self.state_size, device=self.device, dtype=self.dtype)
+            return [np.zeros(0, dtype=np.float32) for _ in chunks], empty if state is None else state.clone()
+        # a few shapes only (lengths in buckets of frames; on a GPU, where idle rows cost little,
         # batch sizes in powers of two): the process's memory settles after the first of each
         # instead of growing with every new shape
         frames = -(-longest // FRAME_BUCKET) * FRAME_BUCKET
-        rows = 1 << (len(chunks) - 1).bit_length() if self.device.type == "cuda" else len(chunks)
+        rows = 1 << (n - 1).bit_length() if self.device.type == "cuda" else n
         batch = np.zeros((rows, self.num_codebooks, frames), dtype=np.int64)
-        for i, (codes, _) in enumerate(chunks):
+        for i, (codes, _, _) in enumerate(chunks):
             batch[i, :, : len(codes)] = np.clip(codes, 0, self.codebook_size - 1).T
-        c = torch.from_numpy(batch).to(self.device)
-        if self._graphs is not None and frames <= self._graph_frames:
-            audio_t = self._graphs(("decode", rows, frames), self._decode, c)
-        else:
-            audio_t = self._decode(c)
-        audio = audio_t[:, 0].float().cpu().numpy()  # [B, samples]
-        fs = self.frame_size
-        return [np.ascontiguousarray(audio[i, context * fs: len(codes) * fs]) for i, (codes, context) in enumerate(chunks)]
+        embedded = self._embed(torch.from_numpy(batch).to(self.device))  # [rows, hidden, frames * spf]
+
+        # the SEANet part: a carried chunk from its first new frame, any other from its first frame
+        spf = self._steps_per_frame
+        starts = np.zeros(rows, np.int64)
+        lengths = np.zeros(rows, np.int64)
+        for i, (codes, context, carried) in enumerate(chunks):
+            starts[i] = context * spf if carried else 0
+            lengths[i] = len(codes) * spf - starts[i]
+        steps = -(-int(lengths.max()) // (SEANET_BUCKET * spf)) * SEANET_BUCKET * spf
+        index = torch.from_numpy(np.minimum(starts[:, None] + np.arange(steps), frames * spf - 1)).to(self.device)
+        x = embedded.gather(2, index[:, None, :].expand(rows, embedded.shape[1], steps))
+        before = torch.zeros(rows, self.state_size, device=self.device, dtype=self.dtype)
+        if state is not None:
+            carried_rows = [i for i, (_, _, carried) in enumerate(chunks) if carried]
+            before[carried_rows] = state[carried_rows].to(self.dtype)
+        audio_t, after = self._run_seanet(x, torch.from_numpy(lengths).to(self.device), before)
+        after = after[:n].clone()  # a graph's output: the next replay may reuse its memory
+        audio = audio_t[:, 0].float().cpu().numpy()  # [rows, samples]
+        hop = self._seanet.upsampling
+        out = []
+        for i, (codes, context, _) in enumerate(chunks):
+            skip = context * spf - starts[i]  # a stateless chunk's context samples
+            out.append(np.ascontiguousarray(audio[i, skip * hop: (skip + (len(codes) - context) * spf) * hop]))
+        return out, after
 
     def decode_chunk(self, codes: np.ndarray, context_frames: int) -> np.ndarray:
         """Decode [context + new, K] codes and return only the new frames' samples."""

@@ -56,12 +56,20 @@ class MimiDecode:
                 layer.codebook.embed  # noqa: B018
 
     def __call__(self, codes: torch.Tensor) -> torch.Tensor:
+        return self.seanet(self.embed(codes))
+
+    def embed(self, codes: torch.Tensor) -> torch.Tensor:
+        """``codes [B, K, T] -> [B, hidden, steps]``: the quantizer, the upsampling and the decoder
+        transformer, i.e. the SEANet decoder's input."""
         mimi = self.mimi
         x = mimi.quantizer.decode(codes)
         if mimi.upsample is not None:
             x = mimi.upsample(x)
-        x = self._transformer(x.transpose(1, 2)).transpose(1, 2)
-        for layer in mimi.decoder.layers:
+        return self._transformer(x.transpose(1, 2)).transpose(1, 2)
+
+    def seanet(self, x: torch.Tensor) -> torch.Tensor:
+        """The SEANet decoder: ``[B, hidden, steps] -> audio [B, 1, samples]``."""
+        for layer in self.mimi.decoder.layers:
             x = self._layer(layer, x)
         return x
 

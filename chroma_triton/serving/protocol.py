@@ -57,6 +57,7 @@ PROMPT_CODES = "prompt_codes"
 VOICE_TEXT = "voice_text"
 AUDIO_CODES = "audio_codes"
 CONTEXT_FRAMES = "context_frames"
+START_FRAME = "start_frame"
 STREAM_KEY = "stream_key"
 
 FINISH_REASONS = ("stop", "length", "cancelled")
@@ -198,12 +199,13 @@ class LMResponse:
     text: str = ""
     codes: np.ndarray | None = None  # [context + new, K]
     context_frames: int = 0
+    start_frame: int = 0  # the stream's index of the chunk's first new frame
     finish_reason: str = ""
     usage: tuple[int, int, int] = (0, 0, 0)
     final: bool = False
 
     def tensors(self, num_codebooks: int, stream_key: str) -> dict[str, np.ndarray]:
-        """The response's output tensors. The three codec_decoder inputs carry a leading batch
+        """The response's output tensors. The four codec_decoder inputs carry a leading batch
         dimension of 1: codec_decoder is a batching model (its dynamic batcher groups the chunks of
         many streams into one decode)."""
         codes = self.codes if self.codes is not None else np.zeros((0, num_codebooks), np.int32)
@@ -211,6 +213,7 @@ class LMResponse:
             TEXT: bytes_tensor(self.text),
             AUDIO_CODES: np.ascontiguousarray(codes, dtype=np.int32)[None],
             CONTEXT_FRAMES: np.array([[self.context_frames]], np.int32),
+            START_FRAME: np.array([[self.start_frame]], np.int32),
             FINISH_REASON: bytes_tensor(self.finish_reason),
             USAGE: np.array(self.usage, np.int32),
             STREAM_KEY: bytes_tensor(stream_key)[None],

@@ -1,9 +1,12 @@
-"""The logic of the ``codec_decoder`` Triton model: code chunks -> 24 kHz PCM, stateless.
+"""The logic of the ``codec_decoder`` Triton model: code chunks -> 24 kHz PCM.
 
 Every chunk ``chroma_lm`` sends repeats up to ``context_frames`` already-sent frames in front of
 its new frames; Mimi's decoder is causal, so decoding context + new and keeping only the new
-frames' samples continues the waveform without a seam. :func:`streaming_difference` measures how
-far that is from decoding the whole utterance at once (reported in README.md ("Serving on Triton")).
+frames' samples continues the waveform without a seam. With ``stream_key`` and ``start_frame``
+(the ensemble passes both) a chunk whose stream was decoded here up to its start continues from
+the SEANet state that left (:mod:`.codec_streams`), so only the decoder transformer sees the
+context again. :func:`streaming_difference` measures how far chunked decoding is from decoding the
+whole utterance at once (reported in README.md ("Serving on Triton")).
 """
 
 from __future__ import annotations
@@ -11,58 +14,119 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 
 from ..errors import InvalidRequestError
 from ..model.codec import Codec
+from .codec_streams import StreamStates
 
 MAX_DECODE_BATCH = 64  # chunks decoded together (bounds activation memory)
 
 
+@dataclass
+class CodecChunk:
+    codes: np.ndarray  # [context + new, K] (a leading batch dimension of 1 allowed)
+    context: int = 0
+    stream: str = ""  # the stream's key ("": decode statelessly, keep nothing)
+    start_frame: int = -1  # the stream's index of the first new frame (-1: unknown)
+
+
 class CodecService:
-    def __init__(self, codec: Codec, graph_frames: int = 0):
+    def __init__(self, codec: Codec, graph_frames: int = 0, stream_states: int = 0):
         """``graph_frames``: on a GPU, capture CUDA graphs for batches of chunks up to this many
-        frames (context included) now, at load; 0 decodes eagerly."""
+        frames (context included) now, at load; 0 decodes eagerly. ``stream_states``: how many
+        streams' SEANet states to keep between their chunks (0: every chunk stateless)."""
         self.codec = codec
         self.num_codebooks = codec.num_codebooks
         if graph_frames < 0:
             raise ValueError(f"cuda_graph_frames must be >= 0, got {graph_frames}")
+        if stream_states and stream_states < MAX_DECODE_BATCH:
+            raise ValueError(f"stream_states must be 0 or >= {MAX_DECODE_BATCH} (a batch's chunks), got {stream_states}")
+        self.streams = StreamStates(stream_states, codec.state_size, codec.device, codec.dtype) if stream_states else None
+        # chunks decoded: carried (continued from their stream's state), restarted (past a stream's
+        # start, but with no state to continue: decoded like a stateless one), stateless (the rest)
+        self._decoded = dict.fromkeys(("carried", "restarted", "stateless"), 0)
         self.graphs = codec.use_cuda_graphs(graph_frames, MAX_DECODE_BATCH)
 
-    def validate(self, codes: np.ndarray, context_frames: int) -> np.ndarray:
-        """One request's codes as [frames, K] int64 (a leading batch dimension of 1 is dropped)."""
-        codes = np.asarray(codes)
+    def validate(self, chunk: CodecChunk) -> CodecChunk:
+        """The chunk with codes as [frames, K] int64 (a leading batch dimension of 1 is dropped)."""
+        codes = np.asarray(chunk.codes)
         if codes.size == 0:
-            return np.zeros((0, self.num_codebooks), np.int64)
+            codes = np.zeros((0, self.num_codebooks), np.int64)
         codes = codes.reshape(-1, codes.shape[-1])
         if codes.shape[1] != self.num_codebooks:
             raise InvalidRequestError(f"audio_codes must have {self.num_codebooks} columns, got {codes.shape[1]}", "audio_codes")
-        if not 0 <= context_frames <= len(codes):
-            raise InvalidRequestError(f"context_frames {context_frames} outside 0..{len(codes)}", "context_frames")
-        return codes.astype(np.int64)
+        if not 0 <= chunk.context <= len(codes):
+            raise InvalidRequestError(f"context_frames {chunk.context} outside 0..{len(codes)}", "context_frames")
+        if chunk.start_frame < -1:
+            raise InvalidRequestError(f"start_frame must be >= 0, got {chunk.start_frame}", "start_frame")
+        return CodecChunk(codes.astype(np.int64), chunk.context, chunk.stream, chunk.start_frame)
 
     def decode(self, codes: np.ndarray, context_frames: int) -> np.ndarray:
-        return self.decode_many([(codes, context_frames)])[0]
+        return self.decode_many([CodecChunk(codes, context_frames)])[0]
 
-    def decode_many(self, chunks: list[tuple[np.ndarray, int]]) -> list[np.ndarray | Exception]:
+    def counts(self) -> dict[str, int]:
+        return dict(self._decoded)
+
+    def forget(self, stream: str) -> None:
+        """Drop a stream's state (it was cancelled: no chunk of it will be decoded again)."""
+        if self.streams is not None:
+            self.streams.forget(stream)
+
+    def decode_many(self, chunks: list[CodecChunk]) -> list[np.ndarray | Exception]:
         """Decode the chunks of several requests in one batched call; a chunk that fails
         validation gets its exception in its place and does not stop the others."""
         out: list[np.ndarray | Exception] = []
-        good: list[tuple[int, np.ndarray, int]] = []
-        for i, (codes, context) in enumerate(chunks):
+        good: list[tuple[int, CodecChunk]] = []
+        for i, chunk in enumerate(chunks):
             try:
-                valid = self.validate(codes, context)
+                valid = self.validate(chunk)
             except InvalidRequestError as exc:
                 out.append(exc)
                 continue
             out.append(np.zeros(0, np.float32))
-            if len(valid) > context:
-                good.append((i, valid, context))
-        for start in range(0, len(good), MAX_DECODE_BATCH):
-            part = good[start:start + MAX_DECODE_BATCH]
-            audio = self.codec.decode_batch([(codes, context) for _, codes, context in part])
-            for (i, _, _), samples in zip(part, audio):
+            if len(valid.codes) > valid.context:
+                good.append((i, valid))
+        for part in self._batches(good):
+            for (i, _), samples in zip(part, self._decode_part([c for _, c in part])):
                 out[i] = np.ascontiguousarray(samples, dtype=np.float32)
         return out
+
+    def _keeps_state(self, chunk: CodecChunk) -> bool:
+        return self.streams is not None and bool(chunk.stream) and chunk.start_frame >= 0
+
+    def _batches(self, good: list[tuple[int, CodecChunk]]):
+        """Batches of at most MAX_DECODE_BATCH chunks, a stream at most once in each (a later chunk
+        of a stream continues from the state its earlier one leaves), in arrival order per stream."""
+        while good:
+            part, seen, rest = [], set(), []
+            for item in good:
+                chunk = item[1]
+                key = chunk.stream if self._keeps_state(chunk) else None
+                if len(part) < MAX_DECODE_BATCH and (key is None or key not in seen):
+                    part.append(item)
+                    seen.add(key)
+                else:
+                    rest.append(item)
+            yield part
+            good = rest
+
+    def _decode_part(self, chunks: list[CodecChunk]) -> list[np.ndarray]:
+        keeps = [self._keeps_state(c) for c in chunks]
+        if not any(keeps):
+            self._decoded["stateless"] += len(chunks)
+            return self.codec.decode_batch([(c.codes, c.context) for c in chunks])
+        slots = [self.streams.slot_for(c.stream, c.start_frame) if keep else None for c, keep in zip(chunks, keeps)]
+        carried = [slot is not None for slot in slots]
+        for c, keep, on in zip(chunks, keeps, carried):
+            self._decoded["carried" if on else "restarted" if keep and c.start_frame > 0 else "stateless"] += 1
+        state = self.streams.pool.index_select(0, torch.tensor([s or 0 for s in slots], device=self.streams.pool.device))
+        audio, after = self.codec.decode_carried([(c.codes, c.context, on) for c, on in zip(chunks, carried)], state)
+        kept = [i for i, keep in enumerate(keeps) if keep]
+        self.streams.store([chunks[i].stream for i in kept],
+                           [chunks[i].start_frame + len(chunks[i].codes) - chunks[i].context for i in kept],
+                           after[kept])
+        return audio
 
 
 @dataclass
@@ -89,11 +153,21 @@ def chunk_plan(frames: int, first: int, chunk: int, context: int) -> list[tuple[
     return plan
 
 
-def streaming_difference(codec: Codec, codes: np.ndarray, chunks: list[tuple[np.ndarray, int]]) -> StreamingDifference:
-    """Compare ``decode(all codes)`` with the concatenation of ``decode_chunk`` over ``chunks``
-    (each ``(codes with left context, context_frames)``)."""
+def streaming_difference(codec: Codec, codes: np.ndarray, chunks: list[tuple[np.ndarray, int]],
+                         carried: bool = False) -> StreamingDifference:
+    """Compare ``decode(all codes)`` with the concatenation of the chunks' decodes (each chunk
+    ``(codes with left context, context_frames)``, in stream order): stateless ones
+    (``decode_chunk``), or with ``carried`` the way codec_decoder serves one stream, each chunk
+    continuing from the SEANet state the previous one left."""
     whole = codec.decode(codes)
-    streamed = np.concatenate([codec.decode_chunk(c, ctx) for c, ctx in chunks]) if chunks else np.zeros(0, np.float32)
+    if carried:
+        service, start, pieces = CodecService(codec, stream_states=MAX_DECODE_BATCH), 0, []
+        for c, ctx in chunks:
+            pieces += service.decode_many([CodecChunk(c, ctx, "difference", start)])
+            start += len(c) - ctx
+    else:
+        pieces = [codec.decode_chunk(c, ctx) for c, ctx in chunks]
+    streamed = np.concatenate(pieces) if pieces else np.zeros(0, np.float32)
     if len(streamed) != len(whole):
         raise AssertionError(f"streamed decode has {len(streamed)} samples, one-shot {len(whole)}")
     diff = streamed.astype(np.float64) - whole.astype(np.float64)

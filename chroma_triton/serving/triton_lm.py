@@ -274,6 +274,7 @@ class _Relay:
             elif isinstance(ev, AudioChunk):
                 self.frames += len(ev.codes) - ev.context_frames
                 out.append(LMResponse(text=self._take_text(), codes=ev.codes, context_frames=ev.context_frames,
+                                      start_frame=ev.start_frame,
                                       usage=self.usage()))
             elif isinstance(ev, Finished):
                 self.finished = ev

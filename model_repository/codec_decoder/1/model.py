@@ -7,7 +7,7 @@ from chroma_triton.serving import protocol as P
 from chroma_triton.serving.cancel_board import CancelBoard
 from chroma_triton.serving.gc_pauses import freeze_if_asked
 from chroma_triton.serving.model_args import ModelArgs, configure_logging, input_array, load_model_parts
-from chroma_triton.serving.triton_codec import CodecService
+from chroma_triton.serving.triton_codec import CodecChunk, CodecService
 
 
 class TritonPythonModel:
@@ -15,12 +15,20 @@ class TritonPythonModel:
         configure_logging()
         a = ModelArgs.from_triton(args)
         path, parts = load_model_parts(a, {"codec"})
-        self.service = CodecService(parts.codec, graph_frames=a.int("cuda_graph_frames", 24))
+        self.service = CodecService(parts.codec, graph_frames=a.int("cuda_graph_frames", 24),
+                                    stream_states=a.int("stream_states", 4096))
         self.board = CancelBoard()  # the streams chroma_lm saw cancelled ("gone")
         self._skip_family = pb_utils.MetricFamily(
             name="chroma_codec_skipped_chunks_total", kind=pb_utils.MetricFamily.COUNTER,
             description="Chunks not decoded because their stream had been cancelled")
-        self.skipped = self._skip_family.Metric(labels={"model": a.name, "instance": a.instance_name})
+        labels = {"model": a.name, "instance": a.instance_name}
+        self.skipped = self._skip_family.Metric(labels=labels)
+        self._chunk_family = pb_utils.MetricFamily(
+            name="chroma_codec_chunks_total", kind=pb_utils.MetricFamily.COUNTER,
+            description="Chunks decoded, by how: carried (continued from their stream's state), "
+                        "restarted (past a stream's start with no state to continue), stateless (the rest)")
+        self.chunk_counters = {how: self._chunk_family.Metric(labels={**labels, "how": how})
+                               for how in ("carried", "restarted", "stateless")}
         freeze_if_asked(a)  # once loaded, its graphs captured: none of that is garbage
         print(f"[{a.instance_name}] ready on {a.device}: {path} ({self.service.graphs} CUDA graphs)", flush=True)
 
@@ -34,26 +42,33 @@ class TritonPythonModel:
                 # the client left: its ensemble request was cancelled while this chunk waited in the
                 # queue (Triton flags the chunks created after the cancel, chroma_lm marks the stream
                 # gone for those created before); nobody will hear it, so do not decode it
-                gone = request.is_cancelled() or self.board.is_gone(
-                    P.as_text(input_array(request, P.STREAM_KEY), P.STREAM_KEY, ""))
+                key = P.as_text(input_array(request, P.STREAM_KEY), P.STREAM_KEY, "")
+                gone = request.is_cancelled() or self.board.is_gone(key)
                 if not gone:
-                    codes = input_array(request, P.AUDIO_CODES)
-                    context = int(P.as_scalar(input_array(request, P.CONTEXT_FRAMES), P.CONTEXT_FRAMES) or 0)
+                    start = P.as_scalar(input_array(request, P.START_FRAME), P.START_FRAME)
+                    chunk = CodecChunk(input_array(request, P.AUDIO_CODES),
+                                       int(P.as_scalar(input_array(request, P.CONTEXT_FRAMES), P.CONTEXT_FRAMES) or 0),
+                                       key, -1 if start is None else int(start))
             except Exception as exc:  # noqa: BLE001
                 responses[i] = pb_utils.InferenceResponse(error=pb_utils.TritonError(P.error_message(exc)))
                 continue
             if gone:
                 responses[i] = pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor(P.AUDIO, np.zeros((1, 0), np.float32))])
+                self.service.forget(key)
                 skipped += 1
                 continue
-            chunks.append((codes, context))
+            chunks.append(chunk)
             slots.append(i)
         if skipped:
             self.skipped.increment(skipped)
+        counts = self.service.counts()
         try:
             decoded = self.service.decode_many(chunks)
         except Exception as exc:  # noqa: BLE001 - the batched decode failed: every chunk in it fails
             decoded = [exc] * len(chunks)
+        for how, count in self.service.counts().items():
+            if count > counts[how]:
+                self.chunk_counters[how].increment(count - counts[how])
         for i, audio in zip(slots, decoded):
             if isinstance(audio, Exception):
                 responses[i] = pb_utils.InferenceResponse(error=pb_utils.TritonError(P.error_message(audio)))

@@ -1,0 +1,65 @@
+"""codec_decoder's memory of its streams: the SEANet state each stream's last chunk left.
+
+A chunk whose stream (``stream_key``) was last decoded here up to exactly its ``start_frame``
+continues from that state and decodes only its new frames (:meth:`Codec.decode_carried`). Every
+other chunk (a stream's first, one after a chunk decoded by another instance, one whose state was
+evicted) decodes statelessly over its context, as before, and leaves a state for the next. So a
+missing or stale state costs work, never correctness.
+
+The states live in one device tensor of ``slots`` rows; streams are never told to end (a reply
+simply stops), so the least recently used stream gives its slot up when all are taken.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import torch
+
+
+class StreamStates:
+    def __init__(self, slots: int, state_size: int, device: torch.device, dtype: torch.dtype):
+        if slots <= 0:
+            raise ValueError(f"stream state slots must be > 0, got {slots}")
+        self.slots = slots
+        self.pool = torch.zeros(slots, state_size, device=device, dtype=dtype)
+        self._streams: OrderedDict[str, tuple[int, int]] = OrderedDict()  # key -> (slot, next frame)
+        self._free = list(range(slots - 1, -1, -1))
+
+    def __len__(self) -> int:
+        return len(self._streams)
+
+    @property
+    def bytes(self) -> int:
+        return self.pool.numel() * self.pool.element_size()
+
+    def slot_for(self, key: str, start_frame: int) -> int | None:
+        """The slot holding ``key``'s state if it ends right before ``start_frame``, else None."""
+        entry = self._streams.get(key)
+        return entry[0] if entry is not None and entry[1] == start_frame else None
+
+    def store(self, keys: list[str], next_frames: list[int], states: torch.Tensor) -> None:
+        """Keep ``states[i]`` as ``keys[i]``'s state, valid for a chunk starting at ``next_frames[i]``
+        (the keys distinct)."""
+        if not keys:
+            return
+        slots, storing = [], set(keys)
+        for key, frame in zip(keys, next_frames):
+            entry = self._streams.pop(key, None)
+            slot = entry[0] if entry is not None else self._take_slot(storing)
+            self._streams[key] = (slot, frame)  # most recently used last
+            slots.append(slot)
+        self.pool.index_copy_(0, torch.tensor(slots, device=self.pool.device), states.to(self.pool.dtype))
+
+    def forget(self, key: str) -> None:
+        entry = self._streams.pop(key, None)
+        if entry is not None:
+            self._free.append(entry[0])
+
+    def _take_slot(self, storing: set[str]) -> int:
+        if self._free:
+            return self._free.pop()
+        for key in self._streams:  # least recently used first; not one being stored now
+            if key not in storing:
+                return self._streams.pop(key)[0]
+        raise RuntimeError("more streams in one batch than stream state slots")

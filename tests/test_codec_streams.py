@@ -1,0 +1,122 @@
+"""codec_decoder's carried streams: the SEANet decoder continued from each stream's state gives
+the one-shot decoder's samples, chunks of many streams batch together (padded, ragged), and a
+missing or stale state falls back to the stateless decode instead of a wrong one."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from chroma_triton.model.loading import load_parts
+from chroma_triton.model.mimi_decode import MimiDecode
+from chroma_triton.serving.codec_streams import StreamStates
+from chroma_triton.serving.triton_codec import MAX_DECODE_BATCH, CodecChunk, CodecService, chunk_plan
+
+
+@pytest.fixture(scope="module")
+def codec(tiny_checkpoint):
+    return load_parts(tiny_checkpoint, parts={"codec"}).codec
+
+
+def _codes(codec, frames, seed):
+    return np.random.default_rng(seed).integers(0, codec.codebook_size, size=(frames, codec.num_codebooks))
+
+
+def _stream_chunks(codec, codes, key, context=12):
+    return [CodecChunk(codes[a:e], s - a, key, s) for a, s, e in chunk_plan(len(codes), 2, 10, context)]
+
+
+@torch.inference_mode()
+def test_streaming_seanet_continues_to_the_one_shot_samples(codec):
+    """Rows split at different places, padded on the right to a common length, each continuing
+    from the state its previous piece left, give the one-shot SEANet output."""
+    seanet, hop = codec._seanet, codec._seanet.upsampling
+    x = torch.randn(3, codec.mimi.config.hidden_size, 37)
+    whole = MimiDecode(codec.mimi).seanet(x)
+    cuts = [[0, 3, 20, 37], [0, 11, 12, 37], [0, 1, 30, 37]]  # per row: piece boundaries
+    state = torch.zeros(3, seanet.state_size)
+    got = [[] for _ in range(3)]
+    for piece in range(3):
+        lengths = torch.tensor([c[piece + 1] - c[piece] for c in cuts])
+        width = int(lengths.max())
+        batch = torch.stack([torch.nn.functional.pad(x[i, :, c[piece]:c[piece + 1]], (0, width - int(lengths[i])),
+                                                     value=7.0) for i, c in enumerate(cuts)])  # junk padding
+        audio, state = seanet(batch, lengths, state)
+        for i in range(3):
+            got[i].append(audio[i, :, : int(lengths[i]) * hop])
+    for i in range(3):
+        torch.testing.assert_close(torch.cat(got[i], -1), whole[i], rtol=0, atol=1e-4)
+
+
+def test_carried_streams_interleaved_in_batches_match_their_own_decode(codec):
+    """Three streams whose chunks arrive mixed in batches (a stream's next chunk sometimes in the
+    same batch as its previous one) decode to what each stream gives alone, and every chunk after
+    a stream's first is carried."""
+    streams = {f"s{i}": _stream_chunks(codec, _codes(codec, n, i), f"s{i}") for i, n in enumerate((57, 33, 80))}
+    alone = {}
+    for key, chunks in streams.items():
+        service = CodecService(codec, stream_states=MAX_DECODE_BATCH)
+        alone[key] = np.concatenate([service.decode_many([c])[0] for c in chunks])
+        assert service.counts() == {"carried": len(chunks) - 1, "restarted": 0, "stateless": 1}
+
+    service = CodecService(codec, stream_states=MAX_DECODE_BATCH)
+    queue = [(key, c) for step in range(10) for key, chunks in streams.items() if step < len(chunks) for c in [chunks[step]]]
+    got = {key: [] for key in streams}
+    sizes = [1, 5, 2, 7, 3, 4, 2, 6, 100]  # batches cut across steps
+    while queue:
+        batch, queue = queue[: sizes[0]], queue[sizes[0]:]
+        sizes = sizes[1:] or [4]
+        for (key, _), audio in zip(batch, service.decode_many([c for _, c in batch])):
+            got[key].append(audio)
+    for key in streams:
+        np.testing.assert_allclose(np.concatenate(got[key]), alone[key], rtol=0, atol=1e-4)
+    total = sum(len(c) for c in streams.values())
+    assert service.counts() == {"carried": total - 3, "restarted": 0, "stateless": 3}
+
+
+def test_a_chunk_without_its_streams_state_decodes_statelessly(codec):
+    """A chunk whose start does not follow the stream's last chunk here (one decoded elsewhere, or
+    evicted) decodes like a stateless chunk, and the stream carries on from it."""
+    chunks = _stream_chunks(codec, _codes(codec, 60, 7), "s")
+    service = CodecService(codec, stream_states=MAX_DECODE_BATCH)
+    service.decode_many(chunks[:3])
+    skipped = chunks[4]  # chunk 3 went to another instance
+    out = service.decode_many([skipped, chunks[5]])
+    np.testing.assert_allclose(out[0], codec.decode_chunk(skipped.codes, skipped.context), rtol=0, atol=1e-4)
+    assert service.counts() == {"carried": 3, "restarted": 1, "stateless": 1}
+    # without a start frame or a key, nothing is kept or looked up
+    plain = service.decode_many([CodecChunk(chunks[6].codes, chunks[6].context, "s"),
+                                 CodecChunk(chunks[6].codes, chunks[6].context, "", chunks[6].start_frame)])
+    for audio in plain:
+        np.testing.assert_allclose(audio, codec.decode_chunk(chunks[6].codes, chunks[6].context), rtol=0, atol=1e-4)
+    assert service.counts()["stateless"] == 3
+    with pytest.raises(ValueError, match="stream_states"):
+        CodecService(codec, stream_states=8)
+
+
+def test_the_least_recently_used_stream_gives_its_slot_up(codec):
+    slots = MAX_DECODE_BATCH
+    service = CodecService(codec, stream_states=slots)
+    codes = _codes(codec, 4, 3)
+    first = [CodecChunk(codes[:2], 0, f"k{i}", 0) for i in range(slots + 1)]
+    service.decode_many(first[:slots])
+    service.decode_many([CodecChunk(codes, 2, "k0", 2)])  # k0 is used again: k1 is now the oldest
+    service.decode_many(first[slots:])  # a new stream takes k1's slot
+    assert len(service.streams) == slots
+    out = service.decode_many([CodecChunk(codes, 2, "k1", 2), CodecChunk(codes, 2, "k2", 2)])
+    assert service.counts()["restarted"] == 1 and service.counts()["carried"] == 2
+    np.testing.assert_allclose(out[0], out[1], rtol=0, atol=1e-4)  # the same samples either way
+    service.forget("k2")
+    assert len(service.streams) == slots - 1
+
+
+def test_stream_states_keep_rows_where_they_are_stored():
+    states = StreamStates(3, 2, torch.device("cpu"), torch.float32)
+    states.store(["a", "b"], [5, 9], torch.tensor([[1.0, 2.0], [3.0, 4.0]]))
+    assert states.slot_for("a", 5) is not None and states.slot_for("a", 4) is None and states.slot_for("c", 0) is None
+    assert states.pool[states.slot_for("b", 9)].tolist() == [3.0, 4.0]
+    states.store(["c", "d"], [1, 1], torch.zeros(2, 2))  # d takes a's slot: a is the oldest
+    assert states.slot_for("a", 5) is None and len(states) == 3
+    with pytest.raises(RuntimeError, match="slots"):
+        states.store(["e", "f", "g", "h"], [1] * 4, torch.zeros(4, 2))
