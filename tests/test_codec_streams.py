@@ -50,9 +50,8 @@ def test_streaming_seanet_continues_to_the_one_shot_samples(codec):
 
 
 def test_carried_streams_interleaved_in_batches_match_their_own_decode(codec):
-    """Three streams whose chunks arrive mixed in batches (a stream's next chunk sometimes in the
-    same batch as its previous one) decode to what each stream gives alone, and every chunk after
-    a stream's first is carried."""
+    """Three streams whose chunks arrive mixed in batches decode to what each stream gives alone,
+    and every chunk after a stream's first is carried."""
     streams = {f"s{i}": _stream_chunks(codec, _codes(codec, n, i), f"s{i}") for i, n in enumerate((57, 33, 80))}
     alone = {}
     for key, chunks in streams.items():
@@ -61,12 +60,10 @@ def test_carried_streams_interleaved_in_batches_match_their_own_decode(codec):
         assert service.counts() == {"carried": len(chunks) - 1, "restarted": 0, "stateless": 1}
 
     service = CodecService(codec, stream_states=MAX_DECODE_BATCH)
-    queue = [(key, c) for step in range(10) for key, chunks in streams.items() if step < len(chunks) for c in [chunks[step]]]
+    steps = [[(key, chunks[step]) for key, chunks in streams.items() if step < len(chunks)] for step in range(10)]
+    batches = [steps[0][:1], steps[0][1:] + steps[1][:1], *([b] for b in steps[1][1:])] + steps[2:]
     got = {key: [] for key in streams}
-    sizes = [1, 5, 2, 7, 3, 4, 2, 6, 100]  # batches cut across steps
-    while queue:
-        batch, queue = queue[: sizes[0]], queue[sizes[0]:]
-        sizes = sizes[1:] or [4]
+    for batch in batches:  # each stream at most once per batch, in its own order
         for (key, _), audio in zip(batch, service.decode_many([c for _, c in batch])):
             got[key].append(audio)
     for key in streams:
@@ -75,15 +72,40 @@ def test_carried_streams_interleaved_in_batches_match_their_own_decode(codec):
     assert service.counts() == {"carried": total - 3, "restarted": 0, "stateless": 3}
 
 
+def test_chunks_of_one_stream_queued_together_decode_in_one_call(codec):
+    """A codec that fell behind gets several chunks of a stream in one batch: the first continues
+    the stream's state, the next decodes statelessly in the same call, and the stream carries on
+    from the furthest one."""
+    chunks = _stream_chunks(codec, _codes(codec, 60, 5), "s")
+    service = CodecService(codec, stream_states=MAX_DECODE_BATCH)
+    for chunk in chunks[:2]:
+        service.decode_many([chunk])
+    calls = []
+    decode_carried = codec.decode_carried
+    try:
+        codec.decode_carried = lambda *a: calls.append(1) or decode_carried(*a)
+        together = service.decode_many([chunks[2], chunks[3], chunks[4]])
+    finally:
+        del codec.decode_carried
+    assert len(calls) == 1
+    assert service.counts() == {"carried": 2, "restarted": 2, "stateless": 1}
+    for chunk, audio in zip(chunks[3:5], together[1:]):
+        np.testing.assert_allclose(audio, codec.decode_chunk(chunk.codes, chunk.context), rtol=0, atol=1e-4)
+    service.decode_many([chunks[5]])
+    assert service.counts()["carried"] == 3
+
+
 def test_a_chunk_without_its_streams_state_decodes_statelessly(codec):
     """A chunk whose start does not follow the stream's last chunk here (one decoded elsewhere, or
     evicted) decodes like a stateless chunk, and the stream carries on from it."""
     chunks = _stream_chunks(codec, _codes(codec, 60, 7), "s")
     service = CodecService(codec, stream_states=MAX_DECODE_BATCH)
-    service.decode_many(chunks[:3])
+    for chunk in chunks[:3]:
+        service.decode_many([chunk])
     skipped = chunks[4]  # chunk 3 went to another instance
-    out = service.decode_many([skipped, chunks[5]])
+    out = service.decode_many([skipped])
     np.testing.assert_allclose(out[0], codec.decode_chunk(skipped.codes, skipped.context), rtol=0, atol=1e-4)
+    service.decode_many([chunks[5]])
     assert service.counts() == {"carried": 3, "restarted": 1, "stateless": 1}
     # without a start frame or a key, nothing is kept or looked up
     plain = service.decode_many([CodecChunk(chunks[6].codes, chunks[6].context, "s"),

@@ -87,7 +87,8 @@ class CodecService:
             out.append(np.zeros(0, np.float32))
             if len(valid.codes) > valid.context:
                 good.append((i, valid))
-        for part in self._batches(good):
+        for start in range(0, len(good), MAX_DECODE_BATCH):
+            part = good[start:start + MAX_DECODE_BATCH]
             for (i, _), samples in zip(part, self._decode_part([c for _, c in part])):
                 out[i] = np.ascontiguousarray(samples, dtype=np.float32)
         return out
@@ -95,23 +96,12 @@ class CodecService:
     def _keeps_state(self, chunk: CodecChunk) -> bool:
         return self.streams is not None and bool(chunk.stream) and chunk.start_frame >= 0
 
-    def _batches(self, good: list[tuple[int, CodecChunk]]):
-        """Batches of at most MAX_DECODE_BATCH chunks, a stream at most once in each (a later chunk
-        of a stream continues from the state its earlier one leaves), in arrival order per stream."""
-        while good:
-            part, seen, rest = [], set(), []
-            for item in good:
-                chunk = item[1]
-                key = chunk.stream if self._keeps_state(chunk) else None
-                if len(part) < MAX_DECODE_BATCH and (key is None or key not in seen):
-                    part.append(item)
-                    seen.add(key)
-                else:
-                    rest.append(item)
-            yield part
-            good = rest
-
     def _decode_part(self, chunks: list[CodecChunk]) -> list[np.ndarray]:
+        """One batched decode. Several chunks of one stream (queued while the codec was behind)
+        stay in it: the one that starts where the stream's state ends continues it, the others
+        decode statelessly (they carry their context), and the stream keeps the state of its
+        furthest chunk. One call per batch either way: splitting such batches into rounds would
+        make a codec that fell behind slower still."""
         keeps = [self._keeps_state(c) for c in chunks]
         if not any(keeps):
             self._decoded["stateless"] += len(chunks)
@@ -122,7 +112,11 @@ class CodecService:
             self._decoded["carried" if on else "restarted" if keep and c.start_frame > 0 else "stateless"] += 1
         state = self.streams.pool.index_select(0, torch.tensor([s or 0 for s in slots], device=self.streams.pool.device))
         audio, after = self.codec.decode_carried([(c.codes, c.context, on) for c, on in zip(chunks, carried)], state)
-        kept = [i for i, keep in enumerate(keeps) if keep]
+        furthest: dict[str, int] = {}  # stream -> index of its chunk that ends last
+        for i, (c, keep) in enumerate(zip(chunks, keeps)):
+            if keep and (c.stream not in furthest or c.start_frame >= chunks[furthest[c.stream]].start_frame):
+                furthest[c.stream] = i
+        kept = list(furthest.values())
         self.streams.store([chunks[i].stream for i in kept],
                            [chunks[i].start_frame + len(chunks[i].codes) - chunks[i].context for i in kept],
                            after[kept])
