@@ -23,6 +23,23 @@ import torch
 from .mimi_decode import MimiDecode
 from .seanet_stream import StreamingSeanet
 
+def upload(arrays: list[np.ndarray], device: torch.device) -> list[torch.Tensor]:
+    """int64 host arrays -> tensors on ``device`` in one copy. To a GPU the copy is asynchronous
+    (from pinned memory): a copy from pageable memory would first wait for the GPU work queued
+    before it."""
+    flat = np.concatenate([np.ascontiguousarray(a, np.int64).ravel() for a in arrays])
+    host = torch.from_numpy(flat)
+    if device.type == "cuda":
+        packed = host.pin_memory().to(device, non_blocking=True)
+    else:
+        packed = host.to(device)
+    out, at = [], 0
+    for a in arrays:
+        out.append(packed[at: at + a.size].view(a.shape))
+        at += a.size
+    return out
+
+
 FRAME_BUCKET = 8  # batched decodes pad the transformer's length to a multiple of this many frames
 SEANET_BUCKET = 2  # ... and the SEANet decoder's to a multiple of this many (it costs far more per frame)
 
@@ -43,6 +60,7 @@ class Codec:
         self._graphs = None  # a StepRunner once use_cuda_graphs ran
         self._graph_frames = 0
 
+    @torch.inference_mode()  # captured outside it, each graph's outputs would keep autograd's saved activations
     def use_cuda_graphs(self, max_frames: int, max_rows: int) -> int:
         """Decode batches of up to ``max_rows`` chunks of up to ``max_frames`` frames (context
         included) through CUDA graphs, all captured now; longer chunks decode eagerly. Returns the
@@ -131,23 +149,25 @@ class Codec:
         batch = np.zeros((rows, self.num_codebooks, frames), dtype=np.int64)
         for i, (codes, _, _) in enumerate(chunks):
             batch[i, :, : len(codes)] = np.clip(codes, 0, self.codebook_size - 1).T
-        embedded = self._embed(torch.from_numpy(batch).to(self.device))  # [rows, hidden, frames * spf]
-
         # the SEANet part: a carried chunk from its first new frame, any other from its first frame
         spf = self._steps_per_frame
         starts = np.zeros(rows, np.int64)
         lengths = np.zeros(rows, np.int64)
-        for i, (codes, context, carried) in enumerate(chunks):
-            starts[i] = context * spf if carried else 0
+        carried = np.zeros(rows, np.int64)
+        for i, (codes, context, on) in enumerate(chunks):
+            carried[i] = bool(on)
+            starts[i] = context * spf if on else 0
             lengths[i] = len(codes) * spf - starts[i]
         steps = -(-int(lengths.max()) // (SEANET_BUCKET * spf)) * SEANET_BUCKET * spf
-        index = torch.from_numpy(np.minimum(starts[:, None] + np.arange(steps), frames * spf - 1)).to(self.device)
-        x = embedded.gather(2, index[:, None, :].expand(rows, embedded.shape[1], steps))
+        index = np.minimum(starts[:, None] + np.arange(steps), frames * spf - 1)
+        # one upload, before any GPU work of this batch: the only wait is for the samples at the end
+        codes_t, index_t, lengths_t, carried_t = upload([batch, index, lengths, carried], self.device)
+        embedded = self._embed(codes_t)  # [rows, hidden, frames * spf]
+        x = embedded.gather(2, index_t[:, None, :].expand(rows, embedded.shape[1], steps))
         before = torch.zeros(rows, self.state_size, device=self.device, dtype=self.dtype)
         if state is not None:
-            carried_rows = [i for i, (_, _, carried) in enumerate(chunks) if carried]
-            before[carried_rows] = state[carried_rows].to(self.dtype)
-        audio_t, after = self._run_seanet(x, torch.from_numpy(lengths).to(self.device), before)
+            before[:n] = state.to(self.dtype) * carried_t[:n, None].to(self.dtype)
+        audio_t, after = self._run_seanet(x, lengths_t, before)
         after = after[:n].clone()  # a graph's output: the next replay may reuse its memory
         audio = audio_t[:, 0].float().cpu().numpy()  # [rows, samples]
         hop = self._seanet.upsampling

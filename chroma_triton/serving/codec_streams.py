@@ -14,7 +14,10 @@ from __future__ import annotations
 
 from collections import OrderedDict
 
+import numpy as np
 import torch
+
+from ..model.codec import upload
 
 
 class StreamStates:
@@ -49,7 +52,14 @@ class StreamStates:
             slot = entry[0] if entry is not None else self._take_slot(storing)
             self._streams[key] = (slot, frame)  # most recently used last
             slots.append(slot)
-        self.pool.index_copy_(0, torch.tensor(slots, device=self.pool.device), states.to(self.pool.dtype))
+        (index,) = upload([np.array(slots)], self.pool.device)
+        self.pool.index_copy_(0, index, states.to(self.pool.dtype))
+
+    def gather(self, slots: list[int | None]) -> torch.Tensor:
+        """The states in ``slots`` as ``[len(slots), state_size]`` (a None slot: any row; the
+        codec ignores the states of chunks it does not carry)."""
+        (index,) = upload([np.array([s or 0 for s in slots])], self.pool.device)
+        return self.pool.index_select(0, index)
 
     def forget(self, key: str) -> None:
         entry = self._streams.pop(key, None)

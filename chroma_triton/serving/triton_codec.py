@@ -14,10 +14,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-import torch
 
 from ..errors import InvalidRequestError
-from ..model.codec import Codec
+from ..model.codec import Codec, upload
 from .codec_streams import StreamStates
 
 MAX_DECODE_BATCH = 64  # chunks decoded together (bounds activation memory)
@@ -110,16 +109,17 @@ class CodecService:
         carried = [slot is not None for slot in slots]
         for c, keep, on in zip(chunks, keeps, carried):
             self._decoded["carried" if on else "restarted" if keep and c.start_frame > 0 else "stateless"] += 1
-        state = self.streams.pool.index_select(0, torch.tensor([s or 0 for s in slots], device=self.streams.pool.device))
+        state = self.streams.gather(slots)
         audio, after = self.codec.decode_carried([(c.codes, c.context, on) for c, on in zip(chunks, carried)], state)
         furthest: dict[str, int] = {}  # stream -> index of its chunk that ends last
         for i, (c, keep) in enumerate(zip(chunks, keeps)):
             if keep and (c.stream not in furthest or c.start_frame >= chunks[furthest[c.stream]].start_frame):
                 furthest[c.stream] = i
         kept = list(furthest.values())
+        (rows,) = upload([np.array(kept)], after.device)
         self.streams.store([chunks[i].stream for i in kept],
                            [chunks[i].start_frame + len(chunks[i].codes) - chunks[i].context for i in kept],
-                           after[kept])
+                           after.index_select(0, rows))
         return audio
 
 
