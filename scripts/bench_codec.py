@@ -1,0 +1,83 @@
+"""codec_decoder's decode alone on one GPU: its CUDA graphs (count, capture time, memory) and a
+batch's decode time, stateless (context + new frames through the SEANet decoder) against carried
+(new frames only, continuing each stream's state).
+
+    python scripts/bench_codec.py                      # Mimi at its real sizes, random weights
+    python scripts/bench_codec.py --model /data/chroma-full --rows 64,32 --new 10 --context 12
+
+Prints one line per measurement; no Triton, no other process on the GPU (under load the codec
+shares it with chroma_lm: see scripts/bench_serving.py for that).
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import numpy as np
+import torch
+
+GIB = 2**30
+
+
+def memory(tag: str) -> None:
+    free, total = torch.cuda.mem_get_info()
+    print(f"{tag}: GPU used {(total - free) / GIB:.2f} GiB, reserved {torch.cuda.memory_reserved() / GIB:.2f}, "
+          f"allocated {torch.cuda.memory_allocated() / GIB:.2f}", flush=True)
+
+
+def load_codec(model: str | None):
+    if model:
+        from chroma_triton.model.loading import load_parts
+
+        return load_parts(model, parts={"codec"}, device="cuda").codec
+    from transformers import MimiConfig, MimiModel
+
+    from chroma_triton.model.codec import Codec
+
+    mimi = MimiModel(MimiConfig(num_quantizers=32)).cuda().eval()  # kyutai/mimi's sizes
+    return Codec(mimi, num_codebooks=8, codebook_size=2048, sample_rate=24000, frame_size=1920)
+
+
+def timed(fn, repeats: int) -> float:
+    fn()
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(repeats):
+        fn()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - start) / repeats * 1e3
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", help="a checkpoint (default: a random Mimi at its real sizes)")
+    p.add_argument("--graph-frames", type=int, default=24, help="codec_decoder's cuda_graph_frames")
+    p.add_argument("--rows", default="64,32,8", help="chunks per batch")
+    p.add_argument("--new", type=int, default=10, help="new frames per chunk (chroma_lm's chunk_frames)")
+    p.add_argument("--context", type=int, default=12, help="context frames per chunk (chroma_lm's context_frames)")
+    p.add_argument("--repeats", type=int, default=20)
+    args = p.parse_args()
+
+    codec = load_codec(args.model)
+    memory("loaded")
+    start = time.perf_counter()
+    graphs = codec.use_cuda_graphs(args.graph_frames, 64)
+    torch.cuda.synchronize()
+    print(f"{graphs} CUDA graphs captured in {time.perf_counter() - start:.1f} s")
+    memory("graphs captured")
+    rng = np.random.default_rng(0)
+    frames = args.context + args.new
+    for rows in (int(r) for r in args.rows.split(",")):
+        chunks = [(rng.integers(0, codec.codebook_size, size=(frames, codec.num_codebooks)), args.context)
+                  for _ in range(rows)]
+        state = torch.zeros(rows, codec.state_size, device="cuda")
+        stateless = timed(lambda: codec.decode_batch(chunks), args.repeats)
+        carried = timed(lambda: codec.decode_carried([(c, ctx, True) for c, ctx in chunks], state), args.repeats)
+        print(f"{rows} chunks of {args.context} + {args.new} frames: stateless {stateless:.2f} ms, "
+              f"carried {carried:.2f} ms per batch ({carried / stateless:.2f}x)")
+    memory("after the decodes")
+
+
+if __name__ == "__main__":
+    main()
