@@ -143,11 +143,13 @@ case $step in
     dp=$(awk -F, '{print NF}' <<<"$gpus")
     printf 'PORT=%s\nDP=%s\nGPUS=%s\nARGS="%s"\n' "$port" "$dp" "$gpus" "$*" > "/root/stack-$name.env"
     # setsid: the stack outlives this call (a lent machine keeps it while warm)
-    # every instance traces its admissions and late chunks (chroma_triton/engine/trace.py); bench
-    # empties the files before its levels and copies them next to its results (one bench call's
-    # levels share a file: give each level its own call to read them apart)
+    # every instance traces its admissions and late chunks (chroma_triton/engine/trace.py), and
+    # codec_decoder its executes (chroma_triton/serving/codec_trace.py); bench empties the files
+    # before its levels and copies them next to its results (one bench call's levels share a file:
+    # give each level its own call to read them apart)
     CUDA_VISIBLE_DEVICES=$gpus setsid nohup "$PY" -m chroma_triton.serving.launcher --chroma-model-path "$CKPT" \
       --dp-size "$dp" "${SERVE_ARGS[@]}" --param="chroma_lm.trace_path=/root/trace-$name-{device}_{instance}.jsonl" \
+      --param="codec_decoder.trace_path=/root/codectrace-$name-{instance}.jsonl" \
       --port "$port" --triton-grpc-port $((port + 1)) \
       --triton-metrics-port $((port + 2)) --triton-http-port $((port + 3)) "$@" \
       --quiet --workdir "/root/stack-$name" > "/root/stack-$name.log" 2>&1 < /dev/null &
@@ -180,7 +182,7 @@ case $step in
     GRPC=${GRPC:-$((PORT + 1))} METRICS=${METRICS:-$((PORT + 2))} TRACE=${TRACE:-$name}
     spy=$(ls "$ENV"/lib/python3*/site-packages/bin/py-spy 2>/dev/null | head -1 || true)
     mkdir -p "$OUT/$name"
-    for f in /root/trace-"$TRACE"-*.jsonl; do [ -f "$f" ] && : > "$f"; done  # appended to: this call's alone
+    for f in /root/trace-"$TRACE"-*.jsonl /root/codectrace-"$TRACE"-*.jsonl; do [ -f "$f" ] && : > "$f"; done  # appended to: this call's alone
     PY_SPY=$spy "$PY" scripts/bench_serving.py --model "$CKPT" --frontend-url "http://localhost:$PORT" \
       --grpc-url "localhost:$GRPC" --metrics-url "http://localhost:$METRICS/metrics" \
       --concurrency "$levels" --max-tokens 100 --baseline-frames 0 --client-procs "${CLIENT_PROCS:-8}" \
@@ -190,6 +192,9 @@ case $step in
     for f in /root/trace-"$TRACE"-*.jsonl; do
       [ -f "$f" ] || continue
       cp "$f" "$OUT/$name/trace_${name}_${tag}_$(basename "$f" .jsonl | sed "s/^trace-$TRACE-//").jsonl"
+    done
+    for f in /root/codectrace-"$TRACE"-*.jsonl; do
+      [ -f "$f" ] && cp "$f" "$OUT/$name/codectrace_${name}_${tag}_$(basename "$f" .jsonl | sed "s/^codectrace-$TRACE-//").jsonl"
     done
     "$PY" scripts/engine_trace_summary.py "$OUT/$name"/trace_"${name}_${tag}"_*.jsonl 2>/dev/null \
       | tee -a "$OUT/$name/bench_${name}_$tag.log" || true ;;

@@ -35,7 +35,7 @@ def server(request, triton_install, tmp_path_factory, tiny_checkpoint):
     params = {"chroma_lm": {"max_batch": str(MAX_BATCH), "relays": request.param, "relay_threads": "2",
                             "trace_path": str(traces / "trace_{device}_{instance}.jsonl")},
               # the codec's carried streams (off by default; the other stacks serve it stateless)
-              "codec_decoder": {"stream_states": "256"}}
+              "codec_decoder": {"stream_states": "256", "trace_path": str(traces / "codec_{instance}.jsonl")}}
     render_repository(repo, RenderSpec(model_path=str(tiny_checkpoint), params=params))
     srv = TritonServer(repo, log_file=tmp_path_factory.mktemp("logs") / "tritonserver.log")
     t0 = time.monotonic()
@@ -384,6 +384,11 @@ def test_codec_decoder_continues_a_stream_given_its_key_and_start_frame(server, 
     after = codec_chunks(server)
     assert after.get("carried", 0) - before.get("carried", 0) >= len(plan) - 1
     assert after.get("restarted", 0) - before.get("restarted", 0) >= 1
+    # the codec's trace has a line per execute, these included (line-buffered: written already)
+    lines = [json.loads(line) for f in server.traces.glob("codec_*.jsonl") for line in f.read_text().splitlines()]
+    assert sum(line["carried"] for line in lines) >= after.get("carried", 0)
+    assert all(line["execute_ms"] >= line["decode_ms"] >= 0 and line["chunks"] >= 1 for line in lines)
+    assert any(line["frames"] == e - s for line in lines for _, s, e in plan[1:])
 
 
 # -- the control call: chroma_cancel --------------------------------------------------------------

@@ -1,10 +1,13 @@
 """Triton adapter of codec_decoder; the logic is chroma_triton.serving.triton_codec."""
 
+import time
+
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from chroma_triton.serving import protocol as P
 from chroma_triton.serving.cancel_board import CancelBoard
+from chroma_triton.serving.codec_trace import CodecTrace
 from chroma_triton.serving.gc_pauses import freeze_if_asked
 from chroma_triton.serving.model_args import ModelArgs, configure_logging, input_array, load_model_parts
 from chroma_triton.serving.triton_codec import CodecChunk, CodecService
@@ -29,11 +32,14 @@ class TritonPythonModel:
                         "restarted (past a stream's start with no state to continue), stateless (the rest)")
         self.chunk_counters = {how: self._chunk_family.Metric(labels={**labels, "how": how})
                                for how in ("carried", "restarted", "stateless")}
+        trace_path = a.str("trace_path", "")
+        self.trace = CodecTrace(trace_path.replace("{instance}", a.instance_name)) if trace_path else None
         freeze_if_asked(a)  # once loaded, its graphs captured: none of that is garbage
         print(f"[{a.instance_name}] ready on {a.device}: {path} ({self.service.graphs} CUDA graphs)", flush=True)
 
     def execute(self, requests):
         # The dynamic batcher hands over the chunks of several streams: decode them in one call.
+        started = time.time()
         responses = [None] * len(requests)
         chunks, slots = [], []
         skipped = 0
@@ -62,16 +68,26 @@ class TritonPythonModel:
         if skipped:
             self.skipped.increment(skipped)
         counts = self.service.counts()
+        decode_start = time.perf_counter()
         try:
             decoded = self.service.decode_many(chunks)
         except Exception as exc:  # noqa: BLE001 - the batched decode failed: every chunk in it fails
             decoded = [exc] * len(chunks)
-        for how, count in self.service.counts().items():
-            if count > counts[how]:
-                self.chunk_counters[how].increment(count - counts[how])
+        decoded_s = time.perf_counter() - decode_start
+        new = {how: count - counts[how] for how, count in self.service.counts().items()}
+        for how, count in new.items():
+            if count:
+                self.chunk_counters[how].increment(count)
         for i, audio in zip(slots, decoded):
             if isinstance(audio, Exception):
                 responses[i] = pb_utils.InferenceResponse(error=pb_utils.TritonError(P.error_message(audio)))
             else:  # [1, samples]: this model batches, so its output keeps the request's batch dimension
                 responses[i] = pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor(P.AUDIO, audio[None])])
+        if self.trace is not None:
+            frames = sum(len(a) for a in decoded if not isinstance(a, Exception)) // self.service.codec.frame_size
+            self.trace.execute(started, decoded_s, len(requests), frames, new, skipped)
         return responses
+
+    def finalize(self):
+        if self.trace is not None:
+            self.trace.close()
