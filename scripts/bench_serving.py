@@ -91,12 +91,13 @@ async def run_level(path: str, streams: int, args, targets: dict, workload: Work
         if streams in args.spy_levels:
             spy = PySpy(Path(args.out).parent, args.spy_s, match=args.server_match)
             spy_files = spy.start(f"{path}{streams}")
-    started = time.perf_counter()
+    # started_unix: to read the server's traces (codec_decoder's trace_path) against the level
+    started, started_unix = time.perf_counter(), time.time()
     records, lag = await drive_level(path, streams, settings, targets, workload, workers, args.client_procs)
     finished = time.perf_counter()
     procs = min(args.client_procs, streams) if workers is not None and streams > 1 else 1
     out = {"path": path, "concurrency": streams, "rounds": settings.rounds, "client_procs": procs,
-           **summarize(records, started, finished), **lag}
+           "started_unix": round(started_unix, 3), **summarize(records, started, finished), **lag}
     if mon:
         out["server_cpu"] = cpu_deltas(cpu_before, cpu_snapshot(server_procs), finished - started)
         if spy is not None:

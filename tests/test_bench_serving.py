@@ -11,6 +11,7 @@ import math
 import struct
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -127,6 +128,8 @@ def test_bench_serving_against_the_stack(triton_install, tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "| frontend | 2 x 2 |" in proc.stdout and "| grpc | 1 x 2 |" in proc.stdout
     report = json.loads(out.read_text())
+    starts = [lv["started_unix"] for lv in report["levels"]]
+    assert starts == sorted(starts) and time.time() - 600 < starts[0] <= starts[-1] < time.time()
 
     base = report["baseline_naive"]
     assert base["frames"] > 0 and base["ms_per_frame"] > 0
