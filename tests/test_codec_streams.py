@@ -78,6 +78,8 @@ def test_chunks_of_one_stream_queued_together_decode_in_one_call(codec):
     from the furthest one."""
     chunks = _stream_chunks(codec, _codes(codec, 60, 5), "s")
     service = CodecService(codec, stream_states=MAX_DECODE_BATCH)
+    alone = CodecService(codec, stream_states=MAX_DECODE_BATCH)
+    one_by_one = [alone.decode_many([c])[0] for c in chunks[:6]]
     for chunk in chunks[:2]:
         service.decode_many([chunk])
     calls = []
@@ -89,10 +91,14 @@ def test_chunks_of_one_stream_queued_together_decode_in_one_call(codec):
         del codec.decode_carried
     assert len(calls) == 1
     assert service.counts() == {"carried": 2, "restarted": 2, "stateless": 1}
+    np.testing.assert_allclose(together[0], one_by_one[2], rtol=0, atol=1e-4)
     for chunk, audio in zip(chunks[3:5], together[1:]):
         np.testing.assert_allclose(audio, codec.decode_chunk(chunk.codes, chunk.context), rtol=0, atol=1e-4)
-    service.decode_many([chunks[5]])
+    # chunk 5 continues the state of chunk 4 (the furthest), decoded statelessly: the samples of the
+    # stream decoded one chunk at a time, up to the transformer's context rounding
+    last = service.decode_many([chunks[5]])[0]
     assert service.counts()["carried"] == 3
+    np.testing.assert_allclose(last, one_by_one[5], rtol=0, atol=1e-3)
 
 
 def test_a_chunk_without_its_streams_state_decodes_statelessly(codec):
@@ -142,3 +148,4 @@ def test_stream_states_keep_rows_where_they_are_stored():
     assert states.slot_for("a", 5) is None and len(states) == 3
     with pytest.raises(RuntimeError, match="slots"):
         states.store(["e", "f", "g", "h"], [1] * 4, torch.zeros(4, 2))
+    assert len(states) == 3 and states.slot_for("e", 1) is None and states.slot_for("c", 1) is not None  # unchanged

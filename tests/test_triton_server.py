@@ -160,10 +160,12 @@ def test_stream_text_audio_final(server, question_wav, ref_voice):
     assert sum(len(a) > 0 for a in out["audio"]) >= 2  # audio came in several chunks
     assert out["pcm"].dtype == np.float32 and len(out["pcm"]) == frames * FRAME
     assert np.isfinite(out["pcm"]).all() and np.abs(out["pcm"]).max() > 0
-    # codec_decoder continued the stream's SEANet state from its second audio chunk on (the
-    # ensemble passes stream_key and start_frame)
-    chunks = sum(len(a) > 0 for a in out["audio"])
-    assert codec_chunks(server).get("carried", 0) - chunks_before.get("carried", 0) >= chunks - 1
+    # codec_decoder looked for the stream's SEANet state from its second audio chunk on (the
+    # ensemble passes stream_key and start_frame): carried, or restarted where two of its chunks
+    # shared a batch; at least one carried
+    chunks, after = sum(len(a) > 0 for a in out["audio"]), codec_chunks(server)
+    seen = {how: after.get(how, 0) - chunks_before.get(how, 0) for how in ("carried", "restarted")}
+    assert seen["carried"] >= 1 and seen["carried"] + seen["restarted"] >= chunks - 1
 
 
 def test_streamed_audio_is_seamless(server, codec, question_wav, ref_voice):

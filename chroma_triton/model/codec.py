@@ -69,11 +69,11 @@ class Codec:
             return 0
         from ..engine.graphs import StepRunner, batch_buckets  # the engine package imports this module
 
-        # graphs share one memory pool: _decode_rows reads each replay's output before the next
+        # graphs share one memory pool: decode_carried reads each replay's output before the next
         self._graphs = StepRunner(True, shared_pool=True, device=self.device)
         self._graph_frames = -(-max_frames // FRAME_BUCKET) * FRAME_BUCKET
         hidden = self.mimi.config.hidden_size
-        for rows in batch_buckets(1 << (max_rows - 1).bit_length()):  # _decode_rows' row counts
+        for rows in batch_buckets(1 << (max_rows - 1).bit_length()):  # decode_carried's row counts
             for frames in range(FRAME_BUCKET, self._graph_frames + 1, FRAME_BUCKET):
                 self._embed(torch.zeros(rows, self.num_codebooks, frames, dtype=torch.long, device=self.device))
             for frames in range(SEANET_BUCKET, self._graph_frames + 1, SEANET_BUCKET):
@@ -166,7 +166,8 @@ class Codec:
         x = embedded.gather(2, index_t[:, None, :].expand(rows, embedded.shape[1], steps))
         before = torch.zeros(rows, self.state_size, device=self.device, dtype=self.dtype)
         if state is not None:
-            before[:n] = state.to(self.dtype) * carried_t[:n, None].to(self.dtype)
+            # where, not a product: a state nobody carries (any row) may hold anything, even NaN
+            before[:n] = torch.where(carried_t[:n, None].bool(), state.to(self.dtype), 0.0)
         audio_t, after = self._run_seanet(x, lengths_t, before)
         after = after[:n].clone()  # a graph's output: the next replay may reuse its memory
         audio = audio_t[:, 0].float().cpu().numpy()  # [rows, samples]

@@ -46,7 +46,11 @@ class StreamStates:
         (the keys distinct)."""
         if not keys:
             return
-        slots, storing = [], set(keys)
+        storing = set(keys)
+        new = sum(1 for key in storing if key not in self._streams)
+        if new > len(self._free) + len(self._streams) - (len(storing) - new):
+            raise RuntimeError("more streams in one batch than stream state slots")  # before any change
+        slots = []
         for key, frame in zip(keys, next_frames):
             entry = self._streams.pop(key, None)
             slot = entry[0] if entry is not None else self._take_slot(storing)

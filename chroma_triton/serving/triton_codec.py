@@ -58,7 +58,7 @@ class CodecService:
         if not 0 <= chunk.context <= len(codes):
             raise InvalidRequestError(f"context_frames {chunk.context} outside 0..{len(codes)}", "context_frames")
         if chunk.start_frame < -1:
-            raise InvalidRequestError(f"start_frame must be >= 0, got {chunk.start_frame}", "start_frame")
+            raise InvalidRequestError(f"start_frame must be >= 0 (-1: none), got {chunk.start_frame}", "start_frame")
         return CodecChunk(codes.astype(np.int64), chunk.context, chunk.stream, chunk.start_frame)
 
     def decode(self, codes: np.ndarray, context_frames: int) -> np.ndarray:
