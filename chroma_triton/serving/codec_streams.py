@@ -24,17 +24,12 @@ class StreamStates:
     def __init__(self, slots: int, state_size: int, device: torch.device, dtype: torch.dtype):
         if slots <= 0:
             raise ValueError(f"stream state slots must be > 0, got {slots}")
-        self.slots = slots
         self.pool = torch.zeros(slots, state_size, device=device, dtype=dtype)
         self._streams: OrderedDict[str, tuple[int, int]] = OrderedDict()  # key -> (slot, next frame)
         self._free = list(range(slots - 1, -1, -1))
 
     def __len__(self) -> int:
         return len(self._streams)
-
-    @property
-    def bytes(self) -> int:
-        return self.pool.numel() * self.pool.element_size()
 
     def slot_for(self, key: str, start_frame: int) -> int | None:
         """The slot holding ``key``'s state if it ends right before ``start_frame``, else None."""

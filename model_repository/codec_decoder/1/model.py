@@ -31,7 +31,7 @@ class TritonPythonModel:
             description="Chunks decoded, by how: carried (continued from their stream's state), "
                         "restarted (past a stream's start with no state to continue), stateless (the rest)")
         self.chunk_counters = {how: self._chunk_family.Metric(labels={**labels, "how": how})
-                               for how in ("carried", "restarted", "stateless")}
+                               for how in self.service.counts()}
         trace_path = a.str("trace_path", "")
         self.trace = CodecTrace(trace_path.replace("{instance}", a.instance_name)) if trace_path else None
         freeze_if_asked(a)  # once loaded, its graphs captured: none of that is garbage
