@@ -1,6 +1,7 @@
 """codec_decoder's decode alone on one GPU: its CUDA graphs (count, capture time, memory) and a
 batch's decode time, stateless (context + new frames through the SEANet decoder) against carried
-(new frames only, continuing each stream's state).
+(new frames only, continuing each stream's state), and a carried batch with one restarted chunk
+in it, split into two SEANet calls against one.
 
     python scripts/bench_codec.py                      # Mimi at its real sizes, random weights
     python scripts/bench_codec.py --model /data/chroma-full --rows 64,32 --new 10 --context 12
@@ -74,8 +75,16 @@ def main() -> None:
         state = torch.zeros(rows, codec.state_size, device="cuda")
         stateless = timed(lambda: codec.decode_batch(chunks), args.repeats)
         carried = timed(lambda: codec.decode_carried([(c, ctx, True) for c, ctx in chunks], state), args.repeats)
+        # one chunk restarted (its stream's state lost) among carried ones: its context and new
+        # frames in a SEANet call of their own, against every row as long as it in one call
+        mixed = [(c, ctx, i > 0) for i, (c, ctx) in enumerate(chunks)]
+        split = timed(lambda: codec.decode_carried(mixed, state), args.repeats)
+        codec.split_saving = 1.0
+        one_call = timed(lambda: codec.decode_carried(mixed, state), args.repeats)
+        codec.split_saving = 0.2
         print(f"{rows} chunks of {args.context} + {args.new} frames: stateless {stateless:.2f} ms, "
-              f"carried {carried:.2f} ms per batch ({carried / stateless:.2f}x)")
+              f"carried {carried:.2f} ms per batch ({carried / stateless:.2f}x); one restarted among them: "
+              f"{split:.2f} ms in two SEANet calls, {one_call:.2f} ms in one")
     memory("after the decodes")
 
 

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from chroma_triton.model.codec import seanet_groups
 from chroma_triton.model.loading import load_parts
 from chroma_triton.model.mimi_decode import MimiDecode
 from chroma_triton.serving.codec_streams import StreamStates
@@ -99,6 +100,58 @@ def test_chunks_of_one_stream_queued_together_decode_in_one_call(codec):
     last = service.decode_many([chunks[5]])[0]
     assert service.counts()["carried"] == 3
     np.testing.assert_allclose(last, one_by_one[5], rtol=0, atol=1e-3)
+
+
+def test_seanet_groups_split_long_rows_from_short_ones_when_it_saves_work():
+    pow2 = lambda n: 1 << (n - 1).bit_length()  # noqa: E731 (a GPU's row buckets)
+    carried, restart = 10 * 8, 22 * 8  # SEANet steps of a carried chunk and of one decoded with its context
+    # 63 carried rows and one restart: 64 x 22 frames in one call against 64 x 10 + 1 x 22 in two
+    groups = seanet_groups(np.array([carried] * 30 + [restart] + [carried] * 33), pow2, 16)
+    assert [(sorted(rows), steps) for rows, steps in groups] == [(sorted(set(range(64)) - {30}), carried), ([30], restart)]
+    # rows of one length, or a split that saves little, stay one call in the batch's order
+    assert seanet_groups(np.array([carried] * 5), pow2, 16) == [([0, 1, 2, 3, 4], carried)]
+    assert seanet_groups(np.array([carried, carried, carried, 16]), pow2, 16) == [([0, 1, 2, 3], carried)]
+    # lengths round up to the bucket before they are compared
+    assert seanet_groups(np.array([17, 30, 32]), pow2, 16) == [([0, 1, 2], 32)]
+    assert seanet_groups(np.array([], np.int64), pow2, 16) == []
+
+
+@pytest.mark.parametrize("gpu_rows", [False, True])
+def test_a_batch_of_carried_and_restarted_chunks_decodes_as_each_alone(codec, monkeypatch, gpu_rows):
+    """Carried chunks (their new frames only) beside restarted ones (context and new frames) go
+    through the SEANet decoder in two calls, each chunk giving what it gives alone; with a GPU's
+    row padding too (rows up to a power of two, padding rows picking row 0's input)."""
+    if gpu_rows:
+        monkeypatch.setattr(codec, "_rows", lambda n: 1 << (n - 1).bit_length())
+    streams = {f"s{i}": _stream_chunks(codec, _codes(codec, 50, 20 + i), f"s{i}") for i in range(5)}
+    service = CodecService(codec, stream_states=MAX_DECODE_BATCH)
+    for step in range(3):
+        service.decode_many([chunks[step] for chunks in streams.values()])
+    for key in ("s1", "s3"):  # lost (evicted, or decoded elsewhere): their next chunks restart
+        service.forget(key)
+    batch = [chunks[3] for chunks in streams.values()]
+    calls = []
+    run_seanet = codec._run_seanet
+    monkeypatch.setattr(codec, "_run_seanet", lambda *a: calls.append(a[0].shape) or run_seanet(*a))
+    together = service.decode_many(batch)
+    spf = codec._steps_per_frame
+    assert sorted((shape[0], shape[-1] // spf) for shape in calls) == sorted(
+        [(4 if gpu_rows else 3, 10), (2, 22)])  # 3 carried rows of 10 new frames, 2 restarted of 12 + 10
+    assert service.counts()["restarted"] == 2
+    for key, audio in zip(streams, together):
+        alone = CodecService(codec, stream_states=MAX_DECODE_BATCH)
+        for chunk in streams[key][:3]:
+            alone.decode_many([chunk])
+        if key in ("s1", "s3"):
+            alone.forget(key)
+        np.testing.assert_allclose(audio, alone.decode_many([streams[key][3]])[0], rtol=0, atol=1e-4)
+    # every stream carries on from the state its chunk of that batch left
+    after = service.decode_many([chunks[4] for chunks in streams.values()])
+    assert service.counts()["carried"] == 10 + 3 + 5
+    for key, audio in zip(streams, after):
+        one_by_one = CodecService(codec, stream_states=MAX_DECODE_BATCH)
+        expected = [one_by_one.decode_many([c])[0] for c in streams[key][:5]][-1]
+        np.testing.assert_allclose(audio, expected, rtol=0, atol=1e-3)
 
 
 def test_a_chunk_without_its_streams_state_decodes_statelessly(codec):

@@ -58,6 +58,7 @@ class Codec:
         self.state_size = self._seanet.state_size  # one stream's carried SEANet state (values)
         self._steps_per_frame = frame_size // self._seanet.upsampling  # SEANet input steps per frame
         self._graphs = None  # a StepRunner once use_cuda_graphs ran
+        self.split_saving = 0.2  # seanet_groups' least saving for a second SEANet call (1: never split)
         self._graph_frames = 0
 
     @torch.inference_mode()  # captured outside it, each graph's outputs would keep autograd's saved activations
@@ -115,20 +116,27 @@ class Codec:
     def decode_batch(self, chunks: list[tuple[np.ndarray, int]]) -> list[np.ndarray]:
         """Decode several chunks (codes [context + new, K], context_frames) in one batched call;
         returns each chunk's new samples, as `decode_chunk` would."""
-        return self.decode_carried([(codes, context, False) for codes, context in chunks])[0]
+        return self.decode_carried([(codes, context, False) for codes, context in chunks], keep_state=False)[0]
+
+    def _rows(self, n: int) -> int:
+        """Rows a call of ``n`` chunks is padded to: on a GPU, where idle rows cost little, powers
+        of two (a few shapes, one CUDA graph each); elsewhere none."""
+        return 1 << (n - 1).bit_length() if self.device.type == "cuda" else n
 
     @torch.inference_mode()
-    def decode_carried(self, chunks: list[tuple[np.ndarray, int, bool]], state: torch.Tensor | None = None
-                       ) -> tuple[list[np.ndarray], torch.Tensor]:
+    def decode_carried(self, chunks: list[tuple[np.ndarray, int, bool]], state: torch.Tensor | None = None,
+                       keep_state: bool = True) -> tuple[list[np.ndarray], torch.Tensor | None]:
         """Decode chunks ``(codes [context + new, K], context_frames, carried)`` in one batched call.
 
         A carried chunk continues from its row of ``state`` (``[len(chunks), state_size]``, the
         state its stream's previous chunk returned): the SEANet decoder runs over its new frames
         only. Any other chunk runs it over all its frames from a zero state, as a stream's start.
         Returns each chunk's new samples and the SEANet state after each chunk's last frame
-        (``[len(chunks), state_size]``, on the codec's device). Rows are padded on the right to a
-        common length: every part of the decode is causal, and each row's state is taken at its
-        own end, so padding changes no row's samples."""
+        (``[len(chunks), state_size]``, on the codec's device; None without ``keep_state``). Rows
+        are padded on the right to a common length: every part of the decode is causal, and each
+        row's state is taken at its own end, so padding changes no row's samples. The transformer
+        runs once over all rows; the SEANet decoder once, or twice when the rows' lengths differ
+        enough (:func:`seanet_groups`: carried rows beside a stream's start)."""
         n = len(chunks)
         if state is not None and tuple(state.shape) != (n, self.state_size):
             raise ValueError(f"state must have shape [{n}, {self.state_size}], got {tuple(state.shape)}")
@@ -140,42 +148,58 @@ class Codec:
         longest = max((len(c) for c, _, _ in chunks), default=0)
         if longest == 0:
             empty = torch.zeros(n, self.state_size, device=self.device, dtype=self.dtype)
-            return [np.zeros(0, dtype=np.float32) for _ in chunks], empty if state is None else state.clone()
-        # a few shapes only (lengths in buckets of frames; on a GPU, where idle rows cost little,
-        # batch sizes in powers of two): the process's memory settles after the first of each
-        # instead of growing with every new shape
+            kept = (empty if state is None else state.clone()) if keep_state else None
+            return [np.zeros(0, dtype=np.float32) for _ in chunks], kept
+        # lengths in buckets of frames: the process's memory settles after the first of each shape
+        # instead of growing with every new one
         frames = -(-longest // FRAME_BUCKET) * FRAME_BUCKET
-        rows = 1 << (n - 1).bit_length() if self.device.type == "cuda" else n
-        batch = np.zeros((rows, self.num_codebooks, frames), dtype=np.int64)
+        batch = np.zeros((self._rows(n), self.num_codebooks, frames), dtype=np.int64)
         for i, (codes, _, _) in enumerate(chunks):
             batch[i, :, : len(codes)] = np.clip(codes, 0, self.codebook_size - 1).T
         # the SEANet part: a carried chunk from its first new frame, any other from its first frame
         spf = self._steps_per_frame
-        starts = np.zeros(rows, np.int64)
-        lengths = np.zeros(rows, np.int64)
-        carried = np.zeros(rows, np.int64)
-        for i, (codes, context, on) in enumerate(chunks):
-            carried[i] = bool(on)
-            starts[i] = context * spf if on else 0
-            lengths[i] = len(codes) * spf - starts[i]
-        steps = -(-int(lengths.max()) // (SEANET_BUCKET * spf)) * SEANET_BUCKET * spf
-        index = np.minimum(starts[:, None] + np.arange(steps), frames * spf - 1)
+        carried = np.array([bool(on) for _, _, on in chunks], np.int64)
+        starts = np.array([context * spf if on else 0 for _, context, on in chunks], np.int64)
+        lengths = np.array([len(codes) * spf for codes, _, _ in chunks], np.int64) - starts
+        groups = seanet_groups(lengths, self._rows, SEANET_BUCKET * spf, self.split_saving)
+        parts = []  # per group: its chunks' rows, then the rows' inputs, padded to the group's shape
+        for members, steps in groups:
+            rows = self._rows(len(members))
+            pick = np.zeros(rows, np.int64)
+            pick[: len(members)] = members
+            index = np.minimum(starts[pick][:, None] + np.arange(steps), frames * spf - 1)
+            live = np.arange(rows) < len(members)  # padding rows: no length, no state
+            parts += [pick, index, np.where(live, lengths[pick], 0), np.where(live, carried[pick], 0)]
         # one upload, before any GPU work of this batch: the only wait is for the samples at the end
-        codes_t, index_t, lengths_t, carried_t = upload([batch, index, lengths, carried], self.device)
+        codes_t, *group_t = upload([batch, *parts], self.device)
         embedded = self._embed(codes_t)  # [rows, hidden, frames * spf]
-        x = embedded.gather(2, index_t[:, None, :].expand(rows, embedded.shape[1], steps))
-        before = torch.zeros(rows, self.state_size, device=self.device, dtype=self.dtype)
-        if state is not None:
-            # where, not a product: a state nobody carries (any row) may hold anything, even NaN
-            before[:n] = torch.where(carried_t[:n, None].bool(), state.to(self.dtype), 0.0)
-        audio_t, after = self._run_seanet(x, lengths_t, before)
-        after = after[:n].clone()  # a graph's output: the next replay may reuse its memory
-        audio = audio_t[:, 0].float().cpu().numpy()  # [rows, samples]
+        inputs = []  # every group's SEANet input, taken before any SEANet replay may reuse `embedded`'s memory
+        for pick_t, index_t, lengths_t, carried_t in zip(*[iter(group_t)] * 4):
+            x = embedded if len(groups) == 1 else embedded.index_select(0, pick_t)  # one group: rows in order
+            x = x.gather(2, index_t[:, None, :].expand(len(pick_t), x.shape[1], index_t.shape[1]))
+            before = torch.zeros(len(pick_t), self.state_size, device=self.device, dtype=self.dtype)
+            if state is not None:
+                # where, not a product: a state nobody carries (any row) may hold anything, even NaN
+                before = torch.where(carried_t[:, None].bool(), state.index_select(0, pick_t).to(self.dtype), before)
+            inputs.append((x, lengths_t, before, pick_t))
+        after = torch.empty(n, self.state_size, device=self.device, dtype=self.dtype) if keep_state else None
+        flat = []  # each group's samples, copied out of the graph's memory before the next replay
+        for (members, _), (x, lengths_t, before, pick_t) in zip(groups, inputs):
+            audio_t, after_t = self._run_seanet(x, lengths_t, before)
+            flat.append(audio_t[: len(members), 0].reshape(-1).to(torch.float32, copy=True))
+            if after is not None:
+                after.index_copy_(0, pick_t[: len(members)], after_t[: len(members)])
+        audio = (flat[0] if len(flat) == 1 else torch.cat(flat)).cpu().numpy()
         hop = self._seanet.upsampling
-        out = []
-        for i, (codes, context, _) in enumerate(chunks):
-            skip = context * spf - starts[i]  # a stateless chunk's context samples
-            out.append(np.ascontiguousarray(audio[i, skip * hop: (skip + (len(codes) - context) * spf) * hop]))
+        out: list[np.ndarray] = [np.zeros(0, np.float32)] * n
+        at = 0
+        for members, steps in groups:
+            for i in members:
+                codes, context, _ = chunks[i]
+                skip = context * spf - starts[i]  # a stateless chunk's context samples
+                row = audio[at: at + steps * hop]
+                out[i] = np.ascontiguousarray(row[skip * hop: (skip + (len(codes) - context) * spf) * hop])
+                at += steps * hop
         return out, after
 
     def decode_chunk(self, codes: np.ndarray, context_frames: int) -> np.ndarray:
@@ -183,3 +207,29 @@ class Codec:
         if not 0 <= context_frames <= len(codes):
             raise ValueError(f"context_frames {context_frames} outside 0..{len(codes)}")
         return self.decode(codes)[context_frames * self.frame_size :]
+
+
+def seanet_groups(lengths: np.ndarray, rows_of, bucket: int, saving: float = 0.2) -> list[tuple[list[int], int]]:
+    """Split a batch's rows into one or two SEANet calls: ``[(row indices, steps)]``, ``steps``
+    each group's longest length rounded up to ``bucket``. A call's work is its padded rows
+    (``rows_of(count)``) times its steps, so one long row (a stream's start, decoded with its
+    context) makes every short one (a carried chunk, its new frames only) as long as it. Two
+    calls, split at the length that makes the least work, are taken when they save at least
+    ``saving`` of the one call's work (a second call costs its own launches)."""
+    def padded(length: int) -> int:
+        return -(-int(length) // bucket) * bucket
+
+    if len(lengths) == 0:
+        return []
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    best = [(list(range(len(lengths))), padded(lengths[order[-1]]))]  # one call keeps the batch's row order
+    best_work = rows_of(len(order)) * best[0][1]
+    limit = best_work * (1 - saving)
+    for cut in range(1, len(order)):
+        if padded(lengths[order[cut - 1]]) == padded(lengths[order[cut]]):  # a cut between equals only splits rows
+            continue
+        short, long = order[:cut], order[cut:]
+        work = rows_of(len(short)) * padded(lengths[short[-1]]) + rows_of(len(long)) * padded(lengths[long[-1]])
+        if work <= limit and work < best_work:
+            best, best_work = [(short, padded(lengths[short[-1]])), (long, padded(lengths[long[-1]]))], work
+    return best
