@@ -123,6 +123,27 @@ def test_codec_graphs_give_the_eager_samples(tiny_checkpoint):
             np.testing.assert_allclose(got, want, rtol=0, atol=1e-4)
 
 
+def test_codec_tf32_transformer_stays_near_float32(tiny_checkpoint):
+    """matmul_tf32: the decoder transformer's products on TF32 tensor cores, captured into the
+    graphs; the samples stay near the float32 ones, and the process's own setting is untouched."""
+    from chroma_triton.model.loading import load_parts
+
+    codec = load_parts(tiny_checkpoint, parts={"codec"}, device="cuda").codec
+    rng = np.random.default_rng(2)
+    batch = [(rng.integers(0, codec.codebook_size, size=(22, codec.num_codebooks)), 12) for _ in range(5)]
+    want = np.concatenate(codec.decode_batch(batch))
+    codec.matmul_tf32 = True
+    before = torch.backends.cuda.matmul.allow_tf32
+    eager = np.concatenate(codec.decode_batch(batch))
+    codec.use_cuda_graphs(24, 8)
+    graphs = np.concatenate(codec.decode_batch(batch))
+    assert torch.backends.cuda.matmul.allow_tf32 == before
+    scale = float(np.sqrt(np.mean(want ** 2)))
+    for got in (eager, graphs):
+        rms = float(np.sqrt(np.mean((got - want) ** 2)))
+        assert rms <= 1e-2 * scale, (rms, scale)  # TF32 keeps 10 mantissa bits: about 1e-3 relative per product
+
+
 @pytest.mark.parametrize("device", ["cuda:0", "cuda:1"])
 def test_audio_tower_graphs_give_the_eager_embeddings(tiny_checkpoint, device):
     """audio_encoder's CUDA graphs (one per window-count bucket, captured at load) give the eager

@@ -59,6 +59,9 @@ class Codec:
         self._steps_per_frame = frame_size // self._seanet.upsampling  # SEANet input steps per frame
         self._graphs = None  # a StepRunner once use_cuda_graphs ran
         self.split_saving = 0.2  # seanet_groups' least saving for a second SEANet call (1: never split)
+        # the decoder transformer's float32 matrix products on TF32 tensor cores (the SEANet decoder's
+        # convolutions use TF32 already: cuDNN's default); set before use_cuda_graphs, which captures them
+        self.matmul_tf32 = False
         self._graph_frames = 0
 
     @torch.inference_mode()  # captured outside it, each graph's outputs would keep autograd's saved activations
@@ -86,8 +89,20 @@ class Codec:
 
     def _embed(self, codes: torch.Tensor) -> torch.Tensor:
         if self._graphs is not None and codes.shape[-1] <= self._graph_frames:
-            return self._graphs(("embed", *codes.shape[::2]), self._decode.embed, codes)
-        return self._decode.embed(codes)
+            return self._graphs(("embed", *codes.shape[::2]), self._embed_eager, codes)
+        return self._embed_eager(codes)
+
+    def _embed_eager(self, codes: torch.Tensor) -> torch.Tensor:
+        """The quantizer, upsampling and decoder transformer (run, or captured into a graph, with
+        ``matmul_tf32``'s precision; the process's setting is restored after)."""
+        if not self.matmul_tf32 or self.device.type != "cuda":
+            return self._decode.embed(codes)
+        before = torch.backends.cuda.matmul.allow_tf32
+        torch.backends.cuda.matmul.allow_tf32 = True
+        try:
+            return self._decode.embed(codes)
+        finally:
+            torch.backends.cuda.matmul.allow_tf32 = before
 
     def _run_seanet(self, x: torch.Tensor, lengths: torch.Tensor, state: torch.Tensor):
         if self._graphs is not None and x.shape[-1] <= self._graph_frames * self._steps_per_frame:

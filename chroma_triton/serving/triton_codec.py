@@ -31,11 +31,13 @@ class CodecChunk:
 
 
 class CodecService:
-    def __init__(self, codec: Codec, graph_frames: int = 0, stream_states: int = 0):
+    def __init__(self, codec: Codec, graph_frames: int = 0, stream_states: int = 0, matmul_tf32: bool = False):
         """``graph_frames``: on a GPU, capture CUDA graphs for batches of chunks up to this many
         frames (context included) now, at load; 0 decodes eagerly. ``stream_states``: how many
-        streams' SEANet states to keep between their chunks (0: every chunk stateless)."""
+        streams' SEANet states to keep between their chunks (0: every chunk stateless).
+        ``matmul_tf32``: the decoder transformer's matrix products on TF32 tensor cores."""
         self.codec = codec
+        codec.matmul_tf32 = matmul_tf32
         self.num_codebooks = codec.num_codebooks
         if graph_frames < 0:
             raise ValueError(f"cuda_graph_frames must be >= 0, got {graph_frames}")
