@@ -73,33 +73,62 @@ def test_carried_streams_interleaved_in_batches_match_their_own_decode(codec):
     assert service.counts() == {"carried": total - 3, "restarted": 0, "stateless": 3}
 
 
-def test_chunks_of_one_stream_queued_together_decode_in_one_call(codec):
+@pytest.mark.parametrize("gpu_rows", [False, True])
+def test_chunks_of_one_stream_queued_together_decode_in_one_call(codec, monkeypatch, gpu_rows):
     """A codec that fell behind gets several chunks of a stream in one batch: the first continues
-    the stream's state, the next decodes statelessly in the same call, and the stream carries on
-    from the furthest one."""
+    the stream's state, the next follows it in its SEANet row (the samples of the stream decoded
+    one chunk at a time), a third that would make the row longer than the graphs decodes
+    statelessly in the same call, and the stream carries on from the furthest one."""
+    if gpu_rows:
+        monkeypatch.setattr(codec, "_rows", lambda n: 1 << (n - 1).bit_length())
     chunks = _stream_chunks(codec, _codes(codec, 60, 5), "s")
+    other = _stream_chunks(codec, _codes(codec, 30, 6), "o")
     service = CodecService(codec, stream_states=MAX_DECODE_BATCH)
     alone = CodecService(codec, stream_states=MAX_DECODE_BATCH)
     one_by_one = [alone.decode_many([c])[0] for c in chunks[:6]]
     for chunk in chunks[:2]:
         service.decode_many([chunk])
+    service.decode_many(other[:1])
     calls = []
     decode_carried = codec.decode_carried
-    try:
-        codec.decode_carried = lambda *a: calls.append(1) or decode_carried(*a)
-        together = service.decode_many([chunks[2], chunks[3], chunks[4]])
-    finally:
-        del codec.decode_carried
-    assert len(calls) == 1
-    assert service.counts() == {"carried": 2, "restarted": 2, "stateless": 1}
-    np.testing.assert_allclose(together[0], one_by_one[2], rtol=0, atol=1e-4)
-    for chunk, audio in zip(chunks[3:5], together[1:]):
-        np.testing.assert_allclose(audio, codec.decode_chunk(chunk.codes, chunk.context), rtol=0, atol=1e-4)
+    monkeypatch.setattr(codec, "decode_carried", lambda *a, **k: calls.append(k) or decode_carried(*a, **k))
+    # out of order, with another stream's chunk between: the codec orders a stream's chunks itself
+    together = service.decode_many([chunks[3], other[1], chunks[4], chunks[2]])
+    assert len(calls) == 1 and calls[0]["follows"] == [3, -1, -1, -1]  # chunk 3 after chunk 2; 4 on its own
+    assert service.counts() == {"carried": 4, "restarted": 1, "stateless": 2}
+    np.testing.assert_allclose(together[3], one_by_one[2], rtol=0, atol=1e-4)
+    np.testing.assert_allclose(together[0], one_by_one[3], rtol=0, atol=1e-4)
+    np.testing.assert_allclose(together[2], codec.decode_chunk(chunks[4].codes, chunks[4].context), rtol=0, atol=1e-4)
     # chunk 5 continues the state of chunk 4 (the furthest), decoded statelessly: the samples of the
     # stream decoded one chunk at a time, up to the transformer's context rounding
     last = service.decode_many([chunks[5]])[0]
-    assert service.counts()["carried"] == 3
+    assert service.counts()["carried"] == 5
     np.testing.assert_allclose(last, one_by_one[5], rtol=0, atol=1e-3)
+    # with rows long enough, all three queued chunks share one row: every one as decoded alone
+    service = CodecService(codec, stream_states=MAX_DECODE_BATCH)
+    service.max_row_frames = 40
+    for chunk in chunks[:2]:
+        service.decode_many([chunk])
+    for got, want in zip(service.decode_many(chunks[2:5]), one_by_one[2:5]):
+        np.testing.assert_allclose(got, want, rtol=0, atol=1e-4)
+    assert service.counts() == {"carried": 4, "restarted": 0, "stateless": 1}
+
+
+def test_a_chunk_follows_only_the_chunk_it_continues(codec):
+    """Chunks of a stream with a gap between them, or whose context is not the chunk before's
+    frames, do not share a row; decode_carried refuses orders that are not chains."""
+    chunks = _stream_chunks(codec, _codes(codec, 60, 8), "s")
+    service = CodecService(codec, stream_states=MAX_DECODE_BATCH)
+    service.decode_many(chunks[:2])
+    wrong = CodecChunk(chunks[3].codes.copy(), chunks[3].context, "s", chunks[3].start_frame)
+    wrong.codes[0] = (wrong.codes[0] + 1) % codec.codebook_size  # its context differs from chunk 2's frames
+    assert service._plan_rows([chunks[2], wrong], [True, True])[1] == [-1, -1]
+    assert service._plan_rows([chunks[2], chunks[4]], [True, True])[1] == [-1, -1]  # chunk 3 missing
+    assert service._plan_rows([chunks[2], chunks[3]], [True, True])[1] == [-1, 0]
+    batch = [(c.codes, c.context, False) for c in chunks[2:5]]
+    for follows in ([1, 0, -1], [-1, 0, 0], [-1, 1, -1]):
+        with pytest.raises(ValueError, match="follows"):
+            codec.decode_carried(batch, follows=follows)
 
 
 def test_seanet_groups_split_long_rows_from_short_ones_when_it_saves_work():

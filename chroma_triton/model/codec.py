@@ -140,18 +140,24 @@ class Codec:
 
     @torch.inference_mode()
     def decode_carried(self, chunks: list[tuple[np.ndarray, int, bool]], state: torch.Tensor | None = None,
-                       keep_state: bool = True) -> tuple[list[np.ndarray], torch.Tensor | None]:
+                       keep_state: bool = True, follows: list[int] | None = None
+                       ) -> tuple[list[np.ndarray], torch.Tensor | None]:
         """Decode chunks ``(codes [context + new, K], context_frames, carried)`` in one batched call.
 
         A carried chunk continues from its row of ``state`` (``[len(chunks), state_size]``, the
         state its stream's previous chunk returned): the SEANet decoder runs over its new frames
         only. Any other chunk runs it over all its frames from a zero state, as a stream's start.
-        Returns each chunk's new samples and the SEANet state after each chunk's last frame
-        (``[len(chunks), state_size]``, on the codec's device; None without ``keep_state``). Rows
-        are padded on the right to a common length: every part of the decode is causal, and each
-        row's state is taken at its own end, so padding changes no row's samples. The transformer
-        runs once over all rows; the SEANet decoder once, or twice when the rows' lengths differ
-        enough (:func:`seanet_groups`: carried rows beside a stream's start)."""
+        ``follows[i] = j`` (default -1: none) says chunk ``i`` continues chunk ``j`` of this batch
+        (its stream's next chunk, queued with it): ``i``'s new frames then go through the SEANet
+        decoder in ``j``'s row, right after ``j``'s, as if ``i`` were carried from the state ``j``
+        leaves. Returns each chunk's new samples and the SEANet state at the end of each chunk's
+        row (``[len(chunks), state_size]``, on the codec's device: a chunk's own end state unless
+        a chunk follows it; None without ``keep_state``).
+
+        The transformer runs once over all chunks (each over its context and new frames); the
+        SEANet decoder once, or twice when its rows' lengths differ enough (:func:`seanet_groups`).
+        Rows are padded on the right to a common length: every part of the decode is causal, and
+        each row's state is taken at its own end, so padding changes no row's samples."""
         n = len(chunks)
         if state is not None and tuple(state.shape) != (n, self.state_size):
             raise ValueError(f"state must have shape [{n}, {self.state_size}], got {tuple(state.shape)}")
@@ -160,6 +166,7 @@ class Codec:
                 raise ValueError(f"codes must have shape [frames, {self.num_codebooks}], got {tuple(codes.shape)}")
             if not 0 <= context <= len(codes):
                 raise ValueError(f"context_frames {context} outside 0..{len(codes)}")
+        chains = _chains(follows if follows is not None else [-1] * n)
         longest = max((len(c) for c, _, _ in chunks), default=0)
         if longest == 0:
             empty = torch.zeros(n, self.state_size, device=self.device, dtype=self.dtype)
@@ -171,49 +178,61 @@ class Codec:
         batch = np.zeros((self._rows(n), self.num_codebooks, frames), dtype=np.int64)
         for i, (codes, _, _) in enumerate(chunks):
             batch[i, :, : len(codes)] = np.clip(codes, 0, self.codebook_size - 1).T
-        # the SEANet part: a carried chunk from its first new frame, any other from its first frame
+        # the SEANet part of each chunk: from its first new frame when it continues a state (its
+        # stream's, or the chunk before it in its row), else from its first frame (context too)
         spf = self._steps_per_frame
-        carried = np.array([bool(on) for _, _, on in chunks], np.int64)
-        starts = np.array([context * spf if on else 0 for _, context, on in chunks], np.int64)
+        starts = np.array([ctx * spf if on or (follows is not None and follows[i] >= 0) else 0
+                           for i, (_, ctx, on) in enumerate(chunks)], np.int64)
         lengths = np.array([len(codes) * spf for codes, _, _ in chunks], np.int64) - starts
-        groups = seanet_groups(lengths, self._rows, SEANET_BUCKET * spf, self.split_saving)
-        parts = []  # per group: its chunks' rows, then the rows' inputs, padded to the group's shape
+        row_lengths = np.array([lengths[chain].sum() for chain in chains], np.int64)
+        groups = seanet_groups(row_lengths, self._rows, SEANET_BUCKET * spf, self.split_saving)
+        parts, offsets = [], np.zeros(n, np.int64)  # offsets: each chunk's first step in its row
         for members, steps in groups:
             rows = self._rows(len(members))
-            pick = np.zeros(rows, np.int64)
-            pick[: len(members)] = members
-            index = np.minimum(starts[pick][:, None] + np.arange(steps), frames * spf - 1)
-            live = np.arange(rows) < len(members)  # padding rows: no length, no state
-            parts += [pick, index, np.where(live, lengths[pick], 0), np.where(live, carried[pick], 0)]
+            source_row = np.zeros((rows, steps), np.int64)  # each row step's chunk (its transformer row) ...
+            source_step = np.zeros((rows, steps), np.int64)  # ... and step there
+            row_length, head, carried, owner, owner_row = np.zeros(rows, np.int64), np.zeros(rows, np.int64), \
+                np.zeros(rows, np.int64), [], []
+            for r, c in enumerate(members):
+                at = 0
+                for i in chains[c]:
+                    source_row[r, at: at + lengths[i]] = i
+                    source_step[r, at: at + lengths[i]] = starts[i] + np.arange(lengths[i])
+                    offsets[i] = at
+                    at += lengths[i]
+                    owner.append(i)
+                    owner_row.append(r)
+                row_length[r], head[r], carried[r] = at, chains[c][0], chunks[chains[c][0]][2]
+            parts += [source_row, source_step, row_length, head, carried, np.array(owner), np.array(owner_row)]
         # one upload, before any GPU work of this batch: the only wait is for the samples at the end
         codes_t, *group_t = upload([batch, *parts], self.device)
         embedded = self._embed(codes_t)  # [rows, hidden, frames * spf]
         inputs = []  # every group's SEANet input, taken before any SEANet replay may reuse `embedded`'s memory
-        for pick_t, index_t, lengths_t, carried_t in zip(*[iter(group_t)] * 4):
-            x = embedded if len(groups) == 1 else embedded.index_select(0, pick_t)  # one group: rows in order
-            x = x.gather(2, index_t[:, None, :].expand(len(pick_t), x.shape[1], index_t.shape[1]))
-            before = torch.zeros(len(pick_t), self.state_size, device=self.device, dtype=self.dtype)
+        for source_row_t, source_step_t, row_length_t, head_t, carried_t, _, _ in zip(*[iter(group_t)] * 7):
+            x = embedded[source_row_t, :, source_step_t].transpose(1, 2)  # [rows, hidden, steps]
+            before = torch.zeros(len(head_t), self.state_size, device=self.device, dtype=self.dtype)
             if state is not None:
                 # where, not a product: a state nobody carries (any row) may hold anything, even NaN
-                before = torch.where(carried_t[:, None].bool(), state.index_select(0, pick_t).to(self.dtype), before)
-            inputs.append((x, lengths_t, before, pick_t))
+                before = torch.where(carried_t[:, None].bool(), state.index_select(0, head_t).to(self.dtype), before)
+            inputs.append((x, row_length_t, before))
         after = torch.empty(n, self.state_size, device=self.device, dtype=self.dtype) if keep_state else None
         flat = []  # each group's samples, copied out of the graph's memory before the next replay
-        for (members, _), (x, lengths_t, before, pick_t) in zip(groups, inputs):
-            audio_t, after_t = self._run_seanet(x, lengths_t, before)
+        for g, ((members, _), (x, row_length_t, before)) in enumerate(zip(groups, inputs)):
+            audio_t, after_t = self._run_seanet(x, row_length_t, before)
             flat.append(audio_t[: len(members), 0].reshape(-1).to(torch.float32, copy=True))
             if after is not None:
-                after.index_copy_(0, pick_t[: len(members)], after_t[: len(members)])
+                owner_t, owner_row_t = group_t[7 * g + 5], group_t[7 * g + 6]
+                after.index_copy_(0, owner_t, after_t.index_select(0, owner_row_t))
         audio = (flat[0] if len(flat) == 1 else torch.cat(flat)).cpu().numpy()
         hop = self._seanet.upsampling
         out: list[np.ndarray] = [np.zeros(0, np.float32)] * n
-        at = 0
+        at = 0  # the row's first sample in `audio`
         for members, steps in groups:
-            for i in members:
-                codes, context, _ = chunks[i]
-                skip = context * spf - starts[i]  # a stateless chunk's context samples
-                row = audio[at: at + steps * hop]
-                out[i] = np.ascontiguousarray(row[skip * hop: (skip + (len(codes) - context) * spf) * hop])
+            for c in members:
+                for i in chains[c]:
+                    codes, context, _ = chunks[i]
+                    first = offsets[i] + context * spf - starts[i]  # past a stateless chunk's context
+                    out[i] = np.ascontiguousarray(audio[at + first * hop: at + (first + (len(codes) - context) * spf) * hop])
                 at += steps * hop
         return out, after
 
@@ -248,3 +267,25 @@ def seanet_groups(lengths: np.ndarray, rows_of, bucket: int, saving: float = 0.2
         if work <= limit and work < best_work:
             best, best_work = [(short, padded(lengths[short[-1]])), (long, padded(lengths[long[-1]]))], work
     return best
+
+
+def _chains(follows: list[int]) -> list[list[int]]:
+    """Chunks in SEANet rows: ``follows[i] = j`` puts chunk ``i`` right after chunk ``j``; each
+    chain starts at a chunk that follows none."""
+    after: dict[int, int] = {}
+    for i, j in enumerate(follows):
+        if j < 0:
+            continue
+        if not j < len(follows) or j == i or j in after:
+            raise ValueError(f"follows: chunk {i} cannot follow {j} (each chunk follows at most one other, "
+                             "and is followed by at most one)")
+        after[j] = i
+    chains = []
+    for i, j in enumerate(follows):
+        if j < 0:
+            chains.append([i])
+            while chains[-1][-1] in after:
+                chains[-1].append(after[chains[-1][-1]])
+    if sum(map(len, chains)) != len(follows):
+        raise ValueError("follows: the chunks' order has a cycle")
+    return chains

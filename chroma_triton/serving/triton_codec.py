@@ -48,6 +48,8 @@ class CodecService:
         # start, but with no state to continue: decoded like a stateless one), stateless (the rest)
         self._decoded = dict.fromkeys(("carried", "restarted", "stateless"), 0)
         self.graphs = codec.use_cuda_graphs(graph_frames, MAX_DECODE_BATCH)
+        # a SEANet row's frames at most (chunks of a stream queued together share a row): within the graphs
+        self.max_row_frames = graph_frames or 24
 
     def validate(self, chunk: CodecChunk) -> CodecChunk:
         """The chunk with codes as [frames, K] int64 (a leading batch dimension of 1 is dropped)."""
@@ -99,20 +101,23 @@ class CodecService:
 
     def _decode_part(self, chunks: list[CodecChunk]) -> list[np.ndarray]:
         """One batched decode. Several chunks of one stream (queued while the codec was behind)
-        stay in it: the one that starts where the stream's state ends continues it, the others
-        decode statelessly (they carry their context), and the stream keeps the state of its
-        furthest chunk. One call per batch either way: splitting such batches into rounds would
-        make a codec that fell behind slower still."""
+        stay in it: each that starts where the one before it ends follows it in its SEANet row
+        (:meth:`Codec.decode_carried`'s ``follows``), so they decode as a carried stream would,
+        one after the other, in one call; a chunk that cannot follow (a gap, or a row longer than
+        the graphs) decodes statelessly over its context. The stream keeps the state of its
+        furthest chunk. One call per batch either way: rounds would make a codec that fell behind
+        slower still."""
         keeps = [self._keeps_state(c) for c in chunks]
         if not any(keeps):
             self._decoded["stateless"] += len(chunks)
             return self.codec.decode_batch([(c.codes, c.context) for c in chunks])
-        slots = [self.streams.slot_for(c.stream, c.start_frame) if keep else None for c, keep in zip(chunks, keeps)]
+        slots, follows = self._plan_rows(chunks, keeps)
         carried = [slot is not None for slot in slots]
-        for c, keep, on in zip(chunks, keeps, carried):
-            self._decoded["carried" if on else "restarted" if keep and c.start_frame > 0 else "stateless"] += 1
+        for c, keep, on, after in zip(chunks, keeps, carried, follows):
+            self._decoded["carried" if on or after >= 0 else "restarted" if keep and c.start_frame > 0 else "stateless"] += 1
         state = self.streams.gather(slots)
-        audio, after = self.codec.decode_carried([(c.codes, c.context, on) for c, on in zip(chunks, carried)], state)
+        audio, after = self.codec.decode_carried([(c.codes, c.context, on) for c, on in zip(chunks, carried)], state,
+                                                 follows=follows)
         furthest: dict[str, int] = {}  # stream -> index of its chunk that ends last
         for i, (c, keep) in enumerate(zip(chunks, keeps)):
             if keep and (c.stream not in furthest or c.start_frame >= chunks[furthest[c.stream]].start_frame):
@@ -123,6 +128,37 @@ class CodecService:
                            [chunks[i].start_frame + len(chunks[i].codes) - chunks[i].context for i in kept],
                            after.index_select(0, rows))
         return audio
+
+    def _plan_rows(self, chunks: list[CodecChunk], keeps: list[bool]) -> tuple[list[int | None], list[int]]:
+        """Per chunk: the state slot it continues (a stream's first chunk in the batch, if its
+        state ends where it starts) and the chunk of the batch it follows (-1: none)."""
+        slots: list[int | None] = [None] * len(chunks)
+        follows = [-1] * len(chunks)
+        streams: dict[str, list[int]] = {}
+        for i, (c, keep) in enumerate(zip(chunks, keeps)):
+            if keep:
+                streams.setdefault(c.stream, []).append(i)
+        for key, members in streams.items():
+            members.sort(key=lambda i: chunks[i].start_frame)
+            first = chunks[members[0]]
+            slots[members[0]] = self.streams.slot_for(key, first.start_frame)
+            row = len(first.codes) - (first.context if slots[members[0]] is not None else 0)  # SEANet frames
+            for a, b in zip(members, members[1:]):
+                prev, chunk = chunks[a], chunks[b]
+                new = len(chunk.codes) - chunk.context
+                if (chunk.start_frame == prev.start_frame + len(prev.codes) - prev.context
+                        and _context_matches(prev, chunk) and row + new <= self.max_row_frames):
+                    follows[b] = a
+                    row += new
+                else:
+                    row = len(chunk.codes)  # heads a row of its own, over its context
+        return slots, follows
+
+
+def _context_matches(prev: CodecChunk, chunk: CodecChunk) -> bool:
+    """``chunk``'s context frames are the last frames of ``prev`` (as far as ``prev`` has them)."""
+    k = min(chunk.context, len(prev.codes))
+    return np.array_equal(chunk.codes[chunk.context - k: chunk.context], prev.codes[len(prev.codes) - k:])
 
 
 @dataclass
