@@ -177,7 +177,8 @@ def _load_codec(ckpt: Checkpoint, device) -> Codec:
     cfg = ckpt.config
     mimi = MimiModel(MimiConfig(**cfg.codec_config))
     ckpt.load_module(mimi, "codec_model.")
-    # Mimi stays in float32: it is small, and bf16 audio decoding is audibly worse.
+    # Mimi stays in float32 (its audio is what users hear); codec_decoder's matmul_tf32 puts its
+    # transformer's products on TF32 tensor cores, as cuDNN does its convolutions by default
     return Codec(mimi.to(device=device).eval(), cfg.num_codebooks, cfg.codebook_size, cfg.sample_rate, cfg.frame_size)
 
 

@@ -19,8 +19,8 @@ class TritonPythonModel:
         a = ModelArgs.from_triton(args)
         path, parts = load_model_parts(a, {"codec"})
         self.service = CodecService(parts.codec, graph_frames=a.int("cuda_graph_frames", 24),
-                                    stream_states=a.int("stream_states", 0),
-                                    matmul_tf32=a.bool("matmul_tf32", False))
+                                    stream_states=a.int("stream_states", 4096),
+                                    matmul_tf32=a.bool("matmul_tf32", True))
         self.board = CancelBoard()  # the streams chroma_lm saw cancelled ("gone")
         self._skip_family = pb_utils.MetricFamily(
             name="chroma_codec_skipped_chunks_total", kind=pb_utils.MetricFamily.COUNTER,
