@@ -34,7 +34,7 @@ def server(request, triton_install, tmp_path_factory, tiny_checkpoint):
     traces = tmp_path_factory.mktemp("traces")  # the engine's trace, written inside the stub process
     params = {"chroma_lm": {"max_batch": str(MAX_BATCH), "relays": request.param, "relay_threads": "2",
                             "trace_path": str(traces / "trace_{device}_{instance}.jsonl")},
-              # the codec's carried streams (off by default; the other stacks serve it stateless)
+              # the codec's carried streams (a small pool: the default is 4096)
               "codec_decoder": {"stream_states": "256", "trace_path": str(traces / "codec_{instance}.jsonl")}}
     render_repository(repo, RenderSpec(model_path=str(tiny_checkpoint), params=params))
     srv = TritonServer(repo, log_file=tmp_path_factory.mktemp("logs") / "tritonserver.log")
