@@ -125,6 +125,9 @@ def test_a_chunk_follows_only_the_chunk_it_continues(codec):
     assert service._plan_rows([chunks[2], wrong], [True, True])[1] == [-1, -1]
     assert service._plan_rows([chunks[2], chunks[4]], [True, True])[1] == [-1, -1]  # chunk 3 missing
     assert service._plan_rows([chunks[2], chunks[3]], [True, True])[1] == [-1, 0]
+    # chunk 1 sent again beside chunk 2: chunk 2 continues the stored state (the exact one), not chunk 1
+    slots, follows = service._plan_rows([chunks[1], chunks[2]], [True, True])
+    assert follows == [-1, -1] and slots[0] is None and slots[1] is not None
     batch = [(c.codes, c.context, False) for c in chunks[2:5]]
     for follows in ([1, 0, -1], [-1, 0, 0], [-1, 1, -1]):
         with pytest.raises(ValueError, match="follows"):
@@ -203,6 +206,23 @@ def test_a_chunk_without_its_streams_state_decodes_statelessly(codec):
     assert service.counts()["stateless"] == 3
     with pytest.raises(ValueError, match="stream_states"):
         CodecService(codec, stream_states=8)
+
+
+@pytest.mark.parametrize("gpu_rows", [False, True])
+def test_chunks_without_seanet_steps_decode_beside_others(codec, monkeypatch, gpu_rows):
+    """A chunk whose SEANet row has no steps (no frames at all, or a carried chunk with no new
+    frames) beside a long one: as each decodes alone (a split must not give a call of 0 steps)."""
+    if gpu_rows:
+        monkeypatch.setattr(codec, "_rows", lambda n: 1 << (n - 1).bit_length())
+    codes = _codes(codec, 20, 11)
+    empty = np.zeros((0, codec.num_codebooks), np.int64)
+    got = codec.decode_batch([(empty, 0), (codes, 4)])
+    assert len(got[0]) == 0
+    np.testing.assert_allclose(got[1], codec.decode_chunk(codes, 4), rtol=0, atol=1e-4)
+    state = torch.zeros(2, codec.state_size)
+    got, _ = codec.decode_carried([(codes[:6], 6, True), (codes, 4, False)], state)
+    assert len(got[0]) == 0
+    np.testing.assert_allclose(got[1], codec.decode_chunk(codes, 4), rtol=0, atol=1e-4)
 
 
 def test_the_least_recently_used_stream_gives_its_slot_up(codec):

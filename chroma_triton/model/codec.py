@@ -17,6 +17,8 @@ of kernel launches and a dozen syncs, which matters most when another process ke
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import numpy as np
 import torch
 
@@ -186,43 +188,29 @@ class Codec:
         lengths = np.array([len(codes) * spf for codes, _, _ in chunks], np.int64) - starts
         row_lengths = np.array([lengths[chain].sum() for chain in chains], np.int64)
         groups = seanet_groups(row_lengths, self._rows, SEANET_BUCKET * spf, self.split_saving)
-        parts, offsets = [], np.zeros(n, np.int64)  # offsets: each chunk's first step in its row
-        for members, steps in groups:
-            rows = self._rows(len(members))
-            source_row = np.zeros((rows, steps), np.int64)  # each row step's chunk (its transformer row) ...
-            source_step = np.zeros((rows, steps), np.int64)  # ... and step there
-            row_length, head, carried, owner, owner_row = np.zeros(rows, np.int64), np.zeros(rows, np.int64), \
-                np.zeros(rows, np.int64), [], []
-            for r, c in enumerate(members):
-                at = 0
-                for i in chains[c]:
-                    source_row[r, at: at + lengths[i]] = i
-                    source_step[r, at: at + lengths[i]] = starts[i] + np.arange(lengths[i])
-                    offsets[i] = at
-                    at += lengths[i]
-                    owner.append(i)
-                    owner_row.append(r)
-                row_length[r], head[r], carried[r] = at, chains[c][0], chunks[chains[c][0]][2]
-            parts += [source_row, source_step, row_length, head, carried, np.array(owner), np.array(owner_row)]
+        offsets = np.zeros(n, np.int64)  # each chunk's first step in its row
+        layouts = [self._row_layout(chunks, [chains[c] for c in members], steps, starts, lengths, offsets)
+                   for members, steps in groups]
         # one upload, before any GPU work of this batch: the only wait is for the samples at the end
-        codes_t, *group_t = upload([batch, *parts], self.device)
+        codes_t, *flat_t = upload([batch, *(a for layout in layouts for a in layout)], self.device)
+        on_device = [_RowLayout(*flat_t[k: k + len(_RowLayout._fields)])
+                     for k in range(0, len(flat_t), len(_RowLayout._fields))]
         embedded = self._embed(codes_t)  # [rows, hidden, frames * spf]
-        inputs = []  # every group's SEANet input, taken before any SEANet replay may reuse `embedded`'s memory
-        for source_row_t, source_step_t, row_length_t, head_t, carried_t, _, _ in zip(*[iter(group_t)] * 7):
-            x = embedded[source_row_t, :, source_step_t].transpose(1, 2)  # [rows, hidden, steps]
-            before = torch.zeros(len(head_t), self.state_size, device=self.device, dtype=self.dtype)
+        inputs = []  # every call's SEANet input, taken before any SEANet replay may reuse `embedded`'s memory
+        for rows in on_device:
+            x = embedded[rows.source_row, :, rows.source_step].transpose(1, 2)  # [rows, hidden, steps]
+            before = torch.zeros(len(rows.head), self.state_size, device=self.device, dtype=self.dtype)
             if state is not None:
                 # where, not a product: a state nobody carries (any row) may hold anything, even NaN
-                before = torch.where(carried_t[:, None].bool(), state.index_select(0, head_t).to(self.dtype), before)
-            inputs.append((x, row_length_t, before))
+                before = torch.where(rows.carried[:, None].bool(), state.index_select(0, rows.head).to(self.dtype), before)
+            inputs.append((x, before))
         after = torch.empty(n, self.state_size, device=self.device, dtype=self.dtype) if keep_state else None
-        flat = []  # each group's samples, copied out of the graph's memory before the next replay
-        for g, ((members, _), (x, row_length_t, before)) in enumerate(zip(groups, inputs)):
-            audio_t, after_t = self._run_seanet(x, row_length_t, before)
+        flat = []  # each call's samples, copied out of the graph's memory before the next replay
+        for (members, _), rows, (x, before) in zip(groups, on_device, inputs):
+            audio_t, after_t = self._run_seanet(x, rows.length, before)
             flat.append(audio_t[: len(members), 0].reshape(-1).to(torch.float32, copy=True))
-            if after is not None:
-                owner_t, owner_row_t = group_t[7 * g + 5], group_t[7 * g + 6]
-                after.index_copy_(0, owner_t, after_t.index_select(0, owner_row_t))
+            if after is not None:  # every chunk gets its row's end state
+                after.index_copy_(0, rows.owner, after_t.index_select(0, rows.owner_row))
         audio = (flat[0] if len(flat) == 1 else torch.cat(flat)).cpu().numpy()
         hop = self._seanet.upsampling
         out: list[np.ndarray] = [np.zeros(0, np.float32)] * n
@@ -236,11 +224,44 @@ class Codec:
                 at += steps * hop
         return out, after
 
+    def _row_layout(self, chunks, row_chains: list[list[int]], steps: int, starts: np.ndarray,
+                    lengths: np.ndarray, offsets: np.ndarray) -> "_RowLayout":
+        """One SEANet call's rows (padded to ``self._rows``), each a chain of chunks one after the
+        other: where each row step's input is in the transformer's output, and each row's length,
+        first chunk and whether that chunk carries a state. Fills ``offsets`` (a chunk's first
+        step in its row). Padding rows read chunk 0's first step, have no length and no state."""
+        rows = self._rows(len(row_chains))
+        layout = _RowLayout(np.zeros((rows, steps), np.int64), np.zeros((rows, steps), np.int64),
+                            np.zeros(rows, np.int64), np.zeros(rows, np.int64), np.zeros(rows, np.int64),
+                            np.array([i for chain in row_chains for i in chain], np.int64),
+                            np.array([r for r, chain in enumerate(row_chains) for _ in chain], np.int64))
+        for r, chain in enumerate(row_chains):
+            at = 0
+            for i in chain:
+                layout.source_row[r, at: at + lengths[i]] = i
+                layout.source_step[r, at: at + lengths[i]] = starts[i] + np.arange(lengths[i])
+                offsets[i] = at
+                at += lengths[i]
+            layout.length[r], layout.head[r], layout.carried[r] = at, chain[0], bool(chunks[chain[0]][2])
+        return layout
+
     def decode_chunk(self, codes: np.ndarray, context_frames: int) -> np.ndarray:
         """Decode [context + new, K] codes and return only the new frames' samples."""
         if not 0 <= context_frames <= len(codes):
             raise ValueError(f"context_frames {context_frames} outside 0..{len(codes)}")
         return self.decode(codes)[context_frames * self.frame_size :]
+
+
+class _RowLayout(NamedTuple):
+    """One SEANet call's rows (arrays on the host, then the same on the device)."""
+
+    source_row: np.ndarray  # [rows, steps]: each step's chunk (its row of the transformer's output) ...
+    source_step: np.ndarray  # [rows, steps]: ... and step there
+    length: np.ndarray  # [rows]: the row's true length in steps
+    head: np.ndarray  # [rows]: the row's first chunk (whose state it starts from)
+    carried: np.ndarray  # [rows]: 1 if that chunk continues a state, else 0 (zeros)
+    owner: np.ndarray  # [chunks in the call]: each chunk ...
+    owner_row: np.ndarray  # ... and its row
 
 
 def seanet_groups(lengths: np.ndarray, rows_of, bucket: int, saving: float = 0.2) -> list[tuple[list[int], int]]:
@@ -250,8 +271,8 @@ def seanet_groups(lengths: np.ndarray, rows_of, bucket: int, saving: float = 0.2
     context) makes every short one (a carried chunk, its new frames only) as long as it. Two
     calls, split at the length that makes the least work, are taken when they save at least
     ``saving`` of the one call's work (a second call costs its own launches)."""
-    def padded(length: int) -> int:
-        return -(-int(length) // bucket) * bucket
+    def padded(length: int) -> int:  # at least one bucket: a call has steps even if its rows have none
+        return max(1, -(-int(length) // bucket)) * bucket
 
     if len(lengths) == 0:
         return []

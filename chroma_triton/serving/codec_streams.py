@@ -1,10 +1,12 @@
 """codec_decoder's memory of its streams: the SEANet state each stream's last chunk left.
 
 A chunk whose stream (``stream_key``) was last decoded here up to exactly its ``start_frame``
-continues from that state and decodes only its new frames (:meth:`Codec.decode_carried`). Every
-other chunk (a stream's first, one after a chunk decoded by another instance, one whose state was
-evicted) decodes statelessly over its context, as before, and leaves a state for the next. So a
-missing or stale state costs work, never correctness.
+continues from that state and decodes only its new frames (:meth:`Codec.decode_carried`); so does
+a chunk queued in the same batch right after its stream's previous chunk, from the state that one
+leaves (``CodecService._plan_rows``). Every other chunk (a stream's first, one after a chunk decoded
+by another instance, one whose state was evicted) decodes statelessly over its context, as
+before, and leaves a state for the next. So a missing or stale state costs work, never
+correctness.
 
 The states live in one device tensor of ``slots`` rows; streams are never told to end (a reply
 simply stops), so the least recently used stream gives its slot up when all are taken.

@@ -35,7 +35,8 @@ class CodecService:
         """``graph_frames``: on a GPU, capture CUDA graphs for batches of chunks up to this many
         frames (context included) now, at load; 0 decodes eagerly. ``stream_states``: how many
         streams' SEANet states to keep between their chunks (0: every chunk stateless).
-        ``matmul_tf32``: the decoder transformer's matrix products on TF32 tensor cores."""
+        ``matmul_tf32``: the decoder transformer's matrix products on TF32 tensor cores (set on
+        ``codec`` here, before its graphs are captured; False leaves the process's setting)."""
         self.codec = codec
         codec.matmul_tf32 = matmul_tf32
         self.num_codebooks = codec.num_codebooks
@@ -44,11 +45,13 @@ class CodecService:
         if stream_states and stream_states < MAX_DECODE_BATCH:
             raise ValueError(f"stream_states must be 0 or >= {MAX_DECODE_BATCH} (a batch's chunks), got {stream_states}")
         self.streams = StreamStates(stream_states, codec.state_size, codec.device, codec.dtype) if stream_states else None
-        # chunks decoded: carried (continued from their stream's state), restarted (past a stream's
-        # start, but with no state to continue: decoded like a stateless one), stateless (the rest)
+        # chunks decoded: carried (continued from a state: their stream's, or the chunk before them
+        # in their SEANet row), restarted (past a stream's start, decoded over their context like a
+        # stateless one: no state to continue, or a row too long to follow in), stateless (the rest)
         self._decoded = dict.fromkeys(("carried", "restarted", "stateless"), 0)
         self.graphs = codec.use_cuda_graphs(graph_frames, MAX_DECODE_BATCH)
-        # a SEANet row's frames at most (chunks of a stream queued together share a row): within the graphs
+        # a SEANet row's frames at most (chunks of a stream queued together share a row): within
+        # the graphs; without graphs, their default length (a longer row pads every row of its call)
         self.max_row_frames = graph_frames or 24
 
     def validate(self, chunk: CodecChunk) -> CodecChunk:
@@ -103,18 +106,18 @@ class CodecService:
         """One batched decode. Several chunks of one stream (queued while the codec was behind)
         stay in it: each that starts where the one before it ends follows it in its SEANet row
         (:meth:`Codec.decode_carried`'s ``follows``), so they decode as a carried stream would,
-        one after the other, in one call; a chunk that cannot follow (a gap, or a row longer than
-        the graphs) decodes statelessly over its context. The stream keeps the state of its
-        furthest chunk. One call per batch either way: rounds would make a codec that fell behind
-        slower still."""
+        one after the other, in one call. A chunk that cannot follow decodes statelessly over its
+        context: after a gap, when its context frames are not that chunk's frames, or when its row
+        would pass ``max_row_frames``. The stream keeps the state of its furthest chunk. One call
+        per batch either way: rounds would make a codec that fell behind slower still."""
         keeps = [self._keeps_state(c) for c in chunks]
         if not any(keeps):
             self._decoded["stateless"] += len(chunks)
             return self.codec.decode_batch([(c.codes, c.context) for c in chunks])
         slots, follows = self._plan_rows(chunks, keeps)
         carried = [slot is not None for slot in slots]
-        for c, keep, on, after in zip(chunks, keeps, carried, follows):
-            self._decoded["carried" if on or after >= 0 else "restarted" if keep and c.start_frame > 0 else "stateless"] += 1
+        for c, keep, on, followed in zip(chunks, keeps, carried, follows):
+            self._decoded["carried" if on or followed >= 0 else "restarted" if keep and c.start_frame > 0 else "stateless"] += 1
         state = self.streams.gather(slots)
         audio, after = self.codec.decode_carried([(c.codes, c.context, on) for c, on in zip(chunks, carried)], state,
                                                  follows=follows)
@@ -130,8 +133,10 @@ class CodecService:
         return audio
 
     def _plan_rows(self, chunks: list[CodecChunk], keeps: list[bool]) -> tuple[list[int | None], list[int]]:
-        """Per chunk: the state slot it continues (a stream's first chunk in the batch, if its
-        state ends where it starts) and the chunk of the batch it follows (-1: none)."""
+        """Per chunk: the state slot it continues (its stream's state ends where it starts) and
+        the chunk of the batch it follows in a SEANet row (-1: none). A chunk that continues the
+        stored state heads a row of its own, even if it could follow another chunk of the batch
+        (one sent again, say): the stored state is the exact one."""
         slots: list[int | None] = [None] * len(chunks)
         follows = [-1] * len(chunks)
         streams: dict[str, list[int]] = {}
@@ -140,18 +145,20 @@ class CodecService:
                 streams.setdefault(c.stream, []).append(i)
         for key, members in streams.items():
             members.sort(key=lambda i: chunks[i].start_frame)
-            first = chunks[members[0]]
-            slots[members[0]] = self.streams.slot_for(key, first.start_frame)
-            row = len(first.codes) - (first.context if slots[members[0]] is not None else 0)  # SEANet frames
-            for a, b in zip(members, members[1:]):
-                prev, chunk = chunks[a], chunks[b]
+            row, prev = 0, None  # the SEANet frames of the row being built, and its last chunk
+            for pos, b in enumerate(members):
+                chunk = chunks[b]
                 new = len(chunk.codes) - chunk.context
-                if (chunk.start_frame == prev.start_frame + len(prev.codes) - prev.context
+                slots[b] = self.streams.slot_for(key, chunk.start_frame)
+                if slots[b] is not None:
+                    row = new  # carried: its new frames only
+                elif (prev is not None and chunk.start_frame == prev.start_frame + len(prev.codes) - prev.context
                         and _context_matches(prev, chunk) and row + new <= self.max_row_frames):
-                    follows[b] = a
+                    follows[b] = members[pos - 1]
                     row += new
                 else:
                     row = len(chunk.codes)  # heads a row of its own, over its context
+                prev = chunk
         return slots, follows
 
 
