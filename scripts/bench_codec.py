@@ -18,7 +18,7 @@ import time
 import numpy as np
 import torch
 
-from chroma_triton.model.codec import FRAME_BUCKET
+from chroma_triton.model.codec import FRAME_BUCKET, SPLIT_SAVING
 
 GIB = 2**30
 
@@ -74,7 +74,7 @@ def measure(codec, args, tag: str) -> None:
         split = timed(lambda: codec.decode_carried(mixed, state), args.repeats)
         codec.split_saving = 1.0
         one_call = timed(lambda: codec.decode_carried(mixed, state), args.repeats)
-        codec.split_saving = 0.2
+        codec.split_saving = SPLIT_SAVING
         print(f"[{tag}] {rows} chunks of {args.context} + {args.new} frames: stateless {stateless:.2f} ms, "
               f"carried {carried:.2f} ms per batch ({carried / stateless:.2f}x); one restarted among them: "
               f"{split:.2f} ms in two SEANet calls, {one_call:.2f} ms in one")

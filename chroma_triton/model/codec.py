@@ -44,6 +44,7 @@ def upload(arrays: list[np.ndarray], device: torch.device) -> list[torch.Tensor]
 
 FRAME_BUCKET = 8  # batched decodes pad the transformer's length to a multiple of this many frames
 SEANET_BUCKET = 2  # ... and the SEANet decoder's to a multiple of this many (it costs far more per frame)
+SPLIT_SAVING = 0.2  # seanet_groups' least saving of work for a second SEANet call
 
 
 class Codec:
@@ -60,7 +61,7 @@ class Codec:
         self.state_size = self._seanet.state_size  # one stream's carried SEANet state (values)
         self._steps_per_frame = frame_size // self._seanet.upsampling  # SEANet input steps per frame
         self._graphs = None  # a StepRunner once use_cuda_graphs ran
-        self.split_saving = 0.2  # seanet_groups' least saving for a second SEANet call (1: never split)
+        self.split_saving = SPLIT_SAVING  # 1: never split
         # the decoder transformer's float32 matrix products on TF32 tensor cores (the SEANet decoder's
         # convolutions use TF32 already: cuDNN's default); set before use_cuda_graphs, which captures them
         self.matmul_tf32 = False
@@ -264,7 +265,7 @@ class _RowLayout(NamedTuple):
     owner_row: np.ndarray  # ... and its row
 
 
-def seanet_groups(lengths: np.ndarray, rows_of, bucket: int, saving: float = 0.2) -> list[tuple[list[int], int]]:
+def seanet_groups(lengths: np.ndarray, rows_of, bucket: int, saving: float = SPLIT_SAVING) -> list[tuple[list[int], int]]:
     """Split a batch's rows into one or two SEANet calls: ``[(row indices, steps)]``, ``steps``
     each group's longest length rounded up to ``bucket``. A call's work is its padded rows
     (``rows_of(count)``) times its steps, so one long row (a stream's start, decoded with its

@@ -97,7 +97,6 @@ class CancelBoard:
     def __init__(self, folder: str | os.PathLike | None = None):
         self.folder = Path(folder) if folder else default_dir()
         (self.folder / GONE).mkdir(parents=True, exist_ok=True)
-        self._gone_prefix = os.path.join(self.folder, GONE, "")
 
     def _path(self, key: str, under: str = "") -> Path | None:
         return self.folder / under / key if _KEY.match(key or "") else None
@@ -133,9 +132,7 @@ class CancelBoard:
         self.post(stream_key, GONE)
 
     def is_gone(self, stream_key: str) -> bool:
-        # codec_decoder asks for every chunk: one stat of a string path (pathlib's objects cost
-        # several times the stat itself)
-        return bool(_KEY.match(stream_key or "")) and os.path.exists(self._gone_prefix + stream_key)
+        return self.is_posted(stream_key, GONE)
 
     def names(self) -> set[str]:
         try:

@@ -145,25 +145,26 @@ class CodecService:
                 streams.setdefault(c.stream, []).append(i)
         for key, members in streams.items():
             members.sort(key=lambda i: chunks[i].start_frame)
-            row, prev = 0, None  # the SEANet frames of the row being built, and its last chunk
+            row = 0  # the SEANet frames of the row being built
             for pos, b in enumerate(members):
                 chunk = chunks[b]
                 new = len(chunk.codes) - chunk.context
                 slots[b] = self.streams.slot_for(key, chunk.start_frame)
                 if slots[b] is not None:
                     row = new  # carried: its new frames only
-                elif (prev is not None and chunk.start_frame == prev.start_frame + len(prev.codes) - prev.context
-                        and _context_matches(prev, chunk) and row + new <= self.max_row_frames):
+                elif pos > 0 and _continues(chunks[members[pos - 1]], chunk) and row + new <= self.max_row_frames:
                     follows[b] = members[pos - 1]
                     row += new
                 else:
                     row = len(chunk.codes)  # heads a row of its own, over its context
-                prev = chunk
         return slots, follows
 
 
-def _context_matches(prev: CodecChunk, chunk: CodecChunk) -> bool:
-    """``chunk``'s context frames are the last frames of ``prev`` (as far as ``prev`` has them)."""
+def _continues(prev: CodecChunk, chunk: CodecChunk) -> bool:
+    """``chunk`` starts where ``prev`` ends, and its context frames are ``prev``'s last frames (as
+    far as ``prev`` has them)."""
+    if chunk.start_frame != prev.start_frame + len(prev.codes) - prev.context:
+        return False
     k = min(chunk.context, len(prev.codes))
     return np.array_equal(chunk.codes[chunk.context - k: chunk.context], prev.codes[len(prev.codes) - k:])
 

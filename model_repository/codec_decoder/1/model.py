@@ -29,8 +29,9 @@ class TritonPythonModel:
         self.skipped = self._skip_family.Metric(labels=labels)
         self._chunk_family = pb_utils.MetricFamily(
             name="chroma_codec_chunks_total", kind=pb_utils.MetricFamily.COUNTER,
-            description="Chunks decoded, by how: carried (continued from their stream's state), "
-                        "restarted (past a stream's start with no state to continue), stateless (the rest)")
+            description="Chunks decoded, by how: carried (continued a state: their stream's, or the chunk "
+                        "before them in the same batch), restarted (past a stream's start, decoded over their "
+                        "context), stateless (the rest)")
         self.chunk_counters = {how: self._chunk_family.Metric(labels={**labels, "how": how})
                                for how in self.service.counts()}
         trace_path = a.str("trace_path", "")
