@@ -30,7 +30,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from chroma_triton.bench.clients import Workload  # noqa: E402
+from chroma_triton.bench.clients import Workload, parse_turns  # noqa: E402
 from chroma_triton.bench.drive import DriveSettings, drive_level, warm_worker  # noqa: E402
 from chroma_triton.bench.monitor import Monitor, per_request_us  # noqa: E402
 from chroma_triton.bench.procs import PySpy, cpu_deltas, cpu_snapshot, server_processes  # noqa: E402
@@ -126,7 +126,7 @@ def add_ratios(level: dict, baseline: dict | None) -> None:
 
 
 async def measure(args, targets: dict, baseline: dict | None) -> list[dict]:
-    workload = Workload(max_tokens=args.max_tokens, inline_audio=args.inline_audio)
+    workload = Workload(max_tokens=args.max_tokens, inline_audio=args.inline_audio, history_turns=args.history_turns)
     workers = None
     if args.client_procs > 1:  # started (and their imports done) before any level is timed
         workers = ProcessPoolExecutor(args.client_procs, mp_context=get_context("spawn"))
@@ -299,6 +299,10 @@ def parse_args(argv=None):
                          "(one loop fell 110-160 ms behind at 256 streams; see client_loop_lag_ms)")
     ap.add_argument("--inline-audio", action="store_true",
                     help="frontend: send the audio as base64 instead of the README's assets/ paths")
+    ap.add_argument("--history-turns", type=parse_turns, default=(0, 0), metavar="N|LO-HI",
+                    help="conversations with history: each request follows N earlier exchanges (the question clip, "
+                         "a text reply; about 120 prompt tokens each), or LO + seed mod (HI - LO + 1) of them "
+                         "(0: the README's request)")
     ap.add_argument("--request-timeout", type=float, default=900.0)
     ap.add_argument("--baseline-frames", type=int, default=30, help="frames of the naive loop (0: skip it)")
     ap.add_argument("--baseline-device", default="auto")
@@ -340,9 +344,10 @@ def main(argv=None) -> int:
     model = prepare_model(args)
     report = {"date": time.strftime("%Y-%m-%d %H:%M:%S"), "model": model, "max_tokens": args.max_tokens,
               "concurrency": args.concurrency, "via": args.via, "seed": args.seed, "ramp_s": args.ramp_s,
-              "rounds": args.rounds, "note": args.note,
+              "rounds": args.rounds, "note": args.note, "history_turns": list(args.history_turns),
               "dp_size": args.dp_size if args.start else None, "request": "README example: assets/question_audio.wav, "
-              "reference voice assets/ref_audio.wav + transcript (cached by the server)"}
+              "reference voice assets/ref_audio.wav + transcript (cached by the server)"
+              + (", after {}-{} earlier turns (by seed)".format(*args.history_turns) if any(args.history_turns) else "")}
     report["baseline_naive"] = run_baseline(args, model)
     stack = None
     if args.start:

@@ -23,6 +23,27 @@ ROOT = Path(__file__).resolve().parent.parent
 MAX_TOKENS = 8
 
 
+def test_workload_with_history_sends_conversations_of_growing_length():
+    from chroma_triton.bench.clients import HISTORY_REPLY, Workload, parse_turns
+    from chroma_triton.serving.protocol import MESSAGES, parse_messages, resolve_audio_parts
+
+    plain, history = Workload(), Workload(history_turns=parse_turns("0-2"))
+    assert [history.turns(s) for s in range(6)] == [0, 1, 2, 0, 1, 2] and plain.turns(5) == 0
+    assert [Workload(history_turns=parse_turns("7")).turns(s) for s in range(3)] == [7, 7, 7]
+    assert [Workload(history_turns=(2, 3)).turns(s) for s in range(3)] == [2, 3, 2]
+    for bad in ("x", "3-1", "-2"):
+        with pytest.raises(ValueError):
+            parse_turns(bad)
+    for seed in range(3):
+        body = history.chat_body(seed)["messages"]
+        assert [m["role"] for m in body] == ["user", "assistant"] * seed + ["user"]
+        assert all(m["content"] == HISTORY_REPLY for m in body if m["role"] == "assistant")
+        arrays = history.ensemble_arrays(seed)  # every user turn names the one question clip
+        messages, used = resolve_audio_parts(parse_messages(arrays[MESSAGES][0].decode()), 1)
+        assert len(messages) == 2 * seed + 1 and used == [0] * (seed + 1)
+    assert plain.chat_body(4)["messages"] == history.chat_body(3)["messages"]  # the README's request
+
+
 def test_stream_record_math():
     rec = StreamRecord(sent=10.0)
     rec.add_audio(10.2, 2 * FRAME_SAMPLES)  # first chunk: 160 ms of audio, playback starts at 10.2
@@ -123,11 +144,13 @@ def test_bench_serving_against_the_stack(triton_install, tmp_path):
            "--warmup", "1", "--no-level-warmup", "--baseline-frames", "3", "--keep-streams", "--out", str(out),
            "--client-procs", "2",  # the 2-stream levels run one stream in each of two client processes
            "--rounds", "2",  # ...each sending two requests one after the other (one stream too)
+           "--history-turns", "0-1",  # odd seeds: a conversation's second turn (two question clips, a text reply)
            "--server-match", str(tmp_path / "stack")]  # this stack's processes only
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "| frontend | 2 x 2 |" in proc.stdout and "| grpc | 1 x 2 |" in proc.stdout
     report = json.loads(out.read_text())
+    assert report["history_turns"] == [0, 1]
     starts = [lv["started_unix"] for lv in report["levels"]]
     assert starts == sorted(starts) and time.time() - 600 < starts[0] <= starts[-1] < time.time()
 

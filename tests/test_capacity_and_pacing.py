@@ -35,17 +35,24 @@ def test_per_row_bytes_match_the_caches_the_engine_allocates(tiny_checkpoint):
         pipe.close()
 
 
-def test_admission_scratch_bytes_match_what_the_admission_graphs_allocate(tiny_checkpoint):
-    """The row planning counts the scratch caches PrefillGraphs and BackboneTailGraphs allocate
-    (here: 3 prefill rows of 64 thinker and 64 backbone positions)."""
+@pytest.mark.parametrize("graph_len, graph_tokens, thinker_positions, backbone_positions", [
+    (64, 8192, 3 * 64, 3 * 64),  # 3 rows of 64 thinker and 64 backbone positions
+    (4096, 8192, 3 * 96, 3 * 80),  # lengths up to the contexts (96, 80)
+    (4096, 128, 2 * 64, 3 * 80),  # the thinker's buckets within 128 positions (2 x 64, 1 x 96); the tails' not bounded
+])
+def test_admission_scratch_bytes_match_what_the_admission_graphs_allocate(tiny_checkpoint, graph_len, graph_tokens,
+                                                                          thinker_positions, backbone_positions):
+    """The row planning counts the scratch caches PrefillGraphs and BackboneTailGraphs allocate:
+    the largest rows x length bucket of each (prefill_graph_tokens bounds the thinker's)."""
     pipe = ChromaPipeline.from_pretrained(tiny_checkpoint, options=EngineOptions(
         max_batch=4, thinker_max_len=96, backbone_max_len=80, prefill_graphs=True, max_prefills_per_step=3,
-        prefill_graph_max_len=64))
+        prefill_graph_max_len=graph_len, prefill_graph_tokens=graph_tokens))
     try:
         eng = pipe.engine
         allocated = eng.prefill_graphs.scratch.nbytes() + eng.backbone_tails.scratch.nbytes()
         dtype_bytes = pipe.parts.frame_model.backbone.codebook0_head.weight.element_size()
-        assert allocated == admission_scratch_bytes(pipe.parts.config, 3, 64, 64, dtype_bytes)
+        assert allocated == admission_scratch_bytes(pipe.parts.config, thinker_positions, backbone_positions,
+                                                    dtype_bytes)
         assert eng.capacity.scratch_bytes == allocated
     finally:
         pipe.close()

@@ -53,17 +53,20 @@ def serve(engine: ChromaEngine, reqs) -> list[dict]:
 
 
 def waves_of(pipe, question_wav, ref_voice):
-    """Batch sizes 1, 3 and 7, prompts of different lengths, top_k 50 / 100 / 30 / whole vocabulary."""
+    """Batch sizes 1, 3 and 7, prompts of different lengths (one past 128 tokens), top_k 50 / 100 /
+    30 / whole vocabulary."""
     return [
         [prepared(pipe, question_wav, ref_voice, "Hi.")],
-        [prepared(pipe, question_wav, ref_voice, "Tell me a long story about the sea.", seed=4, max_tokens=20),
+        [prepared(pipe, question_wav, ref_voice, "Tell me a long story about the sea. " * 8, seed=4, max_tokens=20),
          prepared(pipe, question_wav, ref_voice, "Why?", seed=5, top_k=100),
          prepared(pipe, question_wav, ref_voice, "Go on.", seed=6, top_k=0)],
         [prepared(pipe, question_wav, ref_voice, "Again " * i, seed=10 + i, max_tokens=8 + i, top_k=30) for i in range(7)],
     ]
 
 
-@pytest.mark.parametrize("admission_graphs", [{}, {"prefill_graphs": True, "compiled_prefill_graphs": True}],
+@pytest.mark.parametrize("admission_graphs", [{}, {"prefill_graphs": True, "compiled_prefill_graphs": True,
+                                                  # buckets of 2 x 128 and 1 x 256: admissions split into groups
+                                                  "prefill_graph_tokens": 256}],
                          ids=["eager_prefills", "compiled_prefill_graphs"])
 def test_compile_happens_at_start_and_matches_the_plain_engine(pipe, question_wav, ref_voice, admission_graphs,
                                                                monkeypatch):
@@ -94,7 +97,8 @@ def test_compile_happens_at_start_and_matches_the_plain_engine(pipe, question_wa
         monkeypatch.undo()
         assert counters["stats"]["unique_graphs"] == graphs, "serving compiled a new graph after start()"
         if admission_graphs:  # the admissions took the graph path, through the compiled layers
-            assert compiled.prefill_graphs.compiled and compiled.prefill_graphs.calls >= 3
+            assert compiled.prefill_graphs.compiled and compiled.prefill_graphs.calls >= 5  # 1 + 2 + 4 groups at least
+            assert compiled.stats()["prefill_eager_prompts"] == 0
             assert compiled.backbone_tails.compiled and compiled.backbone_tails.calls >= 3
             assert max(lengths) >= LENGTH_STEP  # the thinker's prefill buckets
         else:  # prefills eager: only steps' few positions ran compiled

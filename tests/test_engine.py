@@ -863,6 +863,98 @@ def test_engine_with_prefill_graphs_streams_the_eager_codes(pipe, question_wav, 
         np.testing.assert_array_equal(a, b)
 
 
+def history_request(pipe, question_wav, ref_voice, turns: int, **sampling) -> GenerationRequest:
+    """A conversation's next turn: `turns` earlier exchanges (the question clip, a text reply) before
+    the question again; each turn adds about 120 prompt tokens."""
+    reply = "Sure, the weather today is sunny with a light breeze from the west."
+    earlier = [{"role": "user", "content": [{"type": "audio", "audio": question_wav}]},
+               {"role": "assistant", "content": reply}] * turns
+    messages = earlier + [{"role": "user", "content": [{"type": "audio", "audio": question_wav}]}]
+    return pipe.prepare(messages, ref_voice[0], ref_voice[1], SamplingParams(**{"seed": 7, "max_tokens": 16, **sampling}))
+
+
+def test_admission_buckets_give_long_prompts_fewer_rows():
+    from chroma_triton.engine.prefill_graphs import admission_buckets, scratch_positions
+
+    served = admission_buckets(16, 4096, 8192)
+    assert {(16, 512), (8, 1024), (4, 2048), (2, 4096), (1, 4096)} <= set(served)
+    assert (16, 1024) not in served and (4, 4096) not in served
+    assert scratch_positions(served) == 8192  # what 16 x 512 took before
+    assert [length for _, length in served] == sorted(length for _, length in served)  # shortest first
+    assert admission_buckets(3, 100) == [(1, 64), (2, 64), (3, 64), (1, 100), (2, 100), (3, 100)]
+    assert admission_buckets(4, 256, 100) == [(1, 64), (1, 128), (1, 256)]  # one row always
+
+
+def test_prefill_plan_groups_prompts_of_similar_length(pipe):
+    """`PrefillGraphs.plan`: prompts (ascending) in consecutive groups, each one replay, split where
+    that pads least counting a replay's own cost; prompts past the longest bucket go eagerly."""
+    from chroma_triton.engine.prefill_graphs import PrefillGraphs
+
+    pipe.engine.shutdown()
+    engine = ChromaEngine(pipe.parts, EngineOptions(max_batch=8))
+    graphs = PrefillGraphs(engine.thinker, max_rows=4, max_len=512, device=torch.device("cpu"), max_tokens=512)
+    assert graphs.buckets == [(1, 64), (2, 64), (4, 64), (1, 128), (2, 128), (4, 128), (1, 256), (2, 256), (1, 512)]
+    assert graphs.plan([100, 110, 120]) == [(3, True)]  # one 4 x 128 replay
+    assert graphs.plan([30, 40]) == [(2, True)]  # 2 x 64 beats two 1 x 64 replays
+    assert graphs.plan([60, 250]) == [(2, True)]  # 2 x 256 (512 + one replay) beats 64 and 256 (320 + two)
+    assert graphs.plan([100, 120, 300, 490]) == [(2, True), (1, True), (1, True)]  # no 2 x 512 bucket
+    assert graphs.plan([30, 40, 50, 60, 70]) == [(4, True), (1, True)]  # at most 4 rows
+    assert graphs.plan([100, 600, 700]) == [(1, True), (2, False)]  # past 512: eager, together
+    assert graphs.plan([600]) == [(1, False)] and graphs.plan([]) == []
+    assert graphs.bucket_for(2, 200) == (2, 256) and graphs.bucket_for(3, 200) is None and graphs.bucket_for(1, 513) is None
+    with pytest.raises(ValueError):
+        graphs.plan([300, 100])
+
+
+def test_grouped_admission_prefills_what_the_eager_prefill_does(pipe, question_wav, ref_voice):
+    """One admission of prompts of different lengths: two graph groups (two short prompts in one
+    2 x 128 bucket, a longer one alone in 384) and an eager prompt past the longest bucket leave
+    every row's keys and values and return the states and tokens the eager prefill gives."""
+    pipe.engine.shutdown()
+    engine = ChromaEngine(pipe.parts, EngineOptions(max_batch=8, prefill_graphs=True, prefill_graph_max_len=384,
+                                                    prefill_graph_tokens=512))
+    reqs = [request(pipe, question_wav, ref_voice, text="Hi."), request(pipe, question_wav, ref_voice, text="Why?"),
+            request(pipe, question_wav, ref_voice, text="Tell me a long story about the sea. " * 20),
+            history_request(pipe, question_wav, ref_voice, turns=3)]
+    reqs.sort(key=lambda r: len(r.thinker_ids))  # as the engine orders an admission's rows
+    lengths = [len(r.thinker_ids) for r in reqs]
+    assert lengths[0] <= 128 and lengths[1] <= 128 and 256 < lengths[2] <= 384 < lengths[3], lengths
+    assert engine.prefill_graphs.plan(lengths) == [(2, True), (1, True), (1, False)]
+    thinker = engine.thinker
+    with torch.no_grad():
+        h_grouped, t_grouped = engine._prefill_thinker(0, [(r, None) for r in reqs])
+        h_eager, t_eager = thinker.prefill(4, [(torch.tensor(r.thinker_ids), r.audio_embeds) for r in reqs])
+    assert engine.prefill_graphs.calls == 2
+    assert engine.counters["prefill_graph_prompts"] == 3 and engine.counters["prefill_eager_prompts"] == 1
+    torch.testing.assert_close(h_grouped, h_eager)
+    assert torch.equal(t_grouped, t_eager)
+    for i, n in enumerate(lengths):
+        torch.testing.assert_close(thinker.cache.k[:, i, :, :n], thinker.cache.k[:, 4 + i, :, :n])
+        torch.testing.assert_close(thinker.cache.v[:, i, :, :n], thinker.cache.v[:, 4 + i, :, :n])
+
+
+def test_engine_admitting_prompts_of_mixed_lengths_streams_the_eager_codes(pipe, question_wav, ref_voice):
+    """Through the loop, with buckets that hold fewer rows of longer prompts and a prompt past the
+    longest: every request streams what the eager engine streams, and both paths were taken."""
+    reqs = [history_request(pipe, question_wav, ref_voice, turns=t, seed=t, max_tokens=10 + 2 * t) for t in (3, 0, 1, 0)]
+    codes = {}
+    for on in (False, True):
+        engine = make_engine(pipe, max_batch=4, prefill_graphs=on, prefill_graph_max_len=384, prefill_graph_tokens=512)
+        try:
+            results = [collect(s) for s in [engine.submit(copy.deepcopy(r)) for r in reqs]]
+            stats = engine.stats()
+        finally:
+            engine.shutdown()
+        assert all(r["finished"] is not None for r in results)
+        if on:
+            assert stats["prefill_graph_prompts"] == 3 and stats["prefill_eager_prompts"] == 1  # 3 turns: past 384
+        else:
+            assert stats["prefill_graph_prompts"] == 0 and stats["prefill_eager_prompts"] == 4
+        codes[on] = [r["codes"] for r in results]
+    for a, b in zip(codes[False], codes[True]):
+        np.testing.assert_array_equal(a, b)
+
+
 def test_a_failing_between_steps_hook_is_removed_and_fails_no_request(pipe, question_wav, ref_voice):
     """A profiler's hook (scripts/profile_engine.py) that raises is logged and dropped; the request
     running goes on as if it had never been there."""

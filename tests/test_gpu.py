@@ -282,7 +282,7 @@ def test_prefill_graphs_replay_the_padded_eager_prefill(pipe, question_wav, ref_
 
     eager = PrefillGraphs(thinker, 4, 256, torch.device("cpu"))  # a CPU device: no graphs, tensors on the GPU
     graphs = PrefillGraphs(thinker, 4, 256, torch.device("cuda", torch.cuda.current_device()))
-    assert graphs.capture_all() and len(graphs) == len(graphs.rows) * len(graphs.lengths)
+    assert graphs.capture_all() and len(graphs) == len(graphs.buckets)
     with torch.no_grad():
         for batch in (prompts("Hi.", "Tell me a long story about the sea."), prompts("Why?"),
                       prompts("What is the time?", "Sing.")):
@@ -296,7 +296,7 @@ def test_prefill_graphs_replay_the_padded_eager_prefill(pipe, question_wav, ref_
             assert torch.equal(thinker.cache.k[:, 4 + n:], untouched)
             h_plain, _ = thinker.prefill(0, batch)
             torch.testing.assert_close(h_graph.float(), h_plain.float(), atol=3e-2, rtol=3e-2)
-    assert len(graphs) == len(graphs.rows) * len(graphs.lengths)  # nothing captured while prefilling
+    assert len(graphs) == len(graphs.buckets)  # nothing captured while prefilling
 
 
 def test_backbone_tail_graphs_replay_the_padded_eager_step(pipe, question_wav, ref_voice):
@@ -313,7 +313,7 @@ def test_backbone_tail_graphs_replay_the_padded_eager_step(pipe, question_wav, r
         voices = [engine._voice_prefixes_of(0, [r])[0] for r in reqs]
     eager = BackboneTailGraphs(frames, 4, 512, torch.device("cpu"))  # a CPU device: no graphs, tensors on the GPU
     graphs = BackboneTailGraphs(frames, 4, 512, torch.device("cuda", torch.cuda.current_device()))
-    assert graphs.capture_all() and len(graphs) == len(graphs.rows) * len(graphs.lengths)
+    assert graphs.capture_all() and len(graphs) == len(graphs.buckets)
     gen = torch.Generator(device="cuda").manual_seed(0)
     with torch.no_grad():
         for prefixes in ([voices[0], voices[0], voices[1]], [voices[1]], [voices[0]] * 4):
@@ -334,7 +334,60 @@ def test_backbone_tail_graphs_replay_the_padded_eager_step(pipe, question_wav, r
             plain = frames.backbone_step(tails, positions, torch.ones(n, dtype=torch.long, device="cuda"),
                                          max(lengths) + 2, row_start=0)
             torch.testing.assert_close(graphed.float(), plain.float(), atol=3e-2, rtol=3e-2)
-    assert len(graphs) == len(graphs.rows) * len(graphs.lengths)  # nothing captured while serving
+    assert len(graphs) == len(graphs.buckets)  # nothing captured while serving
+
+
+def test_long_prompt_buckets_replay_the_padded_eager_prefill(pipe, question_wav, ref_voice):
+    """Buckets bounded by positions (`prefill_graph_tokens`): a conversation's long prompt replays
+    a one-row 512 graph over the shared scratch, bitwise what the same padded prefill gives
+    eagerly, after and before replays of other buckets that use the same scratch memory; an
+    engine admitting long and short prompts streams through them without capturing anything new."""
+    from chroma_triton.engine.prefill_graphs import PrefillGraphs
+
+    engine = ChromaEngine(pipe.parts, EngineOptions(max_batch=8, capture_at_start=False))
+    thinker = engine.thinker
+    reply = "Sure, the weather today is sunny with a light breeze from the west."
+
+    def prompt(turns, text="Hi."):
+        earlier = [{"role": "user", "content": [{"type": "audio", "audio": question_wav}]},
+                   {"role": "assistant", "content": reply}] * turns
+        r = pipe.prepare(earlier + [{"role": "user", "content": [{"type": "audio", "audio": question_wav},
+                                                                {"type": "text", "text": text}]}],
+                         ref_voice[0], ref_voice[1], SamplingParams(seed=1, max_tokens=8))
+        return [(torch.tensor(r.thinker_ids), r.audio_embeds)]
+
+    gpu = torch.device("cuda", torch.cuda.current_device())
+    eager = PrefillGraphs(thinker, 4, 512, torch.device("cpu"), max_tokens=512)  # no graphs, tensors on the GPU
+    graphs = PrefillGraphs(thinker, 4, 512, gpu, max_tokens=512)
+    assert graphs.scratch.positions == 512 and graphs.capture_all() and len(graphs) == len(graphs.buckets)
+    long = prompt(3)
+    assert 256 < long[0][0].numel() <= 512
+    with torch.no_grad():
+        for batch in (long, prompt(0) + prompt(0, "Why?"), long):
+            h_pad, t_pad = (x.clone() for x in eager.prefill(0, batch))
+            h_graph, t_graph = graphs.prefill(4, batch)
+            assert torch.equal(h_graph, h_pad) and torch.equal(t_graph, t_pad)
+            for i, (ids, _) in enumerate(batch):
+                assert torch.equal(thinker.cache.k[:, 4 + i, :, :ids.numel()], thinker.cache.k[:, i, :, :ids.numel()])
+            h_plain, _ = thinker.prefill(0, batch)
+            torch.testing.assert_close(h_graph.float(), h_plain.float(), atol=3e-2, rtol=3e-2)
+    assert len(graphs) == len(graphs.buckets)
+    engine.shutdown()
+    served = ChromaEngine(pipe.parts, EngineOptions(max_batch=4, prefill_graphs=True, prefill_graph_max_len=512,
+                                                    prefill_graph_tokens=512)).start()
+    try:
+        captured = served.stats()["prefill_graphs"]
+        reqs = [pipe.prepare([{"role": "user", "content": [{"type": "audio", "audio": question_wav}]},
+                              {"role": "assistant", "content": reply}] * turns
+                             + [{"role": "user", "content": [{"type": "audio", "audio": question_wav}]}],
+                             ref_voice[0], ref_voice[1], SamplingParams(seed=turns, max_tokens=8)) for turns in (3, 0, 1)]
+        codes = [_codes(served, r) for r in reqs]
+        stats = served.stats()
+        assert all(len(c) > 0 for c in codes)
+        assert stats["prefill_graph_prompts"] == 3 and stats["prefill_eager_prompts"] == 0
+        assert stats["prefill_graphs"] == captured  # every bucket captured at start
+    finally:
+        served.shutdown()
 
 
 def test_compiled_prefill_graphs_match_the_eager_admission(pipe, question_wav, ref_voice, monkeypatch):

@@ -32,9 +32,28 @@ ASSETS = Path(__file__).resolve().parents[2] / "assets"
 GRPC_OPTIONS = [("grpc.max_send_message_length", 2**31 - 1), ("grpc.max_receive_message_length", 2**31 - 1)]
 
 
+HISTORY_REPLY = "Sure. It should stay dry and mild all afternoon, with a light breeze from the west."
+
+
+def parse_turns(text: str) -> tuple[int, int]:
+    """``"N"`` or ``"LO-HI"`` (earlier exchanges per request) -> (lo, hi)."""
+    lo, _, hi = text.partition("-")
+    try:
+        turns = (int(lo), int(hi or lo))
+    except ValueError:
+        raise ValueError(f"history turns must be N or LO-HI, got {text!r}") from None
+    if not 0 <= turns[0] <= turns[1]:
+        raise ValueError(f"history turns must satisfy 0 <= LO <= HI, got {text!r}")
+    return turns
+
+
 @dataclass(frozen=True)
 class Workload:
-    """The request every stream sends (only the seed differs): the README example."""
+    """The request every stream sends (only the seed differs): the README example. With
+    ``history_turns`` (lo, hi), the request of seed s is a conversation's next turn after
+    lo + s mod (hi - lo + 1) earlier exchanges (the question clip, then ``HISTORY_REPLY`` as the
+    assistant's text), as a voice agent resends its history: about 120 prompt tokens per turn on
+    top of the README request's ~120."""
 
     question: Path = ASSETS / "question_audio.wav"
     voice: Path = ASSETS / "ref_audio.wav"
@@ -43,19 +62,32 @@ class Workload:
     temperature: float = 1.0
     top_p: float = 1.0
     inline_audio: bool = False  # frontend: base64 instead of the README's paths
+    history_turns: tuple[int, int] = (0, 0)
+
+    def turns(self, seed: int) -> int:
+        """Earlier exchanges in the request of ``seed``."""
+        lo, hi = self.history_turns
+        return lo + seed % (hi - lo + 1)
+
+    def messages(self, seed: int, question) -> list[dict]:
+        """The conversation, each user turn ``question`` (an audio content part)."""
+        earlier = []
+        for _ in range(self.turns(seed)):
+            earlier += [{"role": "user", "content": [question]}, {"role": "assistant", "content": HISTORY_REPLY}]
+        return earlier + [{"role": "user", "content": [question]}]
 
     def chat_body(self, seed: int) -> dict:
         def audio(path: Path) -> str:
             return base64.b64encode(path.read_bytes()).decode() if self.inline_audio else f"assets/{path.name}"
 
         return {"model": "chroma", "stream": True, "stream_options": {"include_usage": True},
-                "messages": [{"role": "user", "content": [{"type": "audio", "audio": audio(self.question)}]}],
+                "messages": self.messages(seed, {"type": "audio", "audio": audio(self.question)}),
                 "prompt_text": self.voice_text, "prompt_audio": audio(self.voice),
                 "max_tokens": self.max_tokens, "temperature": self.temperature, "top_p": self.top_p, "seed": seed}
 
     def ensemble_arrays(self, seed: int) -> dict[str, np.ndarray]:
-        return ensemble_inputs([{"role": "user", "content": [{"type": "audio", "audio_index": 0}]}],
-                               user_audio=[self.question.read_bytes()], prompt_audio=self.voice.read_bytes(),
+        messages = self.messages(seed, {"type": "audio", "audio_index": 0})
+        return ensemble_inputs(messages, user_audio=[self.question.read_bytes()], prompt_audio=self.voice.read_bytes(),
                                prompt_text=self.voice_text, max_tokens=self.max_tokens,
                                temperature=self.temperature, top_p=self.top_p, seed=seed)
 

@@ -38,11 +38,12 @@ def kv_bytes_per_row(cfg: ChromaConfig, thinker_max_len: int, backbone_max_len: 
     return total
 
 
-def admission_scratch_bytes(cfg: ChromaConfig, rows: int, thinker_len: int, backbone_len: int, dtype_bytes: int) -> int:
-    """The admission graphs' scratch caches: `rows` rows of the thinker's cache at `thinker_len`
-    positions (0: no prefill graphs) and of the backbone's at `backbone_len` (0: no tail graphs)."""
-    return rows * (trunk_kv_bytes(cfg.thinker.text, thinker_len, dtype_bytes)
-                   + trunk_kv_bytes(cfg.backbone.trunk, backbone_len, dtype_bytes))
+def admission_scratch_bytes(cfg: ChromaConfig, thinker_positions: int, backbone_positions: int, dtype_bytes: int) -> int:
+    """The admission graphs' scratch caches (engine/prefill_graphs.py, `ScratchCache`): the thinker's
+    keys and values at `thinker_positions` positions (0: no prefill graphs) and the backbone's at
+    `backbone_positions` (0: no tail graphs)."""
+    return (trunk_kv_bytes(cfg.thinker.text, thinker_positions, dtype_bytes)
+            + trunk_kv_bytes(cfg.backbone.trunk, backbone_positions, dtype_bytes))
 
 
 @dataclass(frozen=True)

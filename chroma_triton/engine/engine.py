@@ -49,7 +49,7 @@ from .capacity import GIB, admission_scratch_bytes, kv_bytes_per_row, free_devic
 from .detokenizer import IncrementalDetokenizer, fast_decode
 from .graphs import StepRunner, batch_buckets, bucket, length_buckets
 from .pacing import AdmissionPacer, StreamState
-from .prefill_graphs import BackboneTailGraphs, PrefillGraphs
+from .prefill_graphs import TAIL_MAX_LEN, BackboneTailGraphs, PrefillGraphs, admission_buckets, scratch_positions
 from .trace import EngineTrace
 from .voice_prefix import VoicePrefixCache, copy_prefixes, voice_key
 from .request import AudioChunk, Finished, GenerationRequest, RequestFailed, RequestStream, SamplingParams, TextDelta
@@ -110,7 +110,9 @@ class EngineOptions:
     capture_at_start: bool = True  # ...every step graph before serving, not when a shape is first needed
     prefill_graphs: bool = False  # on CUDA: the thinker's prompt prefill, and the backbone's two positions after a
     #                               cached voice prefix, through graphs (engine/prefill_graphs.py)
-    prefill_graph_max_len: int = 512  # ...for prompts up to this many tokens (longer: eager)
+    prefill_graph_max_len: int = 4096  # ...for prompts up to this many tokens (and thinker_max_len; longer: eager)
+    prefill_graph_tokens: int = 8192  # ...in buckets of rows x length up to this many positions (one row always):
+    #                                   long prompts get fewer rows, so scratch and graph memory stay those of 16 x 512
     compiled_prefill_graphs: bool = True  # with compile: the prefill graphs run the compiled layers too (their shapes
     #                                 are buckets; compiled at start), not eager ones
     overlap: bool = True  # launch step n+1 before reading step n's codes (host work overlaps the device's)
@@ -281,6 +283,9 @@ class ChromaEngine:
                          # admissions: batched prefill calls and their wall time (synchronised on CUDA;
                          # running streams wait for it)
                          "prefills": 0, "prefill_s": 0.0,
+                         # the prompts of those prefills by path: admission graphs, or eager (no graphs,
+                         # or longer than their buckets)
+                         "prefill_graph_prompts": 0, "prefill_eager_prompts": 0,
                          # the pacer's estimates of those prefills (once it has one), and by how much
                          # they ran over them in all: an overrun is a stall the running streams were
                          # not kept ready for
@@ -314,12 +319,13 @@ class ChromaEngine:
         if self.opts.prefill_graphs and isinstance(self.thinker, TorchThinker):
             self.prefill_graphs = PrefillGraphs(self.thinker, min(self.opts.max_prefills_per_step, self.opts.max_batch),
                                                 self.opts.prefill_graph_max_len, self.device,
-                                                use_graphs=self.opts.cuda_graphs, compiled=self._compiled_prefill_graphs)
+                                                use_graphs=self.opts.cuda_graphs, compiled=self._compiled_prefill_graphs,
+                                                max_tokens=self.opts.prefill_graph_tokens)
         # the backbone's two positions of an admission whose voice prefix is cached (any thinker)
         self.backbone_tails = None
         if self.opts.prefill_graphs and self.voice_prefixes.capacity:
             self.backbone_tails = BackboneTailGraphs(self.frames, min(self.opts.max_prefills_per_step, self.opts.max_batch),
-                                                     self.opts.prefill_graph_max_len, self.device,
+                                                     self._tail_graph_len(), self.device,
                                                      use_graphs=self.opts.cuda_graphs, compiled=self._compiled_prefill_graphs)
 
     def _set_kernel_choices(self, parts: ChromaParts) -> None:
@@ -358,10 +364,13 @@ class ChromaEngine:
         scratch = 0
         if o.prefill_graphs:  # PrefillGraphs' and BackboneTailGraphs' scratch caches (made in __init__)
             prefill_graphs = torch_thinker or isinstance(thinker, TorchThinker)  # as __init__ decides
-            scratch = admission_scratch_bytes(
-                self.cfg, min(o.max_prefills_per_step, o.max_batch),
-                min(o.prefill_graph_max_len, o.thinker_max_len) if prefill_graphs else 0,
-                min(o.prefill_graph_max_len, o.backbone_max_len) if o.voice_prefix_cache else 0, dtype_bytes)
+            rows = min(o.max_prefills_per_step, o.max_batch)
+            thinker_buckets = admission_buckets(rows, min(o.prefill_graph_max_len, o.thinker_max_len),
+                                                o.prefill_graph_tokens)
+            tail_buckets = admission_buckets(rows, min(self._tail_graph_len(), o.backbone_max_len))
+            scratch = admission_scratch_bytes(self.cfg, scratch_positions(thinker_buckets) if prefill_graphs else 0,
+                                              scratch_positions(tail_buckets) if o.voice_prefix_cache else 0,
+                                              dtype_bytes)
         self.capacity = plan_rows(o.max_batch, per_row, free_device_bytes(self.device), o.kv_memory_fraction,
                                   int(o.activation_reserve_gib * GIB), scratch)
         log.info("engine capacity: %s", self.capacity.describe())
@@ -369,6 +378,10 @@ class ChromaEngine:
         if thinker is None:
             thinker = make_thinker(parts, "torch", o.max_batch, o.thinker_max_len, **o.thinker_options)
         return thinker
+
+    def _tail_graph_len(self) -> int:
+        """The backbone tail graphs' longest bucket (a voice prefix and the two positions)."""
+        return min(self.opts.prefill_graph_max_len, TAIL_MAX_LEN)
 
     def _compile_step_shapes(self) -> None:
         """With `compile`: run every step function once per shape class before serving, so that
@@ -1197,11 +1210,9 @@ class ChromaEngine:
     def _prefill_eager(self, items: list[tuple[GenerationRequest, RequestStream]]) -> list[torch.Tensor]:
         row = len(self._active)
         dev = self.device
-        # ids stay on the host: the thinker batches them into one copy (model.thinker.prompt_batch)
-        prompts = [(torch.tensor(r.thinker_ids, dtype=torch.long), r.audio_embeds) for r, _ in items]
-        graphs = self.prefill_graphs
-        prefill = graphs.prefill if graphs is not None and graphs.fits(prompts) else self.thinker.prefill
-        h0, t1 = prefill(row, prompts, max_new_tokens=[self._thinker_budget(r) for r, _ in items])
+        if self.prefill_graphs is not None:  # rows in order of length: prompts of a length share a graph bucket
+            items = sorted(items, key=lambda item: len(item[0].thinker_ids))
+        h0, t1 = self._prefill_thinker(row, items)
         firsts = self.thinker.embed(t1).to(self._dtype)
         tails = torch.stack([h0.to(self._dtype), firsts], dim=1)  # [n, 2, H]: each request's own positions
         if self.voice_prefixes.capacity:
@@ -1223,6 +1234,34 @@ class ChromaEngine:
                 self._active.append(a)
                 self.counters["admitted"] += 1
         return list(states)
+
+    def _prefill_thinker(self, row: int, items: list[tuple[GenerationRequest, RequestStream]]):
+        """The thinker's prefill of `items` into rows row..: through the admission graphs, one
+        replay per group of similar length (`PrefillGraphs.plan`; `items` in ascending length),
+        prompts longer than every bucket eagerly; without the graphs, one eager call. Returns the
+        last states [n, H] and the greedy next ids [n]."""
+        # ids stay on the host: the thinker batches them into one copy (model.thinker.prompt_batch)
+        prompts = [(torch.tensor(r.thinker_ids, dtype=torch.long), r.audio_embeds) for r, _ in items]
+        budgets = [self._thinker_budget(r) for r, _ in items]
+        graphs = self.prefill_graphs
+        if graphs is None:
+            self.counters["prefill_eager_prompts"] += len(items)
+            return self.thinker.prefill(row, prompts, max_new_tokens=budgets)
+        groups = graphs.plan([len(r.thinker_ids) for r, _ in items])
+        states, ids, at = [], [], 0
+        for count, graphed in groups:
+            part = slice(at, at + count)
+            if graphed:
+                h, t = graphs.prefill(row + at, prompts[part])
+                if len(groups) > 1:  # the next replay reuses the graphs' memory
+                    h, t = h.clone(), t.clone()
+            else:
+                h, t = self.thinker.prefill(row + at, prompts[part], max_new_tokens=budgets[part])
+            self.counters["prefill_graph_prompts" if graphed else "prefill_eager_prompts"] += count
+            states.append(h)
+            ids.append(t)
+            at += count
+        return (states[0], ids[0]) if len(groups) == 1 else (torch.cat(states), torch.cat(ids))
 
     def _prefill_backbone_cached(self, row: int, reqs: list[GenerationRequest], tails: torch.Tensor):
         """Backbone prefill of rows row.. with voice prefixes from `voice_prefixes`: prefixes not

@@ -80,6 +80,15 @@ class KVCache:
         self.rows = rows
         self.max_len = max_len
 
+    @classmethod
+    def over(cls, k: torch.Tensor, v: torch.Tensor) -> "KVCache":
+        """A cache over existing buffers [layers, rows, kv_heads, max_len, head_dim] (views of a
+        larger allocation, say), allocating nothing."""
+        cache = cls.__new__(cls)
+        cache.k, cache.v = k, v
+        cache.rows, cache.max_len = k.shape[1], k.shape[3]
+        return cache
+
     def nbytes(self) -> int:
         return self.k.numel() * self.k.element_size() * 2
 

@@ -104,6 +104,11 @@ class TritonPythonModel:
             "prefills": family("chroma_lm_prefills_total", "Batched prefill calls (admissions)", C),
             "prefill_s": family("chroma_lm_prefill_seconds_total",
                                 "Wall time of the batched prefills (every running stream waits for them)", C),
+            "prefill_graph_prompts": family("chroma_lm_prefill_graph_prompts_total",
+                                            "Prompts prefilled through the admission graphs (prefill_graphs)", C),
+            "prefill_eager_prompts": family("chroma_lm_prefill_eager_prompts_total",
+                                            "Prompts prefilled eagerly: no admission graphs, or longer than "
+                                            "prefill_graph_max_len", C),
             "prefill_estimate_s": family("chroma_lm_prefill_estimate_seconds_total",
                                          "The admission pacer's estimates of those prefills (once it has one)", C),
             "prefill_overrun_s": family("chroma_lm_prefill_overrun_seconds_total",
