@@ -124,12 +124,16 @@ def metrics(server) -> dict[str, float]:
     return out
 
 
-def codec_chunks(server) -> dict[str, float]:
-    """chroma_codec_chunks_total by its `how` label."""
+def by_how(server, family: str) -> dict[str, float]:
+    """A counter family's values by their `how` label."""
     opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
     text = opener.open(f"http://{server.metrics_url}/metrics", timeout=5).read().decode()
     return {m.group(1): float(m.group(2)) for m in
-            re.finditer(r'^chroma_codec_chunks_total\{[^}]*how="(\w+)"[^}]*\}\s+([0-9.e+-]+)$', text, re.M)}
+            re.finditer(rf'^{family}\{{[^}}]*how="(\w+)"[^}}]*\}}\s+([0-9.e+-]+)$', text, re.M)}
+
+
+def codec_chunks(server) -> dict[str, float]:
+    return by_how(server, "chroma_codec_chunks_total")
 
 
 def wait_for(predicate, timeout=20.0, what="condition"):
@@ -292,6 +296,12 @@ def test_audio_encoder_http(server, question_wav, ref_voice):
     assert out["audio_embeds"].shape[:2] == (1, counts.sum()) and out["audio_embeds"].dtype == np.float32
     assert out["prompt_codes"].ndim == 3 and out["prompt_codes"].shape[1] > 10
     assert out["voice_text"][0, 0].decode() == ref_voice[1]
+    # the same clips again (a conversation's next turn resends them): none goes through the tower
+    before = by_how(server, "chroma_audio_encoder_clips_total")
+    again = _http_infer(server, "audio_encoder", arrays, ["audio_embeds", "audio_token_counts"])
+    np.testing.assert_array_equal(again["audio_embeds"], out["audio_embeds"])
+    after = by_how(server, "chroma_audio_encoder_clips_total")
+    assert after["reused"] == before["reused"] + 2 and after["embedded"] == before["embedded"]
 
 
 def test_codec_decoder_http(server, codec):

@@ -367,13 +367,49 @@ def test_admission_wait_clock_comes_from_the_config():
 
 # -- audio encoder ---------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def encoder(tiny_checkpoint):
+def encoder_parts(tiny_checkpoint):
     from chroma_triton.model.loading import load_parts
+
+    return load_parts(tiny_checkpoint, parts={"audio_tower", "codec"})
+
+
+DEFAULT_VOICE = (ROOT / "assets/voices/default.wav").read_bytes(), "default transcript"
+
+
+@pytest.fixture(scope="module")
+def encoder(encoder_parts):
     from chroma_triton.serving.triton_audio_encoder import AudioEncoderService
 
-    parts = load_parts(tiny_checkpoint, parts={"audio_tower", "codec"})
-    voice = (ROOT / "assets/voices/default.wav").read_bytes(), "default transcript"
-    return AudioEncoderService(parts, voice)
+    return AudioEncoderService(encoder_parts, DEFAULT_VOICE)
+
+
+def test_conversation_clips_go_through_the_tower_once(encoder_parts, question_wav, ref_voice):
+    """A client resends every earlier turn's clip: with the clip cache each distinct clip is embedded
+    once (a clip twice in one batch too), and every request gets the embeddings an encoder without
+    the cache computes."""
+    from chroma_triton.serving.triton_audio_encoder import AudioEncoderService, EncoderInput
+
+    cached = AudioEncoderService(encoder_parts, DEFAULT_VOICE, clip_cache_mib=64)
+    plain = AudioEncoderService(encoder_parts, DEFAULT_VOICE, clip_cache_mib=0)
+    second = ref_voice[0]  # another clip (the reference recording) as the user's next turn
+    turns = [[question_wav], [question_wav, second], [question_wav, second, question_wav]]
+    seen = []
+    for clips in turns:  # one conversation, turn by turn
+        got, want = cached.encode_batch([EncoderInput(clips, b"", "")])[0], plain.encode_batch([EncoderInput(clips, b"", "")])[0]
+        np.testing.assert_array_equal(got.audio_token_counts, want.audio_token_counts)
+        np.testing.assert_allclose(got.audio_embeds, want.audio_embeds, rtol=1e-5, atol=1e-5)
+        seen.append((cached.clips_embedded, cached.clips_reused))
+    assert seen == [(1, 0), (2, 1), (2, 4)]  # the third turn: all three from the cache
+    assert plain.clips_embedded == 5 and len(plain.clips) == 0  # without the cache: every turn again (a clip twice in one request once)
+    # two requests of one batch sharing a clip new to this encoder: one tower pass for it
+    fresh = AudioEncoderService(encoder_parts, DEFAULT_VOICE, clip_cache_mib=64)
+    out = fresh.encode_batch([EncoderInput([second], b"", ""), EncoderInput([second, b"garbage"], b"", ""),
+                              EncoderInput([second], b"", "")])
+    assert fresh.clips_embedded == 1 and fresh.clips_reused == 1 and isinstance(out[1], InvalidRequestError)
+    np.testing.assert_array_equal(out[0].audio_embeds, out[2].audio_embeds)
+    assert len(fresh.clips) == 1  # the bad clip left nothing behind
+    with pytest.raises(ValueError):
+        AudioEncoderService(encoder_parts, DEFAULT_VOICE, clip_cache_mib=-1)
 
 
 def test_batched_tower_matches_one_clip_at_a_time(encoder, question_wav):

@@ -6,6 +6,11 @@ reference voice (encoded file, or the server's default voice when empty) -> 24 k
 codes, cached by content hash. Requests that Triton's dynamic batcher hands over together are
 embedded in **one** audio-tower forward (the tower takes several clips at once through
 ``feature_lens``, the way transformers batches it).
+
+A client resends the whole conversation with every turn (the chat API keeps no state), so each
+turn's request carries every earlier user clip again. Clips' embeddings are cached by content
+hash (``clip_cache_mib`` of host memory, in the tower's dtype): an earlier turn's clip, or one
+clip sent twice in a batch, goes through the tower once.
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ from ..audio_io import decode_audio
 from ..errors import InvalidRequestError
 from ..model.audio_tower import AudioTower
 from ..model.loading import ChromaParts
-from ..voice_cache import VoiceCache, bytes_key
+from ..voice_cache import ContentCache, VoiceCache, bytes_key
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +42,13 @@ class EncoderInput:
 
 
 @dataclass
+class _Clip:
+    key: str  # content hash of the encoded clip
+    embeds: torch.Tensor | None = None  # cached: [tokens, H] on the host
+    feats: torch.Tensor | None = None  # else its log-mel features
+
+
+@dataclass
 class EncoderOutput:
     audio_embeds: np.ndarray  # float32 [sum tokens, H]
     audio_token_counts: np.ndarray  # int32 [clips]
@@ -45,13 +57,20 @@ class EncoderOutput:
 
 
 class AudioEncoderService:
-    def __init__(self, parts: ChromaParts, default_voice: tuple[bytes, str] | None, voice_cache_size: int = 256):
+    def __init__(self, parts: ChromaParts, default_voice: tuple[bytes, str] | None, voice_cache_size: int = 256,
+                 clip_cache_mib: int = 1024):
+        """`clip_cache_mib`: host memory for user clips' embeddings (0: none kept)."""
         if parts.audio_tower is None or parts.codec is None:
             raise ValueError("the audio encoder needs the audio_tower and codec parts")
+        if clip_cache_mib < 0:
+            raise ValueError(f"clip_cache_mib must be >= 0, got {clip_cache_mib}")
         self.tower: AudioTower = parts.audio_tower
         self.codec = parts.codec
         self.hidden = int(parts.config.thinker.text.hidden_size)
         self.voices = VoiceCache(voice_cache_size)
+        self.clips = ContentCache(max_bytes=clip_cache_mib << 20)
+        self.clips_embedded = 0  # user clips through the tower
+        self.clips_reused = 0  # ...and those whose embeddings were there (cached, or the same clip in the batch)
         self.default_voice = default_voice
         if default_voice is not None:  # encode once now: the first request should not pay for it
             self.voice_codes(default_voice[0])
@@ -86,13 +105,19 @@ class AudioEncoderService:
         return self.voice_codes(data), transcript
 
     # -- user audio ------------------------------------------------------------------------------
-    def user_features(self, clips: list[bytes]) -> list[torch.Tensor]:
+    def user_clips(self, clips: list[bytes]) -> list[_Clip]:
+        """Per clip: its content key and its cached embeddings, or else its log-mel features."""
         if clips == [b""]:  # one empty element: "no user audio" (for clients that must send the tensor)
             return []
-        feats = []
+        out = []
         for i, clip in enumerate(clips):
             if not clip:
                 raise InvalidRequestError(f"user_audio[{i}] is empty", "user_audio")
+            key = bytes_key(clip)
+            cached = self.clips.get(key)
+            if cached is not None:
+                out.append(_Clip(key, embeds=cached))
+                continue
             try:
                 wav = decode_audio(clip, self.tower.sampling_rate, max_seconds=MAX_USER_AUDIO_SECONDS)
             except ValueError as exc:
@@ -100,12 +125,27 @@ class AudioEncoderService:
             f = self.tower.features(wav)
             if f.shape[-1] < MIN_FEATURE_FRAMES:
                 raise InvalidRequestError(f"user_audio[{i}] is too short: at least 40 ms of speech is needed", "user_audio")
-            feats.append(f)
-        return feats
+            out.append(_Clip(key, feats=f))
+        return out
 
     def embed_features(self, feats: list[torch.Tensor]) -> list[torch.Tensor]:
-        """Several clips' log-mels -> their embeddings, in one tower forward."""
-        return self.tower.embed_many(feats)
+        """Several clips' log-mels -> their embeddings (on the host, in the tower's dtype), in one
+        tower forward."""
+        embeds = self.tower.embed_many(feats)
+        if not embeds:
+            return []
+        host = torch.cat(embeds).cpu()  # one copy (and one wait) for the whole batch
+        return list(host.split([e.shape[0] for e in embeds]))
+
+    def _embed_new(self, clips: list[_Clip]) -> dict[str, torch.Tensor]:
+        """The embeddings of the clips that have none yet, each distinct clip once, kept in the cache."""
+        todo = {c.key: c.feats for c in clips if c.embeds is None}
+        embeds = dict(zip(todo, self.embed_features(list(todo.values()))))
+        for key, e in embeds.items():
+            self.clips.put(key, e)
+        self.clips_embedded += len(embeds)
+        self.clips_reused += len(clips) - len(embeds)
+        return embeds
 
     # -- requests ----------------------------------------------------------------------------------
     def encode_batch(self, inputs: list[EncoderInput]) -> list[EncoderOutput | Exception]:
@@ -115,31 +155,26 @@ class AudioEncoderService:
         for i, inp in enumerate(inputs):
             try:
                 codes, voice_text = self.resolve_voice(inp.prompt_audio, inp.prompt_text)
-                prepared[i] = (self.user_features(inp.user_audio), codes, voice_text)
+                prepared[i] = (self.user_clips(inp.user_audio), codes, voice_text)
             except Exception as exc:  # noqa: BLE001 - reported per request
                 results[i] = exc
-        all_feats = [f for feats, _, _ in prepared.values() for f in feats]
         try:
-            embeds = self.embed_features(all_feats)
+            embedded = self._embed_new([c for clips, _, _ in prepared.values() for c in clips])
         except Exception:  # one bad batch must not fail everyone: retry request by request
             log.exception("batched audio tower forward failed; retrying per request")
-            embeds = None
-        pos = 0
-        for i, (feats, codes, voice_text) in prepared.items():
+            embedded = None
+        for i, (clips, codes, voice_text) in prepared.items():
             try:
-                if embeds is not None:
-                    mine = embeds[pos:pos + len(feats)]
-                else:
-                    mine = self.embed_features(feats)
-                results[i] = self._output(mine, codes, voice_text)
+                mine = embedded if embedded is not None else self._embed_new(clips)
+                results[i] = self._output([c.embeds if c.embeds is not None else mine[c.key] for c in clips],
+                                          codes, voice_text)
             except Exception as exc:  # noqa: BLE001
                 results[i] = exc
-            pos += len(feats)
         return results  # type: ignore[return-value]
 
     def _output(self, embeds: list[torch.Tensor], codes: np.ndarray, voice_text: str) -> EncoderOutput:
         if embeds:
-            flat = torch.cat(embeds).float().cpu().numpy()
+            flat = torch.cat(embeds).float().numpy()
         else:
             flat = np.zeros((0, self.hidden), np.float32)
         return EncoderOutput(

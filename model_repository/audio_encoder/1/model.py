@@ -15,7 +15,16 @@ class TritonPythonModel:
         path, parts = load_model_parts(a, {"audio_tower", "codec"})
         voice_path, transcript = resolve_default_voice(a.str("default_voice"))
         self.service = AudioEncoderService(parts, (voice_path.read_bytes(), transcript),
-                                           voice_cache_size=a.int("voice_cache_size", 256))
+                                           voice_cache_size=a.int("voice_cache_size", 256),
+                                           clip_cache_mib=a.int("clip_cache_mib", 1024))
+        self._clip_family = pb_utils.MetricFamily(
+            name="chroma_audio_encoder_clips_total", kind=pb_utils.MetricFamily.COUNTER,
+            description="User audio clips by how they got their embeddings: embedded (through the audio tower) "
+                        "or reused (the clip cache had them: a conversation's earlier turn sent again, or the "
+                        "same clip twice in one batch)")
+        labels = {"model": a.name, "instance": a.instance_name}
+        self.clip_counters = {how: self._clip_family.Metric(labels={**labels, "how": how})
+                              for how in ("embedded", "reused")}
         graphs = parts.audio_tower.use_cuda_graphs(a.int("cuda_graph_windows", 64))
         freeze_if_asked(a)  # once loaded, its graphs captured: none of that is garbage
         print(f"[{a.instance_name}] ready on {a.device}: {path}, default voice {voice_path}, {graphs} CUDA graphs",
@@ -35,7 +44,11 @@ class TritonPythonModel:
                 errors[i] = exc
                 inputs.append(None)
         valid = [inp for inp in inputs if inp is not None]
+        before = self.service.clips_embedded, self.service.clips_reused
         results = iter(self.service.encode_batch(valid))
+        for how, was, now in zip(("embedded", "reused"), before, (self.service.clips_embedded, self.service.clips_reused)):
+            if now > was:
+                self.clip_counters[how].increment(now - was)
         responses = []
         for i, inp in enumerate(inputs):
             result = errors[i] if inp is None else next(results)
