@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import secrets
 import sys
 import tempfile
 import time
@@ -81,7 +82,8 @@ def run_baseline(args, model: str | None) -> dict | None:
 async def run_level(path: str, streams: int, args, targets: dict, workload: Workload, *, monitor: bool,
                     workers=None) -> dict:
     settings = DriveSettings(seed=args.seed, ramp_s=args.ramp_s, request_timeout=args.request_timeout,
-                             rounds=args.rounds if monitor else 1)  # warm-ups: one round
+                             rounds=args.rounds if monitor else 1,  # warm-ups: one round
+                             run=secrets.randbits(31))  # --conversations: this run's own conversations
     mon = Monitor(targets.get("metrics"), grpc_url=targets.get("grpc")) if monitor else None
     spy = None
     if mon:
@@ -126,7 +128,8 @@ def add_ratios(level: dict, baseline: dict | None) -> None:
 
 
 async def measure(args, targets: dict, baseline: dict | None) -> list[dict]:
-    workload = Workload(max_tokens=args.max_tokens, inline_audio=args.inline_audio, history_turns=args.history_turns)
+    workload = Workload(max_tokens=args.max_tokens, inline_audio=args.inline_audio, history_turns=args.history_turns,
+                        conversations=args.conversations)
     workers = None
     if args.client_procs > 1:  # started (and their imports done) before any level is timed
         workers = ProcessPoolExecutor(args.client_procs, mp_context=get_context("spawn"))
@@ -303,6 +306,10 @@ def parse_args(argv=None):
                     help="conversations with history: each request follows N earlier exchanges (the question clip, "
                          "a text reply; about 120 prompt tokens each), or LO + seed mod (HI - LO + 1) of them "
                          "(0: the README's request)")
+    ap.add_argument("--conversations", action="store_true",
+                    help="with --history-turns LO-HI: each stream is a conversation of its own that grows by a turn "
+                         "each round (min(LO + round, HI) earlier turns), every user turn its own clip, sent inline "
+                         "on both paths; each level run has new conversations")
     ap.add_argument("--request-timeout", type=float, default=900.0)
     ap.add_argument("--baseline-frames", type=int, default=30, help="frames of the naive loop (0: skip it)")
     ap.add_argument("--baseline-device", default="auto")
@@ -345,6 +352,7 @@ def main(argv=None) -> int:
     report = {"date": time.strftime("%Y-%m-%d %H:%M:%S"), "model": model, "max_tokens": args.max_tokens,
               "concurrency": args.concurrency, "via": args.via, "seed": args.seed, "ramp_s": args.ramp_s,
               "rounds": args.rounds, "note": args.note, "history_turns": list(args.history_turns),
+              "conversations": args.conversations,
               "dp_size": args.dp_size if args.start else None, "request": "README example: assets/question_audio.wav, "
               "reference voice assets/ref_audio.wav + transcript (cached by the server)"
               + (", after {}-{} earlier turns (by seed)".format(*args.history_turns) if any(args.history_turns) else "")}

@@ -44,6 +44,36 @@ def test_workload_with_history_sends_conversations_of_growing_length():
     assert plain.chat_body(4)["messages"] == history.chat_body(3)["messages"]  # the README's request
 
 
+def test_conversations_grow_by_a_turn_each_round_with_clips_of_their_own():
+    import base64
+    import io
+
+    import numpy as np
+    import soundfile as sf
+
+    from chroma_triton.bench.clients import Turn, Workload
+    from chroma_triton.serving.protocol import MESSAGES, USER_AUDIO, parse_messages, resolve_audio_parts
+
+    w = Workload(history_turns=(0, 2), conversations=True)
+    rounds = [w.user_clips(99, Turn(run=5, stream=2, round=r)) for r in range(4)]
+    assert [len(c) for c in rounds] == [1, 2, 3, 3]  # min(0 + round, 2) earlier turns, then this one
+    assert rounds[1][:1] == rounds[0] and rounds[2][:2] == rounds[1]  # a turn resends the earlier clips
+    assert len(set(rounds[2])) == 3  # every turn its own clip
+    others = w.user_clips(99, Turn(run=5, stream=3, round=2)) + w.user_clips(99, Turn(run=6, stream=2, round=2))
+    assert not set(others) & set(rounds[2])  # nor shared with another conversation or run
+    original, _ = sf.read(w.question, dtype="int16")
+    tagged, rate = sf.read(io.BytesIO(rounds[2][2]), dtype="int16")
+    assert rate == 16000 and len(tagged) == len(original) and np.abs(tagged.astype(int) - original).max() <= 1
+    body = w.chat_body(7, Turn(5, 2, 2))  # inline on the frontend path too
+    sent = [base64.b64decode(m["content"][0]["audio"]) for m in body["messages"] if m["role"] == "user"]
+    assert sent == rounds[2]
+    arrays = w.ensemble_arrays(7, Turn(5, 2, 2))
+    assert list(arrays[USER_AUDIO].reshape(-1)) == rounds[2]
+    _, used = resolve_audio_parts(parse_messages(arrays[MESSAGES][0].decode()), 3)
+    assert used == [0, 1, 2]
+    assert Workload(history_turns=(0, 2)).user_clips(7, Turn(5, 2, 2)) is None  # without conversations: by seed
+
+
 def test_stream_record_math():
     rec = StreamRecord(sent=10.0)
     rec.add_audio(10.2, 2 * FRAME_SAMPLES)  # first chunk: 160 ms of audio, playback starts at 10.2
@@ -144,13 +174,13 @@ def test_bench_serving_against_the_stack(triton_install, tmp_path):
            "--warmup", "1", "--no-level-warmup", "--baseline-frames", "3", "--keep-streams", "--out", str(out),
            "--client-procs", "2",  # the 2-stream levels run one stream in each of two client processes
            "--rounds", "2",  # ...each sending two requests one after the other (one stream too)
-           "--history-turns", "0-1",  # odd seeds: a conversation's second turn (two question clips, a text reply)
+           "--history-turns", "0-1", "--conversations",  # round 2: a conversation's second turn (two clips of its own)
            "--server-match", str(tmp_path / "stack")]  # this stack's processes only
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "| frontend | 2 x 2 |" in proc.stdout and "| grpc | 1 x 2 |" in proc.stdout
     report = json.loads(out.read_text())
-    assert report["history_turns"] == [0, 1]
+    assert report["history_turns"] == [0, 1] and report["conversations"] is True
     starts = [lv["started_unix"] for lv in report["levels"]]
     assert starts == sorted(starts) and time.time() - 600 < starts[0] <= starts[-1] < time.time()
 

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import functools
+import io
 import json
 import struct
 import time
@@ -23,6 +25,7 @@ from pathlib import Path
 
 import grpc
 import numpy as np
+import soundfile as sf
 from tritonclient.grpc import InferResult, service_pb2, service_pb2_grpc
 
 from ..serving.protocol import ensemble_inputs, triton_dtype
@@ -48,12 +51,50 @@ def parse_turns(text: str) -> tuple[int, int]:
 
 
 @dataclass(frozen=True)
+class Turn:
+    """Which request of a level run this is: stream ``stream``'s round ``round`` in run ``run``."""
+
+    run: int
+    stream: int
+    round: int
+
+
+@functools.cache
+def _pcm16(path: Path) -> tuple[np.ndarray, int]:
+    data, rate = sf.read(path, dtype="int16")
+    return data, rate
+
+
+def tagged_clip(path: Path, tag: int) -> bytes:
+    """The WAV at ``path`` with ``tag`` (64 bits) in the lowest bit of its last 64 samples: other
+    bytes (another content hash) for the same speech."""
+    data, rate = _pcm16(path)
+    if data.ndim != 1 or len(data) < 64:
+        raise ValueError(f"{path}: tagged clips need a mono clip of at least 64 samples")
+    data = data.copy()
+    bits = (np.uint64(tag) >> np.arange(64, dtype=np.uint64)) & np.uint64(1)
+    tail = data[-64:].view(np.uint16)
+    data[-64:] = ((tail & np.uint16(0xFFFE)) | bits.astype(np.uint16)).view(np.int16)
+    out = io.BytesIO()
+    sf.write(out, data, rate, format="WAV", subtype="PCM_16")
+    return out.getvalue()
+
+
+@dataclass(frozen=True)
 class Workload:
-    """The request every stream sends (only the seed differs): the README example. With
-    ``history_turns`` (lo, hi), the request of seed s is a conversation's next turn after
-    lo + s mod (hi - lo + 1) earlier exchanges (the question clip, then ``HISTORY_REPLY`` as the
-    assistant's text), as a voice agent resends its history: about 120 prompt tokens per turn on
-    top of the README request's ~120."""
+    """The request every stream sends (only the seed differs): the README example.
+
+    ``history_turns`` (lo, hi): the request is a conversation's next turn after earlier exchanges
+    (a user clip, then ``HISTORY_REPLY`` as the assistant's text), as a voice agent resends its
+    history: about 120 prompt tokens per turn on top of the README request's ~120. The request of
+    seed s has lo + s mod (hi - lo + 1) of them, every user turn the question clip (over gRPC one
+    clip that each turn names; through the frontend each turn sends it).
+
+    ``conversations``: instead, each stream of a level run is a conversation of its own that grows
+    by a turn each round (round r: min(lo + r, hi) earlier turns), every user turn its own clip
+    (the question clip with the run, stream and turn in its lowest bits, ``tagged_clip``), sent
+    inline on both paths: round r + 1 sends round r's clips again, as a client does, and no two
+    conversations or runs share a clip (so what a server caches by content shows as it would)."""
 
     question: Path = ASSETS / "question_audio.wav"
     voice: Path = ASSETS / "ref_audio.wav"
@@ -63,31 +104,49 @@ class Workload:
     top_p: float = 1.0
     inline_audio: bool = False  # frontend: base64 instead of the README's paths
     history_turns: tuple[int, int] = (0, 0)
+    conversations: bool = False
 
-    def turns(self, seed: int) -> int:
-        """Earlier exchanges in the request of ``seed``."""
+    def turns(self, seed: int, turn: Turn | None = None) -> int:
+        """Earlier exchanges in the request of ``seed`` (``turn``: which request it is)."""
         lo, hi = self.history_turns
+        if self.conversations and turn is not None:
+            return min(lo + turn.round, hi)
         return lo + seed % (hi - lo + 1)
 
-    def messages(self, seed: int, question) -> list[dict]:
-        """The conversation, each user turn ``question`` (an audio content part)."""
-        earlier = []
-        for _ in range(self.turns(seed)):
-            earlier += [{"role": "user", "content": [question]}, {"role": "assistant", "content": HISTORY_REPLY}]
-        return earlier + [{"role": "user", "content": [question]}]
+    def user_clips(self, seed: int, turn: Turn | None = None) -> list[bytes] | None:
+        """Each user turn's clip, oldest first, in ``conversations``; else None (the question clip)."""
+        if not (self.conversations and turn is not None):
+            return None
+        return [tagged_clip(self.question, (turn.run << 32) | (turn.stream << 16) | j)
+                for j in range(self.turns(seed, turn) + 1)]
 
-    def chat_body(self, seed: int) -> dict:
+    def messages(self, parts: list[dict]) -> list[dict]:
+        """The conversation: a user turn per audio content part, the assistant's reply between."""
+        earlier = []
+        for part in parts[:-1]:
+            earlier += [{"role": "user", "content": [part]}, {"role": "assistant", "content": HISTORY_REPLY}]
+        return earlier + [{"role": "user", "content": [parts[-1]]}]
+
+    def chat_body(self, seed: int, turn: Turn | None = None) -> dict:
         def audio(path: Path) -> str:
             return base64.b64encode(path.read_bytes()).decode() if self.inline_audio else f"assets/{path.name}"
 
+        clips = self.user_clips(seed, turn)
+        if clips is None:
+            parts = [{"type": "audio", "audio": audio(self.question)}] * (self.turns(seed) + 1)
+        else:
+            parts = [{"type": "audio", "audio": base64.b64encode(c).decode()} for c in clips]
         return {"model": "chroma", "stream": True, "stream_options": {"include_usage": True},
-                "messages": self.messages(seed, {"type": "audio", "audio": audio(self.question)}),
-                "prompt_text": self.voice_text, "prompt_audio": audio(self.voice),
+                "messages": self.messages(parts), "prompt_text": self.voice_text, "prompt_audio": audio(self.voice),
                 "max_tokens": self.max_tokens, "temperature": self.temperature, "top_p": self.top_p, "seed": seed}
 
-    def ensemble_arrays(self, seed: int) -> dict[str, np.ndarray]:
-        messages = self.messages(seed, {"type": "audio", "audio_index": 0})
-        return ensemble_inputs(messages, user_audio=[self.question.read_bytes()], prompt_audio=self.voice.read_bytes(),
+    def ensemble_arrays(self, seed: int, turn: Turn | None = None) -> dict[str, np.ndarray]:
+        clips = self.user_clips(seed, turn)
+        if clips is None:
+            clips, parts = [self.question.read_bytes()], [{"type": "audio", "audio_index": 0}] * (self.turns(seed) + 1)
+        else:
+            parts = [{"type": "audio", "audio_index": j} for j in range(len(clips))]
+        return ensemble_inputs(self.messages(parts), user_audio=clips, prompt_audio=self.voice.read_bytes(),
                                prompt_text=self.voice_text, max_tokens=self.max_tokens,
                                temperature=self.temperature, top_p=self.top_p, seed=seed)
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import httpx
 
-from .clients import GrpcPool, Workload, grpc_stream, infer_request, sse_stream
+from .clients import GrpcPool, Turn, Workload, grpc_stream, infer_request, sse_stream
 from .stats import StreamRecord
 
 
@@ -27,6 +27,7 @@ class DriveSettings:
     request_timeout: float
     rounds: int = 1  # requests each stream sends one after another (closed loop): > 1 keeps the level
     #                  loaded past its start-up burst, with arrivals spread by the replies' own ends
+    run: int = 0  # this level run's id (Workload.conversations: each run's conversations are its own)
 
 
 class LoopLag:
@@ -64,13 +65,14 @@ async def drive_streams(path: str, indices: list[int], streams: int, settings: D
     seeds = [settings.seed + i + r * streams for i in indices for r in range(rounds)]
     if path == "grpc":
         pool = GrpcPool(targets["grpc"])
-        requests = [infer_request(workload.ensemble_arrays(seed), f"bench-{streams}-{rec.stream}-{rec.round}")
+        requests = [infer_request(workload.ensemble_arrays(seed, Turn(settings.run, rec.stream, rec.round)),
+                                  f"bench-{streams}-{rec.stream}-{rec.round}")
                     for rec, seed in zip(records, seeds)]
     else:
         limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
         client = httpx.AsyncClient(timeout=httpx.Timeout(settings.request_timeout, connect=30), limits=limits,
                                    trust_env=False)
-        bodies = [workload.chat_body(seed) for seed in seeds]
+        bodies = [workload.chat_body(seed, Turn(settings.run, rec.stream, rec.round)) for rec, seed in zip(records, seeds)]
 
     async def one(k: int) -> None:
         if settings.ramp_s > 0:
