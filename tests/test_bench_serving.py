@@ -31,7 +31,7 @@ def test_workload_with_history_sends_conversations_of_growing_length():
     assert [history.turns(s) for s in range(6)] == [0, 1, 2, 0, 1, 2] and plain.turns(5) == 0
     assert [Workload(history_turns=parse_turns("7")).turns(s) for s in range(3)] == [7, 7, 7]
     assert [Workload(history_turns=(2, 3)).turns(s) for s in range(3)] == [2, 3, 2]
-    for bad in ("x", "3-1", "-2"):
+    for bad in ("x", "3-1", "-2", "3-"):
         with pytest.raises(ValueError):
             parse_turns(bad)
     for seed in range(3):

@@ -883,6 +883,11 @@ def test_admission_buckets_give_long_prompts_fewer_rows():
     assert [length for _, length in served] == sorted(length for _, length in served)  # shortest first
     assert admission_buckets(3, 100) == [(1, 64), (2, 64), (3, 64), (1, 100), (2, 100), (3, 100)]
     assert admission_buckets(4, 256, 100) == [(1, 64), (1, 128), (1, 256)]  # one row always
+    # the engine reserves scratch before it knows its rows: fewer rows can need more positions
+    from chroma_triton.engine.prefill_graphs import scratch_positions_up_to
+    assert scratch_positions(admission_buckets(16, 512, 6200)) == 8 * 512
+    assert scratch_positions(admission_buckets(12, 512, 6200)) == 12 * 512
+    assert scratch_positions_up_to(16, 512, 6200) == 12 * 512 and scratch_positions_up_to(16, 4096, 8192) == 8192
 
 
 def test_prefill_plan_groups_prompts_of_similar_length(pipe):

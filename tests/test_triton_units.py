@@ -388,6 +388,7 @@ def test_conversation_clips_go_through_the_tower_once(encoder_parts, question_wa
     once (a clip twice in one batch too), and every request gets the embeddings an encoder without
     the cache computes."""
     from chroma_triton.serving.triton_audio_encoder import AudioEncoderService, EncoderInput
+    from chroma_triton.voice_cache import bytes_key
 
     cached = AudioEncoderService(encoder_parts, DEFAULT_VOICE, clip_cache_mib=64)
     plain = AudioEncoderService(encoder_parts, DEFAULT_VOICE, clip_cache_mib=0)
@@ -400,6 +401,11 @@ def test_conversation_clips_go_through_the_tower_once(encoder_parts, question_wa
         np.testing.assert_allclose(got.audio_embeds, want.audio_embeds, rtol=1e-5, atol=1e-5)
         seen.append((cached.clips_embedded, cached.clips_reused))
     assert seen == [(1, 0), (2, 1), (2, 4)]  # the third turn: all three from the cache
+    both = AudioEncoderService(encoder_parts, DEFAULT_VOICE, clip_cache_mib=64)
+    both.encode_batch([EncoderInput([question_wav], b"", ""), EncoderInput([second], b"", "")])  # one tower pass
+    kept = [both.clips.get(bytes_key(clip)) for clip in (question_wav, second)]
+    assert all(k.untyped_storage().nbytes() == k.nbytes for k in kept)  # each its own memory, not the batch's
+    assert both.clips.nbytes == sum(k.nbytes for k in kept)
     assert plain.clips_embedded == 5 and len(plain.clips) == 0  # without the cache: every turn again (a clip twice in one request once)
     # two requests of one batch sharing a clip new to this encoder: one tower pass for it
     fresh = AudioEncoderService(encoder_parts, DEFAULT_VOICE, clip_cache_mib=64)

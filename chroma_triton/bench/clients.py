@@ -40,9 +40,9 @@ HISTORY_REPLY = "Sure. It should stay dry and mild all afternoon, with a light b
 
 def parse_turns(text: str) -> tuple[int, int]:
     """``"N"`` or ``"LO-HI"`` (earlier exchanges per request) -> (lo, hi)."""
-    lo, _, hi = text.partition("-")
+    lo, sep, hi = text.partition("-")
     try:
-        turns = (int(lo), int(hi or lo))
+        turns = (int(lo), int(hi if sep else lo))
     except ValueError:
         raise ValueError(f"history turns must be N or LO-HI, got {text!r}") from None
     if not 0 <= turns[0] <= turns[1]:

@@ -49,7 +49,7 @@ from .capacity import GIB, admission_scratch_bytes, kv_bytes_per_row, free_devic
 from .detokenizer import IncrementalDetokenizer, fast_decode
 from .graphs import StepRunner, batch_buckets, bucket, length_buckets
 from .pacing import AdmissionPacer, StreamState
-from .prefill_graphs import TAIL_MAX_LEN, BackboneTailGraphs, PrefillGraphs, admission_buckets, scratch_positions
+from .prefill_graphs import TAIL_MAX_LEN, BackboneTailGraphs, PrefillGraphs, scratch_positions_up_to
 from .trace import EngineTrace
 from .voice_prefix import VoicePrefixCache, copy_prefixes, voice_key
 from .request import AudioChunk, Finished, GenerationRequest, RequestFailed, RequestStream, SamplingParams, TextDelta
@@ -112,7 +112,7 @@ class EngineOptions:
     #                               cached voice prefix, through graphs (engine/prefill_graphs.py)
     prefill_graph_max_len: int = 4096  # ...for prompts up to this many tokens (and thinker_max_len; longer: eager)
     prefill_graph_tokens: int = 8192  # ...in buckets of rows x length up to this many positions (one row always):
-    #                                   long prompts get fewer rows, so scratch and graph memory stay those of 16 x 512
+    #                                   long prompts get fewer rows, so the scratch stays that of 16 x 512
     compiled_prefill_graphs: bool = True  # with compile: the prefill graphs run the compiled layers too (their shapes
     #                                 are buckets; compiled at start), not eager ones
     overlap: bool = True  # launch step n+1 before reading step n's codes (host work overlaps the device's)
@@ -364,13 +364,12 @@ class ChromaEngine:
         scratch = 0
         if o.prefill_graphs:  # PrefillGraphs' and BackboneTailGraphs' scratch caches (made in __init__)
             prefill_graphs = torch_thinker or isinstance(thinker, TorchThinker)  # as __init__ decides
-            rows = min(o.max_prefills_per_step, o.max_batch)
-            thinker_buckets = admission_buckets(rows, min(o.prefill_graph_max_len, o.thinker_max_len),
-                                                o.prefill_graph_tokens)
-            tail_buckets = admission_buckets(rows, min(self._tail_graph_len(), o.backbone_max_len))
-            scratch = admission_scratch_bytes(self.cfg, scratch_positions(thinker_buckets) if prefill_graphs else 0,
-                                              scratch_positions(tail_buckets) if o.voice_prefix_cache else 0,
-                                              dtype_bytes)
+            rows = min(o.max_prefills_per_step, o.max_batch)  # max_batch may come out lower: any row count up to it
+            prompt_positions = scratch_positions_up_to(rows, min(o.prefill_graph_max_len, o.thinker_max_len),
+                                                       o.prefill_graph_tokens)
+            tail_positions = scratch_positions_up_to(rows, min(self._tail_graph_len(), o.backbone_max_len))
+            scratch = admission_scratch_bytes(self.cfg, prompt_positions if prefill_graphs else 0,
+                                              tail_positions if o.voice_prefix_cache else 0, dtype_bytes)
         self.capacity = plan_rows(o.max_batch, per_row, free_device_bytes(self.device), o.kv_memory_fraction,
                                   int(o.activation_reserve_gib * GIB), scratch)
         log.info("engine capacity: %s", self.capacity.describe())
@@ -1248,7 +1247,7 @@ class ChromaEngine:
             self.counters["prefill_eager_prompts"] += len(items)
             return self.thinker.prefill(row, prompts, max_new_tokens=budgets)
         groups = graphs.plan([len(r.thinker_ids) for r, _ in items])
-        states, ids, at = [], [], 0
+        states, ids, at, graphed_prompts = [], [], 0, 0
         for count, graphed in groups:
             part = slice(at, at + count)
             if graphed:
@@ -1257,10 +1256,13 @@ class ChromaEngine:
                     h, t = h.clone(), t.clone()
             else:
                 h, t = self.thinker.prefill(row + at, prompts[part], max_new_tokens=budgets[part])
-            self.counters["prefill_graph_prompts" if graphed else "prefill_eager_prompts"] += count
+            graphed_prompts += count if graphed else 0
             states.append(h)
             ids.append(t)
             at += count
+        # counted once every group ran (a failed admission is retried request by request)
+        self.counters["prefill_graph_prompts"] += graphed_prompts
+        self.counters["prefill_eager_prompts"] += len(items) - graphed_prompts
         return (states[0], ids[0]) if len(groups) == 1 else (torch.cat(states), torch.cat(ids))
 
     def _prefill_backbone_cached(self, row: int, reqs: list[GenerationRequest], tails: torch.Tensor):

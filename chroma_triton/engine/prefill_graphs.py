@@ -15,8 +15,9 @@ overwrites before any query reads them (causal mask).
 
 Long prompts (a conversation's history: every earlier turn's audio and text) get long buckets
 with fewer rows: a bucket exists while its rows x length stay within `max_tokens` (one row
-always), so the scratch rows and the largest graph's activations stay those of the short buckets
-(`admission_buckets`). The scratch is one allocation of that many positions, which each bucket
+always), so the scratch rows and the matrix products' activations stay those of the short
+buckets (`admission_buckets`); only the attention mask grows with the length (rows x length^2
+values: 2 x 4096 takes four times 16 x 512's). The scratch is one allocation of that many positions, which each bucket
 sees as rows x length (`ScratchCache`). An admission whose prompts differ in length is split by
 `PrefillGraphs.plan` into groups of similar length, each one replay (prompts sorted by length,
 the split that pads least, counting a replay's own cost); prompts longer than `max_len` are
@@ -65,6 +66,13 @@ def admission_buckets(max_rows: int, max_len: int, max_tokens: int = 0) -> list[
 def scratch_positions(buckets: list[tuple[int, int]]) -> int:
     """Positions of the scratch all `buckets` share: the largest rows x length."""
     return max(rows * length for rows, length in buckets)
+
+
+def scratch_positions_up_to(max_rows: int, max_len: int, max_tokens: int = 0) -> int:
+    """The most scratch positions admission graphs of up to `max_rows` rows can need: the engine
+    plans memory before it knows how many rows fit, and fewer rows can need more (12 x 512 fits a
+    bound of 6,200 positions where 16 rows' buckets stop at 8 x 512)."""
+    return max(scratch_positions(admission_buckets(rows, max_len, max_tokens)) for rows in range(1, max_rows + 1))
 
 
 class ScratchCache:
@@ -118,7 +126,7 @@ class _ScratchGraphs:
         self.scratch = ScratchCache(trunk.cfg, scratch_positions(self.buckets), like.device, like.dtype)
         self.runner = StepRunner(use_graphs=use_graphs and device.type == "cuda", shared_pool=True,
                                  device=device if device.type == "cuda" else None)
-        self.calls = 0  # admissions that took this path
+        self.calls = 0  # replays (one per group of an admission)
         self.compiled = compiled
 
     def __len__(self) -> int:

@@ -44,7 +44,7 @@ class EncoderInput:
 @dataclass
 class _Clip:
     key: str  # content hash of the encoded clip
-    embeds: torch.Tensor | None = None  # cached: [tokens, H] on the host
+    embeds: torch.Tensor | None = None  # cached: [tokens, H] on the host (the cache's own: read only)
     feats: torch.Tensor | None = None  # else its log-mel features
 
 
@@ -135,7 +135,8 @@ class AudioEncoderService:
         if not embeds:
             return []
         host = torch.cat(embeds).cpu()  # one copy (and one wait) for the whole batch
-        return list(host.split([e.shape[0] for e in embeds]))
+        # each clip its own memory: a view would keep the whole batch's alive in the cache
+        return [part.clone() for part in host.split([e.shape[0] for e in embeds])]
 
     def _embed_new(self, clips: list[_Clip]) -> dict[str, torch.Tensor]:
         """The embeddings of the clips that have none yet, each distinct clip once, kept in the cache."""

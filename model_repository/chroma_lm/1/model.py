@@ -108,7 +108,7 @@ class TritonPythonModel:
                                             "Prompts prefilled through the admission graphs (prefill_graphs)", C),
             "prefill_eager_prompts": family("chroma_lm_prefill_eager_prompts_total",
                                             "Prompts prefilled eagerly: no admission graphs, or longer than "
-                                            "prefill_graph_max_len", C),
+                                            "their longest bucket (prefill_graph_max_len, thinker_max_len)", C),
             "prefill_estimate_s": family("chroma_lm_prefill_estimate_seconds_total",
                                          "The admission pacer's estimates of those prefills (once it has one)", C),
             "prefill_overrun_s": family("chroma_lm_prefill_overrun_seconds_total",
