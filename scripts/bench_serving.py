@@ -161,6 +161,7 @@ async def _measure_levels(args, targets, baseline, workload, workers) -> list[di
                   f"{fmt(level['audio_s_per_s'], '.1f')} audio s/s ({fmt(level['audio_s_per_s_all_busy'], '.1f')} while "
                   f"all streams were busy), {level['errors']} error(s) {level['error_samples'] or ''}", flush=True)
             print("  engine: " + engine_summary(level), flush=True)
+            print("  encoder and codec: " + encoder_codec_summary(level), flush=True)
             print("  server CPU cores: " + ", ".join(
                 f"{role} {fmt(v['cores'], '.2f')} (hottest threads {v['hot_threads_cores']})"
                 for role, v in level["server_cpu"].items()), flush=True)
@@ -189,6 +190,24 @@ def engine_summary(level: dict) -> str:
             f"client saw {level.get('underrun_chunks', 0)} late chunk(s); "
             f"{total('chroma_lm_gc_full_collections_total'):.0f} full garbage collections "
             f"({total('chroma_lm_gc_full_seconds_total'):.2f} s; all collections {total('chroma_lm_gc_seconds_total'):.2f} s)")
+
+
+def encoder_codec_summary(level: dict) -> str:
+    """The level's user clips by how they got their embeddings (audio_encoder's clip cache) and its
+    audio chunks by how codec_decoder decoded them."""
+    deltas = level.get("triton_counters_delta") or {}
+
+    def by_how(name: str) -> dict[str, float]:
+        out: dict[str, float] = {}
+        for key, value in deltas.items():
+            if key.split("{")[0] == name and "," in key:
+                how = key.rstrip("}").rsplit(",", 1)[1]
+                out[how] = out.get(how, 0.0) + value
+        return out
+
+    clips, chunks = by_how("chroma_audio_encoder_clips_total"), by_how("chroma_codec_chunks_total")
+    return (f"user clips {clips.get('embedded', 0):.0f} embedded, {clips.get('reused', 0):.0f} reused; "
+            f"codec chunks " + ", ".join(f"{chunks.get(h, 0):.0f} {h}" for h in ("carried", "restarted", "stateless")))
 
 
 def fmt(value, spec: str = ".0f", suffix: str = "") -> str:

@@ -200,6 +200,13 @@ def test_bench_serving_against_the_stack(triton_install, tmp_path):
         assert lv["frames_received"] == lv["frames_reported"] <= n * MAX_TOKENS
         assert lv["triton_counters_delta"]["chroma_lm_audio_frames_total{chroma_lm}"] == lv["frames_received"]
         assert lv["triton_counters_delta"]["nv_inference_request_success{audio_encoder}"] == n
+        # --conversations: round 1 resends round 0's clip, which the encoder's clip cache holds; the
+        # next run's conversations are new, so nothing carries over from a warm-up or level before
+        clips = {how: lv["triton_counters_delta"].get(f"chroma_audio_encoder_clips_total{{audio_encoder,{how}}}")
+                 for how in ("embedded", "reused")}
+        assert clips == {"embedded": 2 * c, "reused": c}, clips
+        chunks = [v for k, v in lv["triton_counters_delta"].items() if k.startswith("chroma_codec_chunks_total{")]
+        assert sum(chunks) > 0
         # this stack's processes, found by their command lines (CPU time comes in 10 ms ticks: a
         # short level may leave one process at 0, but not all of them)
         cpu = lv["server_cpu"]

@@ -21,7 +21,8 @@ from collections import defaultdict
 
 _SAMPLE = re.compile(r"^([A-Za-z_:][A-Za-z0-9_:]*)(\{[^}]*\})?\s+(\S+)")
 _MODEL = re.compile(r'model="([^"]*)"')
-_PREFIXES = ("chroma_lm_", "nv_inference_")
+_HOW = re.compile(r'how="([^"]*)"')
+_PREFIXES = ("chroma_lm_", "nv_inference_", "chroma_audio_encoder_", "chroma_codec_")
 GAUGES = ("chroma_lm_active_requests", "chroma_lm_free_slots", "chroma_lm_queued_requests", "nv_inference_pending_request_count")
 
 
@@ -46,7 +47,8 @@ def gpu_memory_mib() -> dict[str, float] | None:
 
 
 def scrape(url: str | None, timeout: float = 3.0) -> dict[str, float] | None:
-    """Prometheus text -> {"metric{model}": value} for our prefixes (summed over other labels)."""
+    """Prometheus text -> {"metric{model}": value} for our prefixes (summed over other labels), or
+    {"metric{model,how}": value} for the families counted by `how` (codec chunks, encoder clips)."""
     if not url:
         return None
     opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
@@ -60,8 +62,9 @@ def scrape(url: str | None, timeout: float = 3.0) -> dict[str, float] | None:
         m = _SAMPLE.match(line)
         if not m or not m.group(1).startswith(_PREFIXES):
             continue
-        model = _MODEL.search(m.group(2) or "")
-        key = f"{m.group(1)}{{{model.group(1)}}}" if model else m.group(1)
+        model, how = _MODEL.search(m.group(2) or ""), _HOW.search(m.group(2) or "")
+        labels = ",".join(x.group(1) for x in (model, how) if x)
+        key = f"{m.group(1)}{{{labels}}}" if labels else m.group(1)
         try:
             values[key] += float(m.group(3))
         except ValueError:
