@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from chroma_triton.bench.conversation import conversation  # noqa: E402
 from chroma_triton.engine import AudioChunk, ChromaEngine, EngineOptions, Finished, SamplingParams  # noqa: E402
 from chroma_triton.model.loading import load_parts  # noqa: E402
 from chroma_triton.pipeline import ChromaPipeline  # noqa: E402
@@ -43,8 +44,10 @@ def sync(device):
         torch.cuda.synchronize(device)
 
 
-def make_request(pipe, seed: int, frames: int):
-    messages = [{"role": "user", "content": [{"type": "audio", "audio": (ASSETS / "question_audio.wav").read_bytes()}]}]
+def make_request(pipe, seed: int, frames: int, turns: int = 0):
+    """The README request; with ``turns``, a conversation's next turn after that many earlier
+    exchanges (chroma_triton/bench/conversation.py)."""
+    messages = conversation([{"type": "audio", "audio": (ASSETS / "question_audio.wav").read_bytes()}] * (turns + 1))
     return pipe.prepare(messages, (ASSETS / "ref_audio.wav").read_bytes(), (ASSETS / "ref_audio.txt").read_text().strip(),
                         SamplingParams(seed=seed, max_tokens=frames, temperature=1.0, top_p=1.0))
 

@@ -310,7 +310,8 @@ def steady_phase(engine, template, args, profiler, work: Path) -> dict:
                                                     "error": spy_err}}
 
 
-def prefill_phase(engine, template, args, profiler, work: Path) -> dict:
+def prefill_phase(engine, template, args, profiler, work: Path, group_template=None) -> dict:
+    """``group_template``: the request the groups send (default ``template``)."""
     sizes = [int(n) for n in args.prefills.split(",") if n.strip()]
     engine.opts.admission_pacing = False  # a group submitted together is admitted together
     drainer = Drainer()
@@ -325,7 +326,7 @@ def prefill_phase(engine, template, args, profiler, work: Path) -> dict:
                 group = []
                 for _ in range(n):
                     seed += 1
-                    group.append(submit(engine, template, 4, seed))
+                    group.append(submit(engine, group_template or template, 4, seed))
                 drainer.streams += group
                 wait_until(lambda: all(id(s) in drainer.ended for s in group), args.admit_timeout_s, "a group's end")
     try:
@@ -372,6 +373,8 @@ def main():
     ap.add_argument("--settle-s", type=float, default=1.0, help="wait after the last admission before profiling")
     ap.add_argument("--prefills", default="1,16", help="group sizes of the prefill phase (empty: skip it)")
     ap.add_argument("--prefill-rounds", type=int, default=5)
+    ap.add_argument("--prefill-turns", type=int, default=0, help="the prefill phase's requests follow this many earlier "
+                    "exchanges (a conversation's history: about 120 prompt tokens each; chroma_triton/bench/conversation.py)")
     ap.add_argument("--thinker-max-len", type=int, default=1024, help="as scripts/gpu_bench.sh's stacks")
     ap.add_argument("--backbone-max-len", type=int, default=1536)
     ap.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
@@ -391,12 +394,14 @@ def main():
     pipe = ChromaPipeline(parts, EngineOptions(max_batch=1, thinker_max_len=args.thinker_max_len,
                                                backbone_max_len=args.backbone_max_len))
     template = make_request(pipe, 0, args.steady_frames)
+    group_template = make_request(pipe, 0, args.steady_frames, turns=args.prefill_turns)
     pipe.close()
     from torch.profiler import ProfilerActivity
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     report = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
               "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"), "prompt_tokens": len(template.thinker_ids),
+              "prefill_prompt_tokens": len(group_template.thinker_ids),
               "options": {k: v for k, v in vars(opts).items() if not isinstance(v, dict)}, "changes": changes}
     t = time.perf_counter()
     engine = ChromaEngine(parts, opts).start()
@@ -409,7 +414,7 @@ def main():
         if args.rows > 0:
             report["steady"] = steady_phase(engine, template, args, profiler, work)
         if args.prefills.strip():
-            report["prefill"] = prefill_phase(engine, template, args, profiler, work)
+            report["prefill"] = prefill_phase(engine, template, args, profiler, work, group_template)
     finally:
         profiler.close()
         engine.shutdown()

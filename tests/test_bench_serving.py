@@ -24,7 +24,8 @@ MAX_TOKENS = 8
 
 
 def test_workload_with_history_sends_conversations_of_growing_length():
-    from chroma_triton.bench.clients import HISTORY_REPLY, Workload, parse_turns
+    from chroma_triton.bench.clients import Workload, parse_turns
+    from chroma_triton.bench.conversation import HISTORY_REPLY
     from chroma_triton.serving.protocol import MESSAGES, parse_messages, resolve_audio_parts
 
     plain, history = Workload(), Workload(history_turns=parse_turns("0-2"))

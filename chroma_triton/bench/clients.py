@@ -29,13 +29,11 @@ import soundfile as sf
 from tritonclient.grpc import InferResult, service_pb2, service_pb2_grpc
 
 from ..serving.protocol import ensemble_inputs, triton_dtype
+from .conversation import conversation
 from .stats import StreamRecord
 
 ASSETS = Path(__file__).resolve().parents[2] / "assets"
 GRPC_OPTIONS = [("grpc.max_send_message_length", 2**31 - 1), ("grpc.max_receive_message_length", 2**31 - 1)]
-
-
-HISTORY_REPLY = "Sure. It should stay dry and mild all afternoon, with a light breeze from the west."
 
 
 def parse_turns(text: str) -> tuple[int, int]:
@@ -120,13 +118,6 @@ class Workload:
         return [tagged_clip(self.question, (turn.run << 32) | (turn.stream << 16) | j)
                 for j in range(self.turns(seed, turn) + 1)]
 
-    def messages(self, parts: list[dict]) -> list[dict]:
-        """The conversation: a user turn per audio content part, the assistant's reply between."""
-        earlier = []
-        for part in parts[:-1]:
-            earlier += [{"role": "user", "content": [part]}, {"role": "assistant", "content": HISTORY_REPLY}]
-        return earlier + [{"role": "user", "content": [parts[-1]]}]
-
     def chat_body(self, seed: int, turn: Turn | None = None) -> dict:
         def audio(path: Path) -> str:
             return base64.b64encode(path.read_bytes()).decode() if self.inline_audio else f"assets/{path.name}"
@@ -137,7 +128,7 @@ class Workload:
         else:
             parts = [{"type": "audio", "audio": base64.b64encode(c).decode()} for c in clips]
         return {"model": "chroma", "stream": True, "stream_options": {"include_usage": True},
-                "messages": self.messages(parts), "prompt_text": self.voice_text, "prompt_audio": audio(self.voice),
+                "messages": conversation(parts), "prompt_text": self.voice_text, "prompt_audio": audio(self.voice),
                 "max_tokens": self.max_tokens, "temperature": self.temperature, "top_p": self.top_p, "seed": seed}
 
     def ensemble_arrays(self, seed: int, turn: Turn | None = None) -> dict[str, np.ndarray]:
@@ -146,7 +137,7 @@ class Workload:
             clips, parts = [self.question.read_bytes()], [{"type": "audio", "audio_index": 0}] * (self.turns(seed) + 1)
         else:
             parts = [{"type": "audio", "audio_index": j} for j in range(len(clips))]
-        return ensemble_inputs(self.messages(parts), user_audio=clips, prompt_audio=self.voice.read_bytes(),
+        return ensemble_inputs(conversation(parts), user_audio=clips, prompt_audio=self.voice.read_bytes(),
                                prompt_text=self.voice_text, max_tokens=self.max_tokens,
                                temperature=self.temperature, top_p=self.top_p, seed=seed)
 
