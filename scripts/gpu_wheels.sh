@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
 # On the CPU machine, from the project root: download the wheels that scripts/gpu_env.sh installs on
 # an offline GPU machine (Python 3.12 image with CUDA torch, transformers, grpcio, httpx, ...), as a
-# tar split into $PARTS (4) equal pieces, one per device call (a call carries 64 MiB with the working
-# tree; the tree is ~17 MiB, the wheels ~145 MiB, tritonserver's alone 53 MiB):
+# tar split into $PARTS (6) equal pieces, one per device call (a call carries 64 MiB with the working
+# tree; the tree is ~29 MiB and grows with docs/, the wheels ~145 MiB, tritonserver's alone 53 MiB):
 #
-#   bash scripts/gpu_wheels.sh            # -> .gpu/p1 ... .gpu/p4 (/.gpu/ is git-ignored)
+#   bash scripts/gpu_wheels.sh            # -> .gpu/p1 ... .gpu/p6 (/.gpu/ is git-ignored)
 #
-# On the GPU machine, four calls back to back (a warm machine keeps /root), carrying one part each:
+# On the GPU machine, six calls back to back (a warm machine keeps /root), carrying one part each:
 #   mkdir -p /root/whl && cp .gpu/pN/* /root/whl/
 # then, in the last one:
 #   cat /root/whl/wheels.tar.* | tar x -C /root/whl && bash scripts/gpu_bench.sh env /root/whl
@@ -19,7 +19,7 @@
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 DEST=.gpu
-PARTS=${PARTS:-4}
+PARTS=${PARTS:-6}
 [[ $PARTS =~ ^[1-9]$ ]] || { echo "PARTS must be 1..9 (one-digit part names), got $PARTS" >&2; exit 2; }
 PLATFORMS=()
 for p in manylinux1 manylinux2014 manylinux_2_5 manylinux_2_17 manylinux_2_24 manylinux_2_26 manylinux_2_27 \
