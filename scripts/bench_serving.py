@@ -374,7 +374,8 @@ def main(argv=None) -> int:
               "conversations": args.conversations,
               "dp_size": args.dp_size if args.start else None, "request": "README example: assets/question_audio.wav, "
               "reference voice assets/ref_audio.wav + transcript (cached by the server)"
-              + (", after {}-{} earlier turns (by seed)".format(*args.history_turns) if any(args.history_turns) else "")}
+              + (", after {}-{} earlier turns (by {})".format(*args.history_turns, "round" if args.conversations else "seed")
+                 if any(args.history_turns) else "")}
     report["baseline_naive"] = run_baseline(args, model)
     stack = None
     if args.start:

@@ -310,8 +310,8 @@ def steady_phase(engine, template, args, profiler, work: Path) -> dict:
                                                     "error": spy_err}}
 
 
-def prefill_phase(engine, template, args, profiler, work: Path, group_template=None) -> dict:
-    """``group_template``: the request the groups send (default ``template``)."""
+def prefill_phase(engine, template, group_template, args, profiler, work: Path) -> dict:
+    """``template``: the request running beside the prefills; ``group_template``: the one the groups send."""
     sizes = [int(n) for n in args.prefills.split(",") if n.strip()]
     engine.opts.admission_pacing = False  # a group submitted together is admitted together
     drainer = Drainer()
@@ -326,7 +326,7 @@ def prefill_phase(engine, template, args, profiler, work: Path, group_template=N
                 group = []
                 for _ in range(n):
                     seed += 1
-                    group.append(submit(engine, group_template or template, 4, seed))
+                    group.append(submit(engine, group_template, 4, seed))
                 drainer.streams += group
                 wait_until(lambda: all(id(s) in drainer.ended for s in group), args.admit_timeout_s, "a group's end")
     try:
@@ -414,7 +414,7 @@ def main():
         if args.rows > 0:
             report["steady"] = steady_phase(engine, template, args, profiler, work)
         if args.prefills.strip():
-            report["prefill"] = prefill_phase(engine, template, args, profiler, work, group_template)
+            report["prefill"] = prefill_phase(engine, template, group_template, args, profiler, work)
     finally:
         profiler.close()
         engine.shutdown()

@@ -789,8 +789,9 @@ def test_prefill_graphs_write_what_the_eager_prefill_writes(pipe, question_wav, 
     graphs = PrefillGraphs(thinker, max_rows=4, max_len=256, device=torch.device("cpu"))
     reqs = [request(pipe, question_wav, ref_voice, text=t) for t in ("Hi.", "Tell me a long story about the sea.", "Why?")]
     prompts = [(torch.tensor(r.thinker_ids), r.audio_embeds) for r in reqs]
-    assert graphs.fits(prompts) and not graphs.fits(prompts * 2)  # 6 rows > 4
-    assert not PrefillGraphs(thinker, max_rows=4, max_len=64, device=torch.device("cpu")).fits(prompts)  # too long
+    longest = max(len(r.thinker_ids) for r in reqs)
+    assert graphs.bucket_for(3, longest) and graphs.bucket_for(6, longest) is None  # 6 rows > 4
+    assert PrefillGraphs(thinker, max_rows=4, max_len=64, device=torch.device("cpu")).bucket_for(3, longest) is None  # too long
     untouched = thinker.cache.k[:, 6:].clone()
     with torch.no_grad():
         h_eager, t_eager = thinker.prefill(0, prompts)

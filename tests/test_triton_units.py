@@ -399,19 +399,19 @@ def test_conversation_clips_go_through_the_tower_once(encoder_parts, question_wa
         got, want = cached.encode_batch([EncoderInput(clips, b"", "")])[0], plain.encode_batch([EncoderInput(clips, b"", "")])[0]
         np.testing.assert_array_equal(got.audio_token_counts, want.audio_token_counts)
         np.testing.assert_allclose(got.audio_embeds, want.audio_embeds, rtol=1e-5, atol=1e-5)
-        seen.append((cached.clips_embedded, cached.clips_reused))
+        seen.append((cached.clip_counts()["embedded"], cached.clip_counts()["reused"]))
     assert seen == [(1, 0), (2, 1), (2, 4)]  # the third turn: all three from the cache
     both = AudioEncoderService(encoder_parts, DEFAULT_VOICE, clip_cache_mib=64)
     both.encode_batch([EncoderInput([question_wav], b"", ""), EncoderInput([second], b"", "")])  # one tower pass
     kept = [both.clips.get(bytes_key(clip)) for clip in (question_wav, second)]
     assert all(k.untyped_storage().nbytes() == k.nbytes for k in kept)  # each its own memory, not the batch's
     assert both.clips.nbytes == sum(k.nbytes for k in kept)
-    assert plain.clips_embedded == 5 and len(plain.clips) == 0  # without the cache: every turn again (a clip twice in one request once)
+    assert plain.clip_counts()["embedded"] == 5 and len(plain.clips) == 0  # without the cache: every turn again (a clip twice in one request once)
     # two requests of one batch sharing a clip new to this encoder: one tower pass for it
     fresh = AudioEncoderService(encoder_parts, DEFAULT_VOICE, clip_cache_mib=64)
     out = fresh.encode_batch([EncoderInput([second], b"", ""), EncoderInput([second, b"garbage"], b"", ""),
                               EncoderInput([second], b"", "")])
-    assert fresh.clips_embedded == 1 and fresh.clips_reused == 1 and isinstance(out[1], InvalidRequestError)
+    assert fresh.clip_counts() == {"embedded": 1, "reused": 1} and isinstance(out[1], InvalidRequestError)
     np.testing.assert_array_equal(out[0].audio_embeds, out[2].audio_embeds)
     assert len(fresh.clips) == 1  # the bad clip left nothing behind
     with pytest.raises(ValueError):

@@ -83,7 +83,7 @@ class Workload:
     """The request every stream sends (only the seed differs): the README example.
 
     ``history_turns`` (lo, hi): the request is a conversation's next turn after earlier exchanges
-    (a user clip, then ``HISTORY_REPLY`` as the assistant's text), as a voice agent resends its
+    (a user clip, then ``conversation.HISTORY_REPLY`` as the assistant's text), as a voice agent resends its
     history: about 120 prompt tokens per turn on top of the README request's ~120. The request of
     seed s has lo + s mod (hi - lo + 1) of them, every user turn the question clip (over gRPC one
     clip that each turn names; through the frontend each turn sends it).

@@ -183,10 +183,6 @@ class PrefillGraphs(_ScratchGraphs):
                          use_graphs, compiled, max_tokens)
         self.thinker = thinker
 
-    def fits(self, prompts: list[tuple[torch.Tensor, torch.Tensor | None]]) -> bool:
-        """One graph takes all of `prompts`."""
-        return self.bucket_for(len(prompts), max(_length(t) for t, _ in prompts)) is not None
-
     def plan(self, lengths: list[int]) -> list[tuple[int, bool]]:
         """How to prefill prompts of `lengths` (ascending): consecutive groups `(count, through a
         graph)`. Prompts longer than every bucket make one eager group at the end; the others are
@@ -214,7 +210,7 @@ class PrefillGraphs(_ScratchGraphs):
 
     @torch.no_grad()  # not inference mode: a graph's static inputs are copied into outside it
     def prefill(self, row_start: int, prompts, max_new_tokens=None):
-        """As `TorchThinker.prefill`: prompts (that `fits`) into cache rows row_start.., returning
+        """As `TorchThinker.prefill`: prompts (that one bucket holds, `bucket_for`) into cache rows row_start.., returning
         (last states [P, H], greedy next ids [P]); views into the graphs' memory, which the next
         replay overwrites."""
         self.calls += 1
@@ -244,10 +240,6 @@ class PrefillGraphs(_ScratchGraphs):
         p = self.thinker.lm.lm_head.weight
         return (torch.zeros(rows, padded, self.thinker.hidden_size, dtype=p.dtype, device=p.device),
                 torch.ones(rows, dtype=torch.long, device=p.device))
-
-
-def _length(ids: torch.Tensor) -> int:
-    return ids.reshape(-1).shape[0]
 
 
 class BackboneTailGraphs(_ScratchGraphs):

@@ -69,8 +69,9 @@ class AudioEncoderService:
         self.hidden = int(parts.config.thinker.text.hidden_size)
         self.voices = VoiceCache(voice_cache_size)
         self.clips = ContentCache(max_bytes=clip_cache_mib << 20)
-        self.clips_embedded = 0  # user clips through the tower
-        self.clips_reused = 0  # ...and those whose embeddings were there (cached, or the same clip in the batch)
+        # user clips: embedded (through the tower), reused (their embeddings were there: cached, or
+        # the same clip earlier in the batch)
+        self._clip_counts = dict.fromkeys(("embedded", "reused"), 0)
         self.default_voice = default_voice
         if default_voice is not None:  # encode once now: the first request should not pay for it
             self.voice_codes(default_voice[0])
@@ -144,9 +145,12 @@ class AudioEncoderService:
         embeds = dict(zip(todo, self.embed_features(list(todo.values()))))
         for key, e in embeds.items():
             self.clips.put(key, e)
-        self.clips_embedded += len(embeds)
-        self.clips_reused += len(clips) - len(embeds)
+        self._clip_counts["embedded"] += len(embeds)
+        self._clip_counts["reused"] += len(clips) - len(embeds)
         return embeds
+
+    def clip_counts(self) -> dict[str, int]:
+        return dict(self._clip_counts)
 
     # -- requests ----------------------------------------------------------------------------------
     def encode_batch(self, inputs: list[EncoderInput]) -> list[EncoderOutput | Exception]:

@@ -24,7 +24,7 @@ class TritonPythonModel:
                         "same clip twice in one batch)")
         labels = {"model": a.name, "instance": a.instance_name}
         self.clip_counters = {how: self._clip_family.Metric(labels={**labels, "how": how})
-                              for how in ("embedded", "reused")}
+                              for how in self.service.clip_counts()}
         graphs = parts.audio_tower.use_cuda_graphs(a.int("cuda_graph_windows", 64))
         freeze_if_asked(a)  # once loaded, its graphs captured: none of that is garbage
         print(f"[{a.instance_name}] ready on {a.device}: {path}, default voice {voice_path}, {graphs} CUDA graphs",
@@ -44,11 +44,11 @@ class TritonPythonModel:
                 errors[i] = exc
                 inputs.append(None)
         valid = [inp for inp in inputs if inp is not None]
-        before = self.service.clips_embedded, self.service.clips_reused
+        counts = self.service.clip_counts()
         results = iter(self.service.encode_batch(valid))
-        for how, was, now in zip(("embedded", "reused"), before, (self.service.clips_embedded, self.service.clips_reused)):
-            if now > was:
-                self.clip_counters[how].increment(now - was)
+        for how, count in self.service.clip_counts().items():
+            if count > counts[how]:
+                self.clip_counters[how].increment(count - counts[how])
         responses = []
         for i, inp in enumerate(inputs):
             result = errors[i] if inp is None else next(results)
