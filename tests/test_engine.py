@@ -104,9 +104,9 @@ def test_interleave_schedule(pipe, question_wav, ref_voice, monkeypatch):
     widths, thinker_calls = [], []
     orig_step, orig_decode = engine.frames.backbone_step, engine.thinker.decode
 
-    def spy_step(x, positions, last, key_len, row_start=0):
+    def spy_step(x, positions, last, key_len, row_start=0, from_start=False):
         widths.append((x.shape[1], last.tolist(), positions[:, 0].tolist()))
-        return orig_step(x, positions, last, key_len, row_start)
+        return orig_step(x, positions, last, key_len, row_start, from_start)
 
     def spy_decode(tokens, positions, key_len):
         h, nxt = orig_decode(tokens, positions, key_len)
@@ -157,9 +157,9 @@ def test_thinker_stops_after_im_end_pair(pipe, question_wav, ref_voice, monkeypa
             nxt = torch.full_like(nxt, im_end)
         return h, nxt
 
-    def step(x, positions, last, key_len, row_start=0):
+    def step(x, positions, last, key_len, row_start=0, from_start=False):
         widths.append(int(last[0]) + 1)  # inputs the row really fed
-        return orig_step(x, positions, last, key_len, row_start)
+        return orig_step(x, positions, last, key_len, row_start, from_start)
 
     monkeypatch.setattr(engine.thinker, "decode", decode)
     monkeypatch.setattr(engine.frames, "backbone_step", step)

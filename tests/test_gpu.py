@@ -221,6 +221,32 @@ def test_math_attention_steps_match_sdpa_in_bf16():
     assert (outs[0] - outs[1]).abs().max() <= 0.02 * outs[0].abs().max()
 
 
+@pytest.mark.parametrize("compiled", [False, True])
+def test_prefill_from_start_matches_the_masked_prefill_in_bf16(compiled):
+    """A prompt's prefill by causal SDPA without a mask (`from_start`, a flash kernel on the GPU)
+    against the masked kernel, in bf16, eager and through torch.compile: states and written keys
+    within bf16 tolerance (other kernels, other summation order), the same keys bitwise (they do
+    not depend on attention in the first layer)."""
+    from test_trunk_attention import _trunk
+
+    outs = []
+    g = torch.Generator(device="cuda").manual_seed(0)
+    x = torch.randn(4, 300, 64, device="cuda", dtype=torch.bfloat16, generator=g)
+    for from_start in (False, True):
+        trunk = _trunk("cuda", torch.bfloat16).set_compiled(compiled)
+        cache, rotary = trunk.new_cache(4, 512, "cuda", torch.bfloat16)
+        with torch.no_grad():
+            h = trunk(x, cache, rotary, torch.arange(300, device="cuda")[None].repeat(4, 1), key_len=300,
+                      from_start=from_start)
+        outs.append((h.float(), cache.k.clone()))
+    (a, ka), (b, kb) = outs
+    cos = torch.nn.functional.cosine_similarity(a.flatten(1), b.flatten(1)).min()
+    assert cos > 0.999, cos
+    assert (a - b).abs().max() <= 0.02 * a.abs().max()
+    assert torch.equal(ka[0], kb[0])
+    assert (ka[1].float() - kb[1].float()).abs().max() <= 0.02 * ka[1].float().abs().max()
+
+
 def test_decode_attention_matches_sdpa_and_serves_through_graphs(pipe, question_wav, ref_voice):
     """`decode_attention` on the GPU in bf16: a trunk's decoding steps (rows at different lengths,
     1 and 3 positions) agree with SDPA's within bf16 tolerance; an engine with it on every trunk,

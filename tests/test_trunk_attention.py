@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 
+import pytest
 import torch
 
 from chroma_triton.config import RopeConfig, TrunkConfig
@@ -67,3 +68,26 @@ def test_math_attention_steps_match_sdpa_and_prefills_keep_sdpa():
     finally:
         torch.nn.functional.scaled_dot_product_attention = orig
     assert called == [2 * 9, 2 * 9], called  # each layer's prefill; the step used attend_math
+
+
+def test_prefill_from_start_matches_the_masked_prefill():
+    """`from_start` (a prompt's prefill: causal SDPA over the call's own keys, no mask) gives the
+    masked prefill's states and cache rows, for rows of one padded length written at row_start;
+    steps after it read those keys as before. Misuse (key_len not L) is refused."""
+    trunk = _trunk()
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(3, 11, 64, generator=g)
+    step = torch.randn(3, 1, 64, generator=g)
+    pos = torch.arange(11)[None].repeat(3, 1)
+    outs = {}
+    for from_start in (False, True):
+        cache, rotary = trunk.new_cache(5, 32, "cpu", torch.float32)
+        h = trunk(x, cache, rotary, pos, key_len=11, row_start=1, from_start=from_start)
+        after = trunk(step, cache, rotary, torch.full((3, 1), 11), key_len=12, row_start=1)
+        outs[from_start] = (h, after, cache.k.clone(), cache.v.clone())
+    for masked, causal in zip(outs[False], outs[True]):
+        torch.testing.assert_close(causal, masked, rtol=1e-5, atol=1e-5)
+    assert outs[True][2][:, 0].abs().sum() == 0 and outs[True][2][:, 4].abs().sum() == 0  # other rows untouched
+    cache, rotary = trunk.new_cache(3, 32, "cpu", torch.float32)
+    with pytest.raises(ValueError, match="from_start"):
+        trunk(x, cache, rotary, pos, key_len=16, from_start=True)

@@ -1220,7 +1220,8 @@ class ChromaEngine:
             prompts = [torch.cat([self._backbone_prompt(r), tails[i]]) for i, (r, _) in enumerate(items)]
             x, lengths = pad_batch(prompts)
             positions = torch.arange(x.shape[1], device=dev).expand(len(items), -1)
-            states = self.frames.backbone_step(x, positions, lengths - 1, x.shape[1], row_start=row)
+            states = self.frames.backbone_step(x, positions, lengths - 1, x.shape[1], row_start=row,
+                                                  from_start=True)
             ends = [p.shape[0] for p in prompts]
         skip = {self.special.im_end, self.special.im_start}
         for i, ((req, stream), token) in enumerate(zip(items, t1.tolist())):
@@ -1306,7 +1307,7 @@ class ChromaEngine:
         prompts = [self._backbone_prompt(r) for r in reqs]
         x, lengths = pad_batch(prompts)
         positions = torch.arange(x.shape[1], device=self.device).expand(len(reqs), -1)
-        self.frames.backbone_step(x, positions, lengths - 1, x.shape[1], row_start=row)
+        self.frames.backbone_step(x, positions, lengths - 1, x.shape[1], row_start=row, from_start=True)
         cache = self.frames.backbone_cache
         return [(cache.k[:, row + j, :, :p.shape[0]].clone(), cache.v[:, row + j, :, :p.shape[0]].clone())
                 for j, p in enumerate(prompts)]

@@ -16,9 +16,10 @@ overwrites before any query reads them (causal mask).
 Long prompts (a conversation's history: every earlier turn's audio and text) get long buckets
 with fewer rows: a bucket exists while its rows x length stay within `max_tokens` (one row
 always), so the scratch rows and the matrix products' activations stay those of the short
-buckets (`admission_buckets`); only the attention mask grows with the length (rows x length^2
-values: 2 x 4096 takes four times 16 x 512's). The scratch is one allocation of that many positions, which each bucket
-sees as rows x length (`ScratchCache`). An admission whose prompts differ in length is split by
+buckets (`admission_buckets`). A prompt's prefill starts at position 0, so attention is SDPA's
+causal kind with no additive mask (`Trunk.forward`'s `from_start`), which would grow as
+rows x length^2. The scratch is one allocation of that many positions, which each bucket sees as
+rows x length (`ScratchCache`). An admission whose prompts differ in length is split by
 `PrefillGraphs.plan` into groups of similar length, each one replay (prompts sorted by length,
 the split that pads least, counting a replay's own cost); prompts longer than `max_len` are
 prefilled eagerly, as one group, and the others still go through graphs.
@@ -232,7 +233,7 @@ class PrefillGraphs(_ScratchGraphs):
         rows = x.shape[0]
         positions = torch.arange(key_len, device=x.device).expand(rows, -1)
         h = self.thinker.lm.model(x, self.scratch.bucket(rows, key_len), self.thinker.rotary, positions, key_len,
-                                  row_start=0)
+                                  from_start=True)
         last = h[torch.arange(rows, device=x.device), lengths - 1]
         return last, self.thinker.greedy(last)
 

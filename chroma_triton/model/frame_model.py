@@ -110,10 +110,12 @@ class FrameModel(nn.Module):
         return self.backbone.audio_embedding.frame(codes)
 
     # -- backbone -----------------------------------------------------------------------------
-    def backbone_step(self, x: torch.Tensor, positions: torch.Tensor, last: torch.Tensor, key_len: int, row_start: int = 0):
+    def backbone_step(self, x: torch.Tensor, positions: torch.Tensor, last: torch.Tensor, key_len: int, row_start: int = 0,
+                      from_start: bool = False):
         """x [B, L, H] at positions [B, L] of rows row_start..; returns the state at index `last` [B]
-        of each row: [B, H]."""
-        h = self.backbone.model(x, self.backbone_cache, self.backbone_rotary, positions, key_len, row_start)
+        of each row: [B, H]. `from_start`: a prompt's prefill (see Trunk.forward)."""
+        h = self.backbone.model(x, self.backbone_cache, self.backbone_rotary, positions, key_len, row_start,
+                                from_start=from_start)
         return h[torch.arange(h.shape[0], device=h.device), last]
 
     def move_row(self, src: int, dst: int) -> None:

@@ -112,7 +112,7 @@ class TorchThinker:
     def prefill(self, row_start, prompts, max_new_tokens=None):
         x, lengths = self.prompt_batch(prompts)
         positions = torch.arange(x.shape[1], device=self.device).expand(x.shape[0], -1)
-        h = self.lm.model(x, self.cache, self.rotary, positions, x.shape[1], row_start=row_start)
+        h = self.lm.model(x, self.cache, self.rotary, positions, x.shape[1], row_start=row_start, from_start=True)
         last = h[torch.arange(len(prompts), device=self.device), lengths - 1]
         return last, self.greedy(last)
 

@@ -146,7 +146,9 @@ class Attention(nn.Module):
 
     def forward(self, x, cos, sin, k_cache, v_cache, positions, mask, key_len):
         """x [B, L, H]; k_cache/v_cache [B, kvh, T, D]: this layer's cache rows of the batch (a view);
-        positions [B, L]; mask [B, 1, G*L, key_len] additive (0 or -inf), G = heads per kv head."""
+        positions [B, L]; mask [B, 1, G*L, key_len] additive (0 or -inf), G = heads per kv head,
+        or None for a prefill from position 0 (positions 0..L-1 in every row, key_len L): then the
+        queries attend causally to this call's own keys and values (`Trunk.forward`'s `from_start`)."""
         b, length, _ = x.shape
         qk, v = self._project(x)
         # rope on q and k together: one set of kernels for both
@@ -158,6 +160,9 @@ class Attention(nn.Module):
         batch = torch.arange(b, device=x.device)[:, None]
         k_cache[batch, :, positions] = k.transpose(1, 2)
         v_cache[batch, :, positions] = v.transpose(1, 2)
+        if mask is None:  # from position 0: causal over these keys, no mask to build or read
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+            return linear(out.transpose(1, 2).reshape(b, length, -1), self.o_proj.weight)
         # Grouped-query attention without copying the cache: the query heads that share a kv head
         # become extra query rows of that head ([B, kvh, G*L, D]); `mask` is already repeated G times.
         group = self.num_heads // self.num_kv_heads
@@ -274,6 +279,7 @@ class Trunk(nn.Module):
         positions: torch.Tensor,
         key_len: int,
         row_start: int = 0,
+        from_start: bool = False,
     ) -> torch.Tensor:
         """x [B, L, H] at `positions` [B, L] of cache rows row_start..row_start+B-1; returns post-norm
         states [B, L, H].
@@ -281,11 +287,20 @@ class Trunk(nn.Module):
         Rows of a batch are contiguous (the engine keeps them so), so each layer works on a view
         of the cache. `key_len` bounds the keys read; the engine passes a host-side bucket at or
         above max position + 1 (no device sync), so a captured graph fits many steps.
+
+        `from_start`: the caller's promise that every row's positions are 0..L-1 and key_len is L
+        (a prompt's prefill). Attention is then SDPA's causal kind over the call's own keys and
+        values, with no additive mask: that mask has rows x heads-per-kv-head x L^2 values (half a
+        GiB for 2 prompts of 4096 positions) and forces a masked kernel that computes every key block.
         """
         b = x.shape[0]
         cos, sin = rotary.lookup(positions)
-        # made once per call for every layer
-        mask = causal_mask(positions, key_len, self.cfg.num_heads // self.cfg.num_kv_heads, x.dtype)
+        if from_start:
+            if key_len != x.shape[1] or positions.shape[1] != key_len:
+                raise ValueError("from_start: positions must be 0..L-1 and key_len L")
+            mask = None
+        else:  # made once per call for every layer
+            mask = causal_mask(positions, key_len, self.cfg.num_heads // self.cfg.num_kv_heads, x.dtype)
         rows = slice(row_start, row_start + b)
         run = compiled_layer() if self.compiled and not getattr(_EAGER, "on", False) else _run_layer
         for i, layer in enumerate(self.layers):
