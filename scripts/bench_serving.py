@@ -326,9 +326,10 @@ def parse_args(argv=None):
                          "a text reply; about 120 prompt tokens each), or LO + seed mod (HI - LO + 1) of them "
                          "(0: the README's request)")
     ap.add_argument("--conversations", action="store_true",
-                    help="with --history-turns LO-HI: each stream is a conversation of its own that grows by a turn "
-                         "each round (min(LO + round, HI) earlier turns), every user turn its own clip, sent inline "
-                         "on both paths; each level run has new conversations")
+                    help="with --history-turns LO-HI: each stream is a conversation of its own, LO + stream mod "
+                         "(HI - LO + 1) turns deep at the start and a turn deeper each round, resending at most HI "
+                         "earlier turns (the latest), every user turn its own clip, sent inline on both paths; each "
+                         "level run has new conversations")
     ap.add_argument("--request-timeout", type=float, default=900.0)
     ap.add_argument("--baseline-frames", type=int, default=30, help="frames of the naive loop (0: skip it)")
     ap.add_argument("--baseline-device", default="auto")

@@ -56,19 +56,24 @@ def test_conversations_grow_by_a_turn_each_round_with_clips_of_their_own():
     from chroma_triton.serving.protocol import MESSAGES, USER_AUDIO, parse_messages, resolve_audio_parts
 
     w = Workload(history_turns=(0, 2), conversations=True)
-    rounds = [w.user_clips(99, Turn(run=5, stream=2, round=r)) for r in range(4)]
-    assert [len(c) for c in rounds] == [1, 2, 3, 3]  # min(0 + round, 2) earlier turns, then this one
+    rounds = [w.user_clips(99, Turn(run=5, stream=3, round=r)) for r in range(4)]
+    # stream 3 starts 3 mod 3 = 0 turns deep: min(round, 2) earlier turns, then this one
+    assert [len(c) for c in rounds] == [1, 2, 3, 3]
     assert rounds[1][:1] == rounds[0] and rounds[2][:2] == rounds[1]  # a turn resends the earlier clips
+    assert rounds[3][:2] == rounds[2][1:]  # ...but the oldest once the window (2 earlier turns) is full
     assert len(set(rounds[2])) == 3  # every turn its own clip
-    others = w.user_clips(99, Turn(run=5, stream=3, round=2)) + w.user_clips(99, Turn(run=6, stream=2, round=2))
+    assert [w.turns(0, Turn(5, s, 0)) for s in range(4)] == [0, 1, 2, 0]  # levels mix shallow and deep ones
+    deep = [w.user_clips(99, Turn(run=5, stream=2, round=r)) for r in range(2)]
+    assert [len(c) for c in deep] == [3, 3] and deep[1][:2] == deep[0][1:]
+    others = w.user_clips(99, Turn(run=5, stream=2, round=2)) + w.user_clips(99, Turn(run=6, stream=3, round=2))
     assert not set(others) & set(rounds[2])  # nor shared with another conversation or run
     original, _ = sf.read(w.question, dtype="int16")
     tagged, rate = sf.read(io.BytesIO(rounds[2][2]), dtype="int16")
     assert rate == 16000 and len(tagged) == len(original) and np.abs(tagged.astype(int) - original).max() <= 1
-    body = w.chat_body(7, Turn(5, 2, 2))  # inline on the frontend path too
+    body = w.chat_body(7, Turn(5, 3, 2))  # inline on the frontend path too
     sent = [base64.b64decode(m["content"][0]["audio"]) for m in body["messages"] if m["role"] == "user"]
     assert sent == rounds[2]
-    arrays = w.ensemble_arrays(7, Turn(5, 2, 2))
+    arrays = w.ensemble_arrays(7, Turn(5, 3, 2))
     assert list(arrays[USER_AUDIO].reshape(-1)) == rounds[2]
     _, used = resolve_audio_parts(parse_messages(arrays[MESSAGES][0].decode()), 3)
     assert used == [0, 1, 2]
@@ -175,7 +180,7 @@ def test_bench_serving_against_the_stack(triton_install, tmp_path):
            "--warmup", "1", "--no-level-warmup", "--baseline-frames", "3", "--keep-streams", "--out", str(out),
            "--client-procs", "2",  # the 2-stream levels run one stream in each of two client processes
            "--rounds", "2",  # ...each sending two requests one after the other (one stream too)
-           "--history-turns", "0-1", "--conversations",  # round 2: a conversation's second turn (two clips of its own)
+           "--history-turns", "0-1", "--conversations",  # stream 0 starts with no history, stream 1 one turn deep
            "--server-match", str(tmp_path / "stack")]  # this stack's processes only
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -201,11 +206,12 @@ def test_bench_serving_against_the_stack(triton_install, tmp_path):
         assert lv["frames_received"] == lv["frames_reported"] <= n * MAX_TOKENS
         assert lv["triton_counters_delta"]["chroma_lm_audio_frames_total{chroma_lm}"] == lv["frames_received"]
         assert lv["triton_counters_delta"]["nv_inference_request_success{audio_encoder}"] == n
-        # --conversations: round 1 resends round 0's clip, which the encoder's clip cache holds; the
-        # next run's conversations are new, so nothing carries over from a warm-up or level before
+        # --conversations: round 1 resends round 0's latest clip, which the encoder's clip cache holds
+        # (stream 0: 1 clip, then 2; stream 1: 2, then 2 with the oldest dropped); the next run's
+        # conversations are new, so nothing carries over from a warm-up or level before
         clips = {how: lv["triton_counters_delta"].get(f"chroma_audio_encoder_clips_total{{audio_encoder,{how}}}")
                  for how in ("embedded", "reused")}
-        assert clips == {"embedded": 2 * c, "reused": c}, clips
+        assert clips == ({"embedded": 2, "reused": 1} if c == 1 else {"embedded": 5, "reused": 2}), clips
         chunks = [v for k, v in lv["triton_counters_delta"].items() if k.startswith("chroma_codec_chunks_total{")]
         assert sum(chunks) > 0
         # this stack's processes, found by their command lines (CPU time comes in 10 ms ticks: a

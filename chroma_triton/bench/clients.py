@@ -88,11 +88,14 @@ class Workload:
     seed s has lo + s mod (hi - lo + 1) of them, every user turn the question clip (over gRPC one
     clip that each turn names; through the frontend each turn sends it).
 
-    ``conversations``: instead, each stream of a level run is a conversation of its own that grows
-    by a turn each round (round r: min(lo + r, hi) earlier turns), every user turn its own clip
-    (the question clip with the run, stream and turn in its lowest bits, ``tagged_clip``), sent
-    inline on both paths: round r + 1 sends round r's clips again, as a client does, and no two
-    conversations or runs share a clip (so what a server caches by content shows as it would)."""
+    ``conversations``: instead, each stream of a level run is a conversation of its own, already
+    ``lo + stream mod (hi - lo + 1)`` turns deep when the level starts (so a level holds shallow and
+    deep conversations at once, as a server in steady use does) and a turn deeper each round. A
+    request resends at most ``hi`` earlier turns, the latest (as an agent that trims its history
+    does). Every user turn has its own clip (the question clip with the run, stream and turn in its
+    lowest bits, ``tagged_clip``), sent inline on both paths: round r + 1 sends round r's clips
+    again but the oldest once the window is full, and no two conversations or runs share a clip (so
+    what a server caches by content shows as it would)."""
 
     question: Path = ASSETS / "question_audio.wav"
     voice: Path = ASSETS / "ref_audio.wav"
@@ -108,15 +111,21 @@ class Workload:
         """Earlier exchanges in the request of ``seed`` (``turn``: which request it is)."""
         lo, hi = self.history_turns
         if self.conversations and turn is not None:
-            return min(lo + turn.round, hi)
+            return min(self.conversation_turn(turn), hi)
         return lo + seed % (hi - lo + 1)
+
+    def conversation_turn(self, turn: Turn) -> int:
+        """In ``conversations``: how many turns the conversation of ``turn`` had before it."""
+        lo, hi = self.history_turns
+        return lo + turn.stream % (hi - lo + 1) + turn.round
 
     def user_clips(self, seed: int, turn: Turn | None = None) -> list[bytes] | None:
         """Each user turn's clip, oldest first, in ``conversations``; else None (the question clip)."""
         if not (self.conversations and turn is not None):
             return None
+        now = self.conversation_turn(turn)
         return [tagged_clip(self.question, (turn.run << 32) | (turn.stream << 16) | j)
-                for j in range(self.turns(seed, turn) + 1)]
+                for j in range(now - self.turns(seed, turn), now + 1)]
 
     def chat_body(self, seed: int, turn: Turn | None = None) -> dict:
         def audio(path: Path) -> str:
