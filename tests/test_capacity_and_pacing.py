@@ -68,6 +68,10 @@ def test_rows_are_limited_by_free_memory():
     scratch = plan_rows(256, per_row, free_bytes=70 * GIB, fraction=0.9, reserve_bytes=4 * GIB, scratch_bytes=GIB)
     assert scratch.rows == int((70 * GIB * 0.9 - 5 * GIB) // per_row) < plan.rows
     assert "1.00 GiB for admission scratch rows" in scratch.describe()
+    prefixes = plan_rows(256, per_row, free_bytes=70 * GIB, fraction=0.9, reserve_bytes=4 * GIB, scratch_bytes=GIB,
+                         prefix_cache_bytes=2 * GIB)  # thinker_prefix_cache_mib: its bound, before it fills
+    assert prefixes.rows == int((70 * GIB * 0.9 - 7 * GIB) // per_row) < scratch.rows
+    assert "2.00 GiB for thinker prefixes" in prefixes.describe()
 
 
 def test_too_little_memory_for_one_stream_is_a_clear_error():

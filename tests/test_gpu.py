@@ -483,6 +483,38 @@ def test_compiled_prefill_graphs_match_the_eager_admission(pipe, question_wav, r
         pipe.parts.thinker_lm.model.set_compiled(False)
 
 
+def test_prefix_cached_turns_prefill_what_the_admission_graphs_do(pipe, question_wav, ref_voice):
+    """`thinker_prefix_cache_mib` on the GPU: conversations' later turns take their start from the
+    cache and prefill the rest eagerly (masked attention over the copied keys); their states, greedy
+    tokens and keys agree with the admission graphs' whole-prompt prefill within bf16 tolerance."""
+    from test_engine import history_request
+    from chroma_triton.engine.thinker_prefix import BLOCK, prompt_block_keys
+
+    pipe.engine.shutdown()
+    engine = ChromaEngine(pipe.parts, EngineOptions(max_batch=8, prefill_graphs=True, thinker_prefix_cache_mib=64,
+                                                    thinker_prefix_min_tokens=BLOCK))
+    earlier = [history_request(pipe, question_wav, ref_voice, turns=t) for t in (0, 1)]
+    later = [history_request(pipe, question_wav, ref_voice, turns=t) for t in (2, 3)]
+    for r in earlier + later:
+        r.prefix_keys = prompt_block_keys(r.thinker_ids, r.audio_embeds, pipe.parts.special.audio)
+    thinker = engine.thinker
+    with torch.no_grad():
+        engine._prefill_thinker(0, [(r, None) for r in earlier], {})
+        engine._store_prefixes(0, [(r, None) for r in earlier])
+        items = [(r, None) for r in later]
+        matches = engine._prefix_matches(items)
+        assert len(matches) == 2
+        h, t = engine._prefill_thinker(2, items, matches)
+        h_graph, t_graph = engine._prefill_thinker(4, items, {})
+    assert engine.counters["prefill_prefix_prompts"] == 2 and engine.prefill_graphs.calls >= 2
+    cos = torch.nn.functional.cosine_similarity(h.float(), h_graph.float()).min()
+    assert cos > 0.999, cos
+    for i, r in enumerate(later):
+        n = len(r.thinker_ids)
+        a, b = thinker.cache.k[:, 2 + i, :, :n].float(), thinker.cache.k[:, 4 + i, :, :n].float()
+        assert (a - b).abs().max() <= 0.05 * b.abs().max()
+
+
 def test_fused_sampler_matches_pytorch_on_the_gpu():
     """The Triton sampler compiled: the token sampling.sample picks for float32 logits (but where
     exp/log round differently in the last bits), nothing top-k, top-p or greedy rule out for bf16

@@ -365,6 +365,21 @@ def test_admission_wait_clock_comes_from_the_config():
     assert engine_options(ModelArgs.from_triton({"model_config": json.dumps(cfg)})).admission_wait_clock == "arrival"
 
 
+def test_the_thinker_prefix_cache_is_off_unless_the_config_sizes_it():
+    """The shipped config.pbtxt leaves it off (0 MiB) with 256 positions to match."""
+    from chroma_triton.serving.triton_lm import engine_options
+
+    shipped = (ROOT / "model_repository" / "chroma_lm" / "config.pbtxt").read_text()
+    assert 'key: "thinker_prefix_cache_mib" value: { string_value: "0" }' in shipped
+    assert 'key: "thinker_prefix_min_tokens" value: { string_value: "256" }' in shipped
+    opts = engine_options(ModelArgs.from_triton({"model_config": json.dumps({"name": "chroma_lm"})}))
+    assert (opts.thinker_prefix_cache_mib, opts.thinker_prefix_min_tokens) == (0, 256)
+    cfg = {"name": "chroma_lm", "parameters": {"thinker_prefix_cache_mib": {"string_value": "2048"},
+                                               "thinker_prefix_min_tokens": {"string_value": "128"}}}
+    opts = engine_options(ModelArgs.from_triton({"model_config": json.dumps(cfg)}))
+    assert (opts.thinker_prefix_cache_mib, opts.thinker_prefix_min_tokens) == (2048, 128)
+
+
 # -- audio encoder ---------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def encoder_parts(tiny_checkpoint):

@@ -4,8 +4,9 @@ Every row preallocates its KV caches at the engine's context lengths: the thinke
 holds the thinker's cache), the backbone's and the depth decoder's. On a GPU the engine asks for
 `max_batch` rows but takes only as many as fit in `kv_memory_fraction` of the memory that is free
 once the weights are loaded, after keeping `activation_reserve_gib` for activations, prefill
-workspaces and CUDA-graph pools, and the scratch rows of the admission graphs (`prefill_graphs`,
-engine/prefill_graphs.py), which are allocated with the caches. Requests beyond the rows wait in
+workspaces and CUDA-graph pools, the scratch rows of the admission graphs (`prefill_graphs`,
+engine/prefill_graphs.py), which are allocated with the caches, and the thinker prefix cache's
+bound (`thinker_prefix_cache_mib`, engine/thinker_prefix.py), which fills as prompts come. Requests beyond the rows wait in
 the queue; they never make the server run out of memory mid-reply.
 """
 
@@ -54,6 +55,7 @@ class CapacityPlan:
     free_bytes: int | None  # device memory free before the caches (None: not measured, CPU)
     budget_bytes: int | None  # what the caches may take
     scratch_bytes: int = 0  # the admission graphs' scratch rows, kept out of the budget
+    prefix_cache_bytes: int = 0  # the thinker prefix cache's bound, kept out of it too
 
     def describe(self) -> str:
         per_row = f"{self.per_row_bytes / (1 << 20):.1f} MiB of KV per stream"
@@ -61,30 +63,32 @@ class CapacityPlan:
             return f"{self.rows} streams ({per_row}; not sized from memory on this device)"
         limited = " (limited by memory)" if self.rows < self.requested else ""
         scratch = f", {self.scratch_bytes / GIB:.2f} GiB for admission scratch rows" if self.scratch_bytes else ""
+        prefixes = f", {self.prefix_cache_bytes / GIB:.2f} GiB for thinker prefixes" if self.prefix_cache_bytes else ""
         return (f"{self.rows} of {self.requested} requested streams{limited}: {per_row}, "
-                f"{self.free_bytes / GIB:.1f} GiB free, {self.budget_bytes / GIB:.1f} GiB for KV caches{scratch}")
+                f"{self.free_bytes / GIB:.1f} GiB free, {self.budget_bytes / GIB:.1f} GiB for KV caches{scratch}{prefixes}")
 
 
 def plan_rows(requested: int, per_row_bytes: int, free_bytes: int | None, fraction: float,
-              reserve_bytes: int, scratch_bytes: int = 0) -> CapacityPlan:
+              reserve_bytes: int, scratch_bytes: int = 0, prefix_cache_bytes: int = 0) -> CapacityPlan:
     """Rows to allocate: `requested`, or fewer when `free_bytes` (None: do not size) cannot hold them
-    beside `reserve_bytes` and `scratch_bytes`."""
+    beside `reserve_bytes`, `scratch_bytes` and `prefix_cache_bytes`."""
     if requested < 1:
         raise ValueError(f"max_batch must be >= 1, got {requested}")
     if not 0 < fraction <= 1:
         raise ValueError(f"kv_memory_fraction must lie in (0, 1], got {fraction}")
     if free_bytes is None:
-        return CapacityPlan(requested, requested, per_row_bytes, None, None, scratch_bytes)
-    budget = max(0, int(free_bytes * fraction) - reserve_bytes - scratch_bytes)
+        return CapacityPlan(requested, requested, per_row_bytes, None, None, scratch_bytes, prefix_cache_bytes)
+    budget = max(0, int(free_bytes * fraction) - reserve_bytes - scratch_bytes - prefix_cache_bytes)
     fit = budget // max(per_row_bytes, 1)
     if fit < 1:
         raise MemoryError(
             f"not enough device memory for one stream: each needs {per_row_bytes / GIB:.2f} GiB of KV cache "
             f"(thinker_max_len / backbone_max_len set its size), but only {budget / GIB:.2f} GiB of the "
             f"{free_bytes / GIB:.2f} GiB free may be used (kv_memory_fraction {fraction}, "
-            f"activation reserve {reserve_bytes / GIB:.1f} GiB, admission scratch rows {scratch_bytes / GIB:.2f} GiB); "
-            f"shorten the contexts or free the GPU")
-    return CapacityPlan(min(requested, fit), requested, per_row_bytes, free_bytes, budget, scratch_bytes)
+            f"activation reserve {reserve_bytes / GIB:.1f} GiB, admission scratch rows {scratch_bytes / GIB:.2f} GiB, "
+            f"thinker prefix cache {prefix_cache_bytes / GIB:.2f} GiB); shorten the contexts or free the GPU")
+    return CapacityPlan(min(requested, fit), requested, per_row_bytes, free_bytes, budget, scratch_bytes,
+                        prefix_cache_bytes)
 
 
 def free_device_bytes(device: torch.device) -> int | None:

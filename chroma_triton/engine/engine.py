@@ -51,6 +51,7 @@ from .graphs import StepRunner, batch_buckets, bucket, length_buckets
 from .pacing import AdmissionPacer, StreamState
 from .prefill_graphs import TAIL_MAX_LEN, BackboneTailGraphs, PrefillGraphs, scratch_positions_up_to
 from .trace import EngineTrace
+from .thinker_prefix import BLOCK, PrefixMatch, ThinkerPrefixCache, prompt_block_keys
 from .voice_prefix import VoicePrefixCache, copy_prefixes, voice_key
 from .request import AudioChunk, Finished, GenerationRequest, RequestFailed, RequestStream, SamplingParams, TextDelta
 
@@ -119,6 +120,11 @@ class EngineOptions:
     thinker_ahead: bool = True  # run the thinker's step for the next talking step right after this one,
     #                              on a second CUDA stream, concurrently with the silent frame step between
     voice_prefix_cache: int = 32  # voices whose backbone prefix keys/values are kept (engine/voice_prefix.py); 0: off
+    thinker_prefix_cache_mib: int = 0  # device memory for earlier prompts' thinker keys/values, so a prompt that
+    #                                    starts as a stored one (a conversation's next turn, a shared system
+    #                                    prompt) prefills only the rest (engine/thinker_prefix.py; PyTorch
+    #                                    thinker); 0: off. Kept out of the KV rows' budget
+    thinker_prefix_min_tokens: int = 256  # ...reused only when at least this many positions match
     compile: bool = False  # torch.compile each decoder layer and the sampler (fused kernels; CPU: needs a C++ compiler)
     # kernel choices for steps, same results (bench_engine.py --variants compares them on a GPU):
     math_attention: str = ""  # trunks ("thinker,backbone,decoder") whose steps attend by matmuls, not SDPA
@@ -286,6 +292,9 @@ class ChromaEngine:
                          # the prompts of those prefills by path: admission graphs, or eager (no graphs,
                          # or longer than their buckets)
                          "prefill_graph_prompts": 0, "prefill_eager_prompts": 0,
+                         # prompts that started as a stored one (thinker_prefix_cache_mib) and the
+                         # positions they took from it instead of prefilling them
+                         "prefill_prefix_prompts": 0, "prefill_prefix_tokens": 0,
                          # the pacer's estimates of those prefills (once it has one), and by how much
                          # they ran over them in all: an overrun is a stall the running streams were
                          # not kept ready for
@@ -304,6 +313,13 @@ class ChromaEngine:
         self._captured_at_start = False
         self._inflight: _Launched | None = None
         self.voice_prefixes = VoicePrefixCache(self.opts.voice_prefix_cache)
+        self.thinker_prefixes: ThinkerPrefixCache | None = None
+        if self.opts.thinker_prefix_cache_mib and isinstance(self.thinker, TorchThinker):
+            self.thinker_prefixes = ThinkerPrefixCache(self.opts.thinker_prefix_cache_mib << 20,
+                                                       self.opts.thinker_prefix_min_tokens)
+        elif self.opts.thinker_prefix_cache_mib:
+            log.warning("thinker_prefix_cache_mib applies to the PyTorch thinker only; this engine's thinker "
+                        "(%s) keeps its own caches", type(self.thinker).__name__)
         self._dead: str | None = None  # why the loop stopped, once it has
         self._pinned: dict[tuple, list[torch.Tensor]] = {}
         self._ahead: _Ahead | None = None
@@ -370,8 +386,11 @@ class ChromaEngine:
             tail_positions = scratch_positions_up_to(rows, min(self._tail_graph_len(), o.backbone_max_len))
             scratch = admission_scratch_bytes(self.cfg, prompt_positions if prefill_graphs else 0,
                                               tail_positions if o.voice_prefix_cache else 0, dtype_bytes)
+        if o.thinker_prefix_cache_mib < 0:
+            raise ValueError("thinker_prefix_cache_mib must be >= 0 (0: off)")
+        prefix_cache = o.thinker_prefix_cache_mib << 20 if torch_thinker or isinstance(thinker, TorchThinker) else 0
         self.capacity = plan_rows(o.max_batch, per_row, free_device_bytes(self.device), o.kv_memory_fraction,
-                                  int(o.activation_reserve_gib * GIB), scratch)
+                                  int(o.activation_reserve_gib * GIB), scratch, prefix_cache)
         log.info("engine capacity: %s", self.capacity.describe())
         o.max_batch = self.capacity.rows
         if thinker is None:
@@ -539,6 +558,8 @@ class ChromaEngine:
             raise EngineError(self._dead)
         req.sampling = req.sampling.validated(self.default_top_k, self.opts.max_frames)
         self._validate(req)
+        if self.thinker_prefixes is not None:  # hashed here, on the caller's thread, not the engine's
+            req.prefix_keys = prompt_block_keys(req.thinker_ids, req.audio_embeds, self.special.audio)
         if self._pending.qsize() + len(self._staged) >= self.opts.max_queue:
             raise CapacityError(f"server busy: {self.opts.max_queue} requests already waiting; retry later")
         stream = RequestStream(req.request_id, on_end=self._release_claim)
@@ -1209,9 +1230,13 @@ class ChromaEngine:
     def _prefill_eager(self, items: list[tuple[GenerationRequest, RequestStream]]) -> list[torch.Tensor]:
         row = len(self._active)
         dev = self.device
-        if self.prefill_graphs is not None:  # rows in order of length: prompts of a length share a graph bucket
-            items = sorted(items, key=lambda item: len(item[0].thinker_ids))
-        h0, t1 = self._prefill_thinker(row, items)
+        matches = self._prefix_matches(items)
+        if self.prefill_graphs is not None or matches:
+            # prompts found in the prefix cache last (one group); the others in order of length:
+            # prompts of a length share a graph bucket
+            items = sorted(items, key=lambda item: (id(item[0]) in matches, len(item[0].thinker_ids)))
+        h0, t1 = self._prefill_thinker(row, items, matches)
+        self._store_prefixes(row, items)
         firsts = self.thinker.embed(t1).to(self._dtype)
         tails = torch.stack([h0.to(self._dtype), firsts], dim=1)  # [n, 2, H]: each request's own positions
         if self.voice_prefixes.capacity:
@@ -1235,36 +1260,71 @@ class ChromaEngine:
                 self.counters["admitted"] += 1
         return list(states)
 
-    def _prefill_thinker(self, row: int, items: list[tuple[GenerationRequest, RequestStream]]):
-        """The thinker's prefill of `items` into rows row..: through the admission graphs, one
-        replay per group of similar length (`PrefillGraphs.plan`; `items` in ascending length),
-        prompts longer than every bucket eagerly; without the graphs, one eager call. Returns the
-        last states [n, H] and the greedy next ids [n]."""
+    def _prefill_thinker(self, row: int, items: list[tuple[GenerationRequest, RequestStream]],
+                         matches: dict[int, PrefixMatch]):
+        """The thinker's prefill of `items` into rows row..: prompts with a stored prefix
+        (`matches`, by id of the request; they come last in `items`) compute only the positions
+        after it, as one eager group; the others go through the admission graphs, one replay per
+        group of similar length (`PrefillGraphs.plan`; in ascending length), prompts longer than
+        every bucket eagerly; without the graphs, one eager call. Returns the last states [n, H]
+        and the greedy next ids [n]."""
         # ids stay on the host: the thinker batches them into one copy (model.thinker.prompt_batch)
         prompts = [(torch.tensor(r.thinker_ids, dtype=torch.long), r.audio_embeds) for r, _ in items]
         budgets = [self._thinker_budget(r) for r, _ in items]
+        fresh = sum(1 for r, _ in items if id(r) not in matches)  # the first `fresh` items have no match
         graphs = self.prefill_graphs
-        if graphs is None:
-            self.counters["prefill_eager_prompts"] += len(items)
-            return self.thinker.prefill(row, prompts, max_new_tokens=budgets)
-        groups = graphs.plan([len(r.thinker_ids) for r, _ in items])
-        states, ids, at, graphed_prompts = [], [], 0, 0
-        for count, graphed in groups:
+        groups: list[tuple[int, str]] = []  # consecutive (count, how): "graph", "eager" or "prefix"
+        if fresh and graphs is not None:
+            groups += [(count, "graph" if graphed else "eager")
+                       for count, graphed in graphs.plan([len(r.thinker_ids) for r, _ in items[:fresh]])]
+        elif fresh:
+            groups.append((fresh, "eager"))
+        if fresh < len(items):
+            groups.append((len(items) - fresh, "prefix"))
+        states, ids, at, done = [], [], 0, {"graph": 0, "eager": 0, "prefix": 0}
+        for count, how in groups:
             part = slice(at, at + count)
-            if graphed:
+            if how == "graph":
                 h, t = graphs.prefill(row + at, prompts[part])
                 if len(groups) > 1:  # the next replay reuses the graphs' memory
                     h, t = h.clone(), t.clone()
-            else:
+            elif how == "eager":
                 h, t = self.thinker.prefill(row + at, prompts[part], max_new_tokens=budgets[part])
-            graphed_prompts += count if graphed else 0
+            else:
+                found = [matches[id(r)] for r, _ in items[part]]
+                h, t = self.thinker.prefill_after(row + at, prompts[part], [(m.length, m.k, m.v) for m in found])
+            done[how] += count
             states.append(h)
             ids.append(t)
             at += count
         # counted once every group ran (a failed admission is retried request by request)
-        self.counters["prefill_graph_prompts"] += graphed_prompts
-        self.counters["prefill_eager_prompts"] += len(items) - graphed_prompts
+        self.counters["prefill_graph_prompts"] += done["graph"]
+        self.counters["prefill_eager_prompts"] += done["eager"]
+        self.counters["prefill_prefix_prompts"] += done["prefix"]
+        self.counters["prefill_prefix_tokens"] += sum(m.length for m in matches.values())
         return (states[0], ids[0]) if len(groups) == 1 else (torch.cat(states), torch.cat(ids))
+
+    def _prefix_matches(self, items: list[tuple[GenerationRequest, RequestStream]]) -> dict[int, PrefixMatch]:
+        """Stored prefixes of the items' prompts (thinker_prefix_cache_mib), by id of the request."""
+        cache = self.thinker_prefixes
+        if cache is None:
+            return {}
+        found = {id(r): cache.match(r.prefix_keys or [], len(r.thinker_ids)) for r, _ in items}
+        return {key: m for key, m in found.items() if m is not None}
+
+    def _store_prefixes(self, row: int, items: list[tuple[GenerationRequest, RequestStream]]) -> None:
+        """Keep the whole blocks of the prompts just prefilled into rows row.. (thinker_prefix_cache_mib),
+        unless they are stored already: copies, since a row is overwritten once its request leaves."""
+        cache = self.thinker_prefixes
+        if cache is None:
+            return
+        for i, (req, _) in enumerate(items):
+            keys = req.prefix_keys
+            if not keys or len(keys) * BLOCK < cache.min_tokens or cache.covers(keys):
+                continue
+            n = len(keys) * BLOCK
+            kv = self.thinker.cache
+            cache.put(keys, kv.k[:, row + i, :, :n].clone(), kv.v[:, row + i, :, :n].clone())
 
     def _prefill_backbone_cached(self, row: int, reqs: list[GenerationRequest], tails: torch.Tensor):
         """Backbone prefill of rows row.. with voice prefixes from `voice_prefixes`: prefixes not

@@ -59,6 +59,8 @@ class GenerationRequest:
     audio_embeds: torch.Tensor | None = None  # [num <|AUDIO|> tokens, hidden]
     sampling: SamplingParams = field(default_factory=SamplingParams)
     request_id: str = ""
+    # set by the engine on submit when it keeps thinker prefixes (engine/thinker_prefix.py)
+    prefix_keys: list[bytes] | None = field(default=None, repr=False)
 
 
 # -- events -----------------------------------------------------------------------------------

@@ -296,7 +296,7 @@ class _Relay:
 _INT_OPTIONS = ("max_batch", "thinker_max_len", "backbone_max_len", "max_frames", "first_chunk_frames",
                 "chunk_frames", "context_frames", "max_queue", "max_prefills_per_step", "prefill_token_budget",
                 "forced_admissions", "voice_prefix_cache", "topk_segments", "prefill_graph_max_len",
-                "prefill_graph_tokens")
+                "prefill_graph_tokens", "thinker_prefix_cache_mib", "thinker_prefix_min_tokens")
 _FLOAT_OPTIONS = ("start_slack_s", "admission_margin_s", "max_admission_wait_s", "max_queue_wait_s", "kv_memory_fraction",
                   "activation_reserve_gib", "switch_interval_ms", "pacing_sigmas")
 _BOOL_OPTIONS = ("admission_pacing", "admission_slack", "cuda_graphs", "capture_at_start", "overlap", "thinker_ahead",

@@ -109,6 +109,12 @@ class TritonPythonModel:
             "prefill_eager_prompts": family("chroma_lm_prefill_eager_prompts_total",
                                             "Prompts prefilled eagerly: no admission graphs, or longer than "
                                             "their longest bucket (prefill_graph_max_len, thinker_max_len)", C),
+            "prefill_prefix_prompts": family("chroma_lm_prefill_prefix_prompts_total",
+                                             "Prompts that started as a stored one (thinker_prefix_cache_mib): "
+                                             "only their later positions were prefilled", C),
+            "prefill_prefix_tokens": family("chroma_lm_prefill_prefix_tokens_total",
+                                            "Prompt positions taken from the thinker prefix cache instead of "
+                                            "prefilled", C),
             "prefill_estimate_s": family("chroma_lm_prefill_estimate_seconds_total",
                                          "The admission pacer's estimates of those prefills (once it has one)", C),
             "prefill_overrun_s": family("chroma_lm_prefill_overrun_seconds_total",

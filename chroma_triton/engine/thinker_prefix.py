@@ -1,0 +1,132 @@
+"""The thinker's keys and values of earlier prompts, kept so that a later prompt that starts the
+same way prefills only the rest (`EngineOptions.thinker_prefix_cache_mib`).
+
+A voice agent resends its whole conversation with every turn: turn n's prompt is turn n-1's
+prompt, the assistant's reply and the new user turn. Its first positions' keys and values are
+therefore those the previous turn computed, and so are those of a system prompt that every
+conversation shares. They depend on nothing but the inputs at and before each position (causal
+attention, absolute positions from 0), so the engine copies them into the new request's row and
+prefills only the positions after them.
+
+Prompts are matched in blocks of `BLOCK` positions. `prompt_block_keys` gives one key per whole
+block, a digest of everything up to that block's end: the token ids and, at `<|AUDIO|>`
+positions, the audio tower's embedding bytes (a clip is matched by what the thinker sees of it).
+`ThinkerPrefixCache` keeps each stored prompt's whole blocks on the device, once, under every
+block's key, so a prompt that shares only the first blocks of a stored one (a system prompt) finds
+them too. It is bounded by bytes and evicts the least recently used prompt.
+
+The reused keys and values were computed in another batch, possibly through another kernel
+(an admission graph's bucket): equal to recomputing them up to the kernels' rounding.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+BLOCK = 64
+
+
+def prompt_block_keys(ids: list[int], audio: torch.Tensor | None, audio_token_id: int) -> list[bytes]:
+    """One key per whole block of the prompt `ids` (audio: the embeddings of its `<|AUDIO|>`
+    positions in order, [n, H]): key b covers positions 0 .. (b + 1) * BLOCK - 1."""
+    tokens = np.asarray(ids, dtype=np.int64)
+    is_audio = tokens == audio_token_id
+    rows, kind = None, ""
+    if audio is not None and int(is_audio.sum()):
+        t = audio.detach().cpu().reshape(int(is_audio.sum()), -1).contiguous()
+        kind = str(t.dtype)
+        rows = (t.view(torch.int16) if t.dtype == torch.bfloat16 else t).numpy()  # numpy has no bfloat16
+    audio_before = np.concatenate([[0], np.cumsum(is_audio)])  # audio rows before each position
+    h = hashlib.sha256(kind.encode())
+    keys = []
+    for b in range(len(tokens) // BLOCK):
+        lo, hi = b * BLOCK, (b + 1) * BLOCK
+        h.update(tokens[lo:hi].tobytes())
+        if rows is not None and audio_before[hi] > audio_before[lo]:
+            h.update(rows[audio_before[lo]:audio_before[hi]].data)
+        keys.append(h.digest())  # the running digest: everything up to this block's end
+    return keys
+
+
+@dataclass
+class PrefixMatch:
+    """A stored prompt's first `length` positions: keys and values [layers, kv_heads, >= length,
+    head_dim] (views of the stored tensors beyond `length` hold that prompt's later positions)."""
+
+    length: int
+    k: torch.Tensor
+    v: torch.Tensor
+
+
+class _Stored:
+    __slots__ = ("keys", "k", "v", "nbytes")
+
+    def __init__(self, keys: list[bytes], k: torch.Tensor, v: torch.Tensor):
+        self.keys, self.k, self.v = keys, k, v
+        self.nbytes = k.numel() * k.element_size() * 2
+
+
+class ThinkerPrefixCache:
+    """Stored prompts' keys and values on the device, at most `max_bytes` of them (0: off)."""
+
+    def __init__(self, max_bytes: int, min_tokens: int = BLOCK):
+        if max_bytes < 0:
+            raise ValueError("the thinker prefix cache's size must be >= 0")
+        self.max_bytes = max_bytes
+        self.min_tokens = max(min_tokens, BLOCK)
+        self._prompts: OrderedDict[int, _Stored] = OrderedDict()  # by id, least recently used first
+        self._index: dict[bytes, list[int]] = {}  # block key -> ids of the stored prompts that have it, newest last
+        self._next_id = 0
+        self.nbytes = 0
+
+    def __len__(self) -> int:
+        return len(self._prompts)
+
+    def match(self, keys: list[bytes], prompt_len: int) -> PrefixMatch | None:
+        """The longest stored prefix of a prompt of `prompt_len` positions whose block keys are
+        `keys`: at least `min_tokens` positions, and at least one position short of the prompt
+        (its last state is computed, not stored). None if there is none."""
+        for b in range(min(len(keys), (prompt_len - 1) // BLOCK), 0, -1):
+            if b * BLOCK < self.min_tokens:
+                return None
+            holders = self._index.get(keys[b - 1])
+            if holders:
+                pid = holders[-1]
+                stored = self._prompts[pid]
+                self._prompts.move_to_end(pid)
+                return PrefixMatch(b * BLOCK, stored.k, stored.v)
+        return None
+
+    def covers(self, keys: list[bytes]) -> bool:
+        """Whether every whole block of a prompt with these keys is stored already."""
+        return bool(keys) and keys[-1] in self._index
+
+    def put(self, keys: list[bytes], k: torch.Tensor, v: torch.Tensor) -> None:
+        """Store a prompt's whole blocks (k, v [layers, kv_heads, len(keys) * BLOCK, head_dim], the
+        cache's own copies) under each block's key, evicting the least recently used prompts to
+        stay within `max_bytes`. A prompt larger than the whole cache is not stored."""
+        stored = _Stored(list(keys), k, v)
+        if not keys or stored.nbytes > self.max_bytes:
+            return
+        while self._prompts and self.nbytes + stored.nbytes > self.max_bytes:
+            self._evict()
+        pid = self._next_id
+        self._next_id += 1
+        self._prompts[pid] = stored
+        self.nbytes += stored.nbytes
+        for key in keys:
+            self._index.setdefault(key, []).append(pid)  # the newest holder of a shared block answers for it
+
+    def _evict(self) -> None:
+        pid, stored = self._prompts.popitem(last=False)
+        self.nbytes -= stored.nbytes
+        for key in stored.keys:
+            holders = self._index[key]
+            holders.remove(pid)
+            if not holders:
+                del self._index[key]

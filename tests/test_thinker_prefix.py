@@ -1,0 +1,198 @@
+"""The thinker prefix cache (engine/thinker_prefix.py): block keys, the store, and the engine
+prefilling only what follows a stored prompt, on the tiny checkpoint (CPU)."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+
+from chroma_triton.engine import ChromaEngine, EngineOptions
+from chroma_triton.engine.thinker_prefix import BLOCK, ThinkerPrefixCache, prompt_block_keys
+from chroma_triton.engine import GenerationRequest, SamplingParams
+from chroma_triton.pipeline import ChromaPipeline
+from test_engine import collect, history_request, make_engine
+
+AUDIO = 99
+
+
+@pytest.fixture(scope="module")
+def pipe(tiny_checkpoint):
+    """The tiny checkpoint on the CPU; the tests make their own engines over its parts."""
+    p = ChromaPipeline.from_pretrained(tiny_checkpoint, options=EngineOptions(max_batch=8))
+    yield p
+    p.close()
+
+
+def _prompt(n: int, audio_at=(), seed=0):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, 50, (n,), generator=g).tolist()
+    for i in audio_at:
+        ids[i] = AUDIO
+    return ids, torch.randn(len(audio_at), 8, generator=g)
+
+
+def test_block_keys_cover_everything_up_to_each_block_end():
+    ids, audio = _prompt(200, audio_at=range(70, 80))
+    keys = prompt_block_keys(ids, audio, AUDIO)
+    assert len(keys) == 200 // BLOCK == 3 and len(set(keys)) == 3
+    # a longer prompt that starts the same way (a conversation's next turn) shares the keys
+    longer = prompt_block_keys(ids + [1, 2, 3] * 40, torch.cat([audio, torch.zeros(0, 8)]), AUDIO)
+    assert longer[:3] == keys and len(longer) == 5
+    # another token in block 1: blocks 0 stays, 1 and later change
+    other = list(ids)
+    other[100] = (other[100] + 1) % 50
+    changed = prompt_block_keys(other, audio, AUDIO)
+    assert changed[0] == keys[0] and changed[1] != keys[1] and changed[2] != keys[2]
+    # the same ids with other audio embeddings (another clip of as many tokens) in block 1
+    moved = audio.clone()
+    moved[3, 5] += 1e-3
+    keyed = prompt_block_keys(ids, moved, AUDIO)
+    assert keyed[0] == keys[0] and keyed[1] != keys[1]
+    # bf16 embeddings hash too (numpy has no bfloat16), and differ from float32 ones
+    assert prompt_block_keys(ids, audio.bfloat16(), AUDIO)[1] != keys[1]
+    assert prompt_block_keys(ids[:63], None, AUDIO) == []
+
+
+def shared_blocks(req, stored) -> int:
+    """Whole blocks of `req`'s prompt that start one of `stored`'s too, leaving one position."""
+    def common(a, b):
+        n = 0
+        while n < min(len(a), len(b)) and a[n] == b[n]:
+            n += 1
+        return n
+    best = max(common(req.thinker_ids, s.thinker_ids) for s in stored)
+    return min(best // BLOCK, (len(req.thinker_ids) - 1) // BLOCK)
+
+
+def _kv(positions: int, fill: float):
+    shape = (2, 1, positions, 4)  # layers, kv heads, positions, head dim
+    return torch.full(shape, fill), torch.full(shape, -fill)
+
+
+def test_the_store_finds_the_longest_stored_prefix_and_stays_in_its_bytes():
+    a_ids, a_audio = _prompt(5 * BLOCK + 10, audio_at=range(3, 9), seed=1)
+    a = prompt_block_keys(a_ids, a_audio, AUDIO)
+    per_block = 2 * 2 * 1 * BLOCK * 4 * 4  # k and v, float32
+    cache = ThinkerPrefixCache(max_bytes=12 * per_block, min_tokens=2 * BLOCK)
+    assert cache.match(a, len(a_ids)) is None
+    cache.put(a[:4], *_kv(4 * BLOCK, 1.0))  # a prompt of 4 whole blocks (another turn of the same start)
+    assert cache.covers(a[:4]) and not cache.covers(a)
+    m = cache.match(a, len(a_ids))
+    assert m.length == 4 * BLOCK and m.k.shape[2] == 4 * BLOCK and float(m.k[0, 0, 0, 0]) == 1.0
+    # a prompt that shares only the first 2 blocks finds those (a shared system prompt)
+    b_ids = a_ids[:2 * BLOCK] + [7] * (3 * BLOCK)
+    b = prompt_block_keys(b_ids, a_audio, AUDIO)
+    assert cache.match(b, len(b_ids)).length == 2 * BLOCK
+    # ...but not below min_tokens, and never the whole prompt (its last state is computed)
+    c_ids = a_ids[:BLOCK] + [7] * (3 * BLOCK)
+    assert cache.match(prompt_block_keys(c_ids, a_audio, AUDIO), len(c_ids)) is None
+    assert cache.match(a[:4], 4 * BLOCK).length == 3 * BLOCK
+    # bounded by bytes: least recently used prompts go first; one larger than the bound is not kept
+    cache.put(b, *_kv(5 * BLOCK, 2.0))
+    assert cache.nbytes == 9 * per_block and len(cache) == 2
+    assert cache.match(b, len(b_ids) + 1).length == 5 * BLOCK
+    d_ids, d_audio = _prompt(4 * BLOCK, seed=3)
+    d = prompt_block_keys(d_ids, d_audio, AUDIO)
+    cache.match(a, len(a_ids))  # a used last: b is the least recently used
+    cache.put(d, *_kv(4 * BLOCK, 3.0))
+    assert len(cache) == 2 and cache.nbytes == 8 * per_block and cache.covers(d)
+    assert cache.match(a, len(a_ids)).length == 4 * BLOCK
+    # b went; the two blocks it shared with a are found in a again
+    found = cache.match(b, len(b_ids) + 1)
+    assert found.length == 2 * BLOCK and float(found.k[0, 0, 0, 0]) == 1.0
+    cache.put(prompt_block_keys(*_prompt(13 * BLOCK, seed=4), AUDIO), *_kv(13 * BLOCK, 4.0))
+    assert len(cache) == 2 and cache.nbytes == 8 * per_block  # too large: not stored, nothing evicted
+    with pytest.raises(ValueError):
+        ThinkerPrefixCache(-1)
+
+
+def test_a_turn_after_a_stored_one_prefills_what_the_whole_prompt_prefill_does(pipe, question_wav, ref_voice):
+    """The thinker's prefill of a conversation's next turn after the previous turn's prompt was
+    stored: only the positions after the stored blocks are computed, and the states, greedy
+    tokens and every row's keys and values are those of prefilling the whole prompt."""
+    pipe.engine.shutdown()
+    engine = ChromaEngine(pipe.parts, EngineOptions(max_batch=8, thinker_prefix_cache_mib=64,
+                                                    thinker_prefix_min_tokens=BLOCK))
+    earlier = [history_request(pipe, question_wav, ref_voice, turns=t) for t in (0, 1)]
+    later = [history_request(pipe, question_wav, ref_voice, turns=t) for t in (1, 2)]
+    for r in earlier + later:
+        r.prefix_keys = prompt_block_keys(r.thinker_ids, r.audio_embeds, pipe.parts.special.audio)
+    for r, nxt in zip(earlier, later):  # the property the cache relies on: a turn starts as the one before
+        assert nxt.thinker_ids[:len(r.thinker_ids)] == r.thinker_ids
+    thinker, cache = engine.thinker, engine.thinker_prefixes
+    with torch.no_grad():
+        engine._prefill_thinker(0, [(r, None) for r in earlier], {})
+        engine._store_prefixes(0, [(r, None) for r in earlier])
+        assert len(cache) == 2
+        items = [(r, None) for r in later]
+        matches = engine._prefix_matches(items)
+        # the longest whole-block start shared with a stored prompt, short of the whole prompt: turn 1
+        # finds all of its own earlier copy but its last position, turn 2 all of turn 1's blocks
+        assert [matches[id(r)].length for r in later] == [shared_blocks(r, earlier) * BLOCK for r in later]
+        assert [m.length for m in matches.values()] == [3 * BLOCK, 3 * BLOCK]
+        h, t = engine._prefill_thinker(2, items, matches)
+        h_whole, t_whole = thinker.prefill(4, [(torch.tensor(r.thinker_ids), r.audio_embeds) for r in later])
+    assert engine.counters["prefill_prefix_prompts"] == 2
+    assert engine.counters["prefill_prefix_tokens"] == sum(m.length for m in matches.values())
+    torch.testing.assert_close(h, h_whole)
+    assert torch.equal(t, t_whole)
+    for i, r in enumerate(later):
+        n = len(r.thinker_ids)
+        torch.testing.assert_close(thinker.cache.k[:, 2 + i, :, :n], thinker.cache.k[:, 4 + i, :, :n])
+        torch.testing.assert_close(thinker.cache.v[:, 2 + i, :, :n], thinker.cache.v[:, 4 + i, :, :n])
+    with pytest.raises(ValueError):  # a prefix must leave a position to compute
+        r = later[0]
+        thinker.prefill_after(0, [(torch.tensor(r.thinker_ids), r.audio_embeds)],
+                              [(len(r.thinker_ids), thinker.cache.k[:, 0], thinker.cache.v[:, 0])])
+
+
+def conversation_turn(pipe, question_wav, ref_voice, conversation: int, turn: int) -> GenerationRequest:
+    """Conversation `conversation`'s request after `turn` earlier exchanges: its first words name it
+    (conversations part at their 15th prompt token), then the question clip and a text reply per
+    exchange."""
+    reply = "Sure, the weather today is sunny with a light breeze from the west."
+    opening = [{"type": "text", "text": f"This is conversation {conversation}."}]
+    messages = []
+    for t in range(turn + 1):
+        messages.append({"role": "user", "content": (opening if t == 0 else []) + [{"type": "audio", "audio": question_wav}]})
+        if t < turn:
+            messages.append({"role": "assistant", "content": reply})
+    return pipe.prepare(messages, ref_voice[0], ref_voice[1],
+                        SamplingParams(seed=10 * turn + conversation, max_tokens=8))
+
+
+@pytest.mark.parametrize("graphs", [False, True])
+def test_conversations_through_the_engine_stream_what_they_stream_without_the_cache(pipe, question_wav, ref_voice,
+                                                                                    graphs):
+    """Through the loop: a conversation turn by turn, with a second conversation's turns beside it
+    in the same admissions; with the cache every later turn takes its start from it (admission
+    graphs or not for the rest) and every request streams the codes it streams without the cache.
+    The cache's memory is kept out of the rows' budget."""
+    turns = [[conversation_turn(pipe, question_wav, ref_voice, c, t) for c in range(2)] for t in range(3)]
+    codes, stats = {}, {}
+    for mib in (0, 16):
+        engine = make_engine(pipe, max_batch=4, thinker_prefix_cache_mib=mib, thinker_prefix_min_tokens=BLOCK,
+                             prefill_graphs=graphs, prefill_graph_max_len=512, prefill_graph_tokens=1024)
+        try:
+            assert engine.capacity.prefix_cache_bytes == mib << 20
+            out = []
+            for pair in turns:  # each turn's two requests admitted together, after the turn before
+                out += [collect(s) for s in [engine.submit(copy.deepcopy(r)) for r in pair]]
+            stats[mib] = engine.stats()
+        finally:
+            engine.shutdown()
+        assert all(r["finished"] is not None and r["failed"] is None for r in out)
+        codes[mib] = [r["codes"] for r in out]
+    assert stats[0]["prefill_prefix_prompts"] == 0
+    # turns 1 and 2 of both, each from its own conversation's turn before: the two conversations
+    # part at their 15th token (their first words), below min_tokens
+    assert stats[16]["prefill_prefix_prompts"] == 4, stats[16]
+    expect = sum(len(turns[t - 1][0].thinker_ids) // BLOCK * BLOCK for t in (1, 2)) * 2
+    assert stats[16]["prefill_prefix_tokens"] == expect
+    fresh = stats[16]["prefill_graph_prompts"] + stats[16]["prefill_eager_prompts"]
+    assert fresh == 2 and (stats[16]["prefill_graph_prompts"] == 2) == graphs
+    for a, b in zip(codes[0], codes[16]):
+        np.testing.assert_array_equal(a, b)
