@@ -82,6 +82,7 @@ def test_the_store_finds_the_longest_stored_prefix_and_stays_in_its_bytes():
     assert cache.covers(a[:4]) and not cache.covers(a)
     m = cache.match(a, len(a_ids))
     assert m.length == 4 * BLOCK and m.k.shape[2] == 4 * BLOCK and float(m.k[0, 0, 0, 0]) == 1.0
+    assert cache.matched_length(a, len(a_ids)) == 4 * BLOCK  # what planning asks (no use counted)
     # a prompt that shares only the first 2 blocks finds those (a shared system prompt)
     b_ids = a_ids[:2 * BLOCK] + [7] * (3 * BLOCK)
     b = prompt_block_keys(b_ids, a_audio, AUDIO)
@@ -133,6 +134,8 @@ def test_a_turn_after_a_stored_one_prefills_what_the_whole_prompt_prefill_does(p
         # finds all of its own earlier copy but its last position, turn 2 all of turn 1's blocks
         assert [matches[id(r)].length for r in later] == [shared_blocks(r, earlier) * BLOCK for r in later]
         assert [m.length for m in matches.values()] == [3 * BLOCK, 3 * BLOCK]
+        # the admission pacer plans with the positions left to compute
+        assert [engine._thinker_positions(r) for r in later] == [len(r.thinker_ids) - 3 * BLOCK for r in later]
         h, t = engine._prefill_thinker(2, items, matches)
         h_whole, t_whole = thinker.prefill(4, [(torch.tensor(r.thinker_ids), r.audio_embeds) for r in later])
     assert engine.counters["prefill_prefix_prompts"] == 2

@@ -91,7 +91,8 @@ class EngineOptions:
     max_queue_wait_s: float = 30.0  # a request still waiting for a row after this long is refused
     #                                 ("server busy", HTTP 429) rather than answered later; 0: no limit
     max_prefills_per_step: int = 16  # requests prefilled together (one batched call) per step
-    prefill_token_budget: int = 4096  # ...and their prompt tokens, so a burst does not stall running streams
+    prefill_token_budget: int = 4096  # ...and their prompt tokens (to compute: less a stored prefix), so a burst
+    #                                  does not stall running streams
     admission_pacing: bool = True  # admit only what running streams can wait for (engine/pacing.py)
     admission_margin_s: float = 0.2  # audio kept in hand at every listener when admitting (0.1 before
     #                                  session 9: 0.2 cut 256-stream late requests from ~50 to 0-3 per 512, runs 37)
@@ -1146,7 +1147,7 @@ class ChromaEngine:
             if costs and tokens >= self.opts.prefill_token_budget:
                 break
             costs.append(self._prefill_tokens(req))
-            tokens += len(req.thinker_ids)
+            tokens += self._thinker_positions(req)
         return costs
 
     def _stage_pending(self) -> None:
@@ -1160,10 +1161,17 @@ class ChromaEngine:
                 self._staged.append(item)
 
     def _prefill_tokens(self, req: GenerationRequest) -> int:
-        """Prompt positions a prefill computes: the thinker's and the backbone's (two when the
-        voice's prefix is cached)."""
+        """Prompt positions a prefill computes: the thinker's (less what its prefix cache holds)
+        and the backbone's (two when the voice's prefix is cached)."""
         cached = self.voice_prefixes.capacity and voice_key(req.prompt_text_ids, req.prompt_codes) in self.voice_prefixes
-        return len(req.thinker_ids) + (2 if cached else len(req.prompt_text_ids) + len(req.prompt_codes) + 5)
+        return self._thinker_positions(req) + (2 if cached else len(req.prompt_text_ids) + len(req.prompt_codes) + 5)
+
+    def _thinker_positions(self, req: GenerationRequest) -> int:
+        """The thinker's prompt positions a prefill computes: all, less what the prefix cache holds."""
+        n = len(req.thinker_ids)
+        if self.thinker_prefixes is not None and req.prefix_keys:
+            n -= self.thinker_prefixes.matched_length(req.prefix_keys, n)
+        return n
 
     def _stream_states(self) -> list[StreamState]:
         now, plan = time.monotonic(), self._chunk_plan()

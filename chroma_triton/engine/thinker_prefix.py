@@ -90,16 +90,28 @@ class ThinkerPrefixCache:
     def match(self, keys: list[bytes], prompt_len: int) -> PrefixMatch | None:
         """The longest stored prefix of a prompt of `prompt_len` positions whose block keys are
         `keys`: at least `min_tokens` positions, and at least one position short of the prompt
-        (its last state is computed, not stored). None if there is none."""
+        (its last state is computed, not stored). None if there is none. Counts as a use (LRU)."""
+        found = self._find(keys, prompt_len)
+        if found is None:
+            return None
+        pid, blocks = found
+        self._prompts.move_to_end(pid)
+        stored = self._prompts[pid]
+        return PrefixMatch(blocks * BLOCK, stored.k, stored.v)
+
+    def matched_length(self, keys: list[bytes], prompt_len: int) -> int:
+        """What `match` would reuse, in positions (0: nothing), without counting as a use: for
+        planning an admission's cost."""
+        found = self._find(keys, prompt_len)
+        return 0 if found is None else found[1] * BLOCK
+
+    def _find(self, keys: list[bytes], prompt_len: int) -> tuple[int, int] | None:
         for b in range(min(len(keys), (prompt_len - 1) // BLOCK), 0, -1):
             if b * BLOCK < self.min_tokens:
                 return None
             holders = self._index.get(keys[b - 1])
             if holders:
-                pid = holders[-1]
-                stored = self._prompts[pid]
-                self._prompts.move_to_end(pid)
-                return PrefixMatch(b * BLOCK, stored.k, stored.v)
+                return holders[-1], b
         return None
 
     def covers(self, keys: list[bytes]) -> bool:
