@@ -928,10 +928,10 @@ def test_grouped_admission_prefills_what_the_eager_prefill_does(pipe, question_w
     assert engine.prefill_graphs.plan(lengths) == [(2, True), (1, True), (1, False)]
     thinker = engine.thinker
     with torch.no_grad():
-        h_grouped, t_grouped = engine._prefill_thinker(0, [(r, None) for r in reqs], {})
+        h_grouped, t_grouped, counts = engine._prefill_thinker(0, [(r, None) for r in reqs], {})
         h_eager, t_eager = thinker.prefill(4, [(torch.tensor(r.thinker_ids), r.audio_embeds) for r in reqs])
     assert engine.prefill_graphs.calls == 2
-    assert engine.counters["prefill_graph_prompts"] == 3 and engine.counters["prefill_eager_prompts"] == 1
+    assert counts["prefill_graph_prompts"] == 3 and counts["prefill_eager_prompts"] == 1
     torch.testing.assert_close(h_grouped, h_eager)
     assert torch.equal(t_grouped, t_eager)
     for i, n in enumerate(lengths):

@@ -504,9 +504,9 @@ def test_prefix_cached_turns_prefill_what_the_admission_graphs_do(pipe, question
         items = [(r, None) for r in later]
         matches = engine._prefix_matches(items)
         assert len(matches) == 2
-        h, t = engine._prefill_thinker(2, items, matches)
-        h_graph, t_graph = engine._prefill_thinker(4, items, {})
-    assert engine.counters["prefill_prefix_prompts"] == 2 and engine.prefill_graphs.calls >= 2
+        h, t, counts = engine._prefill_thinker(2, items, matches)
+        h_graph, t_graph, _ = engine._prefill_thinker(4, items, {})
+    assert counts["prefill_prefix_prompts"] == 2 and engine.prefill_graphs.calls >= 2
     cos = torch.nn.functional.cosine_similarity(h.float(), h_graph.float()).min()
     assert cos > 0.999, cos
     for i, r in enumerate(later):

@@ -104,10 +104,31 @@ def test_the_store_finds_the_longest_stored_prefix_and_stays_in_its_bytes():
     # b went; the two blocks it shared with a are found in a again
     found = cache.match(b, len(b_ids) + 1)
     assert found.length == 2 * BLOCK and float(found.k[0, 0, 0, 0]) == 1.0
-    cache.put(prompt_block_keys(*_prompt(13 * BLOCK, seed=4), AUDIO), *_kv(13 * BLOCK, 4.0))
-    assert len(cache) == 2 and cache.nbytes == 8 * per_block  # too large: not stored, nothing evicted
+    big = prompt_block_keys(*_prompt(13 * BLOCK, seed=4), AUDIO)
+    assert not cache.make_room(big, 13 * per_block)  # too large: not stored, nothing evicted
+    cache.put(big, *_kv(13 * BLOCK, 4.0))
+    assert len(cache) == 2 and cache.nbytes == 8 * per_block
+    # storing a prompt that contains a stored one whole (its conversation's next turn) drops that one
+    a_next = prompt_block_keys(a_ids + [5] * (2 * BLOCK), a_audio, AUDIO)
+    assert a_next[:5] == a and cache.make_room(a_next, 7 * per_block)
+    assert len(cache) == 1 and cache.nbytes == 4 * per_block and cache.covers(d)  # a dropped; d fits beside it
+    cache.put(a_next, *_kv(7 * BLOCK, 5.0))
+    assert cache.match(a, len(a_ids)).length == 5 * BLOCK and cache.nbytes == 11 * per_block
+    assert cache.make_room(b, 5 * per_block) and not cache.covers(d)  # d, the least recent, makes room
     with pytest.raises(ValueError):
         ThinkerPrefixCache(-1)
+
+
+def test_prefix_groups_bound_padding_and_attention():
+    from chroma_triton.engine.thinker_prefix import prefix_groups
+
+    assert prefix_groups([50, 60, 70], [500, 600, 700], max_queries=1000) == [3]
+    assert prefix_groups([50, 60, 400], [500, 600, 900], max_queries=1000) == [2, 1]  # 3 x 400 > 1000 padded
+    assert prefix_groups([50, 60, 70], [4000, 4000, 4000], max_queries=1000, max_scores=500_000) == [2, 1]
+    assert prefix_groups([5000], [6000], max_queries=1000) == [1]  # one prompt always makes a group
+    assert prefix_groups([], [], 1000) == []
+    with pytest.raises(ValueError):
+        prefix_groups([70, 60], [700, 600], 1000)
 
 
 def test_a_turn_after_a_stored_one_prefills_what_the_whole_prompt_prefill_does(pipe, question_wav, ref_voice):
@@ -127,7 +148,7 @@ def test_a_turn_after_a_stored_one_prefills_what_the_whole_prompt_prefill_does(p
     with torch.no_grad():
         engine._prefill_thinker(0, [(r, None) for r in earlier], {})
         engine._store_prefixes(0, [(r, None) for r in earlier])
-        assert len(cache) == 2
+        assert len(cache) == 1  # turn 1 holds turn 0 whole: turn 0 was dropped for it
         items = [(r, None) for r in later]
         matches = engine._prefix_matches(items)
         # the longest whole-block start shared with a stored prompt, short of the whole prompt: turn 1
@@ -136,10 +157,10 @@ def test_a_turn_after_a_stored_one_prefills_what_the_whole_prompt_prefill_does(p
         assert [m.length for m in matches.values()] == [3 * BLOCK, 3 * BLOCK]
         # the admission pacer plans with the positions left to compute
         assert [engine._thinker_positions(r) for r in later] == [len(r.thinker_ids) - 3 * BLOCK for r in later]
-        h, t = engine._prefill_thinker(2, items, matches)
+        h, t, counts = engine._prefill_thinker(2, items, matches)
         h_whole, t_whole = thinker.prefill(4, [(torch.tensor(r.thinker_ids), r.audio_embeds) for r in later])
-    assert engine.counters["prefill_prefix_prompts"] == 2
-    assert engine.counters["prefill_prefix_tokens"] == sum(m.length for m in matches.values())
+    assert counts["prefill_prefix_prompts"] == 2
+    assert counts["prefill_prefix_tokens"] == sum(m.length for m in matches.values())
     torch.testing.assert_close(h, h_whole)
     assert torch.equal(t, t_whole)
     for i, r in enumerate(later):
@@ -199,3 +220,42 @@ def test_conversations_through_the_engine_stream_what_they_stream_without_the_ca
     assert fresh == 2 and (stats[16]["prefill_graph_prompts"] == 2) == graphs
     for a, b in zip(codes[0], codes[16]):
         np.testing.assert_array_equal(a, b)
+
+
+def test_a_failing_store_or_admission_loses_nothing(pipe, question_wav, ref_voice, monkeypatch):
+    """The cache is optional: a copy that fails is logged and the requests go on. An admission
+    that fails after the thinker's prefill (here the backbone's, once) is retried request by
+    request, and its prompts are counted once."""
+    engine = make_engine(pipe, max_batch=4, thinker_prefix_cache_mib=16, thinker_prefix_min_tokens=BLOCK)
+    try:
+        def broken_put(*args, **kwargs):
+            raise torch.cuda.OutOfMemoryError("no room for a prefix")
+
+        monkeypatch.setattr(engine.thinker_prefixes, "put", broken_put)
+        first = [conversation_turn(pipe, question_wav, ref_voice, c, 0) for c in range(2)]
+        out = [collect(s) for s in [engine.submit(copy.deepcopy(r)) for r in first]]
+        assert all(r["failed"] is None and r["finished"] is not None for r in out)
+        assert len(engine.thinker_prefixes) == 0
+        monkeypatch.undo()
+
+        calls = []
+        backbone = engine._prefill_backbone_cached
+
+        def fails_once(*args):
+            calls.append(len(args[1]))
+            if len(calls) == 1:
+                raise RuntimeError("backbone trouble")
+            return backbone(*args)
+
+        monkeypatch.setattr(engine, "_prefill_backbone_cached", fails_once)
+        before = engine.stats()
+        second = [conversation_turn(pipe, question_wav, ref_voice, c, 1) for c in range(2)]
+        streams = [engine.submit(copy.deepcopy(r)) for r in second]
+        out = [collect(s) for s in streams]
+        after = engine.stats()
+    finally:
+        engine.shutdown()
+    assert all(r["failed"] is None and r["finished"] is not None for r in out)
+    assert calls[0] in (1, 2) and calls[1:] == [1] * (len(calls) - 1)
+    fresh = sum(after[k] - before[k] for k in ("prefill_graph_prompts", "prefill_eager_prompts", "prefill_prefix_prompts"))
+    assert fresh == 2  # each prompt once, retried or not

@@ -51,7 +51,7 @@ from .graphs import StepRunner, batch_buckets, bucket, length_buckets
 from .pacing import AdmissionPacer, StreamState
 from .prefill_graphs import TAIL_MAX_LEN, BackboneTailGraphs, PrefillGraphs, scratch_positions_up_to
 from .trace import EngineTrace
-from .thinker_prefix import BLOCK, PrefixMatch, ThinkerPrefixCache, prompt_block_keys
+from .thinker_prefix import BLOCK, PrefixMatch, ThinkerPrefixCache, prefix_groups, prompt_block_keys
 from .voice_prefix import VoicePrefixCache, copy_prefixes, voice_key
 from .request import AudioChunk, Finished, GenerationRequest, RequestFailed, RequestStream, SamplingParams, TextDelta
 
@@ -560,7 +560,7 @@ class ChromaEngine:
         req.sampling = req.sampling.validated(self.default_top_k, self.opts.max_frames)
         self._validate(req)
         if self.thinker_prefixes is not None:  # hashed here, on the caller's thread, not the engine's
-            req.prefix_keys = prompt_block_keys(req.thinker_ids, req.audio_embeds, self.special.audio)
+            req.prefix_keys = prompt_block_keys(req.thinker_ids, req.audio_embeds, self.cfg.thinker.audio_token_id)
         if self._pending.qsize() + len(self._staged) >= self.opts.max_queue:
             raise CapacityError(f"server busy: {self.opts.max_queue} requests already waiting; retry later")
         stream = RequestStream(req.request_id, on_end=self._release_claim)
@@ -1240,10 +1240,13 @@ class ChromaEngine:
         dev = self.device
         matches = self._prefix_matches(items)
         if self.prefill_graphs is not None or matches:
-            # prompts found in the prefix cache last (one group); the others in order of length:
-            # prompts of a length share a graph bucket
-            items = sorted(items, key=lambda item: (id(item[0]) in matches, len(item[0].thinker_ids)))
-        h0, t1 = self._prefill_thinker(row, items, matches)
+            # prompts found in the prefix cache last, in order of the positions left to compute;
+            # the others in order of length: prompts of a length share a graph bucket
+            def order(item):
+                found = matches.get(id(item[0]))
+                return (found is not None, len(item[0].thinker_ids) - (found.length if found else 0))
+            items = sorted(items, key=order)
+        h0, t1, counts = self._prefill_thinker(row, items, matches)
         self._store_prefixes(row, items)
         firsts = self.thinker.embed(t1).to(self._dtype)
         tails = torch.stack([h0.to(self._dtype), firsts], dim=1)  # [n, 2, H]: each request's own positions
@@ -1256,6 +1259,8 @@ class ChromaEngine:
             states = self.frames.backbone_step(x, positions, lengths - 1, x.shape[1], row_start=row,
                                                   from_start=True)
             ends = [p.shape[0] for p in prompts]
+        for name, n in counts.items():  # counted once the admission went through (a failed one is retried
+            self.counters[name] += n    # request by request)
         skip = {self.special.im_end, self.special.im_start}
         for i, ((req, stream), token) in enumerate(zip(items, t1.tolist())):
             a = _Active(req=req, stream=stream, row=row + i, params=req.sampling,
@@ -1271,11 +1276,12 @@ class ChromaEngine:
     def _prefill_thinker(self, row: int, items: list[tuple[GenerationRequest, RequestStream]],
                          matches: dict[int, PrefixMatch]):
         """The thinker's prefill of `items` into rows row..: prompts with a stored prefix
-        (`matches`, by id of the request; they come last in `items`) compute only the positions
-        after it, as one eager group; the others go through the admission graphs, one replay per
-        group of similar length (`PrefillGraphs.plan`; in ascending length), prompts longer than
-        every bucket eagerly; without the graphs, one eager call. Returns the last states [n, H]
-        and the greedy next ids [n]."""
+        (`matches`, by id of the request; they come last in `items`, by the positions left)
+        compute only the positions after it, eagerly, in groups that bound the padding and the
+        attention mask (`prefix_groups`); the others go through the admission graphs, one replay
+        per group of similar length (`PrefillGraphs.plan`; in ascending length), prompts longer
+        than every bucket eagerly; without the graphs, one eager call. Returns the last states
+        [n, H], the greedy next ids [n] and the prompts by path (the prefill counters' increments)."""
         # ids stay on the host: the thinker batches them into one copy (model.thinker.prompt_batch)
         prompts = [(torch.tensor(r.thinker_ids, dtype=torch.long), r.audio_embeds) for r, _ in items]
         budgets = [self._thinker_budget(r) for r, _ in items]
@@ -1288,29 +1294,34 @@ class ChromaEngine:
         elif fresh:
             groups.append((fresh, "eager"))
         if fresh < len(items):
-            groups.append((len(items) - fresh, "prefix"))
-        states, ids, at, done = [], [], 0, {"graph": 0, "eager": 0, "prefix": 0}
+            found = [matches[id(r)] for r, _ in items[fresh:]]
+            totals = [len(r.thinker_ids) for r, _ in items[fresh:]]
+            groups += [(count, "prefix") for count in
+                       prefix_groups([n - m.length for n, m in zip(totals, found)], totals, self.opts.prefill_graph_tokens)]
+        states, ids, at = [], [], 0
+        counts = {"prefill_graph_prompts": 0, "prefill_eager_prompts": 0, "prefill_prefix_prompts": 0,
+                  "prefill_prefix_tokens": 0}
         for count, how in groups:
             part = slice(at, at + count)
             if how == "graph":
                 h, t = graphs.prefill(row + at, prompts[part])
                 if len(groups) > 1:  # the next replay reuses the graphs' memory
                     h, t = h.clone(), t.clone()
+                counts["prefill_graph_prompts"] += count
             elif how == "eager":
                 h, t = self.thinker.prefill(row + at, prompts[part], max_new_tokens=budgets[part])
+                counts["prefill_eager_prompts"] += count
             else:
                 found = [matches[id(r)] for r, _ in items[part]]
                 h, t = self.thinker.prefill_after(row + at, prompts[part], [(m.length, m.k, m.v) for m in found])
-            done[how] += count
+                counts["prefill_prefix_prompts"] += count
+                counts["prefill_prefix_tokens"] += sum(m.length for m in found)
             states.append(h)
             ids.append(t)
             at += count
-        # counted once every group ran (a failed admission is retried request by request)
-        self.counters["prefill_graph_prompts"] += done["graph"]
-        self.counters["prefill_eager_prompts"] += done["eager"]
-        self.counters["prefill_prefix_prompts"] += done["prefix"]
-        self.counters["prefill_prefix_tokens"] += sum(m.length for m in matches.values())
-        return (states[0], ids[0]) if len(groups) == 1 else (torch.cat(states), torch.cat(ids))
+        if len(groups) == 1:
+            return states[0], ids[0], counts
+        return torch.cat(states), torch.cat(ids), counts
 
     def _prefix_matches(self, items: list[tuple[GenerationRequest, RequestStream]]) -> dict[int, PrefixMatch]:
         """Stored prefixes of the items' prompts (thinker_prefix_cache_mib), by id of the request."""
@@ -1322,17 +1333,24 @@ class ChromaEngine:
 
     def _store_prefixes(self, row: int, items: list[tuple[GenerationRequest, RequestStream]]) -> None:
         """Keep the whole blocks of the prompts just prefilled into rows row.. (thinker_prefix_cache_mib),
-        unless they are stored already: copies, since a row is overwritten once its request leaves."""
+        unless they are stored already: copies, since a row is overwritten once its request leaves.
+        The cache makes room before each copy; a copy that fails (out of memory, say) is logged and
+        skipped: the admission does not depend on it."""
         cache = self.thinker_prefixes
         if cache is None:
             return
+        kv = self.thinker.cache
+        per_position = kv.k[:, 0, :, :1].numel() * kv.k.element_size() * 2
         for i, (req, _) in enumerate(items):
             keys = req.prefix_keys
             if not keys or len(keys) * BLOCK < cache.min_tokens or cache.covers(keys):
                 continue
             n = len(keys) * BLOCK
-            kv = self.thinker.cache
-            cache.put(keys, kv.k[:, row + i, :, :n].clone(), kv.v[:, row + i, :, :n].clone())
+            try:
+                if cache.make_room(keys, n * per_position):
+                    cache.put(keys, kv.k[:, row + i, :, :n].clone(), kv.v[:, row + i, :, :n].clone())
+            except Exception:  # noqa: BLE001 - a cache is optional; the request goes on without it
+                log.warning("thinker prefix cache: could not store a prompt of %d positions", n, exc_info=True)
 
     def _prefill_backbone_cached(self, row: int, reqs: list[GenerationRequest], tails: torch.Tensor):
         """Backbone prefill of rows row.. with voice prefixes from `voice_prefixes`: prefixes not

@@ -33,16 +33,16 @@ BLOCK = 64
 
 def prompt_block_keys(ids: list[int], audio: torch.Tensor | None, audio_token_id: int) -> list[bytes]:
     """One key per whole block of the prompt `ids` (audio: the embeddings of its `<|AUDIO|>`
-    positions in order, [n, H]): key b covers positions 0 .. (b + 1) * BLOCK - 1."""
+    positions in order, [n, H]; `audio_token_id`: the id the thinker replaces by them): key b
+    covers positions 0 .. (b + 1) * BLOCK - 1. Audio rows are hashed as float32 (bf16 widens
+    exactly), so a block's bytes are its 64 ids and as many rows as it has audio ids."""
     tokens = np.asarray(ids, dtype=np.int64)
     is_audio = tokens == audio_token_id
-    rows, kind = None, ""
+    rows = None
     if audio is not None and int(is_audio.sum()):
-        t = audio.detach().cpu().reshape(int(is_audio.sum()), -1).contiguous()
-        kind = str(t.dtype)
-        rows = (t.view(torch.int16) if t.dtype == torch.bfloat16 else t).numpy()  # numpy has no bfloat16
+        rows = audio.detach().reshape(int(is_audio.sum()), -1).float().cpu().contiguous().numpy()
     audio_before = np.concatenate([[0], np.cumsum(is_audio)])  # audio rows before each position
-    h = hashlib.sha256(kind.encode())
+    h = hashlib.sha256(b"chroma thinker prefix v1")
     keys = []
     for b in range(len(tokens) // BLOCK):
         lo, hi = b * BLOCK, (b + 1) * BLOCK
@@ -51,6 +51,28 @@ def prompt_block_keys(ids: list[int], audio: torch.Tensor | None, audio_token_id
             h.update(rows[audio_before[lo]:audio_before[hi]].data)
         keys.append(h.digest())  # the running digest: everything up to this block's end
     return keys
+
+
+MAX_SCORES = 1 << 24  # prefix_groups: query x key positions of one group (its mask: x heads per kv head x 2 bytes)
+
+
+def prefix_groups(rests: list[int], totals: list[int], max_queries: int, max_scores: int = MAX_SCORES) -> list[int]:
+    """Sizes of consecutive groups for prompts that start from a stored prefix (`rests`: positions
+    each computes, ascending; `totals`: their whole lengths): each group is one call padded to its
+    longest rest, so a group holds at most `max_queries` padded positions and `max_scores`
+    padded queries x keys (its attention mask's size per head). One prompt always makes a group."""
+    if any(b < a for a, b in zip(rests, rests[1:])):
+        raise ValueError("prefix_groups: rests must be ascending")
+    groups, start = [], 0
+    for i in range(1, len(rests) + 1):
+        count = i - start
+        if i < len(rests):
+            width, keys = rests[i], max(totals[start:i + 1])
+            if (count + 1) * width <= max_queries and (count + 1) * width * keys <= max_scores:
+                continue
+        groups.append(count)
+        start = i
+    return groups
 
 
 @dataclass
@@ -72,7 +94,8 @@ class _Stored:
 
 
 class ThinkerPrefixCache:
-    """Stored prompts' keys and values on the device, at most `max_bytes` of them (0: off)."""
+    """Stored prompts' keys and values on the device, at most `max_bytes` of them (0: off).
+    Recency: a prompt counts as used when stored and when `match` takes from it."""
 
     def __init__(self, max_bytes: int, min_tokens: int = BLOCK):
         if max_bytes < 0:
@@ -118,15 +141,28 @@ class ThinkerPrefixCache:
         """Whether every whole block of a prompt with these keys is stored already."""
         return bool(keys) and keys[-1] in self._index
 
+    def make_room(self, keys: list[bytes], nbytes: int) -> bool:
+        """Before storing a prompt of these block keys and `nbytes` (so its copy is made only
+        when it will be kept, and never beside a full cache): False if it can never fit; else
+        drop the stored prompts it contains whole (an earlier turn of its conversation: the new
+        one answers for all of their blocks) and then the least recently used ones until it fits."""
+        if not keys or nbytes > self.max_bytes:
+            return False
+        for key in keys:  # chained keys: a stored prompt whose last key is one of these is a prefix
+            for pid in list(self._index.get(key, ())):
+                if self._prompts[pid].keys[-1] == key:
+                    self._drop(pid)
+        while self._prompts and self.nbytes + nbytes > self.max_bytes:
+            self._drop(next(iter(self._prompts)))
+        return True
+
     def put(self, keys: list[bytes], k: torch.Tensor, v: torch.Tensor) -> None:
         """Store a prompt's whole blocks (k, v [layers, kv_heads, len(keys) * BLOCK, head_dim], the
-        cache's own copies) under each block's key, evicting the least recently used prompts to
-        stay within `max_bytes`. A prompt larger than the whole cache is not stored."""
+        cache's own copies) under each block's key (`make_room` first). A prompt larger than the
+        whole cache is not stored."""
         stored = _Stored(list(keys), k, v)
-        if not keys or stored.nbytes > self.max_bytes:
+        if not self.make_room(keys, stored.nbytes):
             return
-        while self._prompts and self.nbytes + stored.nbytes > self.max_bytes:
-            self._evict()
         pid = self._next_id
         self._next_id += 1
         self._prompts[pid] = stored
@@ -134,8 +170,8 @@ class ThinkerPrefixCache:
         for key in keys:
             self._index.setdefault(key, []).append(pid)  # the newest holder of a shared block answers for it
 
-    def _evict(self) -> None:
-        pid, stored = self._prompts.popitem(last=False)
+    def _drop(self, pid: int) -> None:
+        stored = self._prompts.pop(pid)
         self.nbytes -= stored.nbytes
         for key in stored.keys:
             holders = self._index[key]

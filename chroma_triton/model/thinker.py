@@ -121,25 +121,25 @@ class TorchThinker:
         """As `prefill`, for prompts whose first positions' keys and values are known:
         `prefixes[i]` (start, k, v), k and v [layers, kv_heads, >= start, head_dim], go into row
         row_start + i at positions 0..start-1, and only prompt i's positions from `start` on are
-        computed, attending to them (engine/thinker_prefix.py). Rows are padded to the longest
-        rest; padding writes keys past a prompt's end, as `pad_batch`'s does."""
-        n, dev = len(prompts), self.device
+        embedded and computed, attending to them (engine/thinker_prefix.py). Rows are padded to
+        the longest rest; padding writes keys past a prompt's end, as `pad_batch`'s does."""
         starts = [start for start, _, _ in prefixes]
-        total = [int(ids.numel()) for ids, _ in prompts]
-        if not all(0 < s < t for s, t in zip(starts, total)):
-            raise ValueError("prefill_after: every prefix must leave at least one position of its prompt")
+        rests = []
+        for (ids, audio), start in zip(prompts, starts):
+            ids = ids.reshape(-1)
+            if not 0 < start < ids.numel():
+                raise ValueError("prefill_after: every prefix must leave at least one position of its prompt")
+            if audio is not None:  # the audio rows of the positions from `start` on
+                audio = audio.reshape(-1, audio.shape[-1])[int((ids[:start] == self.cfg.audio_token_id).sum()):]
+            rests.append((ids[start:], audio))
         for i, (start, k, v) in enumerate(prefixes):
             self.cache.k[:, row_start + i, :, :start].copy_(k[:, :, :start])
             self.cache.v[:, row_start + i, :, :start].copy_(v[:, :, :start])
-        x, _ = self.prompt_batch(prompts)
-        rest = [t - s for t, s in zip(total, starts)]
-        at = torch.tensor(starts)[:, None] + torch.arange(max(rest))  # [n, longest rest]: absolute positions
-        take = torch.minimum(at, torch.tensor(total)[:, None] - 1)  # padding repeats a prompt's last input
-        rows = torch.arange(n, device=dev)
-        xs = x[rows[:, None], take.to(dev, non_blocking=True)]
-        positions = at.clamp(max=self.max_len - 1).to(dev, non_blocking=True)
-        h = self.lm.model(xs, self.cache, self.rotary, positions, max(total), row_start=row_start)
-        last = h[rows, torch.tensor(rest).to(dev, non_blocking=True) - 1]
+        x, lengths = self.prompt_batch(rests)
+        key_len = max(start + ids.numel() for start, (ids, _) in zip(starts, rests))
+        positions = (torch.tensor(starts)[:, None] + torch.arange(x.shape[1])).clamp(max=self.max_len - 1)
+        h = self.lm.model(x, self.cache, self.rotary, positions.to(self.device), key_len, row_start=row_start)
+        last = h[torch.arange(len(prompts), device=self.device), lengths - 1]
         return last, self.greedy(last)
 
     def decode(self, tokens, positions, key_len):

@@ -295,11 +295,12 @@ class Trunk(nn.Module):
         """
         b = x.shape[0]
         cos, sin = rotary.lookup(positions)
-        if from_start:
-            if key_len != x.shape[1] or positions.shape[1] != key_len:
-                raise ValueError("from_start: positions must be 0..L-1 and key_len L")
+        if from_start and (key_len != x.shape[1] or positions.shape[1] != key_len):
+            raise ValueError("from_start: positions must be 0..L-1 and key_len L")
+        if from_start and not (x.is_cuda and x.dtype == torch.float32):
             mask = None
-        else:  # made once per call for every layer
+        else:  # made once per call for every layer (float32 on CUDA has no flash kernel: SDPA's
+            #    math one would hold B x H x L^2 scores where the masked kernel does not)
             mask = causal_mask(positions, key_len, self.cfg.num_heads // self.cfg.num_kv_heads, x.dtype)
         rows = slice(row_start, row_start + b)
         run = compiled_layer() if self.compiled and not getattr(_EAGER, "on", False) else _run_layer
