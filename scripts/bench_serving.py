@@ -172,8 +172,9 @@ async def _measure_levels(args, targets, baseline, workload, workers) -> list[di
 def engine_summary(level: dict) -> str:
     """The chroma_lm counters of a level that explain its late chunks: admissions (and those
     forced in past the pacer), chunks the engine itself put out late (the rest of the late
-    chunks the client saw were delayed after the engine: codec, Triton, network, client), and
-    the garbage collections that stopped its process."""
+    chunks the client saw were delayed after the engine: codec, Triton, network, client), the
+    garbage collections that stopped its process, and the admitted prompts by prefill path
+    (admission graphs, eager, the rest after a stored prefix: thinker_prefix_cache_mib)."""
     deltas = level.get("triton_counters_delta")
     if not deltas:
         return "– (no chroma_lm counters: metrics not scraped)"
@@ -189,7 +190,11 @@ def engine_summary(level: dict) -> str:
             f"({total('chroma_lm_late_chunk_seconds_total'):.2f} s in all); "
             f"client saw {level.get('underrun_chunks', 0)} late chunk(s); "
             f"{total('chroma_lm_gc_full_collections_total'):.0f} full garbage collections "
-            f"({total('chroma_lm_gc_full_seconds_total'):.2f} s; all collections {total('chroma_lm_gc_seconds_total'):.2f} s)")
+            f"({total('chroma_lm_gc_full_seconds_total'):.2f} s; all collections {total('chroma_lm_gc_seconds_total'):.2f} s); "
+            f"prompts {total('chroma_lm_prefill_graph_prompts_total'):.0f} through graphs, "
+            f"{total('chroma_lm_prefill_eager_prompts_total'):.0f} eager, "
+            f"{total('chroma_lm_prefill_prefix_prompts_total'):.0f} after a stored prefix "
+            f"({total('chroma_lm_prefill_prefix_tokens_total'):.0f} positions reused)")
 
 
 def encoder_codec_summary(level: dict) -> str:
