@@ -145,3 +145,33 @@ def test_nothing_compiles_after_start_on_the_graph_path(pipe, question_wav, ref_
         engine.shutdown()
         pipe.parts.frame_model.set_compiled(False)
         pipe.parts.thinker_lm.model.set_compiled(False)
+
+
+def test_turns_after_a_stored_prefix_compile_nothing_after_start(pipe, question_wav, ref_voice):
+    """`thinker_prefix_cache_mib` under `compile` with compiled admission graphs: a conversation's
+    later turns prefill their rest eagerly (eager_layers), so serving compiles nothing new, and
+    they stream the codes the compiled engine without the cache streams (float32 on the CPU)."""
+    from torch._dynamo.utils import counters
+
+    from chroma_triton.engine.thinker_prefix import BLOCK
+    from test_thinker_prefix import conversation_turn
+
+    opts = dict(OPTIONS, thinker_max_len=512, compile=True, prefill_graphs=True, compiled_prefill_graphs=True,
+                prefill_graph_tokens=512)
+    turns = [[conversation_turn(pipe, question_wav, ref_voice, c, t) for c in range(2)] for t in range(3)]
+    codes, stats = {}, {}
+    for mib in (0, 16):
+        engine = ChromaEngine(pipe.parts, EngineOptions(**opts, thinker_prefix_cache_mib=mib,
+                                                        thinker_prefix_min_tokens=BLOCK)).start()
+        try:
+            graphs = counters["stats"]["unique_graphs"]
+            codes[mib] = [r["codes"] for pair in turns for r in serve(engine, pair)]
+            assert counters["stats"]["unique_graphs"] == graphs, "serving compiled a new graph after start()"
+            stats[mib] = engine.stats()
+        finally:
+            engine.shutdown()
+            pipe.parts.frame_model.set_compiled(False)
+            pipe.parts.thinker_lm.model.set_compiled(False)
+    assert stats[16]["prefill_prefix_prompts"] == 4 and stats[0]["prefill_prefix_prompts"] == 0
+    for a, b in zip(codes[0], codes[16]):
+        np.testing.assert_array_equal(a, b)
