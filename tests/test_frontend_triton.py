@@ -388,23 +388,32 @@ def _streamed_reply(url: str) -> tuple[str, str, str]:
 @pytest.mark.triton
 def test_workers_share_the_transcripts_of_audio_replies(stack, tmp_path):
     """With --workers 2, a turn that refers to an earlier audio reply by id gets its transcript
-    whichever worker streamed the reply (each worker process takes connections as they come)."""
+    whichever worker streamed the reply (each worker process takes connections as they come).
+    Pairs go 8 at a time: one after another, an idle machine's kernel may hand every connection to
+    the same worker (seen in CI: 40 pairs in a row on one)."""
+    from concurrent.futures import ThreadPoolExecutor
+
     triton, _ = stack
     log_file = tmp_path / "frontend.log"
-    with FrontendProcess(triton.grpc_url, args=["--workers", "2"], log_file=log_file).start(wait_ready=True) as frontend:
+
+    def pair(url: str) -> tuple[str, str]:
+        reply_id, audio_id, transcript = _streamed_reply(url)
+        assert audio_id and audio_id.startswith("audio_") and transcript == "w0 w1 "
+        body = {"model": "chroma", "max_tokens": 2, "messages": [
+            {"role": "user", "content": "hello"}, {"role": "assistant", "audio": {"id": audio_id}},
+            {"role": "user", "content": "echo"}]}
+        resp = requests.post(url, json=body, headers={"Connection": "close"}, timeout=30)
+        assert resp.status_code == 200, resp.text
+        seen = json.loads(resp.json()["choices"][0]["message"]["content"])
+        assert seen["messages"][1] == {"role": "assistant", "content": transcript}
+        return reply_id, resp.headers["X-Request-ID"]
+
+    with FrontendProcess(triton.grpc_url, args=["--workers", "2"], log_file=log_file).start(wait_ready=True) as frontend, \
+            ThreadPoolExecutor(8) as pool:
         url = f"{frontend.url}/v1/chat/completions"
         pairs = []
-        for _ in range(40):
-            reply_id, audio_id, transcript = _streamed_reply(url)
-            assert audio_id and audio_id.startswith("audio_") and transcript == "w0 w1 "
-            body = {"model": "chroma", "max_tokens": 2, "messages": [
-                {"role": "user", "content": "hello"}, {"role": "assistant", "audio": {"id": audio_id}},
-                {"role": "user", "content": "echo"}]}
-            resp = requests.post(url, json=body, headers={"Connection": "close"}, timeout=30)
-            assert resp.status_code == 200, resp.text
-            seen = json.loads(resp.json()["choices"][0]["message"]["content"])
-            assert seen["messages"][1] == {"role": "assistant", "content": transcript}
-            pairs.append((reply_id, resp.headers["X-Request-ID"]))
+        for _ in range(25):
+            pairs += list(pool.map(pair, [url] * 8))
             served = _served_by(log_file.read_text(errors="replace"))
             if any(served.get(a) != served.get(b) for a, b in pairs if a in served and b in served):
                 break
