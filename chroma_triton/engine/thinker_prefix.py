@@ -13,7 +13,8 @@ block, a digest of everything up to that block's end: the token ids and, at `<|A
 positions, the audio tower's embedding bytes (a clip is matched by what the thinker sees of it).
 `ThinkerPrefixCache` keeps each stored prompt's whole blocks on the device, once, under every
 block's key, so a prompt that shares only the first blocks of a stored one (a system prompt) finds
-them too. It is bounded by bytes and evicts the least recently used prompt.
+them too. It is bounded by bytes: a stored prompt that a newer one contains whole (the turn
+before it) gives way to that one, then the least recently used prompts go first.
 
 The reused keys and values were computed in another batch, possibly through another kernel
 (an admission graph's bucket): equal to recomputing them up to the kernels' rounding.
