@@ -45,7 +45,7 @@ from ..model.frame_model import FrameModel, SamplingTensors
 from ..model.loading import ChromaParts, make_thinker, resolve_thinker_backend
 from ..model.thinker import Thinker, TorchThinker, pad_batch
 from ..model.trunk import eager_layers
-from .capacity import GIB, admission_scratch_bytes, kv_bytes_per_row, free_device_bytes, plan_rows
+from .capacity import GIB, admission_scratch_bytes, kv_bytes_per_row, free_device_bytes, plan_rows, trunk_kv_bytes
 from .detokenizer import IncrementalDetokenizer, fast_decode
 from .graphs import StepRunner, batch_buckets, bucket, length_buckets
 from .pacing import AdmissionPacer, StreamState
@@ -1340,14 +1340,13 @@ class ChromaEngine:
         if cache is None:
             return
         kv = self.thinker.cache
-        per_position = kv.k[:, 0, :, :1].numel() * kv.k.element_size() * 2
         for i, (req, _) in enumerate(items):
             keys = req.prefix_keys
             if not keys or len(keys) * BLOCK < cache.min_tokens or cache.covers(keys):
                 continue
             n = len(keys) * BLOCK
             try:
-                if cache.make_room(keys, n * per_position):
+                if cache.make_room(keys, trunk_kv_bytes(self.cfg.thinker.text, n, kv.k.element_size())):
                     cache.put(keys, kv.k[:, row + i, :, :n].clone(), kv.v[:, row + i, :, :n].clone())
             except Exception:  # noqa: BLE001 - a cache is optional; the request goes on without it
                 log.warning("thinker prefix cache: could not store a prompt of %d positions", n, exc_info=True)
