@@ -865,12 +865,12 @@ def test_engine_with_prefill_graphs_streams_the_eager_codes(pipe, question_wav, 
 
 
 def history_request(pipe, question_wav, ref_voice, turns: int, **sampling) -> GenerationRequest:
-    """A conversation's next turn: `turns` earlier exchanges (the question clip, a text reply) before
-    the question again; each turn adds about 120 prompt tokens."""
-    reply = "Sure, the weather today is sunny with a light breeze from the west."
-    earlier = [{"role": "user", "content": [{"type": "audio", "audio": question_wav}]},
-               {"role": "assistant", "content": reply}] * turns
-    messages = earlier + [{"role": "user", "content": [{"type": "audio", "audio": question_wav}]}]
+    """A conversation's next turn, as the benchmarks send it (chroma_triton/bench/conversation.py):
+    `turns` earlier exchanges (the question clip, a text reply) before the question again; each turn
+    adds about 120 prompt tokens."""
+    from chroma_triton.bench.conversation import conversation
+
+    messages = conversation([{"type": "audio", "audio": question_wav}] * (turns + 1))
     return pipe.prepare(messages, ref_voice[0], ref_voice[1], SamplingParams(**{"seed": 7, "max_tokens": 16, **sampling}))
 
 
