@@ -194,7 +194,8 @@ def engine_summary(level: dict) -> str:
             f"prompts {total('chroma_lm_prefill_graph_prompts_total'):.0f} through graphs, "
             f"{total('chroma_lm_prefill_eager_prompts_total'):.0f} eager, "
             f"{total('chroma_lm_prefill_prefix_prompts_total'):.0f} after a stored prefix "
-            f"({total('chroma_lm_prefill_prefix_tokens_total'):.0f} positions reused)")
+            f"({total('chroma_lm_prefill_prefix_graph_prompts_total'):.0f} of them through graphs; "
+            f"{total('chroma_lm_prefill_prefix_tokens_total'):.0f} positions reused)")
 
 
 def encoder_codec_summary(level: dict) -> str:

@@ -140,11 +140,12 @@ def test_engine_summary_sums_the_instances_counters():
         "chroma_lm_gc_full_collections_total{chroma_lm}": 2.0, "chroma_lm_gc_full_seconds_total{chroma_lm}": 0.4,
         "chroma_lm_gc_seconds_total{chroma_lm}": 0.45, "chroma_lm_prefill_graph_prompts_total{chroma_lm}": 5.0,
         "chroma_lm_prefill_eager_prompts_total{chroma_lm}": 1.0, "chroma_lm_prefill_prefix_prompts_total{chroma_lm}": 6.0,
-        "chroma_lm_prefill_prefix_tokens_total{chroma_lm}": 1536.0}}
+        "chroma_lm_prefill_prefix_tokens_total{chroma_lm}": 1536.0,
+        "chroma_lm_prefill_prefix_graph_prompts_total{chroma_lm}": 4.0}}
     assert engine_summary(level) == ("3 prefills (0.30 s; pacer's estimates 0.25 s, overrun 0.07 s), 2 forced "
                                      "admissions, 4 chunks late at the engine (0.50 s in all); client saw 7 late chunk(s); "
                                      "2 full garbage collections (0.40 s; all collections 0.45 s); prompts 5 through "
-                                     "graphs, 1 eager, 6 after a stored prefix (1536 positions reused)")
+                                     "graphs, 1 eager, 6 after a stored prefix (4 of them through graphs; 1536 positions reused)")
     assert engine_summary({}).startswith("–")  # nothing scraped is not zero
 
 

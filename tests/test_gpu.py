@@ -485,8 +485,9 @@ def test_compiled_prefill_graphs_match_the_eager_admission(pipe, question_wav, r
 
 def test_prefix_cached_turns_prefill_what_the_admission_graphs_do(pipe, question_wav, ref_voice):
     """`thinker_prefix_cache_mib` on the GPU: conversations' later turns take their start from the
-    cache and prefill the rest eagerly (masked attention over the copied keys); their states, greedy
-    tokens and keys agree with the admission graphs' whole-prompt prefill within bf16 tolerance."""
+    cache and prefill the rest through a prefix rest graph, or eagerly (`prefill_after`: masked
+    attention over the copied keys, SDPA's memory-efficient kernel); their states, greedy tokens
+    and keys agree with the admission graphs' whole-prompt prefill within bf16 tolerance."""
     from test_engine import history_request
     from chroma_triton.engine.thinker_prefix import BLOCK, prompt_block_keys
 
@@ -505,14 +506,21 @@ def test_prefix_cached_turns_prefill_what_the_admission_graphs_do(pipe, question
         matches = engine._prefix_matches(items)
         assert len(matches) == 2
         h, t, counts = engine._prefill_thinker(2, items, matches)
+        h = h.clone()  # the graphs' memory
         h_graph, t_graph, _ = engine._prefill_thinker(4, items, {})
-    assert counts["prefill_prefix_prompts"] == 2 and engine.prefill_graphs.calls >= 2
-    cos = torch.nn.functional.cosine_similarity(h.float(), h_graph.float()).min()
-    assert cos > 0.999, cos
+        h_graph = h_graph.clone()
+        h_eager, _ = thinker.prefill_after(6, [(torch.tensor(r.thinker_ids), r.audio_embeds) for r in later],
+                                           [(m.length, m.k, m.v) for m in (matches[id(r)] for r in later)])
+    assert counts["prefill_prefix_prompts"] == 2 and counts["prefill_prefix_graph_prompts"] == 2
+    assert engine.prefill_graphs.calls >= 2 and len(engine.prefix_rest_graphs) >= 1
+    for states in (h, h_eager):
+        cos = torch.nn.functional.cosine_similarity(states.float(), h_graph.float()).min()
+        assert cos > 0.999, cos
     for i, r in enumerate(later):
         n = len(r.thinker_ids)
-        a, b = thinker.cache.k[:, 2 + i, :, :n].float(), thinker.cache.k[:, 4 + i, :, :n].float()
-        assert (a - b).abs().max() <= 0.05 * b.abs().max()
+        for row in (2 + i, 6 + i):
+            a, b = thinker.cache.k[:, row, :, :n].float(), thinker.cache.k[:, 4 + i, :, :n].float()
+            assert (a - b).abs().max() <= 0.05 * b.abs().max()
 
 
 def test_fused_sampler_matches_pytorch_on_the_gpu():

@@ -131,13 +131,15 @@ def test_prefix_groups_bound_padding_and_attention():
         prefix_groups([70, 60], [700, 600], 1000)
 
 
-def test_a_turn_after_a_stored_one_prefills_what_the_whole_prompt_prefill_does(pipe, question_wav, ref_voice):
+@pytest.mark.parametrize("graphs", [False, True])
+def test_a_turn_after_a_stored_one_prefills_what_the_whole_prompt_prefill_does(pipe, question_wav, ref_voice, graphs):
     """The thinker's prefill of a conversation's next turn after the previous turn's prompt was
-    stored: only the positions after the stored blocks are computed, and the states, greedy
-    tokens and every row's keys and values are those of prefilling the whole prompt."""
+    stored: only the positions after the stored blocks are computed (eagerly, or with
+    `prefill_graphs` padded to a prefix rest graph's bucket, which the CPU runs eagerly), and the
+    states, greedy tokens and every row's keys and values are those of prefilling the whole prompt."""
     pipe.engine.shutdown()
     engine = ChromaEngine(pipe.parts, EngineOptions(max_batch=8, thinker_prefix_cache_mib=64,
-                                                    thinker_prefix_min_tokens=BLOCK))
+                                                    thinker_prefix_min_tokens=BLOCK, prefill_graphs=graphs))
     earlier = [history_request(pipe, question_wav, ref_voice, turns=t) for t in (0, 1)]
     later = [history_request(pipe, question_wav, ref_voice, turns=t) for t in (1, 2)]
     for r in earlier + later:
@@ -160,6 +162,7 @@ def test_a_turn_after_a_stored_one_prefills_what_the_whole_prompt_prefill_does(p
         h, t, counts = engine._prefill_thinker(2, items, matches)
         h_whole, t_whole = thinker.prefill(4, [(torch.tensor(r.thinker_ids), r.audio_embeds) for r in later])
     assert counts["prefill_prefix_prompts"] == 2
+    assert counts["prefill_prefix_graph_prompts"] == (2 if graphs else 0)
     assert counts["prefill_prefix_tokens"] == sum(m.length for m in matches.values())
     torch.testing.assert_close(h, h_whole)
     assert torch.equal(t, t_whole)
@@ -171,6 +174,65 @@ def test_a_turn_after_a_stored_one_prefills_what_the_whole_prompt_prefill_does(p
         r = later[0]
         thinker.prefill_after(0, [(torch.tensor(r.thinker_ids), r.audio_embeds)],
                               [(len(r.thinker_ids), thinker.cache.k[:, 0], thinker.cache.v[:, 0])])
+
+
+def test_prefix_rest_graph_buckets_and_plans(pipe):
+    """Prefix rest graphs (engine/prefix_rest_graphs.py): a bucket's rows and key length are an
+    admission graph bucket's, its rest length one of REST_LENGTHS, its key length at least the
+    longest start plus that rest length; plans pad least and leave what no graph holds to the end."""
+    from chroma_triton.engine.prefix_rest_graphs import REST_LENGTHS
+
+    engine = make_engine(pipe, max_batch=4, thinker_prefix_cache_mib=16, prefill_graphs=True,
+                         prefill_graph_max_len=512, prefill_graph_tokens=1024)
+    try:
+        graphs = engine.prefix_rest_graphs
+        assert graphs is not None and REST_LENGTHS[-1] == 512
+        assert graphs.bucket_for(1, 50, 100) == (1, 64, 256)  # 100 + 64 positions: the 256 bucket
+        assert graphs.bucket_for(3, 100, 200) is None  # 4 rows x 512 exceed 1024 positions
+        assert graphs.bucket_for(2, 100, 200) == (2, 128, 512)
+        assert graphs.bucket_for(1, 600, 0) is None and graphs.bucket_for(1, 60, 460) is None
+        assert graphs.plan([50, 60, 300], [100, 100, 100]) == [(2, True), (1, True)]
+        assert graphs.plan([50, 600], [100, 100]) == [(1, True), (1, False)]
+        assert graphs.plan([], []) == []
+        with pytest.raises(ValueError):
+            graphs.plan([60, 50], [100, 100])
+        assert make_engine(pipe, max_batch=4, thinker_prefix_cache_mib=16).prefix_rest_graphs is None  # no graphs
+    finally:
+        engine.shutdown()
+
+
+def test_prefix_rests_through_graphs_and_eagerly_in_one_admission(pipe, question_wav, ref_voice):
+    """An admission whose stored-prefix prompts a rest graph partly holds: those go through it (padded
+    rows, rest and keys), the others eagerly after them, and every state, token and key is the
+    whole prompt prefill's."""
+    engine = make_engine(pipe, max_batch=8, thinker_prefix_cache_mib=64, thinker_prefix_min_tokens=BLOCK,
+                         prefill_graphs=True, prefill_graph_max_len=256, prefill_graph_tokens=512)
+    try:
+        earlier = [history_request(pipe, question_wav, ref_voice, turns=t) for t in (0, 1)]
+        later = [history_request(pipe, question_wav, ref_voice, turns=t) for t in (1, 2)]
+        for r in earlier + later:
+            r.prefix_keys = prompt_block_keys(r.thinker_ids, r.audio_embeds, pipe.parts.special.audio)
+        with torch.no_grad():
+            engine._prefill_thinker(0, [(r, None) for r in earlier], {})
+            engine._store_prefixes(0, [(r, None) for r in earlier])
+            items = [(r, None) for r in later]
+            matches = engine._prefix_matches(items)
+            rests = [len(r.thinker_ids) - matches[id(r)].length for r in later]
+            fits = [engine.prefix_rest_graphs.fits(n, matches[id(r)].length) for n, r in zip(rests, later)]
+            # rests of 54 and 182 positions after 192: 192 + 64 <= 256 < 192 + 192
+            assert fits == [True, False], (rests, [matches[id(r)].length for r in later])
+            h, t, counts = engine._prefill_thinker(2, items, matches)
+            h_whole, t_whole = engine.thinker.prefill(4, [(torch.tensor(r.thinker_ids), r.audio_embeds) for r in later])
+    finally:
+        engine.shutdown()
+    assert counts["prefill_prefix_prompts"] == 2 and counts["prefill_prefix_graph_prompts"] == 1
+    torch.testing.assert_close(h, h_whole)
+    assert torch.equal(t, t_whole)
+    cache = engine.thinker.cache
+    for i, r in enumerate(later):
+        n = len(r.thinker_ids)
+        torch.testing.assert_close(cache.k[:, 2 + i, :, :n], cache.k[:, 4 + i, :, :n])
+        torch.testing.assert_close(cache.v[:, 2 + i, :, :n], cache.v[:, 4 + i, :, :n])
 
 
 def conversation_turn(pipe, question_wav, ref_voice, conversation: int, turn: int) -> GenerationRequest:
@@ -218,6 +280,7 @@ def test_conversations_through_the_engine_stream_what_they_stream_without_the_ca
     assert stats[16]["prefill_prefix_tokens"] == expect
     fresh = stats[16]["prefill_graph_prompts"] + stats[16]["prefill_eager_prompts"]
     assert fresh == 2 and (stats[16]["prefill_graph_prompts"] == 2) == graphs
+    assert stats[16]["prefill_prefix_graph_prompts"] == (4 if graphs else 0), stats[16]
     for a, b in zip(codes[0], codes[16]):
         np.testing.assert_array_equal(a, b)
 

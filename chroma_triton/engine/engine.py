@@ -49,6 +49,7 @@ from .capacity import GIB, admission_scratch_bytes, kv_bytes_per_row, free_devic
 from .detokenizer import IncrementalDetokenizer, fast_decode
 from .graphs import StepRunner, batch_buckets, bucket, length_buckets
 from .pacing import AdmissionPacer, StreamState
+from .prefix_rest_graphs import PrefixRestGraphs
 from .prefill_graphs import TAIL_MAX_LEN, BackboneTailGraphs, PrefillGraphs, scratch_positions_up_to
 from .trace import EngineTrace
 from .thinker_prefix import BLOCK, PrefixMatch, ThinkerPrefixCache, prefix_groups, prompt_block_keys
@@ -296,6 +297,8 @@ class ChromaEngine:
                          # prompts that started as a stored one (thinker_prefix_cache_mib) and the
                          # positions they took from it instead of prefilling them
                          "prefill_prefix_prompts": 0, "prefill_prefix_tokens": 0,
+                         # ...of those prompts, the ones whose rest replayed as a graph (prefix_rest_graphs.py)
+                         "prefill_prefix_graph_prompts": 0,
                          # the pacer's estimates of those prefills (once it has one), and by how much
                          # they ran over them in all: an overrun is a stall the running streams were
                          # not kept ready for
@@ -338,6 +341,10 @@ class ChromaEngine:
                                                 self.opts.prefill_graph_max_len, self.device,
                                                 use_graphs=self.opts.cuda_graphs, compiled=self._compiled_prefill_graphs,
                                                 max_tokens=self.opts.prefill_graph_tokens)
+        # prompts after a stored thinker prefix: their rests through graphs of their own
+        self.prefix_rest_graphs = None
+        if self.prefill_graphs is not None and self.thinker_prefixes is not None:
+            self.prefix_rest_graphs = PrefixRestGraphs(self.prefill_graphs)
         # the backbone's two positions of an admission whose voice prefix is cached (any thinker)
         self.backbone_tails = None
         if self.opts.prefill_graphs and self.voice_prefixes.capacity:
@@ -607,6 +614,7 @@ class ChromaEngine:
                 "graphs": len(self.runner) + (len(self.thinker_runner) if self.thinker_runner is not self.runner else 0),
                 "prefill_graphs": len(self.prefill_graphs) if self.prefill_graphs is not None else 0,
                 "backbone_tail_graphs": len(self.backbone_tails) if self.backbone_tails is not None else 0,
+                "prefix_rest_graphs": len(self.prefix_rest_graphs) if self.prefix_rest_graphs is not None else 0,
                 **self.counters}
 
     # -- validation ---------------------------------------------------------------------------
@@ -1242,9 +1250,14 @@ class ChromaEngine:
         if self.prefill_graphs is not None or matches:
             # prompts found in the prefix cache last, in order of the positions left to compute;
             # the others in order of length: prompts of a length share a graph bucket
+            # (those a prefix rest graph holds before the others)
             def order(item):
                 found = matches.get(id(item[0]))
-                return (found is not None, len(item[0].thinker_ids) - (found.length if found else 0))
+                if found is None:
+                    return (False, False, len(item[0].thinker_ids))
+                rest = len(item[0].thinker_ids) - found.length
+                rest_graphs = self.prefix_rest_graphs
+                return (True, rest_graphs is None or not rest_graphs.fits(rest, found.length), rest)
             items = sorted(items, key=order)
         h0, t1, counts = self._prefill_thinker(row, items, matches)
         self._store_prefixes(row, items)
@@ -1296,11 +1309,18 @@ class ChromaEngine:
         if fresh < len(items):
             found = [matches[id(r)] for r, _ in items[fresh:]]
             totals = [len(r.thinker_ids) for r, _ in items[fresh:]]
+            rests = [n - m.length for n, m in zip(totals, found)]
+            graphed = 0
+            if self.prefix_rest_graphs is not None:
+                for count, through in self.prefix_rest_graphs.plan(rests, [m.length for m in found]):
+                    if through:
+                        groups.append((count, "prefix graph"))
+                        graphed += count
             groups += [(count, "prefix") for count in
-                       prefix_groups([n - m.length for n, m in zip(totals, found)], totals, self.opts.prefill_graph_tokens)]
+                       prefix_groups(rests[graphed:], totals[graphed:], self.opts.prefill_graph_tokens)]
         states, ids, at = [], [], 0
         counts = {"prefill_graph_prompts": 0, "prefill_eager_prompts": 0, "prefill_prefix_prompts": 0,
-                  "prefill_prefix_tokens": 0}
+                  "prefill_prefix_graph_prompts": 0, "prefill_prefix_tokens": 0}
         for count, how in groups:
             part = slice(at, at + count)
             if how == "graph":
@@ -1313,7 +1333,14 @@ class ChromaEngine:
                 counts["prefill_eager_prompts"] += count
             else:
                 found = [matches[id(r)] for r, _ in items[part]]
-                h, t = self.thinker.prefill_after(row + at, prompts[part], [(m.length, m.k, m.v) for m in found])
+                prefixes = [(m.length, m.k, m.v) for m in found]
+                if how == "prefix graph":
+                    h, t = self.prefix_rest_graphs.prefill(row + at, prompts[part], prefixes)
+                    if len(groups) > 1:  # as for "graph"
+                        h, t = h.clone(), t.clone()
+                    counts["prefill_prefix_graph_prompts"] += count
+                else:
+                    h, t = self.thinker.prefill_after(row + at, prompts[part], prefixes)
                 counts["prefill_prefix_prompts"] += count
                 counts["prefill_prefix_tokens"] += sum(m.length for m in found)
             states.append(h)

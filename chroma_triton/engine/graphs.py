@@ -63,6 +63,10 @@ class StepRunner:
     def __len__(self) -> int:
         return len(self._graphs)
 
+    def keys(self) -> list[Hashable]:
+        """The keys of the graphs captured so far."""
+        return list(self._graphs)
+
     def __call__(self, key: Hashable, fn: Callable, *args: torch.Tensor):
         if not self.use_graphs:
             return fn(*args)

@@ -131,7 +131,8 @@ class _ScratchGraphs:
         self.compiled = compiled
 
     def __len__(self) -> int:
-        return len(self.runner)
+        """Graphs of this kind captured so far (the runner may hold others: prefix_rest_graphs.py)."""
+        return sum(1 for key in self.runner.keys() if key[0] == self.KIND)
 
     def bucket_for(self, rows: int, length: int) -> tuple[int, int] | None:
         """The smallest (rows, length) bucket that holds `rows` prompts of up to `length` positions,

@@ -124,14 +124,7 @@ class TorchThinker:
         embedded and computed, attending to them (engine/thinker_prefix.py). Rows are padded to
         the longest rest; padding writes keys past a prompt's end, as `pad_batch`'s does."""
         starts = [start for start, _, _ in prefixes]
-        rests = []
-        for (ids, audio), start in zip(prompts, starts):
-            ids = ids.reshape(-1)
-            if not 0 < start < ids.numel():
-                raise ValueError("prefill_after: every prefix must leave at least one position of its prompt")
-            if audio is not None:  # the audio rows of the positions from `start` on
-                audio = audio.reshape(-1, audio.shape[-1])[int((ids[:start] == self.cfg.audio_token_id).sum()):]
-            rests.append((ids[start:], audio))
+        rests = self.rests(prompts, starts)
         for i, (start, k, v) in enumerate(prefixes):
             self.cache.k[:, row_start + i, :, :start].copy_(k[:, :, :start])
             self.cache.v[:, row_start + i, :, :start].copy_(v[:, :, :start])
@@ -141,6 +134,19 @@ class TorchThinker:
         h = self.lm.model(x, self.cache, self.rotary, positions.to(self.device), key_len, row_start=row_start)
         last = h[torch.arange(len(prompts), device=self.device), lengths - 1]
         return last, self.greedy(last)
+
+    def rests(self, prompts, starts: list[int]):
+        """Each prompt's (ids, audio) from position `starts[i]` on: the part a prefill after a stored
+        prefix computes (`prefill_after`, engine/prefix_rest_graphs.py)."""
+        rests = []
+        for (ids, audio), start in zip(prompts, starts):
+            ids = ids.reshape(-1)
+            if not 0 < start < ids.numel():
+                raise ValueError("prefill_after: every prefix must leave at least one position of its prompt")
+            if audio is not None:  # the audio rows of the positions from `start` on
+                audio = audio.reshape(-1, audio.shape[-1])[int((ids[:start] == self.cfg.audio_token_id).sum()):]
+            rests.append((ids[start:], audio))
+        return rests
 
     def decode(self, tokens, positions, key_len):
         x = self.embed(tokens)[:, None]

@@ -11,6 +11,7 @@ lengths share one call (continuous batching) and shapes stay fixed for CUDA grap
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import threading
@@ -304,9 +305,22 @@ class Trunk(nn.Module):
             mask = causal_mask(positions, key_len, self.cfg.num_heads // self.cfg.num_kv_heads, x.dtype)
         rows = slice(row_start, row_start + b)
         run = compiled_layer() if self.compiled and not getattr(_EAGER, "on", False) else _run_layer
-        for i, layer in enumerate(self.layers):
-            x = run(layer, x, cos, sin, cache.k[i, rows], cache.v[i, rows], positions, mask, key_len)
+        masked_prefill = mask is not None and x.is_cuda and x.shape[1] > MATH_MAX_QUERIES and run is _run_layer
+        with masked_prefill_kernels() if masked_prefill else contextlib.nullcontext():
+            for i, layer in enumerate(self.layers):
+                x = run(layer, x, cos, sin, cache.k[i, rows], cache.v[i, rows], positions, mask, key_len)
         return self.norm(x)
+
+
+def masked_prefill_kernels():
+    """SDPA's memory-efficient kernel (its math one where that does not apply) for a masked prefill
+    (positions after a stored prefix, or a prompt that fits no admission graph). SDPA's first choice
+    for a masked bf16 call on Hopper is cuDNN's kernel, which cost about 0.5 ms of host time per
+    call, every call (18 ms of a 36-layer prefill whose GPU time was 7 ms: run 65 of
+    docs/benchmarks.md); the memory-efficient kernel takes the same additive mask."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel([SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
 
 
 def causal_mask(positions: torch.Tensor, key_len: int, group: int, dtype: torch.dtype) -> torch.Tensor:

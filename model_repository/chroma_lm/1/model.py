@@ -112,6 +112,9 @@ class TritonPythonModel:
             "prefill_prefix_prompts": family("chroma_lm_prefill_prefix_prompts_total",
                                              "Prompts that started as a stored one (thinker_prefix_cache_mib): "
                                              "only their later positions were prefilled", C),
+            "prefill_prefix_graph_prompts": family("chroma_lm_prefill_prefix_graph_prompts_total",
+                                                   "Of the prompts after a stored prefix, those whose later "
+                                                   "positions were prefilled through a CUDA graph", C),
             "prefill_prefix_tokens": family("chroma_lm_prefill_prefix_tokens_total",
                                             "Prompt positions taken from the thinker prefix cache instead of "
                                             "prefilled", C),

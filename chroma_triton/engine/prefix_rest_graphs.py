@@ -1,0 +1,128 @@
+"""Prefills after a stored prefix through CUDA graphs (`thinker_prefix_cache_mib` with
+`prefill_graphs`).
+
+A prompt that starts like a stored one (engine/thinker_prefix.py) computes only its rest: a
+conversation's next turn is the assistant's last reply and the new user turn, some 100-300
+positions after a prefix of hundreds or thousands. Eagerly that is one call of the thinker's 36
+layers, over 1,100 kernels launched one by one from Python: on one H200 (run 65 of
+docs/benchmarks.md) a rest of 54 positions took 7 ms on the GPU and over 40 ms served, three
+times the whole prompt's admission graph. Here the rest replays as one graph.
+
+A graph needs static shapes, so a group of such prompts is padded to a bucket of (rows, rest
+length, key length): rows and key length from the admission graphs' buckets
+(`PrefillGraphs.bucket_for`), so the group computes in their scratch (`ScratchCache`), and a rest
+length from `REST_LENGTHS`. The stored prefixes are copied into scratch rows 0.., the graph
+computes the rests after them (masked attention over the copied keys, each row from its own
+start), and the scratch rows (prefix and rest) are copied into the engine's rows, as an admission
+graph's are. Padding rows start at 0; a row's padding positions write keys past its prompt's end,
+which a decode step overwrites before any query reads them. The key length is at least every
+row's start plus the rest bucket, so no padding position wraps onto a real one.
+
+Graphs are captured on first use (there can be hundreds of buckets, and a workload meets a few),
+into the admission graphs' runner: one memory pool, so a replay's outputs are read before the next
+replay. Their layers run eagerly inside the graph even under `compile`: compiling a new shape
+would stall the engine for seconds, and the replay already saves the launches. Rests longer than
+`REST_LENGTHS`, or whose key length exceeds every bucket, take the eager path (`prefill_after`).
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+import torch
+
+from ..model.trunk import eager_layers
+from .graphs import bucket
+from .prefill_graphs import REPLAY_POSITIONS, PrefillGraphs
+
+REST_LENGTHS = (64, 128, 192, 256, 384, 512)
+
+
+class PrefixRestGraphs:
+    KIND = "prefix_rest"
+
+    def __init__(self, admission: PrefillGraphs):
+        self.admission = admission
+        self.thinker = admission.thinker
+        self.calls = 0  # replays (one per group of an admission)
+
+    def __len__(self) -> int:
+        """Graphs captured so far (none without CUDA graphs)."""
+        return sum(1 for key in self.admission.runner.keys() if key[0] == self.KIND)
+
+    def bucket_for(self, rows: int, rest: int, start: int) -> tuple[int, int, int] | None:
+        """The smallest (rows, rest length, key length) bucket for `rows` prompts whose rests are at
+        most `rest` positions after prefixes of at most `start`, or None."""
+        if not 0 < rest <= REST_LENGTHS[-1]:
+            return None
+        padded = bucket(rest, list(REST_LENGTHS))
+        found = self.admission.bucket_for(rows, start + padded)
+        return None if found is None else (found[0], padded, found[1])
+
+    def plan(self, rests: list[int], starts: list[int]) -> list[tuple[int, bool]]:
+        """How to prefill prompts of `rests` (ascending) after prefixes of `starts`: consecutive
+        groups `(count, through a graph)`. The prompts a graph holds come first (the caller orders
+        them so, `fits`) and are split where that pads least, each further replay counted as
+        `REPLAY_POSITIONS` positions; the others make one eager group at the end."""
+        fit = 0
+        while fit < len(rests) and self.fits(rests[fit], starts[fit]):
+            fit += 1
+        if any(b < a for a, b in zip(rests[:fit], rests[1:fit])):
+            raise ValueError("plan: the rests a graph holds must be ascending")
+        cost = [0] + [None] * fit  # as PrefillGraphs.plan
+        cut = [0] * (fit + 1)
+        for i in range(1, fit + 1):
+            longest_start = 0
+            for j in range(i - 1, -1, -1):  # the group j..i-1, its longest start kept as it grows
+                longest_start = max(longest_start, starts[j])
+                found = self.bucket_for(i - j, rests[i - 1], longest_start)
+                if found is None or cost[j] is None:
+                    continue
+                c = cost[j] + found[0] * found[1] + REPLAY_POSITIONS
+                if cost[i] is None or c < cost[i]:
+                    cost[i], cut[i] = c, j
+        groups, i = [], fit
+        while i > 0:
+            groups.append((i - cut[i], True))
+            i = cut[i]
+        groups.reverse()
+        return groups + ([(len(rests) - fit, False)] if fit < len(rests) else [])
+
+    def fits(self, rest: int, start: int) -> bool:
+        return self.bucket_for(1, rest, start) is not None
+
+    @torch.no_grad()  # not inference mode: a graph's static inputs are copied into outside it
+    def prefill(self, row_start: int, prompts, prefixes):
+        """As `TorchThinker.prefill_after` (prefixes[i]: (start, k, v)), for prompts one bucket holds:
+        returns (last states [P, H], greedy next ids [P]), views into the graphs' memory, which
+        the next replay overwrites."""
+        self.calls += 1
+        starts = [start for start, _, _ in prefixes]
+        x, lengths = self.thinker.prompt_batch(self.thinker.rests(prompts, starts))
+        n, length = x.shape[0], x.shape[1]
+        found = self.bucket_for(n, length, max(starts))
+        if found is None:
+            raise ValueError(f"no prefix rest graph holds {n} rests of {length} positions after {max(starts)}")
+        rows, padded, key_len = found
+        scratch = self.admission.scratch.bucket(rows, key_len)
+        for i, (start, k, v) in enumerate(prefixes):
+            scratch.k[:, i, :, :start].copy_(k[:, :, :start])
+            scratch.v[:, i, :, :start].copy_(v[:, :, :start])
+        xb = x.new_zeros(rows, padded, x.shape[2])
+        xb[:n, :length] = x
+        first = torch.zeros(rows, dtype=torch.long)
+        first[:n] = torch.tensor(starts)
+        positions = (first[:, None] + torch.arange(padded)).to(x.device, non_blocking=True)
+        last = torch.zeros(rows, dtype=lengths.dtype, device=lengths.device)
+        last[:n] = lengths - 1
+        with eager_layers():
+            h, t = self.admission.runner((self.KIND, rows, padded, key_len), partial(self._run, key_len=key_len), xb, positions, last)
+        self.admission._copy_into(self.thinker.cache, row_start, n, rows, key_len)  # prefixes and rests
+        return h[:n], t[:n]
+
+    def _run(self, x: torch.Tensor, positions: torch.Tensor, last: torch.Tensor, *, key_len: int):
+        rows = x.shape[0]
+        h = self.thinker.lm.model(x, self.admission.scratch.bucket(rows, key_len), self.thinker.rotary, positions,
+                                  key_len)
+        states = h[torch.arange(rows, device=x.device), last]
+        return states, self.thinker.greedy(states)
