@@ -179,7 +179,8 @@ def test_a_turn_after_a_stored_one_prefills_what_the_whole_prompt_prefill_does(p
 def test_prefix_rest_graph_buckets_and_plans(pipe):
     """Prefix rest graphs (engine/prefix_rest_graphs.py): a bucket's rows and key length are an
     admission graph bucket's, its rest length one of REST_LENGTHS, its key length at least the
-    longest start plus that rest length; plans pad least and leave what no graph holds to the end."""
+    longest start plus that rest length; plans pad least and leave what no graph holds to the end.
+    The buckets captured at start are those a prefix of at least min_tokens reaches."""
     from chroma_triton.engine.prefix_rest_graphs import REST_LENGTHS
 
     engine = make_engine(pipe, max_batch=4, thinker_prefix_cache_mib=16, prefill_graphs=True,
@@ -196,6 +197,10 @@ def test_prefix_rest_graph_buckets_and_plans(pipe):
         assert graphs.plan([], []) == []
         with pytest.raises(ValueError):
             graphs.plan([60, 50], [100, 100])
+        # min_tokens 256 (the default): only the 512 bucket has room for a rest after such a prefix
+        assert graphs.min_start == 256
+        assert graphs.buckets() == [(rows, rest, 512) for rows in (1, 2) for rest in (64, 128, 192, 256)]
+        assert graphs.capture_all() and not graphs.capture_all(stop=lambda: True)  # eager on the CPU
         assert make_engine(pipe, max_batch=4, thinker_prefix_cache_mib=16).prefix_rest_graphs is None  # no graphs
     finally:
         engine.shutdown()

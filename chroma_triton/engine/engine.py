@@ -322,7 +322,7 @@ class ChromaEngine:
             self.thinker_prefixes = ThinkerPrefixCache(self.opts.thinker_prefix_cache_mib << 20,
                                                        self.opts.thinker_prefix_min_tokens)
         elif self.opts.thinker_prefix_cache_mib:
-            log.warning("thinker_prefix_cache_mib applies to the PyTorch thinker only; this engine's thinker "
+            log.info("thinker_prefix_cache_mib applies to the PyTorch thinker only; this engine's thinker "
                         "(%s) keeps its own caches", type(self.thinker).__name__)
         self._dead: str | None = None  # why the loop stopped, once it has
         self._pinned: dict[tuple, list[torch.Tensor]] = {}
@@ -344,7 +344,7 @@ class ChromaEngine:
         # prompts after a stored thinker prefix: their rests through graphs of their own
         self.prefix_rest_graphs = None
         if self.prefill_graphs is not None and self.thinker_prefixes is not None:
-            self.prefix_rest_graphs = PrefixRestGraphs(self.prefill_graphs)
+            self.prefix_rest_graphs = PrefixRestGraphs(self.prefill_graphs, self.thinker_prefixes.min_tokens)
         # the backbone's two positions of an admission whose voice prefix is cached (any thinker)
         self.backbone_tails = None
         if self.opts.prefill_graphs and self.voice_prefixes.capacity:
@@ -477,8 +477,8 @@ class ChromaEngine:
             log.warning("capture_at_start: stopped after %d step graphs (%s); the rest are captured when first "
                         "needed, stopping running streams meanwhile: raise activation_reserve_gib or lower "
                         "max_batch / the context lengths", captured, stopped)
-        log.info("capture_at_start: %d step graphs and %d prefill graphs captured in %.1f s", captured,
-                 self.stats()["prefill_graphs"], time.perf_counter() - t0)
+        log.info("capture_at_start: %d step graphs, %d prefill graphs and %d prefix rest graphs captured in %.1f s",
+                 captured, self.stats()["prefill_graphs"], self.stats()["prefix_rest_graphs"], time.perf_counter() - t0)
 
     def _capture_all_steps(self) -> str | None:
         """`_capture_step_graphs`' loop; returns why it stopped early, or None."""
@@ -505,6 +505,8 @@ class ChromaEngine:
                     self._sample_graph(size, k_max, states, ints, floats)
         if self.prefill_graphs is not None and not self.prefill_graphs.capture_all(stop=low_memory):
             return "free GPU memory fell below half of activation_reserve_gib (prefill graphs)"
+        if self.prefix_rest_graphs is not None and not self.prefix_rest_graphs.capture_all(stop=low_memory):
+            return "free GPU memory fell below half of activation_reserve_gib (prefix rest graphs)"
         if self.backbone_tails is not None and not self.backbone_tails.capture_all(stop=low_memory):
             return "free GPU memory fell below half of activation_reserve_gib (backbone tail graphs)"
         return None

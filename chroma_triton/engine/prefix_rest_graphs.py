@@ -18,10 +18,13 @@ graph's are. Padding rows start at 0; a row's padding positions write keys past 
 which a decode step overwrites before any query reads them. The key length is at least every
 row's start plus the rest bucket, so no padding position wraps onto a real one.
 
-Graphs are captured on first use (there can be hundreds of buckets, and a workload meets a few),
-into the admission graphs' runner: one memory pool, so a replay's outputs are read before the next
-replay. Their layers run eagerly inside the graph even under `compile`: compiling a new shape
-would stall the engine for seconds, and the replay already saves the launches. Rests longer than
+Every bucket a stored prefix can reach (`buckets`: starts of at least the cache's `min_tokens`)
+is captured at start (`capture_all`), into the admission graphs' runner: one memory pool, so a
+replay's outputs are read before the next replay. Captured on first use instead, each capture
+stalled every running stream for 100-300 ms (2 eager runs and the capture; run 66 of
+docs/benchmarks.md), some 27 times in a level of 256 conversations. Their layers run eagerly
+inside the graph even under `compile`: compiling every shape would add minutes to the start, and
+the replay already saves the launches. Rests longer than
 `REST_LENGTHS`, or whose key length exceeds every bucket, take the eager path (`prefill_after`).
 """
 
@@ -41,10 +44,19 @@ REST_LENGTHS = (64, 128, 192, 256, 384, 512)
 class PrefixRestGraphs:
     KIND = "prefix_rest"
 
-    def __init__(self, admission: PrefillGraphs):
+    def __init__(self, admission: PrefillGraphs, min_start: int):
+        """`min_start`: the shortest stored prefix a prompt takes (ThinkerPrefixCache.min_tokens)."""
         self.admission = admission
         self.thinker = admission.thinker
+        self.min_start = min_start
         self.calls = 0  # replays (one per group of an admission)
+
+    def buckets(self) -> list[tuple[int, int, int]]:
+        """Every (rows, rest length, key length) bucket `bucket_for` can give for prefixes of at
+        least `min_start` positions: an admission bucket's rows and length, and a rest length that
+        leaves room for such a prefix before it."""
+        return [(rows, rest, key_len) for rows, key_len in self.admission.buckets for rest in REST_LENGTHS
+                if rest + self.min_start <= key_len]
 
     def __len__(self) -> int:
         """Graphs captured so far (none without CUDA graphs)."""
@@ -115,10 +127,28 @@ class PrefixRestGraphs:
         positions = (first[:, None] + torch.arange(padded)).to(x.device, non_blocking=True)
         last = torch.zeros(rows, dtype=lengths.dtype, device=lengths.device)
         last[:n] = lengths - 1
-        with eager_layers():
-            h, t = self.admission.runner((self.KIND, rows, padded, key_len), partial(self._run, key_len=key_len), xb, positions, last)
+        h, t = self._replay(rows, padded, key_len, xb, positions, last)
         self.admission._copy_into(self.thinker.cache, row_start, n, rows, key_len)  # prefixes and rests
         return h[:n], t[:n]
+
+    @torch.no_grad()
+    def capture_all(self, stop=lambda: False) -> bool:
+        """Capture every bucket's graph now (`buckets`); `stop()` ends it early. Returns whether all
+        were captured."""
+        for rows, rest, key_len in self.buckets():
+            if stop():
+                return False
+            p = self.thinker.lm.lm_head.weight
+            positions = (key_len - rest + torch.arange(rest, device=p.device)).repeat(rows, 1)
+            self._replay(rows, rest, key_len, torch.zeros(rows, rest, self.thinker.hidden_size, dtype=p.dtype,
+                                                          device=p.device),
+                         positions, torch.zeros(rows, dtype=torch.long, device=p.device))
+        return True
+
+    def _replay(self, rows: int, rest: int, key_len: int, *inputs):
+        """The graph of bucket (rows, rest, key_len) on `inputs`: captured on its first call."""
+        with eager_layers():
+            return self.admission.runner((self.KIND, rows, rest, key_len), partial(self._run, key_len=key_len), *inputs)
 
     def _run(self, x: torch.Tensor, positions: torch.Tensor, last: torch.Tensor, *, key_len: int):
         rows = x.shape[0]
