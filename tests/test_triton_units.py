@@ -365,12 +365,13 @@ def test_admission_wait_clock_comes_from_the_config():
     assert engine_options(ModelArgs.from_triton({"model_config": json.dumps(cfg)})).admission_wait_clock == "arrival"
 
 
-def test_the_thinker_prefix_cache_is_off_unless_the_config_sizes_it():
-    """The shipped config.pbtxt leaves it off (0 MiB) with 256 positions to match."""
+def test_the_thinker_prefix_cache_is_sized_by_the_config():
+    """The shipped config.pbtxt sizes it (4096 MiB, since run 66) with 256 positions to match; a
+    config without the parameter leaves it off (the engine's default)."""
     from chroma_triton.serving.triton_lm import engine_options
 
     shipped = (ROOT / "model_repository" / "chroma_lm" / "config.pbtxt").read_text()
-    assert 'key: "thinker_prefix_cache_mib" value: { string_value: "0" }' in shipped
+    assert 'key: "thinker_prefix_cache_mib" value: { string_value: "4096" }' in shipped
     assert 'key: "thinker_prefix_min_tokens" value: { string_value: "256" }' in shipped
     opts = engine_options(ModelArgs.from_triton({"model_config": json.dumps({"name": "chroma_lm"})}))
     assert (opts.thinker_prefix_cache_mib, opts.thinker_prefix_min_tokens) == (0, 256)
