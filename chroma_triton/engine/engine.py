@@ -505,10 +505,11 @@ class ChromaEngine:
                     self._sample_graph(size, k_max, states, ints, floats)
         if self.prefill_graphs is not None and not self.prefill_graphs.capture_all(stop=low_memory):
             return "free GPU memory fell below half of activation_reserve_gib (prefill graphs)"
-        if self.prefix_rest_graphs is not None and not self.prefix_rest_graphs.capture_all(stop=low_memory):
-            return "free GPU memory fell below half of activation_reserve_gib (prefix rest graphs)"
+        # every admission with a known voice replays a tail graph, only stored-prefix hits a rest graph
         if self.backbone_tails is not None and not self.backbone_tails.capture_all(stop=low_memory):
             return "free GPU memory fell below half of activation_reserve_gib (backbone tail graphs)"
+        if self.prefix_rest_graphs is not None and not self.prefix_rest_graphs.capture_all(stop=low_memory):
+            return "free GPU memory fell below half of activation_reserve_gib (prefix rest graphs)"
         return None
 
     def _dummy_step_inputs(self, size: int):
@@ -1291,9 +1292,10 @@ class ChromaEngine:
     def _prefill_thinker(self, row: int, items: list[tuple[GenerationRequest, RequestStream]],
                          matches: dict[int, PrefixMatch]):
         """The thinker's prefill of `items` into rows row..: prompts with a stored prefix
-        (`matches`, by id of the request; they come last in `items`, by the positions left)
-        compute only the positions after it, eagerly, in groups that bound the padding and the
-        attention mask (`prefix_groups`); the others go through the admission graphs, one replay
+        (`matches`, by id of the request; they come last in `items`, those a prefix rest graph
+        holds first, each part by the positions left) compute only the positions after it: through
+        the prefix rest graphs, one replay per group (`PrefixRestGraphs.plan`), else eagerly, in
+        groups that bound the padding and the attention mask (`prefix_groups`); the others go through the admission graphs, one replay
         per group of similar length (`PrefillGraphs.plan`; in ascending length), prompts longer
         than every bucket eagerly; without the graphs, one eager call. Returns the last states
         [n, H], the greedy next ids [n] and the prompts by path (the prefill counters' increments)."""

@@ -76,6 +76,29 @@ def scratch_positions_up_to(max_rows: int, max_len: int, max_tokens: int = 0) ->
     return max(scratch_positions(admission_buckets(rows, max_len, max_tokens)) for rows in range(1, max_rows + 1))
 
 
+def cheapest_groups(total: int, fit: int, bucket_of) -> list[tuple[int, bool]]:
+    """Consecutive groups `(count, through a graph)` of `total` prompts in order, of which the first
+    `fit` can go through graphs: those split where the padded positions are fewest, each further
+    replay counted as `REPLAY_POSITIONS` more (`bucket_of(j, i)`: the (rows, length) bucket of
+    prompts j..i-1 as one replay, or None); the others make one eager group at the end."""
+    cost = [0] + [None] * fit  # cost[i]: the cheapest way to prefill prompts 0..i-1; cut[i]: its last group's start
+    cut = [0] * (fit + 1)
+    for i in range(1, fit + 1):
+        for j in range(i):
+            found = bucket_of(j, i)
+            if found is None or cost[j] is None:
+                continue
+            c = cost[j] + found[0] * found[1] + REPLAY_POSITIONS
+            if cost[i] is None or c < cost[i]:
+                cost[i], cut[i] = c, j
+    groups, i = [], fit
+    while i > 0:
+        groups.append((i - cut[i], True))
+        i = cut[i]
+    groups.reverse()
+    return groups + ([(total - fit, False)] if fit < total else [])
+
+
 class ScratchCache:
     """The admission graphs' scratch keys and values: one allocation of `positions` positions per
     layer, which a bucket of `rows` rows sees as a `KVCache` [layers, rows, kv_heads,
@@ -193,22 +216,7 @@ class PrefillGraphs(_ScratchGraphs):
         if any(b < a for a, b in zip(lengths, lengths[1:])):
             raise ValueError("plan: lengths must be ascending")
         fit = sum(1 for n in lengths if n <= self.lengths[-1])
-        cost = [0] + [None] * fit  # cost[i]: the cheapest way to prefill prompts 0..i-1; cut[i]: its last group's start
-        cut = [0] * (fit + 1)
-        for i in range(1, fit + 1):
-            for j in range(i):
-                found = self.bucket_for(i - j, lengths[i - 1])
-                if found is None or cost[j] is None:
-                    continue
-                c = cost[j] + found[0] * found[1] + REPLAY_POSITIONS
-                if cost[i] is None or c < cost[i]:
-                    cost[i], cut[i] = c, j
-        groups, i = [], fit
-        while i > 0:
-            groups.append((i - cut[i], True))
-            i = cut[i]
-        groups.reverse()
-        return groups + ([(len(lengths) - fit, False)] if fit < len(lengths) else [])
+        return cheapest_groups(len(lengths), fit, lambda j, i: self.bucket_for(i - j, lengths[i - 1]))
 
     @torch.no_grad()  # not inference mode: a graph's static inputs are copied into outside it
     def prefill(self, row_start: int, prompts, max_new_tokens=None):

@@ -314,10 +314,13 @@ class Trunk(nn.Module):
 
 def masked_prefill_kernels():
     """SDPA's memory-efficient kernel (its math one where that does not apply) for a masked prefill
-    (positions after a stored prefix, or a prompt that fits no admission graph). SDPA's first choice
-    for a masked bf16 call on Hopper is cuDNN's kernel, which cost about 0.5 ms of host time per
-    call, every call (18 ms of a 36-layer prefill whose GPU time was 7 ms: run 65 of
-    docs/benchmarks.md); the memory-efficient kernel takes the same additive mask."""
+    (positions after a stored prefix; a prompt's prefill from position 0 has no mask but in float32).
+    SDPA's first choice for a masked bf16 call on Hopper is cuDNN's kernel, which cost about 0.5 ms
+    of host time per call, every call (18 ms of a 36-layer prefill whose GPU time was 7 ms: run 65
+    of docs/benchmarks.md); the memory-efficient kernel takes the same additive mask. The choice is
+    torch's process-wide setting for the call's duration: SDPA calls of other threads meanwhile (the
+    audio tower in an in-process `ChromaPipeline`, not under Triton, where it is another process)
+    get the same kernels, the same results up to rounding."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     return sdpa_kernel([SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
