@@ -193,9 +193,14 @@ class Drainer:
         self._thread.join()
 
 
-def submit(engine, template, frames: int, seed: int):
+def submit(engine, template, frames: int, seed: int, own_rows: int = 0):
+    """`template` with its own sampling seed; `own_rows`: its last so many audio embedding rows (its
+    last clip) perturbed by the seed, so that its prompt is its own from there on."""
     req = copy.deepcopy(template)
     req.sampling = SamplingParams(seed=seed, max_tokens=frames)
+    if own_rows:
+        noise = torch.randn(own_rows, req.audio_embeds.shape[-1], generator=torch.Generator().manual_seed(seed))
+        req.audio_embeds[-own_rows:] += 1e-3 * noise.to(req.audio_embeds.dtype)
     return engine.submit(req)
 
 
@@ -310,11 +315,19 @@ def steady_phase(engine, template, args, profiler, work: Path) -> dict:
                                                     "error": spy_err}}
 
 
-def prefill_phase(engine, template, group_template, args, profiler, work: Path) -> dict:
-    """``template``: the request running beside the prefills; ``group_template``: the one the groups send."""
+def prefill_phase(engine, template, group_template, args, profiler, work: Path, previous=None) -> dict:
+    """``template``: the request running beside the prefills; ``group_template``: the one the groups
+    send; ``previous`` (--prefill-new-turns): the turn before it, admitted first (so stored, with the
+    thinker prefix cache), and each group request's last clip is then its own."""
     sizes = [int(n) for n in args.prefills.split(",") if n.strip()]
     engine.opts.admission_pacing = False  # a group submitted together is admitted together
     drainer = Drainer()
+    own_rows = 0
+    if previous is not None:
+        own_rows = (group_template.audio_embeds.shape[0] - previous.audio_embeds.shape[0])
+        first = submit(engine, previous, 2, 3)
+        drainer.streams.append(first)
+        wait_until(lambda: id(first) in drainer.ended, args.admit_timeout_s, "the previous turn's end")
     anchor = submit(engine, template, args.steady_frames, 7)
     drainer.streams.append(anchor)
     wait_until(lambda: engine.stats()["active"] == 1, args.admit_timeout_s, "the running request")
@@ -326,18 +339,22 @@ def prefill_phase(engine, template, group_template, args, profiler, work: Path) 
                 group = []
                 for _ in range(n):
                     seed += 1
-                    group.append(submit(engine, group_template, 4, seed))
+                    group.append(submit(engine, group_template, 4, seed, own_rows))
                 drainer.streams += group
                 wait_until(lambda: all(id(s) in drainer.ended for s in group), args.admit_timeout_s, "a group's end")
     try:
         before = dict(engine.counters)
         trace = profiler.run(rounds, work / "prefill.json")
-        prefills = engine.counters["prefills"] - before["prefills"]
+        counted = {name: engine.counters[name] - before[name] for name in PREFILL_COUNTERS}
     finally:
         anchor.cancel()
         wait_until(lambda: engine.stats()["active"] == 0, 120, "the running request to leave")
         drainer.stop()
-    return {"prefills": prefills, "ranges": summarize_ranges(trace, "chroma.prefill")}
+    return {"prefills": counted["prefills"], "prompts": counted, "ranges": summarize_ranges(trace, "chroma.prefill")}
+
+
+PREFILL_COUNTERS = ("prefills", "prefill_graph_prompts", "prefill_eager_prompts", "prefill_prefix_prompts",
+                    "prefill_prefix_graph_prompts", "prefill_prefix_tokens")
 
 
 def print_summary(report: dict) -> None:
@@ -358,6 +375,7 @@ def print_summary(report: dict) -> None:
             print(f"   window gpu {k['ms_per_step']:7.3f} ms/step x{k['per_step']:<6.1f} {k['kernel']}")
         show("steady", s["ranges"])
     if "prefill" in report:
+        print("prefill phase's prompts:", json.dumps(report["prefill"]["prompts"]))
         show("prefill", report["prefill"]["ranges"])
 
 
@@ -375,6 +393,10 @@ def main():
     ap.add_argument("--prefill-rounds", type=int, default=5)
     ap.add_argument("--prefill-turns", type=int, default=0, help="the prefill phase's requests follow this many earlier "
                     "exchanges (a conversation's history: about 120 prompt tokens each; chroma_triton/bench/conversation.py)")
+    ap.add_argument("--prefill-new-turns", action="store_true", help="with --prefill-turns N: the turn before "
+                    "(N - 1 earlier exchanges) is admitted first, and each request's last clip is its own (its "
+                    "embeddings perturbed by its seed): with the thinker prefix cache (--set thinker_prefix_cache_mib=...) "
+                    "each then prefills its conversation's last exchange and new turn, as a voice agent's next turn does")
     ap.add_argument("--thinker-max-len", type=int, default=1024, help="as scripts/gpu_bench.sh's stacks")
     ap.add_argument("--backbone-max-len", type=int, default=1536)
     ap.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
@@ -395,6 +417,11 @@ def main():
                                                backbone_max_len=args.backbone_max_len))
     template = make_request(pipe, 0, args.steady_frames)
     group_template = make_request(pipe, 0, args.steady_frames, turns=args.prefill_turns)
+    previous = None
+    if args.prefill_new_turns:
+        if args.prefill_turns < 1:
+            raise SystemExit("--prefill-new-turns needs --prefill-turns of 1 or more")
+        previous = make_request(pipe, 0, args.steady_frames, turns=args.prefill_turns - 1)
     pipe.close()
     from torch.profiler import ProfilerActivity
 
@@ -414,7 +441,7 @@ def main():
         if args.rows > 0:
             report["steady"] = steady_phase(engine, template, args, profiler, work)
         if args.prefills.strip():
-            report["prefill"] = prefill_phase(engine, template, group_template, args, profiler, work)
+            report["prefill"] = prefill_phase(engine, template, group_template, args, profiler, work, previous)
     finally:
         profiler.close()
         engine.shutdown()

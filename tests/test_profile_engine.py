@@ -34,6 +34,25 @@ def test_profile_engine_reports_steps_and_prefills(tiny_checkpoint, tmp_path):
     assert "steady chroma.step" in run.stdout and "prefill chroma.prefill[1]" in run.stdout
 
 
+def test_new_turns_take_their_history_from_the_thinker_prefix_cache(tiny_checkpoint, tmp_path):
+    """--prefill-new-turns with the thinker prefix cache: the turn before is stored first, and every
+    request of the groups, its last clip its own, prefills only what follows the shared history
+    (a rest graph's padded bucket, run eagerly on the CPU)."""
+    out = tmp_path / "profile.json"
+    run = subprocess.run([sys.executable, str(ROOT / "scripts" / "profile_engine.py"), "--model", str(tiny_checkpoint),
+                          "--device", "cpu", "--rows", "0", "--prefills", "1,2", "--prefill-rounds", "2",
+                          "--prefill-turns", "3", "--prefill-new-turns", "--set", "max_prefills_per_step=2",
+                          "--set", "thinker_prefix_cache_mib=16", "--set", "thinker_prefix_min_tokens=64",
+                          "--set", "prefill_graphs=true", "--thinker-max-len", "1024", "--out", str(out)],
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    prompts = json.loads(out.read_text())["prefill"]["prompts"]
+    assert prompts["prefill_prefix_prompts"] == 2 * (1 + 2) == prompts["prefill_prefix_graph_prompts"], prompts
+    assert prompts["prefill_graph_prompts"] + prompts["prefill_eager_prompts"] == 0
+    assert prompts["prefill_prefix_tokens"] >= 6 * 64
+    assert "prefill phase's prompts:" in run.stdout
+
+
 def test_an_engine_gone_idle_is_woken_to_stop_the_profiler(tiny_checkpoint, tmp_path):
     """Requests that end before the profiled window does: the engine's thread, waiting for work,
     is given a short request so that it comes round to stop the profiler; the report says how many
