@@ -56,6 +56,17 @@ def test_block_keys_cover_everything_up_to_each_block_end():
     assert prompt_block_keys(ids[:63], None, AUDIO) == []
 
 
+def test_block_keys_hashed_on_threads_are_the_serial_ones(monkeypatch):
+    """A long prompt's blocks are hashed on a few threads: the same keys as one by one."""
+    from chroma_triton.engine import thinker_prefix
+
+    ids, audio = _prompt(700, audio_at=range(10, 650))
+    monkeypatch.setattr(thinker_prefix, "_PARALLEL_BYTES", 1 << 40)
+    serial = prompt_block_keys(ids, audio, AUDIO)
+    monkeypatch.setattr(thinker_prefix, "_PARALLEL_BYTES", 0)
+    assert prompt_block_keys(ids, audio, AUDIO) == serial and len(serial) == 700 // BLOCK
+
+
 def shared_blocks(req, stored) -> int:
     """Whole blocks of `req`'s prompt that start one of `stored`'s too, leaving one position."""
     def common(a, b):
