@@ -323,7 +323,7 @@ class ChromaEngine:
                                                        self.opts.thinker_prefix_min_tokens)
         elif self.opts.thinker_prefix_cache_mib:
             log.info("thinker_prefix_cache_mib applies to the PyTorch thinker only; this engine's thinker "
-                        "(%s) keeps its own caches", type(self.thinker).__name__)
+                     "(%s) keeps its own caches", type(self.thinker).__name__)
         self._dead: str | None = None  # why the loop stopped, once it has
         self._pinned: dict[tuple, list[torch.Tensor]] = {}
         self._ahead: _Ahead | None = None
@@ -1295,10 +1295,11 @@ class ChromaEngine:
         (`matches`, by id of the request; they come last in `items`, those a prefix rest graph
         holds first, each part by the positions left) compute only the positions after it: through
         the prefix rest graphs, one replay per group (`PrefixRestGraphs.plan`), else eagerly, in
-        groups that bound the padding and the attention mask (`prefix_groups`); the others go through the admission graphs, one replay
-        per group of similar length (`PrefillGraphs.plan`; in ascending length), prompts longer
-        than every bucket eagerly; without the graphs, one eager call. Returns the last states
-        [n, H], the greedy next ids [n] and the prompts by path (the prefill counters' increments)."""
+        groups that bound the padding and the attention mask (`prefix_groups`); the others go
+        through the admission graphs, one replay per group of similar length (`PrefillGraphs.plan`;
+        in ascending length), prompts longer than every bucket eagerly; without the graphs, one
+        eager call. Returns the last states [n, H], the greedy next ids [n] and the prompts by path
+        (the prefill counters' increments)."""
         # ids stay on the host: the thinker batches them into one copy (model.thinker.prompt_batch)
         prompts = [(torch.tensor(r.thinker_ids, dtype=torch.long), r.audio_embeds) for r, _ in items]
         budgets = [self._thinker_budget(r) for r, _ in items]
