@@ -324,7 +324,7 @@ def prefill_phase(engine, template, group_template, args, profiler, work: Path, 
     drainer = Drainer()
     own_rows = 0
     if previous is not None:
-        own_rows = (group_template.audio_embeds.shape[0] - previous.audio_embeds.shape[0])
+        own_rows = group_template.audio_embeds.shape[0] - previous.audio_embeds.shape[0]
         first = submit(engine, previous, 2, 3)
         drainer.streams.append(first)
         wait_until(lambda: id(first) in drainer.ended, args.admit_timeout_s, "the previous turn's end")

@@ -63,9 +63,10 @@ class StepRunner:
     def __len__(self) -> int:
         return len(self._graphs)
 
-    def keys(self) -> list[Hashable]:
-        """The keys of the graphs captured so far."""
-        return list(self._graphs)
+    def count(self, kind: Hashable) -> int:
+        """Graphs captured so far whose key is a tuple starting with `kind` (callers that share a
+        runner tell their graphs apart so)."""
+        return sum(1 for key in list(self._graphs) if isinstance(key, tuple) and key[0] == kind)
 
     def __call__(self, key: Hashable, fn: Callable, *args: torch.Tensor):
         if not self.use_graphs:

@@ -155,7 +155,7 @@ class _ScratchGraphs:
 
     def __len__(self) -> int:
         """Graphs of this kind captured so far (the runner may hold others: prefix_rest_graphs.py)."""
-        return sum(1 for key in self.runner.keys() if key[0] == self.KIND)
+        return self.runner.count(self.KIND)
 
     def bucket_for(self, rows: int, length: int) -> tuple[int, int] | None:
         """The smallest (rows, length) bucket that holds `rows` prompts of up to `length` positions,

@@ -37,6 +37,7 @@ import torch
 from ..model.trunk import eager_layers
 from .graphs import bucket
 from .prefill_graphs import PrefillGraphs, cheapest_groups
+from .voice_prefix import copy_prefixes
 
 REST_LENGTHS = (64, 128, 192, 256, 384, 512)
 
@@ -60,7 +61,7 @@ class PrefixRestGraphs:
 
     def __len__(self) -> int:
         """Graphs captured so far (none without CUDA graphs)."""
-        return sum(1 for key in self.admission.runner.keys() if key[0] == self.KIND)
+        return self.admission.runner.count(self.KIND)
 
     def bucket_for(self, rows: int, rest: int, start: int) -> tuple[int, int, int] | None:
         """The smallest (rows, rest length, key length) bucket for `rows` prompts whose rests are at
@@ -104,10 +105,8 @@ class PrefixRestGraphs:
         if found is None:
             raise ValueError(f"no prefix rest graph holds {n} rests of {length} positions after {max(starts)}")
         rows, padded, key_len = found
-        scratch = self.admission.scratch.bucket(rows, key_len)
-        for i, (start, k, v) in enumerate(prefixes):
-            scratch.k[:, i, :, :start].copy_(k[:, :, :start])
-            scratch.v[:, i, :, :start].copy_(v[:, :, :start])
+        copy_prefixes(self.admission.scratch.bucket(rows, key_len), 0,
+                      [(k[:, :, :start], v[:, :, :start]) for start, k, v in prefixes])
         xb = x.new_zeros(rows, padded, x.shape[2])
         xb[:n, :length] = x
         first = torch.zeros(rows, dtype=torch.long)

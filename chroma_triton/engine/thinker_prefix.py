@@ -23,7 +23,6 @@ The reused keys and values were computed in another batch, possibly through anot
 from __future__ import annotations
 
 import hashlib
-import threading
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -36,8 +35,7 @@ BLOCK = 64
 
 HASH_THREADS = 4  # prompt_block_keys: threads hashing a long prompt's blocks at once
 _PARALLEL_BYTES = 1 << 20  # ...when its audio rows hold at least this many bytes
-_hashers: ThreadPoolExecutor | None = None
-_hashers_lock = threading.Lock()
+_HASHERS = ThreadPoolExecutor(HASH_THREADS, thread_name_prefix="prefix-hash")  # starts its threads when first used
 
 
 def prompt_block_keys(ids: list[int], audio: torch.Tensor | None, audio_token_id: int) -> list[bytes]:
@@ -65,7 +63,7 @@ def prompt_block_keys(ids: list[int], audio: torch.Tensor | None, audio_token_id
 
     blocks = range(len(tokens) // BLOCK)
     if rows is not None and rows.nbytes >= _PARALLEL_BYTES and len(blocks) > 1:
-        digests = list(_hash_pool().map(block_digest, blocks))
+        digests = list(_HASHERS.map(block_digest, blocks))
     else:
         digests = [block_digest(b) for b in blocks]
     chain = hashlib.sha256(b"chroma thinker prefix v2")
@@ -74,14 +72,6 @@ def prompt_block_keys(ids: list[int], audio: torch.Tensor | None, audio_token_id
         chain.update(digest)
         keys.append(chain.digest())  # the running digest: everything up to this block's end
     return keys
-
-
-def _hash_pool() -> ThreadPoolExecutor:
-    global _hashers
-    with _hashers_lock:
-        if _hashers is None:
-            _hashers = ThreadPoolExecutor(HASH_THREADS, thread_name_prefix="prefix-hash")
-        return _hashers
 
 
 MAX_SCORES = 1 << 24  # prefix_groups: query x key positions of one group (its mask: x heads per kv head x 2 bytes)
