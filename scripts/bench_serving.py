@@ -85,14 +85,14 @@ async def run_level(path: str, streams: int, args, targets: dict, workload: Work
                              rounds=args.rounds if monitor else 1,  # warm-ups: one round
                              run=secrets.randbits(31))  # --conversations: this run's own conversations
     mon = Monitor(targets.get("metrics"), grpc_url=targets.get("grpc")) if monitor else None
-    spy = None
+    spies = []
     if mon:
         mon.start()
         server_procs = server_processes(args.server_match)
         cpu_before = cpu_snapshot(server_procs)
         if streams in args.spy_levels:
-            spy = PySpy(Path(args.out).parent, args.spy_s, match=args.server_match)
-            spy_files = spy.start(f"{path}{streams}")
+            spies = [PySpy(Path(args.out).parent, args.spy_s, role=role, match=args.server_match) for role in args.spy_roles]
+            spy_files = [f for spy in spies for f in spy.start(f"{path}{streams}")]
     # started_unix: to read the server's traces (codec_decoder's trace_path) against the level
     started, started_unix = time.perf_counter(), time.time()
     records, lag = await drive_level(path, streams, settings, targets, workload, workers, args.client_procs)
@@ -102,8 +102,8 @@ async def run_level(path: str, streams: int, args, targets: dict, workload: Work
            "started_unix": round(started_unix, 3), **summarize(records, started, finished), **lag}
     if mon:
         out["server_cpu"] = cpu_deltas(cpu_before, cpu_snapshot(server_procs), finished - started)
-        if spy is not None:
-            out["pyspy"] = {"files": spy_files, "errors": spy.wait()}
+        if spies:
+            out["pyspy"] = {"files": spy_files, "errors": [e for spy in spies for e in spy.wait()]}
         server = mon.finish(wall_s=finished - started)
         out.update(server)
         out["audio_encoder_compute_us_per_request"] = per_request_us(server["triton_counters_delta"], "audio_encoder")
@@ -212,8 +212,15 @@ def encoder_codec_summary(level: dict) -> str:
         return out
 
     clips, chunks = by_how("chroma_audio_encoder_clips_total"), by_how("chroma_codec_chunks_total")
+    stages, requests = by_how("chroma_audio_encoder_seconds_total"), deltas.get("nv_inference_count{audio_encoder}")
+    per_request = ""
+    if stages and requests:
+        per_request = ("; audio_encoder ms per request: "
+                       + ", ".join(f"{stage} {1e3 * stages[stage] / requests:.1f}"
+                                   for stage in ("voice", "features", "tower", "output") if stage in stages))
     return (f"user clips {clips.get('embedded', 0):.0f} embedded, {clips.get('reused', 0):.0f} reused; "
-            f"codec chunks " + ", ".join(f"{chunks.get(h, 0):.0f} {h}" for h in ("carried", "restarted", "stateless")))
+            f"codec chunks " + ", ".join(f"{chunks.get(h, 0):.0f} {h}" for h in ("carried", "restarted", "stateless"))
+            + per_request)
 
 
 def fmt(value, spec: str = ".0f", suffix: str = "") -> str:
@@ -319,8 +326,11 @@ def parse_args(argv=None):
     ap.add_argument("--server-match", default=None,
                     help="count CPU (and py-spy) only for server processes whose command line or an ancestor's "
                          "holds this text, e.g. the launcher's --workdir when two stacks run on one machine")
-    ap.add_argument("--spy-levels", default="", help="levels (streams) whose timed run py-spy records in chroma_lm's "
-                    "process (py-spy on PATH; files beside --out)")
+    ap.add_argument("--spy-levels", default="", help="levels (streams) whose timed run py-spy records in the "
+                    "--spy-roles' processes (py-spy on PATH; files beside --out)")
+    ap.add_argument("--spy-roles", default="chroma_lm",
+                    help="comma-separated server roles py-spy records: chroma_lm, audio_encoder, codec_decoder, "
+                         "frontend (each of its processes), tritonserver")
     ap.add_argument("--spy-s", type=float, default=5.0, help="seconds py-spy records from a level's start")
     ap.add_argument("--client-procs", type=int, default=1,
                     help="client processes a level's streams are dealt over, each with its own event loop "
@@ -349,6 +359,7 @@ def parse_args(argv=None):
         ap.error(f"--via: choose from {', '.join(PATHS)}")
     args.concurrency = [int(c) for c in args.concurrency.split(",")]
     args.spy_levels = {int(c) for c in args.spy_levels.split(",") if c.strip()}
+    args.spy_roles = [r.strip() for r in args.spy_roles.split(",") if r.strip()]
     if args.rounds < 1:
         ap.error("--rounds must be >= 1")
     return args

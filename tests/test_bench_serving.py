@@ -216,6 +216,10 @@ def test_bench_serving_against_the_stack(triton_install, tmp_path):
         clips = {how: lv["triton_counters_delta"].get(f"chroma_audio_encoder_clips_total{{audio_encoder,{how}}}")
                  for how in ("embedded", "reused")}
         assert clips == ({"embedded": 2, "reused": 1} if c == 1 else {"embedded": 5, "reused": 2}), clips
+        # the encoder's time by stage: every request decoded clips and built its output; the tower ran
+        stages = {k.split(",")[1].rstrip("}"): v for k, v in lv["triton_counters_delta"].items()
+                  if k.startswith("chroma_audio_encoder_seconds_total{")}
+        assert set(stages) == {"voice", "features", "tower", "output"} and all(v > 0 for v in stages.values()), stages
         chunks = [v for k, v in lv["triton_counters_delta"].items() if k.startswith("chroma_codec_chunks_total{")]
         assert sum(chunks) > 0
         # this stack's processes, found by their command lines (CPU time comes in 10 ms ticks: a

@@ -428,6 +428,9 @@ def test_conversation_clips_go_through_the_tower_once(encoder_parts, question_wa
     out = fresh.encode_batch([EncoderInput([second], b"", ""), EncoderInput([second, b"garbage"], b"", ""),
                               EncoderInput([second], b"", "")])
     assert fresh.clip_counts() == {"embedded": 1, "reused": 1} and isinstance(out[1], InvalidRequestError)
+    # its time by stage: the voice and the clips' features for all three, one tower pass, two outputs
+    spent = fresh.stage_seconds()
+    assert set(spent) == {"voice", "features", "tower", "output"} and all(v > 0 for v in spent.values()), spent
     np.testing.assert_array_equal(out[0].audio_embeds, out[2].audio_embeds)
     assert len(fresh.clips) == 1  # the bad clip left nothing behind
     with pytest.raises(ValueError):

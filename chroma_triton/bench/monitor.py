@@ -21,7 +21,7 @@ from collections import defaultdict
 
 _SAMPLE = re.compile(r"^([A-Za-z_:][A-Za-z0-9_:]*)(\{[^}]*\})?\s+(\S+)")
 _MODEL = re.compile(r'model="([^"]*)"')
-_HOW = re.compile(r'how="([^"]*)"')
+_HOW = re.compile(r'(?:how|stage)="([^"]*)"')  # the label that splits a family (by how, by stage)
 _PREFIXES = ("chroma_lm_", "nv_inference_", "chroma_audio_encoder_", "chroma_codec_")
 GAUGES = ("chroma_lm_active_requests", "chroma_lm_free_slots", "chroma_lm_queued_requests", "nv_inference_pending_request_count")
 
@@ -48,7 +48,8 @@ def gpu_memory_mib() -> dict[str, float] | None:
 
 def scrape(url: str | None, timeout: float = 3.0) -> dict[str, float] | None:
     """Prometheus text -> {"metric{model}": value} for our prefixes (summed over other labels), or
-    {"metric{model,how}": value} for the families counted by `how` (codec chunks, encoder clips)."""
+    {"metric{model,how}": value} for the families split by `how` (codec chunks, encoder clips) or by
+    `stage` (the encoder's seconds)."""
     if not url:
         return None
     opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))

@@ -16,6 +16,8 @@ clip sent twice in a batch, goes through the tower once.
 from __future__ import annotations
 
 import logging
+import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -72,6 +74,10 @@ class AudioEncoderService:
         # user clips: embedded (through the tower), reused (their embeddings were there: cached, or
         # the same clip earlier in the batch)
         self._clip_counts = dict.fromkeys(("embedded", "reused"), 0)
+        # wall seconds of encode_batch by stage: voice (reference voice: hash, cache, Mimi encode),
+        # features (user clips: hash, cache lookup, decode, resample, log-mel), tower (the audio
+        # tower's forward and the copy back), output (the float32 rows each request gets)
+        self._stage_seconds = dict.fromkeys(("voice", "features", "tower", "output"), 0.0)
         self.default_voice = default_voice
         if default_voice is not None:  # encode once now: the first request should not pay for it
             self.voice_codes(default_voice[0])
@@ -152,6 +158,17 @@ class AudioEncoderService:
     def clip_counts(self) -> dict[str, int]:
         return dict(self._clip_counts)
 
+    def stage_seconds(self) -> dict[str, float]:
+        return dict(self._stage_seconds)
+
+    @contextmanager
+    def _timed(self, stage: str):
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self._stage_seconds[stage] += time.perf_counter() - start
+
     # -- requests ----------------------------------------------------------------------------------
     def encode_batch(self, inputs: list[EncoderInput]) -> list[EncoderOutput | Exception]:
         """Encode several requests; a request's failure is returned in its place (others go on)."""
@@ -159,20 +176,28 @@ class AudioEncoderService:
         prepared = {}
         for i, inp in enumerate(inputs):
             try:
-                codes, voice_text = self.resolve_voice(inp.prompt_audio, inp.prompt_text)
-                prepared[i] = (self.user_clips(inp.user_audio), codes, voice_text)
+                with self._timed("voice"):
+                    codes, voice_text = self.resolve_voice(inp.prompt_audio, inp.prompt_text)
+                with self._timed("features"):
+                    prepared[i] = (self.user_clips(inp.user_audio), codes, voice_text)
             except Exception as exc:  # noqa: BLE001 - reported per request
                 results[i] = exc
         try:
-            embedded = self._embed_new([c for clips, _, _ in prepared.values() for c in clips])
+            with self._timed("tower"):
+                embedded = self._embed_new([c for clips, _, _ in prepared.values() for c in clips])
         except Exception:  # one bad batch must not fail everyone: retry request by request
             log.exception("batched audio tower forward failed; retrying per request")
             embedded = None
         for i, (clips, codes, voice_text) in prepared.items():
             try:
-                mine = embedded if embedded is not None else self._embed_new(clips)
-                results[i] = self._output([c.embeds if c.embeds is not None else mine[c.key] for c in clips],
-                                          codes, voice_text)
+                if embedded is None:
+                    with self._timed("tower"):
+                        mine = self._embed_new(clips)
+                else:
+                    mine = embedded
+                with self._timed("output"):
+                    results[i] = self._output([c.embeds if c.embeds is not None else mine[c.key] for c in clips],
+                                              codes, voice_text)
             except Exception as exc:  # noqa: BLE001
                 results[i] = exc
         return results  # type: ignore[return-value]

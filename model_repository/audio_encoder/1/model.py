@@ -25,6 +25,14 @@ class TritonPythonModel:
         labels = {"model": a.name, "instance": a.instance_name}
         self.clip_counters = {how: self._clip_family.Metric(labels={**labels, "how": how})
                               for how in self.service.clip_counts()}
+        self._stage_family = pb_utils.MetricFamily(
+            name="chroma_audio_encoder_seconds_total", kind=pb_utils.MetricFamily.COUNTER,
+            description="Wall seconds of execute() by stage: voice (the reference voice's hash, cache and "
+                        "Mimi encoding), features (user clips' hash, cache lookup, decoding, resampling and "
+                        "log-mel), tower (the audio tower's forward and the copy back), output (the float32 "
+                        "embeddings each request gets)")
+        self.stage_counters = {stage: self._stage_family.Metric(labels={**labels, "stage": stage})
+                               for stage in self.service.stage_seconds()}
         graphs = parts.audio_tower.use_cuda_graphs(a.int("cuda_graph_windows", 64))
         freeze_if_asked(a)  # once loaded, its graphs captured: none of that is garbage
         print(f"[{a.instance_name}] ready on {a.device}: {path}, default voice {voice_path}, {graphs} CUDA graphs",
@@ -44,11 +52,14 @@ class TritonPythonModel:
                 errors[i] = exc
                 inputs.append(None)
         valid = [inp for inp in inputs if inp is not None]
-        counts = self.service.clip_counts()
+        counts, seconds = self.service.clip_counts(), self.service.stage_seconds()
         results = iter(self.service.encode_batch(valid))
         for how, count in self.service.clip_counts().items():
             if count > counts[how]:
                 self.clip_counters[how].increment(count - counts[how])
+        for stage, spent in self.service.stage_seconds().items():
+            if spent > seconds[stage]:
+                self.stage_counters[stage].increment(spent - seconds[stage])
         responses = []
         for i, inp in enumerate(inputs):
             result = errors[i] if inp is None else next(results)
