@@ -200,7 +200,7 @@ def submit(engine, template, frames: int, seed: int, own_rows: int = 0):
     req.sampling = SamplingParams(seed=seed, max_tokens=frames)
     if own_rows:
         noise = torch.randn(own_rows, req.audio_embeds.shape[-1], generator=torch.Generator().manual_seed(seed))
-        req.audio_embeds[-own_rows:] += 1e-3 * noise.to(req.audio_embeds.dtype)
+        req.audio_embeds[-own_rows:] += 1e-3 * noise.to(req.audio_embeds)  # its device (a GPU's) and dtype
     return engine.submit(req)
 
 

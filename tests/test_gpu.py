@@ -168,6 +168,22 @@ def test_audio_tower_graphs_give_the_eager_embeddings(tiny_checkpoint, device):
                 torch.testing.assert_close(got.float(), want.float(), rtol=0.02, atol=0.02 * float(want.abs().max()))
 
 
+def test_log_mel_features_on_the_gpu_match_the_cpu(tiny_checkpoint, question_wav):
+    """audio_encoder's features_device=auto: the feature extractor's torch path on the GPU gives the
+    CPU's log-mels (float32 FFTs of another library: about 1e-5) and the same frame count."""
+    from chroma_triton.audio_io import decode_audio
+    from chroma_triton.model.loading import load_parts
+
+    tower = load_parts(tiny_checkpoint, parts={"audio_tower"}, device="cuda").audio_tower
+    for wav in (decode_audio(question_wav, tower.sampling_rate), np.random.default_rng(0).standard_normal(777).astype(np.float32)):
+        cpu = tower.features(wav)
+        assert tower.use_device_features(True).startswith("cuda")
+        gpu = tower.features(wav)
+        tower.use_device_features(False)
+        assert gpu.shape == cpu.shape and gpu.device.type == "cpu"
+        torch.testing.assert_close(gpu, cpu, rtol=0, atol=1e-4)
+
+
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
 def test_graphs_on_a_second_gpu_while_the_first_is_current(tiny_checkpoint, question_wav, ref_voice):
     """dp 2 runs an instance on cuda:1 from threads whose current device is cuda:0: its engine

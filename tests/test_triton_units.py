@@ -392,6 +392,19 @@ def encoder_parts(tiny_checkpoint):
 DEFAULT_VOICE = (ROOT / "assets/voices/default.wav").read_bytes(), "default transcript"
 
 
+def test_features_device_parameter(encoder_parts):
+    """features_device: auto (the tower's GPU, the CPU without one) or cpu; anything else fails the
+    load with the values it takes."""
+    from chroma_triton.serving.triton_audio_encoder import features_on_device
+
+    assert features_on_device("auto") is True and features_on_device("cpu") is False
+    with pytest.raises(ValueError, match="'auto' or 'cpu'"):
+        features_on_device("gpu")
+    tower = encoder_parts.audio_tower
+    assert tower.use_device_features(True) == "cpu"  # a CPU tower: nowhere else to go
+    assert tower.features_device == "cpu"
+
+
 @pytest.fixture(scope="module")
 def encoder(encoder_parts):
     from chroma_triton.serving.triton_audio_encoder import AudioEncoderService

@@ -36,6 +36,14 @@ MAX_PROMPT_AUDIO_SECONDS = 60.0
 MIN_FEATURE_FRAMES = 4
 
 
+def features_on_device(value: str) -> bool:
+    """The ``features_device`` parameter: ``auto`` (log-mels on the tower's GPU, on the CPU without
+    one) -> True, ``cpu`` -> False."""
+    if value not in ("auto", "cpu"):
+        raise ValueError(f"features_device must be 'auto' or 'cpu', got {value!r}")
+    return value == "auto"
+
+
 @dataclass
 class EncoderInput:
     user_audio: list[bytes]

@@ -5,7 +5,7 @@ import triton_python_backend_utils as pb_utils
 from chroma_triton.serving import protocol as P
 from chroma_triton.serving.gc_pauses import freeze_if_asked
 from chroma_triton.serving.model_args import ModelArgs, configure_logging, input_array, load_model_parts, resolve_default_voice
-from chroma_triton.serving.triton_audio_encoder import AudioEncoderService, EncoderInput
+from chroma_triton.serving.triton_audio_encoder import AudioEncoderService, EncoderInput, features_on_device
 
 
 class TritonPythonModel:
@@ -34,8 +34,10 @@ class TritonPythonModel:
         self.stage_counters = {stage: self._stage_family.Metric(labels={**labels, "stage": stage})
                                for stage in self.service.stage_seconds()}
         graphs = parts.audio_tower.use_cuda_graphs(a.int("cuda_graph_windows", 64))
+        features = parts.audio_tower.use_device_features(features_on_device(a.str("features_device", "auto")))
         freeze_if_asked(a)  # once loaded, its graphs captured: none of that is garbage
-        print(f"[{a.instance_name}] ready on {a.device}: {path}, default voice {voice_path}, {graphs} CUDA graphs",
+        print(f"[{a.instance_name}] ready on {a.device}: {path}, default voice {voice_path}, {graphs} CUDA graphs, "
+              f"log-mels on {features}",
               flush=True)
 
     def execute(self, requests):
