@@ -87,7 +87,7 @@ def main() -> None:
     ap.add_argument("--out", default=None, help="JSON file for the numbers")
     args = ap.parse_args()
 
-    if args.device.startswith("cuda"):
+    if args.device.startswith("cuda:"):  # "cuda": the current GPU
         torch.cuda.set_device(args.device)
     parts = load_parts(args.model, parts={"audio_tower", "codec"}, device=args.device)
     graphs = parts.audio_tower.use_cuda_graphs(args.cuda_graph_windows)
