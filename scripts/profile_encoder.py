@@ -1,14 +1,18 @@
 #!/usr/bin/env python3
-"""Where `audio_encoder`'s time goes for a conversation's turns, in process (no Triton): the
-service `audio_encoder` serves with (CUDA graphs for the tower as served), fed the requests of
+"""Where `audio_encoder`'s time goes for conversations' turns, in process (no Triton): the service
+`audio_encoder` serves with (CUDA graphs for the tower as served), fed the requests of
 conversations that resend their earlier clips with each turn, as `bench_serving.py --conversations`
-does. Per setting of `features_device`: the wall time of a request's `encode_batch` and its
-stages (voice, features, tower, output); then one clip's log-mel alone, on the CPU and on the GPU.
+does. Per setting (`prepare_threads` 1 and `--threads`; on a GPU also `features_device` cpu and
+auto): the wall time per request of `encode_batch` over batches of `--batch` requests (the same
+turn of that many conversations, as Triton's dynamic batcher hands them over under load) and the
+work per request by stage (voice, features, tower, output); then one clip's log-mel alone.
 
-    python scripts/profile_encoder.py --model /root/chroma-full --device cuda --out encoder.json
+    python scripts/profile_encoder.py --model /root/chroma-full --device cuda --batch 6 --out encoder.json
 
-Each setting gets a fresh service (an empty clip cache) and the same conversations: turn t sends
+Each setting gets a fresh service (an empty clip cache) and conversations of its own: turn t sends
 the clips of turns max(0, t - history) .. t, so after the first turn one clip is new per request.
+Pin the host's thread pools as the launcher does (OMP_NUM_THREADS=1 on GPUs) to see the served
+process's numbers.
 """
 from __future__ import annotations
 
@@ -31,33 +35,39 @@ from chroma_triton.serving.triton_audio_encoder import AudioEncoderService, Enco
 QUESTION, VOICE = ROOT / "assets/question_audio.wav", ROOT / "assets/ref_audio.wav"
 
 
-def conversations(count: int, turns: int, history: int, first_tag: int) -> list[list[bytes]]:
-    """Each request's clips, conversation by conversation, turn by turn (tags unique to each clip)."""
+def conversation_batches(count: int, turns: int, history: int, batch: int, first_tag: int) -> list[list[list[bytes]]]:
+    """Batches of requests (each request its clips): turn by turn, `batch` conversations at a time
+    (tags unique to each clip of each conversation)."""
     out = []
-    for c in range(count):
-        tag = (first_tag + c) << 16
-        for t in range(turns):
-            out.append([tagged_clip(QUESTION, tag | j) for j in range(max(0, t - history), t + 1)])
+    for t in range(turns):
+        for start in range(0, count, batch):
+            out.append([[tagged_clip(QUESTION, ((first_tag + c) << 16) | j) for j in range(max(0, t - history), t + 1)]
+                        for c in range(start, min(count, start + batch))])
     return out
 
 
-def run_setting(parts, on_device: bool, requests: list[list[bytes]], warmup: list[list[bytes]]) -> dict:
+def run_setting(parts, on_device: bool, threads: int, batches, warmup) -> dict:
     where = parts.audio_tower.use_device_features(on_device)
     voice = (VOICE.read_bytes(), VOICE.with_suffix(".txt").read_text().strip())
-    service = AudioEncoderService(parts, voice)
-    for clips in warmup:
-        service.encode_batch([EncoderInput(clips, voice[0], voice[1])])
+    service = AudioEncoderService(parts, voice, prepare_threads=threads)
+
+    def encode(batch):
+        for result in service.encode_batch([EncoderInput(clips, voice[0], voice[1]) for clips in batch]):
+            if isinstance(result, Exception):
+                raise result
+
+    for batch in warmup:
+        encode(batch)
     before, walls = service.stage_seconds(), []
-    for clips in requests:
+    for batch in batches:
         start = time.perf_counter()
-        (result,) = service.encode_batch([EncoderInput(clips, voice[0], voice[1])])
+        encode(batch)
         walls.append((time.perf_counter() - start) * 1e3)
-        if isinstance(result, Exception):
-            raise result
     after = service.stage_seconds()
-    n = len(requests)
-    return {"features_device": where, "requests": n, "wall_ms_p50": statistics.median(walls),
-            "wall_ms_mean": statistics.fmean(walls), "wall_ms_max": max(walls),
+    n = sum(len(b) for b in batches)
+    return {"features_device": where, "prepare_threads": threads, "requests": n, "batches": len(batches),
+            "ms_per_request": sum(walls) / n, "batch_wall_ms_p50": statistics.median(walls),
+            "batch_wall_ms_max": max(walls),
             "stage_ms_per_request": {k: (after[k] - before[k]) * 1e3 / n for k in after},
             "clip_counts": service.clip_counts()}
 
@@ -79,9 +89,11 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", required=True, help="checkpoint folder (scripts/make_checkpoint.py makes one)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--conversations", type=int, default=4)
+    ap.add_argument("--conversations", type=int, default=8)
     ap.add_argument("--turns", type=int, default=8, help="turns per conversation")
     ap.add_argument("--history", type=int, default=7, help="earlier turns a request resends at most")
+    ap.add_argument("--batch", type=int, default=1, help="requests per encode_batch (conversations at a time)")
+    ap.add_argument("--threads", type=int, default=4, help="prepare_threads compared with 1")
     ap.add_argument("--cuda-graph-windows", type=int, default=64, help="as audio_encoder's parameter (0: eager)")
     ap.add_argument("--reps", type=int, default=50, help="repetitions of the one-clip log-mel timing")
     ap.add_argument("--out", default=None, help="JSON file for the numbers")
@@ -91,25 +103,29 @@ def main() -> None:
         torch.cuda.set_device(args.device)
     parts = load_parts(args.model, parts={"audio_tower", "codec"}, device=args.device)
     graphs = parts.audio_tower.use_cuda_graphs(args.cuda_graph_windows)
-    settings = [False, True] if parts.audio_tower.device.type == "cuda" else [False]
+    devices = [False, True] if parts.audio_tower.device.type == "cuda" else [False]
+    settings = [(on_device, threads) for on_device in devices for threads in sorted({1, args.threads})]
     report = {"model": args.model, "device": str(parts.audio_tower.device), "tower_graphs": graphs,
               "torch_threads": torch.get_num_threads(), "conversations": args.conversations, "turns": args.turns,
-              "history": args.history, "settings": [], "one_clip": []}
-    for i, on_device in enumerate(settings):
-        requests = conversations(args.conversations, args.turns, args.history, first_tag=1 + 100 * i)
-        warmup = conversations(1, 2, args.history, first_tag=99 + 100 * i)
-        report["settings"].append(run_setting(parts, on_device, requests, warmup))
-    for on_device in settings:
+              "history": args.history, "batch": args.batch, "settings": [], "one_clip": []}
+    for i, (on_device, threads) in enumerate(settings):
+        batches = conversation_batches(args.conversations, args.turns, args.history, args.batch, first_tag=1 + 1000 * i)
+        warmup = conversation_batches(args.batch, 2, args.history, args.batch, first_tag=900 + 1000 * i)
+        report["settings"].append(run_setting(parts, on_device, threads, batches, warmup))
+    for on_device in devices:
         report["one_clip"].append(one_clip_features(parts.audio_tower, on_device, args.reps))
 
     print(f"audio_encoder in process on {report['device']} ({graphs} tower graphs, {report['torch_threads']} "
-          f"torch threads): {args.conversations} conversations x {args.turns} turns, up to {args.history} earlier clips")
-    print("| features on | requests | wall ms p50 / mean / max | voice | features | tower | output (ms per request) |")
-    print("|---|---|---|---|---|---|---|")
+          f"torch threads): {args.conversations} conversations x {args.turns} turns, up to {args.history} earlier "
+          f"clips, {args.batch} request(s) per batch")
+    print("| features on | prepare threads | requests | ms per request | batch wall ms p50 (max) | "
+          "voice | features | tower | output (work ms per request) |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for s in report["settings"]:
         st = s["stage_ms_per_request"]
-        print(f"| {s['features_device']} | {s['requests']} | {s['wall_ms_p50']:.2f} / {s['wall_ms_mean']:.2f} / "
-              f"{s['wall_ms_max']:.2f} | {st['voice']:.2f} | {st['features']:.2f} | {st['tower']:.2f} | {st['output']:.2f} |")
+        print(f"| {s['features_device']} | {s['prepare_threads']} | {s['requests']} | {s['ms_per_request']:.2f} | "
+              f"{s['batch_wall_ms_p50']:.2f} ({s['batch_wall_ms_max']:.2f}) | {st['voice']:.2f} | {st['features']:.2f} | "
+              f"{st['tower']:.2f} | {st['output']:.2f} |")
     for c in report["one_clip"]:
         print(f"one {c['clip_s']:.2f} s clip's log-mel on {c['features_device']}: {c['ms_p50']:.2f} ms p50 "
               f"({c['ms_min']:.2f} min)")

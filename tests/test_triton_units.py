@@ -482,6 +482,35 @@ def test_encode_batch_isolates_bad_requests(encoder, question_wav, ref_voice):
     assert isinstance(orphan, InvalidRequestError)
 
 
+def test_prepare_threads_give_what_one_thread_gives(encoder_parts, question_wav, ref_voice):
+    """A batch prepared on several threads (every clip and voice at once, the outputs too) answers
+    each request as one thread does: the same embeddings, and for a bad request the same first
+    error (its voice's before its clips', its first bad clip's before later ones)."""
+    from chroma_triton.serving.triton_audio_encoder import AudioEncoderService, EncoderInput
+
+    second = ref_voice[0]
+    batch = [EncoderInput([question_wav, second, question_wav], ref_voice[0], ref_voice[1]),
+             EncoderInput([second, b"garbage", b""], b"", ""),  # two bad clips: the first one is reported
+             EncoderInput([b"garbage"], ref_voice[0], ""),  # a bad voice and a bad clip: the voice
+             EncoderInput([second], b"", "")]
+    answers = {}
+    for threads in (1, 4):
+        service = AudioEncoderService(encoder_parts, DEFAULT_VOICE, prepare_threads=threads)
+        answers[threads] = service.encode_batch(batch)
+        assert service.clip_counts() == {"embedded": 2, "reused": 2}  # the good requests: 4 clips, 2 distinct
+        assert all(v > 0 for v in service.stage_seconds().values())
+    for one, many in zip(answers[1], answers[4]):
+        if isinstance(one, Exception):
+            assert type(one) is type(many) and str(one) == str(many)
+        else:
+            np.testing.assert_array_equal(one.audio_embeds, many.audio_embeds)
+            np.testing.assert_array_equal(one.audio_token_counts, many.audio_token_counts)
+            np.testing.assert_array_equal(one.prompt_codes, many.prompt_codes)
+    assert "user_audio[1]" in str(answers[4][1]) and "prompt_text" in str(answers[4][2])
+    with pytest.raises(ValueError, match="prepare_threads"):
+        AudioEncoderService(encoder_parts, DEFAULT_VOICE, prepare_threads=0)
+
+
 # -- codec: streamed vs one-shot ------------------------------------------------------------------
 def test_codec_streamed_decode_matches_one_shot(encoder):
     """Measured difference of chunked decoding with left context vs decoding everything at once

@@ -11,12 +11,21 @@ A client resends the whole conversation with every turn (the chat API keeps no s
 turn's request carries every earlier user clip again. Clips' embeddings are cached by content
 hash (``clip_cache_mib`` of host memory, in the tower's dtype): an earlier turn's clip, or one
 clip sent twice in a batch, goes through the tower once.
+
+With ``prepare_threads`` above 1 the work around the tower is spread over that many threads:
+every clip of a batch hashed, looked up, decoded and turned into log-mels at once, each request's
+float32 rows copied at once (those calls release the GIL). At 256 conversations one encoder doing
+them one after another was busy 77-83 % of the time and requests waited 1.2-1.7 s for it on
+average (docs/benchmarks.md, runs 67-68); on a 2-core CPU 4 threads gained nothing, so 1 stays the
+default until a GPU host's 16 cores say otherwise.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -34,6 +43,11 @@ log = logging.getLogger(__name__)
 MAX_USER_AUDIO_SECONDS = 300.0
 MAX_PROMPT_AUDIO_SECONDS = 60.0
 MIN_FEATURE_FRAMES = 4
+
+
+def user_audio_list(clips: list[bytes]) -> list[bytes]:
+    """A request's clips; one empty element means "no user audio" (for clients that must send the tensor)."""
+    return [] if clips == [b""] else clips
 
 
 def features_on_device(value: str) -> bool:
@@ -68,12 +82,18 @@ class EncoderOutput:
 
 class AudioEncoderService:
     def __init__(self, parts: ChromaParts, default_voice: tuple[bytes, str] | None, voice_cache_size: int = 256,
-                 clip_cache_mib: int = 1024):
-        """`clip_cache_mib`: host memory for user clips' embeddings (0: none kept)."""
+                 clip_cache_mib: int = 1024, prepare_threads: int = 1):
+        """`clip_cache_mib`: host memory for user clips' embeddings (0: none kept). `prepare_threads`:
+        threads that prepare a batch's clips, voices and outputs at once (hashing, decoding,
+        resampling, log-mels and the float32 copies release the GIL); 1: all in the caller's thread."""
         if parts.audio_tower is None or parts.codec is None:
             raise ValueError("the audio encoder needs the audio_tower and codec parts")
         if clip_cache_mib < 0:
             raise ValueError(f"clip_cache_mib must be >= 0, got {clip_cache_mib}")
+        if prepare_threads < 1:
+            raise ValueError(f"prepare_threads must be >= 1, got {prepare_threads}")
+        self._pool = ThreadPoolExecutor(prepare_threads, thread_name_prefix="encoder-prepare") \
+            if prepare_threads > 1 else None
         self.tower: AudioTower = parts.audio_tower
         self.codec = parts.codec
         self.hidden = int(parts.config.thinker.text.hidden_size)
@@ -82,10 +102,12 @@ class AudioEncoderService:
         # user clips: embedded (through the tower), reused (their embeddings were there: cached, or
         # the same clip earlier in the batch)
         self._clip_counts = dict.fromkeys(("embedded", "reused"), 0)
-        # wall seconds of encode_batch by stage: voice (reference voice: hash, cache, Mimi encode),
-        # features (user clips: hash, cache lookup, decode, resample, log-mel), tower (the audio
-        # tower's forward and the copy back), output (the float32 rows each request gets)
+        # seconds of encode_batch's work by stage, summed over the threads doing it: voice (reference
+        # voice: hash, cache, Mimi encode), features (user clips: hash, cache lookup, decode,
+        # resample, log-mel), tower (the audio tower's forward and the copy back), output (the
+        # float32 rows each request gets)
         self._stage_seconds = dict.fromkeys(("voice", "features", "tower", "output"), 0.0)
+        self._stage_lock = threading.Lock()
         self.default_voice = default_voice
         if default_voice is not None:  # encode once now: the first request should not pay for it
             self.voice_codes(default_voice[0])
@@ -122,26 +144,24 @@ class AudioEncoderService:
     # -- user audio ------------------------------------------------------------------------------
     def user_clips(self, clips: list[bytes]) -> list[_Clip]:
         """Per clip: its content key and its cached embeddings, or else its log-mel features."""
-        if clips == [b""]:  # one empty element: "no user audio" (for clients that must send the tensor)
-            return []
-        out = []
-        for i, clip in enumerate(clips):
-            if not clip:
-                raise InvalidRequestError(f"user_audio[{i}] is empty", "user_audio")
-            key = bytes_key(clip)
-            cached = self.clips.get(key)
-            if cached is not None:
-                out.append(_Clip(key, embeds=cached))
-                continue
-            try:
-                wav = decode_audio(clip, self.tower.sampling_rate, max_seconds=MAX_USER_AUDIO_SECONDS)
-            except ValueError as exc:
-                raise InvalidRequestError(f"user_audio[{i}]: {exc}", "user_audio") from None
-            f = self.tower.features(wav)
-            if f.shape[-1] < MIN_FEATURE_FRAMES:
-                raise InvalidRequestError(f"user_audio[{i}] is too short: at least 40 ms of speech is needed", "user_audio")
-            out.append(_Clip(key, feats=f))
-        return out
+        return [self.user_clip(i, clip) for i, clip in enumerate(user_audio_list(clips))]
+
+    def user_clip(self, index: int, clip: bytes) -> _Clip:
+        """Clip `index` of a request: its key and cached embeddings, or else its log-mel features."""
+        if not clip:
+            raise InvalidRequestError(f"user_audio[{index}] is empty", "user_audio")
+        key = bytes_key(clip)
+        cached = self.clips.get(key)
+        if cached is not None:
+            return _Clip(key, embeds=cached)
+        try:
+            wav = decode_audio(clip, self.tower.sampling_rate, max_seconds=MAX_USER_AUDIO_SECONDS)
+        except ValueError as exc:
+            raise InvalidRequestError(f"user_audio[{index}]: {exc}", "user_audio") from None
+        f = self.tower.features(wav)
+        if f.shape[-1] < MIN_FEATURE_FRAMES:
+            raise InvalidRequestError(f"user_audio[{index}] is too short: at least 40 ms of speech is needed", "user_audio")
+        return _Clip(key, feats=f)
 
     def embed_features(self, feats: list[torch.Tensor]) -> list[torch.Tensor]:
         """Several clips' log-mels -> their embeddings (on the host, in the tower's dtype), in one
@@ -175,37 +195,62 @@ class AudioEncoderService:
         try:
             yield
         finally:
-            self._stage_seconds[stage] += time.perf_counter() - start
+            spent = time.perf_counter() - start
+            with self._stage_lock:
+                self._stage_seconds[stage] += spent
+
+    def _run(self, stage: str, fn, *args) -> Future:
+        """`fn(*args)` timed under `stage`, on a preparing thread (or here, with one thread)."""
+        def timed():
+            with self._timed(stage):
+                return fn(*args)
+
+        if self._pool is not None:
+            return self._pool.submit(timed)
+        done: Future = Future()
+        try:
+            done.set_result(timed())
+        except Exception as exc:  # noqa: BLE001 - raised where the result is read, as the pool's
+            done.set_exception(exc)
+        return done
 
     # -- requests ----------------------------------------------------------------------------------
     def encode_batch(self, inputs: list[EncoderInput]) -> list[EncoderOutput | Exception]:
         """Encode several requests; a request's failure is returned in its place (others go on)."""
         results: list[EncoderOutput | Exception | None] = [None] * len(inputs)
+        # every request's voice and every clip of every request at once; each request then reads
+        # its own in order (its voice's error first, then its first bad clip's, as one at a time)
+        voices = [self._run("voice", self.resolve_voice, inp.prompt_audio, inp.prompt_text) for inp in inputs]
+        clip_jobs = [[self._run("features", self.user_clip, j, clip) for j, clip in enumerate(user_audio_list(inp.user_audio))]
+                     for inp in inputs]
         prepared = {}
-        for i, inp in enumerate(inputs):
+        for i in range(len(inputs)):
             try:
-                with self._timed("voice"):
-                    codes, voice_text = self.resolve_voice(inp.prompt_audio, inp.prompt_text)
-                with self._timed("features"):
-                    prepared[i] = (self.user_clips(inp.user_audio), codes, voice_text)
+                codes, voice_text = voices[i].result()
+                prepared[i] = ([job.result() for job in clip_jobs[i]], codes, voice_text)
             except Exception as exc:  # noqa: BLE001 - reported per request
                 results[i] = exc
         try:
             with self._timed("tower"):
-                embedded = self._embed_new([c for clips, _, _ in prepared.values() for c in clips])
+                embedded = self._embed_new([c for request_clips, _, _ in prepared.values() for c in request_clips])
         except Exception:  # one bad batch must not fail everyone: retry request by request
             log.exception("batched audio tower forward failed; retrying per request")
             embedded = None
-        for i, (clips, codes, voice_text) in prepared.items():
+        outputs = {}
+        for i, (request_clips, codes, voice_text) in prepared.items():
             try:
                 if embedded is None:
                     with self._timed("tower"):
-                        mine = self._embed_new(clips)
+                        new = self._embed_new(request_clips)
                 else:
-                    mine = embedded
-                with self._timed("output"):
-                    results[i] = self._output([c.embeds if c.embeds is not None else mine[c.key] for c in clips],
-                                              codes, voice_text)
+                    new = embedded
+                rows = [c.embeds if c.embeds is not None else new[c.key] for c in request_clips]
+                outputs[i] = self._run("output", self._output, rows, codes, voice_text)
+            except Exception as exc:  # noqa: BLE001
+                results[i] = exc
+        for i, job in outputs.items():
+            try:
+                results[i] = job.result()
             except Exception as exc:  # noqa: BLE001
                 results[i] = exc
         return results  # type: ignore[return-value]

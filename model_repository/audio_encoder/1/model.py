@@ -16,7 +16,8 @@ class TritonPythonModel:
         voice_path, transcript = resolve_default_voice(a.str("default_voice"))
         self.service = AudioEncoderService(parts, (voice_path.read_bytes(), transcript),
                                            voice_cache_size=a.int("voice_cache_size", 256),
-                                           clip_cache_mib=a.int("clip_cache_mib", 1024))
+                                           clip_cache_mib=a.int("clip_cache_mib", 1024),
+                                           prepare_threads=a.int("prepare_threads", 1))
         self._clip_family = pb_utils.MetricFamily(
             name="chroma_audio_encoder_clips_total", kind=pb_utils.MetricFamily.COUNTER,
             description="User audio clips by how they got their embeddings: embedded (through the audio tower) "
