@@ -142,10 +142,6 @@ class AudioEncoderService:
         return self.voice_codes(data), transcript
 
     # -- user audio ------------------------------------------------------------------------------
-    def user_clips(self, clips: list[bytes]) -> list[_Clip]:
-        """Per clip: its content key and its cached embeddings, or else its log-mel features."""
-        return [self.user_clip(i, clip) for i, clip in enumerate(user_audio_list(clips))]
-
     def user_clip(self, index: int, clip: bytes) -> _Clip:
         """Clip `index` of a request: its key and cached embeddings, or else its log-mel features."""
         if not clip:
