@@ -482,6 +482,18 @@ def test_encode_batch_isolates_bad_requests(encoder, question_wav, ref_voice):
     assert isinstance(orphan, InvalidRequestError)
 
 
+def test_encoder_output_is_the_clips_rows_in_float32(encoder):
+    """A request's rows: its clips' embeddings (kept in the tower's dtype) one after another, as
+    float32, values unchanged; no clip: zero rows of the thinker's width."""
+    clips = [torch.randn(n, encoder.hidden).to(torch.bfloat16) for n in (3, 1, 5)]
+    out = encoder._output(clips, np.zeros((2, 8), np.int64), "text")
+    assert out.audio_embeds.dtype == np.float32 and out.audio_embeds.flags.c_contiguous
+    np.testing.assert_array_equal(out.audio_embeds, torch.cat(clips).float().numpy())
+    np.testing.assert_array_equal(out.audio_token_counts, [3, 1, 5])
+    assert out.prompt_codes.dtype == np.int32
+    assert encoder._output([], np.zeros((2, 8), np.int64), "text").audio_embeds.shape == (0, encoder.hidden)
+
+
 def test_prepare_threads_give_what_one_thread_gives(encoder_parts, question_wav, ref_voice):
     """A batch prepared on several threads (every clip and voice at once, the outputs too) answers
     each request as one thread does: the same embeddings, and for a bad request the same first
