@@ -42,6 +42,7 @@ from .errors import (
     to_api_error,
 )
 from .media import MediaResolver
+from .request_marks import close_marks, describe, mark, open_marks
 from .settings import Settings
 from .transcripts import MemoryTranscripts, SharedTranscripts
 from .voices import VoiceLibrary
@@ -223,6 +224,7 @@ class RequestContext:
         rid = uuid.uuid4().hex
         scope.setdefault("state", {})["request_id"] = rid
         token = REQUEST_ID.set(rid)
+        marks, marks_token = open_marks()
         status: list[int] = []
         t0 = time.perf_counter()
 
@@ -237,6 +239,7 @@ class RequestContext:
             self._authorize(scope)
             if scope["method"] in _BODY_METHODS:
                 receive = await self._read_body(scope, receive)
+                mark("body")
             await self.app(scope, receive, send_with_id)
         except ClientDisconnected:
             log.info("client disconnected; request cancelled")
@@ -246,8 +249,9 @@ class RequestContext:
             if not status:
                 await error_response(err, rid)(scope, receive, send_with_id)
         finally:
-            log.info("%s %s -> %s in %.0f ms", scope["method"], scope["path"], status[0] if status else "-",
-                     (time.perf_counter() - t0) * 1000)
+            log.info("%s %s -> %s in %.0f ms%s", scope["method"], scope["path"], status[0] if status else "-",
+                     (time.perf_counter() - t0) * 1000, describe(marks, t0))
+            close_marks(marks_token)
             REQUEST_ID.reset(token)
 
     def _authorize(self, scope) -> None:

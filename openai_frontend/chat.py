@@ -29,6 +29,7 @@ from .backend import SAMPLE_RATE, ChatBackend, ChatRequest, Delta, Usage
 from .errors import (APIError, InvalidRequest, NotFound, PayloadTooLarge, RateLimited, ServiceUnavailable, error_body, log_error,
                      to_api_error)
 from .media import MediaResolver, check_audio
+from .request_marks import mark
 from .schemas import AudioURLPart, ChatCompletionRequest, InputAudioPart, SeedAudioPart, TextPart
 from .settings import Settings
 from .transcripts import MemoryTranscripts, TranscriptStore
@@ -238,6 +239,8 @@ class ChatService:
                 async for delta in gen:
                     if delta.finish_reason == "cancelled":
                         raise ServiceUnavailable("the server cancelled the request (it may be shutting down); retry")
+                    if delta.audio.size:
+                        mark("first_audio")  # the request's log line (the first time only)
                     yield delta
             except APIError as err:
                 raise self._client_param(err, plan) from None

@@ -17,6 +17,7 @@ from . import __version__
 from .app import request_id_of
 from .chat import ChatService
 from .errors import ClientDisconnected, NotFound
+from .request_marks import mark
 from .schemas import ChatCompletion, ChatCompletionRequest, ErrorResponse, Health, ModelCard, ModelList, VoiceList
 
 T = TypeVar("T")
@@ -190,6 +191,7 @@ async def list_voices(request: Request) -> dict:
 async def chat_completions(body: ChatCompletionRequest, request: Request):
     chat: ChatService = request.app.state.chat
     plan = await asyncio.to_thread(chat.plan, body, request_id_of(request))
+    mark("planned")
     if not plan.stream:
         return JSONResponse(await unless_disconnected(request, chat.complete(plan)))
     deltas = chat.engine_stream(plan)

@@ -352,6 +352,26 @@ def test_stream_chunks(client):
     assert all(c["usage"] is None for c in chunks[:-1])
 
 
+def test_request_log_line_has_the_request_moments(client, caplog):
+    """A chat request's log line says when its body was read, its plan ready and its first audio
+    back, in milliseconds since it arrived, in that order; a request without a body, none of them."""
+    import re
+
+    with caplog.at_level("INFO", logger="openai_frontend"):
+        for stream in (True, False):
+            assert client.post("/v1/chat/completions", json=openai_body(stream=stream)).status_code == 200
+        client.get("/v1/models")
+    lines = [r.getMessage() for r in caplog.records if " -> 200 in " in r.getMessage()]
+    chat = [line for line in lines if line.startswith("POST /v1/chat/completions")]
+    assert len(chat) == 2, lines
+    for line in chat:
+        m = re.search(r"in (\d+) ms \(body read (\d+) ms, planned (\d+) ms, first audio (\d+) ms\)$", line)
+        assert m, line
+        total, body, planned, first = map(int, m.groups())
+        assert body <= planned <= first <= total
+    assert any(line.startswith("GET /v1/models -> 200 in ") and line.endswith(" ms") for line in lines), lines
+
+
 @pytest.mark.parametrize("text", ['"data":""', 'say \\"data\\":\\"\\" and \\', "é ✓ \u2028 \x00", ""])
 def test_sse_splices_audio_as_json_would(text):
     """sse() puts the base64 audio into the serialised body instead of letting json scan it; the line
