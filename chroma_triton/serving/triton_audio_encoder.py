@@ -12,12 +12,12 @@ turn's request carries every earlier user clip again. Clips' embeddings are cach
 hash (``clip_cache_mib`` of host memory, in the tower's dtype): an earlier turn's clip, or one
 clip sent twice in a batch, goes through the tower once.
 
-With ``prepare_threads`` above 1 the work around the tower is spread over that many threads:
-every clip of a batch hashed, looked up, decoded and turned into log-mels at once, each request's
-float32 rows copied at once (those calls release the GIL). At 256 conversations one encoder doing
-them one after another was busy 77-83 % of the time and requests waited 1.2-1.7 s for it on
-average (docs/benchmarks.md, runs 67-68); on a 2-core CPU 4 threads gained nothing, so 1 stays the
-default until a GPU host's 16 cores say otherwise.
+With ``prepare_threads`` above 1 the work around the tower of a batch of several requests is
+spread over that many threads: every clip hashed, looked up, decoded and turned into log-mels at
+once, each request's float32 rows copied at once (those calls release the GIL). At 256
+conversations one encoder doing them one after another was busy 77-83 % of the time and requests
+waited 1.2-1.7 s for it on average (docs/benchmarks.md, runs 67-68); on a 2-core CPU 2-4 threads
+were within the noise, so 1 stays the default until a GPU host's 16 cores say otherwise.
 """
 
 from __future__ import annotations
@@ -195,14 +195,14 @@ class AudioEncoderService:
             with self._stage_lock:
                 self._stage_seconds[stage] += spent
 
-    def _run(self, stage: str, fn, *args) -> Future:
-        """`fn(*args)` timed under `stage`, on a preparing thread (or here, with one thread)."""
+    def _run(self, pool: ThreadPoolExecutor | None, stage: str, fn, *args) -> Future:
+        """`fn(*args)` timed under `stage`, on a thread of `pool` (None: here, now)."""
         def timed():
             with self._timed(stage):
                 return fn(*args)
 
-        if self._pool is not None:
-            return self._pool.submit(timed)
+        if pool is not None:
+            return pool.submit(timed)
         done: Future = Future()
         try:
             done.set_result(timed())
@@ -214,11 +214,14 @@ class AudioEncoderService:
     def encode_batch(self, inputs: list[EncoderInput]) -> list[EncoderOutput | Exception]:
         """Encode several requests; a request's failure is returned in its place (others go on)."""
         results: list[EncoderOutput | Exception | None] = [None] * len(inputs)
-        # every request's voice and every clip of every request at once; each request then reads
-        # its own in order (its voice's error first, then its first bad clip's, as one at a time)
-        voices = [self._run("voice", self.resolve_voice, inp.prompt_audio, inp.prompt_text) for inp in inputs]
-        clip_jobs = [[self._run("features", self.user_clip, j, clip) for j, clip in enumerate(user_audio_list(inp.user_audio))]
-                     for inp in inputs]
+        # a batch's requests on the threads (a request alone stays here: handing its few clips over
+        # cost more than it saved, 0.1-0.3 ms on a 2-core CPU); every voice and every clip at once,
+        # each request then reads its own in order (its voice's error first, then its first bad
+        # clip's, as one at a time)
+        pool = self._pool if len(inputs) > 1 else None
+        voices = [self._run(pool, "voice", self.resolve_voice, inp.prompt_audio, inp.prompt_text) for inp in inputs]
+        clip_jobs = [[self._run(pool, "features", self.user_clip, j, clip)
+                      for j, clip in enumerate(user_audio_list(inp.user_audio))] for inp in inputs]
         prepared = {}
         for i in range(len(inputs)):
             try:
@@ -241,7 +244,7 @@ class AudioEncoderService:
                 else:
                     new = embedded
                 rows = [c.embeds if c.embeds is not None else new[c.key] for c in request_clips]
-                outputs[i] = self._run("output", self._output, rows, codes, voice_text)
+                outputs[i] = self._run(pool, "output", self._output, rows, codes, voice_text)
             except Exception as exc:  # noqa: BLE001
                 results[i] = exc
         for i, job in outputs.items():
