@@ -193,7 +193,7 @@ class Drainer:
         self._thread.join()
 
 
-def submit(engine, template, frames: int, seed: int, own_rows: int = 0):
+def request_of(template, frames: int, seed: int, own_rows: int = 0):
     """`template` with its own sampling seed; `own_rows`: its last so many audio embedding rows (its
     last clip) perturbed by the seed, so that its prompt is its own from there on."""
     req = copy.deepcopy(template)
@@ -201,7 +201,11 @@ def submit(engine, template, frames: int, seed: int, own_rows: int = 0):
     if own_rows:
         noise = torch.randn(own_rows, req.audio_embeds.shape[-1], generator=torch.Generator().manual_seed(seed))
         req.audio_embeds[-own_rows:] += 1e-3 * noise.to(req.audio_embeds)  # its device (a GPU's) and dtype
-    return engine.submit(req)
+    return req
+
+
+def submit(engine, template, frames: int, seed: int, own_rows: int = 0):
+    return engine.submit(request_of(template, frames, seed, own_rows))
 
 
 def wait_until(cond, timeout: float, what: str):
@@ -336,10 +340,14 @@ def prefill_phase(engine, template, group_template, args, profiler, work: Path, 
         seed = 10_000
         for n in sizes:
             for _ in range(args.prefill_rounds):
-                group = []
+                # built first, then submitted one after another: a group's copies and noise do not
+                # spread its arrivals over the running request's steps (the block hashing in
+                # submit still does, as on a server's request threads)
+                built = []
                 for _ in range(n):
                     seed += 1
-                    group.append(submit(engine, group_template, 4, seed, own_rows))
+                    built.append(request_of(group_template, 4, seed, own_rows))
+                group = [engine.submit(req) for req in built]
                 drainer.streams += group
                 wait_until(lambda: all(id(s) in drainer.ended for s in group), args.admit_timeout_s, "a group's end")
     try:
