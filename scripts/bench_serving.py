@@ -35,6 +35,7 @@ from chroma_triton.bench.clients import Workload, parse_turns  # noqa: E402
 from chroma_triton.bench.drive import DriveSettings, drive_level, warm_worker  # noqa: E402
 from chroma_triton.bench.monitor import Monitor, per_request_us  # noqa: E402
 from chroma_triton.bench.procs import PySpy, cpu_deltas, cpu_snapshot, server_processes  # noqa: E402
+from chroma_triton.serving.repository import MODELS  # noqa: E402
 from chroma_triton.bench.stack import LaunchedStack  # noqa: E402
 from chroma_triton.bench.stats import FRAME_MS, summarize  # noqa: E402
 
@@ -360,6 +361,9 @@ def parse_args(argv=None):
     args.concurrency = [int(c) for c in args.concurrency.split(",")]
     args.spy_levels = {int(c) for c in args.spy_levels.split(",") if c.strip()}
     args.spy_roles = [r.strip() for r in args.spy_roles.split(",") if r.strip()]
+    roles = ("tritonserver", "frontend", *MODELS)
+    if unknown := [r for r in args.spy_roles if r not in roles]:
+        ap.error(f"--spy-roles: unknown role(s) {', '.join(unknown)}; roles: {', '.join(roles)}")
     if args.rounds < 1:
         ap.error("--rounds must be >= 1")
     return args

@@ -109,8 +109,9 @@ def main() -> None:
               "torch_threads": torch.get_num_threads(), "conversations": args.conversations, "turns": args.turns,
               "history": args.history, "batch": args.batch, "settings": [], "one_clip": []}
     for i, (on_device, threads) in enumerate(settings):
-        batches = conversation_batches(args.conversations, args.turns, args.history, args.batch, first_tag=1 + 1000 * i)
-        warmup = conversation_batches(args.batch, 2, args.history, args.batch, first_tag=900 + 1000 * i)
+        # tags of their own: setting i's conversations from (i + 1) << 24, its warm-up's from (i + 1) << 36
+        batches = conversation_batches(args.conversations, args.turns, args.history, args.batch, first_tag=(i + 1) << 24)
+        warmup = conversation_batches(args.batch, 2, args.history, args.batch, first_tag=(i + 1) << 36)
         report["settings"].append(run_setting(parts, on_device, threads, batches, warmup))
     for on_device in devices:
         report["one_clip"].append(one_clip_features(parts.audio_tower, on_device, args.reps))

@@ -279,3 +279,11 @@ def test_perf_analyzer_recipe_inputs(tmp_path):
     assert unpack(first["prompt_text"]).decode() == (ROOT / "assets" / "ref_audio.txt").read_text().strip()
     assert json.loads(unpack(first["messages"]))[0]["content"] == [{"type": "audio", "audio_index": 0}]
     assert first["max_tokens"] == {"content": [7], "shape": [1]}
+
+
+def test_an_unknown_spy_role_is_refused_before_anything_runs():
+    """--spy-roles names server roles; a misspelt one would record nothing, so it is an error."""
+    run = subprocess.run([sys.executable, str(Path(__file__).resolve().parent.parent / "scripts" / "bench_serving.py"),
+                          "--spy-levels", "1", "--spy-roles", "frontend,audio_encodr", "--out", "/dev/null"],
+                         capture_output=True, text=True, timeout=60)
+    assert run.returncode == 2 and "unknown role(s) audio_encodr" in run.stderr, run.stderr[-500:]

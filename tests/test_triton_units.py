@@ -494,23 +494,34 @@ def test_encoder_output_is_the_clips_rows_in_float32(encoder):
     assert encoder._output([], np.zeros((2, 8), np.int64), "text").audio_embeds.shape == (0, encoder.hidden)
 
 
-def test_prepare_threads_give_what_one_thread_gives(encoder_parts, question_wav, ref_voice):
+def test_prepare_threads_give_what_one_thread_gives(encoder_parts, question_wav, ref_voice, monkeypatch):
     """A batch prepared on several threads (every clip and voice at once, the outputs too) answers
     each request as one thread does: the same embeddings, and for a bad request the same first
-    error (its voice's before its clips', its first bad clip's before later ones)."""
+    error (its voice's before its clips', its first bad clip's before later ones). One thread
+    stops a request at its first error; the threads encode a new voice once per batch."""
+    import threading
+
     from chroma_triton.serving.triton_audio_encoder import AudioEncoderService, EncoderInput
 
     second = ref_voice[0]
-    batch = [EncoderInput([question_wav, second, question_wav], ref_voice[0], ref_voice[1]),
+    voice = (question_wav, "a voice new to the service")  # (the reference recording is its default voice)
+    batch = [EncoderInput([question_wav, second, question_wav], *voice),
              EncoderInput([second, b"garbage", b""], b"", ""),  # two bad clips: the first one is reported
              EncoderInput([b"garbage"], ref_voice[0], ""),  # a bad voice and a bad clip: the voice
-             EncoderInput([second], b"", "")]
-    answers = {}
+             EncoderInput([second], *voice)]  # the first request's voice again
+    answers, clip_threads, voice_encodes = {}, {}, {}
     for threads in (1, 4):
         service = AudioEncoderService(encoder_parts, DEFAULT_VOICE, prepare_threads=threads)
+        seen, encodes = [], []
+        user_clip, encode = service.user_clip, service.codec.encode
+        monkeypatch.setattr(service, "user_clip", lambda *a: (seen.append(threading.current_thread().name), user_clip(*a))[1])
+        monkeypatch.setattr(service.codec, "encode", lambda wav: (encodes.append(1), encode(wav))[1])
         answers[threads] = service.encode_batch(batch)
+        clip_threads[threads], voice_encodes[threads] = seen, len(encodes)
+        monkeypatch.undo()
         assert service.clip_counts() == {"embedded": 2, "reused": 2}  # the good requests: 4 clips, 2 distinct
         assert all(v > 0 for v in service.stage_seconds().values())
+        service.close()
     for one, many in zip(answers[1], answers[4]):
         if isinstance(one, Exception):
             assert type(one) is type(many) and str(one) == str(many)
@@ -519,6 +530,11 @@ def test_prepare_threads_give_what_one_thread_gives(encoder_parts, question_wav,
             np.testing.assert_array_equal(one.audio_token_counts, many.audio_token_counts)
             np.testing.assert_array_equal(one.prompt_codes, many.prompt_codes)
     assert "user_audio[1]" in str(answers[4][1]) and "prompt_text" in str(answers[4][2])
+    # one thread: request 1 stops at its bad clip (its empty third one is never looked at), request
+    # 2 at its voice (no clip); the threads did every clip, none on the caller's thread
+    assert len(clip_threads[1]) == 3 + 2 + 0 + 1 and set(clip_threads[1]) == {threading.current_thread().name}
+    assert len(clip_threads[4]) == 3 + 3 + 1 + 1 and all(n.startswith("encoder-prepare") for n in clip_threads[4])
+    assert voice_encodes[1] == voice_encodes[4] == 1  # the new voice, twice in the batch: encoded once
     with pytest.raises(ValueError, match="prepare_threads"):
         AudioEncoderService(encoder_parts, DEFAULT_VOICE, prepare_threads=0)
 

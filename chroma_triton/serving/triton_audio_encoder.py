@@ -25,7 +25,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -92,9 +92,13 @@ class AudioEncoderService:
             raise ValueError(f"clip_cache_mib must be >= 0, got {clip_cache_mib}")
         if prepare_threads < 1:
             raise ValueError(f"prepare_threads must be >= 1, got {prepare_threads}")
-        self._pool = ThreadPoolExecutor(prepare_threads, thread_name_prefix="encoder-prepare") \
-            if prepare_threads > 1 else None
         self.tower: AudioTower = parts.audio_tower
+        self._pool = None
+        if prepare_threads > 1:  # its threads make the tower's GPU theirs, as the model's thread did
+            on_gpu = self.tower.device.type == "cuda"
+            self._pool = ThreadPoolExecutor(prepare_threads, thread_name_prefix="encoder-prepare",
+                                            initializer=torch.cuda.set_device if on_gpu else None,
+                                            initargs=(self.tower.device,) if on_gpu else ())
         self.codec = parts.codec
         self.hidden = int(parts.config.thinker.text.hidden_size)
         self.voices = VoiceCache(voice_cache_size)
@@ -179,6 +183,11 @@ class AudioEncoderService:
         self._clip_counts["reused"] += len(clips) - len(embeds)
         return embeds
 
+    def close(self) -> None:
+        """Stop the preparing threads (the model's finalize)."""
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+
     def clip_counts(self) -> dict[str, int]:
         return dict(self._clip_counts)
 
@@ -195,47 +204,29 @@ class AudioEncoderService:
             with self._stage_lock:
                 self._stage_seconds[stage] += spent
 
-    def _run(self, pool: ThreadPoolExecutor | None, stage: str, fn, *args) -> Future:
-        """`fn(*args)` timed under `stage`, on a thread of `pool` (None: here, now)."""
+    def _submit(self, pool: ThreadPoolExecutor, stage: str, fn, *args) -> Future:
+        """`fn(*args)` on a thread of `pool`, timed under `stage`."""
         def timed():
             with self._timed(stage):
                 return fn(*args)
 
-        if pool is not None:
-            return pool.submit(timed)
-        done: Future = Future()
-        try:
-            done.set_result(timed())
-        except Exception as exc:  # noqa: BLE001 - raised where the result is read, as the pool's
-            done.set_exception(exc)
-        return done
+        return pool.submit(timed)
 
     # -- requests ----------------------------------------------------------------------------------
     def encode_batch(self, inputs: list[EncoderInput]) -> list[EncoderOutput | Exception]:
         """Encode several requests; a request's failure is returned in its place (others go on)."""
         results: list[EncoderOutput | Exception | None] = [None] * len(inputs)
-        # a batch's requests on the threads (a request alone stays here: handing its few clips over
-        # cost more than it saved, 0.1-0.3 ms on a 2-core CPU); every voice and every clip at once,
-        # each request then reads its own in order (its voice's error first, then its first bad
-        # clip's, as one at a time)
+        # a batch of several requests on the threads; a request alone stays here (handing its few
+        # clips over cost more than it saved, 0.1-0.3 ms on a 2-core CPU)
         pool = self._pool if len(inputs) > 1 else None
-        voices = [self._run(pool, "voice", self.resolve_voice, inp.prompt_audio, inp.prompt_text) for inp in inputs]
-        clip_jobs = [[self._run(pool, "features", self.user_clip, j, clip)
-                      for j, clip in enumerate(user_audio_list(inp.user_audio))] for inp in inputs]
-        prepared = {}
-        for i in range(len(inputs)):
-            try:
-                codes, voice_text = voices[i].result()
-                prepared[i] = ([job.result() for job in clip_jobs[i]], codes, voice_text)
-            except Exception as exc:  # noqa: BLE001 - reported per request
-                results[i] = exc
+        prepared = self._prepare_on(pool, inputs, results) if pool else self._prepare(inputs, results)
         try:
             with self._timed("tower"):
                 embedded = self._embed_new([c for request_clips, _, _ in prepared.values() for c in request_clips])
         except Exception:  # one bad batch must not fail everyone: retry request by request
             log.exception("batched audio tower forward failed; retrying per request")
             embedded = None
-        outputs = {}
+        rows = {}
         for i, (request_clips, codes, voice_text) in prepared.items():
             try:
                 if embedded is None:
@@ -243,16 +234,65 @@ class AudioEncoderService:
                         new = self._embed_new(request_clips)
                 else:
                     new = embedded
-                rows = [c.embeds if c.embeds is not None else new[c.key] for c in request_clips]
-                outputs[i] = self._run(pool, "output", self._output, rows, codes, voice_text)
+                rows[i] = ([c.embeds if c.embeds is not None else new[c.key] for c in request_clips], codes, voice_text)
             except Exception as exc:  # noqa: BLE001
                 results[i] = exc
-        for i, job in outputs.items():
-            try:
-                results[i] = job.result()
-            except Exception as exc:  # noqa: BLE001
-                results[i] = exc
+        if pool:
+            jobs = {i: self._submit(pool, "output", self._output, *args) for i, args in rows.items()}
+            for i, job in jobs.items():
+                try:
+                    results[i] = job.result()
+                except Exception as exc:  # noqa: BLE001
+                    results[i] = exc
+        else:
+            for i, args in rows.items():
+                try:
+                    with self._timed("output"):
+                        results[i] = self._output(*args)
+                except Exception as exc:  # noqa: BLE001
+                    results[i] = exc
         return results  # type: ignore[return-value]
+
+    def _prepare(self, inputs: list[EncoderInput], results: list) -> dict[int, tuple]:
+        """Each request's clips, voice codes and transcript, one request and one clip after another;
+        a request stops at its voice's error or its first bad clip's (put in `results`)."""
+        prepared = {}
+        for i, inp in enumerate(inputs):
+            try:
+                with self._timed("voice"):
+                    codes, voice_text = self.resolve_voice(inp.prompt_audio, inp.prompt_text)
+                with self._timed("features"):
+                    clips = [self.user_clip(j, clip) for j, clip in enumerate(user_audio_list(inp.user_audio))]
+                prepared[i] = (clips, codes, voice_text)
+            except Exception as exc:  # noqa: BLE001 - reported per request
+                results[i] = exc
+        return prepared
+
+    def _prepare_on(self, pool: ThreadPoolExecutor, inputs: list[EncoderInput], results: list) -> dict[int, tuple]:
+        """What `_prepare` gives, every distinct voice and every clip on the threads at once. Each
+        request reads its own in order (its voice's error first, then its first bad clip's); a failed
+        request's jobs not yet started are cancelled, and every job has ended on return (none runs
+        into the next batch)."""
+        voices: dict[tuple[bytes, str], Future] = {}  # one job per distinct voice: a new voice is encoded once
+        for inp in inputs:
+            key = (inp.prompt_audio, inp.prompt_text)
+            if key not in voices:
+                voices[key] = self._submit(pool, "voice", self.resolve_voice, *key)
+        clip_jobs = [[self._submit(pool, "features", self.user_clip, j, clip)
+                      for j, clip in enumerate(user_audio_list(inp.user_audio))] for inp in inputs]
+        prepared = {}
+        try:
+            for i, inp in enumerate(inputs):
+                try:
+                    codes, voice_text = voices[inp.prompt_audio, inp.prompt_text].result()
+                    prepared[i] = ([job.result() for job in clip_jobs[i]], codes, voice_text)
+                except Exception as exc:  # noqa: BLE001 - reported per request
+                    results[i] = exc
+                    for job in clip_jobs[i]:
+                        job.cancel()
+        finally:
+            wait([job for jobs in clip_jobs for job in jobs] + list(voices.values()))
+        return prepared
 
     def _output(self, embeds: list[torch.Tensor], codes: np.ndarray, voice_text: str) -> EncoderOutput:
         # the clips' rows straight into one float32 array: the copy converts (one pass, not a

@@ -28,8 +28,8 @@ class TritonPythonModel:
                               for how in self.service.clip_counts()}
         self._stage_family = pb_utils.MetricFamily(
             name="chroma_audio_encoder_seconds_total", kind=pb_utils.MetricFamily.COUNTER,
-            description="Wall seconds of execute() by stage: voice (the reference voice's hash, cache and "
-                        "Mimi encoding), features (user clips' hash, cache lookup, decoding, resampling and "
+            description="Seconds of execute()'s work by stage, summed over its threads with prepare_threads > 1: "
+                        "voice (the reference voice's hash, cache and Mimi encoding), features (user clips' hash, cache lookup, decoding, resampling and "
                         "log-mel), tower (the audio tower's forward and the copy back), output (the float32 "
                         "embeddings each request gets)")
         self.stage_counters = {stage: self._stage_family.Metric(labels={**labels, "stage": stage})
@@ -77,3 +77,6 @@ class TritonPythonModel:
                 pb_utils.Tensor(P.VOICE_TEXT, P.bytes_tensor(result.voice_text)[None]),
             ]))
         return responses
+
+    def finalize(self):
+        self.service.close()
