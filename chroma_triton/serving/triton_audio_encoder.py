@@ -204,13 +204,14 @@ class AudioEncoderService:
             with self._stage_lock:
                 self._stage_seconds[stage] += spent
 
+    def _timed_call(self, stage: str, fn, *args):
+        """`fn(*args)`, timed under `stage`."""
+        with self._timed(stage):
+            return fn(*args)
+
     def _submit(self, pool: ThreadPoolExecutor, stage: str, fn, *args) -> Future:
         """`fn(*args)` on a thread of `pool`, timed under `stage`."""
-        def timed():
-            with self._timed(stage):
-                return fn(*args)
-
-        return pool.submit(timed)
+        return pool.submit(self._timed_call, stage, fn, *args)
 
     # -- requests ----------------------------------------------------------------------------------
     def encode_batch(self, inputs: list[EncoderInput]) -> list[EncoderOutput | Exception]:
@@ -237,20 +238,12 @@ class AudioEncoderService:
                 rows[i] = ([c.embeds if c.embeds is not None else new[c.key] for c in request_clips], codes, voice_text)
             except Exception as exc:  # noqa: BLE001
                 results[i] = exc
-        if pool:
-            jobs = {i: self._submit(pool, "output", self._output, *args) for i, args in rows.items()}
-            for i, job in jobs.items():
-                try:
-                    results[i] = job.result()
-                except Exception as exc:  # noqa: BLE001
-                    results[i] = exc
-        else:
-            for i, args in rows.items():
-                try:
-                    with self._timed("output"):
-                        results[i] = self._output(*args)
-                except Exception as exc:  # noqa: BLE001
-                    results[i] = exc
+        jobs = {i: self._submit(pool, "output", self._output, *args) for i, args in rows.items()} if pool else {}
+        for i, args in rows.items():
+            try:
+                results[i] = jobs[i].result() if pool else self._timed_call("output", self._output, *args)
+            except Exception as exc:  # noqa: BLE001
+                results[i] = exc
         return results  # type: ignore[return-value]
 
     def _prepare(self, inputs: list[EncoderInput], results: list) -> dict[int, tuple]:
