@@ -337,10 +337,14 @@ class ChatService:
             yield chunk({"role": "assistant", "content": ""})
             if first is not None:
                 for line in for_delta(first):
-                    yield line
+                    yield line  # (resumed once the line is handed to the connection)
+                    if first.audio.size:
+                        mark("first_sent")
             async for delta in deltas:
                 for line in for_delta(delta):
                     yield line
+                    if delta.audio.size:
+                        mark("first_sent")
             if plan.want_audio:
                 await self._remember(audio_id, "".join(transcript), expires_at)
         except Exception as exc:  # noqa: BLE001 - every failure becomes an in-band error event

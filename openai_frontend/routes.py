@@ -189,6 +189,7 @@ async def list_voices(request: Request) -> dict:
     summary="Reply text and cloned-voice speech for a conversation",
 )
 async def chat_completions(body: ChatCompletionRequest, request: Request):
+    mark("validated")  # FastAPI has read the body's JSON and validated it
     chat: ChatService = request.app.state.chat
     plan = await asyncio.to_thread(chat.plan, body, request_id_of(request))
     mark("planned")

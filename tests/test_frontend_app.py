@@ -353,8 +353,9 @@ def test_stream_chunks(client):
 
 
 def test_request_log_line_has_the_request_moments(client, caplog):
-    """A chat request's log line says when its body was read, its plan ready and its first audio
-    back, in milliseconds since it arrived, in that order; a request without a body, none of them."""
+    """A chat request's log line says when its body was read, parsed and validated, its plan ready,
+    its first audio back and (streamed) that audio's event sent, in milliseconds since it arrived, in
+    that order; a request without a body, none of them."""
     import re
 
     with caplog.at_level("INFO", logger="openai_frontend"):
@@ -364,11 +365,13 @@ def test_request_log_line_has_the_request_moments(client, caplog):
     lines = [r.getMessage() for r in caplog.records if " -> 200 in " in r.getMessage()]
     chat = [line for line in lines if line.startswith("POST /v1/chat/completions")]
     assert len(chat) == 2, lines
-    for line in chat:
-        m = re.search(r"in (\d+) ms \(body read (\d+) ms, planned (\d+) ms, first audio (\d+) ms\)$", line)
+    for line, stream in zip(chat, (True, False)):
+        sent = r", first audio sent (\d+) ms" if stream else ""
+        m = re.search(r"in (\d+) ms \(body read (\d+) ms, validated (\d+) ms, planned (\d+) ms, first audio (\d+) ms"
+                      + sent + r"\)$", line)
         assert m, line
-        total, body, planned, first = map(int, m.groups())
-        assert body <= planned <= first <= total
+        total, *moments = map(int, m.groups())
+        assert moments == sorted(moments) and moments[-1] <= total
     assert any(line.startswith("GET /v1/models -> 200 in ") and line.endswith(" ms") for line in lines), lines
 
 
