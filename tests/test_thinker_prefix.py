@@ -51,8 +51,15 @@ def test_block_keys_cover_everything_up_to_each_block_end():
     moved[3, 5] += 1e-3
     keyed = prompt_block_keys(ids, moved, AUDIO)
     assert keyed[0] == keys[0] and keyed[1] != keys[1]
-    # bf16 embeddings hash too (numpy has no bfloat16), and differ from float32 ones
-    assert prompt_block_keys(ids, audio.bfloat16(), AUDIO)[1] != keys[1]
+    # bf16 embeddings (as served on GPUs) hash too, as their own bytes: numpy has no bfloat16.
+    # Blocks with audio differ from float32 rows of the same values; block 0 (no audio: a system
+    # prompt) is shared whatever the audio's dtype
+    rounded = audio.bfloat16()
+    as_bf16, as_fp32 = prompt_block_keys(ids, rounded, AUDIO), prompt_block_keys(ids, rounded.float(), AUDIO)
+    assert as_bf16[0] == as_fp32[0] == keys[0] and as_bf16[1] != as_fp32[1]
+    nudged = rounded.clone()
+    nudged.view(torch.int16)[9, 7] += 1  # the next bf16 value
+    assert prompt_block_keys(ids, nudged, AUDIO)[1] != as_bf16[1]
     assert prompt_block_keys(ids[:63], None, AUDIO) == []
 
 

@@ -29,18 +29,21 @@ MAX_BATCH = 4
 def server(request, triton_install, tmp_path_factory, tiny_checkpoint):
     """The module's tests run once per way chroma_lm relays responses (its ``relays`` parameter):
     shared relay threads (here two, requests dealt over them; the default is one, which every
-    other stack test runs) and a thread per request."""
+    other stack test runs) and a thread per request. The second server also hands the clips'
+    embeddings from audio_encoder to chroma_lm as BF16, as GPU deployments do (the CPU's default is
+    FP32), so both types run through a real ensemble."""
     repo = tmp_path_factory.mktemp("rendered") / "model_repository"
     traces = tmp_path_factory.mktemp("traces")  # the engine's trace, written inside the stub process
     params = {"chroma_lm": {"max_batch": str(MAX_BATCH), "relays": request.param, "relay_threads": "2",
                             "trace_path": str(traces / "trace_{device}_{instance}.jsonl")},
               # the codec's carried streams (a small pool: the default is 4096)
               "codec_decoder": {"stream_states": "256", "trace_path": str(traces / "codec_{instance}.jsonl")}}
-    render_repository(repo, RenderSpec(model_path=str(tiny_checkpoint), params=params))
+    embeds = "fp32" if request.param == "shared" else "bf16"
+    render_repository(repo, RenderSpec(model_path=str(tiny_checkpoint), params=params, embeds_dtype=embeds))
     srv = TritonServer(repo, log_file=tmp_path_factory.mktemp("logs") / "tritonserver.log")
     t0 = time.monotonic()
     srv.start(timeout=180)
-    srv.relays = request.param
+    srv.relays, srv.embeds = request.param, embeds
     srv.traces = traces
     print(f"tritonserver with the chroma repository ready in {time.monotonic() - t0:.1f}s")
     yield srv
@@ -284,7 +287,13 @@ def _http_infer(server, model, arrays, outputs):
     return {o: result.as_numpy(o) for o in outputs}
 
 
-def test_audio_encoder_http(server, question_wav, ref_voice):
+def test_audio_encoder_http(server, question_wav, ref_voice, tiny_checkpoint):
+    """audio_encoder called alone: the clips' embeddings (in the server's audio_embeds type: what an
+    encoder in this process computes, rounded once to bf16 on the BF16 server), token counts, the
+    voice's codes and transcript; a resent clip comes from the cache."""
+    from chroma_triton.model.loading import load_parts
+    from chroma_triton.serving.triton_audio_encoder import AudioEncoderService, EncoderInput
+
     arrays = {  # a batching model: leading batch dimension 1
         "user_audio": np.array([[question_wav, question_wav]], dtype=np.object_),
         "prompt_audio": np.array([[ref_voice[0]]], dtype=np.object_),
@@ -293,7 +302,14 @@ def test_audio_encoder_http(server, question_wav, ref_voice):
     out = _http_infer(server, "audio_encoder", arrays, ["audio_embeds", "audio_token_counts", "prompt_codes", "voice_text"])
     counts = out["audio_token_counts"][0]
     assert len(counts) == 2 and counts[0] == counts[1] > 0
-    assert out["audio_embeds"].shape[:2] == (1, counts.sum()) and out["audio_embeds"].dtype == np.float32
+    embeds = out["audio_embeds"]
+    assert embeds.shape[:2] == (1, counts.sum()) and str(embeds.dtype) == {"fp32": "float32", "bf16": "bfloat16"}[server.embeds]
+    local = AudioEncoderService(load_parts(tiny_checkpoint, parts={"audio_tower", "codec"}), None)
+    want = local.encode_batch([EncoderInput([question_wav, question_wav], *ref_voice)])[0].audio_embeds
+    if server.embeds == "bf16":  # the tower's float32 rows rounded once (its threads may differ in the last bits)
+        np.testing.assert_allclose(embeds[0].astype(np.float32), want, rtol=2 ** -7, atol=1e-6)
+    else:
+        np.testing.assert_allclose(embeds[0], want, rtol=1e-5, atol=1e-5)
     assert out["prompt_codes"].ndim == 3 and out["prompt_codes"].shape[1] > 10
     assert out["voice_text"][0, 0].decode() == ref_voice[1]
     # the same clips again (a conversation's next turn resends them): none goes through the tower

@@ -494,6 +494,53 @@ def test_encoder_output_is_the_clips_rows_in_float32(encoder):
     assert encoder._output([], np.zeros((2, 8), np.int64), "text").audio_embeds.shape == (0, encoder.hidden)
 
 
+def test_encoder_output_in_bf16_is_the_clips_rows_unrounded(encoder, monkeypatch):
+    """With audio_embeds typed BF16 (the GPU default), a request's rows are one bf16 torch tensor:
+    the clips' bf16 embeddings bit for bit (a GPU tower's dtype: nothing is rounded), float32 ones
+    rounded once."""
+    monkeypatch.setattr(encoder, "embeds_dtype", torch.bfloat16)
+    clips = [torch.randn(n, encoder.hidden).to(torch.bfloat16) for n in (3, 1, 5)]
+    out = encoder._output(clips, np.zeros((2, 8), np.int64), "text")
+    assert isinstance(out.audio_embeds, torch.Tensor) and out.audio_embeds.dtype == torch.bfloat16
+    assert out.audio_embeds.is_contiguous()
+    assert torch.equal(out.audio_embeds.view(torch.int16), torch.cat(clips).view(torch.int16))
+    wide = [c.float() + 1e-3 for c in clips]
+    assert torch.equal(encoder._output(wide, np.zeros((2, 8), np.int64), "t").audio_embeds, torch.cat(wide).bfloat16())
+    assert encoder._output([], np.zeros((2, 8), np.int64), "t").audio_embeds.shape == (0, encoder.hidden)
+
+
+def test_lm_prepare_takes_bf16_embeddings_and_copies_them(tiny_checkpoint, question_wav):
+    """chroma_lm reads audio_embeds through DLPack as the config's dtype: bf16 rows go to the engine
+    as they came (reordered into prompt order, as float32 ones), in memory of their own (the
+    input's is Triton's and goes with the request); float32 numpy still works (direct callers)."""
+    from chroma_triton.model.loading import load_parts
+    from chroma_triton.serving.triton_lm import LMInput, LMService, PromptBuilder
+
+    parts = load_parts(tiny_checkpoint, parts={"tokenizer"})
+    lm = LMService.__new__(LMService)  # prepare needs no engine
+    lm.num_codebooks, lm.hidden = parts.config.num_codebooks, int(parts.config.thinker.text.hidden_size)
+    lm.prompts = PromptBuilder(parts.tokenizer, parts.special.audio)
+    # clip 1 is named first in the conversation: the engine gets its rows first
+    messages = json.dumps([{"role": "user", "content": [{"type": "audio", "audio_index": 1},
+                                                          {"type": "audio", "audio_index": 0}]}])
+    wire = torch.randn(1, 5, lm.hidden).to(torch.bfloat16)
+
+    def prepared(embeds):
+        return lm.prepare(LMInput(messages=messages, audio_embeds=embeds, audio_token_counts=np.array([[2, 3]], np.int32),
+                                  prompt_codes=np.zeros((1, 4, lm.num_codebooks), np.int32), voice_text="voice"))
+
+    got = prepared(wire).audio_embeds
+    assert got.dtype == torch.bfloat16 and torch.equal(got, torch.cat([wire[0, 2:], wire[0, :2]]))
+    wire.zero_()  # Triton reuses the input's memory once the request is answered
+    assert got.abs().sum() > 0
+    as_fp32 = prepared(torch.cat([got[3:], got[:3]])[None].float().numpy()).audio_embeds
+    assert as_fp32.dtype == torch.float32 and torch.equal(as_fp32, got.float())
+    with pytest.raises(InvalidRequestError, match="float32 or bfloat16"):
+        prepared(torch.zeros(1, 5, lm.hidden, dtype=torch.float16))
+    with pytest.raises(InvalidRequestError, match="columns"):
+        prepared(torch.zeros(1, 5, lm.hidden + 1, dtype=torch.bfloat16))
+
+
 def test_prepare_threads_give_what_one_thread_gives(encoder_parts, question_wav, ref_voice, monkeypatch):
     """A batch prepared on several threads (every clip and voice at once, the outputs too) answers
     each request as one thread does: the same embeddings, and for a bad request the same first
@@ -578,6 +625,34 @@ def test_render_gpu_and_cpu(tmp_path):
     assert "KIND_CPU" in repo["codec_decoder"]
     with pytest.raises(ValueError, match="no parameter"):
         render_configs(RenderSpec(params={"chroma_lm": {"nope": "1"}}))
+
+
+def test_audio_embeds_dtype_follows_the_device_unless_given():
+    """audio_embeds (audio_encoder's output, chroma_lm's input) is BF16 on GPUs and FP32 on the CPU
+    (auto), or what RenderSpec.embeds_dtype names; the models read their type from the config."""
+    from chroma_triton.serving.model_args import tensor_dtype
+
+    def types(**kw):
+        configs = render_configs(RenderSpec(**kw))
+        enc, lm = parse_config(configs["audio_encoder"]), parse_config(configs["chroma_lm"])
+        out = next(t for t in enc.output if t.name == "audio_embeds")
+        inp = next(t for t in lm.input if t.name == "audio_embeds")
+        assert out.data_type == inp.data_type  # the ensemble refuses to load otherwise
+        from tritonclient.grpc import model_config_pb2
+
+        return model_config_pb2.DataType.Name(out.data_type)
+
+    assert types(kind="gpu") == "TYPE_BF16" and types(kind="cpu") == "TYPE_FP32"
+    assert types(kind="gpu", embeds_dtype="fp32") == "TYPE_FP32" and types(kind="cpu", embeds_dtype="bf16") == "TYPE_BF16"
+    with pytest.raises(ValueError, match="auto, fp32 or bf16"):
+        render_configs(RenderSpec(embeds_dtype="fp16"))
+    config = {"name": "m", "output": [{"name": "audio_embeds", "data_type": "TYPE_BF16"}],
+              "input": [{"name": "x", "data_type": "TYPE_INT32"}]}
+    assert tensor_dtype(config, "audio_embeds") == torch.bfloat16
+    with pytest.raises(ValueError, match="TYPE_INT32"):
+        tensor_dtype(config, "x")
+    with pytest.raises(ValueError, match="no tensor"):
+        tensor_dtype(config, "y")
 
 
 def _launcher(*args, env=None, timeout=60):

@@ -42,22 +42,26 @@ def prompt_block_keys(ids: list[int], audio: torch.Tensor | None, audio_token_id
     """One key per whole block of the prompt `ids` (audio: the embeddings of its `<|AUDIO|>`
     positions in order, [n, H]; `audio_token_id`: the id the thinker replaces by them): key b
     covers positions 0 .. (b + 1) * BLOCK - 1, a chained digest of every block's own digest up
-    to it. A block's digest covers its 64 ids and as many audio rows as it has audio ids, hashed
-    as float32 (bf16 widens exactly). The blocks of a long prompt's audio are hashed on
-    `HASH_THREADS` threads (hashlib lets go of the GIL): this runs on the request's thread, before
+    to it. A block's digest covers its 64 ids and as many audio rows as it has audio ids: their
+    bytes in the rows' own dtype (bf16 as served on GPUs, half the bytes of float32) and that
+    dtype's name, so rows of two dtypes never share a key. The blocks of a long prompt's audio are
+    hashed on `HASH_THREADS` threads (hashlib lets go of the GIL): this runs on the request's thread, before
     its admission, and a 1,000-position turn with 700 audio rows (5.7 MB) took 3-6 ms serially
     (run 66: `chroma_lm`'s execute 10.6 against 5.9 ms without the cache)."""
     tokens = np.asarray(ids, dtype=np.int64)
     is_audio = tokens == audio_token_id
     rows = None
+    dtype = b""
     if audio is not None and int(is_audio.sum()):
-        rows = audio.detach().reshape(int(is_audio.sum()), -1).float().cpu().contiguous().numpy()
+        flat = audio.detach().reshape(int(is_audio.sum()), -1).cpu().contiguous()
+        rows, dtype = flat.view(torch.uint8).numpy(), str(flat.dtype).encode()  # numpy has no bf16: bytes
     audio_before = np.concatenate([[0], np.cumsum(is_audio)])  # audio rows before each position
 
     def block_digest(b: int) -> bytes:
         lo, hi = b * BLOCK, (b + 1) * BLOCK
         h = hashlib.sha256(tokens[lo:hi].tobytes())
         if rows is not None and audio_before[hi] > audio_before[lo]:
+            h.update(dtype)
             h.update(rows[audio_before[lo]:audio_before[hi]].data)
         return h.digest()
 
@@ -66,7 +70,7 @@ def prompt_block_keys(ids: list[int], audio: torch.Tensor | None, audio_token_id
         digests = list(_HASHERS.map(block_digest, blocks))
     else:
         digests = [block_digest(b) for b in blocks]
-    chain = hashlib.sha256(b"chroma thinker prefix v2")
+    chain = hashlib.sha256(b"chroma thinker prefix v3")
     keys = []
     for digest in digests:
         chain.update(digest)

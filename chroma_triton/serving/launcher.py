@@ -102,6 +102,10 @@ def build_parser() -> argparse.ArgumentParser:
                         f"through the ensemble with the default voice, so the first user's request does not pay "
                         f"first-call costs (default: {WARMUP_FRAMES_GPU} on GPUs, 0 = none on the CPU; see "
                         f"chroma_triton/serving/warmup.py)")
+    p.add_argument("--audio-embeds-dtype", choices=("auto", "fp32", "bf16"), default="auto",
+                   help="how audio_encoder hands the user clips' embeddings to chroma_lm (and answers direct "
+                        "calls): auto = the models' dtype, bf16 on GPUs (half the bytes, nothing rounded), fp32 "
+                        "on the CPU")
     p.add_argument("--no-frontend", action="store_true", help="serve Triton only")
     p.add_argument("--allowed-local-media-path", action="append", default=None, metavar="DIR",
                    help="folder whose files requests may name by path (repeatable; default: the project's assets/)")
@@ -442,7 +446,7 @@ class Launcher:
                 raise LaunchError("thinker_backend 'sglang' needs the sglang package: pip install 'chroma-triton[sglang]'")
         model_path, _ = resolve_model_path(a.chroma_model_path, dry_run=a.dry_run)
         spec = RenderSpec(model_path=model_path, base_qwen_path=check_base_qwen(a.base_qwen_path), kind=kind,
-                          dp_size=a.dp_size, params=params)
+                          dp_size=a.dp_size, params=params, embeds_dtype=a.audio_embeds_dtype)
         try:
             configs = render_configs(spec, Path(a.model_repository))
         except (ValueError, FileNotFoundError) as exc:

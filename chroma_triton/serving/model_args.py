@@ -11,6 +11,8 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 log = logging.getLogger(__name__)
 
 DEFAULT_VOICE = "assets/voices/default.wav"
@@ -82,6 +84,46 @@ def input_array(request, name: str):
 
     tensor = pb_utils.get_input_tensor_by_name(request, name)
     return None if tensor is None else tensor.as_numpy()
+
+
+def input_torch(request, name: str):
+    """A Triton request's input as a torch tensor over its memory (through DLPack, so bf16 too, which
+    numpy lacks), or None when absent. Only inside the Python backend's stub."""
+    import triton_python_backend_utils as pb_utils
+    from torch.utils.dlpack import from_dlpack
+
+    tensor = pb_utils.get_input_tensor_by_name(request, name)
+    return None if tensor is None else from_dlpack(tensor.to_dlpack())
+
+
+def output_tensor(name: str, value):
+    """A Triton output tensor from numpy, or from a torch tensor (through DLPack: bf16 too). Only
+    inside the Python backend's stub."""
+    import triton_python_backend_utils as pb_utils
+
+    if isinstance(value, np.ndarray):
+        return pb_utils.Tensor(name, value)
+    from torch.utils.dlpack import to_dlpack
+
+    return pb_utils.Tensor.from_dlpack(name, to_dlpack(value.contiguous()))
+
+
+#: the Triton types a tensor of the models may have -> torch's (``tensor_dtype``)
+TORCH_DTYPES = {"TYPE_FP32": "float32", "TYPE_BF16": "bfloat16"}
+
+
+def tensor_dtype(config: dict, name: str):
+    """The torch dtype of the input or output ``name`` in a model's config (``ModelArgs.config``)."""
+    import torch
+
+    for tensor in (config.get("input") or []) + (config.get("output") or []):
+        if tensor.get("name") == name:
+            kind = tensor.get("data_type")
+            if kind not in TORCH_DTYPES:
+                raise ValueError(f"model {config.get('name')}: {name} has data_type {kind}; expected one of "
+                                 f"{', '.join(TORCH_DTYPES)}")
+            return getattr(torch, TORCH_DTYPES[kind])
+    raise ValueError(f"model {config.get('name')} has no tensor {name!r}")
 
 
 def resolve_checkpoint(model_path: str, who: str) -> str:

@@ -26,6 +26,14 @@ class RenderSpec:
     kind: str = "cpu"  # "gpu" or "cpu"
     dp_size: int = 1
     params: dict[str, dict[str, str]] = field(default_factory=dict)  # model -> key -> value
+    embeds_dtype: str = "auto"  # audio_embeds between audio_encoder and chroma_lm: auto, fp32 or bf16
+
+
+#: ``RenderSpec.embeds_dtype`` -> the Triton type of ``audio_embeds``; ``auto`` is the models' own
+#: dtype: bf16 on GPUs (the tower computes and the thinker reads bf16, so nothing is rounded and the
+#: bytes copied between the processes halve: 11 MB as float32 for a conversation's 8 clips of 97
+#: rows x 3,584), float32 on the CPU (bf16 there would round the tower's float32 output)
+EMBEDS_DTYPES = {"fp32": "TYPE_FP32", "bf16": "TYPE_BF16"}
 
 
 def _pb():
@@ -56,6 +64,8 @@ def render_config(name: str, text: str, spec: RenderSpec) -> str:
         text = _set_instance_group(name, text, spec)
     if name in CPU_UNBATCHED and spec.kind != "gpu":
         text = _DYNAMIC_BATCHING.sub("", text, count=1)
+    if name in EMBEDS_MODELS:
+        text = _set_embeds_dtype(name, text, embeds_type(spec))
     if spec.kind != "gpu":
         for key, value in CPU_PARAMS.get(name, {}).items():
             text = _set_param(name, text, key, value)
@@ -83,6 +93,26 @@ _DYNAMIC_BATCHING = re.compile(r"^dynamic_batching \{.*?^\}\n", re.S | re.M)
 # 60 cancelled each round (docs/reliability.md section 2d). Explicit parameters still win. (Either
 # relay mode submits a request before chroma_lm's execute returns, so hold_when_full holds with both.)
 CPU_PARAMS = {"chroma_lm": {"relays": "per_request", "start_slack_s": "0"}}
+
+EMBEDS_MODELS = ("audio_encoder", "chroma_lm")  # its output, its input
+_EMBEDS = re.compile(r'(name:\s*"audio_embeds"\s*data_type:\s*)TYPE_\w+')
+
+
+def embeds_type(spec: RenderSpec) -> str:
+    """The Triton type ``audio_embeds`` gets under ``spec``."""
+    if spec.embeds_dtype == "auto":
+        return EMBEDS_DTYPES["bf16" if spec.kind == "gpu" else "fp32"]
+    if spec.embeds_dtype not in EMBEDS_DTYPES:
+        raise ValueError(f"audio_embeds dtype must be auto, {' or '.join(EMBEDS_DTYPES)}, got {spec.embeds_dtype!r}")
+    return EMBEDS_DTYPES[spec.embeds_dtype]
+
+
+def _set_embeds_dtype(name: str, text: str, triton_type: str) -> str:
+    text, found = _EMBEDS.subn(lambda m: m.group(1) + triton_type, text)
+    if found != 1:
+        raise ValueError(f"model {name}: config should declare audio_embeds' data_type once, found {found}")
+    return text
+
 
 _PARAM = r'parameters:\s*\{\s*key:\s*"%s"\s*value:\s*\{\s*string_value:\s*"(?:[^"\\]|\\.)*"\s*\}\s*\}'
 _GROUP = re.compile(r"^instance_group \[.*?^\]", re.S | re.M)

@@ -5,7 +5,9 @@ tower embeddings, concatenated in ``user_audio`` order with the token count of e
 reference voice (encoded file, or the server's default voice when empty) -> 24 kHz mono -> Mimi
 codes, cached by content hash. Requests that Triton's dynamic batcher hands over together are
 embedded in **one** audio-tower forward (the tower takes several clips at once through
-``feature_lens``, the way transformers batches it).
+``feature_lens``, the way transformers batches it). The embeddings go out in the config's
+``audio_embeds`` type: bf16 on GPUs (the tower's own dtype: nothing rounded, half the bytes of
+float32 through Triton), float32 on the CPU.
 
 A client resends the whole conversation with every turn (the chat API keeps no state), so each
 turn's request carries every earlier user clip again. Clips' embeddings are cached by content
@@ -14,7 +16,7 @@ clip sent twice in a batch, goes through the tower once.
 
 With ``prepare_threads`` above 1 the work around the tower of a batch of several requests is
 spread over that many threads: every clip hashed, looked up, decoded and turned into log-mels at
-once, each request's float32 rows copied at once (those calls release the GIL). At 256
+once, each request's rows copied at once (those calls release the GIL). At 256
 conversations one encoder doing them one after another was busy 77-83 % of the time and requests
 waited 1.2-1.7 s for it on average (docs/benchmarks.md, runs 67-68); on a 2-core CPU 2-4 threads
 were within the noise, so 1 stays the default until a GPU host's 16 cores say otherwise.
@@ -74,7 +76,7 @@ class _Clip:
 
 @dataclass
 class EncoderOutput:
-    audio_embeds: np.ndarray  # float32 [sum tokens, H]
+    audio_embeds: np.ndarray | torch.Tensor  # [sum tokens, H]: float32 numpy, or a torch tensor of another embeds_dtype
     audio_token_counts: np.ndarray  # int32 [clips]
     prompt_codes: np.ndarray  # int32 [frames, K]
     voice_text: str
@@ -82,10 +84,12 @@ class EncoderOutput:
 
 class AudioEncoderService:
     def __init__(self, parts: ChromaParts, default_voice: tuple[bytes, str] | None, voice_cache_size: int = 256,
-                 clip_cache_mib: int = 1024, prepare_threads: int = 1):
+                 clip_cache_mib: int = 1024, prepare_threads: int = 1, embeds_dtype: torch.dtype = torch.float32):
         """`clip_cache_mib`: host memory for user clips' embeddings (0: none kept). `prepare_threads`:
         threads that prepare a batch's clips, voices and outputs at once (hashing, decoding,
-        resampling, log-mels and the float32 copies release the GIL); 1: all in the caller's thread."""
+        resampling, log-mels and the output copies release the GIL); 1: all in the caller's thread.
+        `embeds_dtype`: the dtype of each request's embeddings (the config's ``audio_embeds``
+        type): float32 gives numpy arrays, another dtype (bf16) torch tensors."""
         if parts.audio_tower is None or parts.codec is None:
             raise ValueError("the audio encoder needs the audio_tower and codec parts")
         if clip_cache_mib < 0:
@@ -100,6 +104,7 @@ class AudioEncoderService:
                                             initializer=torch.cuda.set_device if on_gpu else None,
                                             initargs=(self.tower.device,) if on_gpu else ())
         self.codec = parts.codec
+        self.embeds_dtype = embeds_dtype
         self.hidden = int(parts.config.thinker.text.hidden_size)
         self.voices = VoiceCache(voice_cache_size)
         self.clips = ContentCache(max_bytes=clip_cache_mib << 20)
@@ -288,12 +293,17 @@ class AudioEncoderService:
         return prepared
 
     def _output(self, embeds: list[torch.Tensor], codes: np.ndarray, voice_text: str) -> EncoderOutput:
-        # the clips' rows straight into one float32 array: the copy converts (one pass, not a
-        # concatenation in the tower's dtype and a conversion after it: 0.5 against 0.85 ms for 8
-        # clips of 97 rows on one thread)
-        flat = np.empty((sum(e.shape[0] for e in embeds), self.hidden), np.float32)
+        # the clips' rows straight into one array of the output's dtype: the copy converts where the
+        # dtypes differ (one pass, not a concatenation in the tower's dtype and a conversion after
+        # it: 0.5 against 0.85 ms for 8 clips of 97 rows on one thread)
+        shape = (sum(e.shape[0] for e in embeds), self.hidden)
+        if self.embeds_dtype == torch.float32:
+            flat = np.empty(shape, np.float32)
+            out = torch.from_numpy(flat)
+        else:
+            flat = out = torch.empty(shape, dtype=self.embeds_dtype)
         if embeds:
-            torch.cat(embeds, out=torch.from_numpy(flat))
+            torch.cat(embeds, out=out)
         return EncoderOutput(
             audio_embeds=flat,
             audio_token_counts=np.array([e.shape[0] for e in embeds], np.int32),

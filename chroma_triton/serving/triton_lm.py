@@ -49,7 +49,7 @@ TEXT_HOLD_S = 0.4
 @dataclass
 class LMInput:
     messages: str  # JSON
-    audio_embeds: np.ndarray  # [sum tokens, H]
+    audio_embeds: np.ndarray | torch.Tensor  # [sum tokens, H] (any leading dims of 1), float32 or bf16
     audio_token_counts: np.ndarray  # [clips]
     prompt_codes: np.ndarray  # [frames, K]
     voice_text: str
@@ -87,8 +87,11 @@ class LMService:
     # -- inputs ------------------------------------------------------------------------------------
     def prepare(self, inp: LMInput) -> GenerationRequest:
         counts = [int(c) for c in np.asarray(inp.audio_token_counts).reshape(-1)]
-        embeds = np.asarray(inp.audio_embeds, dtype=np.float32)
-        embeds = embeds.reshape(-1, embeds.shape[-1]) if embeds.size else np.zeros((0, self.hidden), np.float32)
+        embeds = inp.audio_embeds if isinstance(inp.audio_embeds, torch.Tensor) else torch.from_numpy(
+            np.asarray(inp.audio_embeds, dtype=np.float32))
+        if embeds.dtype not in (torch.float32, torch.bfloat16):
+            raise InvalidRequestError(f"audio_embeds must be float32 or bfloat16, got {embeds.dtype}", "audio_embeds")
+        embeds = embeds.reshape(-1, embeds.shape[-1]) if embeds.numel() else torch.zeros((0, self.hidden), dtype=embeds.dtype)
         if embeds.shape[0] != sum(counts):
             raise InvalidRequestError(f"audio_embeds has {embeds.shape[0]} rows but audio_token_counts sum to {sum(counts)}",
                                       "audio_embeds")
@@ -101,7 +104,7 @@ class LMService:
             raise InvalidRequestError(
                 f"user_audio clip(s) {unused} are not referenced by any {{\"type\": \"audio\", \"audio_index\": i}} "
                 f"message part", "user_audio")
-        starts = np.concatenate([[0], np.cumsum(counts)]).astype(int)
+        starts = np.concatenate([[0], np.cumsum(counts)]).astype(int).tolist()
         pieces = [embeds[starts[i]:starts[i + 1]] for i in order]
         ids = self.prompts.thinker_ids(template_msgs, [counts[i] for i in order])
         if not inp.voice_text.strip():
@@ -110,8 +113,9 @@ class LMService:
         if codes is None:
             raise InvalidRequestError("the reference voice produced no codes", "prompt_audio")
         # stays on the CPU: the engine thread moves it at prefill. No CUDA work on request threads,
-        # which could run while the engine thread captures a CUDA graph.
-        audio = torch.from_numpy(np.concatenate(pieces)) if pieces else None
+        # which could run while the engine thread captures a CUDA graph. A copy of its own (cat
+        # always copies): the input's memory is Triton's and goes with the request.
+        audio = torch.cat(pieces) if pieces else None
         return GenerationRequest(
             thinker_ids=ids,
             prompt_text_ids=self.prompts.text_ids(inp.voice_text),

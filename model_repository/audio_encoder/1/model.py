@@ -4,7 +4,8 @@ import triton_python_backend_utils as pb_utils
 
 from chroma_triton.serving import protocol as P
 from chroma_triton.serving.gc_pauses import freeze_if_asked
-from chroma_triton.serving.model_args import ModelArgs, configure_logging, input_array, load_model_parts, resolve_default_voice
+from chroma_triton.serving.model_args import (ModelArgs, configure_logging, input_array, load_model_parts, output_tensor,
+                                              resolve_default_voice, tensor_dtype)
 from chroma_triton.serving.triton_audio_encoder import AudioEncoderService, EncoderInput, features_on_device
 
 
@@ -17,7 +18,8 @@ class TritonPythonModel:
         self.service = AudioEncoderService(parts, (voice_path.read_bytes(), transcript),
                                            voice_cache_size=a.int("voice_cache_size", 256),
                                            clip_cache_mib=a.int("clip_cache_mib", 1024),
-                                           prepare_threads=a.int("prepare_threads", 1))
+                                           prepare_threads=a.int("prepare_threads", 1),
+                                           embeds_dtype=tensor_dtype(a.config, P.AUDIO_EMBEDS))
         self._clip_family = pb_utils.MetricFamily(
             name="chroma_audio_encoder_clips_total", kind=pb_utils.MetricFamily.COUNTER,
             description="User audio clips by how they got their embeddings: embedded (through the audio tower) "
@@ -30,15 +32,15 @@ class TritonPythonModel:
             name="chroma_audio_encoder_seconds_total", kind=pb_utils.MetricFamily.COUNTER,
             description="Seconds of execute()'s work by stage, summed over its threads with prepare_threads > 1: "
                         "voice (the reference voice's hash, cache and Mimi encoding), features (user clips' hash, cache lookup, decoding, resampling and "
-                        "log-mel), tower (the audio tower's forward and the copy back), output (the float32 "
-                        "embeddings each request gets)")
+                        "log-mel), tower (the audio tower's forward and the copy back), output (the "
+                        "embeddings each request gets, in the audio_embeds type)")
         self.stage_counters = {stage: self._stage_family.Metric(labels={**labels, "stage": stage})
                                for stage in self.service.stage_seconds()}
         graphs = parts.audio_tower.use_cuda_graphs(a.int("cuda_graph_windows", 64))
         features = parts.audio_tower.use_device_features(features_on_device(a.str("features_device", "auto")))
         freeze_if_asked(a)  # once loaded, its graphs captured: none of that is garbage
         print(f"[{a.instance_name}] ready on {a.device}: {path}, default voice {voice_path}, {graphs} CUDA graphs, "
-              f"log-mels on {features}",
+              f"log-mels on {features}, embeddings out as {self.service.embeds_dtype}",
               flush=True)
 
     def execute(self, requests):
@@ -71,7 +73,7 @@ class TritonPythonModel:
                 continue
             # a batching model: every output keeps the request's batch dimension of 1
             responses.append(pb_utils.InferenceResponse(output_tensors=[
-                pb_utils.Tensor(P.AUDIO_EMBEDS, result.audio_embeds[None]),
+                output_tensor(P.AUDIO_EMBEDS, result.audio_embeds[None]),
                 pb_utils.Tensor(P.AUDIO_TOKEN_COUNTS, result.audio_token_counts[None]),
                 pb_utils.Tensor(P.PROMPT_CODES, result.prompt_codes[None]),
                 pb_utils.Tensor(P.VOICE_TEXT, P.bytes_tensor(result.voice_text)[None]),

@@ -12,7 +12,8 @@ from chroma_triton.errors import CapacityError
 from chroma_triton.serving import protocol as P
 from chroma_triton.serving.cancel_board import CancelBoard, CancelWatch, live_key, request_key
 from chroma_triton.serving.gc_pauses import freeze_if_asked
-from chroma_triton.serving.model_args import ModelArgs, configure_logging, input_array, load_model_parts, thinker_backend
+from chroma_triton.serving.model_args import (ModelArgs, configure_logging, input_array, input_torch, load_model_parts,
+                                              thinker_backend)
 from chroma_triton.serving.relay_hub import RelayHub, RelayJob
 from chroma_triton.serving.triton_lm import LMInput, LMService, RelayWakeups, engine_options, throttled
 
@@ -184,7 +185,7 @@ class TritonPythonModel:
                 sampling = {name: P.as_scalar(input_array(request, name), name) for name in P.SAMPLING_INPUTS}
                 inp = LMInput(
                     messages=P.as_text(input_array(request, P.MESSAGES), P.MESSAGES),
-                    audio_embeds=input_array(request, P.AUDIO_EMBEDS),
+                    audio_embeds=input_torch(request, P.AUDIO_EMBEDS),  # float32 or bf16 (the config's)
                     audio_token_counts=input_array(request, P.AUDIO_TOKEN_COUNTS),
                     prompt_codes=input_array(request, P.PROMPT_CODES),
                     voice_text=P.as_text(input_array(request, P.VOICE_TEXT), P.VOICE_TEXT, ""),
