@@ -512,6 +512,29 @@ def test_a_broken_loop_fails_requests_instead_of_leaving_them_waiting(pipe, ques
         engine.shutdown()
 
 
+def test_admitted_requests_let_go_of_their_audio_embeddings(pipe, question_wav, ref_voice):
+    """Once prefilled, a request's audio embeddings (megabytes a conversation, held as long as it
+    streams) are dropped; a prefill that failed keeps them for the retry (one by one)."""
+    engine = make_engine(pipe, max_batch=2)
+    orig, seen = engine._prefill, []
+
+    def prefill(items):
+        seen.append([r.audio_embeds is not None for r, _ in items])
+        if len(seen) == 1:
+            raise RuntimeError("prefill broke")
+        return orig(items)
+
+    engine._prefill = prefill
+    try:
+        req = request(pipe, question_wav, ref_voice, max_tokens=2)
+        out = collect(engine.submit(req))
+        assert out["finished"] is not None, out
+        assert seen == [[True], [True]]  # the retry still had them
+        assert req.audio_embeds is None
+    finally:
+        engine.shutdown()
+
+
 def test_admission_that_keeps_failing_fails_the_waiting_requests(pipe, question_wav, ref_voice):
     """A step that fails with nothing running (here: admission itself) would be retried forever by
     the requests waiting for it: after three failures in a row they are failed, and the engine

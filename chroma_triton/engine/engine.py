@@ -562,7 +562,9 @@ class ChromaEngine:
             self.trace.close()
 
     def submit(self, req: GenerationRequest) -> RequestStream:
-        """Validate and queue a request; events arrive on the returned stream."""
+        """Validate and queue a request; events arrive on the returned stream. The engine owns
+        `req` from here: it fills in its checked sampling and prefix keys, and drops its audio
+        embeddings once they are prefilled (submit a copy to run a request again)."""
         if self._thread is None:
             raise RuntimeError("engine not started: call start() first")
         if self._dead:
@@ -1287,6 +1289,8 @@ class ChromaEngine:
             with self._lock:
                 self._active.append(a)
                 self.counters["admitted"] += 1
+        for req, _ in items:  # in the rows now: the host copy of their audio embeddings (float32 or
+            req.audio_embeds = None  # bf16, up to 11 MB a conversation) is not needed again
         return list(states)
 
     def _prefill_thinker(self, row: int, items: list[tuple[GenerationRequest, RequestStream]],

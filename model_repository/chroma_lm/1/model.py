@@ -301,6 +301,8 @@ class _Served:
         except Exception as exc:  # noqa: BLE001 - e.g. an invalid request: its error response
             self.end(None, exc)
             return
+        finally:  # the inputs are views of Triton's memory: the request copied what it needs
+            self.inp = None
         if hub is None:
             threading.Thread(target=self._relay, args=(stream, relay), name="chroma-lm-request", daemon=True).start()
             return
