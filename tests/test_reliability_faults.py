@@ -36,6 +36,11 @@ def test_killed_model_process_fails_requests_clearly_and_the_service_recovers(tm
     stack = LaunchedStack(tmp_path / "launcher", extra_args=("--warmup-frames", "3")).start()
     try:
         result = kill_during_requests(stack, "stub:chroma_lm", in_flight=4, max_tokens=1000)
+        # the frontend reports healthy once Triton is ready again, and the launcher's warm-up after the
+        # restart may still be running then (the recovery request can finish first): let it end
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and stack.log_path.read_text(errors="replace").count("warm-up request:") < 2:
+            time.sleep(0.2)
     finally:
         stack.stop()
     log = stack.log_path.read_text(errors="replace")
