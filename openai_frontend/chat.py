@@ -338,12 +338,12 @@ class ChatService:
             if first is not None:
                 for line in for_delta(first):
                     yield line  # (resumed once the line is handed to the connection)
-                    if first.audio.size:
+                    if plan.want_audio and first.audio.size:
                         mark("first_sent")
             async for delta in deltas:
                 for line in for_delta(delta):
                     yield line
-                    if delta.audio.size:
+                    if plan.want_audio and delta.audio.size:
                         mark("first_sent")
             if plan.want_audio:
                 await self._remember(audio_id, "".join(transcript), expires_at)

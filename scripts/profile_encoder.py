@@ -49,7 +49,8 @@ def conversation_batches(count: int, turns: int, history: int, batch: int, first
 def run_setting(parts, on_device: bool, threads: int, batches, warmup) -> dict:
     where = parts.audio_tower.use_device_features(on_device)
     voice = (VOICE.read_bytes(), VOICE.with_suffix(".txt").read_text().strip())
-    service = AudioEncoderService(parts, voice, prepare_threads=threads)
+    # the rows in the dtype a stack on this device sends (bf16 on GPUs: --audio-embeds-dtype auto)
+    service = AudioEncoderService(parts, voice, prepare_threads=threads, embeds_dtype=parts.dtype)
 
     def encode(batch):
         for result in service.encode_batch([EncoderInput(clips, voice[0], voice[1]) for clips in batch]):

@@ -361,12 +361,14 @@ def test_request_log_line_has_the_request_moments(client, caplog):
     with caplog.at_level("INFO", logger="openai_frontend"):
         for stream in (True, False):
             assert client.post("/v1/chat/completions", json=openai_body(stream=stream)).status_code == 200
+        # streamed text only: the engine's audio comes back, none is sent
+        assert client.post("/v1/chat/completions", json=openai_body(stream=True, modalities=["text"])).status_code == 200
         client.get("/v1/models")
     lines = [r.getMessage() for r in caplog.records if " -> 200 in " in r.getMessage()]
     chat = [line for line in lines if line.startswith("POST /v1/chat/completions")]
-    assert len(chat) == 2, lines
-    for line, stream in zip(chat, (True, False)):
-        sent = r", first audio sent (\d+) ms" if stream else ""
+    assert len(chat) == 3, lines
+    for line, sends_audio in zip(chat, (True, False, False)):
+        sent = r", first audio sent (\d+) ms" if sends_audio else ""
         m = re.search(r"in (\d+) ms \(body read (\d+) ms, validated (\d+) ms, planned (\d+) ms, first audio (\d+) ms"
                       + sent + r"\)$", line)
         assert m, line

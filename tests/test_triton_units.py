@@ -537,6 +537,8 @@ def test_lm_prepare_takes_bf16_embeddings_and_copies_them(tiny_checkpoint, quest
     assert as_fp32.dtype == torch.float32 and torch.equal(as_fp32, got.float())
     with pytest.raises(InvalidRequestError, match="float32 or bfloat16"):
         prepared(torch.zeros(1, 5, lm.hidden, dtype=torch.float16))
+    with pytest.raises(InvalidRequestError, match="0 rows"):  # none given: no rows, a client's error
+        prepared(None)
     with pytest.raises(InvalidRequestError, match="columns"):
         prepared(torch.zeros(1, 5, lm.hidden + 1, dtype=torch.bfloat16))
 

@@ -214,6 +214,15 @@ _TOKEN, _TPOS, _BPOS, _TALK, _SEED, _FRAME, _TOPK = range(7)
 _NINT = 7
 
 
+def _let_go_of_audio(items: list[tuple[GenerationRequest, RequestStream]]) -> None:
+    """Admitted: the requests' host copies of their audio embeddings (float32 or bf16, up to 11 MB
+    a conversation, held for the whole reply otherwise) are in the rows now and not needed again.
+    Only after the prefill went through (a failed one is retried request by request with them). The
+    SGLang thinker keeps its own reference for the row's life (model/sglang_thinker.py)."""
+    for req, _ in items:
+        req.audio_embeds = None
+
+
 class ChromaEngine:
     TRACED_CHUNKS = 5  # a trace records each stream's first chunks (audio left at the listener when each went out)
 
@@ -1138,6 +1147,7 @@ class ChromaEngine:
             self._last_prefill_s = took
             self.counters["prefills"] += 1
             self.counters["prefill_s"] += took
+            _let_go_of_audio(items)
             return states
         except Exception:  # find the request that broke the batch: retry one by one
             log.warning("batched prefill of %d requests failed; retrying them one by one", len(items), exc_info=True)
@@ -1145,6 +1155,7 @@ class ChromaEngine:
         for req, stream in items:
             try:
                 states += self._prefill([(req, stream)])
+                _let_go_of_audio([(req, stream)])
             except Exception as exc:
                 log.exception("prefill failed for %s", req.request_id)
                 self.counters["failed"] += 1
@@ -1289,8 +1300,6 @@ class ChromaEngine:
             with self._lock:
                 self._active.append(a)
                 self.counters["admitted"] += 1
-        for req, _ in items:  # in the rows now: the host copy of their audio embeddings (float32 or
-            req.audio_embeds = None  # bf16, up to 11 MB a conversation) is not needed again
         return list(states)
 
     def _prefill_thinker(self, row: int, items: list[tuple[GenerationRequest, RequestStream]],

@@ -56,7 +56,7 @@ class GenerationRequest:
     thinker_ids: list[int]  # chat-templated prompt with <|AUDIO|> runs expanded
     prompt_text_ids: list[int]  # reference transcript tokens
     prompt_codes: np.ndarray  # reference voice codes [frames, K]
-    audio_embeds: torch.Tensor | None = None  # [num <|AUDIO|> tokens, hidden]
+    audio_embeds: torch.Tensor | None = None  # [num <|AUDIO|> tokens, hidden]; the engine drops it once prefilled
     sampling: SamplingParams = field(default_factory=SamplingParams)
     request_id: str = ""
     # set by the engine on submit when it keeps thinker prefixes (engine/thinker_prefix.py)

@@ -114,7 +114,7 @@ class AudioEncoderService:
         # seconds of encode_batch's work by stage, summed over the threads doing it: voice (reference
         # voice: hash, cache, Mimi encode), features (user clips: hash, cache lookup, decode,
         # resample, log-mel), tower (the audio tower's forward and the copy back), output (the
-        # float32 rows each request gets)
+        # rows each request gets, in embeds_dtype)
         self._stage_seconds = dict.fromkeys(("voice", "features", "tower", "output"), 0.0)
         self._stage_lock = threading.Lock()
         self.default_voice = default_voice
