@@ -88,6 +88,11 @@ def summarize(events: list[dict]) -> list[str]:
         out.append(f"garbage collections of 5 ms or more: {len(pauses)} ({len(full)} full), "
                    + spread([e["s"] for e in pauses]) + f"; prefills over twice their estimate: {len(slow)}, "
                    f"{len(hit)} of them with a collection inside")
+    passes = [e for e in events if e["ev"] == "relay_pass"]
+    if passes:  # chroma_lm's relay threads (serving/relay_hub.py): passes slow to begin or to end
+        out.append(f"relay passes of 50 ms or more: {len(passes)}; began after their first wake "
+                   + spread([e["waited_s"] for e in passes]) + ", took " + spread([e["took_s"] for e in passes])
+                   + ", longest send " + spread([e["longest_send_s"] for e in passes]))
     return out
 
 

@@ -213,6 +213,11 @@ def test_paced_engine_admits_a_burst_and_finishes_every_request(tiny_checkpoint,
     later = [e for e in events if e["ev"] == "chunk" and e["index"] > 0]
     assert later and all(isinstance(e["left_s"], float) for e in later)
     assert any(line.startswith("chunk 1: audio left") for line in lines)
+    # chroma_lm's relay notes its slow passes in the same file (serving/relay_hub.py)
+    relay = {"t": 1.0, "ev": "relay_pass", "waited_s": 0.2, "took_s": 0.06, "jobs": 3, "sends": 5, "longest_send_s": 0.05}
+    assert not any(line.startswith("relay passes") for line in lines)
+    assert any(line.startswith("relay passes of 50 ms or more: 1; began after their first wake ")
+               for line in summary.summarize(events + [relay]))
 
 
 def _held_engine(tiny_checkpoint, question_wav, ref_voice, tmp_path, **options):

@@ -202,3 +202,39 @@ def test_stream_waker_and_drain():
     assert stream.drain() == [None] and stream.get(timeout=0) is None  # stays ended
     stream.set_waker(None)
     assert RequestStream("empty").drain() == []
+
+
+def test_slow_passes_are_noted_with_their_longest_send():
+    """With a note callback (the engine trace's), a pass that takes SLOW_PASS_S or more is written
+    down with its sends and the longest one (here a send that blocks 80 ms, as Triton holding a
+    response would); quick passes are not."""
+    from chroma_triton.serving.relay_hub import SLOW_PASS_S
+
+    notes = []
+    hub = RelayHub(poll_s=30.0, note=lambda kind, **fields: notes.append((kind, fields)))
+    slow, quick = Sink(), Sink()
+    blocking = slow.send
+
+    def send_slowly(response):
+        time.sleep(0.08)
+        blocking(response)
+
+    slow.send = send_slowly
+    try:
+        fast_stream = RequestStream("quick")
+        hub.add(job_for(fast_stream, quick))
+        fast_stream.put(chunk(2))
+        fast_stream.put(Finished("stop", 3, 0, 2, ""))
+        assert quick.ended.wait(5)
+        assert notes == []  # quick passes: nothing noted
+        stream = RequestStream("slow")
+        hub.add(job_for(stream, slow))
+        stream.put(chunk(2))
+        stream.put(Finished("stop", 3, 0, 2, ""))
+        assert slow.ended.wait(5)
+    finally:
+        hub.close(grace_s=0)
+    assert notes and all(kind == "relay_pass" for kind, _ in notes)
+    longest = max(fields["longest_send_s"] for _, fields in notes)
+    assert longest >= 0.08 > SLOW_PASS_S
+    assert all(fields["took_s"] >= SLOW_PASS_S and fields["sends"] >= 1 and fields["waited_s"] >= 0 for _, fields in notes)

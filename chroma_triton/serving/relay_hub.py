@@ -12,6 +12,12 @@ Triton) and wakes when a held text is due.
 
 A request ends when its relay has the ``Finished`` event, or with an exception (a failed
 request, a failed send): its ``done(finished, error)`` callback runs on this thread, once.
+
+With a ``note`` callback (the engine trace's ``note``), a pass that was slow to start or to finish
+is written down (``relay_pass``): how long after the first wake it began (the thread busy, or
+waiting for the GIL), how long it took, its sends and the longest one (a send that blocks is
+Triton holding the response). In run 70 (docs/benchmarks.md) chunks the engine had sent in time
+reached ``codec_decoder`` up to a second late, in bursts; this tells the relay's share apart.
 """
 
 from __future__ import annotations
@@ -47,8 +53,12 @@ class RelayJob:
     due_at: float | None = None  # the held text's deadline already queued in the hub's heap
 
 
+SLOW_PASS_S = 0.05  # a pass that began or took this long after its first wake is noted
+
+
 class RelayHub:
-    def __init__(self, poll_s: float, clock: Callable[[], float] = time.monotonic, name: str = "chroma-lm-relay"):
+    def __init__(self, poll_s: float, clock: Callable[[], float] = time.monotonic, name: str = "chroma-lm-relay",
+                 note: Callable[..., None] | None = None):
         if not poll_s > 0:
             raise ValueError(f"poll_s must be > 0, got {poll_s}")
         self.poll_s, self.clock = poll_s, clock
@@ -58,6 +68,10 @@ class RelayHub:
         self._due: list[tuple[float, int, RelayJob]] = []  # held texts' deadlines (a heap)
         self._seq = itertools.count()
         self._stopping = False
+        self._woken_at: float | None = None  # when _ready last went from empty to not (perf_counter)
+        self._note = note
+        self._sends = 0  # this pass's sends, and its longest (seconds)
+        self._longest_send = 0.0
         self.busy_s = 0.0  # wall time spent serving requests (sends included), for a metric
         self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
         self._thread.start()
@@ -75,13 +89,17 @@ class RelayHub:
                 job.stream.set_waker(None)
                 raise EngineError("the relay has stopped")
             self._jobs.add(job)
-            self._ready.append(job)
-            self._cond.notify()
+            self._push_ready(job)
 
     def wake(self, job: RelayJob) -> None:
         with self._cond:
-            self._ready.append(job)
-            self._cond.notify()
+            self._push_ready(job)
+
+    def _push_ready(self, job: RelayJob) -> None:  # holding self._cond
+        if not self._ready:
+            self._woken_at = time.perf_counter()
+        self._ready.append(job)
+        self._cond.notify()
 
     def close(self, grace_s: float = 1.0, timeout: float = 5.0) -> None:
         """Stop: requests whose ends are queued (the engine ends every stream when it shuts down)
@@ -105,9 +123,10 @@ class RelayHub:
             self._finish(job, None, EngineError("the server is shutting down"))
 
     # -- the thread ------------------------------------------------------------------------------
-    def _next_batch(self, next_poll: float) -> tuple[list[RelayJob], bool]:
+    def _next_batch(self, next_poll: float) -> tuple[list[RelayJob], bool, float | None]:
         """Wait until a request is woken, a held text falls due or the poll is due; the requests to
-        serve (every one when the poll is due) and whether it was the poll."""
+        serve (every one when the poll is due), whether it was the poll, and when the first of
+        them was woken (None: no wake, only the poll or a held text)."""
         with self._cond:
             while not self._ready and not self._stopping:
                 deadline = min(next_poll, self._due[0][0] if self._due else math.inf)
@@ -116,22 +135,24 @@ class RelayHub:
                     break
                 self._cond.wait(wait)
             if self._stopping:
-                return [], False
+                return [], False, None
             batch, self._ready = self._ready, []
+            woken_at, self._woken_at = (self._woken_at if batch else None), None
             now = self.clock()
             while self._due and self._due[0][0] <= now:
                 batch.append(heapq.heappop(self._due)[2])
             polled = now >= next_poll
             if polled:
                 batch.extend(self._jobs)
-            return batch, polled
+            return batch, polled, woken_at
 
     def _loop(self) -> None:
         next_poll = self.clock() + self.poll_s
         while not self._stopping:
             try:
-                batch, polled = self._next_batch(next_poll)
+                batch, polled, woken_at = self._next_batch(next_poll)
                 started = time.perf_counter()
+                self._sends, self._longest_send = 0, 0.0
                 if polled:
                     next_poll = self.clock() + self.poll_s
                 seen: set[RelayJob] = set()
@@ -140,7 +161,12 @@ class RelayHub:
                         continue
                     seen.add(job)
                     self._serve(job)
-                self.busy_s += time.perf_counter() - started
+                took = time.perf_counter() - started
+                self.busy_s += took
+                waited = 0.0 if woken_at is None else started - woken_at
+                if self._note is not None and max(waited, took) >= SLOW_PASS_S:
+                    self._note("relay_pass", waited_s=waited, took_s=took, jobs=len(seen), sends=self._sends,
+                               longest_send_s=self._longest_send)
             except Exception:  # noqa: BLE001 - the thread relays every request: it must not die
                 log.exception("relay pass failed")
                 time.sleep(0.01)
@@ -167,7 +193,13 @@ class RelayHub:
     def _send(self, job: RelayJob, response: LMResponse) -> None:
         if self._stopping:  # close() ends the rest; nothing may follow the error it sends
             raise EngineError("the server is shutting down")
-        job.send(response)
+        t0 = time.perf_counter()
+        try:
+            job.send(response)
+        finally:
+            took = time.perf_counter() - t0
+            self._sends += 1
+            self._longest_send = max(self._longest_send, took)
 
     def _finish(self, job: RelayJob, finished: Finished | None, error: BaseException | None) -> None:
         with self._cond:

@@ -47,7 +47,9 @@ class TritonPythonModel:
         n = a.int("relay_threads", 1) if relays == "shared" else 0
         if relays == "shared" and n < 1:
             raise pb_utils.TritonModelException(f"chroma_lm: relay_threads must be >= 1, got {n}")
-        self.hubs = [RelayHub(self.wakeups.poll_s, name=f"chroma-lm-relay-{i}") for i in range(n)]
+        trace = self.service.engine.trace  # with trace_path: the hubs' slow passes go in it too
+        self.hubs = [RelayHub(self.wakeups.poll_s, name=f"chroma-lm-relay-{i}", note=trace.note if trace else None)
+                     for i in range(n)]
         hold = a.str("hold_when_full", "auto").lower()
         self.hold_when_full = a.instances > 1 if hold == "auto" else a.bool("hold_when_full", False)
         self._next_hub = itertools.count()
