@@ -209,7 +209,7 @@ case $step in
       CLIENT_PROCS=${procs:-${CLIENT_PROCS:-8}} bash "$0" bench "$name" "$tag" "$levels" --via "${via:-grpc}" \
         --rounds "${ROUNDS:-2}" ${BENCH_EXTRA:-} > "$OUT/seq_${name}_$tag.log" 2>&1 || echo "seq: $item failed (see $OUT/seq_${name}_$tag.log)"
       echo "== $item"
-      grep -E "^(grpc|frontend) x[0-9]+:|^  (engine|encoder and codec):|^  (prefill time|over the pacer|chunk [12]:|late chunks' windows|garbage)" \
+      grep -E "^(grpc|frontend) x[0-9]+:|^  (engine|encoder and codec):|^  (prefill time|over the pacer|chunk [12]:|late chunks' windows|garbage|relay passes)" \
         "$OUT/seq_${name}_$tag.log" || true
     done
     echo "seq: done after $(( $(date +%s) - t0 )) s" ;;
