@@ -333,16 +333,12 @@ class ChatService:
                                     "model": plan.model, "choices": [], "usage": usage_body(d.usage or Usage(0, 0, 0))}))
             return out
 
+        source = deltas if first is None else _chain(first, deltas)
         try:
             yield chunk({"role": "assistant", "content": ""})
-            if first is not None:
-                for line in for_delta(first):
-                    yield line  # (resumed once the line is handed to the connection)
-                    if plan.want_audio and first.audio.size:
-                        mark("first_sent")
-            async for delta in deltas:
+            async for delta in source:
                 for line in for_delta(delta):
-                    yield line
+                    yield line  # (resumed once the line is handed to the connection)
                     if plan.want_audio and delta.audio.size:
                         mark("first_sent")
             if plan.want_audio:

@@ -45,9 +45,9 @@ def prompt_block_keys(ids: list[int], audio: torch.Tensor | None, audio_token_id
     to it. A block's digest covers its 64 ids and as many audio rows as it has audio ids: their
     bytes in the rows' own dtype (bf16 as served on GPUs, half the bytes of float32) and that
     dtype's name, so rows of two dtypes never share a key. The blocks of a long prompt's audio are
-    hashed on `HASH_THREADS` threads (hashlib lets go of the GIL): this runs on the request's thread, before
-    its admission, and a 1,000-position turn with 700 audio rows (5.7 MB) took 3-6 ms serially
-    (run 66: `chroma_lm`'s execute 10.6 against 5.9 ms without the cache)."""
+    hashed on `HASH_THREADS` threads (hashlib lets go of the GIL): this runs on the request's
+    thread, before its admission, and a 1,000-position turn with 700 audio rows (5.7 MB) took 3-6 ms
+    serially (run 66: `chroma_lm`'s execute 10.6 against 5.9 ms without the cache)."""
     tokens = np.asarray(ids, dtype=np.int64)
     is_audio = tokens == audio_token_id
     rows = None

@@ -18,8 +18,9 @@ With ``prepare_threads`` above 1 the work around the tower of a batch of several
 spread over that many threads: every clip hashed, looked up, decoded and turned into log-mels at
 once, each request's rows copied at once (those calls release the GIL). At 256
 conversations one encoder doing them one after another was busy 77-83 % of the time and requests
-waited 1.2-1.7 s for it on average (docs/benchmarks.md, runs 67-68); on a 2-core CPU 2-4 threads
-were within the noise, so 1 stays the default until a GPU host's 16 cores say otherwise.
+waited 1.2-1.7 s for it on average (docs/benchmarks.md, runs 67-68). 1 stays the default: on a
+2-core CPU 2-4 threads were within the noise, and on a 16-core H200 host 4 threads served 256
+conversations no better (run 69: the clip work took three times the thread-seconds).
 """
 
 from __future__ import annotations

@@ -88,10 +88,8 @@ class LMService:
     def prepare(self, inp: LMInput) -> GenerationRequest:
         counts = [int(c) for c in np.asarray(inp.audio_token_counts).reshape(-1)]
         embeds = inp.audio_embeds
-        if embeds is None:  # a direct caller without clips
-            embeds = torch.zeros((0, self.hidden))
-        elif not isinstance(embeds, torch.Tensor):
-            embeds = torch.from_numpy(np.asarray(embeds, dtype=np.float32))
+        if not isinstance(embeds, torch.Tensor):  # numpy from a direct caller; None: no clips
+            embeds = torch.from_numpy(np.asarray(() if embeds is None else embeds, dtype=np.float32))
         if embeds.dtype not in (torch.float32, torch.bfloat16):
             raise InvalidRequestError(f"audio_embeds must be float32 or bfloat16, got {embeds.dtype}", "audio_embeds")
         embeds = embeds.reshape(-1, embeds.shape[-1]) if embeds.numel() else torch.zeros((0, self.hidden), dtype=embeds.dtype)
