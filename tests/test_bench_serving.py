@@ -69,7 +69,9 @@ def test_conversations_grow_by_a_turn_each_round_with_clips_of_their_own():
     assert not set(others) & set(rounds[2])  # nor shared with another conversation or run
     original, _ = sf.read(w.question, dtype="int16")
     tagged, rate = sf.read(io.BytesIO(rounds[2][2]), dtype="int16")
-    assert rate == 16000 and len(tagged) == len(original) and np.abs(tagged.astype(int) - original).max() <= 1
+    noise = tagged.astype(float) - original
+    assert rate == 16000 and len(tagged) == len(original)
+    assert 0.005 < np.sqrt(np.mean(noise ** 2) / np.mean(original.astype(float) ** 2)) < 0.02  # a faint hiss (-40 dB)
     body = w.chat_body(7, Turn(5, 3, 2))  # inline on the frontend path too
     sent = [base64.b64decode(m["content"][0]["audio"]) for m in body["messages"] if m["role"] == "user"]
     assert sent == rounds[2]
@@ -78,6 +80,29 @@ def test_conversations_grow_by_a_turn_each_round_with_clips_of_their_own():
     _, used = resolve_audio_parts(parse_messages(arrays[MESSAGES][0].decode()), 3)
     assert used == [0, 1, 2]
     assert Workload(history_turns=(0, 2)).user_clips(7, Turn(5, 2, 2)) is None  # without conversations: by seed
+
+
+def test_tagged_clips_reach_every_row_of_the_embeddings(tiny_checkpoint):
+    """What the thinker's prefix cache matches is the audio tower's output: two conversations'
+    clips must differ there in every row (in the tower's float32 and in the bf16 served on GPUs),
+    and a clip sent again (the next turn resends the history) must give the same rows."""
+    import torch
+
+    from chroma_triton.audio_io import decode_audio
+    from chroma_triton.bench.clients import Workload, tagged_clip
+    from chroma_triton.model.loading import load_parts
+
+    question = Workload().question
+    for dtype in (torch.float32, torch.bfloat16):
+        tower = load_parts(tiny_checkpoint, parts={"audio_tower"}, dtype=dtype).audio_tower
+
+        def rows(tag: int) -> torch.Tensor:
+            wav = decode_audio(tagged_clip(question, tag), tower.sampling_rate, max_seconds=60)
+            return tower.embed_many([tower.features(wav)])[0]
+
+        first, again, other = rows(1 << 16), rows(1 << 16), rows(2 << 16)
+        assert torch.equal(first, again)
+        assert first.shape == other.shape and not (first == other).all(-1).any(), dtype
 
 
 def test_stream_record_math():

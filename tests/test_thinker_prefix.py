@@ -137,6 +137,42 @@ def test_the_store_finds_the_longest_stored_prefix_and_stays_in_its_bytes():
         ThinkerPrefixCache(-1)
 
 
+def _cyclic_hit_rate(conversations: int, rounds: int, room_blocks: int, counted_from: int = 1) -> float:
+    """A server at capacity: every conversation takes its turn, in the same order each round, each
+    turn's prompt its last one and two blocks more; the share of turns from round `counted_from` on
+    that found their conversation's last turn stored."""
+    per_block = 2 * 2 * 1 * BLOCK * 4 * 4
+    cache = ThinkerPrefixCache(max_bytes=room_blocks * per_block)
+    hits = turns = 0
+    for r in range(rounds):
+        for c in range(conversations):
+            blocks = 4 + 2 * r
+            keys = [f"conversation {c} block {b}".encode() for b in range(blocks)]  # chained: block b's key names 0..b
+            m = cache.match(keys, blocks * BLOCK + 1)
+            if r >= counted_from:
+                turns += 1
+                hits += m is not None and m.length == (blocks - 2) * BLOCK
+            if cache.make_room(keys, blocks * per_block):
+                cache.put(keys, *_kv(blocks * BLOCK, float(c)))
+            assert cache.nbytes <= cache.max_bytes
+    return hits / turns
+
+
+def test_conversations_beyond_the_cache_keep_the_hits_of_those_it_holds(monkeypatch):
+    """30 conversations whose prompts outgrow the cache (room for 280 blocks; from round 6 on
+    each prompt has 16-22, so it holds 12-17 of them): when every newcomer counted as used (least
+    recently used eviction), each turn dropped the prompt whose next turn was due soonest and no
+    turn found its last one; stored last in line, the conversations held keep their hits, near
+    the 42-58 % that fit."""
+    import chroma_triton.engine.thinker_prefix as thinker_prefix
+
+    assert _cyclic_hit_rate(conversations=12, rounds=10, room_blocks=280) == 1.0  # all fit
+    held = _cyclic_hit_rate(conversations=30, rounds=10, room_blocks=280, counted_from=6)
+    monkeypatch.setattr(thinker_prefix, "NEWCOMER_RECENT_EVERY", 1)
+    lru = _cyclic_hit_rate(conversations=30, rounds=10, room_blocks=280, counted_from=6)
+    assert held >= 0.35 and lru == 0.0, (held, lru)
+
+
 def test_prefix_groups_bound_padding_and_attention():
     from chroma_triton.engine.thinker_prefix import prefix_groups
 

@@ -63,18 +63,24 @@ def _pcm16(path: Path) -> tuple[np.ndarray, int]:
     return data, rate
 
 
+#: the level of `tagged_clip`'s noise against the clip's own RMS: a faint hiss under the speech (1 % of
+#: its amplitude) that still changes every log-mel frame, so every row of the clip's embeddings
+TAG_NOISE_DB = -40.0
+
+
 def tagged_clip(path: Path, tag: int) -> bytes:
-    """The WAV at ``path`` with ``tag`` (64 bits) in the lowest bit of its last 64 samples: other
-    bytes (another content hash) for the same speech."""
+    """The WAV at ``path`` with noise seeded by ``tag`` (64 bits) at ``TAG_NOISE_DB``: the same
+    speech as another speaker's recording of it would be, with other bytes and other embeddings. A
+    tag must reach what the thinker sees: its prefix cache matches clips by their embeddings, and
+    bits that the features lose (the earlier tag, in the lowest bit of the last 64 samples, gave
+    every clip the same embeddings) let conversations share prefixes no two real ones share."""
     data, rate = _pcm16(path)
-    if data.ndim != 1 or len(data) < 64:
-        raise ValueError(f"{path}: tagged clips need a mono clip of at least 64 samples")
-    data = data.copy()
-    bits = (np.uint64(tag) >> np.arange(64, dtype=np.uint64)) & np.uint64(1)
-    tail = data[-64:].view(np.uint16)
-    data[-64:] = ((tail & np.uint16(0xFFFE)) | bits.astype(np.uint16)).view(np.int16)
+    if data.ndim != 1 or not len(data):
+        raise ValueError(f"{path}: tagged clips need a mono clip")
+    rms = float(np.sqrt(np.mean(np.square(data, dtype=np.float64))))
+    noise = np.random.default_rng(tag).standard_normal(len(data), dtype=np.float32) * (rms * 10 ** (TAG_NOISE_DB / 20))
     out = io.BytesIO()
-    sf.write(out, data, rate, format="WAV", subtype="PCM_16")
+    sf.write(out, np.clip(np.rint(data + noise), -32768, 32767).astype(np.int16), rate, format="WAV", subtype="PCM_16")
     return out.getvalue()
 
 
@@ -92,8 +98,8 @@ class Workload:
     ``lo + stream mod (hi - lo + 1)`` turns deep when the level starts (so a level holds shallow and
     deep conversations at once, as a server in steady use does) and a turn deeper each round. A
     request resends at most ``hi`` earlier turns, the latest (as an agent that trims its history
-    does). Every user turn has its own clip (the question clip with the run, stream and turn in its
-    lowest bits, ``tagged_clip``), sent inline on both paths: round r + 1 sends round r's clips
+    does). Every user turn has its own clip (the question clip under noise seeded by the run, stream
+    and turn, ``tagged_clip``), sent inline on both paths: round r + 1 sends round r's clips
     again but the oldest once the window is full, and no two conversations or runs share a clip (so
     what a server caches by content shows as it would)."""
 

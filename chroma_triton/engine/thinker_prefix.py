@@ -14,7 +14,8 @@ positions, the audio tower's embedding bytes (a clip is matched by what the thin
 `ThinkerPrefixCache` keeps each stored prompt's whole blocks on the device, once, under every
 block's key, so a prompt that shares only the first blocks of a stored one (a system prompt) finds
 them too. It is bounded by bytes: a stored prompt that a newer one contains whole (the turn
-before it) gives way to that one, then the least recently used prompts go first.
+before it) gives way to that one, then the least recently used prompts go first, and a prompt
+that continues none counts as the least recently used (`ThinkerPrefixCache`).
 
 The reused keys and values were computed in another batch, possibly through another kernel
 (an admission graph's bucket): equal to recomputing them up to the kernels' rounding.
@@ -118,9 +119,24 @@ class _Stored:
         self.nbytes = k.numel() * k.element_size() * 2
 
 
+#: of the prompts stored without an earlier turn of theirs in the cache (a new conversation, or one
+#: whose earlier turn went), every this many-th counts as used when stored; the others count as the
+#: least recently used until a later turn takes from them
+NEWCOMER_RECENT_EVERY = 32
+
+
 class ThinkerPrefixCache:
     """Stored prompts' keys and values on the device, at most `max_bytes` of them (0: off).
-    Recency: a prompt counts as used when stored and when `match` takes from it."""
+
+    Recency: a prompt counts as used when `match` takes from it, and when it is stored as the next
+    turn of a stored prompt (`make_room` drops that one). Any other prompt is stored as the least
+    recently used one, except every `NEWCOMER_RECENT_EVERY`-th. A server at capacity sees its
+    conversations' turns come round in turn: when they need more bytes than the cache has, least
+    recently used eviction drops each conversation's prompt just before its next turn would have
+    taken from it, and none takes anything; with newcomers stored last in line, the conversations
+    already in the cache keep their place and those beyond it wait (`tests/test_thinker_prefix.py`
+    measures both). The occasional newcomer stored as used lets the cache turn over to new
+    conversations as old ones end."""
 
     def __init__(self, max_bytes: int, min_tokens: int = BLOCK):
         if max_bytes < 0:
@@ -130,6 +146,8 @@ class ThinkerPrefixCache:
         self._prompts: OrderedDict[int, _Stored] = OrderedDict()  # by id, least recently used first
         self._index: dict[bytes, list[int]] = {}  # block key -> ids of the stored prompts that have it, newest last
         self._next_id = 0
+        self._newcomers = 0
+        self._room_for: tuple[bytes, bool] | None = None  # make_room's last prompt: its last key, whether it continues one
         self.nbytes = 0
 
     def __len__(self) -> int:
@@ -173,12 +191,15 @@ class ThinkerPrefixCache:
         one answers for all of their blocks) and then the least recently used ones until it fits."""
         if not keys or nbytes > self.max_bytes:
             return False
+        continues = False
         for key in keys:  # chained keys: a stored prompt whose last key is one of these is a prefix
             for pid in list(self._index.get(key, ())):
                 if self._prompts[pid].keys[-1] == key:
                     self._drop(pid)
+                    continues = True
         while self._prompts and self.nbytes + nbytes > self.max_bytes:
             self._drop(next(iter(self._prompts)))
+        self._room_for = (keys[-1], continues)
         return True
 
     def put(self, keys: list[bytes], k: torch.Tensor, v: torch.Tensor) -> None:
@@ -186,11 +207,18 @@ class ThinkerPrefixCache:
         cache's own copies) under each block's key (`make_room` first). A prompt larger than the
         whole cache is not stored."""
         stored = _Stored(list(keys), k, v)
-        if not self.make_room(keys, stored.nbytes):
+        made = self._room_for is not None and self._room_for[0] == keys[-1] and self.nbytes + stored.nbytes <= self.max_bytes
+        if not made and not self.make_room(keys, stored.nbytes):
             return
+        continues = self._room_for[1]
+        self._room_for = None
         pid = self._next_id
         self._next_id += 1
         self._prompts[pid] = stored
+        if not continues:
+            self._newcomers += 1
+            if self._newcomers % NEWCOMER_RECENT_EVERY:
+                self._prompts.move_to_end(pid, last=False)
         self.nbytes += stored.nbytes
         for key in keys:
             self._index.setdefault(key, []).append(pid)  # the newest holder of a shared block answers for it
