@@ -4,6 +4,7 @@ prefilling only what follows a stored prompt, on the tiny checkpoint (CPU)."""
 from __future__ import annotations
 
 import copy
+from collections import OrderedDict
 
 import numpy as np
 import pytest
@@ -132,45 +133,83 @@ def test_the_store_finds_the_longest_stored_prefix_and_stays_in_its_bytes():
     assert len(cache) == 1 and cache.nbytes == 4 * per_block and cache.covers(d)  # a dropped; d fits beside it
     cache.put(a_next, *_kv(7 * BLOCK, 5.0))
     assert cache.match(a, len(a_ids)).length == 5 * BLOCK and cache.nbytes == 11 * per_block
-    assert cache.make_room(b, 5 * per_block) and not cache.covers(d)  # d, the least recent, makes room
+    assert cache.make_room(b, 5 * per_block) and not cache.covers(d)  # d, the newest newcomer, makes room
     with pytest.raises(ValueError):
         ThinkerPrefixCache(-1)
 
 
-def _cyclic_hit_rate(conversations: int, rounds: int, room_blocks: int, counted_from: int = 1) -> float:
-    """A server at capacity: every conversation takes its turn, in the same order each round, each
-    turn's prompt its last one and two blocks more; the share of turns from round `counted_from` on
-    that found their conversation's last turn stored."""
+class _Clock:
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def _turns(cache, clock, schedule, room_blocks: int) -> list[bool]:
+    """Run `schedule` ((conversation, blocks) turns, 0.1 s apart) through `cache` (None: least
+    recently used eviction of whole conversations, the cache before session 25); for each turn
+    whether it found its conversation's previous turn stored."""
     per_block = 2 * 2 * 1 * BLOCK * 4 * 4
-    cache = ThinkerPrefixCache(max_bytes=room_blocks * per_block)
-    hits = turns = 0
-    for r in range(rounds):
-        for c in range(conversations):
-            blocks = 4 + 2 * r
-            keys = [f"conversation {c} block {b}".encode() for b in range(blocks)]  # chained: block b's key names 0..b
+    lru: OrderedDict = OrderedDict()  # conversation -> blocks
+    last: dict = {}
+    found = []
+    for conversation, blocks in schedule:
+        clock.now += 0.1
+        keys = [f"conversation {conversation} block {b}".encode() for b in range(blocks)]
+        if cache is None:
+            found.append(conversation in lru and lru[conversation] == last.get(conversation))
+            lru.pop(conversation, None)
+            while lru and sum(lru.values()) + blocks > room_blocks:
+                lru.popitem(last=False)
+            lru[conversation] = blocks
+        else:
             m = cache.match(keys, blocks * BLOCK + 1)
-            if r >= counted_from:
-                turns += 1
-                hits += m is not None and m.length == (blocks - 2) * BLOCK
+            found.append(m is not None and m.length == last.get(conversation, -1) * BLOCK)
             if cache.make_room(keys, blocks * per_block):
-                cache.put(keys, *_kv(blocks * BLOCK, float(c)))
-            assert cache.nbytes <= cache.max_bytes
-    return hits / turns
+                cache.put(keys, *_kv(blocks * BLOCK, 1.0))
+            assert cache.nbytes <= room_blocks * per_block
+        last[conversation] = blocks
+    return found
 
 
-def test_conversations_beyond_the_cache_keep_the_hits_of_those_it_holds(monkeypatch):
-    """30 conversations whose prompts outgrow the cache (room for 280 blocks; from round 6 on
-    each prompt has 16-22, so it holds 12-17 of them): when every newcomer counted as used (least
-    recently used eviction), each turn dropped the prompt whose next turn was due soonest and no
-    turn found its last one; stored last in line, the conversations held keep their hits, near
-    the 42-58 % that fit."""
-    import chroma_triton.engine.thinker_prefix as thinker_prefix
+def _hit_rate(schedule, room_blocks: int, counted: slice) -> tuple[float, float]:
+    """(this cache's, least recently used eviction's) share of hits among the turns `counted`."""
+    per_block = 2 * 2 * 1 * BLOCK * 4 * 4
+    clock = _Clock()
+    ours = _turns(ThinkerPrefixCache(room_blocks * per_block, clock=clock), clock, schedule, room_blocks)[counted]
+    lru = _turns(None, _Clock(), schedule, room_blocks)[counted]
+    return sum(ours) / len(ours), sum(lru) / len(lru)
 
-    assert _cyclic_hit_rate(conversations=12, rounds=10, room_blocks=280) == 1.0  # all fit
-    held = _cyclic_hit_rate(conversations=30, rounds=10, room_blocks=280, counted_from=6)
-    monkeypatch.setattr(thinker_prefix, "NEWCOMER_RECENT_EVERY", 1)
-    lru = _cyclic_hit_rate(conversations=30, rounds=10, room_blocks=280, counted_from=6)
-    assert held >= 0.35 and lru == 0.0, (held, lru)
+
+def test_conversations_beyond_the_cache_keep_the_hits_of_those_it_holds():
+    """30 conversations take turns in the same order, each turn two blocks longer than the last
+    (room for 280 blocks; from round 6 on each prompt has 16-22, so it holds 12-17 of them). Least
+    recently used eviction drops the prompt whose next turn is due soonest: once the cache is full
+    no turn finds its last one. Newest newcomers first, the conversations held keep their hits,
+    near the 42-58 % that fit; with fewer conversations than the room, every one hits."""
+    def rounds(conversations: int):
+        return [(c, 4 + 2 * r) for r in range(10) for c in range(conversations)]
+
+    assert _hit_rate(rounds(12), 280, slice(12, None)) == (1.0, 1.0)
+    ours, lru = _hit_rate(rounds(30), 280, slice(6 * 30, None))
+    assert ours >= 0.35 and lru == 0.0, (ours, lru)
+
+
+def test_conversations_that_ended_make_room_for_new_ones():
+    """20 conversations for 6 rounds, then 20 others (room for about 20): the first ones stop
+    coming back and, once idle for twice the time conversations took to come back, make room.
+    From the third round of the new ones on nearly every turn finds its last one, as with least
+    recently used eviction. Keeping newcomers last in line without the horizon, 36 % did (the
+    ended ones left only as the new ones' returning turns pushed them out)."""
+    first = [(c, 4 + 2 * r) for r in range(6) for c in range(20)]
+    then = [(100 + c, 4 + r) for r in range(8) for c in range(20)]
+    ours, lru = _hit_rate(first + then, 20 * 14, slice(len(first) + 3 * 20, None))
+    assert ours >= 0.9 and lru >= 0.9, (ours, lru)
+    clock = _Clock()
+    cache = ThinkerPrefixCache(280 * 2 * 2 * 1 * BLOCK * 4 * 4, clock=clock)
+    _turns(cache, clock, first, 280)
+    assert cache.idle_s() == pytest.approx(2 * 20 * 0.1)  # they came back every 2 s
 
 
 def test_prefix_groups_bound_padding_and_attention():

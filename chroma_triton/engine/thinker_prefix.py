@@ -14,8 +14,9 @@ positions, the audio tower's embedding bytes (a clip is matched by what the thin
 `ThinkerPrefixCache` keeps each stored prompt's whole blocks on the device, once, under every
 block's key, so a prompt that shares only the first blocks of a stored one (a system prompt) finds
 them too. It is bounded by bytes: a stored prompt that a newer one contains whole (the turn
-before it) gives way to that one, then the least recently used prompts go first, and a prompt
-that continues none counts as the least recently used (`ThinkerPrefixCache`).
+before it) gives way to that one, then, among the others, those idle longest past the time
+conversations take to come back, the newest newcomers, and the least recently used
+(`ThinkerPrefixCache`).
 
 The reused keys and values were computed in another batch, possibly through another kernel
 (an admission graph's bucket): equal to recomputing them up to the kernels' rounding.
@@ -24,7 +25,8 @@ The reused keys and values were computed in another batch, possibly through anot
 from __future__ import annotations
 
 import hashlib
-from collections import OrderedDict
+import time
+from collections import OrderedDict, deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -119,50 +121,78 @@ class _Stored:
         self.nbytes = k.numel() * k.element_size() * 2
 
 
-#: of the prompts stored without an earlier turn of theirs in the cache (a new conversation, or one
-#: whose earlier turn went), every this many-th counts as used when stored; the others count as the
-#: least recently used until a later turn takes from them
-NEWCOMER_RECENT_EVERY = 32
+#: `ThinkerPrefixCache`'s idle horizon before it has seen a conversation come back (seconds)
+IDLE_S_DEFAULT = 30.0
+IDLE_S_BOUNDS = (2.0, 600.0)
+RETURNS_KEPT = 256  # the latest returns (a prompt taken whole by its conversation's next turn) the horizon is drawn from
 
 
 class ThinkerPrefixCache:
     """Stored prompts' keys and values on the device, at most `max_bytes` of them (0: off).
 
-    Recency: a prompt counts as used when `match` takes from it, and when it is stored as the next
-    turn of a stored prompt (`make_room` drops that one). Any other prompt is stored as the least
-    recently used one, except every `NEWCOMER_RECENT_EVERY`-th. A server at capacity sees its
-    conversations' turns come round in turn: when they need more bytes than the cache has, least
-    recently used eviction drops each conversation's prompt just before its next turn would have
-    taken from it, and none takes anything; with newcomers stored last in line, the conversations
-    already in the cache keep their place and those beyond it wait (`tests/test_thinker_prefix.py`
-    measures both). The occasional newcomer stored as used lets the cache turn over to new
-    conversations as old ones end."""
+    Which prompt makes room for a new one. A server at capacity sees its conversations' turns come
+    round in turn; when they need more bytes than the cache has, least recently used eviction drops
+    each conversation's prompt just before its next turn would take from it, and no turn finds
+    anything. So the cache tells prompts apart:
 
-    def __init__(self, max_bytes: int, min_tokens: int = BLOCK):
+    - *returning*: prompts that a later prompt took whole (`match`: its conversation came back)
+      and prompts stored as the next turn of a stored one (`make_room` drops that one);
+    - *newcomers*: the rest, until a later prompt takes one whole.
+
+    Room is made from, in this order: a prompt idle for longer than the horizon (least recently
+    used returning first, then the oldest newcomer): its conversation has most likely ended; then
+    the newest newcomer, so that the conversations already held keep their place and those beyond
+    the cache wait; then the least recently used returning prompt. The horizon is twice the 90th
+    percentile of how long the latest `RETURNS_KEPT` returning conversations took to come back
+    (`IDLE_S_DEFAULT` before any did, within `IDLE_S_BOUNDS`): conversations that stop being used
+    leave after about that long. `tests/test_thinker_prefix.py` runs both patterns against least
+    recently used eviction."""
+
+    def __init__(self, max_bytes: int, min_tokens: int = BLOCK, clock=time.monotonic):
         if max_bytes < 0:
             raise ValueError("the thinker prefix cache's size must be >= 0")
         self.max_bytes = max_bytes
         self.min_tokens = max(min_tokens, BLOCK)
-        self._prompts: OrderedDict[int, _Stored] = OrderedDict()  # by id, least recently used first
+        self._clock = clock
+        self._prompts: dict[int, _Stored] = {}
+        self._returning: OrderedDict[int, float] = OrderedDict()  # id -> last use, least recent first
+        self._newcomers: OrderedDict[int, float] = OrderedDict()  # id -> stored at, oldest first
         self._index: dict[bytes, list[int]] = {}  # block key -> ids of the stored prompts that have it, newest last
         self._next_id = 0
-        self._newcomers = 0
+        self._returns: deque[float] = deque(maxlen=RETURNS_KEPT)  # seconds a returning conversation was away
+        self._idle_s: float | None = IDLE_S_DEFAULT
         self._room_for: tuple[bytes, bool] | None = None  # make_room's last prompt: its last key, whether it continues one
         self.nbytes = 0
 
     def __len__(self) -> int:
         return len(self._prompts)
 
+    def idle_s(self) -> float:
+        """The horizon past which an unused prompt is taken for ended (seconds)."""
+        if self._idle_s is None:
+            p90 = float(np.percentile(np.fromiter(self._returns, float), 90))
+            self._idle_s = min(max(2.0 * p90, IDLE_S_BOUNDS[0]), IDLE_S_BOUNDS[1])
+        return self._idle_s
+
     def match(self, keys: list[bytes], prompt_len: int) -> PrefixMatch | None:
         """The longest stored prefix of a prompt of `prompt_len` positions whose block keys are
         `keys`: at least `min_tokens` positions, and at least one position short of the prompt
-        (its last state is computed, not stored). None if there is none. Counts as a use (LRU)."""
+        (its last state is computed, not stored). None if there is none. Counts as a use; a
+        stored prompt taken whole (the conversation's next turn) becomes a returning one."""
         found = self._find(keys, prompt_len)
         if found is None:
             return None
         pid, blocks = found
-        self._prompts.move_to_end(pid)
-        stored = self._prompts[pid]
+        stored, now = self._prompts[pid], self._clock()
+        if blocks == len(stored.keys):  # its conversation came back: how long it was away
+            since = self._newcomers.pop(pid, None)
+            since = self._returning.pop(pid) if since is None else since
+            self._returns.append(now - since)
+            self._idle_s = None
+            self._returning[pid] = now
+        elif pid in self._returning:
+            self._returning[pid] = now
+            self._returning.move_to_end(pid)
         return PrefixMatch(blocks * BLOCK, stored.k, stored.v)
 
     def matched_length(self, keys: list[bytes], prompt_len: int) -> int:
@@ -198,9 +228,21 @@ class ThinkerPrefixCache:
                     self._drop(pid)
                     continues = True
         while self._prompts and self.nbytes + nbytes > self.max_bytes:
-            self._drop(next(iter(self._prompts)))
+            self._drop(self._victim())
         self._room_for = (keys[-1], continues)
         return True
+
+    def _victim(self) -> int:
+        """The stored prompt to drop next (the class's docstring says which)."""
+        now, idle_s = self._clock(), self.idle_s()
+        for held in (self._returning, self._newcomers):
+            if held:
+                pid, used = next(iter(held.items()))
+                if now - used > idle_s:
+                    return pid
+        if self._newcomers:
+            return next(reversed(self._newcomers))
+        return next(iter(self._returning))
 
     def put(self, keys: list[bytes], k: torch.Tensor, v: torch.Tensor) -> None:
         """Store a prompt's whole blocks (k, v [layers, kv_heads, len(keys) * BLOCK, head_dim], the
@@ -215,16 +257,15 @@ class ThinkerPrefixCache:
         pid = self._next_id
         self._next_id += 1
         self._prompts[pid] = stored
-        if not continues:
-            self._newcomers += 1
-            if self._newcomers % NEWCOMER_RECENT_EVERY:
-                self._prompts.move_to_end(pid, last=False)
+        (self._returning if continues else self._newcomers)[pid] = self._clock()
         self.nbytes += stored.nbytes
         for key in keys:
             self._index.setdefault(key, []).append(pid)  # the newest holder of a shared block answers for it
 
     def _drop(self, pid: int) -> None:
         stored = self._prompts.pop(pid)
+        self._returning.pop(pid, None)
+        self._newcomers.pop(pid, None)
         self.nbytes -= stored.nbytes
         for key in stored.keys:
             holders = self._index[key]
