@@ -218,7 +218,7 @@ class ThinkerPrefixCache:
         """Before storing a prompt of these block keys and `nbytes` (so its copy is made only
         when it will be kept, and never beside a full cache): False if it can never fit; else
         drop the stored prompts it contains whole (an earlier turn of its conversation: the new
-        one answers for all of their blocks) and then the least recently used ones until it fits."""
+        one answers for all of their blocks), then others in the class's order until it fits."""
         if not keys or nbytes > self.max_bytes:
             return False
         continues = False
