@@ -91,11 +91,13 @@ def _kv(positions: int, fill: float):
     return torch.full(shape, fill), torch.full(shape, -fill)
 
 
+PER_BLOCK = 2 * 2 * 1 * BLOCK * 4 * 4  # the bytes of one block of `_kv`'s k and v (float32)
+
+
 def test_the_store_finds_the_longest_stored_prefix_and_stays_in_its_bytes():
     a_ids, a_audio = _prompt(5 * BLOCK + 10, audio_at=range(3, 9), seed=1)
     a = prompt_block_keys(a_ids, a_audio, AUDIO)
-    per_block = 2 * 2 * 1 * BLOCK * 4 * 4  # k and v, float32
-    cache = ThinkerPrefixCache(max_bytes=12 * per_block, min_tokens=2 * BLOCK)
+    cache = ThinkerPrefixCache(max_bytes=12 * PER_BLOCK, min_tokens=2 * BLOCK)
     assert cache.match(a, len(a_ids)) is None
     cache.put(a[:4], *_kv(4 * BLOCK, 1.0))  # a prompt of 4 whole blocks (another turn of the same start)
     assert cache.covers(a[:4]) and not cache.covers(a)
@@ -112,28 +114,28 @@ def test_the_store_finds_the_longest_stored_prefix_and_stays_in_its_bytes():
     assert cache.match(a[:4], 4 * BLOCK).length == 3 * BLOCK
     # bounded by bytes: least recently used prompts go first; one larger than the bound is not kept
     cache.put(b, *_kv(5 * BLOCK, 2.0))
-    assert cache.nbytes == 9 * per_block and len(cache) == 2
+    assert cache.nbytes == 9 * PER_BLOCK and len(cache) == 2
     assert cache.match(b, len(b_ids) + 1).length == 5 * BLOCK
     d_ids, d_audio = _prompt(4 * BLOCK, seed=3)
     d = prompt_block_keys(d_ids, d_audio, AUDIO)
     cache.match(a, len(a_ids))  # a used last: b is the least recently used
     cache.put(d, *_kv(4 * BLOCK, 3.0))
-    assert len(cache) == 2 and cache.nbytes == 8 * per_block and cache.covers(d)
+    assert len(cache) == 2 and cache.nbytes == 8 * PER_BLOCK and cache.covers(d)
     assert cache.match(a, len(a_ids)).length == 4 * BLOCK
     # b went; the two blocks it shared with a are found in a again
     found = cache.match(b, len(b_ids) + 1)
     assert found.length == 2 * BLOCK and float(found.k[0, 0, 0, 0]) == 1.0
     big = prompt_block_keys(*_prompt(13 * BLOCK, seed=4), AUDIO)
-    assert not cache.make_room(big, 13 * per_block)  # too large: not stored, nothing evicted
+    assert not cache.make_room(big, 13 * PER_BLOCK)  # too large: not stored, nothing evicted
     cache.put(big, *_kv(13 * BLOCK, 4.0))
-    assert len(cache) == 2 and cache.nbytes == 8 * per_block
+    assert len(cache) == 2 and cache.nbytes == 8 * PER_BLOCK
     # storing a prompt that contains a stored one whole (its conversation's next turn) drops that one
     a_next = prompt_block_keys(a_ids + [5] * (2 * BLOCK), a_audio, AUDIO)
-    assert a_next[:5] == a and cache.make_room(a_next, 7 * per_block)
-    assert len(cache) == 1 and cache.nbytes == 4 * per_block and cache.covers(d)  # a dropped; d fits beside it
+    assert a_next[:5] == a and cache.make_room(a_next, 7 * PER_BLOCK)
+    assert len(cache) == 1 and cache.nbytes == 4 * PER_BLOCK and cache.covers(d)  # a dropped; d fits beside it
     cache.put(a_next, *_kv(7 * BLOCK, 5.0))
-    assert cache.match(a, len(a_ids)).length == 5 * BLOCK and cache.nbytes == 11 * per_block
-    assert cache.make_room(b, 5 * per_block) and not cache.covers(d)  # d, the newest newcomer, makes room
+    assert cache.match(a, len(a_ids)).length == 5 * BLOCK and cache.nbytes == 11 * PER_BLOCK
+    assert cache.make_room(b, 5 * PER_BLOCK) and not cache.covers(d)  # d, the newest newcomer, makes room
     with pytest.raises(ValueError):
         ThinkerPrefixCache(-1)
 
@@ -150,7 +152,6 @@ def _turns(cache, clock, schedule, room_blocks: int) -> list[bool]:
     """Run `schedule` ((conversation, blocks) turns, 0.1 s apart) through `cache` (None: least
     recently used eviction of whole conversations, the cache before session 25); for each turn
     whether it found its conversation's previous turn stored."""
-    per_block = 2 * 2 * 1 * BLOCK * 4 * 4
     lru: OrderedDict = OrderedDict()  # conversation -> blocks
     last: dict = {}
     found = []
@@ -166,18 +167,17 @@ def _turns(cache, clock, schedule, room_blocks: int) -> list[bool]:
         else:
             m = cache.match(keys, blocks * BLOCK + 1)
             found.append(m is not None and m.length == last.get(conversation, -1) * BLOCK)
-            if cache.make_room(keys, blocks * per_block):
+            if cache.make_room(keys, blocks * PER_BLOCK):
                 cache.put(keys, *_kv(blocks * BLOCK, 1.0))
-            assert cache.nbytes <= room_blocks * per_block
+            assert cache.nbytes <= room_blocks * PER_BLOCK
         last[conversation] = blocks
     return found
 
 
 def _hit_rate(schedule, room_blocks: int, counted: slice) -> tuple[float, float]:
     """(this cache's, least recently used eviction's) share of hits among the turns `counted`."""
-    per_block = 2 * 2 * 1 * BLOCK * 4 * 4
     clock = _Clock()
-    ours = _turns(ThinkerPrefixCache(room_blocks * per_block, clock=clock), clock, schedule, room_blocks)[counted]
+    ours = _turns(ThinkerPrefixCache(room_blocks * PER_BLOCK, clock=clock), clock, schedule, room_blocks)[counted]
     lru = _turns(None, _Clock(), schedule, room_blocks)[counted]
     return sum(ours) / len(ours), sum(lru) / len(lru)
 
@@ -207,7 +207,7 @@ def test_conversations_that_ended_make_room_for_new_ones():
     ours, lru = _hit_rate(first + then, 20 * 14, slice(len(first) + 3 * 20, None))
     assert ours >= 0.9 and lru >= 0.9, (ours, lru)
     clock = _Clock()
-    cache = ThinkerPrefixCache(280 * 2 * 2 * 1 * BLOCK * 4 * 4, clock=clock)
+    cache = ThinkerPrefixCache(280 * PER_BLOCK, clock=clock)
     _turns(cache, clock, first, 280)
     assert cache.idle_s() == pytest.approx(2 * 20 * 0.1)  # they came back every 2 s
 
