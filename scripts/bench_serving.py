@@ -196,7 +196,25 @@ def engine_summary(level: dict) -> str:
             f"{total('chroma_lm_prefill_eager_prompts_total'):.0f} eager, "
             f"{total('chroma_lm_prefill_prefix_prompts_total'):.0f} after a stored prefix "
             f"({total('chroma_lm_prefill_prefix_graph_prompts_total'):.0f} of them through graphs; "
-            f"{total('chroma_lm_prefill_prefix_tokens_total'):.0f} positions reused)")
+            f"{total('chroma_lm_prefill_prefix_tokens_total'):.0f} positions reused)" + thinker_prefix_summary(level))
+
+
+def thinker_prefix_summary(level: dict) -> str:
+    """The thinker prefix cache over a level: the turns that came back to a stored and to a dropped
+    prompt, and its peak fill against its bound (summed over instances); empty without it."""
+    peaks = level.get("triton_gauges_peak") or {}
+
+    def peak(name: str) -> float:
+        return sum(v for k, v in peaks.items() if k.split("{")[0] == name)
+
+    deltas = level.get("triton_counters_delta") or {}
+    held, dropped = (sum(v for k, v in deltas.items() if k.split("{")[0] == name)
+                     for name in ("chroma_lm_thinker_prefix_returns_total", "chroma_lm_thinker_prefix_returns_dropped_total"))
+    if not peak("chroma_lm_thinker_prefix_bound_bytes"):
+        return ""
+    return (f"; thinker prefix cache: {held:.0f} turns came back to their stored prompt, {dropped:.0f} to a dropped "
+            f"one, peak {peak('chroma_lm_thinker_prefix_bytes') / (1 << 30):.2f} of "
+            f"{peak('chroma_lm_thinker_prefix_bound_bytes') / (1 << 30):.2f} GiB")
 
 
 def encoder_codec_summary(level: dict) -> str:

@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 
 from chroma_triton.engine import EngineOptions, Finished, SamplingParams
-from chroma_triton.engine.capacity import GIB, admission_scratch_bytes, kv_bytes_per_row, plan_rows
+from chroma_triton.engine.capacity import (AUTO_PREFIX_CACHE_UNMEASURED, AUTO_PREFIX_SHARE, GIB, admission_scratch_bytes,
+                                           kv_bytes_per_row, plan_rows)
 from chroma_triton.engine.pacing import AdmissionPacer, PrefillCost, StreamState
 from chroma_triton.pipeline import ChromaPipeline
 
@@ -72,6 +73,26 @@ def test_rows_are_limited_by_free_memory():
                          prefix_cache_bytes=2 * GIB)  # thinker_prefix_cache_mib: its bound, before it fills
     assert prefixes.rows == int((70 * GIB * 0.9 - 7 * GIB) // per_row) < scratch.rows
     assert "2.00 GiB for thinker prefixes" in prefixes.describe()
+
+
+def test_auto_gives_the_thinker_prefix_cache_a_share_of_what_the_rows_leave():
+    """thinker_prefix_cache_mib "auto" (prefix_cache_bytes None): AUTO_PREFIX_SHARE of the budget
+    the requested rows leave unused; nothing when memory limits the rows (rows first); the CPU,
+    not measured, gets AUTO_PREFIX_CACHE_UNMEASURED. The numbers are run 74's H200 (192 MiB rows,
+    128.4 GiB free)."""
+    per_row, free = 192 << 20, int(128.4 * GIB)
+    budget = int(free * 0.9) - 4 * GIB - GIB
+    plan = plan_rows(256, per_row, free_bytes=free, fraction=0.9, reserve_bytes=4 * GIB, scratch_bytes=GIB,
+                     prefix_cache_bytes=None)
+    left = budget - 256 * per_row
+    assert plan.rows == 256 and plan.prefix_cache_bytes == int(left * AUTO_PREFIX_SHARE) > 25 * GIB
+    assert plan.budget_bytes == budget - plan.prefix_cache_bytes >= 256 * per_row
+    assert "GiB for thinker prefixes (auto: 50% of what the rows left)" in plan.describe()
+    tight = plan_rows(256, per_row, free_bytes=40 * GIB, fraction=0.9, reserve_bytes=4 * GIB, prefix_cache_bytes=None)
+    assert tight.rows < 256 and tight.prefix_cache_bytes == 0  # an H100 at these lengths: every byte for rows
+    assert "(auto" in tight.describe() and "limited by memory" in tight.describe()
+    cpu = plan_rows(8, per_row, free_bytes=None, fraction=0.9, reserve_bytes=4 * GIB, prefix_cache_bytes=None)
+    assert (cpu.rows, cpu.prefix_cache_bytes) == (8, AUTO_PREFIX_CACHE_UNMEASURED)
 
 
 def test_too_little_memory_for_one_stream_is_a_clear_error():

@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from chroma_triton.engine import ChromaEngine, EngineOptions
-from chroma_triton.engine.thinker_prefix import BLOCK, ThinkerPrefixCache, prompt_block_keys
+from chroma_triton.engine import thinker_prefix
+from chroma_triton.engine.thinker_prefix import BLOCK, IDLE_S_DEFAULT, ThinkerPrefixCache, prompt_block_keys
 from chroma_triton.engine import GenerationRequest, SamplingParams
 from chroma_triton.pipeline import ChromaPipeline
 from test_engine import collect, history_request, make_engine
@@ -210,6 +211,35 @@ def test_conversations_that_ended_make_room_for_new_ones():
     cache = ThinkerPrefixCache(280 * PER_BLOCK, clock=clock)
     _turns(cache, clock, first, 280)
     assert cache.idle_s() == pytest.approx(2 * 20 * 0.1)  # they came back every 2 s
+
+
+def test_one_shot_prompts_that_fill_the_cache_leave_once_conversations_come_back(monkeypatch):
+    """40 one-shot prompts fill the cache (room for 280 blocks, 7 each), then 20 conversations take
+    10 rounds of turns, 2 s apart, all of which fit. Their first turns find the cache full of
+    prompts younger than IDLE_S_DEFAULT and make room from each other (the newest newcomer); their
+    second turns come back to dropped prompts, which teaches the horizon (2 x 2 s), so the one-shot
+    prompts leave and from the fourth round on nearly every turn finds its last one. Without
+    counting returns to dropped prompts (DROPPED_KEPT 0) the cache saw no return and kept the
+    one-shot prompts for the 30 s default: nearly no hits in these 20 s."""
+    one_shots = [(1000 + c, 7) for c in range(40)]
+    conversations = [(c, 4 + r) for r in range(10) for c in range(20)]
+    counted = slice(len(one_shots) + 3 * 20, None)
+
+    def run():
+        clock = _Clock()
+        cache = ThinkerPrefixCache(280 * PER_BLOCK, clock=clock)
+        found = _turns(cache, clock, one_shots + conversations, 280)[counted]
+        return sum(found) / len(found), cache
+
+    ours, cache = run()
+    assert ours >= 0.9, ours
+    assert cache.idle_s() == pytest.approx(2 * 20 * 0.1)
+    assert cache.returns_dropped >= 19 and cache.returns_held >= 0.9 * 6 * 20
+    assert cache.returns_held + cache.returns_dropped <= 9 * 20  # every turn after a conversation's first, at most
+    monkeypatch.setattr(thinker_prefix, "DROPPED_KEPT", 0)
+    without, cache = run()
+    assert without <= 0.1 and cache.returns_dropped == 0, without
+    assert cache.idle_s() == IDLE_S_DEFAULT  # held returns only: none yet
 
 
 def test_prefix_groups_bound_padding_and_attention():

@@ -366,12 +366,14 @@ def test_admission_wait_clock_comes_from_the_config():
 
 
 def test_the_thinker_prefix_cache_is_sized_by_the_config():
-    """The shipped config.pbtxt sizes it (4096 MiB, since run 66) with 256 positions to match; a
-    config without the parameter leaves it off (the engine's default)."""
+    """The shipped config.pbtxt leaves its size to the engine's plan ("auto", since session 26) with
+    256 positions to match; a config without the parameter leaves it off (the engine's default); a
+    number is MiB; anything else is refused with the parameter's name."""
+    from chroma_triton.engine.capacity import PREFIX_CACHE_AUTO
     from chroma_triton.serving.triton_lm import engine_options
 
     shipped = (ROOT / "model_repository" / "chroma_lm" / "config.pbtxt").read_text()
-    assert 'key: "thinker_prefix_cache_mib" value: { string_value: "4096" }' in shipped
+    assert 'key: "thinker_prefix_cache_mib" value: { string_value: "auto" }' in shipped
     assert 'key: "thinker_prefix_min_tokens" value: { string_value: "256" }' in shipped
     opts = engine_options(ModelArgs.from_triton({"model_config": json.dumps({"name": "chroma_lm"})}))
     assert (opts.thinker_prefix_cache_mib, opts.thinker_prefix_min_tokens) == (0, 256)
@@ -379,6 +381,13 @@ def test_the_thinker_prefix_cache_is_sized_by_the_config():
                                                "thinker_prefix_min_tokens": {"string_value": "128"}}}
     opts = engine_options(ModelArgs.from_triton({"model_config": json.dumps(cfg)}))
     assert (opts.thinker_prefix_cache_mib, opts.thinker_prefix_min_tokens) == (2048, 128)
+    for value, expected in (("auto", PREFIX_CACHE_AUTO), (" AUTO ", PREFIX_CACHE_AUTO), ("0", 0)):
+        cfg["parameters"]["thinker_prefix_cache_mib"]["string_value"] = value
+        assert engine_options(ModelArgs.from_triton({"model_config": json.dumps(cfg)})).thinker_prefix_cache_mib == expected
+    for value in ("lots", "-1"):
+        cfg["parameters"]["thinker_prefix_cache_mib"]["string_value"] = value
+        with pytest.raises(ValueError, match="thinker_prefix_cache_mib.*or auto"):
+            engine_options(ModelArgs.from_triton({"model_config": json.dumps(cfg)}))
 
 
 # -- audio encoder ---------------------------------------------------------------------------------

@@ -23,7 +23,8 @@ _SAMPLE = re.compile(r"^([A-Za-z_:][A-Za-z0-9_:]*)(\{[^}]*\})?\s+(\S+)")
 _MODEL = re.compile(r'model="([^"]*)"')
 _HOW = re.compile(r'(?:how|stage)="([^"]*)"')  # the label that splits a family (by how, by stage)
 _PREFIXES = ("chroma_lm_", "nv_inference_", "chroma_audio_encoder_", "chroma_codec_")
-GAUGES = ("chroma_lm_active_requests", "chroma_lm_free_slots", "chroma_lm_queued_requests", "nv_inference_pending_request_count")
+GAUGES = ("chroma_lm_active_requests", "chroma_lm_free_slots", "chroma_lm_queued_requests", "nv_inference_pending_request_count",
+          "chroma_lm_thinker_prefix_bytes", "chroma_lm_thinker_prefix_bound_bytes", "chroma_lm_thinker_prefix_horizon_seconds")
 
 
 def gpu_memory_mib() -> dict[str, float] | None:

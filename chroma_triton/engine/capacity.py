@@ -8,6 +8,14 @@ workspaces and CUDA-graph pools, the scratch rows of the admission graphs (`pref
 engine/prefill_graphs.py), which are allocated with the caches, and the thinker prefix cache's
 bound (`thinker_prefix_cache_mib`, engine/thinker_prefix.py), which fills as prompts come. Requests beyond the rows wait in
 the queue; they never make the server run out of memory mid-reply.
+
+The thinker prefix cache's bound may also be left to the plan (`thinker_prefix_cache_mib` "auto"):
+it then gets `AUTO_PREFIX_SHARE` of the budget that the requested rows leave unused, and nothing
+when the rows do not all fit (rows before prefixes). Only a share, because the plan is made before
+the CUDA graphs are captured and possibly before the other models' processes have loaded on the
+same GPU: on an H200 (run 74) 59 GiB of the budget were unused at the plan but 52 GiB were free
+once the stack idled, and the cache's copies come and go at every length (the allocator's
+fragments). Where memory is not measured (the CPU) "auto" is `AUTO_PREFIX_CACHE_UNMEASURED`.
 """
 
 from __future__ import annotations
@@ -22,6 +30,9 @@ from ..config import ChromaConfig, TrunkConfig
 log = logging.getLogger(__name__)
 
 GIB = 1 << 30
+PREFIX_CACHE_AUTO = -1  # thinker_prefix_cache_mib "auto" (EngineOptions)
+AUTO_PREFIX_SHARE = 0.5  # "auto": the thinker prefix cache's share of what the requested rows leave of the budget
+AUTO_PREFIX_CACHE_UNMEASURED = 4 * GIB  # "auto" where free memory is not measured (CPU)
 
 
 def trunk_kv_bytes(trunk: TrunkConfig, positions: int, dtype_bytes: int) -> int:
@@ -56,6 +67,7 @@ class CapacityPlan:
     budget_bytes: int | None  # what the caches may take
     scratch_bytes: int = 0  # the admission graphs' scratch rows, kept out of the budget
     prefix_cache_bytes: int = 0  # the thinker prefix cache's bound, kept out of it too
+    prefix_cache_auto: bool = False  # ...chosen by the plan ("auto")
 
     def describe(self) -> str:
         per_row = f"{self.per_row_bytes / (1 << 20):.1f} MiB of KV per stream"
@@ -63,22 +75,26 @@ class CapacityPlan:
             return f"{self.rows} streams ({per_row}; not sized from memory on this device)"
         limited = " (limited by memory)" if self.rows < self.requested else ""
         scratch = f", {self.scratch_bytes / GIB:.2f} GiB for admission scratch rows" if self.scratch_bytes else ""
-        prefixes = f", {self.prefix_cache_bytes / GIB:.2f} GiB for thinker prefixes" if self.prefix_cache_bytes else ""
+        auto = f" (auto: {AUTO_PREFIX_SHARE:.0%} of what the rows left)" if self.prefix_cache_auto else ""
+        prefixes = f", {self.prefix_cache_bytes / GIB:.2f} GiB for thinker prefixes{auto}" if self.prefix_cache_bytes or auto else ""
         return (f"{self.rows} of {self.requested} requested streams{limited}: {per_row}, "
                 f"{self.free_bytes / GIB:.1f} GiB free, {self.budget_bytes / GIB:.1f} GiB for KV caches{scratch}{prefixes}")
 
 
 def plan_rows(requested: int, per_row_bytes: int, free_bytes: int | None, fraction: float,
-              reserve_bytes: int, scratch_bytes: int = 0, prefix_cache_bytes: int = 0) -> CapacityPlan:
+              reserve_bytes: int, scratch_bytes: int = 0, prefix_cache_bytes: int | None = 0) -> CapacityPlan:
     """Rows to allocate: `requested`, or fewer when `free_bytes` (None: do not size) cannot hold them
-    beside `reserve_bytes`, `scratch_bytes` and `prefix_cache_bytes`."""
+    beside `reserve_bytes`, `scratch_bytes` and `prefix_cache_bytes` (None: "auto", the module's
+    docstring says how much)."""
     if requested < 1:
         raise ValueError(f"max_batch must be >= 1, got {requested}")
     if not 0 < fraction <= 1:
         raise ValueError(f"kv_memory_fraction must lie in (0, 1], got {fraction}")
+    auto = prefix_cache_bytes is None
     if free_bytes is None:
-        return CapacityPlan(requested, requested, per_row_bytes, None, None, scratch_bytes, prefix_cache_bytes)
-    budget = max(0, int(free_bytes * fraction) - reserve_bytes - scratch_bytes - prefix_cache_bytes)
+        prefixes = AUTO_PREFIX_CACHE_UNMEASURED if auto else prefix_cache_bytes
+        return CapacityPlan(requested, requested, per_row_bytes, None, None, scratch_bytes, prefixes, auto)
+    budget = max(0, int(free_bytes * fraction) - reserve_bytes - scratch_bytes - (prefix_cache_bytes or 0))
     fit = budget // max(per_row_bytes, 1)
     if fit < 1:
         raise MemoryError(
@@ -86,9 +102,12 @@ def plan_rows(requested: int, per_row_bytes: int, free_bytes: int | None, fracti
             f"(thinker_max_len / backbone_max_len set its size), but only {budget / GIB:.2f} GiB of the "
             f"{free_bytes / GIB:.2f} GiB free may be used (kv_memory_fraction {fraction}, "
             f"activation reserve {reserve_bytes / GIB:.1f} GiB, admission scratch rows {scratch_bytes / GIB:.2f} GiB, "
-            f"thinker prefix cache {prefix_cache_bytes / GIB:.2f} GiB); shorten the contexts or free the GPU")
-    return CapacityPlan(min(requested, fit), requested, per_row_bytes, free_bytes, budget, scratch_bytes,
-                        prefix_cache_bytes)
+            f"thinker prefix cache {(prefix_cache_bytes or 0) / GIB:.2f} GiB); shorten the contexts or free the GPU")
+    rows = min(requested, fit)
+    if auto:
+        prefix_cache_bytes = int((budget - rows * per_row_bytes) * AUTO_PREFIX_SHARE) if rows == requested else 0
+        budget -= prefix_cache_bytes
+    return CapacityPlan(rows, requested, per_row_bytes, free_bytes, budget, scratch_bytes, prefix_cache_bytes, auto)
 
 
 def free_device_bytes(device: torch.device) -> int | None:

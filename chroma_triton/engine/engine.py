@@ -45,7 +45,7 @@ from ..model.frame_model import FrameModel, SamplingTensors
 from ..model.loading import ChromaParts, make_thinker, resolve_thinker_backend
 from ..model.thinker import Thinker, TorchThinker, pad_batch
 from ..model.trunk import eager_layers
-from .capacity import GIB, admission_scratch_bytes, kv_bytes_per_row, free_device_bytes, plan_rows, trunk_kv_bytes
+from .capacity import GIB, PREFIX_CACHE_AUTO, admission_scratch_bytes, kv_bytes_per_row, free_device_bytes, plan_rows, trunk_kv_bytes
 from .detokenizer import IncrementalDetokenizer, fast_decode
 from .graphs import StepRunner, batch_buckets, bucket, length_buckets
 from .pacing import AdmissionPacer, StreamState
@@ -125,7 +125,8 @@ class EngineOptions:
     thinker_prefix_cache_mib: int = 0  # device memory for earlier prompts' thinker keys/values, so a prompt that
     #                                    starts as a stored one (a conversation's next turn, a shared system
     #                                    prompt) prefills only the rest (engine/thinker_prefix.py; PyTorch
-    #                                    thinker); 0: off. Kept out of the KV rows' budget
+    #                                    thinker); 0: off; PREFIX_CACHE_AUTO: a share of what the rows
+    #                                    leave (engine/capacity.py). Kept out of the KV rows' budget
     thinker_prefix_min_tokens: int = 256  # ...reused only when at least this many positions match
     compile: bool = False  # torch.compile each decoder layer and the sampler (fused kernels; CPU: needs a C++ compiler)
     # kernel choices for steps, same results (bench_engine.py --variants compares them on a GPU):
@@ -327,8 +328,8 @@ class ChromaEngine:
         self._inflight: _Launched | None = None
         self.voice_prefixes = VoicePrefixCache(self.opts.voice_prefix_cache)
         self.thinker_prefixes: ThinkerPrefixCache | None = None
-        if self.opts.thinker_prefix_cache_mib and isinstance(self.thinker, TorchThinker):
-            self.thinker_prefixes = ThinkerPrefixCache(self.opts.thinker_prefix_cache_mib << 20,
+        if self.capacity.prefix_cache_bytes and isinstance(self.thinker, TorchThinker):
+            self.thinker_prefixes = ThinkerPrefixCache(self.capacity.prefix_cache_bytes,
                                                        self.opts.thinker_prefix_min_tokens)
         elif self.opts.thinker_prefix_cache_mib:
             log.info("thinker_prefix_cache_mib applies to the PyTorch thinker only; this engine's thinker "
@@ -403,9 +404,11 @@ class ChromaEngine:
             tail_positions = scratch_positions_up_to(rows, min(self._tail_graph_len(), o.backbone_max_len))
             scratch = admission_scratch_bytes(self.cfg, prompt_positions if prefill_graphs else 0,
                                               tail_positions if o.voice_prefix_cache else 0, dtype_bytes)
-        if o.thinker_prefix_cache_mib < 0:
-            raise ValueError("thinker_prefix_cache_mib must be >= 0 (0: off)")
-        prefix_cache = o.thinker_prefix_cache_mib << 20 if torch_thinker or isinstance(thinker, TorchThinker) else 0
+        if o.thinker_prefix_cache_mib < PREFIX_CACHE_AUTO:
+            raise ValueError("thinker_prefix_cache_mib must be >= 0 (0: off) or 'auto'")
+        prefix_cache = None if o.thinker_prefix_cache_mib == PREFIX_CACHE_AUTO else o.thinker_prefix_cache_mib << 20
+        if not (torch_thinker or isinstance(thinker, TorchThinker)):
+            prefix_cache = 0
         self.capacity = plan_rows(o.max_batch, per_row, free_device_bytes(self.device), o.kv_memory_fraction,
                                   int(o.activation_reserve_gib * GIB), scratch, prefix_cache)
         log.info("engine capacity: %s", self.capacity.describe())
@@ -629,7 +632,17 @@ class ChromaEngine:
                 "prefill_graphs": len(self.prefill_graphs) if self.prefill_graphs is not None else 0,
                 "backbone_tail_graphs": len(self.backbone_tails) if self.backbone_tails is not None else 0,
                 "prefix_rest_graphs": len(self.prefix_rest_graphs) if self.prefix_rest_graphs is not None else 0,
-                **self.counters}
+                **self._thinker_prefix_stats(), **self.counters}
+
+    def _thinker_prefix_stats(self) -> dict:
+        """The thinker prefix cache's fill, bound and horizon, and the turns that came back to a
+        stored or a dropped prompt (engine/thinker_prefix.py); empty without the cache."""
+        cache = self.thinker_prefixes
+        if cache is None:
+            return {}
+        return {"thinker_prefix_bytes": cache.nbytes, "thinker_prefix_bound_bytes": cache.max_bytes,
+                "thinker_prefix_horizon_s": cache.idle_s(), "thinker_prefix_returns_held": cache.returns_held,
+                "thinker_prefix_returns_dropped": cache.returns_dropped}
 
     # -- validation ---------------------------------------------------------------------------
     def _validate(self, req: GenerationRequest) -> None:

@@ -125,6 +125,7 @@ class _Stored:
 IDLE_S_DEFAULT = 30.0
 IDLE_S_BOUNDS = (2.0, 600.0)
 RETURNS_KEPT = 256  # the latest returns (a prompt taken whole by its conversation's next turn) the horizon is drawn from
+DROPPED_KEPT = 4096  # the latest prompts dropped to make room, by last key: their conversations' returns count too
 
 
 class ThinkerPrefixCache:
@@ -145,8 +146,14 @@ class ThinkerPrefixCache:
     the cache wait; then the least recently used returning prompt. The horizon is twice the 90th
     percentile of how long the latest `RETURNS_KEPT` returning conversations took to come back
     (`IDLE_S_DEFAULT` before any did, within `IDLE_S_BOUNDS`): conversations that stop being used
-    leave after about that long. `tests/test_thinker_prefix.py` runs both patterns against least
-    recently used eviction."""
+    leave after about that long. A conversation whose prompt was dropped to make room (the latest
+    `DROPPED_KEPT` of them) counts when it comes back too: else a cache full of prompts that never
+    return (one-shot requests) would keep every conversation out for `IDLE_S_DEFAULT`, seeing no
+    return to learn the horizon from. `tests/test_thinker_prefix.py` runs these patterns against
+    least recently used eviction.
+
+    `returns_held` and `returns_dropped` count the turns that came back to a stored prompt and to
+    a dropped one: many of the latter mean the cache is too small for the conversations."""
 
     def __init__(self, max_bytes: int, min_tokens: int = BLOCK, clock=time.monotonic):
         if max_bytes < 0:
@@ -162,7 +169,10 @@ class ThinkerPrefixCache:
         self._returns: deque[float] = deque(maxlen=RETURNS_KEPT)  # seconds a returning conversation was away
         self._idle_s: float | None = IDLE_S_DEFAULT
         self._room_for: tuple[bytes, bool] | None = None  # make_room's last prompt: its last key, whether it continues one
+        self._dropped: OrderedDict[bytes, float] = OrderedDict()  # last key of a prompt dropped for room -> its last use
         self.nbytes = 0
+        self.returns_held = 0  # turns whose conversation's previous prompt was stored (match took it whole)
+        self.returns_dropped = 0  # ...had been dropped to make room (make_room found it among the dropped)
 
     def __len__(self) -> int:
         return len(self._prompts)
@@ -187,8 +197,8 @@ class ThinkerPrefixCache:
         if blocks == len(stored.keys):  # its conversation came back: how long it was away
             since = self._newcomers.pop(pid, None)
             since = self._returning.pop(pid) if since is None else since
-            self._returns.append(now - since)
-            self._idle_s = None
+            self._came_back(now - since)
+            self.returns_held += 1
             self._returning[pid] = now
         elif pid in self._returning:
             self._returning[pid] = now
@@ -221,6 +231,12 @@ class ThinkerPrefixCache:
         one answers for all of their blocks), then others in the class's order until it fits."""
         if not keys or nbytes > self.max_bytes:
             return False
+        dropped_at = None
+        for key in keys:  # a prompt dropped earlier that this one continues: its conversation came back anyway
+            dropped_at = self._dropped.pop(key, dropped_at)  # the last found is the latest turn's
+        if dropped_at is not None:
+            self._came_back(self._clock() - dropped_at)
+            self.returns_dropped += 1
         continues = False
         for key in keys:  # chained keys: a stored prompt whose last key is one of these is a prefix
             for pid in list(self._index.get(key, ())):
@@ -228,9 +244,22 @@ class ThinkerPrefixCache:
                     self._drop(pid)
                     continues = True
         while self._prompts and self.nbytes + nbytes > self.max_bytes:
-            self._drop(self._victim())
+            self._drop_for_room(self._victim())
         self._room_for = (keys[-1], continues)
         return True
+
+    def _came_back(self, away_s: float) -> None:
+        self._returns.append(away_s)
+        self._idle_s = None
+
+    def _drop_for_room(self, pid: int) -> None:
+        """Drop a prompt that nothing newer contains, remembering its last use under its last key."""
+        last_use = self._newcomers.get(pid, self._returning.get(pid))
+        self._dropped[self._prompts[pid].keys[-1]] = last_use
+        self._dropped.move_to_end(self._prompts[pid].keys[-1])
+        while len(self._dropped) > DROPPED_KEPT:
+            self._dropped.popitem(last=False)
+        self._drop(pid)
 
     def _victim(self) -> int:
         """The stored prompt to drop next (the class's docstring says which)."""

@@ -23,6 +23,7 @@ import torch
 
 from ..engine import (AudioChunk, ChromaEngine, EngineOptions, Finished, GenerationRequest, RequestFailed, RequestStream,
                       SamplingParams, TextDelta)
+from ..engine.capacity import PREFIX_CACHE_AUTO
 from ..engine.engine import ALL_TRUNKS, TRITON_KERNEL_OPTIONS
 from ..errors import EngineError, InvalidRequestError
 from ..model.loading import ChromaParts
@@ -301,7 +302,7 @@ class _Relay:
 _INT_OPTIONS = ("max_batch", "thinker_max_len", "backbone_max_len", "max_frames", "first_chunk_frames",
                 "chunk_frames", "context_frames", "max_queue", "max_prefills_per_step", "prefill_token_budget",
                 "forced_admissions", "voice_prefix_cache", "topk_segments", "prefill_graph_max_len",
-                "prefill_graph_tokens", "thinker_prefix_cache_mib", "thinker_prefix_min_tokens")
+                "prefill_graph_tokens", "thinker_prefix_min_tokens")
 _FLOAT_OPTIONS = ("start_slack_s", "admission_margin_s", "max_admission_wait_s", "max_queue_wait_s", "kv_memory_fraction",
                   "activation_reserve_gib", "switch_interval_ms", "pacing_sigmas")
 _BOOL_OPTIONS = ("admission_pacing", "admission_slack", "cuda_graphs", "capture_at_start", "overlap", "thinker_ahead",
@@ -314,11 +315,13 @@ def engine_options(args) -> EngineOptions:
     ModelArgs has them); parameters left out keep EngineOptions' defaults. ``compile``,
     ``prefill_graphs``, ``fused_sampling`` and ``gemv`` may also be ``auto`` (their default): on for an
     instance on a GPU, off on the CPU. ``decode_attention`` lists trunks, or is ``auto`` (or empty, its
-    default: all three on a GPU, none on the CPU) or ``none``."""
+    default: all three on a GPU, none on the CPU) or ``none``. ``thinker_prefix_cache_mib`` may be
+    ``auto``: a share of the memory the rows leave (engine/capacity.py)."""
     d = EngineOptions()
     kwargs = {name: args.int(name, getattr(d, name)) for name in _INT_OPTIONS}
     kwargs.update({name: args.float(name, getattr(d, name)) for name in _FLOAT_OPTIONS})
     kwargs.update({name: args.bool(name, getattr(d, name)) for name in _BOOL_OPTIONS})
+    kwargs["thinker_prefix_cache_mib"] = _prefix_cache_mib(args, d.thinker_prefix_cache_mib)
     kwargs["math_attention"] = args.str("math_attention", d.math_attention)
     kwargs["admission_wait_clock"] = args.str("admission_wait_clock", d.admission_wait_clock)
     device = str(getattr(args, "device", "cpu"))
@@ -336,6 +339,19 @@ def engine_options(args) -> EngineOptions:
             raise ValueError(f"{exc} (or auto: on for a GPU instance, off on the CPU)") from None
     kwargs["decode_attention"] = _decode_attention_trunks(args.str("decode_attention", "auto"), on_gpu)
     return EngineOptions(**kwargs)
+
+
+def _prefix_cache_mib(args, default: int) -> int:
+    """`thinker_prefix_cache_mib`: MiB (0: off), or ``auto`` (PREFIX_CACHE_AUTO)."""
+    if args.str("thinker_prefix_cache_mib").strip().lower() == "auto":
+        return PREFIX_CACHE_AUTO
+    try:
+        mib = args.int("thinker_prefix_cache_mib", default)
+    except ValueError as exc:
+        raise ValueError(f"{exc} (MiB; 0: off) or auto") from None
+    if mib < 0:
+        raise ValueError(f"model {args.name}: parameter thinker_prefix_cache_mib={mib} must be >= 0 (MiB; 0: off) or auto")
+    return mib
 
 
 def _decode_attention_trunks(value: str, on_gpu: bool) -> str:

@@ -82,6 +82,15 @@ class TritonPythonModel:
             "active": family("chroma_lm_active_requests", "Requests generating now (engine rows in use)", G),
             "free_rows": family("chroma_lm_free_slots", "Free engine rows (more requests that can start now)", G),
             "queued": family("chroma_lm_queued_requests", "Requests waiting for an engine row", G),
+            "thinker_prefix_bytes": family("chroma_lm_thinker_prefix_bytes",
+                                           "Bytes of earlier prompts' thinker keys and values held by the "
+                                           "thinker prefix cache", G),
+            "thinker_prefix_bound_bytes": family("chroma_lm_thinker_prefix_bound_bytes",
+                                                 "The thinker prefix cache's bound (thinker_prefix_cache_mib, "
+                                                 "or what auto chose)", G),
+            "thinker_prefix_horizon_s": family("chroma_lm_thinker_prefix_horizon_seconds",
+                                               "How long a stored prompt may go unused before it is taken for "
+                                               "ended (twice the p90 of how long conversations took to come back)", G),
         }
         self.counters = {
             "finished": family("chroma_lm_finished_total", "Requests that ended with stop or length", C),
@@ -92,6 +101,13 @@ class TritonPythonModel:
                                         "Admissions that found their voice's backbone prefix cached", C),
             "voice_prefix_misses": family("chroma_lm_voice_prefix_misses_total",
                                           "Voice backbone prefixes computed (new or evicted voices)", C),
+            "thinker_prefix_returns_held": family("chroma_lm_thinker_prefix_returns_total",
+                                                  "Turns whose conversation's previous prompt the thinker prefix "
+                                                  "cache still held (taken whole)", C),
+            "thinker_prefix_returns_dropped": family("chroma_lm_thinker_prefix_returns_dropped_total",
+                                                     "Turns whose conversation's previous prompt the thinker prefix "
+                                                     "cache had dropped to make room (many: it is too small for the "
+                                                     "conversations)", C),
             "gpu_step_s": family("chroma_lm_gpu_step_seconds_total",
                                  "GPU time spanned by the engine's steps (CUDA events around each step)", C),
             "gpu_idle_s": family("chroma_lm_gpu_idle_seconds_total",
