@@ -141,6 +141,28 @@ def test_the_store_finds_the_longest_stored_prefix_and_stays_in_its_bytes():
         ThinkerPrefixCache(-1)
 
 
+def test_prompts_live_in_one_pool_of_whole_pages_and_read_back_as_views():
+    """The bound is taken at once as pages of BLOCK positions (`reserve`; the engine does so on a
+    GPU at load), rounded down to whole pages; a prompt is copied in from a row's view and its
+    match reads the pool in place; keys of another shape are refused, not stored."""
+    cache = ThinkerPrefixCache(max_bytes=10 * PER_BLOCK + PER_BLOCK // 2, min_tokens=BLOCK)
+    cache.reserve(2, 1, 4, torch.float32, "cpu")
+    assert cache.max_bytes == 10 * PER_BLOCK and cache._pool.nbytes() == cache.max_bytes
+    rows = torch.randn(2, 3, 1, 6 * BLOCK, 4), torch.randn(2, 3, 1, 6 * BLOCK, 4)  # [layers, rows, heads, positions, dim]
+    ids, audio = _prompt(5 * BLOCK + 3, seed=5)
+    keys = prompt_block_keys(ids, audio, AUDIO)
+    cache.put(keys, rows[0][:, 1, :, :5 * BLOCK], rows[1][:, 1, :, :5 * BLOCK])
+    rows[0].zero_()  # the row is reused: the cache has its own copy
+    m = cache.match(keys, len(ids))
+    assert m.length == 5 * BLOCK and m.k.shape == (2, 1, 5 * BLOCK, 4)
+    assert m.k.data_ptr() == cache._pool.k.data_ptr()  # the pool itself, no copy
+    assert torch.equal(m.v, rows[1][:, 1, :, :5 * BLOCK]) and float(m.k.abs().sum()) > 0
+    with pytest.raises(ValueError, match="do not fit"):
+        cache.put(prompt_block_keys(*_prompt(2 * BLOCK, seed=6), AUDIO), torch.zeros(2, 2, 2 * BLOCK, 4),
+                  torch.zeros(2, 2, 2 * BLOCK, 4))
+    assert len(cache) == 1 and cache.nbytes == 5 * PER_BLOCK
+
+
 class _Clock:
     def __init__(self):
         self.now = 0.0

@@ -6,16 +6,16 @@ holds the thinker's cache), the backbone's and the depth decoder's. On a GPU the
 once the weights are loaded, after keeping `activation_reserve_gib` for activations, prefill
 workspaces and CUDA-graph pools, the scratch rows of the admission graphs (`prefill_graphs`,
 engine/prefill_graphs.py), which are allocated with the caches, and the thinker prefix cache's
-bound (`thinker_prefix_cache_mib`, engine/thinker_prefix.py), which fills as prompts come. Requests beyond the rows wait in
-the queue; they never make the server run out of memory mid-reply.
+bound (`thinker_prefix_cache_mib`, engine/thinker_prefix.py; on a GPU its pool of pages is
+allocated with the rows). Requests beyond the rows wait in the queue; they never make the server run out of memory mid-reply.
 
 The thinker prefix cache's bound may also be left to the plan (`thinker_prefix_cache_mib` "auto"):
 it then gets `AUTO_PREFIX_SHARE` of the budget that the requested rows leave unused, and nothing
 when the rows do not all fit (rows before prefixes). Only a share, because the plan is made before
 the CUDA graphs are captured and possibly before the other models' processes have loaded on the
 same GPU: on an H200 (run 74) 59 GiB of the budget were unused at the plan but 52 GiB were free
-once the stack idled, and the cache's copies come and go at every length (the allocator's
-fragments). Where memory is not measured (the CPU) "auto" is `AUTO_PREFIX_CACHE_UNMEASURED`.
+once the stack idled. Where memory is not measured (the CPU) "auto" is
+`AUTO_PREFIX_CACHE_UNMEASURED`.
 """
 
 from __future__ import annotations

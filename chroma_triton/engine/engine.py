@@ -331,6 +331,9 @@ class ChromaEngine:
         if self.capacity.prefix_cache_bytes and isinstance(self.thinker, TorchThinker):
             self.thinker_prefixes = ThinkerPrefixCache(self.capacity.prefix_cache_bytes,
                                                        self.opts.thinker_prefix_min_tokens)
+            if self.device.type == "cuda":  # its pool now, with the rows (on the CPU at its first prompt)
+                kv, text = self.thinker.cache, self.cfg.thinker.text
+                self.thinker_prefixes.reserve(text.num_layers, text.num_kv_heads, text.head_dim, kv.k.dtype, self.device)
         elif self.opts.thinker_prefix_cache_mib:
             log.info("thinker_prefix_cache_mib applies to the PyTorch thinker only; this engine's thinker "
                      "(%s) keeps its own caches", type(self.thinker).__name__)
@@ -1391,9 +1394,9 @@ class ChromaEngine:
 
     def _store_prefixes(self, row: int, items: list[tuple[GenerationRequest, RequestStream]]) -> None:
         """Keep the whole blocks of the prompts just prefilled into rows row.. (thinker_prefix_cache_mib),
-        unless they are stored already: copies, since a row is overwritten once its request leaves.
-        The cache makes room before each copy; a copy that fails (out of memory, say) is logged and
-        skipped: the admission does not depend on it."""
+        unless they are stored already: copied into the cache's pages, since a row is overwritten
+        once its request leaves. The cache makes room before each copy; a store that fails is
+        logged and skipped: the admission does not depend on it."""
         cache = self.thinker_prefixes
         if cache is None:
             return
@@ -1405,7 +1408,7 @@ class ChromaEngine:
             n = len(keys) * BLOCK
             try:
                 if cache.make_room(keys, trunk_kv_bytes(self.cfg.thinker.text, n, kv.k.element_size())):
-                    cache.put(keys, kv.k[:, row + i, :, :n].clone(), kv.v[:, row + i, :, :n].clone())
+                    cache.put(keys, kv.k[:, row + i, :, :n], kv.v[:, row + i, :, :n])
             except Exception:  # noqa: BLE001 - a cache is optional; the request goes on without it
                 log.warning("thinker prefix cache: could not store a prompt of %d positions", n, exc_info=True)
 

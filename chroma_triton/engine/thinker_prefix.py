@@ -11,8 +11,8 @@ prefills only the positions after them.
 Prompts are matched in blocks of `BLOCK` positions. `prompt_block_keys` gives one key per whole
 block, a digest of everything up to that block's end: the token ids and, at `<|AUDIO|>`
 positions, the audio tower's embedding bytes (a clip is matched by what the thinker sees of it).
-`ThinkerPrefixCache` keeps each stored prompt's whole blocks on the device, once, under every
-block's key, so a prompt that shares only the first blocks of a stored one (a system prompt) finds
+`ThinkerPrefixCache` keeps each stored prompt's whole blocks on the device, once, in pages of a
+pool allocated at its bound (engine/prefix_pages.py), under every block's key, so a prompt that shares only the first blocks of a stored one (a system prompt) finds
 them too. It is bounded by bytes: a stored prompt that a newer one contains whole (the turn
 before it) gives way to that one, then, among the others, those idle longest past the time
 conversations take to come back, the newest newcomers, and the least recently used
@@ -32,6 +32,8 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+
+from .prefix_pages import PagePool, Runs
 
 BLOCK = 64
 
@@ -105,8 +107,9 @@ def prefix_groups(rests: list[int], totals: list[int], max_queries: int, max_sco
 
 @dataclass
 class PrefixMatch:
-    """A stored prompt's first `length` positions: keys and values [layers, kv_heads, >= length,
-    head_dim] (views of the stored tensors beyond `length` hold that prompt's later positions)."""
+    """A stored prompt's first `length` positions: keys and values [layers, kv_heads, length,
+    head_dim], views of the cache's pool (valid until the cache stores or drops again; the engine
+    copies them into rows first, in stream order) or a concatenation of such views."""
 
     length: int
     k: torch.Tensor
@@ -114,11 +117,10 @@ class PrefixMatch:
 
 
 class _Stored:
-    __slots__ = ("keys", "k", "v", "nbytes")
+    __slots__ = ("keys", "runs", "nbytes")
 
-    def __init__(self, keys: list[bytes], k: torch.Tensor, v: torch.Tensor):
-        self.keys, self.k, self.v = keys, k, v
-        self.nbytes = k.numel() * k.element_size() * 2
+    def __init__(self, keys: list[bytes], runs: Runs, nbytes: int):
+        self.keys, self.runs, self.nbytes = keys, runs, nbytes
 
 
 #: `ThinkerPrefixCache`'s idle horizon before it has seen a conversation come back (seconds)
@@ -159,6 +161,7 @@ class ThinkerPrefixCache:
         if max_bytes < 0:
             raise ValueError("the thinker prefix cache's size must be >= 0")
         self.max_bytes = max_bytes
+        self._pool: PagePool | None = None  # `reserve`, or the first `put`
         self.min_tokens = max(min_tokens, BLOCK)
         self._clock = clock
         self._prompts: dict[int, _Stored] = {}
@@ -203,7 +206,7 @@ class ThinkerPrefixCache:
         elif pid in self._returning:
             self._returning[pid] = now
             self._returning.move_to_end(pid)
-        return PrefixMatch(blocks * BLOCK, stored.k, stored.v)
+        return PrefixMatch(blocks * BLOCK, *self._pool.read(stored.runs, blocks * BLOCK))
 
     def matched_length(self, keys: list[bytes], prompt_len: int) -> int:
         """What `match` would reuse, in positions (0: nothing), without counting as a use: for
@@ -273,21 +276,38 @@ class ThinkerPrefixCache:
             return next(reversed(self._newcomers))
         return next(iter(self._returning))
 
+    def reserve(self, layers: int, kv_heads: int, head_dim: int, dtype: torch.dtype, device) -> None:
+        """Allocate the pool now (the engine does at load, so that its memory is taken with the
+        rows'), as many pages of BLOCK positions as the bound holds; the bound becomes their bytes."""
+        page_bytes = PagePool.page_bytes(BLOCK, layers, kv_heads, head_dim, torch.empty((), dtype=dtype).element_size())
+        pages = self.max_bytes // page_bytes
+        if pages < 1:
+            raise ValueError(f"the thinker prefix cache's {self.max_bytes} bytes hold no block of {page_bytes}")
+        self._pool = PagePool(pages, BLOCK, layers, kv_heads, head_dim, dtype, device)
+        self.max_bytes = pages * page_bytes
+
     def put(self, keys: list[bytes], k: torch.Tensor, v: torch.Tensor) -> None:
-        """Store a prompt's whole blocks (k, v [layers, kv_heads, len(keys) * BLOCK, head_dim], the
-        cache's own copies) under each block's key (`make_room` first). A prompt larger than the
-        whole cache is not stored."""
-        stored = _Stored(list(keys), k, v)
-        made = self._room_for is not None and self._room_for[0] == keys[-1] and self.nbytes + stored.nbytes <= self.max_bytes
-        if not made and not self.make_room(keys, stored.nbytes):
+        """Store a prompt's whole blocks (k, v [layers, kv_heads, >= len(keys) * BLOCK, head_dim],
+        copied into the pool's pages: a row's views will do) under each block's key (`make_room`
+        first). A prompt larger than the whole cache is not stored."""
+        if self._pool is None:
+            self.reserve(k.shape[0], k.shape[1], k.shape[3], k.dtype, k.device)
+        if not self._pool.fits(k):
+            raise ValueError(f"keys of shape {tuple(k.shape)} ({k.dtype}, {k.device}) do not fit the thinker prefix "
+                             f"cache's pool {tuple(self._pool.k.shape)} ({self._pool.k.dtype}, {self._pool.k.device})")
+        nbytes = len(keys) * self._pool.nbytes() // self._pool.pages
+        made = self._room_for is not None and self._room_for[0] == keys[-1] and self.nbytes + nbytes <= self.max_bytes
+        if not made and not self.make_room(keys, nbytes):
             return
         continues = self._room_for[1]
         self._room_for = None
+        runs = self._pool.take(len(keys))  # bytes and pages agree: the room made is free pages
+        self._pool.write(runs, k, v)
         pid = self._next_id
         self._next_id += 1
-        self._prompts[pid] = stored
+        self._prompts[pid] = _Stored(list(keys), runs, nbytes)
         (self._returning if continues else self._newcomers)[pid] = self._clock()
-        self.nbytes += stored.nbytes
+        self.nbytes += nbytes
         for key in keys:
             self._index.setdefault(key, []).append(pid)  # the newest holder of a shared block answers for it
 
@@ -295,6 +315,7 @@ class ThinkerPrefixCache:
         stored = self._prompts.pop(pid)
         self._returning.pop(pid, None)
         self._newcomers.pop(pid, None)
+        self._pool.give_back(stored.runs)
         self.nbytes -= stored.nbytes
         for key in stored.keys:
             holders = self._index[key]
