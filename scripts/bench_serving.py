@@ -209,7 +209,7 @@ def thinker_prefix_summary(level: dict) -> str:
 
     deltas = level.get("triton_counters_delta") or {}
     held, dropped = (sum(v for k, v in deltas.items() if k.split("{")[0] == name)
-                     for name in ("chroma_lm_thinker_prefix_returns_total", "chroma_lm_thinker_prefix_returns_dropped_total"))
+                     for name in ("chroma_lm_thinker_prefix_returns_held_total", "chroma_lm_thinker_prefix_returns_dropped_total"))
     if not peak("chroma_lm_thinker_prefix_bound_bytes"):
         return ""
     return (f"; thinker prefix cache: {held:.0f} turns came back to their stored prompt, {dropped:.0f} to a dropped "

@@ -90,9 +90,30 @@ def test_auto_gives_the_thinker_prefix_cache_a_share_of_what_the_rows_leave():
     assert "GiB for thinker prefixes (auto: 50% of what the rows left)" in plan.describe()
     tight = plan_rows(256, per_row, free_bytes=40 * GIB, fraction=0.9, reserve_bytes=4 * GIB, prefix_cache_bytes=None)
     assert tight.rows < 256 and tight.prefix_cache_bytes == 0  # an H100 at these lengths: every byte for rows
-    assert "(auto" in tight.describe() and "limited by memory" in tight.describe()
+    assert "(auto: none, memory limits the rows)" in tight.describe() and "limited by memory" in tight.describe()
     cpu = plan_rows(8, per_row, free_bytes=None, fraction=0.9, reserve_bytes=4 * GIB, prefix_cache_bytes=None)
     assert (cpu.rows, cpu.prefix_cache_bytes) == (8, AUTO_PREFIX_CACHE_UNMEASURED)
+    assert "4.00 GiB for thinker prefixes (auto, memory not measured)" in cpu.describe()
+
+
+def test_the_engine_makes_the_thinker_prefix_cache_the_plan_sized(tiny_checkpoint):
+    """EngineOptions: PREFIX_CACHE_AUTO gives the cache AUTO_PREFIX_CACHE_UNMEASURED on the CPU; a
+    bound that holds no prompt of thinker_prefix_min_tokens positions leaves it off (the engine
+    loads, and says so) instead of failing; 0 is off."""
+    from chroma_triton.engine import ChromaEngine
+    from chroma_triton.engine.capacity import PREFIX_CACHE_AUTO
+    from chroma_triton.model.loading import load_parts
+
+    parts = load_parts(tiny_checkpoint)
+    text = parts.config.thinker.text
+    per_position = 2 * text.num_layers * text.num_kv_heads * text.head_dim * 4  # float32 on the CPU
+    tokens = -(-(2 << 20) // per_position)  # more positions than 2 MiB hold
+    for mib, min_tokens, bound in ((PREFIX_CACHE_AUTO, 256, AUTO_PREFIX_CACHE_UNMEASURED), (1, tokens, None),
+                                   (0, 256, None), (2, 64, 2 << 20)):
+        engine = ChromaEngine(parts, EngineOptions(max_batch=2, thinker_max_len=96, backbone_max_len=80,
+                                                   thinker_prefix_cache_mib=mib, thinker_prefix_min_tokens=min_tokens))
+        cache = engine.thinker_prefixes
+        assert (cache.max_bytes if cache is not None else None) == bound, (mib, min_tokens)
 
 
 def test_too_little_memory_for_one_stream_is_a_clear_error():

@@ -71,12 +71,16 @@ class CapacityPlan:
 
     def describe(self) -> str:
         per_row = f"{self.per_row_bytes / (1 << 20):.1f} MiB of KV per stream"
+        auto = ""
+        if self.prefix_cache_auto:
+            auto = (" (auto: none, memory limits the rows)" if self.rows < self.requested else
+                    f" (auto: {AUTO_PREFIX_SHARE:.0%} of what the rows left)" if self.free_bytes is not None else
+                    " (auto, memory not measured)")
+        prefixes = f", {self.prefix_cache_bytes / GIB:.2f} GiB for thinker prefixes{auto}" if self.prefix_cache_bytes or auto else ""
         if self.free_bytes is None:
-            return f"{self.rows} streams ({per_row}; not sized from memory on this device)"
+            return f"{self.rows} streams ({per_row}; not sized from memory on this device{prefixes})"
         limited = " (limited by memory)" if self.rows < self.requested else ""
         scratch = f", {self.scratch_bytes / GIB:.2f} GiB for admission scratch rows" if self.scratch_bytes else ""
-        auto = f" (auto: {AUTO_PREFIX_SHARE:.0%} of what the rows left)" if self.prefix_cache_auto else ""
-        prefixes = f", {self.prefix_cache_bytes / GIB:.2f} GiB for thinker prefixes{auto}" if self.prefix_cache_bytes or auto else ""
         return (f"{self.rows} of {self.requested} requested streams{limited}: {per_row}, "
                 f"{self.free_bytes / GIB:.1f} GiB free, {self.budget_bytes / GIB:.1f} GiB for KV caches{scratch}{prefixes}")
 

@@ -328,12 +328,8 @@ class ChromaEngine:
         self._inflight: _Launched | None = None
         self.voice_prefixes = VoicePrefixCache(self.opts.voice_prefix_cache)
         self.thinker_prefixes: ThinkerPrefixCache | None = None
-        if self.capacity.prefix_cache_bytes and isinstance(self.thinker, TorchThinker):
-            self.thinker_prefixes = ThinkerPrefixCache(self.capacity.prefix_cache_bytes,
-                                                       self.opts.thinker_prefix_min_tokens)
-            if self.device.type == "cuda":  # its pool now, with the rows (on the CPU at its first prompt)
-                kv, text = self.thinker.cache, self.cfg.thinker.text
-                self.thinker_prefixes.reserve(text.num_layers, text.num_kv_heads, text.head_dim, kv.k.dtype, self.device)
+        if isinstance(self.thinker, TorchThinker):
+            self.thinker_prefixes = self._make_thinker_prefix_cache()
         elif self.opts.thinker_prefix_cache_mib:
             log.info("thinker_prefix_cache_mib applies to the PyTorch thinker only; this engine's thinker "
                      "(%s) keeps its own caches", type(self.thinker).__name__)
@@ -408,7 +404,8 @@ class ChromaEngine:
             scratch = admission_scratch_bytes(self.cfg, prompt_positions if prefill_graphs else 0,
                                               tail_positions if o.voice_prefix_cache else 0, dtype_bytes)
         if o.thinker_prefix_cache_mib < PREFIX_CACHE_AUTO:
-            raise ValueError("thinker_prefix_cache_mib must be >= 0 (0: off) or 'auto'")
+            raise ValueError("thinker_prefix_cache_mib must be >= 0 (MiB; 0: off) or PREFIX_CACHE_AUTO "
+                             "(-1; 'auto' in a model config)")
         prefix_cache = None if o.thinker_prefix_cache_mib == PREFIX_CACHE_AUTO else o.thinker_prefix_cache_mib << 20
         if not (torch_thinker or isinstance(thinker, TorchThinker)):
             prefix_cache = 0
@@ -419,6 +416,25 @@ class ChromaEngine:
         if thinker is None:
             thinker = make_thinker(parts, "torch", o.max_batch, o.thinker_max_len, **o.thinker_options)
         return thinker
+
+    def _make_thinker_prefix_cache(self) -> ThinkerPrefixCache | None:
+        """The thinker prefix cache at the planned bound, its pool allocated now on a GPU (with the
+        rows; on the CPU at its first prompt); None when the bound is 0 or holds no prompt of
+        `thinker_prefix_min_tokens` positions (said in the log)."""
+        bound = self.capacity.prefix_cache_bytes
+        kv, text = self.thinker.cache, self.cfg.thinker.text
+        smallest = trunk_kv_bytes(text, -(-max(self.opts.thinker_prefix_min_tokens, BLOCK) // BLOCK) * BLOCK,
+                                  kv.k.element_size())
+        if bound < smallest:
+            if bound or self.opts.thinker_prefix_cache_mib:
+                log.info("thinker prefix cache off: %s holds no prompt of thinker_prefix_min_tokens (%d positions, "
+                         "%.1f MiB)", f"{bound / (1 << 20):.1f} MiB" if bound else "the memory the rows leave",
+                         self.opts.thinker_prefix_min_tokens, smallest / (1 << 20))
+            return None
+        cache = ThinkerPrefixCache(bound, self.opts.thinker_prefix_min_tokens)
+        if self.device.type == "cuda":
+            cache.reserve(text.num_layers, text.num_kv_heads, text.head_dim, kv.k.dtype, self.device)
+        return cache
 
     def _tail_graph_len(self) -> int:
         """The backbone tail graphs' longest bucket (a voice prefix and the two positions)."""

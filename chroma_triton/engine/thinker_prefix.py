@@ -12,9 +12,10 @@ Prompts are matched in blocks of `BLOCK` positions. `prompt_block_keys` gives on
 block, a digest of everything up to that block's end: the token ids and, at `<|AUDIO|>`
 positions, the audio tower's embedding bytes (a clip is matched by what the thinker sees of it).
 `ThinkerPrefixCache` keeps each stored prompt's whole blocks on the device, once, in pages of a
-pool allocated at its bound (engine/prefix_pages.py), under every block's key, so a prompt that shares only the first blocks of a stored one (a system prompt) finds
-them too. It is bounded by bytes: a stored prompt that a newer one contains whole (the turn
-before it) gives way to that one, then, among the others, those idle longest past the time
+pool allocated at its bound (engine/prefix_pages.py), under every block's key, so a prompt that
+shares only the first blocks of a stored one (a system prompt) finds them too. It is bounded by
+bytes: a stored prompt that a newer one contains whole (the turn before it) gives way to that
+one, then, among the others, those idle longest past the time
 conversations take to come back, the newest newcomers, and the least recently used
 (`ThinkerPrefixCache`).
 
@@ -170,7 +171,7 @@ class ThinkerPrefixCache:
         self._index: dict[bytes, list[int]] = {}  # block key -> ids of the stored prompts that have it, newest last
         self._next_id = 0
         self._returns: deque[float] = deque(maxlen=RETURNS_KEPT)  # seconds a returning conversation was away
-        self._idle_s: float | None = IDLE_S_DEFAULT
+        self._idle_s = IDLE_S_DEFAULT
         self._room_for: tuple[bytes, bool] | None = None  # make_room's last prompt: its last key, whether it continues one
         self._dropped: OrderedDict[bytes, float] = OrderedDict()  # last key of a prompt dropped for room -> its last use
         self.nbytes = 0
@@ -181,10 +182,8 @@ class ThinkerPrefixCache:
         return len(self._prompts)
 
     def idle_s(self) -> float:
-        """The horizon past which an unused prompt is taken for ended (seconds)."""
-        if self._idle_s is None:
-            p90 = float(np.percentile(np.fromiter(self._returns, float), 90))
-            self._idle_s = min(max(2.0 * p90, IDLE_S_BOUNDS[0]), IDLE_S_BOUNDS[1])
+        """The horizon past which an unused prompt is taken for ended (seconds); only read here, so
+        that a metrics thread may ask (the engine's thread sets it as conversations come back)."""
         return self._idle_s
 
     def match(self, keys: list[bytes], prompt_len: int) -> PrefixMatch | None:
@@ -253,7 +252,8 @@ class ThinkerPrefixCache:
 
     def _came_back(self, away_s: float) -> None:
         self._returns.append(away_s)
-        self._idle_s = None
+        p90 = float(np.percentile(np.fromiter(self._returns, float), 90))
+        self._idle_s = min(max(2.0 * p90, IDLE_S_BOUNDS[0]), IDLE_S_BOUNDS[1])
 
     def _drop_for_room(self, pid: int) -> None:
         """Drop a prompt that nothing newer contains, remembering its last use under its last key."""
@@ -279,6 +279,8 @@ class ThinkerPrefixCache:
     def reserve(self, layers: int, kv_heads: int, head_dim: int, dtype: torch.dtype, device) -> None:
         """Allocate the pool now (the engine does at load, so that its memory is taken with the
         rows'), as many pages of BLOCK positions as the bound holds; the bound becomes their bytes."""
+        if self._pool is not None:
+            raise RuntimeError("the thinker prefix cache's pool is allocated already")
         page_bytes = PagePool.page_bytes(BLOCK, layers, kv_heads, head_dim, torch.empty((), dtype=dtype).element_size())
         pages = self.max_bytes // page_bytes
         if pages < 1:
@@ -301,8 +303,13 @@ class ThinkerPrefixCache:
             return
         continues = self._room_for[1]
         self._room_for = None
-        runs = self._pool.take(len(keys))  # bytes and pages agree: the room made is free pages
-        self._pool.write(runs, k, v)
+        runs = self._pool.take(len(keys))
+        assert runs is not None, "the thinker prefix cache's bytes and free pages disagree"  # room made = pages free
+        try:
+            self._pool.write(runs, k, v)
+        except BaseException:
+            self._pool.give_back(runs)
+            raise
         pid = self._next_id
         self._next_id += 1
         self._prompts[pid] = _Stored(list(keys), runs, nbytes)

@@ -101,7 +101,7 @@ class TritonPythonModel:
                                         "Admissions that found their voice's backbone prefix cached", C),
             "voice_prefix_misses": family("chroma_lm_voice_prefix_misses_total",
                                           "Voice backbone prefixes computed (new or evicted voices)", C),
-            "thinker_prefix_returns_held": family("chroma_lm_thinker_prefix_returns_total",
+            "thinker_prefix_returns_held": family("chroma_lm_thinker_prefix_returns_held_total",
                                                   "Turns whose conversation's previous prompt the thinker prefix "
                                                   "cache still held (taken whole)", C),
             "thinker_prefix_returns_dropped": family("chroma_lm_thinker_prefix_returns_dropped_total",
