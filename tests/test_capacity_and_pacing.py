@@ -116,6 +116,32 @@ def test_the_engine_makes_the_thinker_prefix_cache_the_plan_sized(tiny_checkpoin
         assert (cache.max_bytes if cache is not None else None) == bound, (mib, min_tokens)
 
 
+def test_the_pool_takes_what_is_free_once_the_graphs_are_captured(tiny_checkpoint, monkeypatch):
+    """On a GPU `start` allocates the thinker prefix cache's pool after the step graphs: at the
+    planned bound, or at what is free then beyond activation_reserve_gib when that is less (in
+    whole pages), or not at all (the cache off, the engine serving) when that holds no prompt of
+    thinker_prefix_min_tokens positions. Here on the CPU, with the free memory made up."""
+    from chroma_triton.engine import ChromaEngine
+    from chroma_triton.engine import engine as engine_module
+    from chroma_triton.model.loading import load_parts
+
+    parts = load_parts(tiny_checkpoint)
+    text = parts.config.thinker.text
+    page = 2 * text.num_layers * text.num_kv_heads * text.head_dim * 4 * 64  # 64 positions in float32
+    reserve = GIB // 2
+    for free, expected in ((reserve + (64 << 20), 16 << 20),  # plenty: the planned 16 MiB
+                           (reserve + 10 * page + page // 3, 10 * page),  # less: what is free, in pages
+                           (reserve + page, None)):  # not one prompt of 256 positions (4 pages): off
+        engine = ChromaEngine(parts, EngineOptions(max_batch=2, thinker_max_len=96, backbone_max_len=80,
+                                                   thinker_prefix_cache_mib=16, activation_reserve_gib=0.5))
+        with monkeypatch.context() as patch:  # after the plan
+            patch.setattr(engine_module, "free_device_bytes", lambda device, free=free: free)
+            engine._reserve_thinker_prefixes()
+        cache = engine.thinker_prefixes
+        assert (cache.max_bytes if cache is not None else None) == expected, free
+        assert cache is None or (cache.reserved and cache._pool.nbytes() == expected)
+
+
 def test_too_little_memory_for_one_stream_is_a_clear_error():
     with pytest.raises(MemoryError, match="not enough device memory for one stream.*thinker_max_len"):
         plan_rows(4, 2 * GIB, free_bytes=5 * GIB, fraction=0.9, reserve_bytes=4 * GIB)

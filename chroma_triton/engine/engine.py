@@ -418,23 +418,46 @@ class ChromaEngine:
         return thinker
 
     def _make_thinker_prefix_cache(self) -> ThinkerPrefixCache | None:
-        """The thinker prefix cache at the planned bound, its pool allocated now on a GPU (with the
-        rows; on the CPU at its first prompt); None when the bound is 0 or holds no prompt of
+        """The thinker prefix cache at the planned bound (its pool is allocated by `start` on a GPU,
+        at its first prompt elsewhere); None when the bound is 0 or holds no prompt of
         `thinker_prefix_min_tokens` positions (said in the log)."""
-        bound = self.capacity.prefix_cache_bytes
-        kv, text = self.thinker.cache, self.cfg.thinker.text
-        smallest = trunk_kv_bytes(text, -(-max(self.opts.thinker_prefix_min_tokens, BLOCK) // BLOCK) * BLOCK,
-                                  kv.k.element_size())
+        bound, smallest = self.capacity.prefix_cache_bytes, self._smallest_prefix_bytes()
         if bound < smallest:
             if bound or self.opts.thinker_prefix_cache_mib:
                 log.info("thinker prefix cache off: %s holds no prompt of thinker_prefix_min_tokens (%d positions, "
                          "%.1f MiB)", f"{bound / (1 << 20):.1f} MiB" if bound else "the memory the rows leave",
                          self.opts.thinker_prefix_min_tokens, smallest / (1 << 20))
             return None
-        cache = ThinkerPrefixCache(bound, self.opts.thinker_prefix_min_tokens)
-        if self.device.type == "cuda":
+        return ThinkerPrefixCache(bound, self.opts.thinker_prefix_min_tokens)
+
+    def _smallest_prefix_bytes(self) -> int:
+        """The bytes of the shortest prompt the thinker prefix cache stores (thinker_prefix_min_tokens,
+        in whole blocks)."""
+        blocks = -(-max(self.opts.thinker_prefix_min_tokens, BLOCK) // BLOCK)
+        return trunk_kv_bytes(self.cfg.thinker.text, blocks * BLOCK, self.thinker.cache.k.element_size())
+
+    def _reserve_thinker_prefixes(self) -> None:
+        """Allocate the thinker prefix cache's pool on the GPU (`start`, once the step graphs are
+        captured: they come first), at its planned bound or at what is free then beyond
+        `activation_reserve_gib`, whichever is less (the plan is made before the captures and
+        maybe before the other models' processes have loaded); off if that holds no prompt of
+        `thinker_prefix_min_tokens` positions. The log says what it took."""
+        cache, kv, text = self.thinker_prefixes, self.thinker.cache, self.cfg.thinker.text
+        free = free_device_bytes(self.device) - int(self.opts.activation_reserve_gib * GIB)
+        planned = cache.max_bytes
+        cache.max_bytes = max(0, min(planned, free))
+        try:
+            if cache.max_bytes < self._smallest_prefix_bytes():
+                raise ValueError(f"it would hold no prompt of thinker_prefix_min_tokens "
+                                 f"({self.opts.thinker_prefix_min_tokens} positions)")
             cache.reserve(text.num_layers, text.num_kv_heads, text.head_dim, kv.k.dtype, self.device)
-        return cache
+        except (ValueError, torch.cuda.OutOfMemoryError) as exc:
+            log.warning("thinker prefix cache off: no pool of %.2f GiB (planned %.2f GiB): %s",
+                        cache.max_bytes / GIB, planned / GIB, exc)
+            self.thinker_prefixes = None
+            return
+        log.info("thinker prefix cache: a pool of %.2f GiB (planned %.2f GiB; %.2f GiB free beyond the activation "
+                 "reserve once the graphs were captured)", cache.max_bytes / GIB, planned / GIB, free / GIB)
 
     def _tail_graph_len(self) -> int:
         """The backbone tail graphs' longest bucket (a voice prefix and the two positions)."""
@@ -571,6 +594,8 @@ class ChromaEngine:
                 self._compile_step_shapes()
             if self.opts.capture_at_start and self.runner.use_graphs and not self._captured_at_start:
                 self._capture_step_graphs()
+            if self.thinker_prefixes is not None and self.device.type == "cuda" and not self.thinker_prefixes.reserved:
+                self._reserve_thinker_prefixes()
         if self._thread is None:
             self._stop.clear()
             self._thread = threading.Thread(target=self._loop, name="chroma-engine", daemon=True)

@@ -276,9 +276,15 @@ class ThinkerPrefixCache:
             return next(reversed(self._newcomers))
         return next(iter(self._returning))
 
+    @property
+    def reserved(self) -> bool:
+        """Whether the pool is allocated."""
+        return self._pool is not None
+
     def reserve(self, layers: int, kv_heads: int, head_dim: int, dtype: torch.dtype, device) -> None:
-        """Allocate the pool now (the engine does at load, so that its memory is taken with the
-        rows'), as many pages of BLOCK positions as the bound holds; the bound becomes their bytes."""
+        """Allocate the pool now (the engine does when it starts on a GPU, so that its memory is
+        taken at load), as many pages of BLOCK positions as the bound holds; the bound becomes
+        their bytes."""
         if self._pool is not None:
             raise RuntimeError("the thinker prefix cache's pool is allocated already")
         page_bytes = PagePool.page_bytes(BLOCK, layers, kv_heads, head_dim, torch.empty((), dtype=dtype).element_size())
