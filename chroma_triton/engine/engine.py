@@ -596,6 +596,11 @@ class ChromaEngine:
                 self._capture_step_graphs()
             if self.thinker_prefixes is not None and self.device.type == "cuda" and not self.thinker_prefixes.reserved:
                 self._reserve_thinker_prefixes()
+            if self.device.type == "cuda":  # what the plan (made before all this) could not see
+                free, total = torch.cuda.mem_get_info(self.device)
+                log.info("engine memory once started: %.2f GiB allocated and %.2f GiB reserved by this process, "
+                         "%.2f of %.2f GiB free on the device", torch.cuda.memory_allocated(self.device) / GIB,
+                         torch.cuda.memory_reserved(self.device) / GIB, free / GIB, total / GIB)
         if self._thread is None:
             self._stop.clear()
             self._thread = threading.Thread(target=self._loop, name="chroma-engine", daemon=True)
