@@ -680,6 +680,18 @@ def test_dry_run_dp2_renders_two_gpus():
     assert "KIND_GPU" in out.stdout and "NOISE" in out.stderr  # no model path: demo warning
 
 
+def test_python_shared_memory_flag_reaches_tritonserver_or_is_refused():
+    """--python-shm-mib INITIAL[,GROWTH] becomes the Python backend's --backend-config arguments
+    (tests/test_tritonserver_runtime.py checks that Triton takes them); a bad value is a usage error."""
+    out = _launcher("--dry-run", "--python-shm-mib", "64,16")
+    assert out.returncode == 0, out.stderr
+    assert (f"# tritonserver arguments beyond the defaults: --backend-config=python,shm-default-byte-size={64 << 20} "
+            f"--backend-config=python,shm-growth-byte-size={16 << 20}") in out.stdout
+    assert "tritonserver arguments" not in _launcher("--dry-run").stdout
+    out = _launcher("--dry-run", "--python-shm-mib", "0")
+    assert out.returncode == 2 and "--python-shm-mib '0': give INITIAL[,GROWTH] in MiB" in out.stderr, out.stderr
+
+
 def test_warmup_frames_default_by_device_and_must_not_be_negative():
     out = _launcher("--dry-run", "--warmup-frames", "-1")
     assert out.returncode == 2 and "--warmup-frames must be >= 0" in out.stderr, out.stderr

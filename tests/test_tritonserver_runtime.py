@@ -340,6 +340,24 @@ def test_stop_leaves_no_process_and_models_finalize(tmp_path):
 
 
 @pytest.mark.triton
+def test_python_shared_memory_sizes_reach_the_backend(tmp_path):
+    """--python-shm-mib INITIAL[,GROWTH]: the Python backend reports the sizes it was given and
+    each stub starts with that region (Triton's default is 1 MiB, grown 1 MiB at a time); a bad
+    value is refused before anything starts."""
+    _find_or_skip()
+    repo = build_repository(tmp_path / "repo")
+    with TritonServer(repo, log_file=tmp_path / "server.log", log_verbose=1,
+                      extra_args=ts.python_shm_args("8,2")) as srv:
+        assert srv.is_running()
+    log = (tmp_path / "server.log").read_text()
+    assert f"shm-default-byte-size={8 << 20},shm-growth-byte-size={2 << 20}" in log, log[-3000:]
+    assert ts.python_shm_args("16") == [f"--backend-config=python,shm-default-byte-size={16 << 20}",
+                                        f"--backend-config=python,shm-growth-byte-size={16 << 20}"]
+    for bad in ("0", "8,0", "lots", "1,2,3", ""):
+        with pytest.raises(ValueError, match="--python-shm-mib"):
+            ts.python_shm_args(bad)
+
+
 def test_broken_model_fails_fast_with_log_tail(tmp_path):
     _find_or_skip()
     repo = tmp_path / "repo"

@@ -30,7 +30,7 @@ from pathlib import Path
 from ..demo import ASSETS
 from .cuda_mps import MODES, MpsDaemon, MpsError, find_control
 from .repository import MODELS, SOURCE_REPOSITORY, RenderSpec, render_configs, render_repository
-from .tritonserver import PYTHON_STUB, TritonServer, TritonServerError, find_tritonserver, is_port_free
+from .tritonserver import PYTHON_STUB, TritonServer, TritonServerError, find_tritonserver, is_port_free, python_shm_args
 from .tritonserver import _http_ok as http_ok
 from .warmup import send_warmups
 
@@ -48,6 +48,15 @@ class LaunchError(RuntimeError):
 # ---------------------------------------------------------------------------------------------
 # arguments
 # ---------------------------------------------------------------------------------------------
+def _python_shm_spec(value: str) -> str:
+    """--python-shm-mib, checked while parsing (python_shm_args builds the server's arguments)."""
+    try:
+        python_shm_args(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="chroma_server", description="Serve FlashLabs Chroma on Triton with an OpenAI-compatible frontend.",
@@ -93,6 +102,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--malloc", default=os.environ.get("CHROMA_TRITON_MALLOC", "auto"),
                    help="allocator of tritonserver and its model processes: auto (jemalloc, else tcmalloc, when "
                         "installed; else glibc's), system, or a library path (default: $CHROMA_TRITON_MALLOC or auto)")
+    p.add_argument("--python-shm-mib", default=None, metavar="INITIAL[,GROWTH]", type=_python_shm_spec,
+                   help="shared memory of each Python model instance, in MiB: the region it starts with and the "
+                        "step it grows by (default: Triton's, 1 and 1; every request's inputs and every "
+                        "response's outputs pass through it; /dev/shm must hold them all)")
     p.add_argument("--cuda-mps", choices=MODES, default="auto",
                    help="run the stack's GPU processes under a CUDA MPS daemon of its own, so the codec's and "
                         "the encoder's kernels run beside chroma_lm's instead of in time slices (auto: on GPUs "
@@ -464,6 +477,10 @@ class Launcher:
     def want_frontend(self) -> bool:
         return not self.args.no_frontend and frontend_available()
 
+    def triton_extra_args(self) -> list[str]:
+        """tritonserver arguments the flags add (--python-shm-mib)."""
+        return python_shm_args(self.args.python_shm_mib) if self.args.python_shm_mib else []
+
     # -- run -----------------------------------------------------------------------------------
     def run(self) -> int:
         a = self.args
@@ -473,6 +490,8 @@ class Launcher:
                 print(f"# ===== {name}/config.pbtxt =====")
                 print(text.rstrip())
                 print()
+            if self.triton_extra_args():
+                print("# tritonserver arguments beyond the defaults: " + " ".join(self.triton_extra_args()))
             return 0
         triton_host = a.triton_host if a.triton_host is not None else a.host
         check_ports({k: v for k, v in self.ports().items() if k != "--port"}, triton_host)
@@ -495,7 +514,8 @@ class Launcher:
             self.server = TritonServer(
                 repo, http_port=a.triton_http_port, grpc_port=a.triton_grpc_port, metrics_port=a.triton_metrics_port,
                 address=triton_host, log_file=workdir / "tritonserver.log", log_verbose=a.log_verbose, install=install,
-                malloc=a.malloc, env={**thread_env(a.cpu_threads, spec.kind),
+                malloc=a.malloc, extra_args=self.triton_extra_args(),
+                env={**thread_env(a.cpu_threads, spec.kind),
                                       **compile_cache_env(a.compile_cache, spec.kind), **mps_env})
         except BaseException:
             self._shutdown()

@@ -566,6 +566,22 @@ class TritonServer:
             self.stop(timeout=10.0)
 
 
+def python_shm_args(spec: str) -> list[str]:
+    """tritonserver arguments for the Python backend's shared memory from "INITIAL[,GROWTH]" (MiB):
+    the region each model instance starts with and the step it grows by (Triton's defaults: 1 and
+    1 MiB; every request's inputs and every response's outputs pass through it)."""
+    parts = [p.strip() for p in spec.split(",")]
+    try:
+        sizes = [int(p) for p in parts]
+    except ValueError:
+        sizes = []
+    if not 1 <= len(sizes) <= 2 or min(sizes) < 1:
+        raise ValueError(f"--python-shm-mib {spec!r}: give INITIAL[,GROWTH] in MiB, each >= 1 (e.g. 64 or 64,16)")
+    initial, growth = sizes[0], sizes[-1]
+    return [f"--backend-config=python,shm-default-byte-size={initial << 20}",
+            f"--backend-config=python,shm-growth-byte-size={growth << 20}"]
+
+
 def find_malloc_library(names: Sequence[str] = MALLOC_LIBRARIES) -> Path | None:
     """The first of ``names`` the dynamic loader knows (``ldconfig -p``, then the usual folders)."""
     try:
