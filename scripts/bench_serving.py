@@ -170,6 +170,12 @@ async def _measure_levels(args, targets, baseline, workload, workers) -> list[di
 
 
 # -- report ------------------------------------------------------------------------------------
+def family_sum(samples: dict, name: str) -> float:
+    """A metric family's values in `samples` ("family{labels}" -> value, as the monitor keeps them)
+    summed over its label sets (instances)."""
+    return sum(v for k, v in samples.items() if k.split("{")[0] == name)
+
+
 def engine_summary(level: dict) -> str:
     """The chroma_lm counters of a level that explain its late chunks: admissions (and those
     forced in past the pacer), chunks the engine itself put out late (the rest of the late
@@ -181,7 +187,7 @@ def engine_summary(level: dict) -> str:
         return "– (no chroma_lm counters: metrics not scraped)"
 
     def total(name: str) -> float:
-        return sum(v for k, v in deltas.items() if k.split("{")[0] == name)
+        return family_sum(deltas, name)
 
     return (f"{total('chroma_lm_prefills_total'):.0f} prefills ({total('chroma_lm_prefill_seconds_total'):.2f} s; "
             f"pacer's estimates {total('chroma_lm_prefill_estimate_seconds_total'):.2f} s, overrun "
@@ -202,19 +208,14 @@ def engine_summary(level: dict) -> str:
 def thinker_prefix_summary(level: dict) -> str:
     """The thinker prefix cache over a level: the turns that came back to a stored and to a dropped
     prompt, and its peak fill against its bound (summed over instances); empty without it."""
-    peaks = level.get("triton_gauges_peak") or {}
-
-    def peak(name: str) -> float:
-        return sum(v for k, v in peaks.items() if k.split("{")[0] == name)
-
-    deltas = level.get("triton_counters_delta") or {}
-    held, dropped = (sum(v for k, v in deltas.items() if k.split("{")[0] == name)
-                     for name in ("chroma_lm_thinker_prefix_returns_held_total", "chroma_lm_thinker_prefix_returns_dropped_total"))
-    if not peak("chroma_lm_thinker_prefix_bound_bytes"):
+    peaks, deltas = level.get("triton_gauges_peak") or {}, level.get("triton_counters_delta") or {}
+    bound = family_sum(peaks, "chroma_lm_thinker_prefix_bound_bytes")
+    if not bound:
         return ""
-    return (f"; thinker prefix cache: {held:.0f} turns came back to their stored prompt, {dropped:.0f} to a dropped "
-            f"one, peak {peak('chroma_lm_thinker_prefix_bytes') / (1 << 30):.2f} of "
-            f"{peak('chroma_lm_thinker_prefix_bound_bytes') / (1 << 30):.2f} GiB")
+    return (f"; thinker prefix cache: {family_sum(deltas, 'chroma_lm_thinker_prefix_returns_held_total'):.0f} turns "
+            f"came back to their stored prompt, {family_sum(deltas, 'chroma_lm_thinker_prefix_returns_dropped_total'):.0f} "
+            f"to a dropped one, peak {family_sum(peaks, 'chroma_lm_thinker_prefix_bytes') / (1 << 30):.2f} of "
+            f"{bound / (1 << 30):.2f} GiB")
 
 
 def encoder_codec_summary(level: dict) -> str:

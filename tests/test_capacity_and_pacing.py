@@ -12,7 +12,7 @@ import pytest
 
 from chroma_triton.engine import EngineOptions, Finished, SamplingParams
 from chroma_triton.engine.capacity import (AUTO_PREFIX_CACHE_UNMEASURED, AUTO_PREFIX_SHARE, GIB, admission_scratch_bytes,
-                                           kv_bytes_per_row, plan_rows)
+                                           kv_bytes_per_row, plan_rows, trunk_kv_bytes)
 from chroma_triton.engine.pacing import AdmissionPacer, PrefillCost, StreamState
 from chroma_triton.pipeline import ChromaPipeline
 
@@ -96,17 +96,22 @@ def test_auto_gives_the_thinker_prefix_cache_a_share_of_what_the_rows_leave():
     assert "4.00 GiB for thinker prefixes (auto, memory not measured)" in cpu.describe()
 
 
-def test_the_engine_makes_the_thinker_prefix_cache_the_plan_sized(tiny_checkpoint):
+@pytest.fixture(scope="module")
+def tiny_parts(tiny_checkpoint):
+    from chroma_triton.model.loading import load_parts
+
+    return load_parts(tiny_checkpoint)
+
+
+def test_the_engine_makes_the_thinker_prefix_cache_the_plan_sized(tiny_parts):
     """EngineOptions: PREFIX_CACHE_AUTO gives the cache AUTO_PREFIX_CACHE_UNMEASURED on the CPU; a
     bound that holds no prompt of thinker_prefix_min_tokens positions leaves it off (the engine
     loads, and says so) instead of failing; 0 is off."""
     from chroma_triton.engine import ChromaEngine
     from chroma_triton.engine.capacity import PREFIX_CACHE_AUTO
-    from chroma_triton.model.loading import load_parts
 
-    parts = load_parts(tiny_checkpoint)
-    text = parts.config.thinker.text
-    per_position = 2 * text.num_layers * text.num_kv_heads * text.head_dim * 4  # float32 on the CPU
+    parts = tiny_parts
+    per_position = trunk_kv_bytes(parts.config.thinker.text, 1, 4)  # float32 on the CPU
     tokens = -(-(2 << 20) // per_position)  # more positions than 2 MiB hold
     for mib, min_tokens, bound in ((PREFIX_CACHE_AUTO, 256, AUTO_PREFIX_CACHE_UNMEASURED), (1, tokens, None),
                                    (0, 256, None), (2, 64, 2 << 20)):
@@ -116,18 +121,16 @@ def test_the_engine_makes_the_thinker_prefix_cache_the_plan_sized(tiny_checkpoin
         assert (cache.max_bytes if cache is not None else None) == bound, (mib, min_tokens)
 
 
-def test_the_pool_takes_what_is_free_once_the_graphs_are_captured(tiny_checkpoint, monkeypatch):
+def test_the_pool_takes_what_is_free_once_the_graphs_are_captured(tiny_parts, monkeypatch):
     """On a GPU `start` allocates the thinker prefix cache's pool after the step graphs: at the
     planned bound, or at what is free then beyond activation_reserve_gib when that is less (in
     whole pages), or not at all (the cache off, the engine serving) when that holds no prompt of
     thinker_prefix_min_tokens positions. Here on the CPU, with the free memory made up."""
     from chroma_triton.engine import ChromaEngine
     from chroma_triton.engine import engine as engine_module
-    from chroma_triton.model.loading import load_parts
 
-    parts = load_parts(tiny_checkpoint)
-    text = parts.config.thinker.text
-    page = 2 * text.num_layers * text.num_kv_heads * text.head_dim * 4 * 64  # 64 positions in float32
+    parts = tiny_parts
+    page = trunk_kv_bytes(parts.config.thinker.text, 64, 4)  # 64 positions in float32
     reserve = GIB // 2
     for free, expected in ((reserve + (64 << 20), 16 << 20),  # plenty: the planned 16 MiB
                            (reserve + 10 * page + page // 3, 10 * page),  # less: what is free, in pages

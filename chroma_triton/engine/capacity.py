@@ -7,7 +7,8 @@ once the weights are loaded, after keeping `activation_reserve_gib` for activati
 workspaces and CUDA-graph pools, the scratch rows of the admission graphs (`prefill_graphs`,
 engine/prefill_graphs.py), which are allocated with the caches, and the thinker prefix cache's
 bound (`thinker_prefix_cache_mib`, engine/thinker_prefix.py; on a GPU its pool of pages is
-allocated when the engine starts, at most what is free then). Requests beyond the rows wait in the queue; they never make the server run out of memory mid-reply.
+allocated when the engine starts, at most what is free then). Requests beyond the rows wait in
+the queue; they never make the server run out of memory mid-reply.
 
 The thinker prefix cache's bound may also be left to the plan (`thinker_prefix_cache_mib` "auto"):
 it then gets `AUTO_PREFIX_SHARE` of the budget that the requested rows leave unused, and nothing

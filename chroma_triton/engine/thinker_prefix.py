@@ -15,9 +15,8 @@ positions, the audio tower's embedding bytes (a clip is matched by what the thin
 pool allocated at its bound (engine/prefix_pages.py), under every block's key, so a prompt that
 shares only the first blocks of a stored one (a system prompt) finds them too. It is bounded by
 bytes: a stored prompt that a newer one contains whole (the turn before it) gives way to that
-one, then, among the others, those idle longest past the time
-conversations take to come back, the newest newcomers, and the least recently used
-(`ThinkerPrefixCache`).
+one, then, among the others, those idle longest past the time conversations take to come back,
+the newest newcomers, and the least recently used (`ThinkerPrefixCache`).
 
 The reused keys and values were computed in another batch, possibly through another kernel
 (an admission graph's bucket): equal to recomputing them up to the kernels' rounding.
@@ -257,9 +256,9 @@ class ThinkerPrefixCache:
 
     def _drop_for_room(self, pid: int) -> None:
         """Drop a prompt that nothing newer contains, remembering its last use under its last key."""
-        last_use = self._newcomers.get(pid, self._returning.get(pid))
-        self._dropped[self._prompts[pid].keys[-1]] = last_use
-        self._dropped.move_to_end(self._prompts[pid].keys[-1])
+        last_key = self._prompts[pid].keys[-1]
+        self._dropped[last_key] = self._newcomers.get(pid, self._returning.get(pid))
+        self._dropped.move_to_end(last_key)
         while len(self._dropped) > DROPPED_KEPT:
             self._dropped.popitem(last=False)
         self._drop(pid)
@@ -287,7 +286,7 @@ class ThinkerPrefixCache:
         their bytes."""
         if self._pool is not None:
             raise RuntimeError("the thinker prefix cache's pool is allocated already")
-        page_bytes = PagePool.page_bytes(BLOCK, layers, kv_heads, head_dim, torch.empty((), dtype=dtype).element_size())
+        page_bytes = PagePool.page_bytes(BLOCK, layers, kv_heads, head_dim, dtype.itemsize)
         pages = self.max_bytes // page_bytes
         if pages < 1:
             raise ValueError(f"the thinker prefix cache's {self.max_bytes} bytes hold no block of {page_bytes}")

@@ -490,8 +490,9 @@ class Launcher:
                 print(f"# ===== {name}/config.pbtxt =====")
                 print(text.rstrip())
                 print()
-            if self.triton_extra_args():
-                print("# tritonserver arguments beyond the defaults: " + " ".join(self.triton_extra_args()))
+            extra = self.triton_extra_args()
+            if extra:
+                print("# tritonserver arguments beyond the defaults: " + " ".join(extra))
             return 0
         triton_host = a.triton_host if a.triton_host is not None else a.host
         check_ports({k: v for k, v in self.ports().items() if k != "--port"}, triton_host)
