@@ -58,7 +58,12 @@ def main():
     client.start_stream(callback=lambda result, error: responses.put((result, error)))
     text, audio = [], []
     try:
-        client.async_stream_infer("chroma", inputs, request_id="grpc-example", enable_empty_final_response=True)
+        # sequence_*: the conversation this request belongs to. A server started with conversation
+        # affinity (the default with --dp-size > 1) keeps a conversation's turns on one GPU and
+        # refuses requests without it; later turns send the same sequence_id without
+        # sequence_start; a request no turn follows sets sequence_end (README "Conversation affinity").
+        client.async_stream_infer("chroma", inputs, request_id="grpc-example", enable_empty_final_response=True,
+                                  sequence_id="grpc-example", sequence_start=True, sequence_end=True)
         while True:
             result, error = responses.get(timeout=600)
             if error is not None:

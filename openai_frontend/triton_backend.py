@@ -33,6 +33,7 @@ import json
 import logging
 import re
 import struct
+from contextlib import aclosing
 from typing import AsyncIterator, Sequence
 
 import grpc
@@ -41,6 +42,7 @@ from tritonclient.grpc import InferResult, service_pb2, service_pb2_grpc
 from tritonclient.grpc.aio import InferenceServerClient
 from tritonclient.utils import InferenceServerException
 
+from chroma_triton.serving.affinity import conversation_key, needs_start, opens_conversation
 from chroma_triton.serving.protocol import classify_error
 
 from .backend import ChatRequest, Delta, Readiness, Usage
@@ -117,6 +119,10 @@ def serialize_infer_request(head: service_pb2.ModelInferRequest, contents: Seque
     return b"".join(parts)
 
 
+class _UnknownConversation(Exception):
+    """Triton refused a request that continued a conversation it does not know (affinity.needs_start)."""
+
+
 class TritonBackend:
     def __init__(self, url: str, model: str = "chroma", *, request_timeout: float = 600.0,
                  health_timeout: float = 2.0, cancel_model: str | None = "chroma_cancel",
@@ -185,9 +191,27 @@ class TritonBackend:
 
     # -- generation ------------------------------------------------------------------------------
     async def stream(self, request: ChatRequest) -> AsyncIterator[Delta]:
+        """The reply to ``request``. The request names its conversation (``sequence_id``, see
+        ``chroma_triton/serving/affinity.py``), starting it when it has no assistant turn yet; if
+        Triton does not know the conversation (idle past its timeout, or a server restarted), the
+        request is sent once more, starting it. A model without a sequence batcher ignores both."""
+        key = conversation_key(request.messages, request.user_audio)
+        start = opens_conversation(request.messages)
+        try:  # aclosing: a consumer that stops early cancels the request at once (_stream_once's finally)
+            async with aclosing(self._stream_once(request, key, start)) as deltas:
+                async for delta in deltas:
+                    yield delta
+        except _UnknownConversation:
+            log.info("request %s: Triton does not know conversation %s (idle past its timeout, or new to this "
+                     "server): sent again as its first turn", request.request_id, key)
+            async with aclosing(self._stream_once(request, key, True)) as deltas:
+                async for delta in deltas:
+                    yield delta
+
+    async def _stream_once(self, request: ChatRequest, key: str, start: bool) -> AsyncIterator[Delta]:
         self._get_stub()
         stream_infer = self._stream_infer  # close() may clear it while this request waits below
-        infer_request = self._infer_request(request)
+        infer_request = self._infer_request(request, key, start)
         writes_done = asyncio.Event()
 
         async def requests():
@@ -206,6 +230,8 @@ class TritonBackend:
             async for response in call:
                 if response.error_message:  # an error ends the request (Triton sends nothing after it)
                     completed = True
+                    if not start and needs_start(response.error_message):
+                        raise _UnknownConversation()  # nothing was sent to the client yet
                     raise classify_triton_error(response.error_message, self)
                 delta, final = _parse(response.infer_response, utf8)
                 if pending is not None:  # a finished delta followed by data: merge, keep waiting
@@ -265,10 +291,14 @@ class TritonBackend:
         log.info("request %s: cancel call answered: running=%s", request_id, running)
         return running
 
-    def _infer_request(self, request: ChatRequest) -> bytes:
-        """The request for the ensemble, serialized (see :func:`serialize_infer_request`)."""
+    def _infer_request(self, request: ChatRequest, conversation: str = "", start: bool = True) -> bytes:
+        """The request for the ensemble, serialized (see :func:`serialize_infer_request`), naming
+        ``conversation`` (starting it with ``start``) when given."""
         head = service_pb2.ModelInferRequest(model_name=self.model, id=request.request_id)
         head.parameters["triton_enable_empty_final_response"].bool_param = True
+        if conversation:
+            head.parameters["sequence_id"].string_param = conversation
+            head.parameters["sequence_start"].bool_param = start
         contents: list[list[bytes]] = []
 
         def add(name: str, datatype: str, shape: list[int], pieces: list[bytes]) -> None:

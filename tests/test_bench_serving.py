@@ -52,7 +52,7 @@ def test_conversations_grow_by_a_turn_each_round_with_clips_of_their_own():
     import numpy as np
     import soundfile as sf
 
-    from chroma_triton.bench.clients import Turn, Workload
+    from chroma_triton.bench.clients import Sequence, Turn, Workload
     from chroma_triton.serving.protocol import MESSAGES, USER_AUDIO, parse_messages, resolve_audio_parts
 
     w = Workload(history_turns=(0, 2), conversations=True)
@@ -80,6 +80,11 @@ def test_conversations_grow_by_a_turn_each_round_with_clips_of_their_own():
     _, used = resolve_audio_parts(parse_messages(arrays[MESSAGES][0].decode()), 3)
     assert used == [0, 1, 2]
     assert Workload(history_turns=(0, 2)).user_clips(7, Turn(5, 2, 2)) is None  # without conversations: by seed
+    # over gRPC each stream names its conversation, started by the run's first round (conversation
+    # affinity); a request of no conversation is a sequence of its own, ended at once
+    assert [w.sequence(Turn(5, 3, r)) for r in (0, 1)] == [Sequence("bench-5-3", True, False),
+                                                            Sequence("bench-5-3", False, False)]
+    assert Workload().sequence(Turn(5, 3, 1)) == Sequence("bench-5-3-1", True, True)
 
 
 def test_tagged_clips_reach_every_row_of_the_embeddings(tiny_checkpoint):
@@ -216,12 +221,15 @@ def test_bench_serving_against_the_stack(triton_install, tmp_path):
            "--client-procs", "2",  # the 2-stream levels run one stream in each of two client processes
            "--rounds", "2",  # ...each sending two requests one after the other (one stream too)
            "--history-turns", "0-1", "--conversations",  # stream 0 starts with no history, stream 1 one turn deep
+           # both paths name their conversations (the frontend by its messages, gRPC by stream)
+           "--launcher-arg=--conversation-affinity=on",
            "--server-match", str(tmp_path / "stack")]  # this stack's processes only
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "| frontend | 2 x 2 |" in proc.stdout and "| grpc | 1 x 2 |" in proc.stdout
     report = json.loads(out.read_text())
     assert report["history_turns"] == [0, 1] and report["conversations"] is True
+    assert "sequence_batching" in (tmp_path / "stack/server/model_repository/chroma_lm/config.pbtxt").read_text()
     starts = [lv["started_unix"] for lv in report["levels"]]
     assert starts == sorted(starts) and time.time() - 600 < starts[0] <= starts[-1] < time.time()
 
@@ -240,13 +248,19 @@ def test_bench_serving_against_the_stack(triton_install, tmp_path):
         assert lv["streams_with_sample_count_mismatch"] == 0
         assert lv["frames_received"] == lv["frames_reported"] <= n * MAX_TOKENS
         assert lv["triton_counters_delta"]["chroma_lm_audio_frames_total{chroma_lm}"] == lv["frames_received"]
-        assert lv["triton_counters_delta"]["nv_inference_request_success{audio_encoder}"] == n
+        # conversation affinity: the frontend starts a conversation at its request with no assistant
+        # turn; stream 1 of the 2-stream level starts a turn deep, and its round 1 drops its oldest
+        # turn (a new first message: a new conversation), so Triton refused both, and the frontend
+        # sent them again as first turns (each through the encoder twice, the second time from its
+        # clip cache); the gRPC client starts each stream's conversation at its first round
+        retried = 2 if (lv["path"], c) == ("frontend", 2) else 0
+        assert lv["triton_counters_delta"]["nv_inference_request_success{audio_encoder}"] == n + retried
         # --conversations: round 1 resends round 0's latest clip, which the encoder's clip cache holds
         # (stream 0: 1 clip, then 2; stream 1: 2, then 2 with the oldest dropped); the next run's
         # conversations are new, so nothing carries over from a warm-up or level before
         clips = {how: lv["triton_counters_delta"].get(f"chroma_audio_encoder_clips_total{{audio_encoder,{how}}}")
                  for how in ("embedded", "reused")}
-        assert clips == ({"embedded": 2, "reused": 1} if c == 1 else {"embedded": 5, "reused": 2}), clips
+        assert clips == ({"embedded": 2, "reused": 1} if c == 1 else {"embedded": 5, "reused": 2 + 2 * retried}), clips
         # the encoder's time by stage: every request decoded clips and built its output; the tower ran
         stages = {k.split(",")[1].rstrip("}"): v for k, v in lv["triton_counters_delta"].items()
                   if k.startswith("chroma_audio_encoder_seconds_total{")}

@@ -670,6 +670,13 @@ def test_the_serialized_request_is_the_message_protobuf_would_send(with_options)
         add("seed", "INT64", [1], np.array([-5], "<i8").tobytes())
     assert service_pb2.ModelInferRequest.FromString(wire) == expected
     assert serialize_infer_request(expected, []) == expected.SerializeToString()
+    # naming the conversation (conversation affinity) adds sequence_id and sequence_start
+    named = service_pb2.ModelInferRequest.FromString(TritonBackend("localhost:1")._infer_request(request, "conv-1", False))
+    assert named.parameters["sequence_id"].string_param == "conv-1"
+    assert named.parameters["sequence_start"].WhichOneof("parameter_choice") == "bool_param"
+    assert not named.parameters["sequence_start"].bool_param
+    del named.parameters["sequence_id"], named.parameters["sequence_start"]
+    assert named == expected
 
 
 def test_unreachable_triton_is_503():

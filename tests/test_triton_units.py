@@ -680,6 +680,59 @@ def test_dry_run_dp2_renders_two_gpus():
     assert "KIND_GPU" in out.stdout and "NOISE" in out.stderr  # no model path: demo warning
 
 
+@pytest.mark.triton
+def test_dry_run_conversation_affinity_follows_dp_unless_given():
+    """--conversation-affinity auto gives chroma_lm a sequence batcher at dp > 1 only (on, off
+    force it); --conversation-idle-s sets its idle timeout; a timeout <= 0 is refused."""
+    def batcher(*args):
+        out = _launcher("--dry-run", *args)
+        assert out.returncode == 0, out.stderr
+        lm = parse_config(out.stdout.split("# ===== chroma_lm/config.pbtxt =====")[1].split("# =====")[0])
+        return lm.sequence_batching.max_sequence_idle_microseconds if lm.HasField("sequence_batching") else None
+
+    assert batcher() is None and batcher("--dp-size", "2") == 120_000_000
+    assert batcher("--dp-size", "2", "--conversation-affinity", "off") is None
+    assert batcher("--conversation-affinity", "on", "--conversation-idle-s", "2.5") == 2_500_000
+    out = _launcher("--dry-run", "--conversation-idle-s", "0")
+    assert out.returncode == 2 and "--conversation-idle-s must be > 0 seconds" in out.stderr, out.stderr
+
+
+def test_render_conversation_affinity_only_in_chroma_lm():
+    from chroma_triton.serving.affinity import CANDIDATE_SEQUENCES
+
+    configs = render_configs(RenderSpec(conversation_idle_s=30))
+    lm = parse_config(configs["chroma_lm"])
+    assert lm.sequence_batching.max_sequence_idle_microseconds == 30_000_000
+    assert lm.sequence_batching.oldest.max_candidate_sequences == CANDIDATE_SEQUENCES
+    assert lm.model_transaction_policy.decoupled and len(lm.instance_group) == 1
+    assert [n for n, text in configs.items() if "sequence_batching" in text] == ["chroma_lm"]
+    assert "sequence_batching" not in render_configs(RenderSpec())["chroma_lm"]
+    with pytest.raises(ValueError, match="must be > 0"):
+        render_configs(RenderSpec(conversation_idle_s=-1))
+
+
+def test_conversation_key_names_every_turn_of_a_conversation_alike():
+    """The key digests the messages up to the first user turn (audio by its clip's bytes): a later
+    turn, which resends them, gets the same key; another first clip or system prompt another."""
+    from chroma_triton.serving.affinity import conversation_key, needs_start, opens_conversation
+
+    def user(i):
+        return {"role": "user", "content": [{"type": "audio", "audio_index": i}, {"type": "text", "text": "hi"}]}
+
+    system = {"role": "system", "content": "Be brief."}
+    first = [system, user(0)]
+    later = [system, user(0), {"role": "assistant", "content": "Sure."}, user(1)]
+    key = conversation_key(first, [b"clip-a"])
+    assert key == conversation_key(later, [b"clip-a", b"clip-b"]) and key.startswith("conv-")
+    assert key != conversation_key(first, [b"clip-c"])
+    assert key != conversation_key([{"role": "system", "content": "Be long."}, user(0)], [b"clip-a"])
+    assert conversation_key([user(5)], []) == conversation_key([user(5)], [])  # an index out of range: as it is
+    assert opens_conversation(first) and not opens_conversation(later)
+    message = ("in ensemble 'chroma', inference request for sequence conv-1 to model 'chroma_lm' must "
+               "specify the START flag on the first request of the sequence")
+    assert needs_start(message) and not needs_start("invalid request: max_tokens must be > 0")
+
+
 def test_python_shared_memory_flag_reaches_tritonserver_or_is_refused():
     """--python-shm-mib INITIAL[,GROWTH] becomes the Python backend's --backend-config arguments
     (tests/test_tritonserver_runtime.py checks that Triton takes them); a bad value is a usage error."""

@@ -57,6 +57,15 @@ class Turn:
     round: int
 
 
+@dataclass(frozen=True)
+class Sequence:
+    """How a request names its conversation to Triton (chroma_triton/serving/affinity.py)."""
+
+    id: str
+    start: bool
+    end: bool
+
+
 @functools.cache
 def _pcm16(path: Path) -> tuple[np.ndarray, int]:
     data, rate = sf.read(path, dtype="int16")
@@ -119,6 +128,13 @@ class Workload:
         if self.conversations and turn is not None:
             return min(self.conversation_turn(turn), hi)
         return lo + seed % (hi - lo + 1)
+
+    def sequence(self, turn: Turn) -> Sequence:
+        """In ``conversations``: the stream's conversation, started by the run's first round (the
+        server has not seen it, whatever its history); else a sequence of one request."""
+        if self.conversations:
+            return Sequence(f"bench-{turn.run}-{turn.stream}", start=turn.round == 0, end=False)
+        return Sequence(f"bench-{turn.run}-{turn.stream}-{turn.round}", start=True, end=True)
 
     def conversation_turn(self, turn: Turn) -> int:
         """In ``conversations``: how many turns the conversation of ``turn`` had before it."""
@@ -200,9 +216,16 @@ def _sse_event(event: dict, now: float, rec: StreamRecord) -> None:
 
 
 # -- Triton gRPC --------------------------------------------------------------------------------
-def infer_request(arrays: dict[str, np.ndarray], request_id: str, model: str = "chroma") -> service_pb2.ModelInferRequest:
+def infer_request(arrays: dict[str, np.ndarray], request_id: str, model: str = "chroma",
+                  sequence: Sequence | None = None) -> service_pb2.ModelInferRequest:
+    """The ensemble's request; ``sequence`` names its conversation (what a stack with conversation
+    affinity needs, and one without ignores)."""
     msg = service_pb2.ModelInferRequest(model_name=model, id=request_id)
     msg.parameters["triton_enable_empty_final_response"].bool_param = True
+    if sequence is not None:
+        msg.parameters["sequence_id"].string_param = sequence.id
+        msg.parameters["sequence_start"].bool_param = sequence.start
+        msg.parameters["sequence_end"].bool_param = sequence.end
     for name, array in arrays.items():
         tensor = msg.inputs.add()
         tensor.name, tensor.datatype = name, triton_dtype(array)

@@ -65,9 +65,10 @@ async def drive_streams(path: str, indices: list[int], streams: int, settings: D
     seeds = [settings.seed + i + r * streams for i in indices for r in range(rounds)]
     if path == "grpc":
         pool = GrpcPool(targets["grpc"])
-        requests = [infer_request(workload.ensemble_arrays(seed, Turn(settings.run, rec.stream, rec.round)),
-                                  f"bench-{streams}-{rec.stream}-{rec.round}")
-                    for rec, seed in zip(records, seeds)]
+        turns = [Turn(settings.run, rec.stream, rec.round) for rec in records]
+        requests = [infer_request(workload.ensemble_arrays(seed, turn), f"bench-{streams}-{rec.stream}-{rec.round}",
+                                  sequence=workload.sequence(turn))
+                    for rec, seed, turn in zip(records, seeds, turns)]
     else:
         limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
         client = httpx.AsyncClient(timeout=httpx.Timeout(settings.request_timeout, connect=30), limits=limits,

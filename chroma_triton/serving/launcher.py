@@ -28,6 +28,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from ..demo import ASSETS
+from .affinity import DEFAULT_IDLE_S
 from .cuda_mps import MODES, MpsDaemon, MpsError, find_control
 from .repository import MODELS, SOURCE_REPOSITORY, RenderSpec, render_configs, render_repository
 from .tritonserver import PYTHON_STUB, TritonServer, TritonServerError, find_tritonserver, is_port_free, python_shm_args
@@ -119,6 +120,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="how audio_encoder hands the user clips' embeddings to chroma_lm (and answers direct "
                         "calls): auto = the models' dtype, bf16 on GPUs (half the bytes, nothing rounded), fp32 "
                         "on the CPU")
+    p.add_argument("--conversation-affinity", choices=MODES, default="auto",
+                   help="keep each conversation's turns on the chroma_lm instance (GPU) that served its first turn, "
+                        "whose thinker prefix cache holds the conversation so far, through Triton's sequence "
+                        "batcher: clients then name the conversation in each request (sequence_id, with "
+                        "sequence_start on its first turn; the frontend does it); auto: on when --dp-size > 1 "
+                        "(see chroma_triton/serving/affinity.py)")
+    p.add_argument("--conversation-idle-s", type=float, default=DEFAULT_IDLE_S, metavar="SECONDS",
+                   help="with conversation affinity: how long a conversation stays bound to its instance after "
+                        "its latest request")
     p.add_argument("--no-frontend", action="store_true", help="serve Triton only")
     p.add_argument("--allowed-local-media-path", action="append", default=None, metavar="DIR",
                    help="folder whose files requests may name by path (repeatable; default: the project's assets/)")
@@ -217,6 +227,14 @@ def warmup_frames(requested: int | None, kind: str) -> int:
     if requested is not None:
         return requested
     return WARMUP_FRAMES_GPU if kind == "gpu" else 0
+
+
+def conversation_idle_s(mode: str, idle_s: float, dp_size: int) -> float:
+    """``RenderSpec.conversation_idle_s`` for ``--conversation-affinity``: 0 (off) or the timeout."""
+    if not idle_s > 0:
+        raise LaunchError(f"--conversation-idle-s must be > 0 seconds, got {idle_s:g}")
+    on = mode == "on" or (mode == "auto" and dp_size > 1)
+    return idle_s if on else 0.0
 
 
 def choose_device(requested: str, dp_size: int, gpus: int, dry_run: bool) -> str:
@@ -459,7 +477,9 @@ class Launcher:
                 raise LaunchError("thinker_backend 'sglang' needs the sglang package: pip install 'chroma-triton[sglang]'")
         model_path, _ = resolve_model_path(a.chroma_model_path, dry_run=a.dry_run)
         spec = RenderSpec(model_path=model_path, base_qwen_path=check_base_qwen(a.base_qwen_path), kind=kind,
-                          dp_size=a.dp_size, params=params, embeds_dtype=a.audio_embeds_dtype)
+                          dp_size=a.dp_size, params=params, embeds_dtype=a.audio_embeds_dtype,
+                          conversation_idle_s=conversation_idle_s(a.conversation_affinity, a.conversation_idle_s,
+                                                                  a.dp_size))
         try:
             configs = render_configs(spec, Path(a.model_repository))
         except (ValueError, FileNotFoundError) as exc:
@@ -508,6 +528,10 @@ class Launcher:
         repo = workdir / "model_repository"
         render_repository(repo, spec, Path(a.model_repository))
         log.info("rendered %s (%s, dp %d) from %s", repo, spec.kind.upper(), spec.dp_size, a.model_repository)
+        if spec.conversation_idle_s:
+            log.info("conversation affinity on: a conversation's turns stay on one chroma_lm instance for %g s after "
+                     "its latest request; Triton refuses requests that name no conversation (sequence_id)",
+                     spec.conversation_idle_s)
         log.info("tritonserver: %s (%s)", install.binary, install.kind)
         self._install_signals()  # before the MPS daemon starts: a stop from now on goes through _shutdown
         mps_env = self._start_mps(spec.kind, workdir)

@@ -13,6 +13,8 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .affinity import sequence_batching
+
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 SOURCE_REPOSITORY = PROJECT_ROOT / "model_repository"
 MODELS = ("audio_encoder", "chroma_lm", "codec_decoder", "stream_watch", "chroma", "chroma_cancel")
@@ -27,6 +29,9 @@ class RenderSpec:
     dp_size: int = 1
     params: dict[str, dict[str, str]] = field(default_factory=dict)  # model -> key -> value
     embeds_dtype: str = "auto"  # audio_embeds between audio_encoder and chroma_lm: auto, fp32 or bf16
+    # > 0: chroma_lm gets a sequence batcher that keeps a conversation's turns on one instance for
+    # this many seconds after its latest request (serving/affinity.py); 0: Triton picks any instance
+    conversation_idle_s: float = 0.0
 
 
 #: ``RenderSpec.embeds_dtype`` -> the Triton type of ``audio_embeds``; ``auto`` is the models' own
@@ -66,6 +71,8 @@ def render_config(name: str, text: str, spec: RenderSpec) -> str:
         text = _DYNAMIC_BATCHING.sub("", text, count=1)
     if name in EMBEDS_MODELS:
         text = _set_embeds_dtype(name, text, embeds_type(spec))
+    if name == AFFINITY_MODEL and spec.conversation_idle_s:
+        text = _add_sequence_batching(name, text, spec.conversation_idle_s)
     if spec.kind != "gpu":
         for key, value in CPU_PARAMS.get(name, {}).items():
             text = _set_param(name, text, key, value)
@@ -112,6 +119,20 @@ def _set_embeds_dtype(name: str, text: str, triton_type: str) -> str:
     if found != 1:
         raise ValueError(f"model {name}: config should declare audio_embeds' data_type once, found {found}")
     return text
+
+
+AFFINITY_MODEL = "chroma_lm"
+_INSTANCE_GROUP_LINE = re.compile(r"^instance_group \[", re.M)
+
+
+def _add_sequence_batching(name: str, text: str, idle_s: float) -> str:
+    """Put the sequence batcher (conversation affinity) in front of the instance group."""
+    if re.search(r"^sequence_batching\b", text, re.M):
+        raise ValueError(f"model {name}: config already has a sequence_batching block")
+    match = _INSTANCE_GROUP_LINE.search(text)
+    if match is None:
+        raise ValueError(f"model {name}: config has no top-level 'instance_group [ ... ]' block")
+    return text[:match.start()] + sequence_batching(idle_s) + text[match.start():]
 
 
 _PARAM = r'parameters:\s*\{\s*key:\s*"%s"\s*value:\s*\{\s*string_value:\s*"(?:[^"\\]|\\.)*"\s*\}\s*\}'

@@ -69,7 +69,9 @@ def send_warmup(url: str, frames: int, timeout_s: float = 120.0, stop=lambda: Fa
         responses: queue.Queue = queue.Queue()
         client = grpcclient.InferenceServerClient(url)
         client.start_stream(callback=lambda result, error: responses.put((result, error, time.perf_counter())))
-        client.async_stream_infer("chroma", inputs, request_id=request_id, enable_empty_final_response=True)
+        # a sequence of one request: a stack with conversation affinity refuses requests without one
+        client.async_stream_infer("chroma", inputs, request_id=request_id, enable_empty_final_response=True,
+                                  sequence_id=request_id, sequence_start=True, sequence_end=True)
         while True:
             if stop():
                 error = "stopped"

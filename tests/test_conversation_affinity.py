@@ -1,0 +1,117 @@
+"""Conversation affinity on a real tritonserver: ``chroma_lm`` with two instances (what
+``--dp-size 2`` renders on two GPUs, here two CPU instances of the tiny checkpoint) and the sequence
+batcher the launcher renders (``--conversation-affinity``), driven through the real frontend with
+the ``openai`` SDK. Every later turn of a conversation must reach the instance that holds its
+earlier prompt in its thinker prefix cache: without affinity Triton hands consecutive requests to
+alternate instances, and the second turn finds nothing there."""
+
+from __future__ import annotations
+
+import base64
+import re
+import urllib.request
+
+import openai
+import pytest
+
+from chroma_triton.bench.clients import tagged_clip
+from chroma_triton.serving import protocol as P
+from chroma_triton.serving.affinity import ID_MISSING
+from chroma_triton.serving.repository import RenderSpec, render_repository
+from chroma_triton.serving.tritonserver import TritonServer
+from openai_frontend.testing import TEST_FRONTEND_ARGS, FrontendProcess
+
+from test_triton_server import Stream, user_turn
+
+pytestmark = pytest.mark.triton
+
+ASSISTANT = "Sure. It should stay dry and mild all afternoon, with a light breeze from the west."
+
+
+@pytest.fixture(scope="module")
+def stack(triton_install, tmp_path_factory, tiny_checkpoint):
+    repo = tmp_path_factory.mktemp("rendered") / "model_repository"
+    render_repository(repo, RenderSpec(model_path=str(tiny_checkpoint), conversation_idle_s=600, params={
+        "chroma_lm": {"max_batch": "2", "thinker_prefix_cache_mib": "64", "thinker_prefix_min_tokens": "64"}}))
+    config = repo / "chroma_lm" / "config.pbtxt"
+    text = config.read_text()
+    assert text.count("count: 1") == 1 and "sequence_batching" in text
+    config.write_text(text.replace("count: 1", "count: 2"))  # two engines, as on two GPUs
+    logs = tmp_path_factory.mktemp("logs")
+    triton = TritonServer(repo, log_file=logs / "tritonserver.log")
+    triton.start(timeout=240)
+    frontend = None
+    try:
+        frontend = FrontendProcess(triton.grpc_url, args=TEST_FRONTEND_ARGS, log_file=logs / "frontend.log").start(
+            wait_ready=True)
+        yield triton, frontend
+    finally:
+        if frontend is not None:
+            frontend.stop()
+        triton.stop()
+
+
+def per_instance(server, name: str) -> dict[str, float]:
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    text = opener.open(f"http://{server.metrics_url}/metrics", timeout=5).read().decode()
+    return {m.group(1): float(m.group(2)) for m in
+            re.finditer(r'^%s\{[^}]*instance="([^"]+)"[^}]*\}\s+(\S+)$' % name, text, re.M)}
+
+
+def clip_part(tag: int) -> dict:
+    from chroma_triton.bench.clients import ASSETS
+    data = base64.b64encode(tagged_clip(ASSETS / "question_audio.wav", tag)).decode()
+    return {"type": "input_audio", "input_audio": {"data": data, "format": "wav"}}
+
+
+def conversation(tag: int, turns: int, first: int = 0) -> list[dict]:
+    """The messages of turn ``turns`` (0-based) of conversation ``tag``: every user turn a clip of its
+    own, the same assistant text between them; ``first``: turns the client already had elsewhere."""
+    messages = []
+    for j in range(first + turns + 1):
+        if j:
+            messages.append({"role": "assistant", "content": ASSISTANT})
+        messages.append({"role": "user", "content": [clip_part((tag << 8) | j)]})
+    return messages
+
+
+def hits(server) -> float:
+    return sum(per_instance(server, "chroma_lm_prefill_prefix_prompts_total").values())
+
+
+def test_a_conversations_turns_stay_on_the_instance_that_holds_its_prompt(stack):
+    """Two conversations of three turns, each conversation's turns one after another: with affinity
+    every later turn continues a stored prompt (4 hits), on the instance the conversation started on."""
+    triton, frontend = stack
+    sdk = openai.OpenAI(api_key="unused", base_url=f"{frontend.url}/v1", max_retries=0, timeout=120)
+    before = hits(triton)
+    for tag in (1, 2):
+        ended = per_instance(triton, "chroma_lm_finished_total")
+        for turn in range(3):
+            reply = sdk.chat.completions.create(model="chroma", messages=conversation(tag, turn), max_tokens=4, seed=turn)
+            assert reply.choices[0].finish_reason in ("stop", "length")
+        now = per_instance(triton, "chroma_lm_finished_total")
+        assert sorted(now[k] - ended.get(k, 0.0) for k in now) == [0.0, 3.0], f"conversation {tag}: {ended} -> {now}"
+    assert hits(triton) - before == 4, "every later turn should find its conversation's earlier prompt"
+
+
+def test_b_a_conversation_triton_does_not_know_is_started_again(stack):
+    """A request that continues a conversation this server never saw (a client's history from
+    elsewhere, or one idle past the timeout): Triton refuses its continuation, the frontend sends
+    it again as the conversation's first turn; its next turn then finds its prompt."""
+    triton, frontend = stack
+    sdk = openai.OpenAI(api_key="unused", base_url=f"{frontend.url}/v1", max_retries=0, timeout=120)
+    before = hits(triton)
+    for turn in range(2):
+        reply = sdk.chat.completions.create(model="chroma", messages=conversation(3, turn, first=2), max_tokens=4)
+        assert reply.choices[0].finish_reason in ("stop", "length")
+    assert hits(triton) - before == 1
+    assert "sent again as its first turn" in frontend.log_tail()
+
+
+def test_c_a_direct_request_must_name_its_conversation(stack, question_wav, ref_voice):
+    """Over gRPC, a request that names no conversation (no sequence_id) is refused, with Triton's message."""
+    triton, _ = stack
+    arrays = P.ensemble_inputs(user_turn("Hello."), [question_wav], ref_voice[0], ref_voice[1], max_tokens=3, seed=1)
+    with pytest.raises(Exception, match=re.escape(ID_MISSING)):
+        Stream(triton, arrays, request_id="nameless").collect()
