@@ -4,7 +4,9 @@ through Triton's ``generate_stream`` endpoint (server-sent events).
 HTTP ``/infer`` cannot call a decoupled model such as ``chroma`` (one request, many
 responses); ``generate_stream`` can.  It takes JSON, so this example sends text only (no binary
 user audio) and ``prompt_audio: ""`` (the server's default voice); for audio input use gRPC
-(``triton_grpc_stream_example.py``) or the OpenAI frontend.
+(``triton_grpc_stream_example.py``) or the OpenAI frontend. ``generate_stream`` cannot name a
+conversation (Triton 2.51 takes no sequence fields there), so it needs a server started without
+``--conversation-affinity on``.
 
     python client/triton_http_example.py [--url localhost:8080] [--out reply_http.wav]
 """

@@ -48,6 +48,10 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, Setti
     p.add_argument("--start-timeout", type=float, default=d.start_timeout,
                    help="seconds a reply may take to start (waiting for a generation row) before the request "
                         "gets 429 server_busy and is cancelled; 0 = never")
+    p.add_argument("--conversation-idle-s", type=float, default=d.conversation_idle_s,
+                   help="seconds Triton keeps a conversation on its chroma_lm instance after its latest request "
+                        "(the launcher's --conversation-idle-s): the frontend starts a conversation it has not "
+                        "named for that long again")
     p.add_argument("--log-level", default=d.log_level, choices=["debug", "info", "warning", "error"])
     args = p.parse_args(argv)
     if args.workers < 1:
@@ -70,6 +74,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, Setti
             request_timeout=args.request_timeout,
             slow_client_timeout=args.slow_client_timeout,
             start_timeout=args.start_timeout,
+            conversation_idle_s=args.conversation_idle_s,
             log_level=args.log_level,
         )
     except ValueError as exc:

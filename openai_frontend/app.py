@@ -309,13 +309,14 @@ def create_app(settings: Settings | None = None, *, backend: ChatBackend | None 
     from .triton_backend import TritonBackend
 
     settings = settings or Settings()
-    if backend is None:
+    transcripts = SharedTranscripts(settings.transcript_db) if settings.transcript_db else MemoryTranscripts()
+    if backend is None:  # the transcripts' store (shared by the workers) also remembers named conversations
         backend = TritonBackend(settings.triton_grpc_url, settings.triton_model,
                                 request_timeout=settings.request_timeout, health_timeout=settings.health_timeout,
-                                cancel_model=settings.triton_cancel_model)
+                                cancel_model=settings.triton_cancel_model, conversations=transcripts,
+                                conversation_idle_s=settings.conversation_idle_s)
     media = MediaResolver(settings.allowed_local_media_paths, max_bytes=settings.max_body_bytes)
     voices = VoiceLibrary.load(settings.voices_dir, settings.max_prompt_audio_seconds)
-    transcripts = SharedTranscripts(settings.transcript_db) if settings.transcript_db else MemoryTranscripts()
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):

@@ -12,6 +12,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from chroma_triton.serving.affinity import DEFAULT_IDLE_S
+
 SETTINGS_ENV = "CHROMA_FRONTEND_SETTINGS"
 API_KEY_ENV = "CHROMA_API_KEY"
 
@@ -70,12 +72,16 @@ class Settings:
     audio_retention_seconds: int = 3600
     log_level: str = "info"
     transcript_db: str | None = None  # SQLite file shared by worker processes; None: in this process's memory
+    # how long Triton keeps a conversation on its instance (the launcher's --conversation-idle-s): a
+    # request whose conversation this frontend has not named for that long starts it again
+    conversation_idle_s: float = DEFAULT_IDLE_S
 
     def __post_init__(self) -> None:
         for name in ("max_body_bytes", "max_tokens_limit", "default_max_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("max_audio_seconds", "max_prompt_audio_seconds", "request_timeout", "health_timeout"):
+        for name in ("max_audio_seconds", "max_prompt_audio_seconds", "request_timeout", "health_timeout",
+                     "conversation_idle_s"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
         if self.start_timeout < 0:

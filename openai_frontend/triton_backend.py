@@ -32,7 +32,9 @@ import codecs
 import json
 import logging
 import re
+import sqlite3
 import struct
+import time
 from contextlib import aclosing
 from typing import AsyncIterator, Sequence
 
@@ -42,11 +44,12 @@ from tritonclient.grpc import InferResult, service_pb2, service_pb2_grpc
 from tritonclient.grpc.aio import InferenceServerClient
 from tritonclient.utils import InferenceServerException
 
-from chroma_triton.serving.affinity import conversation_key, needs_start, opens_conversation
+from chroma_triton.serving.affinity import DEFAULT_IDLE_S, conversation_key, needs_start, opens_conversation
 from chroma_triton.serving.protocol import classify_error
 
 from .backend import ChatRequest, Delta, Readiness, Usage
 from .errors import APIError, GatewayTimeout, InternalError, InvalidRequest, PayloadTooLarge, RateLimited, ServiceUnavailable
+from .transcripts import TranscriptStore
 
 log = logging.getLogger("openai_frontend.triton")
 
@@ -119,6 +122,14 @@ def serialize_infer_request(head: service_pb2.ModelInferRequest, contents: Seque
     return b"".join(parts)
 
 
+#: the prefix of a named conversation's entry in the transcripts' store
+_CONVERSATION = "conversation:"
+#: the share of Triton's idle timeout for which a named conversation counts as known: past it the
+#: request starts the conversation again (a start of a sequence Triton still holds keeps it where it
+#: is, with a warning in Triton's log), rather than risk Triton's refusal and a second request
+KNOWN_SHARE = 0.9
+
+
 class _UnknownConversation(Exception):
     """Triton refused a request that continued a conversation it does not know (affinity.needs_start)."""
 
@@ -126,8 +137,11 @@ class _UnknownConversation(Exception):
 class TritonBackend:
     def __init__(self, url: str, model: str = "chroma", *, request_timeout: float = 600.0,
                  health_timeout: float = 2.0, cancel_model: str | None = "chroma_cancel",
-                 cancel_timeout: float = 5.0):
+                 cancel_timeout: float = 5.0, conversations: TranscriptStore | None = None,
+                 conversation_idle_s: float = DEFAULT_IDLE_S):
         self.url = url
+        self.conversations = conversations  # conversations named lately (shared by the workers)
+        self.conversation_idle_s = conversation_idle_s
         self.model = model
         self.request_timeout = request_timeout
         self.health_timeout = health_timeout
@@ -192,11 +206,11 @@ class TritonBackend:
     # -- generation ------------------------------------------------------------------------------
     async def stream(self, request: ChatRequest) -> AsyncIterator[Delta]:
         """The reply to ``request``. The request names its conversation (``sequence_id``, see
-        ``chroma_triton/serving/affinity.py``), starting it when it has no assistant turn yet; if
-        Triton does not know the conversation (idle past its timeout, or a server restarted), the
-        request is sent once more, starting it. A model without a sequence batcher ignores both."""
+        ``chroma_triton/serving/affinity.py``), starting it unless this frontend named it within the
+        idle timeout; if Triton does not know it all the same (a restarted server), the request is
+        sent once more, starting it. A model without a sequence batcher ignores both."""
         key = conversation_key(request.messages, request.user_audio)
-        start = opens_conversation(request.messages)
+        start = self._starts(key, request.messages)
         try:  # aclosing: a consumer that stops early cancels the request at once (_stream_once's finally)
             async with aclosing(self._stream_once(request, key, start)) as deltas:
                 async for delta in deltas:
@@ -207,6 +221,20 @@ class TritonBackend:
             async with aclosing(self._stream_once(request, key, True)) as deltas:
                 async for delta in deltas:
                     yield delta
+
+    def _starts(self, key: str, messages: list[dict]) -> bool:
+        """Whether the request starts its conversation in Triton: when no worker of this frontend
+        named it within (most of) the idle timeout, and remember that it is named now (each request
+        renews Triton's timeout). Without the store: when the request has no assistant turn."""
+        if self.conversations is None:
+            return opens_conversation(messages)
+        try:
+            start = self.conversations.get(_CONVERSATION + key) is None
+            self.conversations.put(_CONVERSATION + key, "", time.time() + KNOWN_SHARE * self.conversation_idle_s)
+            return start
+        except sqlite3.Error as exc:
+            log.warning("conversation %s: the store of named conversations failed (%s)", key, exc)
+            return opens_conversation(messages)
 
     async def _stream_once(self, request: ChatRequest, key: str, start: bool) -> AsyncIterator[Delta]:
         self._get_stub()

@@ -3,12 +3,16 @@
 batcher the launcher renders (``--conversation-affinity``), driven through the real frontend with
 the ``openai`` SDK. Every later turn of a conversation must reach the instance that holds its
 earlier prompt in its thinker prefix cache: without affinity Triton hands consecutive requests to
-alternate instances, and the second turn finds nothing there."""
+alternate instances, and the second turn finds nothing there.
+
+Triton keeps a conversation for ``IDLE_S`` here while the frontend is told 600 s, so that a test
+can make Triton forget a conversation the frontend still counts as named."""
 
 from __future__ import annotations
 
 import base64
 import re
+import time
 import urllib.request
 
 import openai
@@ -25,13 +29,14 @@ from test_triton_server import Stream, user_turn
 
 pytestmark = pytest.mark.triton
 
+IDLE_S = 15.0
 ASSISTANT = "Sure. It should stay dry and mild all afternoon, with a light breeze from the west."
 
 
 @pytest.fixture(scope="module")
 def stack(triton_install, tmp_path_factory, tiny_checkpoint):
     repo = tmp_path_factory.mktemp("rendered") / "model_repository"
-    render_repository(repo, RenderSpec(model_path=str(tiny_checkpoint), conversation_idle_s=600, params={
+    render_repository(repo, RenderSpec(model_path=str(tiny_checkpoint), conversation_idle_s=IDLE_S, params={
         "chroma_lm": {"max_batch": "2", "thinker_prefix_cache_mib": "64", "thinker_prefix_min_tokens": "64"}}))
     config = repo / "chroma_lm" / "config.pbtxt"
     text = config.read_text()
@@ -42,8 +47,8 @@ def stack(triton_install, tmp_path_factory, tiny_checkpoint):
     triton.start(timeout=240)
     frontend = None
     try:
-        frontend = FrontendProcess(triton.grpc_url, args=TEST_FRONTEND_ARGS, log_file=logs / "frontend.log").start(
-            wait_ready=True)
+        frontend = FrontendProcess(triton.grpc_url, args=[*TEST_FRONTEND_ARGS, "--conversation-idle-s", "600"],
+                                   log_file=logs / "frontend.log").start(wait_ready=True)
         yield triton, frontend
     finally:
         if frontend is not None:
@@ -95,10 +100,10 @@ def test_a_conversations_turns_stay_on_the_instance_that_holds_its_prompt(stack)
     assert hits(triton) - before == 4, "every later turn should find its conversation's earlier prompt"
 
 
-def test_b_a_conversation_triton_does_not_know_is_started_again(stack):
-    """A request that continues a conversation this server never saw (a client's history from
-    elsewhere, or one idle past the timeout): Triton refuses its continuation, the frontend sends
-    it again as the conversation's first turn; its next turn then finds its prompt."""
+def test_b_a_conversation_new_to_this_server_starts_with_its_history(stack):
+    """A conversation whose history the client had elsewhere (its first request here already has
+    assistant turns): the frontend starts it at once (Triton refuses nothing), and its next turn
+    finds its prompt."""
     triton, frontend = stack
     sdk = openai.OpenAI(api_key="unused", base_url=f"{frontend.url}/v1", max_retries=0, timeout=120)
     before = hits(triton)
@@ -106,7 +111,20 @@ def test_b_a_conversation_triton_does_not_know_is_started_again(stack):
         reply = sdk.chat.completions.create(model="chroma", messages=conversation(3, turn, first=2), max_tokens=4)
         assert reply.choices[0].finish_reason in ("stop", "length")
     assert hits(triton) - before == 1
-    assert "sent again as its first turn" in frontend.log_tail()
+    assert "sent again as its first turn" not in frontend.log_tail(400)
+
+
+def test_b2_a_conversation_triton_forgot_is_started_again(stack):
+    """Triton dropped a conversation (idle past its timeout, or a restart) that the frontend still
+    counts as named: Triton refuses the continuation, and the frontend sends the request again as
+    the conversation's first turn."""
+    triton, frontend = stack
+    sdk = openai.OpenAI(api_key="unused", base_url=f"{frontend.url}/v1", max_retries=0, timeout=120)
+    sdk.chat.completions.create(model="chroma", messages=conversation(4, 0), max_tokens=4)
+    time.sleep(IDLE_S + 1.5)
+    reply = sdk.chat.completions.create(model="chroma", messages=conversation(4, 1), max_tokens=4)
+    assert reply.choices[0].finish_reason in ("stop", "length")
+    assert "sent again as its first turn" in frontend.log_tail(400)
 
 
 def test_c_a_direct_request_must_name_its_conversation(stack, question_wav, ref_voice):

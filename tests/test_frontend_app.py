@@ -826,3 +826,29 @@ def test_a_client_that_stops_reading_is_let_go():
     finally:
         server.should_exit = True
         thread.join(10)
+
+
+def test_the_frontend_starts_a_conversation_none_of_its_workers_named_lately(monkeypatch, tmp_path):
+    """sequence_start goes with a conversation the store (shared by the workers) does not hold, or
+    holds from longer ago than 90 % of the idle timeout; each request renews it. Without a store:
+    a request without an assistant turn starts."""
+    import openai_frontend.triton_backend as tb
+    from openai_frontend.transcripts import SharedTranscripts
+
+    clock = [1000.0]
+    monkeypatch.setattr(tb.time, "time", lambda: clock[0])
+    first = [{"role": "user", "content": "hi"}]
+    later = first + [{"role": "assistant", "content": "hello"}, {"role": "user", "content": "and?"}]
+    shared = str(tmp_path / "conversations.sqlite3")
+    workers = [TritonBackend("localhost:1", conversations=SharedTranscripts(shared), conversation_idle_s=100.0)
+               for _ in range(2)]
+    assert workers[0]._starts("conv-a", later)  # named nowhere yet, whatever its history
+    assert not workers[1]._starts("conv-a", later)  # the other worker named it
+    clock[0] += 89.0
+    assert not workers[0]._starts("conv-a", later)  # renewed at each request
+    clock[0] += 91.0
+    assert workers[1]._starts("conv-a", first)  # 91 s > 90 % of 100 s since the last
+    bare = TritonBackend("localhost:1")
+    assert bare._starts("conv-b", first) and not bare._starts("conv-b", later)
+    with pytest.raises(ValueError, match="conversation_idle_s"):
+        Settings(conversation_idle_s=0)

@@ -682,16 +682,16 @@ def test_dry_run_dp2_renders_two_gpus():
 
 @pytest.mark.triton
 def test_dry_run_conversation_affinity_follows_dp_unless_given():
-    """--conversation-affinity auto gives chroma_lm a sequence batcher at dp > 1 only (on, off
-    force it); --conversation-idle-s sets its idle timeout; a timeout <= 0 is refused."""
+    """--conversation-affinity on gives chroma_lm a sequence batcher (off, the default, at any dp);
+    --conversation-idle-s sets its idle timeout; a timeout <= 0 is refused."""
     def batcher(*args):
         out = _launcher("--dry-run", *args)
         assert out.returncode == 0, out.stderr
         lm = parse_config(out.stdout.split("# ===== chroma_lm/config.pbtxt =====")[1].split("# =====")[0])
         return lm.sequence_batching.max_sequence_idle_microseconds if lm.HasField("sequence_batching") else None
 
-    assert batcher() is None and batcher("--dp-size", "2") == 120_000_000
-    assert batcher("--dp-size", "2", "--conversation-affinity", "off") is None
+    assert batcher() is None and batcher("--dp-size", "2") is None
+    assert batcher("--dp-size", "2", "--conversation-affinity", "on") == 120_000_000
     assert batcher("--conversation-affinity", "on", "--conversation-idle-s", "2.5") == 2_500_000
     out = _launcher("--dry-run", "--conversation-idle-s", "0")
     assert out.returncode == 2 and "--conversation-idle-s must be > 0 seconds" in out.stderr, out.stderr
@@ -794,6 +794,10 @@ def test_the_launcher_passes_the_start_timeout_to_the_frontend_when_given():
     assert "--start-timeout" not in command()  # the frontend's own default
     cmd = command("--start-timeout", "45")
     assert cmd[cmd.index("--start-timeout") + 1] == "45.0"
+    # the frontend learns Triton's conversation idle timeout (it starts conversations idle past it)
+    assert command()[-2:] == ["--conversation-idle-s", "120.0"]
+    cmd = command("--conversation-affinity", "on", "--conversation-idle-s", "30")
+    assert cmd[cmd.index("--conversation-idle-s") + 1] == "30.0"
 
 
 def _fake_mps_control(tmp_path, fail=False):

@@ -5,19 +5,30 @@ prompt so far.
 Triton hands a request to any free instance; only its sequence batcher keeps requests together:
 all requests of one *sequence* (one correlation ID) go to the instance the sequence started on,
 until the sequence ends or stays idle for ``max_sequence_idle_microseconds``. So, with affinity on
-(``--conversation-affinity``, on by default when ``--dp-size`` > 1), ``chroma_lm``'s config gets a
-sequence batcher (the "oldest" strategy: any number of a sequence's requests may run at once, no
-batch slot is held while a reply streams) and clients name the conversation:
+(``--conversation-affinity on``), ``chroma_lm``'s config gets a sequence batcher (the "oldest"
+strategy: any number of a sequence's requests may run at once, no batch slot is held while a reply
+streams) and clients name the conversation:
 
 * ``sequence_id``: the conversation (a string or a number); the frontend uses
   :func:`conversation_key`, a digest of the messages up to the first user turn, which every later
-  turn of the conversation repeats;
-* ``sequence_start``: on the conversation's first request (:func:`opens_conversation`: no assistant
-  turn yet), and again whenever Triton answers that the sequence is unknown (:func:`needs_start`:
-  it was idle longer than the timeout, or the server restarted): the request is sent again with the
-  flag and starts the conversation anew, on whichever instance Triton picks;
+  turn of the conversation repeats (a client that trims its history's oldest turns starts a new
+  conversation each time it does: its prompt's beginning changed, so no cache holds it anyway);
+* ``sequence_start``: on the conversation's first request. The frontend sends it when none of its
+  workers named the conversation within most of the idle timeout (a store the workers share); a
+  client that cannot know uses :func:`opens_conversation` (no assistant turn yet). When Triton
+  answers that the sequence is unknown (:func:`needs_start`: idle past the timeout, or a restarted
+  server), the request is sent again with the flag, on whichever instance Triton picks;
 * ``sequence_end``: on a request that no turn will follow (a one-shot request), which frees the
   sequence's slot at once instead of at the idle timeout.
+
+Why it is off by default: a conversation stays on its instance even when that instance's rows are
+all taken and another's are free. In docs/benchmarks.md run 77 (2 x H200, 512 conversations on 512
+rows) gRPC clients, whose conversations started evenly, gained (thinker prefix hits 885-923 of
+2,048 requests against 615-624, 700-703 audio-s/s against 623-666, first audio p50 2.0 s against
+2.4-2.8 s); through the frontend the tail grew (first audio p90 7.2 s against 3.4 s, 604
+audio-s/s against 645), with that run's frontend, which started a conversation only at a request
+without an assistant turn and so sent 1,280 of its 2,564 requests twice (now it remembers what it
+named).
 
 Measured facts (tritonserver 2.51 of the nvidia-pytriton wheel, a decoupled Python model inside an
 ensemble, two instances): the ensemble passes the correlation ID and flags on to ``chroma_lm``;

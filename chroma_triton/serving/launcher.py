@@ -120,12 +120,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="how audio_encoder hands the user clips' embeddings to chroma_lm (and answers direct "
                         "calls): auto = the models' dtype, bf16 on GPUs (half the bytes, nothing rounded), fp32 "
                         "on the CPU")
-    p.add_argument("--conversation-affinity", choices=MODES, default="auto",
-                   help="keep each conversation's turns on the chroma_lm instance (GPU) that served its first turn, "
-                        "whose thinker prefix cache holds the conversation so far, through Triton's sequence "
-                        "batcher: clients then name the conversation in each request (sequence_id, with "
-                        "sequence_start on its first turn; the frontend does it); auto: on when --dp-size > 1 "
-                        "(see chroma_triton/serving/affinity.py)")
+    p.add_argument("--conversation-affinity", choices=("on", "off"), default="off",
+                   help="with --dp-size > 1: keep each conversation's turns on the chroma_lm instance (GPU) that "
+                        "served its first turn, whose thinker prefix cache holds the conversation so far, through "
+                        "Triton's sequence batcher; clients then name the conversation in each request "
+                        "(sequence_id, sequence_start on its first; the frontend does it) and Triton refuses "
+                        "requests that do not. Off by default: a conversation stays on its GPU even when the "
+                        "other has free rows (docs/benchmarks.md run 77; chroma_triton/serving/affinity.py)")
     p.add_argument("--conversation-idle-s", type=float, default=DEFAULT_IDLE_S, metavar="SECONDS",
                    help="with conversation affinity: how long a conversation stays bound to its instance after "
                         "its latest request")
@@ -229,12 +230,11 @@ def warmup_frames(requested: int | None, kind: str) -> int:
     return WARMUP_FRAMES_GPU if kind == "gpu" else 0
 
 
-def conversation_idle_s(mode: str, idle_s: float, dp_size: int) -> float:
+def conversation_idle_s(mode: str, idle_s: float) -> float:
     """``RenderSpec.conversation_idle_s`` for ``--conversation-affinity``: 0 (off) or the timeout."""
     if not idle_s > 0:
         raise LaunchError(f"--conversation-idle-s must be > 0 seconds, got {idle_s:g}")
-    on = mode == "on" or (mode == "auto" and dp_size > 1)
-    return idle_s if on else 0.0
+    return idle_s if mode == "on" else 0.0
 
 
 def choose_device(requested: str, dp_size: int, gpus: int, dry_run: bool) -> str:
@@ -478,8 +478,7 @@ class Launcher:
         model_path, _ = resolve_model_path(a.chroma_model_path, dry_run=a.dry_run)
         spec = RenderSpec(model_path=model_path, base_qwen_path=check_base_qwen(a.base_qwen_path), kind=kind,
                           dp_size=a.dp_size, params=params, embeds_dtype=a.audio_embeds_dtype,
-                          conversation_idle_s=conversation_idle_s(a.conversation_affinity, a.conversation_idle_s,
-                                                                  a.dp_size))
+                          conversation_idle_s=conversation_idle_s(a.conversation_affinity, a.conversation_idle_s))
         try:
             configs = render_configs(spec, Path(a.model_repository))
         except (ValueError, FileNotFoundError) as exc:
@@ -652,7 +651,7 @@ class Launcher:
             cmd += ["--cors-allow-origin", origin]
         if a.start_timeout is not None:
             cmd += ["--start-timeout", str(a.start_timeout)]
-        return cmd
+        return cmd + ["--conversation-idle-s", str(a.conversation_idle_s)]
 
     def _start_frontend(self) -> None:
         cmd = self._frontend_command()
