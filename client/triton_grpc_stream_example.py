@@ -58,9 +58,9 @@ def main():
     client.start_stream(callback=lambda result, error: responses.put((result, error)))
     text, audio = [], []
     try:
-        # sequence_*: the conversation this request belongs to. A server started with conversation
-        # affinity (the default with --dp-size > 1) keeps a conversation's turns on one GPU and
-        # refuses requests without it; later turns send the same sequence_id without
+        # sequence_*: the conversation this request belongs to. A server started with
+        # --conversation-affinity on keeps a conversation's turns on one GPU and refuses requests
+        # without it (a server without ignores them); later turns send the same sequence_id without
         # sequence_start; a request no turn follows sets sequence_end (README "Conversation affinity").
         client.async_stream_infer("chroma", inputs, request_id="grpc-example", enable_empty_final_response=True,
                                   sequence_id="grpc-example", sequence_start=True, sequence_end=True)

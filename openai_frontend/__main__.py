@@ -49,9 +49,9 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, Setti
                    help="seconds a reply may take to start (waiting for a generation row) before the request "
                         "gets 429 server_busy and is cancelled; 0 = never")
     p.add_argument("--conversation-idle-s", type=float, default=d.conversation_idle_s,
-                   help="seconds Triton keeps a conversation on its chroma_lm instance after its latest request "
-                        "(the launcher's --conversation-idle-s): the frontend starts a conversation it has not "
-                        "named for that long again")
+                   help="for a Triton whose chroma_lm keeps conversations together (the launcher's "
+                        "--conversation-affinity on): its idle timeout (--conversation-idle-s); requests then name "
+                        "their conversations, and one not named for that long starts again; 0 (default): off")
     p.add_argument("--log-level", default=d.log_level, choices=["debug", "info", "warning", "error"])
     args = p.parse_args(argv)
     if args.workers < 1:

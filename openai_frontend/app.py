@@ -303,6 +303,22 @@ class RequestContext:
 
 
 # -- the factory -------------------------------------------------------------------------------------
+#: conversations a frontend remembers naming to Triton (each for most of the idle timeout): far more
+#: than start within one at the rate a server of a few GPUs takes them
+NAMED_CONVERSATIONS = 65_536
+
+
+def named_conversations(settings: Settings):
+    """With conversation affinity: where the workers remember the conversations they named (the
+    transcripts' file, a table of its own, when they share one); else None."""
+    if not settings.conversation_idle_s:
+        return None
+    if settings.transcript_db:
+        return SharedTranscripts(settings.transcript_db, NAMED_CONVERSATIONS, table="conversations",
+                                 kind="named conversation", lost="its next request starts it again in Triton")
+    return MemoryTranscripts(NAMED_CONVERSATIONS)
+
+
 def create_app(settings: Settings | None = None, *, backend: ChatBackend | None = None) -> FastAPI:
     """Build the app; ``backend`` defaults to Triton at ``settings.triton_grpc_url``."""
     from .routes import router
@@ -310,10 +326,11 @@ def create_app(settings: Settings | None = None, *, backend: ChatBackend | None 
 
     settings = settings or Settings()
     transcripts = SharedTranscripts(settings.transcript_db) if settings.transcript_db else MemoryTranscripts()
-    if backend is None:  # the transcripts' store (shared by the workers) also remembers named conversations
+    conversations = named_conversations(settings)
+    if backend is None:
         backend = TritonBackend(settings.triton_grpc_url, settings.triton_model,
                                 request_timeout=settings.request_timeout, health_timeout=settings.health_timeout,
-                                cancel_model=settings.triton_cancel_model, conversations=transcripts,
+                                cancel_model=settings.triton_cancel_model, conversations=conversations,
                                 conversation_idle_s=settings.conversation_idle_s)
     media = MediaResolver(settings.allowed_local_media_paths, max_bytes=settings.max_body_bytes)
     voices = VoiceLibrary.load(settings.voices_dir, settings.max_prompt_audio_seconds)
@@ -325,8 +342,9 @@ def create_app(settings: Settings | None = None, *, backend: ChatBackend | None 
                  "required" if settings.api_key else "not required")
         yield
         await backend.close()
-        if isinstance(transcripts, SharedTranscripts):
-            transcripts.close()
+        for store in (transcripts, conversations):
+            if isinstance(store, SharedTranscripts):
+                store.close()
 
     app = FastAPI(
         title="Chroma on Triton: OpenAI-compatible API",

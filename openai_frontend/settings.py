@@ -12,7 +12,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from chroma_triton.serving.affinity import DEFAULT_IDLE_S
+from chroma_triton.serving.affinity import idle_problem
 
 SETTINGS_ENV = "CHROMA_FRONTEND_SETTINGS"
 API_KEY_ENV = "CHROMA_API_KEY"
@@ -72,18 +72,20 @@ class Settings:
     audio_retention_seconds: int = 3600
     log_level: str = "info"
     transcript_db: str | None = None  # SQLite file shared by worker processes; None: in this process's memory
-    # how long Triton keeps a conversation on its instance (the launcher's --conversation-idle-s): a
-    # request whose conversation this frontend has not named for that long starts it again
-    conversation_idle_s: float = DEFAULT_IDLE_S
+    # conversation affinity (Triton's chroma_lm with a sequence batcher): how long Triton keeps a
+    # conversation on its instance (the launcher's --conversation-idle-s); requests then name their
+    # conversations, and one this frontend has not named for that long starts again; 0: off
+    conversation_idle_s: float = 0.0
 
     def __post_init__(self) -> None:
         for name in ("max_body_bytes", "max_tokens_limit", "default_max_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("max_audio_seconds", "max_prompt_audio_seconds", "request_timeout", "health_timeout",
-                     "conversation_idle_s"):
+        for name in ("max_audio_seconds", "max_prompt_audio_seconds", "request_timeout", "health_timeout"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        if self.conversation_idle_s and idle_problem(self.conversation_idle_s):
+            raise ValueError(f"conversation_idle_s (0: off) {idle_problem(self.conversation_idle_s)}")
         if self.start_timeout < 0:
             raise ValueError(f"start_timeout must be >= 0, got {self.start_timeout}")
         if self.slow_client_timeout < 0:

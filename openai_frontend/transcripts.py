@@ -8,6 +8,9 @@ Both stores are bounded (the oldest entries go first) and expiring (``expires_at
   a follow-up turn finds the reply whichever worker streamed it (uvicorn hands each connection
   to any of its workers).  ``python -m openai_frontend --workers N`` (N > 1) creates one in a
   private temporary folder and removes it at exit.
+
+The frontend also keeps the conversations it named to Triton (conversation affinity) in stores of
+the same kinds, of their own (in the shared file, the table ``conversations``).
 """
 
 from __future__ import annotations
@@ -46,6 +49,7 @@ class MemoryTranscripts:
     def put(self, audio_id: str, transcript: str, expires_at: float) -> None:
         with self._lock:
             self._items[audio_id] = (transcript, expires_at)
+            self._items.move_to_end(audio_id)  # a renewed entry is the newest
             while len(self._items) > self.capacity:
                 self._items.popitem(last=False)
 
@@ -68,13 +72,17 @@ class SharedTranscripts:
     raises :class:`sqlite3.Error` for the caller to answer.
     """
 
-    def __init__(self, path: str, capacity: int = SHARED_CAPACITY, prune_every: int = 256):
-        self.path, self.capacity, self.prune_every = path, capacity, prune_every
+    def __init__(self, path: str, capacity: int = SHARED_CAPACITY, prune_every: int = 256, table: str = "transcripts",
+                 kind: str = "transcript", lost: str = "a later turn cannot refer to it by id"):
+        if not table.isidentifier():
+            raise ValueError(f"table name {table!r} is not an identifier")
+        self.path, self.capacity, self.prune_every, self.table = path, capacity, prune_every, table
+        self.kind, self.lost = kind, lost  # what an entry is and what a failed write costs, for its log line
         self._lock = threading.Lock()  # one connection, used from the event loop and from worker threads
         self._db = sqlite3.connect(path, timeout=5.0, isolation_level=None, check_same_thread=False)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=OFF")
-        self._db.execute("CREATE TABLE IF NOT EXISTS transcripts "
+        self._db.execute(f"CREATE TABLE IF NOT EXISTS {table} "
                          "(id TEXT PRIMARY KEY, transcript TEXT NOT NULL, expires_at REAL NOT NULL)")
         self._writes = 0
 
@@ -82,23 +90,23 @@ class SharedTranscripts:
         try:
             with self._lock:
                 # REPLACE gives the row a new rowid: rowids follow the order of the last writes
-                self._db.execute("INSERT OR REPLACE INTO transcripts VALUES (?, ?, ?)",
+                self._db.execute(f"INSERT OR REPLACE INTO {self.table} VALUES (?, ?, ?)",
                                  (audio_id, transcript, expires_at))
                 self._writes += 1
                 if self._writes % self.prune_every == 0:
                     self._prune()
         except sqlite3.Error as exc:
-            log.error("transcript of %s not stored (%s): a later turn cannot refer to it by id", audio_id, exc)
+            log.error("%s of %s not stored (%s): %s", self.kind, audio_id, exc, self.lost)
 
     def _prune(self) -> None:
-        self._db.execute("DELETE FROM transcripts WHERE expires_at < ?", (time.time(),))
+        self._db.execute(f"DELETE FROM {self.table} WHERE expires_at < ?", (time.time(),))
         # below the capacity-th newest row (NULL, so nothing, while there are fewer)
-        self._db.execute("DELETE FROM transcripts WHERE rowid < "
-                         "(SELECT rowid FROM transcripts ORDER BY rowid DESC LIMIT 1 OFFSET ?)", (self.capacity - 1,))
+        self._db.execute(f"DELETE FROM {self.table} WHERE rowid < "
+                         f"(SELECT rowid FROM {self.table} ORDER BY rowid DESC LIMIT 1 OFFSET ?)", (self.capacity - 1,))
 
     def get(self, audio_id: str) -> str | None:
         with self._lock:
-            row = self._db.execute("SELECT transcript, expires_at FROM transcripts WHERE id = ?",
+            row = self._db.execute(f"SELECT transcript, expires_at FROM {self.table} WHERE id = ?",
                                    (audio_id,)).fetchone()
         if row is None or row[1] < time.time():
             return None

@@ -44,7 +44,7 @@ from tritonclient.grpc import InferResult, service_pb2, service_pb2_grpc
 from tritonclient.grpc.aio import InferenceServerClient
 from tritonclient.utils import InferenceServerException
 
-from chroma_triton.serving.affinity import DEFAULT_IDLE_S, conversation_key, needs_start, opens_conversation
+from chroma_triton.serving.affinity import conversation_key, needs_start, opens_conversation
 from chroma_triton.serving.protocol import classify_error
 
 from .backend import ChatRequest, Delta, Readiness, Usage
@@ -122,8 +122,6 @@ def serialize_infer_request(head: service_pb2.ModelInferRequest, contents: Seque
     return b"".join(parts)
 
 
-#: the prefix of a named conversation's entry in the transcripts' store
-_CONVERSATION = "conversation:"
 #: the share of Triton's idle timeout for which a named conversation counts as known: past it the
 #: request starts the conversation again (a start of a sequence Triton still holds keeps it where it
 #: is, with a warning in Triton's log), rather than risk Triton's refusal and a second request
@@ -138,10 +136,12 @@ class TritonBackend:
     def __init__(self, url: str, model: str = "chroma", *, request_timeout: float = 600.0,
                  health_timeout: float = 2.0, cancel_model: str | None = "chroma_cancel",
                  cancel_timeout: float = 5.0, conversations: TranscriptStore | None = None,
-                 conversation_idle_s: float = DEFAULT_IDLE_S):
+                 conversation_idle_s: float = 0.0):
         self.url = url
-        self.conversations = conversations  # conversations named lately (shared by the workers)
+        # conversation affinity: > 0 (Triton's idle timeout): requests name their conversations,
+        # remembered for KNOWN_SHARE of it in ``conversations`` (a store the workers share)
         self.conversation_idle_s = conversation_idle_s
+        self.conversations = conversations
         self.model = model
         self.request_timeout = request_timeout
         self.health_timeout = health_timeout
@@ -205,12 +205,13 @@ class TritonBackend:
 
     # -- generation ------------------------------------------------------------------------------
     async def stream(self, request: ChatRequest) -> AsyncIterator[Delta]:
-        """The reply to ``request``. The request names its conversation (``sequence_id``, see
-        ``chroma_triton/serving/affinity.py``), starting it unless this frontend named it within the
-        idle timeout; if Triton does not know it all the same (a restarted server), the request is
-        sent once more, starting it. A model without a sequence batcher ignores both."""
-        key = conversation_key(request.messages, request.user_audio)
-        start = self._starts(key, request.messages)
+        """The reply to ``request``. With conversation affinity (``conversation_idle_s`` > 0) the
+        request names its conversation (``sequence_id``, see ``chroma_triton/serving/affinity.py``),
+        starting it unless this frontend named it within the idle timeout; if Triton does not know
+        it all the same (a restarted server), the request is sent once more, starting it."""
+        key, start = "", True
+        if self.conversation_idle_s > 0:  # hashing clips and the store's SQLite: off the event loop
+            key, start = await asyncio.to_thread(self._name_conversation, request)
         try:  # aclosing: a consumer that stops early cancels the request at once (_stream_once's finally)
             async with aclosing(self._stream_once(request, key, start)) as deltas:
                 async for delta in deltas:
@@ -222,6 +223,11 @@ class TritonBackend:
                 async for delta in deltas:
                     yield delta
 
+    def _name_conversation(self, request: ChatRequest) -> tuple[str, bool]:
+        """The request's conversation and whether the request starts it (``_starts``)."""
+        key = conversation_key(request.messages, request.user_audio)
+        return key, self._starts(key, request.messages)
+
     def _starts(self, key: str, messages: list[dict]) -> bool:
         """Whether the request starts its conversation in Triton: when no worker of this frontend
         named it within (most of) the idle timeout, and remember that it is named now (each request
@@ -229,8 +235,8 @@ class TritonBackend:
         if self.conversations is None:
             return opens_conversation(messages)
         try:
-            start = self.conversations.get(_CONVERSATION + key) is None
-            self.conversations.put(_CONVERSATION + key, "", time.time() + KNOWN_SHARE * self.conversation_idle_s)
+            start = self.conversations.get(key) is None
+            self.conversations.put(key, "", time.time() + KNOWN_SHARE * self.conversation_idle_s)
             return start
         except sqlite3.Error as exc:
             log.warning("conversation %s: the store of named conversations failed (%s)", key, exc)
@@ -251,14 +257,14 @@ class TritonBackend:
             call = stream_infer(requests(), timeout=self.request_timeout)
         except grpc.aio.UsageError:  # the channel was closed: the frontend is shutting down
             raise ServiceUnavailable("the frontend is shutting down; retry the request") from None
-        completed = False
+        completed = yielded = False
         pending: Delta | None = None
         utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")  # a character may span responses
         try:
             async for response in call:
                 if response.error_message:  # an error ends the request (Triton sends nothing after it)
                     completed = True
-                    if not start and needs_start(response.error_message):
+                    if key and not start and not yielded and needs_start(response.error_message):
                         raise _UnknownConversation()  # nothing was sent to the client yet
                     raise classify_triton_error(response.error_message, self)
                 delta, final = _parse(response.infer_response, utf8)
@@ -268,11 +274,13 @@ class TritonBackend:
                 if delta.finish_reason is not None and not final:
                     pending = delta  # hold it until the final flag, so stopping after it is clean
                 elif delta.text or delta.audio.size or delta.finish_reason is not None:
+                    yielded = True
                     yield delta
                 if final:
                     if pending is None and delta.finish_reason is None:
                         raise InternalError("the model ended the reply without a finish reason")
                     if pending is not None:
+                        yielded = True
                         yield pending
                     completed = True
                     return

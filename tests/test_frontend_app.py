@@ -850,5 +850,7 @@ def test_the_frontend_starts_a_conversation_none_of_its_workers_named_lately(mon
     assert workers[1]._starts("conv-a", first)  # 91 s > 90 % of 100 s since the last
     bare = TritonBackend("localhost:1")
     assert bare._starts("conv-b", first) and not bare._starts("conv-b", later)
-    with pytest.raises(ValueError, match="conversation_idle_s"):
-        Settings(conversation_idle_s=0)
+    for bad in (0.5, float("inf"), -3):
+        with pytest.raises(ValueError, match="conversation_idle_s"):
+            Settings(conversation_idle_s=bad)
+    assert Settings().conversation_idle_s == 0  # off: requests name no conversation

@@ -681,7 +681,7 @@ def test_dry_run_dp2_renders_two_gpus():
 
 
 @pytest.mark.triton
-def test_dry_run_conversation_affinity_follows_dp_unless_given():
+def test_dry_run_conversation_affinity_is_off_unless_asked_for():
     """--conversation-affinity on gives chroma_lm a sequence batcher (off, the default, at any dp);
     --conversation-idle-s sets its idle timeout; a timeout <= 0 is refused."""
     def batcher(*args):
@@ -693,8 +693,9 @@ def test_dry_run_conversation_affinity_follows_dp_unless_given():
     assert batcher() is None and batcher("--dp-size", "2") is None
     assert batcher("--dp-size", "2", "--conversation-affinity", "on") == 120_000_000
     assert batcher("--conversation-affinity", "on", "--conversation-idle-s", "2.5") == 2_500_000
-    out = _launcher("--dry-run", "--conversation-idle-s", "0")
-    assert out.returncode == 2 and "--conversation-idle-s must be > 0 seconds" in out.stderr, out.stderr
+    for bad in ("0", "inf", "1e9"):
+        out = _launcher("--dry-run", "--conversation-idle-s", bad)
+        assert out.returncode == 2 and "--conversation-idle-s must be between 1 and 86400 seconds" in out.stderr, out.stderr
 
 
 def test_render_conversation_affinity_only_in_chroma_lm():
@@ -707,7 +708,7 @@ def test_render_conversation_affinity_only_in_chroma_lm():
     assert lm.model_transaction_policy.decoupled and len(lm.instance_group) == 1
     assert [n for n, text in configs.items() if "sequence_batching" in text] == ["chroma_lm"]
     assert "sequence_batching" not in render_configs(RenderSpec())["chroma_lm"]
-    with pytest.raises(ValueError, match="must be > 0"):
+    with pytest.raises(ValueError, match="must be between"):
         render_configs(RenderSpec(conversation_idle_s=-1))
 
 
@@ -794,8 +795,8 @@ def test_the_launcher_passes_the_start_timeout_to_the_frontend_when_given():
     assert "--start-timeout" not in command()  # the frontend's own default
     cmd = command("--start-timeout", "45")
     assert cmd[cmd.index("--start-timeout") + 1] == "45.0"
-    # the frontend learns Triton's conversation idle timeout (it starts conversations idle past it)
-    assert command()[-2:] == ["--conversation-idle-s", "120.0"]
+    # with conversation affinity the frontend names conversations, and learns Triton's idle timeout
+    assert "--conversation-idle-s" not in command("--conversation-idle-s", "30")
     cmd = command("--conversation-affinity", "on", "--conversation-idle-s", "30")
     assert cmd[cmd.index("--conversation-idle-s") + 1] == "30.0"
 

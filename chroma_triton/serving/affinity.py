@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from typing import Sequence
 
 #: how long Triton keeps a conversation on its instance after its latest request arrived (seconds):
@@ -62,10 +63,23 @@ START_MISSING = "must specify the START flag"
 ID_MISSING = "must specify a non-zero or non-empty correlation ID"
 
 
+#: the idle timeouts taken (seconds): Triton reads 0 as its own default (1 s)
+IDLE_RANGE_S = (1.0, 86_400.0)
+
+
+def idle_problem(idle_s: float) -> str | None:
+    """What is wrong with ``idle_s`` as a conversation idle timeout, or None."""
+    lo, hi = IDLE_RANGE_S
+    if not (math.isfinite(idle_s) and lo <= idle_s <= hi):
+        return f"must be between {lo:g} and {hi:g} seconds, got {idle_s:g}"
+    return None
+
+
 def sequence_batching(idle_s: float, candidates: int = CANDIDATE_SEQUENCES) -> str:
     """The ``sequence_batching`` block of ``chroma_lm``'s config for an idle timeout of ``idle_s``."""
-    if not idle_s > 0:
-        raise ValueError(f"the conversation idle timeout must be > 0 seconds, got {idle_s}")
+    problem = idle_problem(idle_s)
+    if problem:
+        raise ValueError(f"the conversation idle timeout {problem}")
     if candidates < 1:
         raise ValueError(f"candidate sequences must be >= 1, got {candidates}")
     return ("# conversation affinity (rendered by the launcher, chroma_triton/serving/affinity.py): the turns\n"

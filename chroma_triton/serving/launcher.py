@@ -28,7 +28,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from ..demo import ASSETS
-from .affinity import DEFAULT_IDLE_S
+from .affinity import DEFAULT_IDLE_S, idle_problem
 from .cuda_mps import MODES, MpsDaemon, MpsError, find_control
 from .repository import MODELS, SOURCE_REPOSITORY, RenderSpec, render_configs, render_repository
 from .tritonserver import PYTHON_STUB, TritonServer, TritonServerError, find_tritonserver, is_port_free, python_shm_args
@@ -232,8 +232,9 @@ def warmup_frames(requested: int | None, kind: str) -> int:
 
 def conversation_idle_s(mode: str, idle_s: float) -> float:
     """``RenderSpec.conversation_idle_s`` for ``--conversation-affinity``: 0 (off) or the timeout."""
-    if not idle_s > 0:
-        raise LaunchError(f"--conversation-idle-s must be > 0 seconds, got {idle_s:g}")
+    problem = idle_problem(idle_s)
+    if problem:
+        raise LaunchError(f"--conversation-idle-s {problem}")
     return idle_s if mode == "on" else 0.0
 
 
@@ -651,7 +652,9 @@ class Launcher:
             cmd += ["--cors-allow-origin", origin]
         if a.start_timeout is not None:
             cmd += ["--start-timeout", str(a.start_timeout)]
-        return cmd + ["--conversation-idle-s", str(a.conversation_idle_s)]
+        if a.conversation_affinity == "on":  # requests then name their conversations
+            cmd += ["--conversation-idle-s", str(a.conversation_idle_s)]
+        return cmd
 
     def _start_frontend(self) -> None:
         cmd = self._frontend_command()
