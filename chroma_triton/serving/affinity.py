@@ -98,7 +98,9 @@ def opens_conversation(messages: Sequence[dict]) -> bool:
 def conversation_key(messages: Sequence[dict], clips: Sequence[bytes]) -> str:
     """A name for the conversation these messages belong to: a digest of the messages up to and
     including the first user turn (what every later turn resends first), an audio part by the
-    digest of its clip (``{"type": "audio", "audio_index": i}`` names ``clips[i]``)."""
+    digest of its clip (``{"type": "audio", "audio_index": i}`` names ``clips[i]``). Conversations
+    that open with the same messages (the same system prompt and first question) share a name, and
+    so an instance, as they share the beginning of their prompts in its cache."""
     def part(p):
         if isinstance(p, dict) and p.get("type") == "audio" and isinstance(p.get("audio_index"), int) \
                 and 0 <= p["audio_index"] < len(clips):
