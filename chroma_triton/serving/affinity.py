@@ -21,14 +21,13 @@ streams) and clients name the conversation:
 * ``sequence_end``: on a request that no turn will follow (a one-shot request), which frees the
   sequence's slot at once instead of at the idle timeout.
 
-Why it is off by default: a conversation stays on its instance even when that instance's rows are
-all taken and another's are free. In docs/benchmarks.md run 77 (2 x H200, 512 conversations on 512
-rows) gRPC clients, whose conversations started evenly, gained (thinker prefix hits 885-923 of
-2,048 requests against 615-624, 700-703 audio-s/s against 623-666, first audio p50 2.0 s against
-2.4-2.8 s); through the frontend the tail grew (first audio p90 7.2 s against 3.4 s, 604
-audio-s/s against 645), with that run's frontend, which started a conversation only at a request
-without an assistant turn and so sent 1,280 of its 2,564 requests twice (now it remembers what it
-named).
+Why it is off by default: in docs/benchmarks.md run 77 (2 x H200, 512 conversations on 512 rows)
+gRPC clients gained (thinker prefix hits 885-923 of 2,048 requests against 615-624, 700-703
+audio-s/s against 623-666, first audio p50 2.0 s against 2.4-2.8 s), but through the frontend the
+tail grew (first audio p90 7.2 s against 3.4 s, 604 audio-s/s against 645), with that run's
+frontend, which started a conversation only at a request without an assistant turn and so sent
+1,280 of its 2,564 requests twice (now it remembers what it named; not measured since). And a
+conversation stays on its instance however loaded that instance is.
 
 Measured facts (tritonserver 2.51 of the nvidia-pytriton wheel, a decoupled Python model inside an
 ensemble, two instances): the ensemble passes the correlation ID and flags on to ``chroma_lm``;
