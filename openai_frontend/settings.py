@@ -84,8 +84,9 @@ class Settings:
         for name in ("max_audio_seconds", "max_prompt_audio_seconds", "request_timeout", "health_timeout"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
-        if self.conversation_idle_s and idle_problem(self.conversation_idle_s):
-            raise ValueError(f"conversation_idle_s (0: off) {idle_problem(self.conversation_idle_s)}")
+        problem = self.conversation_idle_s and idle_problem(self.conversation_idle_s)
+        if problem:
+            raise ValueError(f"conversation_idle_s (0: off) {problem}")
         if self.start_timeout < 0:
             raise ValueError(f"start_timeout must be >= 0, got {self.start_timeout}")
         if self.slow_client_timeout < 0:

@@ -27,6 +27,7 @@ class PagePool:
         if pages < 1 or page < 1:
             raise ValueError(f"a page pool needs at least one page of at least one position, got {pages} x {page}")
         self.pages, self.page = pages, page
+        self.page_nbytes = self.page_bytes(page, layers, kv_heads, head_dim, dtype.itemsize)
         shape = (layers, kv_heads, pages * page, head_dim)
         self.k = torch.empty(shape, dtype=dtype, device=device)
         self.v = torch.empty(shape, dtype=dtype, device=device)
@@ -103,7 +104,7 @@ class PagePool:
         return torch.cat(ks, dim=2), torch.cat(vs, dim=2)
 
     def nbytes(self) -> int:
-        return self.k.numel() * self.k.element_size() * 2
+        return self.pages * self.page_nbytes
 
 
 def runs_pages(runs: Runs) -> int:

@@ -302,7 +302,7 @@ class ThinkerPrefixCache:
         if not self._pool.fits(k):
             raise ValueError(f"keys of shape {tuple(k.shape)} ({k.dtype}, {k.device}) do not fit the thinker prefix "
                              f"cache's pool {tuple(self._pool.k.shape)} ({self._pool.k.dtype}, {self._pool.k.device})")
-        nbytes = len(keys) * self._pool.nbytes() // self._pool.pages
+        nbytes = len(keys) * self._pool.page_nbytes
         made = self._room_for is not None and self._room_for[0] == keys[-1] and self.nbytes + nbytes <= self.max_bytes
         if not made and not self.make_room(keys, nbytes):
             return

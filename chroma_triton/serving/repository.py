@@ -121,20 +121,6 @@ def _set_embeds_dtype(name: str, text: str, triton_type: str) -> str:
     return text
 
 
-AFFINITY_MODEL = "chroma_lm"
-_INSTANCE_GROUP_LINE = re.compile(r"^instance_group \[", re.M)
-
-
-def _add_sequence_batching(name: str, text: str, idle_s: float) -> str:
-    """Put the sequence batcher (conversation affinity) in front of the instance group."""
-    if re.search(r"^sequence_batching\b", text, re.M):
-        raise ValueError(f"model {name}: config already has a sequence_batching block")
-    match = _INSTANCE_GROUP_LINE.search(text)
-    if match is None:
-        raise ValueError(f"model {name}: config has no top-level 'instance_group [ ... ]' block")
-    return text[:match.start()] + sequence_batching(idle_s) + text[match.start():]
-
-
 _PARAM = r'parameters:\s*\{\s*key:\s*"%s"\s*value:\s*\{\s*string_value:\s*"(?:[^"\\]|\\.)*"\s*\}\s*\}'
 _GROUP = re.compile(r"^instance_group \[.*?^\]", re.S | re.M)
 
@@ -161,6 +147,19 @@ def _set_instance_group(name: str, text: str, spec: RenderSpec) -> str:
     if not _GROUP.search(text):
         raise ValueError(f"model {name}: config has no top-level 'instance_group [ ... ]' block to render")
     return _GROUP.sub(lambda _: group, text, count=1)
+
+
+AFFINITY_MODEL = "chroma_lm"
+
+
+def _add_sequence_batching(name: str, text: str, idle_s: float) -> str:
+    """Put the sequence batcher (conversation affinity) in front of the instance group."""
+    if re.search(r"^sequence_batching\b", text, re.M):
+        raise ValueError(f"model {name}: config already has a sequence_batching block")
+    match = _GROUP.search(text)
+    if match is None:
+        raise ValueError(f"model {name}: config has no top-level 'instance_group [ ... ]' block")
+    return text[:match.start()] + sequence_batching(idle_s) + text[match.start():]
 
 
 def render_repository(dst: Path, spec: RenderSpec, src: Path = SOURCE_REPOSITORY) -> dict[str, str]:
