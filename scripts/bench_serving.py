@@ -239,7 +239,7 @@ def encoder_codec_summary(level: dict) -> str:
                        + ", ".join(f"{stage} {1e3 * stages[stage] / requests:.1f}"
                                    for stage in ("voice", "features", "tower", "output") if stage in stages))
     return (f"user clips {clips.get('embedded', 0):.0f} embedded, {clips.get('reused', 0):.0f} reused; "
-            f"codec chunks " + ", ".join(f"{chunks.get(h, 0):.0f} {h}" for h in ("carried", "restarted", "stateless"))
+            f"codec chunks " + ", ".join(f"{chunks.get(h, 0):.0f} {h}" for h in ("carried", "adopted", "restarted", "stateless"))
             + per_request)
 
 

@@ -11,8 +11,10 @@ import torch
 from chroma_triton.model.codec import seanet_groups
 from chroma_triton.model.loading import load_parts
 from chroma_triton.model.mimi_decode import MimiDecode
+from chroma_triton.serving import peer_states
 from chroma_triton.serving.codec_streams import StreamStates
-from chroma_triton.serving.triton_codec import MAX_DECODE_BATCH, CodecChunk, CodecService, chunk_plan
+from chroma_triton.serving.peer_states import PeerStates
+from chroma_triton.serving.triton_codec import HOW, MAX_DECODE_BATCH, CodecChunk, CodecService, chunk_plan
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +60,7 @@ def test_carried_streams_interleaved_in_batches_match_their_own_decode(codec):
     for key, chunks in streams.items():
         service = CodecService(codec, stream_states=MAX_DECODE_BATCH)
         alone[key] = np.concatenate([service.decode_many([c])[0] for c in chunks])
-        assert service.counts() == {"carried": len(chunks) - 1, "restarted": 0, "stateless": 1}
+        assert service.counts() == {"carried": len(chunks) - 1, "adopted": 0, "restarted": 0, "stateless": 1}
 
     service = CodecService(codec, stream_states=MAX_DECODE_BATCH)
     steps = [[(key, chunks[step]) for key, chunks in streams.items() if step < len(chunks)] for step in range(10)]
@@ -70,7 +72,7 @@ def test_carried_streams_interleaved_in_batches_match_their_own_decode(codec):
     for key in streams:
         np.testing.assert_allclose(np.concatenate(got[key]), alone[key], rtol=0, atol=1e-4)
     total = sum(len(c) for c in streams.values())
-    assert service.counts() == {"carried": total - 3, "restarted": 0, "stateless": 3}
+    assert service.counts() == {"carried": total - 3, "adopted": 0, "restarted": 0, "stateless": 3}
 
 
 @pytest.mark.parametrize("gpu_rows", [False, True])
@@ -95,7 +97,7 @@ def test_chunks_of_one_stream_queued_together_decode_in_one_call(codec, monkeypa
     # out of order, with another stream's chunk between: the codec orders a stream's chunks itself
     together = service.decode_many([chunks[3], other[1], chunks[4], chunks[2]])
     assert len(calls) == 1 and calls[0]["follows"] == [3, -1, -1, -1]  # chunk 3 after chunk 2; 4 on its own
-    assert service.counts() == {"carried": 4, "restarted": 1, "stateless": 2}
+    assert service.counts() == {"carried": 4, "adopted": 0, "restarted": 1, "stateless": 2}
     np.testing.assert_allclose(together[3], one_by_one[2], rtol=0, atol=1e-4)
     np.testing.assert_allclose(together[0], one_by_one[3], rtol=0, atol=1e-4)
     np.testing.assert_allclose(together[2], codec.decode_chunk(chunks[4].codes, chunks[4].context), rtol=0, atol=1e-4)
@@ -111,7 +113,7 @@ def test_chunks_of_one_stream_queued_together_decode_in_one_call(codec, monkeypa
         service.decode_many([chunk])
     for got, want in zip(service.decode_many(chunks[2:5]), one_by_one[2:5]):
         np.testing.assert_allclose(got, want, rtol=0, atol=1e-4)
-    assert service.counts() == {"carried": 4, "restarted": 0, "stateless": 1}
+    assert service.counts() == {"carried": 4, "adopted": 0, "restarted": 0, "stateless": 1}
 
 
 def test_a_chunk_follows_only_the_chunk_it_continues(codec):
@@ -197,7 +199,7 @@ def test_a_chunk_without_its_streams_state_decodes_statelessly(codec):
     out = service.decode_many([skipped])
     np.testing.assert_allclose(out[0], codec.decode_chunk(skipped.codes, skipped.context), rtol=0, atol=1e-4)
     service.decode_many([chunks[5]])
-    assert service.counts() == {"carried": 3, "restarted": 1, "stateless": 1}
+    assert service.counts() == {"carried": 3, "adopted": 0, "restarted": 1, "stateless": 1}
     # without a start frame or a key, nothing is kept or looked up
     plain = service.decode_many([CodecChunk(chunks[6].codes, chunks[6].context, "s"),
                                  CodecChunk(chunks[6].codes, chunks[6].context, "", chunks[6].start_frame)])
@@ -251,3 +253,74 @@ def test_stream_states_keep_rows_where_they_are_stored():
     with pytest.raises(RuntimeError, match="slots"):
         states.store(["e", "f", "g", "h"], [1] * 4, torch.zeros(4, 2))
     assert len(states) == 3 and states.slot_for("e", 1) is None and states.slot_for("c", 1) is not None  # unchanged
+
+
+def test_peer_tables_hand_a_streams_state_to_another_instance(tmp_path, monkeypatch):
+    """What one instance writes, another finds, only for the frame the state ends at; a slot
+    being rewritten (odd sequence number) reads as missing; the least recently written stream gives
+    its slot up; a table whose instance is gone leaves the peers."""
+    monkeypatch.setattr(peer_states, "REFRESH_S", 0.0)
+    a = PeerStates(tmp_path, "codec_0", 2, 3)
+    b = PeerStates(tmp_path, "codec_1", 2, 3)
+    a.publish(["s1", "s2"], [10, 20], np.array([[1, 2, 3], [4, 5, 6]], np.float32))
+    assert b.find("s1", 10).tolist() == [1, 2, 3] and b.find("s2", 20).tolist() == [4, 5, 6]
+    assert b.find("s1", 11) is None and b.find("s3", 10) is None
+    assert a.find("s1", 10) is None  # an instance does not read its own table
+    a.publish(["s1"], [12], np.array([[7, 8, 9]], np.float32))  # the stream moved on: same slot
+    assert b.find("s1", 10) is None and b.find("s1", 12).tolist() == [7, 8, 9]
+    slot = int(np.flatnonzero(a.own.keys == peer_states.digest("s1"))[0])
+    a.own.seq[slot] += 1  # a writer in the middle of rewriting it
+    assert b.find("s1", 12) is None
+    a.own.seq[slot] += 1
+    a.publish(["s3"], [5], np.zeros((1, 3), np.float32))  # s2 is the least recently written
+    assert b.find("s2", 20) is None and b.find("s1", 12) is not None and b.find("s3", 5) is not None
+    a.close()
+    assert b.find("s1", 12) is None and not (tmp_path / peer_states.FOLDER / "codec_0.table").exists()
+    b.close()
+
+
+def test_a_table_that_does_not_fit_leaves_the_instance_unshared(tmp_path, monkeypatch):
+    def no_space(fd, offset, length):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(peer_states.os, "posix_fallocate", no_space)
+    assert PeerStates.open(tmp_path, "codec_0", 1024, 7168) is None
+    assert not list((tmp_path / peer_states.FOLDER).iterdir())  # nothing half made
+
+
+def test_a_stream_alternating_between_instances_continues_from_the_peers_state(codec, tmp_path):
+    """Two codec instances sharing their states (two GPUs' codec_decoder), a stream's chunks
+    handed to them in turn: each chunk continues from the state the other left, and the audio is
+    what one instance gives alone; unshared, every chunk after the second restarts."""
+    codes = _codes(codec, 75, 7)
+    chunks = _stream_chunks(codec, codes, "s0")
+    alone = CodecService(codec, stream_states=MAX_DECODE_BATCH)
+    expected = np.concatenate([alone.decode_many([c])[0] for c in chunks])
+    instances = [CodecService(codec, stream_states=MAX_DECODE_BATCH,
+                              peers=PeerStates(tmp_path, f"codec_{i}", MAX_DECODE_BATCH, codec.state_size))
+                 for i in range(2)]
+    got = np.concatenate([instances[i % 2].decode_many([c])[0] for i, c in enumerate(chunks)])
+    np.testing.assert_array_equal(got, expected)
+    total = {how: sum(s.counts()[how] for s in instances) for how in HOW}
+    assert total == {"carried": 0, "adopted": len(chunks) - 1, "restarted": 0, "stateless": 1}
+    unshared = [CodecService(codec, stream_states=MAX_DECODE_BATCH) for _ in range(2)]
+    for i, c in enumerate(chunks):
+        unshared[i % 2].decode_many([c])
+    assert sum(s.counts()["restarted"] for s in unshared) == len(chunks) - 1
+    for s in instances:
+        s.streams.peers.close()
+
+
+def test_a_peers_state_that_ends_elsewhere_is_not_taken(codec, tmp_path):
+    """A chunk sent again (its start before where the peer's state ends) restarts: only a state
+    ending exactly at a chunk's start continues it."""
+    codes = _codes(codec, 32, 8)
+    chunks = _stream_chunks(codec, codes, "s0")
+    a, b = (CodecService(codec, stream_states=MAX_DECODE_BATCH,
+                         peers=PeerStates(tmp_path, f"codec_{i}", MAX_DECODE_BATCH, codec.state_size)) for i in range(2))
+    a.decode_many(chunks[:3])
+    b.decode_many([chunks[1]])
+    assert b.counts() == {"carried": 0, "adopted": 0, "restarted": 1, "stateless": 0}
+    b.decode_many([chunks[3]])  # a's state ends where chunk 3 starts; b's own ends at chunk 2's start
+    assert b.counts()["adopted"] == 1
+    for s in (a, b):
+        s.streams.peers.close()

@@ -83,6 +83,30 @@ def test_compiled_layers_match_the_plain_ones(pipe):
     assert float((plain - fused).abs().max()) <= 0.02 * float(plain.abs().max())
 
 
+def test_codec_instances_on_two_gpus_continue_each_others_streams(tiny_checkpoint, tmp_path):
+    """Two codec instances (one per GPU where there are two) sharing their stream states through
+    host memory: a stream whose chunks alternate between them decodes to the samples one instance
+    gives alone (the same GPU's graphs), every chunk after the first adopted."""
+    from chroma_triton.model.loading import load_parts
+    from chroma_triton.serving.peer_states import PeerStates
+    from chroma_triton.serving.triton_codec import CodecChunk, CodecService, chunk_plan
+
+    devices = [f"cuda:{i % torch.cuda.device_count()}" for i in range(2)]
+    codecs = [load_parts(tiny_checkpoint, parts={"codec"}, device=d).codec for d in devices]
+    codes = np.random.default_rng(4).integers(0, codecs[0].codebook_size, size=(83, codecs[0].num_codebooks))
+    chunks = [CodecChunk(codes[a:e], s - a, "s", s) for a, s, e in chunk_plan(len(codes), 2, 10, 12)]
+    alone = CodecService(codecs[0], graph_frames=24, stream_states=64)
+    expected = [alone.decode_many([c])[0] for c in chunks]
+    pair = [CodecService(c, graph_frames=24, stream_states=64,
+                         peers=PeerStates(tmp_path, f"codec_{i}", 64, c.state_size)) for i, c in enumerate(codecs)]
+    got = [pair[i % 2].decode_many([c])[0] for i, c in enumerate(chunks)]
+    assert sum(s.counts()["adopted"] for s in pair) == len(chunks) - 1
+    for g, e in zip(got, expected):
+        np.testing.assert_allclose(g, e, rtol=0, atol=1e-5)  # another GPU's kernels may round differently
+    for s in pair:
+        s.streams.peers.close()
+
+
 def test_codec_graphs_give_the_eager_samples(tiny_checkpoint):
     """codec_decoder's CUDA graphs (captured for every bucket at load) replay what the eager,
     sync-free decode computes, for ragged batches of every row bucket, stateless and carried."""

@@ -638,6 +638,18 @@ def test_render_gpu_and_cpu(tmp_path):
         render_configs(RenderSpec(params={"chroma_lm": {"nope": "1"}}))
 
 
+def test_codec_instances_share_stream_states_only_on_several_gpus():
+    """One codec_decoder instance per GPU at dp > 1: their streams' states are shared (1024 per
+    instance); one GPU or the CPU: one instance, nothing to share; an explicit value wins."""
+    def shared(**kw):
+        codec = parse_config(render_configs(RenderSpec(**kw))["codec_decoder"])
+        return codec.parameters["shared_stream_states"].string_value
+
+    assert shared(kind="gpu", dp_size=2) == "1024" and shared(kind="gpu", dp_size=4) == "1024"
+    assert shared(kind="gpu", dp_size=1) == "0" and shared(kind="cpu") == "0"
+    assert shared(kind="gpu", dp_size=2, params={"codec_decoder": {"shared_stream_states": "0"}}) == "0"
+
+
 def test_audio_embeds_dtype_follows_the_device_unless_given():
     """audio_embeds (audio_encoder's output, chroma_lm's input) is BF16 on GPUs and FP32 on the CPU
     (auto), or what RenderSpec.embeds_dtype names; the models read their type from the config."""

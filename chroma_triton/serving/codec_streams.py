@@ -4,9 +4,11 @@ A chunk whose stream (``stream_key``) was last decoded here up to exactly its ``
 continues from that state and decodes only its new frames (:meth:`Codec.decode_carried`); so does
 a chunk queued in the same batch right after its stream's previous chunk, from the state that one
 leaves (``CodecService._plan_rows``). Every other chunk (a stream's first, one after a chunk decoded
-by another instance, one whose state was evicted) decodes statelessly over its context, as
-before, and leaves a state for the next. So a missing or stale state costs work, never
-correctness.
+by another instance whose state that instance did not share, one whose state was evicted) decodes
+statelessly over its context, as before, and leaves a state for the next. So a missing or stale
+state costs work, never correctness. With :class:`~.peer_states.PeerStates` the instances of one
+server share their states: each writes what it stores to host memory too, and a stream whose
+state another instance left is adopted (:meth:`StreamStates.adopt`) instead of restarted.
 
 The states live in one device tensor of ``slots`` rows; streams are never told to end (a reply
 simply stops), so the least recently used stream gives its slot up when all are taken.
@@ -20,15 +22,18 @@ import numpy as np
 import torch
 
 from ..model.codec import upload
+from .peer_states import PeerStates
 
 
 class StreamStates:
-    def __init__(self, slots: int, state_size: int, device: torch.device, dtype: torch.dtype):
+    def __init__(self, slots: int, state_size: int, device: torch.device, dtype: torch.dtype,
+                 peers: PeerStates | None = None):
         if slots <= 0:
             raise ValueError(f"stream state slots must be > 0, got {slots}")
         self.pool = torch.zeros(slots, state_size, device=device, dtype=dtype)
         self._streams: OrderedDict[str, tuple[int, int]] = OrderedDict()  # key -> (slot, next frame)
         self._free = list(range(slots - 1, -1, -1))
+        self.peers = peers  # None: this instance's states are its own
 
     def __len__(self) -> int:
         return len(self._streams)
@@ -38,9 +43,9 @@ class StreamStates:
         entry = self._streams.get(key)
         return entry[0] if entry is not None and entry[1] == start_frame else None
 
-    def store(self, keys: list[str], next_frames: list[int], states: torch.Tensor) -> None:
+    def store(self, keys: list[str], next_frames: list[int], states: torch.Tensor, share: bool = True) -> None:
         """Keep ``states[i]`` as ``keys[i]``'s state, valid for a chunk starting at ``next_frames[i]``
-        (the keys distinct)."""
+        (the keys distinct); with peers, also write them to this instance's shared table."""
         if not keys:
             return
         storing = set(keys)
@@ -55,6 +60,22 @@ class StreamStates:
             slots.append(slot)
         (index,) = upload([np.array(slots)], self.pool.device)
         self.pool.index_copy_(0, index, states.to(self.pool.dtype))
+        if self.peers is not None and share:
+            self.peers.publish(keys, next_frames, states.float().cpu().numpy())
+
+    def adopt(self, wanted: list[tuple[str, int]]) -> int:
+        """Take over the states peers left for these (stream, start frame) pairs (streams with no
+        state here that ends at that frame); return how many were found."""
+        if self.peers is None or not wanted:
+            return 0
+        found = [(key, frame, row) for key, frame in wanted if (row := self.peers.find(key, frame)) is not None]
+        if found:
+            keys, frames, rows = zip(*found)
+            states = torch.from_numpy(np.stack(rows))
+            if self.pool.device.type == "cuda":  # asynchronous, from pinned memory (as upload())
+                states = states.pin_memory().to(self.pool.device, non_blocking=True)
+            self.store(list(keys), list(frames), states, share=False)  # the peer's table has it already
+        return len(found)
 
     def gather(self, slots: list[int | None]) -> torch.Tensor:
         """The states in ``slots`` as ``[len(slots), state_size]`` (a None slot: any row; the

@@ -3,7 +3,7 @@
 The engine's trace (chroma_triton/engine/trace.py) shows when a chunk left ``chroma_lm``; a chunk
 the client got late although the engine put it out in time lost that time after the engine,
 often in ``codec_decoder``'s queue. This file shows each execute's wall-clock time, its chunks
-(carried, restarted, stateless, skipped), frames and durations, so a burst of late chunks can be
+(carried, adopted, restarted, stateless, skipped), frames and durations, so a burst of late chunks can be
 laid next to what the codec was doing then. Line-buffered: a bench reading it right after a level
 sees every execute.
 """

@@ -76,6 +76,9 @@ def render_config(name: str, text: str, spec: RenderSpec) -> str:
     if spec.kind != "gpu":
         for key, value in CPU_PARAMS.get(name, {}).items():
             text = _set_param(name, text, key, value)
+    elif spec.dp_size > 1:
+        for key, value in MULTI_GPU_PARAMS.get(name, {}).items():
+            text = _set_param(name, text, key, value)
     for key, value in spec.params.get(name, {}).items():
         text = _set_param(name, text, key, value)
     config = parse_config(text)
@@ -100,6 +103,13 @@ _DYNAMIC_BATCHING = re.compile(r"^dynamic_batching \{.*?^\}\n", re.S | re.M)
 # 60 cancelled each round (docs/reliability.md section 2d). Explicit parameters still win. (Either
 # relay mode submits a request before chroma_lm's execute returns, so hold_when_full holds with both.)
 CPU_PARAMS = {"chroma_lm": {"relays": "per_request", "start_slack_s": "0"}}
+
+# With one codec_decoder instance per GPU, a stream's chunks reach both instances (Triton hands a
+# batch to whichever is free): the instances share their streams' SEANet states through host
+# memory (serving/peer_states.py), so a chunk continues where the other instance left its stream
+# instead of decoding its context again. 1024 streams per instance: 28 MiB of /dev/shm each.
+# Explicit parameters still win.
+MULTI_GPU_PARAMS = {"codec_decoder": {"shared_stream_states": "1024"}}
 
 EMBEDS_MODELS = ("audio_encoder", "chroma_lm")  # its output, its input
 _EMBEDS = re.compile(r'(name:\s*"audio_embeds"\s*data_type:\s*)TYPE_\w+')

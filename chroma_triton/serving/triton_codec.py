@@ -18,8 +18,10 @@ import numpy as np
 from ..errors import InvalidRequestError
 from ..model.codec import Codec, upload
 from .codec_streams import StreamStates
+from .peer_states import PeerStates
 
 MAX_DECODE_BATCH = 64  # chunks decoded together (bounds activation memory)
+HOW = ("carried", "adopted", "restarted", "stateless")  # how chunks decode (CodecService.counts)
 
 
 @dataclass
@@ -31,12 +33,14 @@ class CodecChunk:
 
 
 class CodecService:
-    def __init__(self, codec: Codec, graph_frames: int = 0, stream_states: int = 0, matmul_tf32: bool = False):
+    def __init__(self, codec: Codec, graph_frames: int = 0, stream_states: int = 0, matmul_tf32: bool = False,
+                 peers: PeerStates | None = None):
         """``graph_frames``: on a GPU, capture CUDA graphs for batches of chunks up to this many
         frames (context included) now, at load; 0 decodes eagerly. ``stream_states``: how many
         streams' SEANet states to keep between their chunks (0: every chunk stateless).
         ``matmul_tf32``: the decoder transformer's matrix products on TF32 tensor cores (set on
-        ``codec`` here, before its graphs are captured; False leaves the process's setting)."""
+        ``codec`` here, before its graphs are captured; False leaves the process's setting).
+        ``peers``: the states shared with the server's other codec instances (with stream states)."""
         self.codec = codec
         codec.matmul_tf32 = matmul_tf32
         self.num_codebooks = codec.num_codebooks
@@ -44,11 +48,13 @@ class CodecService:
             raise ValueError(f"cuda_graph_frames must be >= 0, got {graph_frames}")
         if stream_states and stream_states < MAX_DECODE_BATCH:
             raise ValueError(f"stream_states must be 0 or >= {MAX_DECODE_BATCH} (a batch's chunks), got {stream_states}")
-        self.streams = StreamStates(stream_states, codec.state_size, codec.device, codec.dtype) if stream_states else None
+        self.streams = (StreamStates(stream_states, codec.state_size, codec.device, codec.dtype, peers)
+                        if stream_states else None)
         # chunks decoded: carried (continued from a state: their stream's, or the chunk before them
-        # in their SEANet row), restarted (past a stream's start, decoded over their context like a
-        # stateless one: no state to continue, or a row too long to follow in), stateless (the rest)
-        self._decoded = dict.fromkeys(("carried", "restarted", "stateless"), 0)
+        # in their SEANet row), adopted (continued from the state another instance left: peers),
+        # restarted (past a stream's start, decoded over their context like a stateless one: no
+        # state to continue, or a row too long to follow in), stateless (the rest)
+        self._decoded = dict.fromkeys(HOW, 0)
         self.graphs = codec.use_cuda_graphs(graph_frames, MAX_DECODE_BATCH)
         # a SEANet row's frames at most (chunks of a stream queued together share a row): within
         # the graphs; without graphs, their default length (a longer row pads every row of its call)
@@ -114,10 +120,14 @@ class CodecService:
         if not any(keeps):
             self._decoded["stateless"] += len(chunks)
             return self.codec.decode_batch([(c.codes, c.context) for c in chunks])
+        adopted = self._adopt(chunks, keeps)
         slots, follows = self._plan_rows(chunks, keeps)
         carried = [slot is not None for slot in slots]
         for c, keep, on, followed in zip(chunks, keeps, carried, follows):
-            self._decoded["carried" if on or followed >= 0 else "restarted" if keep and c.start_frame > 0 else "stateless"] += 1
+            how = ("carried" if on or followed >= 0 else "restarted" if keep and c.start_frame > 0 else "stateless")
+            if on and (c.stream, c.start_frame) in adopted:
+                how = "adopted"
+            self._decoded[how] += 1
         state = self.streams.gather(slots)
         audio, after = self.codec.decode_carried([(c.codes, c.context, on) for c, on in zip(chunks, carried)], state,
                                                  follows=follows)
@@ -131,6 +141,19 @@ class CodecService:
                            [chunks[i].start_frame + len(chunks[i].codes) - chunks[i].context for i in kept],
                            after.index_select(0, rows))
         return audio
+
+    def _adopt(self, chunks: list[CodecChunk], keeps: list[bool]) -> set[tuple[str, int]]:
+        """Take over from the peers the states of the streams in the batch whose first chunk
+        (by start frame) has none here; return those (stream, start frame) pairs."""
+        if self.streams.peers is None:
+            return set()
+        first: dict[str, int] = {}
+        for c, keep in zip(chunks, keeps):
+            if keep and c.start_frame > 0 and c.start_frame < first.get(c.stream, c.start_frame + 1):
+                first[c.stream] = c.start_frame
+        wanted = [(key, frame) for key, frame in first.items() if self.streams.slot_for(key, frame) is None]
+        self.streams.adopt(wanted)
+        return {(key, frame) for key, frame in wanted if self.streams.slot_for(key, frame) is not None}
 
     def _plan_rows(self, chunks: list[CodecChunk], keeps: list[bool]) -> tuple[list[int | None], list[int]]:
         """Per chunk: the state slot it continues (its stream's state ends where it starts) and

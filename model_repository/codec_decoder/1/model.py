@@ -7,6 +7,7 @@ import triton_python_backend_utils as pb_utils
 
 from chroma_triton.serving import protocol as P
 from chroma_triton.serving.cancel_board import CancelBoard
+from chroma_triton.serving.peer_states import PeerStates
 from chroma_triton.serving.codec_trace import CodecTrace
 from chroma_triton.serving.gc_pauses import freeze_if_asked
 from chroma_triton.serving.model_args import ModelArgs, configure_logging, input_array, load_model_parts
@@ -18,10 +19,16 @@ class TritonPythonModel:
         configure_logging()
         a = ModelArgs.from_triton(args)
         path, parts = load_model_parts(a, {"codec"})
-        self.service = CodecService(parts.codec, graph_frames=a.int("cuda_graph_frames", 24),
-                                    stream_states=a.int("stream_states", 4096),
-                                    matmul_tf32=a.bool("matmul_tf32", True))
         self.board = CancelBoard()  # the streams chroma_lm saw cancelled ("gone")
+        stream_states, shared = a.int("stream_states", 4096), a.int("shared_stream_states", 0)
+        if shared < 0:
+            raise ValueError(f"shared_stream_states must be >= 0, got {shared}")
+        # the server's other instances (one per GPU) read the states this one writes, and back
+        self.peers = (PeerStates.open(self.board.folder, a.instance_name, shared, parts.codec.state_size)
+                      if shared and stream_states else None)
+        self.service = CodecService(parts.codec, graph_frames=a.int("cuda_graph_frames", 24),
+                                    stream_states=stream_states, matmul_tf32=a.bool("matmul_tf32", True),
+                                    peers=self.peers)
         self._skip_family = pb_utils.MetricFamily(
             name="chroma_codec_skipped_chunks_total", kind=pb_utils.MetricFamily.COUNTER,
             description="Chunks not decoded because their stream had been cancelled")
@@ -30,14 +37,15 @@ class TritonPythonModel:
         self._chunk_family = pb_utils.MetricFamily(
             name="chroma_codec_chunks_total", kind=pb_utils.MetricFamily.COUNTER,
             description="Chunks decoded, by how: carried (continued a state: their stream's, or the chunk "
-                        "before them in the same batch), restarted (past a stream's start, decoded over their "
-                        "context), stateless (the rest)")
+                        "before them in the same batch), adopted (continued the state another instance left), "
+                        "restarted (past a stream's start, decoded over their context), stateless (the rest)")
         self.chunk_counters = {how: self._chunk_family.Metric(labels={**labels, "how": how})
                                for how in self.service.counts()}
         trace_path = a.str("trace_path", "")
         self.trace = CodecTrace(trace_path.replace("{instance}", a.instance_name)) if trace_path else None
         freeze_if_asked(a)  # once loaded, its graphs captured: none of that is garbage
-        print(f"[{a.instance_name}] ready on {a.device}: {path} ({self.service.graphs} CUDA graphs)", flush=True)
+        shares = f", stream states shared through {self.peers.own.path}" if self.peers is not None else ""
+        print(f"[{a.instance_name}] ready on {a.device}: {path} ({self.service.graphs} CUDA graphs{shares})", flush=True)
 
     def execute(self, requests):
         # The dynamic batcher hands over the chunks of several streams: decode them in one call.
@@ -96,3 +104,5 @@ class TritonPythonModel:
     def finalize(self):
         if self.trace is not None:
             self.trace.close()
+        if self.peers is not None:
+            self.peers.close()
