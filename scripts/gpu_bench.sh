@@ -149,7 +149,7 @@ case $step in
     # give each level its own call to read them apart)
     CUDA_VISIBLE_DEVICES=$gpus setsid nohup "$PY" -m chroma_triton.serving.launcher --chroma-model-path "$CKPT" \
       --dp-size "$dp" "${SERVE_ARGS[@]}" --param="chroma_lm.trace_path=/root/trace-$name-{device}_{instance}.jsonl" \
-      --param="codec_decoder.trace_path=/root/codectrace-$name-{instance}.jsonl" \
+      --param="codec_decoder.trace_path=/root/codectrace-$name-{device}_{instance}.jsonl" \
       --port "$port" --triton-grpc-port $((port + 1)) \
       --triton-metrics-port $((port + 2)) --triton-http-port $((port + 3)) "$@" \
       --quiet --workdir "/root/stack-$name" > "/root/stack-$name.log" 2>&1 < /dev/null &

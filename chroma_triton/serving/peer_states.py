@@ -107,7 +107,7 @@ class PeerStates:
             raise ValueError(f"shared stream state slots must be > 0, got {slots}")
         self.folder = Path(folder) / FOLDER
         self.folder.mkdir(parents=True, exist_ok=True)
-        self.name = f"{instance}.table"
+        self.name = f"{instance}.{os.getpid()}.table"  # Triton names the instances of every GPU alike
         self.own = StateTable.create(self.folder / self.name, slots, state_size)
         self.state_size = state_size
         self._slots: OrderedDict[int, int] = OrderedDict()  # digest -> slot, least recently written first

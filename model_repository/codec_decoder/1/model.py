@@ -42,7 +42,9 @@ class TritonPythonModel:
         self.chunk_counters = {how: self._chunk_family.Metric(labels={**labels, "how": how})
                                for how in self.service.counts()}
         trace_path = a.str("trace_path", "")
-        self.trace = CodecTrace(trace_path.replace("{instance}", a.instance_name)) if trace_path else None
+        # one file per instance: Triton names the instances of every GPU alike, so "{device}" too
+        trace_path = trace_path.replace("{instance}", a.instance_name).replace("{device}", a.device.replace(":", ""))
+        self.trace = CodecTrace(trace_path) if trace_path else None
         freeze_if_asked(a)  # once loaded, its graphs captured: none of that is garbage
         shares = f", stream states shared through {self.peers.own.path}" if self.peers is not None else ""
         print(f"[{a.instance_name}] ready on {a.device}: {path} ({self.service.graphs} CUDA graphs{shares})", flush=True)
