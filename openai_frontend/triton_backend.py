@@ -212,16 +212,16 @@ class TritonBackend:
         key, start = "", True
         if self.conversation_idle_s > 0:  # hashing clips and the store's SQLite: off the event loop
             key, start = await asyncio.to_thread(self._name_conversation, request)
-        try:  # aclosing: a consumer that stops early cancels the request at once (_stream_once's finally)
-            async with aclosing(self._stream_once(request, key, start)) as deltas:
-                async for delta in deltas:
-                    yield delta
-        except _UnknownConversation:
-            log.info("request %s: Triton does not know conversation %s (idle past its timeout, or new to this "
-                     "server): sent again as its first turn", request.request_id, key)
-            async with aclosing(self._stream_once(request, key, True)) as deltas:
-                async for delta in deltas:
-                    yield delta
+        while True:
+            try:  # aclosing: a consumer that stops early cancels the request at once (_stream_once's finally)
+                async with aclosing(self._stream_once(request, key, start)) as deltas:
+                    async for delta in deltas:
+                        yield delta
+                return
+            except _UnknownConversation:  # raised only before anything was yielded, and never with start
+                log.info("request %s: Triton does not know conversation %s (idle past its timeout, or new to this "
+                         "server): sent again as its first turn", request.request_id, key)
+                start = True
 
     def _name_conversation(self, request: ChatRequest) -> tuple[str, bool]:
         """The request's conversation and whether the request starts it (``_starts``)."""

@@ -1453,8 +1453,7 @@ class ChromaEngine:
                 continue
             n = len(keys) * BLOCK
             try:
-                if cache.make_room(keys, trunk_kv_bytes(self.cfg.thinker.text, n, kv.k.element_size())):
-                    cache.put(keys, kv.k[:, row + i, :, :n], kv.v[:, row + i, :, :n])
+                cache.put(keys, kv.k[:, row + i, :, :n], kv.v[:, row + i, :, :n])  # makes room, or stores nothing
             except Exception:  # noqa: BLE001 - a cache is optional; the request goes on without it
                 log.warning("thinker prefix cache: could not store a prompt of %d positions", n, exc_info=True)
 

@@ -295,8 +295,8 @@ class ThinkerPrefixCache:
 
     def put(self, keys: list[bytes], k: torch.Tensor, v: torch.Tensor) -> None:
         """Store a prompt's whole blocks (k, v [layers, kv_heads, >= len(keys) * BLOCK, head_dim],
-        copied into the pool's pages: a row's views will do) under each block's key (`make_room`
-        first). A prompt larger than the whole cache is not stored."""
+        copied into the pool's pages: a row's views will do) under each block's key, making room
+        first unless `make_room` just did for these keys. A prompt that cannot fit is not stored."""
         if self._pool is None:
             self.reserve(k.shape[0], k.shape[1], k.shape[3], k.dtype, k.device)
         if not self._pool.fits(k):
