@@ -4,6 +4,8 @@ missing or stale state falls back to the stateless decode instead of a wrong one
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -280,11 +282,23 @@ def test_peer_tables_hand_a_streams_state_to_another_instance(tmp_path, monkeypa
 
 
 def test_a_table_that_does_not_fit_leaves_the_instance_unshared(tmp_path, monkeypatch):
+    """No table where /dev/shm would keep less free than the table takes, nor where reserving its
+    space fails; nothing half made either way."""
+    real_statvfs = os.statvfs
+    monkeypatch.setattr(peer_states.os, "statvfs", lambda path: os.statvfs_result(
+        (*real_statvfs(path)[:4], 10, *real_statvfs(path)[5:])))  # 10 blocks available
+    assert PeerStates.open(tmp_path, "codec_0", 1024, 7168) is None
+    monkeypatch.setattr(peer_states.os, "statvfs", real_statvfs)
+
     def no_space(fd, offset, length):
         raise OSError(28, "No space left on device")
     monkeypatch.setattr(peer_states.os, "posix_fallocate", no_space)
     assert PeerStates.open(tmp_path, "codec_0", 1024, 7168) is None
     assert not list((tmp_path / peer_states.FOLDER).iterdir())  # nothing half made
+    monkeypatch.undo()
+    table = PeerStates.open(tmp_path, "codec_0", 4, 16)
+    assert table is not None
+    table.close()
 
 
 def test_a_stream_alternating_between_instances_continues_from_the_peers_state(codec, tmp_path):
@@ -324,3 +338,22 @@ def test_a_peers_state_that_ends_elsewhere_is_not_taken(codec, tmp_path):
     assert b.counts()["adopted"] == 1
     for s in (a, b):
         s.streams.peers.close()
+
+
+def test_adopting_a_state_gives_up_no_slot_of_the_batchs_streams(tmp_path):
+    """All slots taken: a state adopted for one stream of a batch takes the slot of a stream
+    outside the batch, even when a batch member's is the least recently used."""
+    peer = PeerStates(tmp_path, "codec_1", 4, 2)
+    peer.publish(["new"], [7], np.array([[5.0, 6.0]], np.float32))
+    states = StreamStates(2, 2, torch.device("cpu"), torch.float32,
+                          peers=PeerStates(tmp_path, "codec_0", 4, 2))
+    states.store(["member", "other"], [3, 3], torch.zeros(2, 2))  # member: the least recently used
+    assert states.adopt([("new", 7)], keep=frozenset({"member", "new"})) == 1
+    assert states.slot_for("member", 3) is not None and states.slot_for("other", 3) is None
+    assert states.pool[states.slot_for("new", 7)].tolist() == [5.0, 6.0]
+    assert states.adopt([("absent", 1)]) == 0
+
+
+def test_no_shared_table_where_stores_may_reach_other_processes_out_of_order(tmp_path, monkeypatch):
+    monkeypatch.setattr(peer_states.platform, "machine", lambda: "aarch64")
+    assert PeerStates.open(tmp_path, "codec_0", 64, 16) is None

@@ -43,9 +43,11 @@ class StreamStates:
         entry = self._streams.get(key)
         return entry[0] if entry is not None and entry[1] == start_frame else None
 
-    def store(self, keys: list[str], next_frames: list[int], states: torch.Tensor, share: bool = True) -> None:
+    def store(self, keys: list[str], next_frames: list[int], states: torch.Tensor, share: bool = True,
+              keep: frozenset[str] = frozenset()) -> None:
         """Keep ``states[i]`` as ``keys[i]``'s state, valid for a chunk starting at ``next_frames[i]``
-        (the keys distinct); with peers, also write them to this instance's shared table."""
+        (the keys distinct), giving up no slot of a stream in ``keep`` while others are there; with
+        peers, also write them to this instance's shared table."""
         if not keys:
             return
         storing = set(keys)
@@ -55,7 +57,7 @@ class StreamStates:
         slots = []
         for key, frame in zip(keys, next_frames):
             entry = self._streams.pop(key, None)
-            slot = entry[0] if entry is not None else self._take_slot(storing)
+            slot = entry[0] if entry is not None else self._take_slot(storing, keep)
             self._streams[key] = (slot, frame)  # most recently used last
             slots.append(slot)
         (index,) = upload([np.array(slots)], self.pool.device)
@@ -63,9 +65,10 @@ class StreamStates:
         if self.peers is not None and share:
             self.peers.publish(keys, next_frames, states.float().cpu().numpy())
 
-    def adopt(self, wanted: list[tuple[str, int]]) -> int:
+    def adopt(self, wanted: list[tuple[str, int]], keep: frozenset[str] = frozenset()) -> int:
         """Take over the states peers left for these (stream, start frame) pairs (streams with no
-        state here that ends at that frame); return how many were found."""
+        state here that ends at that frame), giving up no slot of a stream in ``keep`` (the batch's)
+        while others are there; return how many were found."""
         if self.peers is None or not wanted:
             return 0
         found = [(key, frame, row) for key, frame in wanted if (row := self.peers.find(key, frame)) is not None]
@@ -74,7 +77,7 @@ class StreamStates:
             states = torch.from_numpy(np.stack(rows))
             if self.pool.device.type == "cuda":  # asynchronous, from pinned memory (as upload())
                 states = states.pin_memory().to(self.pool.device, non_blocking=True)
-            self.store(list(keys), list(frames), states, share=False)  # the peer's table has it already
+            self.store(list(keys), list(frames), states, share=False, keep=keep)  # the peer's table has it already
         return len(found)
 
     def gather(self, slots: list[int | None]) -> torch.Tensor:
@@ -88,10 +91,16 @@ class StreamStates:
         if entry is not None:
             self._free.append(entry[0])
 
-    def _take_slot(self, storing: set[str]) -> int:
+    def _take_slot(self, storing: set[str], keep: frozenset[str] = frozenset()) -> int:
         if self._free:
             return self._free.pop()
+        fallback = None  # the least recently used stream to keep, if only such are left
         for key in self._streams:  # least recently used first; not one being stored now
-            if key not in storing:
+            if key in storing:
+                continue
+            if key not in keep:
                 return self._streams.pop(key)[0]
-        raise RuntimeError("more streams in one batch than stream state slots")
+            fallback = fallback or key
+        if fallback is None:
+            raise RuntimeError("more streams in one batch than stream state slots")
+        return self._streams.pop(fallback)[0]

@@ -12,8 +12,9 @@ least-recently-used order, as :class:`~.codec_streams.StreamStates` does; a read
 by scanning the table's key digests (a vector compare over the slots). Each slot has a sequence
 number the writer makes odd while it rewrites the slot and even again after; a reader that sees it
 odd, or changed across its copy, treats the state as missing. That relies on stores reaching other
-processes in program order (x86's TSO: the H100/H200 hosts); a state read torn would at worst
-make one chunk's audio wrong, never crash anything. A missing state costs a restart, as before.
+processes in program order (x86's TSO: the H100/H200 hosts), so on other machines (Arm: Grace)
+the instances keep their states to themselves; a state read torn would at worst make one chunk's
+audio wrong, never crash anything. A missing state costs a restart, as before.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import hashlib
 import logging
 import mmap
 import os
+import platform
 import time
 from collections import OrderedDict
 from pathlib import Path
@@ -34,6 +36,7 @@ FOLDER = "codec-states"  # under the board folder of one tritonserver (cancel_bo
 _MAGIC = 0x43484D5354415445  # "CHMSTATE"
 _HEADER = 4  # int64s: magic, slots, state_size, ready
 REFRESH_S = 1.0  # how often a reader lists the folder for instances that started after it
+ORDERED_STORES = ("x86_64", "AMD64", "i686", "i386")  # platform.machine() of hosts the tables are safe on
 
 
 def digest(key: str) -> int:
@@ -117,15 +120,28 @@ class PeerStates:
 
     @classmethod
     def open(cls, folder: Path, instance: str, slots: int, state_size: int) -> "PeerStates | None":
-        """Like the constructor, but a table that cannot be made (a /dev/shm too small for it, say)
-        is logged and leaves the instance without sharing (None)."""
-        try:
-            return cls(folder, instance, slots, state_size)
-        except OSError as exc:
-            log.warning("codec stream states are not shared between instances: cannot make a %.1f MiB table "
-                        "in %s (%s); chunks that reach another instance decode their context again",
-                        StateTable.nbytes(slots, state_size) / 2**20, Path(folder) / FOLDER, exc)
-            return None
+        """Like the constructor, but where the table cannot be made or trusted it is logged and the
+        instance goes without sharing (None): on a host whose stores may reach other processes out
+        of order, or when /dev/shm would keep less free than the table takes (the Python backend's
+        own shared memory grows there too)."""
+        nbytes = StateTable.nbytes(slots, state_size)
+        why = None
+        if platform.machine() not in ORDERED_STORES:
+            why = f"the tables rely on x86's store ordering, this host is {platform.machine()}"
+        else:
+            try:
+                Path(folder).mkdir(parents=True, exist_ok=True)
+                disk = os.statvfs(folder)
+                if disk.f_bavail * disk.f_frsize < 2 * nbytes:
+                    why = (f"{disk.f_bavail * disk.f_frsize / 2**20:.0f} MiB free in {folder}, "
+                           f"at least {2 * nbytes / 2**20:.0f} wanted (the table and as much again)")
+                else:
+                    return cls(folder, instance, slots, state_size)
+            except OSError as exc:
+                why = f"cannot make a {nbytes / 2**20:.1f} MiB table in {Path(folder) / FOLDER} ({exc})"
+        log.warning("codec stream states are not shared between instances: %s; chunks that reach another "
+                    "instance decode their context again", why)
+        return None
 
     def publish(self, keys: list[str], next_frames: list[int], states: np.ndarray) -> None:
         """Write ``states[i]`` as ``keys[i]``'s state, valid for a chunk starting at ``next_frames[i]``

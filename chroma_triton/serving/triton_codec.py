@@ -152,7 +152,7 @@ class CodecService:
             if keep and c.start_frame > 0 and c.start_frame < first.get(c.stream, c.start_frame + 1):
                 first[c.stream] = c.start_frame
         wanted = [(key, frame) for key, frame in first.items() if self.streams.slot_for(key, frame) is None]
-        self.streams.adopt(wanted)
+        self.streams.adopt(wanted, keep=frozenset(c.stream for c, keep in zip(chunks, keeps) if keep))
         return {(key, frame) for key, frame in wanted if self.streams.slot_for(key, frame) is not None}
 
     def _plan_rows(self, chunks: list[CodecChunk], keeps: list[bool]) -> tuple[list[int | None], list[int]]:
