@@ -46,6 +46,11 @@ class ModelArgs:
             total += int(group.get("count", 1)) * (len(gpus) if on_gpus and gpus else 1)
         return total
 
+    def instance_path(self, key: str) -> str:
+        """A path parameter with "{device}" (cuda0, cpu) and "{instance}" filled in, so that every
+        instance gets a file of its own: Triton gives the instances on each GPU one name."""
+        return self.str(key).replace("{device}", self.device.replace(":", "")).replace("{instance}", self.instance_name)
+
     # typed parameter access; an empty string means "use the default"
     def str(self, key: str, default: str = "") -> str:
         value = self.params.get(key, "")

@@ -325,9 +325,7 @@ def engine_options(args) -> EngineOptions:
     kwargs["math_attention"] = args.str("math_attention", d.math_attention)
     kwargs["admission_wait_clock"] = args.str("admission_wait_clock", d.admission_wait_clock)
     device = str(getattr(args, "device", "cpu"))
-    # one file per instance: "{device}" / "{instance}" in the path name it (dp instances share a name)
-    kwargs["trace_path"] = args.str("trace_path", "").replace("{device}", device.replace(":", "")).replace(
-        "{instance}", str(getattr(args, "instance_name", "chroma_lm")))
+    kwargs["trace_path"] = args.instance_path("trace_path")
     on_gpu = device.startswith("cuda")
     for name in _AUTO_OPTIONS:
         auto = args.str(name).strip().lower() in ("", "auto")

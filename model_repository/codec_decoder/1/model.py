@@ -7,10 +7,10 @@ import triton_python_backend_utils as pb_utils
 
 from chroma_triton.serving import protocol as P
 from chroma_triton.serving.cancel_board import CancelBoard
-from chroma_triton.serving.peer_states import PeerStates
 from chroma_triton.serving.codec_trace import CodecTrace
 from chroma_triton.serving.gc_pauses import freeze_if_asked
 from chroma_triton.serving.model_args import ModelArgs, configure_logging, input_array, load_model_parts
+from chroma_triton.serving.peer_states import PeerStates
 from chroma_triton.serving.triton_codec import CodecChunk, CodecService
 
 
@@ -41,9 +41,7 @@ class TritonPythonModel:
                         "restarted (past a stream's start, decoded over their context), stateless (the rest)")
         self.chunk_counters = {how: self._chunk_family.Metric(labels={**labels, "how": how})
                                for how in self.service.counts()}
-        trace_path = a.str("trace_path", "")
-        # one file per instance: Triton names the instances of every GPU alike, so "{device}" too
-        trace_path = trace_path.replace("{instance}", a.instance_name).replace("{device}", a.device.replace(":", ""))
+        trace_path = a.instance_path("trace_path")
         self.trace = CodecTrace(trace_path) if trace_path else None
         freeze_if_asked(a)  # once loaded, its graphs captured: none of that is garbage
         shares = f", stream states shared through {self.peers.own.path}" if self.peers is not None else ""
