@@ -26,7 +26,9 @@ gRPC clients gained (thinker prefix hits 885-923 of 2,048 requests against 615-6
 audio-s/s against 623-666, first audio p50 2.0 s against 2.4-2.8 s), but through the frontend the
 tail grew (first audio p90 7.2 s against 3.4 s, 604 audio-s/s against 645), with that run's
 frontend, which started a conversation only at a request without an assistant turn and so sent
-1,280 of its 2,564 requests twice (now it remembers what it named; not measured since). And a
+1,280 of its 2,564 requests twice. Run 78 (4 x H200), with today's frontend (it remembers what it
+named: no request sent twice): +8 % over gRPC again, but through the frontend the same throughput
+(615.5 against 611.9 audio-s/s) with a longer tail (first audio p90 4.9 s against 4.0 s). And a
 conversation stays on its instance however loaded that instance is.
 
 Measured facts (tritonserver 2.51 of the nvidia-pytriton wheel, a decoupled Python model inside an

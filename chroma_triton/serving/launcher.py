@@ -125,8 +125,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "served its first turn, whose thinker prefix cache holds the conversation so far, through "
                         "Triton's sequence batcher; clients then name the conversation in each request "
                         "(sequence_id, sequence_start on its first; the frontend does it) and Triton refuses "
-                        "requests that do not. Off by default: measured over gRPC (+9 %%), not yet with today's "
-                        "frontend (docs/benchmarks.md run 77; chroma_triton/serving/affinity.py)")
+                        "requests that do not. Off by default: +8-9 %% audio-s/s over gRPC, but through the frontend "
+                        "the same throughput with a longer first-audio tail (docs/benchmarks.md runs 77-78; "
+                        "chroma_triton/serving/affinity.py)")
     p.add_argument("--conversation-idle-s", type=float, default=DEFAULT_IDLE_S, metavar="SECONDS",
                    help="with conversation affinity: how long a conversation stays bound to its instance after "
                         "its latest request")
