@@ -116,6 +116,7 @@ class PeerStates:
         self._slots: OrderedDict[int, int] = OrderedDict()  # digest -> slot, least recently written first
         self._free = list(range(slots - 1, -1, -1))
         self._peers: dict[str, StateTable] = {}
+        self._ignored: set[str] = set()  # tables that could not be read or do not match: tried once
         self._listed = float("-inf")
 
     @classmethod
@@ -178,14 +179,16 @@ class PeerStates:
             names = {n for n in os.listdir(self.folder) if n.endswith(".table") and n != self.name}
         except OSError:
             return
-        for name in names - self._peers.keys():
+        for name in names - self._peers.keys() - self._ignored:
             try:
                 table = StateTable(self.folder / name, writable=False)
             except (OSError, ValueError) as exc:
                 log.warning("codec stream states: cannot read peer table %s: %s", name, exc)
+                self._ignored.add(name)
                 continue
             if table.state_size != self.state_size:
                 table.close()
+                self._ignored.add(name)
                 continue
             self._peers[name] = table
         for name in self._peers.keys() - names:  # its instance was unloaded
