@@ -202,7 +202,11 @@ def engine_summary(level: dict) -> str:
             f"{total('chroma_lm_prefill_eager_prompts_total'):.0f} eager, "
             f"{total('chroma_lm_prefill_prefix_prompts_total'):.0f} after a stored prefix "
             f"({total('chroma_lm_prefill_prefix_graph_prompts_total'):.0f} of them through graphs; "
-            f"{total('chroma_lm_prefill_prefix_tokens_total'):.0f} positions reused)" + thinker_prefix_summary(level))
+            f"{total('chroma_lm_prefill_prefix_tokens_total'):.0f} positions reused; "
+            f"{total('chroma_lm_prefix_imports_total'):.0f} copied from another instance, "
+            f"{total('chroma_lm_prefix_import_tokens_total'):.0f} positions in "
+            f"{total('chroma_lm_prefix_import_seconds_total'):.2f} s, "
+            f"{total('chroma_lm_prefix_imports_lost_total'):.0f} thrown away)" + thinker_prefix_summary(level))
 
 
 def thinker_prefix_summary(level: dict) -> str:

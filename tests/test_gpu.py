@@ -107,6 +107,58 @@ def test_codec_instances_on_two_gpus_continue_each_others_streams(tiny_checkpoin
         s.streams.peers.close()
 
 
+_PREFIX_OWNER = """
+import sys, time, torch
+from pathlib import Path
+from chroma_triton.engine.thinker_prefix import BLOCK, ThinkerPrefixCache
+folder = Path(sys.argv[1])
+g = torch.Generator().manual_seed(5)
+k, v = (torch.randn(4, 2, 6 * BLOCK, 16, generator=g).bfloat16() for _ in range(2))
+cache = ThinkerPrefixCache(max_bytes=64 << 20, min_tokens=BLOCK)
+cache.reserve(4, 2, 16, torch.bfloat16, "cuda:0", peers_folder=folder, name="owner")
+cache.put([bytes([i]) * 32 for i in range(6)], k.cuda(), v.cuda())
+torch.cuda.synchronize()
+cache.peers.flush()
+(folder / "ready").touch()
+while not (folder / "done").exists():
+    time.sleep(0.05)
+cache.close()
+"""
+
+
+def test_thinker_prefixes_copy_from_another_process_on_another_gpu(tmp_path):
+    """An engine's thinker prefix cache copies a prompt that another process's cache (on GPU 0)
+    holds, through CUDA IPC, into its own pool on the last GPU: the same bits."""
+    import subprocess
+    import sys
+    import time
+
+    from chroma_triton.engine.thinker_prefix import BLOCK, ThinkerPrefixCache
+
+    owner = subprocess.Popen([sys.executable, "-c", _PREFIX_OWNER, str(tmp_path)])
+    try:
+        deadline = time.monotonic() + 120
+        while not (tmp_path / "ready").exists():
+            assert owner.poll() is None and time.monotonic() < deadline, "the owner process failed"
+            time.sleep(0.05)
+        device = f"cuda:{torch.cuda.device_count() - 1}"
+        cache = ThinkerPrefixCache(max_bytes=64 << 20, min_tokens=BLOCK)
+        cache.reserve(4, 2, 16, torch.bfloat16, device, peers_folder=tmp_path, name="reader")
+        keys = [bytes([i]) * 32 for i in range(8)]  # the next turn: 8 blocks, the first 6 held by the owner
+        assert cache.peer_length(keys, 8 * BLOCK + 1) == 6 * BLOCK
+        assert cache.import_from_peers([(keys, 8 * BLOCK + 1)]) == (1, 6 * BLOCK, 0)
+        m = cache.match(keys, 8 * BLOCK + 1)
+        g = torch.Generator().manual_seed(5)
+        k, v = (torch.randn(4, 2, 6 * BLOCK, 16, generator=g).bfloat16() for _ in range(2))
+        assert m.length == 6 * BLOCK and m.k.device == torch.device(device)
+        assert torch.equal(m.k.cpu(), k) and torch.equal(m.v.cpu(), v)
+        cache.close()
+    finally:
+        (tmp_path / "done").touch()
+        owner.wait(timeout=60)
+    assert owner.returncode == 0
+
+
 def test_codec_graphs_give_the_eager_samples(tiny_checkpoint):
     """codec_decoder's CUDA graphs (captured for every bucket at load) replay what the eager,
     sync-free decode computes, for ragged batches of every row bucket, stateless and carried."""

@@ -650,6 +650,29 @@ def test_codec_instances_share_stream_states_only_on_several_gpus():
     assert shared(kind="gpu", dp_size=2, params={"codec_decoder": {"shared_stream_states": "0"}}) == "0"
 
 
+def test_lm_instances_share_thinker_prefixes_only_on_several_gpus():
+    """One chroma_lm instance per GPU at dp > 1: each copies the stored prompts it lacks from the
+    other's thinker prefix cache; one GPU or the CPU: nothing to share; an explicit value wins.
+    The parameter names the tritonserver's board folder as the engines' meeting place."""
+    from chroma_triton.serving.cancel_board import default_dir
+    from chroma_triton.serving.model_args import ModelArgs
+    from chroma_triton.serving.triton_lm import engine_options
+
+    def shared(**kw):
+        lm = parse_config(render_configs(RenderSpec(**kw))["chroma_lm"])
+        return lm.parameters["shared_thinker_prefixes"].string_value
+
+    assert shared(kind="gpu", dp_size=2) == "true" and shared(kind="gpu", dp_size=1) == "false"
+    assert shared(kind="cpu") == "false"
+    assert shared(kind="gpu", dp_size=2, params={"chroma_lm": {"shared_thinker_prefixes": "false"}}) == "false"
+
+    def folder(value):
+        args = ModelArgs("chroma_lm", {}, {"shared_thinker_prefixes": value}, "cpu", "chroma_lm_0")
+        return engine_options(args).thinker_prefix_peers
+
+    assert folder("false") == "" and folder("true") == str(default_dir() / "thinker-prefixes")
+
+
 def test_audio_embeds_dtype_follows_the_device_unless_given():
     """audio_embeds (audio_encoder's output, chroma_lm's input) is BF16 on GPUs and FP32 on the CPU
     (auto), or what RenderSpec.embeds_dtype names; the models read their type from the config."""

@@ -57,6 +57,7 @@ from .voice_prefix import VoicePrefixCache, copy_prefixes, voice_key
 from .request import AudioChunk, Finished, GenerationRequest, RequestFailed, RequestStream, SamplingParams, TextDelta
 
 log = logging.getLogger(__name__)
+_ENGINE_NUMBERS = itertools.count()  # this process's engines, for names of their own (thinker_prefix_peers)
 
 
 ALL_TRUNKS = "thinker,backbone,decoder"  # the value of a trunk-list option that names every trunk
@@ -128,6 +129,9 @@ class EngineOptions:
     #                                    thinker); 0: off; PREFIX_CACHE_AUTO: a share of what the rows
     #                                    leave (engine/capacity.py). Kept out of the KV rows' budget
     thinker_prefix_min_tokens: int = 256  # ...reused only when at least this many positions match
+    thinker_prefix_peers: str = ""  # a folder: engines (one per GPU) whose thinker prefix caches name the same one
+    #                                 copy each other's stored prompts instead of prefilling them
+    #                                 (engine/peer_prefixes.py); "": this engine's cache is its own
     compile: bool = False  # torch.compile each decoder layer and the sampler (fused kernels; CPU: needs a C++ compiler)
     # kernel choices for steps, same results (bench_engine.py --variants compares them on a GPU):
     math_attention: str = ""  # trunks ("thinker,backbone,decoder") whose steps attend by matmuls, not SDPA
@@ -309,6 +313,11 @@ class ChromaEngine:
                          "prefill_prefix_prompts": 0, "prefill_prefix_tokens": 0,
                          # ...of those prompts, the ones whose rest replayed as a graph (prefix_rest_graphs.py)
                          "prefill_prefix_graph_prompts": 0,
+                         # stored prompts copied from another engine's thinker prefix cache before an
+                         # admission (thinker_prefix_peers), their positions, the copies thrown away
+                         # (the other engine dropped the prompt meanwhile) and the wall time of the copies
+                         "prefix_imports": 0, "prefix_import_tokens": 0, "prefix_imports_lost": 0,
+                         "prefix_import_s": 0.0,
                          # the pacer's estimates of those prefills (once it has one), and by how much
                          # they ran over them in all: an overrun is a stall the running streams were
                          # not kept ready for
@@ -450,7 +459,8 @@ class ChromaEngine:
             if cache.max_bytes < self._smallest_prefix_bytes():
                 raise ValueError(f"it would hold no prompt of thinker_prefix_min_tokens "
                                  f"({self.opts.thinker_prefix_min_tokens} positions)")
-            cache.reserve(text.num_layers, text.num_kv_heads, text.head_dim, kv.k.dtype, self.device)
+            cache.reserve(text.num_layers, text.num_kv_heads, text.head_dim, kv.k.dtype, self.device,
+                          **self._prefix_peers())
         except (ValueError, torch.cuda.OutOfMemoryError) as exc:
             log.warning("thinker prefix cache off: no pool of %.2f GiB (planned %.2f GiB): %s",
                         cache.max_bytes / GIB, planned / GIB, exc)
@@ -458,6 +468,13 @@ class ChromaEngine:
             return
         log.info("thinker prefix cache: a pool of %.2f GiB (planned %.2f GiB; %.2f GiB free beyond the activation "
                  "reserve once the graphs were captured)", cache.max_bytes / GIB, planned / GIB, free / GIB)
+
+    def _prefix_peers(self) -> dict:
+        """`ThinkerPrefixCache.reserve`'s sharing arguments (thinker_prefix_peers)."""
+        if not self.opts.thinker_prefix_peers:
+            return {}
+        device = f"{self.device.type}{self.device.index if self.device.index is not None else ''}"
+        return {"peers_folder": self.opts.thinker_prefix_peers, "name": f"{device}-{next(_ENGINE_NUMBERS)}"}
 
     def _tail_graph_len(self) -> int:
         """The backbone tail graphs' longest bucket (a voice prefix and the two positions)."""
@@ -596,6 +613,10 @@ class ChromaEngine:
                 self._capture_step_graphs()
             if self.thinker_prefixes is not None and self.device.type == "cuda" and not self.thinker_prefixes.reserved:
                 self._reserve_thinker_prefixes()
+            elif self.thinker_prefixes is not None and self.opts.thinker_prefix_peers and not self.thinker_prefixes.reserved:
+                text = self.cfg.thinker.text  # shared: the pool (a file here) must exist before peers look
+                self.thinker_prefixes.reserve(text.num_layers, text.num_kv_heads, text.head_dim,
+                                              self.thinker.cache.k.dtype, self.device, **self._prefix_peers())
             if self.device.type == "cuda":  # what the plan (made before all this) could not see
                 free, total = torch.cuda.mem_get_info(self.device)
                 log.info("engine memory once started: %.2f GiB allocated and %.2f GiB reserved by this process, "
@@ -621,6 +642,8 @@ class ChromaEngine:
             close()
         if self.trace is not None and not stuck:  # not while a stuck loop may still write to it
             self.trace.close()
+        if self.thinker_prefixes is not None and not stuck:  # its files in thinker_prefix_peers go
+            self.thinker_prefixes.close()
 
     def submit(self, req: GenerationRequest) -> RequestStream:
         """Validate and queue a request; events arrive on the returned stream. The engine owns
@@ -632,8 +655,11 @@ class ChromaEngine:
             raise EngineError(self._dead)
         req.sampling = req.sampling.validated(self.default_top_k, self.opts.max_frames)
         self._validate(req)
-        if self.thinker_prefixes is not None:  # hashed here, on the caller's thread, not the engine's
+        cache = self.thinker_prefixes
+        if cache is not None:  # hashed here, on the caller's thread, not the engine's
             req.prefix_keys = prompt_block_keys(req.thinker_ids, req.audio_embeds, self.cfg.thinker.audio_token_id)
+            # what another engine's cache holds of it (thinker_prefix_peers), for planning its admission
+            req.peer_prefix_len = cache.peer_length(req.prefix_keys, len(req.thinker_ids))
         if self._pending.qsize() + len(self._staged) >= self.opts.max_queue:
             raise CapacityError(f"server busy: {self.opts.max_queue} requests already waiting; retry later")
         stream = RequestStream(req.request_id, on_end=self._release_claim)
@@ -691,7 +717,9 @@ class ChromaEngine:
             return {}
         return {"thinker_prefix_bytes": cache.nbytes, "thinker_prefix_bound_bytes": cache.max_bytes,
                 "thinker_prefix_horizon_s": cache.idle_s(), "thinker_prefix_returns_held": cache.returns_held,
-                "thinker_prefix_returns_dropped": cache.returns_dropped}
+                "thinker_prefix_returns_dropped": cache.returns_dropped,
+                "thinker_prefix_peers": 0 if cache.peers is None else cache.peers.peer_count(),
+                "thinker_prefix_unpublished": 0 if cache.peers is None else cache.peers.unpublished}
 
     # -- validation ---------------------------------------------------------------------------
     def _validate(self, req: GenerationRequest) -> None:
@@ -768,10 +796,12 @@ class ChromaEngine:
                         failures = 0  # idle: nothing left that failed
                         if self.trace is not None:
                             self.trace.flush()  # complete on disk while nothing runs
+                        self._publish_prefixes(wait=True)
                         item = self._pending.get()  # idle: block until work (or shutdown) arrives
                         if item is None:
                             continue
                         self._staged.append(item)
+                self._publish_prefixes(wait=False)
                 hook = self.between_steps
                 if hook is not None:
                     try:
@@ -1256,7 +1286,7 @@ class ChromaEngine:
         """The thinker's prompt positions a prefill computes: all, less what the prefix cache holds."""
         n = len(req.thinker_ids)
         if self.thinker_prefixes is not None and req.prefix_keys:
-            n -= self.thinker_prefixes.matched_length(req.prefix_keys, n)
+            n -= max(self.thinker_prefixes.matched_length(req.prefix_keys, n), req.peer_prefix_len)
         return n
 
     def _stream_states(self) -> list[StreamState]:
@@ -1435,8 +1465,36 @@ class ChromaEngine:
         cache = self.thinker_prefixes
         if cache is None:
             return {}
+        if cache.peers is not None and any(r.peer_prefix_len for r, _ in items):
+            self._import_prefixes(cache, [r for r, _ in items if r.peer_prefix_len])
         found = {id(r): cache.match(r.prefix_keys or [], len(r.thinker_ids)) for r, _ in items}
         return {key: m for key, m in found.items() if m is not None}
+
+    def _publish_prefixes(self, wait: bool) -> None:
+        """Let other engines see the prompts this engine's cache stored once the device has
+        written them (thinker_prefix_peers); `wait`: idle, so wait for the device first."""
+        peers = self.thinker_prefixes.peers if self.thinker_prefixes is not None else None
+        if peers is None:
+            return
+        if wait and self.device.type == "cuda" and peers.waiting():
+            torch.cuda.synchronize(self.device)
+        peers.flush()
+
+    def _import_prefixes(self, cache: ThinkerPrefixCache, reqs: list[GenerationRequest]) -> None:
+        """Copy the stored prompts another engine holds of these requests' prompts into this
+        engine's cache before they are matched (thinker_prefix_peers); all copies before any match,
+        so that none makes room with a prompt a match of this admission would read."""
+        wall = time.perf_counter()
+        try:
+            imported, positions, lost = cache.import_from_peers([(r.prefix_keys, len(r.thinker_ids)) for r in reqs])
+        except Exception:  # noqa: BLE001 - the requests go on without the peers' prompts
+            log.warning("thinker prefix cache: could not copy prompts from other engines", exc_info=True)
+            return
+        finally:
+            self.counters["prefix_import_s"] += time.perf_counter() - wall
+        self.counters["prefix_imports"] += imported
+        self.counters["prefix_import_tokens"] += positions
+        self.counters["prefix_imports_lost"] += lost
 
     def _store_prefixes(self, row: int, items: list[tuple[GenerationRequest, RequestStream]]) -> None:
         """Keep the whole blocks of the prompts just prefilled into rows row.. (thinker_prefix_cache_mib),

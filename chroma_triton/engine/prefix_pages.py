@@ -15,6 +15,7 @@ concatenation of its runs' views.
 from __future__ import annotations
 
 import bisect
+from typing import Callable
 
 import torch
 
@@ -23,14 +24,19 @@ Runs = list[tuple[int, int]]  # (first page, pages)
 
 class PagePool:
     def __init__(self, pages: int, page: int, layers: int, kv_heads: int, head_dim: int, dtype: torch.dtype,
-                 device: torch.device | str):
+                 device: torch.device | str, alloc: Callable[[str, tuple, torch.dtype], torch.Tensor] | None = None):
+        """`alloc(name, shape, dtype)` makes the keys' ("k") and values' ("v") tensors instead of
+        `torch.empty` on `device` (engine/peer_prefixes.py: CPU pools in files other engines map)."""
         if pages < 1 or page < 1:
             raise ValueError(f"a page pool needs at least one page of at least one position, got {pages} x {page}")
         self.pages, self.page = pages, page
         self.page_nbytes = self.page_bytes(page, layers, kv_heads, head_dim, dtype.itemsize)
         shape = (layers, kv_heads, pages * page, head_dim)
-        self.k = torch.empty(shape, dtype=dtype, device=device)
-        self.v = torch.empty(shape, dtype=dtype, device=device)
+        if alloc is None:
+            self.k = torch.empty(shape, dtype=dtype, device=device)
+            self.v = torch.empty(shape, dtype=dtype, device=device)
+        else:
+            self.k, self.v = alloc("k", shape, dtype), alloc("v", shape, dtype)
         self._free: Runs = [(0, pages)]  # free runs by first page, none adjacent to another
         self.free_pages = pages
 
@@ -90,21 +96,26 @@ class PagePool:
     def read(self, runs: Runs, positions: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The first `positions` positions stored in `runs`: views of the pool when they lie in one
         run, else one concatenation of the runs' views."""
-        ks, vs = [], []
-        for first, n in runs:
-            size = min(n * self.page, positions)
-            lo = first * self.page
-            ks.append(self.k[:, :, lo:lo + size])
-            vs.append(self.v[:, :, lo:lo + size])
-            positions -= size
-            if not positions:
-                break
-        if len(ks) == 1:
-            return ks[0], vs[0]
-        return torch.cat(ks, dim=2), torch.cat(vs, dim=2)
+        return read_runs(self.k, self.v, self.page, runs, positions)
 
     def nbytes(self) -> int:
         return self.pages * self.page_nbytes
+
+
+def read_runs(k: torch.Tensor, v: torch.Tensor, page: int, runs: Runs, positions: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """`PagePool.read` of a pool's keys `k` and values `v` (another engine's too)."""
+    ks, vs = [], []
+    for first, n in runs:
+        size = min(n * page, positions)
+        lo = first * page
+        ks.append(k[:, :, lo:lo + size])
+        vs.append(v[:, :, lo:lo + size])
+        positions -= size
+        if not positions:
+            break
+    if len(ks) == 1:
+        return ks[0], vs[0]
+    return torch.cat(ks, dim=2), torch.cat(vs, dim=2)
 
 
 def runs_pages(runs: Runs) -> int:

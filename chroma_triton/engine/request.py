@@ -61,6 +61,7 @@ class GenerationRequest:
     request_id: str = ""
     # set by the engine on submit when it keeps thinker prefixes (engine/thinker_prefix.py)
     prefix_keys: list[bytes] | None = field(default=None, repr=False)
+    peer_prefix_len: int = field(default=0, repr=False)  # ...and what another engine's cache holds of it
 
 
 # -- events -----------------------------------------------------------------------------------

@@ -20,22 +20,32 @@ the newest newcomers, and the least recently used (`ThinkerPrefixCache`).
 
 The reused keys and values were computed in another batch, possibly through another kernel
 (an admission graph's bucket): equal to recomputing them up to the kernels' rounding.
+
+With `reserve(peers_folder=...)` the caches of several engines (one per GPU) read each other's
+stored prompts: `import_from_peers` copies a prompt this cache lacks from another engine's pool
+into its own (engine/peer_prefixes.py).
 """
 
 from __future__ import annotations
 
 import hashlib
+import logging
+import os
 import time
 from collections import OrderedDict, deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
 
+from .peer_memory import shared_cpu_tensor
+from .peer_prefixes import PeerPrefixes
 from .prefix_pages import PagePool, Runs
 
 BLOCK = 64
+log = logging.getLogger(__name__)
 
 
 HASH_THREADS = 4  # prompt_block_keys: threads hashing a long prompt's blocks at once
@@ -176,6 +186,7 @@ class ThinkerPrefixCache:
         self.nbytes = 0
         self.returns_held = 0  # turns whose conversation's previous prompt was stored (match took it whole)
         self.returns_dropped = 0  # ...had been dropped to make room (make_room found it among the dropped)
+        self.peers: PeerPrefixes | None = None  # other engines' caches (reserve's peers_folder)
 
     def __len__(self) -> int:
         return len(self._prompts)
@@ -280,23 +291,52 @@ class ThinkerPrefixCache:
         """Whether the pool is allocated."""
         return self._pool is not None
 
-    def reserve(self, layers: int, kv_heads: int, head_dim: int, dtype: torch.dtype, device) -> None:
+    def reserve(self, layers: int, kv_heads: int, head_dim: int, dtype: torch.dtype, device,
+                peers_folder: str | Path | None = None, name: str = "engine") -> None:
         """Allocate the pool now (the engine does when it starts on a GPU, so that its memory is
         taken at load), as many pages of BLOCK positions as the bound holds; the bound becomes
-        their bytes."""
+        their bytes. With `peers_folder`, share it with the caches of other engines that name the
+        same folder (`name`: this one's, for its files there; on the CPU the pool is a file there)."""
         if self._pool is not None:
             raise RuntimeError("the thinker prefix cache's pool is allocated already")
         page_bytes = PagePool.page_bytes(BLOCK, layers, kv_heads, head_dim, dtype.itemsize)
         pages = self.max_bytes // page_bytes
         if pages < 1:
             raise ValueError(f"the thinker prefix cache's {self.max_bytes} bytes hold no block of {page_bytes}")
-        self._pool = PagePool(pages, BLOCK, layers, kv_heads, head_dim, dtype, device)
-        self.max_bytes = pages * page_bytes
+        files: dict[str, Path] = {}
 
-    def put(self, keys: list[bytes], k: torch.Tensor, v: torch.Tensor) -> None:
+        def in_file(part: str, shape: tuple, dtype_: torch.dtype) -> torch.Tensor:
+            files[part] = Path(peers_folder) / f"{name}.{os.getpid()}.{part}"
+            return shared_cpu_tensor(files[part], shape, dtype_)
+
+        if peers_folder is not None and torch.device(device).type == "cpu":
+            try:
+                Path(peers_folder).mkdir(parents=True, exist_ok=True)
+                self._pool = PagePool(pages, BLOCK, layers, kv_heads, head_dim, dtype, device, in_file)
+            except OSError as exc:
+                log.warning("thinker prefixes are not shared with other engines: no pool file of %.1f MiB in %s (%s)",
+                            pages * page_bytes / 2**20, peers_folder, exc)
+                for path in files.values():
+                    path.unlink(missing_ok=True)
+                files.clear()
+                peers_folder = None
+        if self._pool is None:
+            self._pool = PagePool(pages, BLOCK, layers, kv_heads, head_dim, dtype, device)
+        self.max_bytes = pages * page_bytes
+        if peers_folder is not None:
+            self.peers = PeerPrefixes.open(Path(peers_folder), name, self._pool.k, self._pool.v, BLOCK, BLOCK, files)
+            if self.peers is None:
+                for path in files.values():  # mapped already: the pool keeps its memory
+                    path.unlink(missing_ok=True)
+
+    def put(self, keys: list[bytes], k: torch.Tensor, v: torch.Tensor, returning: bool = False,
+            publish: bool = True) -> int | None:
         """Store a prompt's whole blocks (k, v [layers, kv_heads, >= len(keys) * BLOCK, head_dim],
         copied into the pool's pages: a row's views will do) under each block's key, making room
-        first unless `make_room` just did for these keys. A prompt that cannot fit is not stored."""
+        first unless `make_room` just did for these keys. A prompt that cannot fit is not stored.
+        `returning`: keep it as a returning prompt (one a conversation's turn is about to take);
+        `publish`: tell the peers (`import_from_peers` does once its copy is checked). Returns the
+        stored prompt's id, or None."""
         if self._pool is None:
             self.reserve(k.shape[0], k.shape[1], k.shape[3], k.dtype, k.device)
         if not self._pool.fits(k):
@@ -305,8 +345,8 @@ class ThinkerPrefixCache:
         nbytes = len(keys) * self._pool.page_nbytes
         made = self._room_for is not None and self._room_for[0] == keys[-1] and self.nbytes + nbytes <= self.max_bytes
         if not made and not self.make_room(keys, nbytes):
-            return
-        continues = self._room_for[1]
+            return None
+        continues = self._room_for[1] or returning
         self._room_for = None
         runs = self._pool.take(len(keys))
         assert runs is not None, "the thinker prefix cache's bytes and free pages disagree"  # room made = pages free
@@ -322,8 +362,70 @@ class ThinkerPrefixCache:
         self.nbytes += nbytes
         for key in keys:
             self._index.setdefault(key, []).append(pid)  # the newest holder of a shared block answers for it
+        if self.peers is not None and publish:
+            self.peers.stored(pid, keys, runs)
+        return pid
+
+    def peer_length(self, keys: list[bytes], prompt_len: int) -> int:
+        """Positions of this prompt that another engine's cache holds beyond what this one does
+        (what `import_from_peers` would bring): 0 without peers or when none holds more."""
+        if self.peers is None or not keys:
+            return 0
+        try:  # asked on a request's thread while the engine's may store or drop: a race reads as nothing held
+            have = self.matched_length(keys, prompt_len) // BLOCK
+        except (IndexError, KeyError, RuntimeError):
+            have = 0
+        hit = self.peers.find(keys, (prompt_len - 1) // BLOCK, max(have + 1, -(-self.min_tokens // BLOCK)))
+        return 0 if hit is None else hit.blocks * BLOCK
+
+    def import_from_peers(self, prompts: list[tuple[list[bytes], int]]) -> tuple[int, int, int]:
+        """For each prompt (block keys, length) of which another engine's cache holds more than
+        this one: copy that stored prompt into this cache (a returning prompt), so that `match`
+        finds it. The copies are waited for, then checked: one whose source was dropped or
+        rewritten meanwhile is dropped again. Returns (prompts imported, their positions, copies
+        thrown away)."""
+        if self.peers is None:
+            return 0, 0, 0
+        self.peers.flush()
+        copied = []
+        for keys, prompt_len in prompts:
+            if not keys:
+                continue
+            have = self.matched_length(keys, prompt_len) // BLOCK
+            hit = self.peers.find(keys, (prompt_len - 1) // BLOCK, max(have + 1, -(-self.min_tokens // BLOCK)))
+            if hit is None:
+                continue
+            k, v = hit.read(hit.blocks * BLOCK)
+            pid = self.put(keys[:hit.blocks], k, v, returning=True, publish=False)
+            if pid is not None:
+                copied.append((pid, hit))
+        if not copied:
+            return 0, 0, 0
+        if self._pool.k.device.type == "cuda":
+            torch.cuda.current_stream(self._pool.k.device).synchronize()  # the copies are done before the checks
+        imported = positions = lost = 0
+        for pid, hit in copied:
+            if pid not in self._prompts:  # a later copy of this call made room with it
+                continue
+            if hit.still_valid():
+                imported += 1
+                positions += hit.blocks * BLOCK
+                stored = self._prompts[pid]
+                self.peers.stored(pid, stored.keys, stored.runs)
+            else:
+                self._drop(pid)
+                lost += 1
+        return imported, positions, lost
+
+    def close(self) -> None:
+        """Stop sharing (this cache's files in the peers' folder are removed)."""
+        if self.peers is not None:
+            self.peers.close()
+            self.peers = None
 
     def _drop(self, pid: int) -> None:
+        if self.peers is not None:  # unpublished before its pages can be written again
+            self.peers.dropped(pid)
         stored = self._prompts.pop(pid)
         self._returning.pop(pid, None)
         self._newcomers.pop(pid, None)

@@ -25,9 +25,11 @@ from ..engine import (AudioChunk, ChromaEngine, EngineOptions, Finished, Generat
                       SamplingParams, TextDelta)
 from ..engine.capacity import PREFIX_CACHE_AUTO
 from ..engine.engine import ALL_TRUNKS, TRITON_KERNEL_OPTIONS
+from ..engine.peer_prefixes import FOLDER as PEERS_FOLDER
 from ..errors import EngineError, InvalidRequestError
 from ..model.loading import ChromaParts
 from ..processor import PromptBuilder, normalize_messages
+from .cancel_board import default_dir
 from .gc_pauses import GcMonitor
 from .protocol import LMResponse, parse_messages, resolve_audio_parts
 
@@ -326,6 +328,8 @@ def engine_options(args) -> EngineOptions:
     kwargs["admission_wait_clock"] = args.str("admission_wait_clock", d.admission_wait_clock)
     device = str(getattr(args, "device", "cpu"))
     kwargs["trace_path"] = args.instance_path("trace_path")
+    if args.bool("shared_thinker_prefixes", False):  # the instances of one tritonserver share its board folder
+        kwargs["thinker_prefix_peers"] = str(default_dir() / PEERS_FOLDER)
     on_gpu = device.startswith("cuda")
     for name in _AUTO_OPTIONS:
         auto = args.str(name).strip().lower() in ("", "auto")

@@ -134,6 +134,15 @@ class TritonPythonModel:
             "prefill_prefix_graph_prompts": family("chroma_lm_prefill_prefix_graph_prompts_total",
                                                    "Of the prompts after a stored prefix, those whose later "
                                                    "positions were prefilled through a CUDA graph", C),
+            "prefix_imports": family("chroma_lm_prefix_imports_total",
+                                     "Stored prompts copied from another instance's thinker prefix cache "
+                                     "(shared_thinker_prefixes) instead of prefilled", C),
+            "prefix_import_tokens": family("chroma_lm_prefix_import_tokens_total",
+                                           "Prompt positions of those copies", C),
+            "prefix_imports_lost": family("chroma_lm_prefix_imports_lost_total",
+                                          "Copies thrown away: the other instance dropped the prompt during the copy", C),
+            "prefix_import_s": family("chroma_lm_prefix_import_seconds_total",
+                                      "Wall time of those copies, waited for (every running stream waits too)", C),
             "prefill_prefix_tokens": family("chroma_lm_prefill_prefix_tokens_total",
                                             "Prompt positions taken from the thinker prefix cache instead of "
                                             "prefilled", C),
