@@ -242,7 +242,8 @@ def encoder_codec_summary(level: dict) -> str:
         per_request = ("; audio_encoder ms per request: "
                        + ", ".join(f"{stage} {1e3 * stages[stage] / requests:.1f}"
                                    for stage in ("voice", "features", "tower", "output") if stage in stages))
-    return (f"user clips {clips.get('embedded', 0):.0f} embedded, {clips.get('reused', 0):.0f} reused; "
+    return (f"user clips {clips.get('embedded', 0):.0f} embedded, {clips.get('reused', 0):.0f} reused, "
+            f"{clips.get('shared', 0):.0f} from another instance; "
             f"codec chunks " + ", ".join(f"{chunks.get(h, 0):.0f} {h}" for h in ("carried", "adopted", "restarted", "stateless"))
             + per_request)
 

@@ -157,10 +157,10 @@ def test_a_full_bucket_or_a_scattered_prompt_stays_with_its_engine(tmp_path):
     peers = PeerPrefixes(folder, "x", k, v, BLOCK, BLOCK, files, slots=8)  # one bucket of 8
     for pid in range(9):
         peers.stored(pid, [f"prompt {pid} block {b}".encode().ljust(32, b".") for b in range(2)], [(2 * pid, 2)])
-    assert peers.unpublished == 1 and int(peers._used.sum()) == 8
+    assert peers.unpublished == 1 and peers._alloc.used() == 8
     peers.dropped(3)
     peers.stored(9, [b"prompt 9".ljust(32, b".")], [(40, 1)])
-    assert peers.unpublished == 1 and int(peers._used.sum()) == 8
+    assert peers.unpublished == 1 and peers._alloc.used() == 8
     peers.stored(10, [b"prompt 10".ljust(32, b".")], [(p, 1) for p in range(50, 50 + 2 * 9, 2)])  # 9 runs
     assert peers.unpublished == 2
     table = peers.own

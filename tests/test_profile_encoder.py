@@ -24,7 +24,7 @@ def test_profile_encoder_times_a_conversations_stages(tiny_checkpoint, tmp_path)
         assert setting["requests"] == 6 and setting["batches"] == 3  # each turn of both conversations together
         # a conversation's turns send 1, 2, 2 clips (at most one earlier): one new per turn, the
         # earlier one from the cache; the warm-up's two turns of two conversations before them
-        assert setting["clip_counts"] == {"embedded": 2 * 2 + 2 * 3, "reused": 2 * 1 + 2 * 2}
+        assert setting["clip_counts"] == {"embedded": 2 * 2 + 2 * 3, "reused": 2 * 1 + 2 * 2, "shared": 0}
         stages = setting["stage_ms_per_request"]
         assert set(stages) == {"voice", "features", "tower", "output"} and all(v > 0 for v in stages.values())
         assert 0 < setting["batch_wall_ms_p50"] <= setting["batch_wall_ms_max"]

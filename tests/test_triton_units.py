@@ -449,7 +449,7 @@ def test_conversation_clips_go_through_the_tower_once(encoder_parts, question_wa
     fresh = AudioEncoderService(encoder_parts, DEFAULT_VOICE, clip_cache_mib=64)
     out = fresh.encode_batch([EncoderInput([second], b"", ""), EncoderInput([second, b"garbage"], b"", ""),
                               EncoderInput([second], b"", "")])
-    assert fresh.clip_counts() == {"embedded": 1, "reused": 1} and isinstance(out[1], InvalidRequestError)
+    assert fresh.clip_counts() == {"embedded": 1, "reused": 1, "shared": 0} and isinstance(out[1], InvalidRequestError)
     # its time by stage: the voice and the clips' features for all three, one tower pass, two outputs
     spent = fresh.stage_seconds()
     assert set(spent) == {"voice", "features", "tower", "output"} and all(v > 0 for v in spent.values()), spent
@@ -577,7 +577,7 @@ def test_prepare_threads_give_what_one_thread_gives(encoder_parts, question_wav,
         answers[threads] = service.encode_batch(batch)
         clip_threads[threads], voice_encodes[threads] = seen, len(encodes)
         monkeypatch.undo()
-        assert service.clip_counts() == {"embedded": 2, "reused": 2}  # the good requests: 4 clips, 2 distinct
+        assert service.clip_counts() == {"embedded": 2, "reused": 2, "shared": 0}  # the good requests: 4 clips, 2 distinct
         assert all(v > 0 for v in service.stage_seconds().values())
         service.close()
     for one, many in zip(answers[1], answers[4]):

@@ -13,7 +13,7 @@ Each engine writes a table of its own (one writer) in a folder the engines share
 tritonserver's board folder in ``/dev/shm``): a slot per stored prompt with its blocks, the pages
 that hold them and its last block key (which covers every position before it: the keys are
 chained), beside the pool's export (engine/peer_memory.py: CUDA IPC on GPUs, a file on the CPU).
-A slot's place is set by its last key: the table is a hash table of buckets of `WAYS` slots, so a
+A slot's place is set by its last key (chroma_triton/shm_slots.py: a hash table of buckets), so a
 reader looks up every one of its prompt's keys at once (a gather of their buckets and a vector
 compare, tens of microseconds) and copies the longest match's pages.
 
@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import json
 import logging
-import mmap
 import os
 import platform
 import threading
@@ -41,91 +40,17 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..shm_slots import SlotAllocator, SlotTable, key_words, ordered_stores
 from . import peer_memory
 
 log = logging.getLogger(__name__)
 
 FOLDER = "thinker-prefixes"
 _MAGIC = 0x43484D5052454658  # "CHMPREFX"
-_HEADER = 5  # int64s: magic, slots, max_runs, block, ways
 MAX_RUNS = 8  # page runs a published prompt may span (a prompt in more runs is kept to its engine)
-WAYS = 8  # slots per bucket (a prompt whose bucket is full is kept to its engine)
+COLUMNS = {"blocks": 1, "nruns": 1, "runs": 2 * MAX_RUNS}
 MAX_SLOTS = 1 << 16
 REFRESH_S = 1.0  # how often a reader lists the folder for engines that started after it
-ORDERED_STORES = ("x86_64", "AMD64", "i686", "i386")
-
-
-def key_words(keys: list[bytes]) -> np.ndarray:
-    """Each block key's first 16 bytes as two int64 words [n, 2], the first made odd (0 marks an
-    empty slot)."""
-    words = np.frombuffer(b"".join(k[:16] for k in keys), np.int64).reshape(-1, 2).copy()
-    words[:, 0] |= 1
-    return words
-
-
-class PrefixTable:
-    """One engine's published prompts, mapped from its file."""
-
-    def __init__(self, path: Path, writable: bool):
-        self.path = path
-        with open(path, "r+b" if writable else "rb") as f:
-            self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_WRITE if writable else mmap.ACCESS_READ)
-        header = np.frombuffer(self._map, np.int64, _HEADER)
-        if header[0] != _MAGIC:
-            raise ValueError(f"{path} is not a thinker prefix table")
-        self.slots, self.max_runs, self.block, self.ways = (int(h) for h in header[1:5])
-        self.buckets = self.slots // self.ways
-        at = _HEADER * 8
-
-        def column(count: int):
-            nonlocal at
-            out = np.frombuffer(self._map, np.int64, count, at)
-            at += 8 * count
-            return out
-
-        self.seq, self.key0, self.key1 = column(self.slots), column(self.slots), column(self.slots)
-        self.blocks, self.nruns = column(self.slots), column(self.slots)
-        self.runs = column(self.slots * self.max_runs * 2).reshape(self.slots, self.max_runs, 2)
-
-    @staticmethod
-    def nbytes(slots: int, max_runs: int) -> int:
-        return 8 * (_HEADER + 5 * slots + 2 * slots * max_runs)
-
-    def bucket(self, word0: np.ndarray) -> np.ndarray:
-        """The buckets of last keys whose first words are `word0`."""
-        return (word0.view(np.uint64) % np.uint64(self.buckets)).astype(np.int64)
-
-    @classmethod
-    def create(cls, path: Path, slots: int, max_runs: int, block: int, ways: int = WAYS) -> "PrefixTable":
-        tmp = path.with_name(path.name + ".tmp")
-        fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
-        try:
-            os.posix_fallocate(fd, 0, cls.nbytes(slots, max_runs))
-            os.pwrite(fd, np.array([_MAGIC, slots, max_runs, block, ways], np.int64).tobytes(), 0)
-        except OSError:
-            os.close(fd)
-            tmp.unlink(missing_ok=True)
-            raise
-        os.close(fd)
-        os.replace(tmp, path)  # readers see a whole table or none
-        return cls(path, writable=True)
-
-    def write(self, slot: int, last_key: np.ndarray, blocks: int, runs: list[tuple[int, int]]) -> None:
-        self.seq[slot] += 1  # odd: being rewritten
-        self.key0[slot], self.key1[slot] = last_key
-        self.blocks[slot] = blocks
-        self.nruns[slot] = len(runs)
-        self.runs[slot, :len(runs)] = runs
-        self.seq[slot] += 1
-
-    def clear(self, slot: int) -> None:
-        self.seq[slot] += 1
-        self.key0[slot] = 0
-        self.seq[slot] += 1
-
-    def close(self) -> None:
-        self.seq = self.key0 = self.key1 = self.blocks = self.nruns = self.runs = None
-        self._map.close()
 
 
 @dataclass
@@ -155,7 +80,7 @@ class PeerHit:
 class _Peer:
     __slots__ = ("name", "pid", "table", "k", "v", "page")
 
-    def __init__(self, name: str, pid: int, table: PrefixTable, k: torch.Tensor, v: torch.Tensor, page: int):
+    def __init__(self, name: str, pid: int, table: SlotTable, k: torch.Tensor, v: torch.Tensor, page: int):
         self.name, self.pid, self.table, self.k, self.v, self.page = name, pid, table, k, v, page
 
 
@@ -171,7 +96,6 @@ class PeerPrefixes:
         self.device = k.device
         self.k, self.v, self.page, self.block = k, v, page, block
         slots = min(MAX_SLOTS, k.shape[2] // page) if slots is None else slots
-        slots = max(WAYS, slots // WAYS * WAYS)
         files = files or {}
         pool = {"k": peer_memory.export(k, files.get("k")), "v": peer_memory.export(v, files.get("v")),
                 "page": page, "pid": os.getpid()}
@@ -180,10 +104,10 @@ class PeerPrefixes:
         tmp.write_text(json.dumps(pool))
         os.replace(tmp, meta)
         self._files = [meta, *files.values()]
-        self.own = PrefixTable.create(self.folder / f"{self.name}.table", slots, MAX_RUNS, block)
+        self.own = SlotTable.create(self.folder / f"{self.name}.table", _MAGIC, slots, COLUMNS, [block])
         self._files.append(self.own.path)
         self._slots: dict[int, int] = {}  # cache prompt id -> slot
-        self._used = np.zeros(slots, bool)
+        self._alloc = SlotAllocator(self.own)
         self._pending: list[tuple[int, np.ndarray, int, list, object]] = []  # (id, last key, blocks, runs, event)
         self._peers: dict[str, _Peer] = {}
         self._ignored: set[str] = set()
@@ -197,7 +121,7 @@ class PeerPrefixes:
         """Like the constructor, but where sharing cannot work it is logged and the engine keeps
         its prompts to itself (None)."""
         why = None
-        if platform.machine() not in ORDERED_STORES:
+        if not ordered_stores():
             why = f"the tables rely on x86's store ordering, this host is {platform.machine()}"
         else:
             try:
@@ -229,8 +153,7 @@ class PeerPrefixes:
             self._pending = [p for p in self._pending if p[0] != pid]
             slot = self._slots.pop(pid, None)
             if slot is not None:
-                self.own.clear(slot)
-                self._used[slot] = False
+                self._alloc.free(slot)
 
     def flush(self) -> None:
         """Publish the stored prompts whose pages the device has finished writing."""
@@ -240,14 +163,11 @@ class PeerPrefixes:
                 if event is not None and not event.query():
                     waiting.append((pid, last, blocks, runs, event))
                     continue
-                first = int(self.own.bucket(last[:1])[0]) * self.own.ways
-                free = np.flatnonzero(~self._used[first:first + self.own.ways])
-                if not len(free):
+                slot = self._alloc.take(last)
+                if slot is None:  # its bucket is full
                     self.unpublished += 1
                     continue
-                slot = first + int(free[0])
-                self._used[slot] = True
-                self.own.write(slot, last, blocks, runs)
+                self.own.write(slot, last, blocks=blocks, nruns=len(runs), runs=[n for run in runs for n in run])
                 self._slots[pid] = slot
             self._pending = waiting
 
@@ -267,23 +187,21 @@ class PeerPrefixes:
         if limit < at_least:
             return None
         words = key_words(keys[at_least - 1:limit])  # the last keys of b = at_least .. limit blocks
-        blocks = np.arange(at_least, limit + 1)
         best = None
         with self._lock:
             self._refresh()
             for peer in self._peers.values():
                 t = peer.table
-                ways = t.bucket(words[:, 0])[:, None] * t.ways + np.arange(t.ways)  # [candidates, ways]
-                same = (t.key0[ways] == words[:, :1]) & (t.key1[ways] == words[:, 1:]) & (t.blocks[ways] == blocks[:, None])
-                for i, way in zip(*np.nonzero(same)):
-                    b, slot = int(blocks[i]), int(ways[i, way])
+                for i, slot in t.lookup(words):
+                    b = at_least + i
                     if best is not None and b <= best.blocks:
                         continue
                     seq = int(t.seq[slot])
-                    runs = [(int(a), int(n)) for a, n in t.runs[slot, :int(t.nruns[slot])]]
+                    nruns = int(t.columns["nruns"][slot])
+                    runs = [(int(a), int(n)) for a, n in t.columns["runs"][slot, :2 * nruns].reshape(-1, 2)]
                     if (seq & 1 or int(t.seq[slot]) != seq or t.key0[slot] != words[i, 0]
-                            or sum(n for _, n in runs) * peer.page < b * self.block):
-                        continue  # being rewritten: read as missing
+                            or int(t.columns["blocks"][slot]) != b or sum(n for _, n in runs) * peer.page < b * self.block):
+                        continue  # being rewritten, or another prompt's: read as missing
                     best = PeerHit(peer, slot, seq, b, runs)
         return best
 
@@ -316,10 +234,10 @@ class PeerPrefixes:
         if (k.dtype, k.shape[0], k.shape[1], k.shape[3]) != (self.k.dtype, self.k.shape[0], self.k.shape[1],
                                                              self.k.shape[3]) or v.shape != k.shape:
             raise ValueError(f"its pool {tuple(k.shape)} {k.dtype} is not shaped like this one's {tuple(self.k.shape)}")
-        table = PrefixTable(self.folder / f"{name}.table", writable=False)
-        if table.block != self.block:
+        table = SlotTable(self.folder / f"{name}.table", _MAGIC, COLUMNS)
+        if table.params[0] != self.block:
             table.close()
-            raise ValueError(f"its blocks are {table.block} positions, this one's {self.block}")
+            raise ValueError(f"its blocks are {table.params[0]} positions, this one's {self.block}")
         return _Peer(name, int(pool["pid"]), table, k, v, int(pool["page"]))
 
     def close(self) -> None:

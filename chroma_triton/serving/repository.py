@@ -109,10 +109,13 @@ CPU_PARAMS = {"chroma_lm": {"relays": "per_request", "start_slack_s": "0"}}
 # memory (serving/peer_states.py), so a chunk continues where the other instance left its stream
 # instead of decoding its context again. 1024 streams per instance: 28 MiB of /dev/shm each.
 # A conversation's turns reach either chroma_lm instance too: each copies the stored prompts it
-# lacks from the other's thinker prefix cache (engine/peer_prefixes.py) instead of prefilling them.
+# lacks from the other's thinker prefix cache (engine/peer_prefixes.py) instead of prefilling them;
+# and either audio_encoder instance: each copies the clip embeddings it lacks from the others'
+# rings (serving/peer_clips.py, 1 GiB of /dev/shm each) instead of embedding them again.
 # Explicit parameters still win.
 MULTI_GPU_PARAMS = {"codec_decoder": {"shared_stream_states": "1024"},
-                    "chroma_lm": {"shared_thinker_prefixes": "true"}}
+                    "chroma_lm": {"shared_thinker_prefixes": "true"},
+                    "audio_encoder": {"shared_clip_mib": "1024"}}
 
 EMBEDS_MODELS = ("audio_encoder", "chroma_lm")  # its output, its input
 _EMBEDS = re.compile(r'(name:\s*"audio_embeds"\s*data_type:\s*)TYPE_\w+')

@@ -14,6 +14,11 @@ turn's request carries every earlier user clip again. Clips' embeddings are cach
 hash (``clip_cache_mib`` of host memory, in the tower's dtype): an earlier turn's clip, or one
 clip sent twice in a batch, goes through the tower once.
 
+With several instances (one per GPU at ``--dp-size`` > 1) a turn's earlier clips may reach
+another instance than the one that embedded them: with ``peers`` (serving/peer_clips.py) the
+instances publish the embeddings they compute, and a clip missing from this instance's cache is
+copied from another's ("shared") instead of embedded again.
+
 With ``prepare_threads`` above 1 the work around the tower of a batch of several requests is
 spread over that many threads: every clip hashed, looked up, decoded and turned into log-mels at
 once, each request's rows copied at once (those calls release the GIL). At 256
@@ -40,6 +45,7 @@ from ..errors import InvalidRequestError
 from ..model.audio_tower import AudioTower
 from ..model.loading import ChromaParts
 from ..voice_cache import ContentCache, VoiceCache, bytes_key
+from .peer_clips import PeerClips
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +79,7 @@ class _Clip:
     key: str  # content hash of the encoded clip
     embeds: torch.Tensor | None = None  # cached: [tokens, H] on the host (the cache's own: read only)
     feats: torch.Tensor | None = None  # else its log-mel features
+    shared: bool = False  # its embeddings came from another instance (peers)
 
 
 @dataclass
@@ -85,12 +92,14 @@ class EncoderOutput:
 
 class AudioEncoderService:
     def __init__(self, parts: ChromaParts, default_voice: tuple[bytes, str] | None, voice_cache_size: int = 256,
-                 clip_cache_mib: int = 1024, prepare_threads: int = 1, embeds_dtype: torch.dtype = torch.float32):
+                 clip_cache_mib: int = 1024, prepare_threads: int = 1, embeds_dtype: torch.dtype = torch.float32,
+                 peers: PeerClips | None = None):
         """`clip_cache_mib`: host memory for user clips' embeddings (0: none kept). `prepare_threads`:
         threads that prepare a batch's clips, voices and outputs at once (hashing, decoding,
         resampling, log-mels and the output copies release the GIL); 1: all in the caller's thread.
         `embeds_dtype`: the dtype of each request's embeddings (the config's ``audio_embeds``
-        type): float32 gives numpy arrays, another dtype (bf16) torch tensors."""
+        type): float32 gives numpy arrays, another dtype (bf16) torch tensors. `peers`: the other
+        instances' clip embeddings (serving/peer_clips.py), in the tower's dtype."""
         if parts.audio_tower is None or parts.codec is None:
             raise ValueError("the audio encoder needs the audio_tower and codec parts")
         if clip_cache_mib < 0:
@@ -109,9 +118,10 @@ class AudioEncoderService:
         self.hidden = int(parts.config.thinker.text.hidden_size)
         self.voices = VoiceCache(voice_cache_size)
         self.clips = ContentCache(max_bytes=clip_cache_mib << 20)
+        self.peers = peers
         # user clips: embedded (through the tower), reused (their embeddings were there: cached, or
-        # the same clip earlier in the batch)
-        self._clip_counts = dict.fromkeys(("embedded", "reused"), 0)
+        # the same clip earlier in the batch), shared (copied from another instance: peers)
+        self._clip_counts = dict.fromkeys(("embedded", "reused", "shared"), 0)
         # seconds of encode_batch's work by stage, summed over the threads doing it: voice (reference
         # voice: hash, cache, Mimi encode), features (user clips: hash, cache lookup, decode,
         # resample, log-mel), tower (the audio tower's forward and the copy back), output (the
@@ -160,6 +170,11 @@ class AudioEncoderService:
         cached = self.clips.get(key)
         if cached is not None:
             return _Clip(key, embeds=cached)
+        if self.peers is not None:
+            shared = self.peers.find(key)
+            if shared is not None:
+                self.clips.put(key, shared)
+                return _Clip(key, embeds=shared, shared=True)
         try:
             wav = decode_audio(clip, self.tower.sampling_rate, max_seconds=MAX_USER_AUDIO_SECONDS)
         except ValueError as exc:
@@ -185,14 +200,20 @@ class AudioEncoderService:
         embeds = dict(zip(todo, self.embed_features(list(todo.values()))))
         for key, e in embeds.items():
             self.clips.put(key, e)
+            if self.peers is not None:
+                self.peers.publish(key, e)
+        shared = sum(c.shared for c in clips)
         self._clip_counts["embedded"] += len(embeds)
-        self._clip_counts["reused"] += len(clips) - len(embeds)
+        self._clip_counts["shared"] += shared
+        self._clip_counts["reused"] += len(clips) - len(embeds) - shared
         return embeds
 
     def close(self) -> None:
-        """Stop the preparing threads (the model's finalize)."""
+        """Stop the preparing threads (the model's finalize) and the sharing."""
         if self._pool is not None:
             self._pool.shutdown(wait=True, cancel_futures=True)
+        if self.peers is not None:
+            self.peers.close()
 
     def clip_counts(self) -> dict[str, int]:
         return dict(self._clip_counts)

@@ -3,9 +3,11 @@
 import triton_python_backend_utils as pb_utils
 
 from chroma_triton.serving import protocol as P
+from chroma_triton.serving.cancel_board import default_dir
 from chroma_triton.serving.gc_pauses import freeze_if_asked
 from chroma_triton.serving.model_args import (ModelArgs, configure_logging, input_array, load_model_parts, output_tensor,
                                               resolve_default_voice, tensor_dtype)
+from chroma_triton.serving.peer_clips import PeerClips
 from chroma_triton.serving.triton_audio_encoder import AudioEncoderService, EncoderInput, features_on_device
 
 
@@ -15,16 +17,25 @@ class TritonPythonModel:
         a = ModelArgs.from_triton(args)
         path, parts = load_model_parts(a, {"audio_tower", "codec"})
         voice_path, transcript = resolve_default_voice(a.str("default_voice"))
+        shared_mib = a.int("shared_clip_mib", 0)
+        if shared_mib < 0:
+            raise ValueError(f"shared_clip_mib must be >= 0, got {shared_mib}")
+        tower = parts.audio_tower
+        peers = (PeerClips.open(default_dir(), a.instance_name, shared_mib << 20,
+                                int(parts.config.thinker.text.hidden_size), tower.dtype) if shared_mib else None)
+        if peers is not None:
+            print(f"[{a.instance_name}] clip embeddings shared through {peers.folder / peers.name}", flush=True)
         self.service = AudioEncoderService(parts, (voice_path.read_bytes(), transcript),
                                            voice_cache_size=a.int("voice_cache_size", 256),
                                            clip_cache_mib=a.int("clip_cache_mib", 1024),
                                            prepare_threads=a.int("prepare_threads", 1),
-                                           embeds_dtype=tensor_dtype(a.config, P.AUDIO_EMBEDS))
+                                           embeds_dtype=tensor_dtype(a.config, P.AUDIO_EMBEDS), peers=peers)
         self._clip_family = pb_utils.MetricFamily(
             name="chroma_audio_encoder_clips_total", kind=pb_utils.MetricFamily.COUNTER,
-            description="User audio clips by how they got their embeddings: embedded (through the audio tower) "
-                        "or reused (the clip cache had them: a conversation's earlier turn sent again, or the "
-                        "same clip twice in one batch)")
+            description="User audio clips by how they got their embeddings: embedded (through the audio tower), "
+                        "reused (the clip cache had them: a conversation's earlier turn sent again, or the "
+                        "same clip twice in one batch) or shared (copied from another instance's ring: "
+                        "shared_clip_mib)")
         labels = {"model": a.name, "instance": a.instance_name}
         self.clip_counters = {how: self._clip_family.Metric(labels={**labels, "how": how})
                               for how in self.service.clip_counts()}
