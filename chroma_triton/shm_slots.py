@@ -13,12 +13,17 @@ treats the slot as missing. That relies on stores reaching other processes in pr
 
 from __future__ import annotations
 
+import logging
 import mmap
 import os
 import platform
+import time
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
+
+log = logging.getLogger(__name__)
 
 ORDERED_STORES = ("x86_64", "AMD64", "i686", "i386")  # platform.machine() of hosts the tables are safe on
 _HEADER = 8  # int64s: magic, slots, ways, data bytes, then up to 4 parameters of the caller's
@@ -35,6 +40,78 @@ def key_words(keys: list[bytes]) -> np.ndarray:
     words = np.frombuffer(b"".join(bytes(k[:16]).ljust(16, b"\0") for k in keys), np.int64).reshape(-1, 2).copy()
     words[:, 0] |= 1
     return words
+
+
+def create_file(path: Path, nbytes: int, header: np.ndarray) -> None:
+    """Make ``path``: ``nbytes`` (reserved now, so a full /dev/shm fails here with an OSError
+    instead of killing the process later) starting with ``header``; readers see a whole file or
+    none (written beside it, then renamed)."""
+    tmp = path.with_name(path.name + ".tmp")
+    fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.posix_fallocate(fd, 0, nbytes)
+        os.pwrite(fd, header.tobytes(), 0)
+    except OSError:
+        os.close(fd)
+        tmp.unlink(missing_ok=True)
+        raise
+    os.close(fd)
+    os.replace(tmp, path)
+
+
+def room_for(folder: Path, nbytes: int) -> str | None:
+    """Why a file of ``nbytes`` should not be made in ``folder`` (/dev/shm, where the Python
+    backend's own shared memory grows too): less than twice that free; None if there is room."""
+    disk = os.statvfs(folder)
+    free = disk.f_bavail * disk.f_frsize
+    if free < 2 * nbytes:
+        return f"{free / 2**20:.0f} MiB free in {folder}, at least {2 * nbytes / 2**20:.0f} wanted (the file and as much again)"
+    return None
+
+
+class PeerFiles:
+    """The files other instances share in one folder (names ending in ``suffix``, this instance's
+    ``own`` left out), listed again at most every ``refresh_s`` so that instances started later are
+    found: ``opened`` maps each name to what ``open_peer(name)`` made of it. A file that cannot be
+    opened (``open_peer`` raises: unreadable, another model's, memory that cannot be mapped) is
+    logged and tried once; one whose file went, or whose ``alive(peer)`` says no, is closed."""
+
+    def __init__(self, folder: Path, suffix: str, own: str, open_peer: Callable[[str], object], what: str,
+                 refresh_s: float, alive: Callable[[object], bool] | None = None):
+        self.folder, self.suffix, self.own, self.what = Path(folder), suffix, own, what
+        self._open, self._alive, self.refresh_s = open_peer, alive, refresh_s
+        self.opened: dict[str, object] = {}
+        self._ignored: set[str] = set()
+        self._listed = float("-inf")
+
+    def current(self) -> list:
+        """The peers opened now (the folder listed again when it is time)."""
+        now = time.monotonic()
+        if now - self._listed >= self.refresh_s:
+            self._listed = now
+            self._refresh()
+        return list(self.opened.values())
+
+    def _refresh(self) -> None:
+        try:
+            names = {n for n in os.listdir(self.folder) if n.endswith(self.suffix) and n != self.own}
+        except OSError:
+            return
+        for name in names - self.opened.keys() - self._ignored:
+            try:
+                self.opened[name] = self._open(name)
+            except Exception as exc:  # noqa: BLE001 - whatever a peer's file holds, this instance goes on without it
+                log.warning("%s: cannot read peer %s: %s", self.what, name, exc)
+                self._ignored.add(name)
+        for name in list(self.opened):
+            if name not in names or (self._alive is not None and not self._alive(self.opened[name])):
+                self.opened.pop(name).close()
+                self._ignored.add(name)
+
+    def close(self) -> None:
+        for peer in self.opened.values():
+            peer.close()
+        self.opened.clear()
 
 
 class SlotTable:
@@ -77,18 +154,8 @@ class SlotTable:
         if len(params) > _HEADER - 4:
             raise ValueError(f"at most {_HEADER - 4} parameters")
         slots = max(ways, slots // ways * ways)
-        tmp = path.with_name(path.name + ".tmp")
-        fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
-        try:
-            os.posix_fallocate(fd, 0, cls.nbytes(slots, columns, data_bytes))
-            header = [magic, slots, ways, data_bytes, *params] + [0] * (_HEADER - 4 - len(params))
-            os.pwrite(fd, np.array(header, np.int64).tobytes(), 0)
-        except OSError:
-            os.close(fd)
-            tmp.unlink(missing_ok=True)
-            raise
-        os.close(fd)
-        os.replace(tmp, path)
+        header = [magic, slots, ways, data_bytes, *params] + [0] * (_HEADER - 4 - len(params))
+        create_file(path, cls.nbytes(slots, columns, data_bytes), np.array(header, np.int64))
         return cls(path, magic, columns, writable=True)
 
     def candidates(self, words: np.ndarray) -> np.ndarray:

@@ -76,7 +76,7 @@ def test_a_copy_raced_by_a_rewrite_is_not_taken(tmp_path, monkeypatch):
     key, e = _clip(2, 50)
     a.publish(key, e)
     b.find(key)  # b maps a's ring
-    ring = b._peers[a.name]
+    ring = b._peers.opened[a.name]
     real = ring.data
 
     class Racing:  # the reader's copy of the bytes happens while the writer rewrites the slot

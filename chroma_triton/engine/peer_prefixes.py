@@ -33,14 +33,13 @@ import logging
 import os
 import platform
 import threading
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from ..shm_slots import SlotAllocator, SlotTable, key_words, ordered_stores
+from ..shm_slots import PeerFiles, SlotAllocator, SlotTable, key_words, ordered_stores
 from . import peer_memory
 
 log = logging.getLogger(__name__)
@@ -83,6 +82,10 @@ class _Peer:
     def __init__(self, name: str, pid: int, table: SlotTable, k: torch.Tensor, v: torch.Tensor, page: int):
         self.name, self.pid, self.table, self.k, self.v, self.page = name, pid, table, k, v, page
 
+    def close(self) -> None:
+        """Its table is unmapped; its pool stays mapped until this process exits (CUDA IPC)."""
+        self.table.close()
+
 
 class PeerPrefixes:
     """What one engine's thinker prefix cache shares: its own table (the prompts it stores, by
@@ -109,9 +112,8 @@ class PeerPrefixes:
         self._slots: dict[int, int] = {}  # cache prompt id -> slot
         self._alloc = SlotAllocator(self.own)
         self._pending: list[tuple[int, np.ndarray, int, list, object]] = []  # (id, last key, blocks, runs, event)
-        self._peers: dict[str, _Peer] = {}
-        self._ignored: set[str] = set()
-        self._listed = float("-inf")
+        self._peers = PeerFiles(self.folder, ".table", f"{self.name}.table", self._open_peer, "thinker prefixes",
+                                REFRESH_S, alive=lambda peer: _alive(peer.pid))
         self._lock = threading.Lock()  # lookups come from request threads, publishing from the engine's
         self.unpublished = 0  # prompts kept to this engine: their bucket full, or in more than MAX_RUNS runs
 
@@ -176,7 +178,7 @@ class PeerPrefixes:
         return bool(self._pending)
 
     def peer_count(self) -> int:
-        return len(self._peers)
+        return len(self._peers.opened)
 
     # -- the readers ----------------------------------------------------------------------------
     def find(self, keys: list[bytes], limit: int, at_least: int) -> PeerHit | None:
@@ -189,8 +191,7 @@ class PeerPrefixes:
         words = key_words(keys[at_least - 1:limit])  # the last keys of b = at_least .. limit blocks
         best = None
         with self._lock:
-            self._refresh()
-            for peer in self._peers.values():
+            for peer in self._peers.current():
                 t = peer.table
                 for i, slot in t.lookup(words):
                     b = at_least + i
@@ -205,29 +206,8 @@ class PeerPrefixes:
                     best = PeerHit(peer, slot, seq, b, runs)
         return best
 
-    def _refresh(self) -> None:
-        now = time.monotonic()
-        if now - self._listed < REFRESH_S:
-            return
-        self._listed = now
-        try:
-            names = {n.removesuffix(".table") for n in os.listdir(self.folder) if n.endswith(".table")}
-        except OSError:
-            return
-        names.discard(self.name)
-        for name in names - self._peers.keys() - self._ignored:
-            try:
-                self._peers[name] = self._open_peer(name)
-            except (OSError, ValueError, KeyError, peer_memory.PeerMemoryError) as exc:
-                log.warning("thinker prefixes: cannot read peer %s: %s", name, exc)
-                self._ignored.add(name)
-        for name in list(self._peers):
-            peer = self._peers[name]
-            if name not in names or not _alive(peer.pid):  # its engine stopped (or was killed)
-                self._peers.pop(name).table.close()
-                self._ignored.add(name)
-
-    def _open_peer(self, name: str) -> _Peer:
+    def _open_peer(self, file: str) -> _Peer:
+        name = file.removesuffix(".table")
         pool = json.loads((self.folder / f"{name}.pool.json").read_text())
         k = peer_memory.open_exported(pool["k"], self.device)
         v = peer_memory.open_exported(pool["v"], self.device)
@@ -242,9 +222,7 @@ class PeerPrefixes:
 
     def close(self) -> None:
         with self._lock:
-            for peer in self._peers.values():
-                peer.table.close()
-            self._peers.clear()
+            self._peers.close()
             self.own.close()
             for path in self._files:
                 Path(path).unlink(missing_ok=True)

@@ -23,13 +23,12 @@ import logging
 import os
 import platform
 import threading
-import time
 from collections import deque
 from pathlib import Path
 
 import torch
 
-from ..shm_slots import SlotAllocator, SlotTable, key_words, ordered_stores
+from ..shm_slots import PeerFiles, SlotAllocator, SlotTable, key_words, ordered_stores, room_for
 
 log = logging.getLogger(__name__)
 
@@ -58,9 +57,7 @@ class PeerClips:
         self._alloc = SlotAllocator(self.own)
         self._order: deque[tuple[int, int, int]] = deque()  # (offset, bytes, slot), oldest first
         self._head = 0
-        self._peers: dict[str, SlotTable] = {}
-        self._ignored: set[str] = set()
-        self._listed = float("-inf")
+        self._peers = PeerFiles(self.folder, ".ring", self.name, self._open_peer, "clip embeddings", REFRESH_S)
         self._lock = threading.Lock()  # lookups come from the preparing threads
         self.unpublished = 0
 
@@ -74,11 +71,8 @@ class PeerClips:
         else:
             try:
                 Path(folder).mkdir(parents=True, exist_ok=True)
-                disk = os.statvfs(folder)
-                if disk.f_bavail * disk.f_frsize < 2 * ring_bytes:
-                    why = (f"{disk.f_bavail * disk.f_frsize / 2**20:.0f} MiB free in {folder}, "
-                           f"at least {2 * ring_bytes / 2**20:.0f} wanted (the ring and as much again)")
-                else:
+                why = room_for(Path(folder), ring_bytes)
+                if why is None:
                     return cls(folder, instance, ring_bytes, hidden, dtype)
             except (OSError, ValueError) as exc:
                 why = f"cannot make a {ring_bytes / 2**20:.0f} MiB ring in {Path(folder) / FOLDER} ({exc})"
@@ -119,8 +113,7 @@ class PeerClips:
         """A copy of the embeddings a peer published for ``key``, or None."""
         word = key_words([bytes.fromhex(key)])
         with self._lock:
-            self._refresh()
-            peers = list(self._peers.values())
+            peers = self._peers.current()
         row_bytes = self.hidden * self.dtype.itemsize
         for table in peers:
             for _, slot in table.lookup(word):
@@ -134,39 +127,18 @@ class PeerClips:
                 return torch.from_numpy(copy).view(self.dtype).view(rows, self.hidden)
         return None
 
-    def _refresh(self) -> None:
-        now = time.monotonic()
-        if now - self._listed < REFRESH_S:
-            return
-        self._listed = now
-        try:
-            names = {n for n in os.listdir(self.folder) if n.endswith(".ring") and n != self.name}
-        except OSError:
-            return
-        for name in names - self._peers.keys() - self._ignored:
-            try:
-                table = SlotTable(self.folder / name, _MAGIC, COLUMNS)
-            except (OSError, ValueError) as exc:
-                log.warning("clip embeddings: cannot read peer ring %s: %s", name, exc)
-                self._ignored.add(name)
-                continue
-            if table.params[:2] != [self.hidden, DTYPES.index(self.dtype)]:
-                log.warning("clip embeddings: peer ring %s holds other embeddings (hidden size, dtype %s)", name,
-                            table.params[:2])
-                table.close()
-                self._ignored.add(name)
-                continue
-            self._peers[name] = table
-        for name in self._peers.keys() - names:  # its instance was unloaded
-            self._peers.pop(name).close()
+    def _open_peer(self, name: str) -> SlotTable:
+        table = SlotTable(self.folder / name, _MAGIC, COLUMNS)
+        if table.params[:2] != [self.hidden, DTYPES.index(self.dtype)]:
+            table.close()
+            raise ValueError(f"it holds other embeddings (hidden size, dtype {table.params[:2]})")
+        return table
 
     def peer_count(self) -> int:
-        return len(self._peers)
+        return len(self._peers.opened)
 
     def close(self) -> None:
         with self._lock:
-            for table in self._peers.values():
-                table.close()
-            self._peers.clear()
+            self._peers.close()
             self.own.close()
             (self.folder / self.name).unlink(missing_ok=True)

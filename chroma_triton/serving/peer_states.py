@@ -24,11 +24,12 @@ import logging
 import mmap
 import os
 import platform
-import time
 from collections import OrderedDict
 from pathlib import Path
 
 import numpy as np
+
+from ..shm_slots import PeerFiles, create_file, ordered_stores, room_for
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +37,6 @@ FOLDER = "codec-states"  # under the board folder of one tritonserver (cancel_bo
 _MAGIC = 0x43484D5354415445  # "CHMSTATE"
 _HEADER = 4  # int64s: magic, slots, state_size, ready
 REFRESH_S = 1.0  # how often a reader lists the folder for instances that started after it
-ORDERED_STORES = ("x86_64", "AMD64", "i686", "i386")  # platform.machine() of hosts the tables are safe on
 
 
 def digest(key: str) -> int:
@@ -69,19 +69,9 @@ class StateTable:
 
     @classmethod
     def create(cls, path: Path, slots: int, state_size: int) -> "StateTable":
-        """Write an empty table to ``path`` (its space reserved now, so a full /dev/shm fails here
-        with an error instead of killing the process later) and map it for writing."""
-        tmp = path.with_name(path.name + ".tmp")
-        fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
-        try:
-            os.posix_fallocate(fd, 0, cls.nbytes(slots, state_size))
-            os.pwrite(fd, np.array([_MAGIC, slots, state_size, 1], np.int64).tobytes(), 0)
-        except OSError:
-            os.close(fd)
-            tmp.unlink(missing_ok=True)
-            raise
-        os.close(fd)
-        os.replace(tmp, path)  # readers see a whole table or none
+        """Write an empty table to ``path`` (shm_slots.create_file: its space reserved now, seen
+        whole or not at all) and map it for writing."""
+        create_file(path, cls.nbytes(slots, state_size), np.array([_MAGIC, slots, state_size, 1], np.int64))
         return cls(path, writable=True)
 
     def find(self, key: int, frame: int) -> np.ndarray | None:
@@ -115,9 +105,7 @@ class PeerStates:
         self.state_size = state_size
         self._slots: OrderedDict[int, int] = OrderedDict()  # digest -> slot, least recently written first
         self._free = list(range(slots - 1, -1, -1))
-        self._peers: dict[str, StateTable] = {}
-        self._ignored: set[str] = set()  # tables that could not be read or do not match: tried once
-        self._listed = float("-inf")
+        self._peers = PeerFiles(self.folder, ".table", self.name, self._open_peer, "codec stream states", REFRESH_S)
 
     @classmethod
     def open(cls, folder: Path, instance: str, slots: int, state_size: int) -> "PeerStates | None":
@@ -126,17 +114,13 @@ class PeerStates:
         of order, or when /dev/shm would keep less free than the table takes (the Python backend's
         own shared memory grows there too)."""
         nbytes = StateTable.nbytes(slots, state_size)
-        why = None
-        if platform.machine() not in ORDERED_STORES:
+        if not ordered_stores():
             why = f"the tables rely on x86's store ordering, this host is {platform.machine()}"
         else:
             try:
                 Path(folder).mkdir(parents=True, exist_ok=True)
-                disk = os.statvfs(folder)
-                if disk.f_bavail * disk.f_frsize < 2 * nbytes:
-                    why = (f"{disk.f_bavail * disk.f_frsize / 2**20:.0f} MiB free in {folder}, "
-                           f"at least {2 * nbytes / 2**20:.0f} wanted (the table and as much again)")
-                else:
+                why = room_for(Path(folder), nbytes)
+                if why is None:
                     return cls(folder, instance, slots, state_size)
             except OSError as exc:
                 why = f"cannot make a {nbytes / 2**20:.1f} MiB table in {Path(folder) / FOLDER} ({exc})"
@@ -162,41 +146,21 @@ class PeerStates:
 
     def find(self, key: str, frame: int) -> np.ndarray | None:
         """The state a peer left for ``key`` that ends right before ``frame``, or None."""
-        self._refresh()
         d = digest(key)
-        for table in self._peers.values():
+        for table in self._peers.current():
             row = table.find(d, frame)
             if row is not None:
                 return row
         return None
 
-    def _refresh(self) -> None:
-        now = time.monotonic()
-        if now - self._listed < REFRESH_S:
-            return
-        self._listed = now
-        try:
-            names = {n for n in os.listdir(self.folder) if n.endswith(".table") and n != self.name}
-        except OSError:
-            return
-        for name in names - self._peers.keys() - self._ignored:
-            try:
-                table = StateTable(self.folder / name, writable=False)
-            except (OSError, ValueError) as exc:
-                log.warning("codec stream states: cannot read peer table %s: %s", name, exc)
-                self._ignored.add(name)
-                continue
-            if table.state_size != self.state_size:
-                table.close()
-                self._ignored.add(name)
-                continue
-            self._peers[name] = table
-        for name in self._peers.keys() - names:  # its instance was unloaded
-            self._peers.pop(name).close()
+    def _open_peer(self, name: str) -> StateTable:
+        table = StateTable(self.folder / name, writable=False)
+        if table.state_size != self.state_size:
+            table.close()
+            raise ValueError(f"its states are {table.state_size} floats, this instance's {self.state_size}")
+        return table
 
     def close(self) -> None:
-        for table in self._peers.values():
-            table.close()
-        self._peers.clear()
+        self._peers.close()
         self.own.close()
         (self.folder / self.name).unlink(missing_ok=True)
