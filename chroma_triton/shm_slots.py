@@ -59,6 +59,22 @@ def create_file(path: Path, nbytes: int, header: np.ndarray) -> None:
     os.replace(tmp, path)
 
 
+def process_alive(pid: int) -> bool:
+    """Whether process ``pid`` still runs (a peer killed without closing leaves its files)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def pid_in_name(name: str) -> int:
+    """The process id in a peer file's name, ``{instance}.{pid}.{kind}``."""
+    return int(name.rsplit(".", 2)[-2])
+
+
 def room_for(folder: Path, nbytes: int) -> str | None:
     """Why a file of ``nbytes`` should not be made in ``folder`` (/dev/shm, where the Python
     backend's own shared memory grows too): less than twice that free; None if there is room."""
@@ -104,9 +120,15 @@ class PeerFiles:
                 log.warning("%s: cannot read peer %s: %s", self.what, name, exc)
                 self._ignored.add(name)
         for name in list(self.opened):
-            if name not in names or (self._alive is not None and not self._alive(self.opened[name])):
+            if name not in names or not self._is_alive(self.opened[name]):
                 self.opened.pop(name).close()
                 self._ignored.add(name)
+
+    def _is_alive(self, peer) -> bool:
+        try:
+            return self._alive is None or bool(self._alive(peer))
+        except Exception:  # noqa: BLE001 - a name without a process id: not one of ours
+            return False
 
     def close(self) -> None:
         for peer in self.opened.values():
@@ -159,8 +181,9 @@ class SlotTable:
         return cls(path, magic, columns, writable=True)
 
     def candidates(self, words: np.ndarray) -> np.ndarray:
-        """The slots each key (``key_words``' rows) may be in: [keys, ways]."""
-        bucket = (words[:, 0].view(np.uint64) % np.uint64(self.buckets)).astype(np.int64)
+        """The slots each key (``key_words``' rows) may be in: [keys, ways]. The bucket comes from
+        the second word (the first is always odd: from it, an even count of buckets would use half)."""
+        bucket = (np.ascontiguousarray(words[:, 1]).view(np.uint64) % np.uint64(self.buckets)).astype(np.int64)
         return bucket[:, None] * self.ways + np.arange(self.ways)
 
     def lookup(self, words: np.ndarray) -> list[tuple[int, int]]:

@@ -189,6 +189,12 @@ def engine_summary(level: dict) -> str:
     def total(name: str) -> float:
         return family_sum(deltas, name)
 
+    imports = ""
+    if total("chroma_lm_prefix_imports_total") or total("chroma_lm_prefix_imports_lost_total"):  # shared_thinker_prefixes
+        imports = (f"; {total('chroma_lm_prefix_imports_total'):.0f} copied from another instance, "
+                   f"{total('chroma_lm_prefix_import_tokens_total'):.0f} positions in "
+                   f"{total('chroma_lm_prefix_import_seconds_total'):.2f} s, "
+                   f"{total('chroma_lm_prefix_imports_lost_total'):.0f} thrown away")
     return (f"{total('chroma_lm_prefills_total'):.0f} prefills ({total('chroma_lm_prefill_seconds_total'):.2f} s; "
             f"pacer's estimates {total('chroma_lm_prefill_estimate_seconds_total'):.2f} s, overrun "
             f"{total('chroma_lm_prefill_overrun_seconds_total'):.2f} s), "
@@ -202,11 +208,7 @@ def engine_summary(level: dict) -> str:
             f"{total('chroma_lm_prefill_eager_prompts_total'):.0f} eager, "
             f"{total('chroma_lm_prefill_prefix_prompts_total'):.0f} after a stored prefix "
             f"({total('chroma_lm_prefill_prefix_graph_prompts_total'):.0f} of them through graphs; "
-            f"{total('chroma_lm_prefill_prefix_tokens_total'):.0f} positions reused; "
-            f"{total('chroma_lm_prefix_imports_total'):.0f} copied from another instance, "
-            f"{total('chroma_lm_prefix_import_tokens_total'):.0f} positions in "
-            f"{total('chroma_lm_prefix_import_seconds_total'):.2f} s, "
-            f"{total('chroma_lm_prefix_imports_lost_total'):.0f} thrown away)" + thinker_prefix_summary(level))
+            f"{total('chroma_lm_prefill_prefix_tokens_total'):.0f} positions reused{imports})" + thinker_prefix_summary(level))
 
 
 def thinker_prefix_summary(level: dict) -> str:

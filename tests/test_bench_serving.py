@@ -177,6 +177,11 @@ def test_engine_summary_sums_the_instances_counters():
                                      "2 full garbage collections (0.40 s; all collections 0.45 s); prompts 5 through "
                                      "graphs, 1 eager, 6 after a stored prefix (4 of them through graphs; 1536 positions reused)")
     assert engine_summary({}).startswith("–")  # nothing scraped is not zero
+    copied = {**level, "triton_counters_delta": {**level["triton_counters_delta"],
+              "chroma_lm_prefix_imports_total{chroma_lm}": 2.0, "chroma_lm_prefix_import_tokens_total{chroma_lm}": 512.0,
+              "chroma_lm_prefix_import_seconds_total{chroma_lm}": 0.004}}  # shared_thinker_prefixes
+    assert engine_summary(copied).endswith("1536 positions reused; 2 copied from another instance, 512 positions in "
+                                           "0.00 s, 0 thrown away)")
     level["triton_counters_delta"].update({"chroma_lm_thinker_prefix_returns_held_total{chroma_lm}": 42.0,
                                            "chroma_lm_thinker_prefix_returns_dropped_total{chroma_lm}": 5.0})
     level["triton_gauges_peak"] = {"chroma_lm_thinker_prefix_bytes{chroma_lm}": 2 * (1 << 30),  # the scrape sums instances

@@ -106,6 +106,55 @@ def test_a_dropped_prompt_is_not_found_and_a_copy_raced_by_its_drop_is_thrown_aw
         b.close()
 
 
+def test_copies_not_yet_checked_when_something_fails_are_not_kept(tmp_path, monkeypatch):
+    """A failure between a copy and its check (here the check itself) leaves no copy that could
+    be matched: it may hold pages the other engine rewrote during the copy."""
+    a, b = _cache(tmp_path, "a"), _cache(tmp_path, "b")
+    ids, audio = _prompt(5 * BLOCK + 1, seed=12)
+    turn = prompt_block_keys(ids, audio, AUDIO)
+    a.put(turn, *_rows(5 * BLOCK, seed=13))
+
+    def broken(hit):
+        raise RuntimeError("the check failed")
+
+    monkeypatch.setattr(PeerHit, "still_valid", broken)
+    with pytest.raises(RuntimeError):
+        b.import_from_peers([(turn, len(ids) + 1)])
+    assert b.match(turn, len(ids) + 1) is None and len(b) == 0 and b.nbytes == 0
+    a.close()
+    b.close()
+
+
+def test_a_closing_engine_unpublishes_before_its_pages_go(tmp_path):
+    """A reader that found a prompt of an engine that then stops (its pool freed with its
+    process) finds its copy invalid; the next lookup does not find the engine at all."""
+    a, b = _cache(tmp_path, "a"), _cache(tmp_path, "b")
+    ids, audio = _prompt(4 * BLOCK + 1, seed=14)
+    turn = prompt_block_keys(ids, audio, AUDIO)
+    a.put(turn, *_rows(4 * BLOCK, seed=15))
+    hit = b.peers.find(turn, 4, 1)
+    assert hit is not None and hit.still_valid()
+    a.close()
+    assert not hit.still_valid()
+    assert b.peers.find(turn, 4, 1) is None and b.peers.peer_count() == 0
+    b.close()
+
+
+def test_keys_spread_over_every_bucket(tmp_path):
+    """The bucket of a key comes from its second word (its first is always odd)."""
+    import hashlib
+
+    from chroma_triton.shm_slots import SlotAllocator, SlotTable, key_words
+
+    table = SlotTable.create(tmp_path / "t", 7, 1024, {"x": 1})
+    alloc = SlotAllocator(table)
+    taken = sum(alloc.take(key_words([hashlib.sha256(str(i).encode()).digest()])[0]) is not None for i in range(1024))
+    assert taken > 0.8 * 1024  # with the first word's bucket: at most half
+    used = {slot // table.ways for slot in range(table.slots) if alloc._used[slot]}
+    assert len(used) == table.buckets
+    table.close()
+
+
 def test_peers_that_stop_or_do_not_match_are_left_alone(tmp_path, caplog):
     a, b = _cache(tmp_path, "a"), _cache(tmp_path, "b")
     ids, audio = _prompt(4 * BLOCK + 1, seed=8)

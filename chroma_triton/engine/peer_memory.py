@@ -96,7 +96,22 @@ def open_exported(record: dict, device: torch.device | str) -> torch.Tensor:
         base = ctypes.c_uint64()
         _check(driver.cuIpcOpenMemHandle_v2(ctypes.byref(base), handle, ctypes.c_uint(_LAZY_ENABLE_PEER_ACCESS)),
                "cuIpcOpenMemHandle")
-    return _from_pointer(base.value + int(record["offset"]), shape, dtype, device)
+    t = _from_pointer(base.value + int(record["offset"]), shape, dtype, device)
+    _opened[t.data_ptr()] = (base.value, device)
+    return t
+
+
+def close_opened(t: torch.Tensor) -> None:
+    """Unmap the CUDA memory of another process that `open_exported` mapped as `t` (nothing for
+    a CPU file: its mapping goes with the tensor). The caller makes sure that no work reading it is
+    queued any more and that `t` is not used again."""
+    mapped = _opened.pop(t.data_ptr(), None)
+    if mapped is None:
+        return
+    base, device = mapped
+    with torch.cuda.device(device):
+        _check(_driver().cuIpcCloseMemHandle(ctypes.c_uint64(base)), "cuIpcCloseMemHandle")
+    _kept[:] = [k for k in _kept if k[2] != t.data_ptr()]
 
 
 _driver_lib = None
@@ -113,6 +128,7 @@ def _driver():
                                                 ctypes.c_uint64]
         lib.cuIpcGetMemHandle.argtypes = [ctypes.POINTER(_IpcHandle), ctypes.c_uint64]
         lib.cuIpcOpenMemHandle_v2.argtypes = [ctypes.POINTER(ctypes.c_uint64), _IpcHandle, ctypes.c_uint]
+        lib.cuIpcCloseMemHandle.argtypes = [ctypes.c_uint64]
         _driver_lib = lib
     return _driver_lib
 
@@ -149,7 +165,8 @@ class _DLManagedTensor(ctypes.Structure):
 _DL_CUDA = 2
 _DL_CODES = {torch.float32: (2, 32), torch.float16: (2, 16), torch.bfloat16: (4, 16), torch.int64: (0, 64),
              torch.int32: (0, 32), torch.uint8: (1, 8)}
-_kept: list = []  # the DLPack structures of mapped tensors: they live as long as the process maps the memory
+_kept: list = []  # the DLPack structures of mapped tensors (struct, shape, pointer): kept while the memory is mapped
+_opened: dict[int, tuple[int, torch.device]] = {}  # a mapped tensor's pointer -> (its allocation's mapped base, device)
 
 _capsule_new = ctypes.pythonapi.PyCapsule_New
 _capsule_new.restype = ctypes.py_object
@@ -165,6 +182,6 @@ def _from_pointer(pointer: int, shape: tuple[int, ...], dtype: torch.dtype, devi
     managed.dl_tensor = _DLTensor(ctypes.c_void_p(pointer), _DLDevice(_DL_CUDA, device.index or 0), len(shape),
                                   _DLDataType(code, bits, 1), dims, None, 0)
     managed.deleter = ctypes.CFUNCTYPE(None, ctypes.c_void_p)(0)
-    _kept.append((managed, dims))
+    _kept.append((managed, dims, pointer))
     capsule = _capsule_new(ctypes.addressof(managed), b"dltensor", None)
     return torch.utils.dlpack.from_dlpack(capsule)

@@ -39,7 +39,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..shm_slots import PeerFiles, SlotAllocator, SlotTable, key_words, ordered_stores
+from ..shm_slots import PeerFiles, SlotAllocator, SlotTable, key_words, ordered_stores, process_alive
 from . import peer_memory
 
 log = logging.getLogger(__name__)
@@ -65,8 +65,8 @@ class PeerHit:
     def still_valid(self) -> bool:
         """Whether the peer has kept the prompt in these pages since it was found (read after the
         copy out of them has finished)."""
-        table = self.peer.table
-        return table.seq is not None and int(table.seq[self.slot]) == self.seq
+        seq = self.peer.table.seq  # None once the peer is closed (its engine stopped): not valid
+        return seq is not None and int(seq[self.slot]) == self.seq
 
     def read(self, positions: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The prompt's first `positions` keys and values, views of (or one concatenation from) the
@@ -77,14 +77,17 @@ class PeerHit:
 
 
 class _Peer:
-    __slots__ = ("name", "pid", "table", "k", "v", "page")
+    __slots__ = ("name", "pid", "table", "k", "v", "page", "on_close")
 
-    def __init__(self, name: str, pid: int, table: SlotTable, k: torch.Tensor, v: torch.Tensor, page: int):
+    def __init__(self, name: str, pid: int, table: SlotTable, k: torch.Tensor, v: torch.Tensor, page: int, on_close):
         self.name, self.pid, self.table, self.k, self.v, self.page = name, pid, table, k, v, page
+        self.on_close = on_close
 
     def close(self) -> None:
-        """Its table is unmapped; its pool stays mapped until this process exits (CUDA IPC)."""
+        """Its table is unmapped now; its pool once no copy from it can be queued
+        (`PeerPrefixes.flush`, on the engine's thread)."""
         self.table.close()
+        self.on_close(self)
 
 
 class PeerPrefixes:
@@ -113,8 +116,9 @@ class PeerPrefixes:
         self._alloc = SlotAllocator(self.own)
         self._pending: list[tuple[int, np.ndarray, int, list, object]] = []  # (id, last key, blocks, runs, event)
         self._peers = PeerFiles(self.folder, ".table", f"{self.name}.table", self._open_peer, "thinker prefixes",
-                                REFRESH_S, alive=lambda peer: _alive(peer.pid))
+                                REFRESH_S, alive=lambda peer: process_alive(peer.pid))
         self._lock = threading.Lock()  # lookups come from request threads, publishing from the engine's
+        self._closed: list[_Peer] = []  # peers that stopped, their pools still mapped (flush unmaps them)
         self.unpublished = 0  # prompts kept to this engine: their bucket full, or in more than MAX_RUNS runs
 
     @classmethod
@@ -158,8 +162,16 @@ class PeerPrefixes:
                 self._alloc.free(slot)
 
     def flush(self) -> None:
-        """Publish the stored prompts whose pages the device has finished writing."""
+        """Publish the stored prompts whose pages the device has finished writing, and unmap the
+        pools of peers that stopped (on the engine's thread, between its copies)."""
         with self._lock:
+            if self._closed:
+                if self.device.type == "cuda":
+                    torch.cuda.synchronize(self.device)  # no copy from them still queued
+                for peer in self._closed:
+                    for t in (peer.k, peer.v):
+                        peer_memory.close_opened(t)
+                self._closed.clear()
             waiting = []
             for pid, last, blocks, runs, event in self._pending:
                 if event is not None and not event.query():
@@ -209,30 +221,39 @@ class PeerPrefixes:
     def _open_peer(self, file: str) -> _Peer:
         name = file.removesuffix(".table")
         pool = json.loads((self.folder / f"{name}.pool.json").read_text())
-        k = peer_memory.open_exported(pool["k"], self.device)
-        v = peer_memory.open_exported(pool["v"], self.device)
-        if (k.dtype, k.shape[0], k.shape[1], k.shape[3]) != (self.k.dtype, self.k.shape[0], self.k.shape[1],
-                                                             self.k.shape[3]) or v.shape != k.shape:
-            raise ValueError(f"its pool {tuple(k.shape)} {k.dtype} is not shaped like this one's {tuple(self.k.shape)}")
         table = SlotTable(self.folder / f"{name}.table", _MAGIC, COLUMNS)
-        if table.params[0] != self.block:
+        mapped = []
+        try:
+            if table.params[0] != self.block:
+                raise ValueError(f"its blocks are {table.params[0]} positions, this one's {self.block}")
+            for part in ("k", "v"):
+                mapped.append(peer_memory.open_exported(pool[part], self.device))
+            k, v = mapped
+            if (k.dtype, k.shape[0], k.shape[1], k.shape[3]) != (self.k.dtype, self.k.shape[0], self.k.shape[1],
+                                                                 self.k.shape[3]) or v.shape != k.shape:
+                raise ValueError(f"its pool {tuple(k.shape)} {k.dtype} is not shaped like this one's {tuple(self.k.shape)}")
+        except BaseException:
             table.close()
-            raise ValueError(f"its blocks are {table.params[0]} positions, this one's {self.block}")
-        return _Peer(name, int(pool["pid"]), table, k, v, int(pool["page"]))
+            for t in mapped:  # nothing of it was used yet
+                peer_memory.close_opened(t)
+            raise
+        return _Peer(name, int(pool["pid"]), table, k, v, int(pool["page"]), self._closed.append)
 
     def close(self) -> None:
+        """Unpublish every prompt (a reader copying one now throws its copy away: its pages are
+        about to be freed with this process), then remove this engine's files."""
         with self._lock:
+            for slot in self._slots.values():
+                self._alloc.free(slot)
+            self._slots.clear()
+            self._pending.clear()
             self._peers.close()
+            if self._closed and self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            for peer in self._closed:
+                for t in (peer.k, peer.v):
+                    peer_memory.close_opened(t)
+            self._closed.clear()
             self.own.close()
             for path in self._files:
                 Path(path).unlink(missing_ok=True)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True

@@ -387,35 +387,41 @@ class ThinkerPrefixCache:
         if self.peers is None:
             return 0, 0, 0
         self.peers.flush()
-        copied = []
-        for keys, prompt_len in prompts:
-            if not keys:
-                continue
-            have = self.matched_length(keys, prompt_len) // BLOCK
-            hit = self.peers.find(keys, (prompt_len - 1) // BLOCK, max(have + 1, -(-self.min_tokens // BLOCK)))
-            if hit is None:
-                continue
-            k, v = hit.read(hit.blocks * BLOCK)
-            pid = self.put(keys[:hit.blocks], k, v, returning=True, publish=False)
-            if pid is not None:
-                copied.append((pid, hit))
-        if not copied:
-            return 0, 0, 0
-        if self._pool.k.device.type == "cuda":
-            torch.cuda.current_stream(self._pool.k.device).synchronize()  # the copies are done before the checks
-        imported = positions = lost = 0
-        for pid, hit in copied:
-            if pid not in self._prompts:  # a later copy of this call made room with it
-                continue
-            if hit.still_valid():
-                imported += 1
-                positions += hit.blocks * BLOCK
-                stored = self._prompts[pid]
-                self.peers.stored(pid, stored.keys, stored.runs)
-            else:
-                self._drop(pid)
-                lost += 1
-        return imported, positions, lost
+        copied: list = []
+        try:
+            for keys, prompt_len in prompts:
+                if not keys:
+                    continue
+                have = self.matched_length(keys, prompt_len) // BLOCK
+                hit = self.peers.find(keys, (prompt_len - 1) // BLOCK, max(have + 1, -(-self.min_tokens // BLOCK)))
+                if hit is None:
+                    continue
+                k, v = hit.read(hit.blocks * BLOCK)
+                pid = self.put(keys[:hit.blocks], k, v, returning=True, publish=False)
+                if pid is not None:
+                    copied.append((pid, hit))
+            if not copied:
+                return 0, 0, 0
+            if self._pool.k.device.type == "cuda":
+                torch.cuda.current_stream(self._pool.k.device).synchronize()  # the copies are done before the checks
+            imported = positions = lost = 0
+            while copied:
+                pid, hit = copied[0]
+                if pid in self._prompts:  # else a later copy of this call made room with it
+                    if hit.still_valid():
+                        imported += 1
+                        positions += hit.blocks * BLOCK
+                        stored = self._prompts[pid]
+                        self.peers.stored(pid, stored.keys, stored.runs)
+                    else:
+                        self._drop(pid)
+                        lost += 1
+                copied.pop(0)
+            return imported, positions, lost
+        finally:  # something failed before every copy was checked: none of those may be matched
+            for pid, _ in copied:
+                if pid in self._prompts:
+                    self._drop(pid)
 
     def close(self) -> None:
         """Stop sharing (this cache's files in the peers' folder are removed)."""

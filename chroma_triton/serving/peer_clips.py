@@ -28,7 +28,8 @@ from pathlib import Path
 
 import torch
 
-from ..shm_slots import PeerFiles, SlotAllocator, SlotTable, key_words, ordered_stores, room_for
+from ..shm_slots import (PeerFiles, SlotAllocator, SlotTable, key_words, ordered_stores, pid_in_name, process_alive,
+                         room_for)
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +58,8 @@ class PeerClips:
         self._alloc = SlotAllocator(self.own)
         self._order: deque[tuple[int, int, int]] = deque()  # (offset, bytes, slot), oldest first
         self._head = 0
-        self._peers = PeerFiles(self.folder, ".ring", self.name, self._open_peer, "clip embeddings", REFRESH_S)
+        self._peers = PeerFiles(self.folder, ".ring", self.name, self._open_peer, "clip embeddings", REFRESH_S,
+                                alive=lambda table: process_alive(pid_in_name(table.path.name)))
         self._lock = threading.Lock()  # lookups come from the preparing threads
         self.unpublished = 0
 
@@ -92,6 +94,10 @@ class PeerClips:
             return
         word = key_words([bytes.fromhex(key)])[0]
         with self._lock:
+            slot = self._alloc.take(word)
+            if slot is None:  # its bucket is full: nothing older is given up for it
+                self.unpublished += 1
+                return
             at = self._head
             if at + n > len(ring):  # wrap: what lies past the head is the oldest, and goes
                 while self._order and self._order[0][0] >= at:
@@ -99,10 +105,6 @@ class PeerClips:
                 at = 0
             while self._order and self._order[0][0] < at + n and self._order[0][0] + self._order[0][1] > at:
                 self._alloc.free(self._order.popleft()[2])  # unpublished before its bytes are written again
-            slot = self._alloc.take(word)
-            if slot is None:  # its bucket is full
-                self.unpublished += 1
-                return
             ring[at:at + n] = flat
             self.own.write(slot, word, offset=at, rows=embeds.shape[0])
             self._order.append((at, n, slot))
@@ -112,19 +114,18 @@ class PeerClips:
     def find(self, key: str) -> torch.Tensor | None:
         """A copy of the embeddings a peer published for ``key``, or None."""
         word = key_words([bytes.fromhex(key)])
-        with self._lock:
-            peers = self._peers.current()
         row_bytes = self.hidden * self.dtype.itemsize
-        for table in peers:
-            for _, slot in table.lookup(word):
-                seq = int(table.seq[slot])
-                at, rows = int(table.columns["offset"][slot]), int(table.columns["rows"][slot])
-                if seq & 1 or at < 0 or rows <= 0 or at + rows * row_bytes > len(table.data):
-                    continue
-                copy = table.data[at:at + rows * row_bytes].copy()
-                if int(table.seq[slot]) != seq or table.key0[slot] != word[0, 0]:
-                    continue  # rewritten during the copy
-                return torch.from_numpy(copy).view(self.dtype).view(rows, self.hidden)
+        with self._lock:  # held while reading: a peer found gone is closed under it
+            for table in self._peers.current():
+                for _, slot in table.lookup(word):
+                    seq = int(table.seq[slot])
+                    at, rows = int(table.columns["offset"][slot]), int(table.columns["rows"][slot])
+                    if seq & 1 or at < 0 or rows <= 0 or at + rows * row_bytes > len(table.data):
+                        continue
+                    copy = table.data[at:at + rows * row_bytes].copy()
+                    if int(table.seq[slot]) != seq or table.key0[slot] != word[0, 0] or table.key1[slot] != word[0, 1]:
+                        continue  # rewritten during the copy
+                    return torch.from_numpy(copy).view(self.dtype).view(rows, self.hidden)
         return None
 
     def _open_peer(self, name: str) -> SlotTable:

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..shm_slots import PeerFiles, create_file, ordered_stores, room_for
+from ..shm_slots import PeerFiles, create_file, ordered_stores, pid_in_name, process_alive, room_for
 
 log = logging.getLogger(__name__)
 
@@ -105,7 +105,8 @@ class PeerStates:
         self.state_size = state_size
         self._slots: OrderedDict[int, int] = OrderedDict()  # digest -> slot, least recently written first
         self._free = list(range(slots - 1, -1, -1))
-        self._peers = PeerFiles(self.folder, ".table", self.name, self._open_peer, "codec stream states", REFRESH_S)
+        self._peers = PeerFiles(self.folder, ".table", self.name, self._open_peer, "codec stream states", REFRESH_S,
+                                alive=lambda table: process_alive(pid_in_name(table.path.name)))
 
     @classmethod
     def open(cls, folder: Path, instance: str, slots: int, state_size: int) -> "PeerStates | None":
