@@ -165,13 +165,7 @@ class PeerPrefixes:
         """Publish the stored prompts whose pages the device has finished writing, and unmap the
         pools of peers that stopped (on the engine's thread, between its copies)."""
         with self._lock:
-            if self._closed:
-                if self.device.type == "cuda":
-                    torch.cuda.synchronize(self.device)  # no copy from them still queued
-                for peer in self._closed:
-                    for t in (peer.k, peer.v):
-                        peer_memory.close_opened(t)
-                self._closed.clear()
+            self._unmap_closed()
             waiting = []
             for pid, last, blocks, runs, event in self._pending:
                 if event is not None and not event.query():
@@ -239,6 +233,21 @@ class PeerPrefixes:
             raise
         return _Peer(name, int(pool["pid"]), table, k, v, int(pool["page"]), self._closed.append)
 
+    def _unmap_closed(self) -> None:
+        """Unmap the pools of the peers that stopped (under the lock, on the engine's thread or at
+        its end: no copy from them is queued once the device has caught up)."""
+        if not self._closed:
+            return
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        for peer in self._closed:
+            for t in (peer.k, peer.v):
+                try:
+                    peer_memory.close_opened(t)
+                except peer_memory.PeerMemoryError as exc:  # the mapping stays until this process exits
+                    log.warning("thinker prefixes: could not unmap the pool of %s: %s", peer.name, exc)
+        self._closed.clear()
+
     def close(self) -> None:
         """Unpublish every prompt (a reader copying one now throws its copy away: its pages are
         about to be freed with this process), then remove this engine's files."""
@@ -248,12 +257,7 @@ class PeerPrefixes:
             self._slots.clear()
             self._pending.clear()
             self._peers.close()
-            if self._closed and self.device.type == "cuda":
-                torch.cuda.synchronize(self.device)
-            for peer in self._closed:
-                for t in (peer.k, peer.v):
-                    peer_memory.close_opened(t)
-            self._closed.clear()
+            self._unmap_closed()
             self.own.close()
             for path in self._files:
                 Path(path).unlink(missing_ok=True)
