@@ -117,7 +117,10 @@ class PeerPrefixes:
         self._pending: list[tuple[int, np.ndarray, int, list, object]] = []  # (id, last key, blocks, runs, event)
         self._peers = PeerFiles(self.folder, ".table", f"{self.name}.table", self._open_peer, "thinker prefixes",
                                 REFRESH_S, alive=lambda peer: process_alive(peer.pid))
-        self._lock = threading.Lock()  # lookups come from request threads, publishing from the engine's
+        # two locks: the engine's thread publishes under `_lock` every step, and must not wait for a
+        # request thread that opens a new peer's pool (CUDA IPC) under `_peers_lock` in `find`
+        self._lock = threading.Lock()  # this engine's table
+        self._peers_lock = threading.Lock()  # the peers, and those that stopped
         self._closed: list[_Peer] = []  # peers that stopped, their pools still mapped (flush unmaps them)
         self.unpublished = 0  # prompts kept to this engine: their bucket full, or in more than MAX_RUNS runs
 
@@ -164,8 +167,10 @@ class PeerPrefixes:
     def flush(self) -> None:
         """Publish the stored prompts whose pages the device has finished writing, and unmap the
         pools of peers that stopped (on the engine's thread, between its copies)."""
+        if self._closed:
+            with self._peers_lock:
+                self._unmap_closed()
         with self._lock:
-            self._unmap_closed()
             waiting = []
             for pid, last, blocks, runs, event in self._pending:
                 if event is not None and not event.query():
@@ -196,7 +201,7 @@ class PeerPrefixes:
             return None
         words = key_words(keys[at_least - 1:limit])  # the last keys of b = at_least .. limit blocks
         best = None
-        with self._lock:
+        with self._peers_lock:
             for peer in self._peers.current():
                 t = peer.table
                 for i, slot in t.lookup(words):
@@ -234,8 +239,8 @@ class PeerPrefixes:
         return _Peer(name, int(pool["pid"]), table, k, v, int(pool["page"]), self._closed.append)
 
     def _unmap_closed(self) -> None:
-        """Unmap the pools of the peers that stopped (under the lock, on the engine's thread or at
-        its end: no copy from them is queued once the device has caught up)."""
+        """Unmap the pools of the peers that stopped (under `_peers_lock`, on the engine's thread or
+        at its end: no copy from them is queued once the device has caught up)."""
         if not self._closed:
             return
         if self.device.type == "cuda":
@@ -256,8 +261,10 @@ class PeerPrefixes:
                 self._alloc.free(slot)
             self._slots.clear()
             self._pending.clear()
+            self.own.close()
+        with self._peers_lock:
             self._peers.close()
             self._unmap_closed()
-            self.own.close()
+        with self._lock:
             for path in self._files:
                 Path(path).unlink(missing_ok=True)
