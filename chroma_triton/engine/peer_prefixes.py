@@ -41,6 +41,7 @@ import torch
 
 from ..shm_slots import PeerFiles, SlotAllocator, SlotTable, key_words, ordered_stores, process_alive
 from . import peer_memory
+from .prefix_pages import read_runs
 
 log = logging.getLogger(__name__)
 
@@ -71,8 +72,6 @@ class PeerHit:
     def read(self, positions: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The prompt's first `positions` keys and values, views of (or one concatenation from) the
         peer's pool: read them before `still_valid`."""
-        from .prefix_pages import read_runs
-
         return read_runs(self.peer.k, self.peer.v, self.peer.page, self.runs, positions)
 
 
