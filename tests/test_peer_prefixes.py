@@ -137,6 +137,15 @@ def test_a_closing_engine_unpublishes_before_its_pages_go(tmp_path):
     a.close()
     assert not hit.still_valid()
     assert b.peers.find(turn, 4, 1) is None and b.peers.peer_count() == 0
+    # killed, not closed: its table stays as it was, but its process is gone
+    a = _cache(tmp_path, "a2")
+    a.put(turn, *_rows(4 * BLOCK, seed=15))
+    hit = b.peers.find(turn, 4, 1)
+    assert hit is not None and hit.still_valid()
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    hit.peer.pid = int(dead.stdout)
+    assert not hit.still_valid()
+    a.close()
     b.close()
 
 

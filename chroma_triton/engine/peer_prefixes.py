@@ -65,9 +65,10 @@ class PeerHit:
 
     def still_valid(self) -> bool:
         """Whether the peer has kept the prompt in these pages since it was found (read after the
-        copy out of them has finished)."""
+        copy out of them has finished), and still runs: a peer killed without closing leaves its
+        table as it was, and its pool is freed with its process."""
         seq = self.peer.table.seq  # None once the peer is closed (its engine stopped): not valid
-        return seq is not None and int(seq[self.slot]) == self.seq
+        return seq is not None and int(seq[self.slot]) == self.seq and process_alive(self.peer.pid)
 
     def read(self, positions: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The prompt's first `positions` keys and values, views of (or one concatenation from) the
