@@ -85,6 +85,20 @@ def room_for(folder: Path, nbytes: int) -> str | None:
     return None
 
 
+def open_shared(folder: Path, nbytes: int, make: Callable[[], object], what: str) -> tuple[object | None, str | None]:
+    """``(make(), None)`` where a file of ``nbytes`` shared through ``folder`` can be trusted and
+    fits: an x86 host (:func:`ordered_stores`) and twice the bytes free (:func:`room_for`); else
+    ``(None, why)``, ``what`` naming the files in the reason."""
+    if not ordered_stores():
+        return None, f"the {what}s rely on x86's store ordering, this host is {platform.machine()}"
+    try:
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        why = room_for(Path(folder), nbytes)
+        return (make(), None) if why is None else (None, why)
+    except OSError as exc:
+        return None, f"cannot make a {nbytes / 2**20:.1f} MiB {what} in {folder} ({exc})"
+
+
 class PeerFiles:
     """The files other instances share in one folder (names ending in ``suffix``, this instance's
     ``own`` left out), listed again at most every ``refresh_s`` so that instances started later are

@@ -14,6 +14,7 @@ from chroma_triton.model.codec import seanet_groups
 from chroma_triton.model.loading import load_parts
 from chroma_triton.model.mimi_decode import MimiDecode
 from chroma_triton.serving import peer_states
+from chroma_triton import shm_slots
 from chroma_triton.serving.codec_streams import StreamStates
 from chroma_triton.serving.peer_states import PeerStates
 from chroma_triton.serving.triton_codec import HOW, MAX_DECODE_BATCH, CodecChunk, CodecService, chunk_plan
@@ -355,5 +356,5 @@ def test_adopting_a_state_gives_up_no_slot_of_the_batchs_streams(tmp_path):
 
 
 def test_no_shared_table_where_stores_may_reach_other_processes_out_of_order(tmp_path, monkeypatch):
-    monkeypatch.setattr(peer_states.platform, "machine", lambda: "aarch64")
+    monkeypatch.setattr(shm_slots.platform, "machine", lambda: "aarch64")
     assert PeerStates.open(tmp_path, "codec_0", 64, 16) is None

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from chroma_triton.serving import peer_clips
+from chroma_triton import shm_slots
 from chroma_triton.serving.peer_clips import FOLDER, PeerClips
 from chroma_triton.voice_cache import bytes_key
 
@@ -100,7 +101,7 @@ def test_a_copy_raced_by_a_rewrite_is_not_taken(tmp_path, monkeypatch):
 
 def test_sharing_is_off_where_it_cannot_be_trusted_or_fit(tmp_path, monkeypatch, caplog):
     with caplog.at_level(logging.WARNING, "chroma_triton.serving.peer_clips"):
-        monkeypatch.setattr(peer_clips.platform, "machine", lambda: "aarch64")
+        monkeypatch.setattr(shm_slots.platform, "machine", lambda: "aarch64")
         assert PeerClips.open(tmp_path, "enc", 1 << 20, H, torch.bfloat16) is None
         monkeypatch.undo()
         assert PeerClips.open(tmp_path, "enc", 1 << 60, H, torch.bfloat16) is None  # more than /dev/shm holds

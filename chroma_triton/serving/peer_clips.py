@@ -21,15 +21,13 @@ from __future__ import annotations
 
 import logging
 import os
-import platform
 import threading
 from collections import deque
 from pathlib import Path
 
 import torch
 
-from ..shm_slots import (PeerFiles, SlotAllocator, SlotTable, key_words, ordered_stores, pid_in_name, process_alive,
-                         room_for)
+from ..shm_slots import PeerFiles, SlotAllocator, SlotTable, key_words, open_shared, pid_in_name, process_alive
 
 log = logging.getLogger(__name__)
 
@@ -67,17 +65,13 @@ class PeerClips:
     def open(cls, folder: Path, instance: str, ring_bytes: int, hidden: int, dtype: torch.dtype) -> "PeerClips | None":
         """Like the constructor, but where the ring cannot be made or trusted it is logged and the
         instance keeps its clips to itself (None)."""
-        why = None
-        if not ordered_stores():
-            why = f"the rings rely on x86's store ordering, this host is {platform.machine()}"
+        if dtype not in DTYPES:
+            peers, why = None, f"clip embeddings of {dtype} cannot be shared"
         else:
-            try:
-                Path(folder).mkdir(parents=True, exist_ok=True)
-                why = room_for(Path(folder), ring_bytes)
-                if why is None:
-                    return cls(folder, instance, ring_bytes, hidden, dtype)
-            except (OSError, ValueError) as exc:
-                why = f"cannot make a {ring_bytes / 2**20:.0f} MiB ring in {Path(folder) / FOLDER} ({exc})"
+            peers, why = open_shared(Path(folder), ring_bytes, lambda: cls(folder, instance, ring_bytes, hidden, dtype),
+                                     "ring")
+        if peers is not None:
+            return peers
         log.warning("clip embeddings are not shared between audio_encoder instances: %s; a clip that reaches "
                     "another instance than the one that embedded it is embedded again", why)
         return None

@@ -23,13 +23,12 @@ import hashlib
 import logging
 import mmap
 import os
-import platform
 from collections import OrderedDict
 from pathlib import Path
 
 import numpy as np
 
-from ..shm_slots import PeerFiles, create_file, ordered_stores, pid_in_name, process_alive, room_for
+from ..shm_slots import PeerFiles, create_file, open_shared, pid_in_name, process_alive
 
 log = logging.getLogger(__name__)
 
@@ -114,17 +113,10 @@ class PeerStates:
         instance goes without sharing (None): on a host whose stores may reach other processes out
         of order, or when /dev/shm would keep less free than the table takes (the Python backend's
         own shared memory grows there too)."""
-        nbytes = StateTable.nbytes(slots, state_size)
-        if not ordered_stores():
-            why = f"the tables rely on x86's store ordering, this host is {platform.machine()}"
-        else:
-            try:
-                Path(folder).mkdir(parents=True, exist_ok=True)
-                why = room_for(Path(folder), nbytes)
-                if why is None:
-                    return cls(folder, instance, slots, state_size)
-            except OSError as exc:
-                why = f"cannot make a {nbytes / 2**20:.1f} MiB table in {Path(folder) / FOLDER} ({exc})"
+        peers, why = open_shared(Path(folder), StateTable.nbytes(slots, state_size),
+                                 lambda: cls(folder, instance, slots, state_size), "table")
+        if peers is not None:
+            return peers
         log.warning("codec stream states are not shared between instances: %s; chunks that reach another "
                     "instance decode their context again", why)
         return None
