@@ -16,10 +16,14 @@ must keep its tensor alive as long as readers may use it (the pool lives as long
 from __future__ import annotations
 
 import ctypes
+import math
 import os
 from pathlib import Path
 
+import numpy as np
 import torch
+
+from ..shm_slots import create_file
 
 _IPC_HANDLE_BYTES = 64
 _LAZY_ENABLE_PEER_ACCESS = 1
@@ -36,15 +40,8 @@ class PeerMemoryError(RuntimeError):
 def shared_cpu_tensor(path: Path, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     """A zeroed CPU tensor backed by the file ``path`` (created; its space reserved now, so a full
     /dev/shm fails here), which another process maps with :func:`open_exported`."""
-    count = 1
-    for n in shape:
-        count *= n
-    nbytes = count * dtype.itemsize
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        os.posix_fallocate(fd, 0, max(nbytes, 1))
-    finally:
-        os.close(fd)
+    count = math.prod(shape)
+    create_file(path, max(count * dtype.itemsize, 1), np.zeros(0, np.uint8))
     return torch.from_file(str(path), shared=True, size=count, dtype=dtype).view(shape)
 
 
@@ -77,11 +74,8 @@ def open_exported(record: dict, device: torch.device | str) -> torch.Tensor:
     process: on ``device`` (this process's GPU) for CUDA memory, on the CPU for a file."""
     shape = tuple(int(n) for n in record["shape"])
     dtype = getattr(torch, record["dtype"])
-    count = 1
-    for n in shape:
-        count *= n
     if record["kind"] == "file":
-        return torch.from_file(record["path"], shared=True, size=count, dtype=dtype).view(shape)
+        return torch.from_file(record["path"], shared=True, size=math.prod(shape), dtype=dtype).view(shape)
     if record["kind"] != "cuda":
         raise PeerMemoryError(f"unknown exported memory kind {record['kind']!r}")
     device = torch.device(device)
@@ -96,8 +90,8 @@ def open_exported(record: dict, device: torch.device | str) -> torch.Tensor:
         base = ctypes.c_uint64()
         _check(driver.cuIpcOpenMemHandle_v2(ctypes.byref(base), handle, ctypes.c_uint(_LAZY_ENABLE_PEER_ACCESS)),
                "cuIpcOpenMemHandle")
-    t = _from_pointer(base.value + int(record["offset"]), shape, dtype, device)
-    _opened[t.data_ptr()] = (base.value, device)
+    t, dlpack = _from_pointer(base.value + int(record["offset"]), shape, dtype, device)
+    _opened[t.data_ptr()] = (base.value, device, dlpack)
     return t
 
 
@@ -108,10 +102,9 @@ def close_opened(t: torch.Tensor) -> None:
     mapped = _opened.pop(t.data_ptr(), None)
     if mapped is None:
         return
-    base, device = mapped
+    base, device, _dlpack = mapped
     with torch.cuda.device(device):
         _check(_driver().cuIpcCloseMemHandle(ctypes.c_uint64(base)), "cuIpcCloseMemHandle")
-    _kept[:] = [k for k in _kept if k[2] != t.data_ptr()]
 
 
 _driver_lib = None
@@ -165,15 +158,18 @@ class _DLManagedTensor(ctypes.Structure):
 _DL_CUDA = 2
 _DL_CODES = {torch.float32: (2, 32), torch.float16: (2, 16), torch.bfloat16: (4, 16), torch.int64: (0, 64),
              torch.int32: (0, 32), torch.uint8: (1, 8)}
-_kept: list = []  # the DLPack structures of mapped tensors (struct, shape, pointer): kept while the memory is mapped
-_opened: dict[int, tuple[int, torch.device]] = {}  # a mapped tensor's pointer -> (its allocation's mapped base, device)
+# a mapped tensor's pointer -> its allocation's mapped base, its device and its DLPack structures (kept
+# alive while the memory is mapped: torch holds a pointer to them)
+_opened: dict[int, tuple[int, torch.device, tuple]] = {}
 
 _capsule_new = ctypes.pythonapi.PyCapsule_New
 _capsule_new.restype = ctypes.py_object
 _capsule_new.argtypes = [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_void_p]
 
 
-def _from_pointer(pointer: int, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+def _from_pointer(pointer: int, shape: tuple[int, ...], dtype: torch.dtype,
+                  device: torch.device) -> tuple[torch.Tensor, tuple]:
+    """A tensor of `device` over `pointer`, and the DLPack structures it was made from."""
     if dtype not in _DL_CODES:
         raise PeerMemoryError(f"no DLPack code for {dtype}")
     code, bits = _DL_CODES[dtype]
@@ -182,6 +178,5 @@ def _from_pointer(pointer: int, shape: tuple[int, ...], dtype: torch.dtype, devi
     managed.dl_tensor = _DLTensor(ctypes.c_void_p(pointer), _DLDevice(_DL_CUDA, device.index or 0), len(shape),
                                   _DLDataType(code, bits, 1), dims, None, 0)
     managed.deleter = ctypes.CFUNCTYPE(None, ctypes.c_void_p)(0)
-    _kept.append((managed, dims, pointer))
     capsule = _capsule_new(ctypes.addressof(managed), b"dltensor", None)
-    return torch.utils.dlpack.from_dlpack(capsule)
+    return torch.utils.dlpack.from_dlpack(capsule), (managed, dims)
