@@ -451,7 +451,7 @@ class ChromaEngine:
         `activation_reserve_gib`, whichever is less (the plan is made before the captures and
         maybe before the other models' processes have loaded); off if that holds no prompt of
         `thinker_prefix_min_tokens` positions. The log says what it took."""
-        cache, kv, text = self.thinker_prefixes, self.thinker.cache, self.cfg.thinker.text
+        cache = self.thinker_prefixes
         free = free_device_bytes(self.device) - int(self.opts.activation_reserve_gib * GIB)
         planned = cache.max_bytes
         cache.max_bytes = max(0, min(planned, free))
@@ -459,8 +459,7 @@ class ChromaEngine:
             if cache.max_bytes < self._smallest_prefix_bytes():
                 raise ValueError(f"it would hold no prompt of thinker_prefix_min_tokens "
                                  f"({self.opts.thinker_prefix_min_tokens} positions)")
-            cache.reserve(text.num_layers, text.num_kv_heads, text.head_dim, kv.k.dtype, self.device,
-                          **self._prefix_peers())
+            self._reserve_prefix_pool(cache)
         except (ValueError, torch.cuda.OutOfMemoryError) as exc:
             log.warning("thinker prefix cache off: no pool of %.2f GiB (planned %.2f GiB): %s",
                         cache.max_bytes / GIB, planned / GIB, exc)
@@ -469,12 +468,14 @@ class ChromaEngine:
         log.info("thinker prefix cache: a pool of %.2f GiB (planned %.2f GiB; %.2f GiB free beyond the activation "
                  "reserve once the graphs were captured)", cache.max_bytes / GIB, planned / GIB, free / GIB)
 
-    def _prefix_peers(self) -> dict:
-        """`ThinkerPrefixCache.reserve`'s sharing arguments (thinker_prefix_peers)."""
-        if not self.opts.thinker_prefix_peers:
-            return {}
-        device = f"{self.device.type}{self.device.index if self.device.index is not None else ''}"
-        return {"peers_folder": self.opts.thinker_prefix_peers, "name": f"{device}-{next(_ENGINE_NUMBERS)}"}
+    def _reserve_prefix_pool(self, cache: ThinkerPrefixCache) -> None:
+        """Allocate the thinker prefix cache's pool in the thinker's KV layout, shared with the
+        engines that name the same thinker_prefix_peers folder (under a name of this engine's own)."""
+        text, peers = self.cfg.thinker.text, {}
+        if self.opts.thinker_prefix_peers:
+            device = f"{self.device.type}{self.device.index if self.device.index is not None else ''}"
+            peers = {"peers_folder": self.opts.thinker_prefix_peers, "name": f"{device}-{next(_ENGINE_NUMBERS)}"}
+        cache.reserve(text.num_layers, text.num_kv_heads, text.head_dim, self.thinker.cache.k.dtype, self.device, **peers)
 
     def _tail_graph_len(self) -> int:
         """The backbone tail graphs' longest bucket (a voice prefix and the two positions)."""
@@ -614,9 +615,7 @@ class ChromaEngine:
             if self.thinker_prefixes is not None and self.device.type == "cuda" and not self.thinker_prefixes.reserved:
                 self._reserve_thinker_prefixes()
             elif self.thinker_prefixes is not None and self.opts.thinker_prefix_peers and not self.thinker_prefixes.reserved:
-                text = self.cfg.thinker.text  # shared: the pool (a file here) must exist before peers look
-                self.thinker_prefixes.reserve(text.num_layers, text.num_kv_heads, text.head_dim,
-                                              self.thinker.cache.k.dtype, self.device, **self._prefix_peers())
+                self._reserve_prefix_pool(self.thinker_prefixes)  # shared: the pool (a file here) must exist before peers look
             if self.device.type == "cuda":  # what the plan (made before all this) could not see
                 free, total = torch.cuda.mem_get_info(self.device)
                 log.info("engine memory once started: %.2f GiB allocated and %.2f GiB reserved by this process, "

@@ -372,11 +372,16 @@ class ThinkerPrefixCache:
         if self.peers is None or not keys:
             return 0
         try:  # asked on a request's thread while the engine's may store or drop: a race reads as nothing held
-            have = self.matched_length(keys, prompt_len) // BLOCK
+            have = self.matched_length(keys, prompt_len)
         except (IndexError, KeyError, RuntimeError):
             have = 0
-        hit = self.peers.find(keys, (prompt_len - 1) // BLOCK, max(have + 1, -(-self.min_tokens // BLOCK)))
+        hit = self._peer_hit(keys, prompt_len, have)
         return 0 if hit is None else hit.blocks * BLOCK
+
+    def _peer_hit(self, keys: list[bytes], prompt_len: int, have: int):
+        """The peers' longest stored prompt that begins this one and is longer than the `have`
+        positions this cache holds (and than min_tokens, and short of the whole prompt), or None."""
+        return self.peers.find(keys, (prompt_len - 1) // BLOCK, max(have // BLOCK + 1, -(-self.min_tokens // BLOCK)))
 
     def import_from_peers(self, prompts: list[tuple[list[bytes], int]]) -> tuple[int, int, int]:
         """For each prompt (block keys, length) of which another engine's cache holds more than
@@ -392,8 +397,7 @@ class ThinkerPrefixCache:
             for keys, prompt_len in prompts:
                 if not keys:
                     continue
-                have = self.matched_length(keys, prompt_len) // BLOCK
-                hit = self.peers.find(keys, (prompt_len - 1) // BLOCK, max(have + 1, -(-self.min_tokens // BLOCK)))
+                hit = self._peer_hit(keys, prompt_len, self.matched_length(keys, prompt_len))
                 if hit is None:
                     continue
                 k, v = hit.read(hit.blocks * BLOCK)
