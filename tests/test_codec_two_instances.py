@@ -17,7 +17,7 @@ from chroma_triton.serving import protocol as P
 from chroma_triton.serving.repository import RenderSpec, render_repository
 from chroma_triton.serving.tritonserver import TritonServer
 
-from test_triton_server import FRAME, Stream, user_turn
+from test_triton_server import FRAME, Stream, set_instances, user_turn
 
 pytestmark = pytest.mark.triton
 
@@ -27,10 +27,7 @@ def server(triton_install, tmp_path_factory, tiny_checkpoint):
     repo = tmp_path_factory.mktemp("rendered") / "model_repository"
     render_repository(repo, RenderSpec(model_path=str(tiny_checkpoint),
                                        params={"codec_decoder": {"shared_stream_states": "64"}}))
-    config = repo / "codec_decoder" / "config.pbtxt"
-    text = config.read_text()
-    assert text.count("count: 1") == 1
-    config.write_text(text.replace("count: 1", "count: 2"))  # two codecs, as on two GPUs
+    set_instances(repo, "codec_decoder", 2)  # two codecs, as on two GPUs
     log = tmp_path_factory.mktemp("logs") / "tritonserver.log"
     srv = TritonServer(repo, log_file=log)
     srv.start(timeout=180)

@@ -25,7 +25,7 @@ from chroma_triton.serving.repository import RenderSpec, render_repository
 from chroma_triton.serving.tritonserver import TritonServer
 from openai_frontend.testing import TEST_FRONTEND_ARGS, FrontendProcess
 
-from test_triton_server import Stream, user_turn
+from test_triton_server import Stream, set_instances, user_turn
 
 pytestmark = pytest.mark.triton
 
@@ -38,10 +38,7 @@ def stack(triton_install, tmp_path_factory, tiny_checkpoint):
     repo = tmp_path_factory.mktemp("rendered") / "model_repository"
     render_repository(repo, RenderSpec(model_path=str(tiny_checkpoint), conversation_idle_s=IDLE_S, params={
         "chroma_lm": {"max_batch": "2", "thinker_prefix_cache_mib": "64", "thinker_prefix_min_tokens": "64"}}))
-    config = repo / "chroma_lm" / "config.pbtxt"
-    text = config.read_text()
-    assert text.count("count: 1") == 1 and "sequence_batching" in text
-    config.write_text(text.replace("count: 1", "count: 2"))  # two engines, as on two GPUs
+    assert "sequence_batching" in set_instances(repo, "chroma_lm", 2)  # two engines, as on two GPUs
     logs = tmp_path_factory.mktemp("logs")
     triton = TritonServer(repo, log_file=logs / "tritonserver.log")
     triton.start(timeout=240)

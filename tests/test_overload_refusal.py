@@ -17,6 +17,8 @@ import requests
 
 from openai_frontend.testing import TEST_FRONTEND_ARGS, ChromaStack, metric_value
 
+from test_triton_server import set_instances
+
 pytestmark = pytest.mark.triton
 
 QUEUE_WAIT_S = 1.0
@@ -31,9 +33,7 @@ def _stack(tmp_path_factory, name: str, lm_params: dict, frontend_args=(), insta
     repo = workdir / "model_repository"
     render_repository(repo, RenderSpec(kind="cpu", params={"chroma_lm": lm_params}))
     if instances != 1:
-        config = repo / "chroma_lm" / "config.pbtxt"
-        assert config.read_text().count("count: 1") == 1
-        config.write_text(config.read_text().replace("count: 1", f"count: {instances}"))
+        set_instances(repo, "chroma_lm", instances)
     return ChromaStack(workdir, frontend_args=(*TEST_FRONTEND_ARGS, *frontend_args), repository=repo).start()
 
 

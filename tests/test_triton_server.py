@@ -62,6 +62,17 @@ def user_turn(text="Tell me something.", audio=True):
     return [{"role": "user", "content": content}]
 
 
+def set_instances(repo, model: str, count: int) -> str:
+    """Give `model` of a rendered CPU repository `count` instances instead of its one (as
+    --dp-size renders one per GPU); returns its config's new text."""
+    config = repo / model / "config.pbtxt"
+    text = config.read_text()
+    assert text.count("count: 1") == 1
+    text = text.replace("count: 1", f"count: {count}")
+    config.write_text(text)
+    return text
+
+
 class Stream:
     """One gRPC bidirectional stream carrying one `chroma` request."""
 

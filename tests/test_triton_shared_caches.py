@@ -21,7 +21,7 @@ from chroma_triton.serving import protocol as P
 from chroma_triton.serving.repository import RenderSpec, render_repository
 from chroma_triton.serving.tritonserver import TritonServer
 
-from test_triton_server import Stream
+from test_triton_server import Stream, set_instances
 
 pytestmark = pytest.mark.triton
 
@@ -34,10 +34,7 @@ def server(triton_install, tmp_path_factory, tiny_checkpoint):
                       "thinker_prefix_min_tokens": "64"},
         "audio_encoder": {"shared_clip_mib": "16"}}))
     for model in ("chroma_lm", "audio_encoder"):
-        config = repo / model / "config.pbtxt"
-        text = config.read_text()
-        assert text.count("count: 1") == 1
-        config.write_text(text.replace("count: 1", "count: 2"))  # two instances, as on two GPUs
+        set_instances(repo, model, 2)  # two instances, as on two GPUs
     log = tmp_path_factory.mktemp("logs") / "tritonserver.log"
     srv = TritonServer(repo, log_file=log)
     srv.start(timeout=240)

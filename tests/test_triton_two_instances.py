@@ -15,7 +15,7 @@ from chroma_triton.serving import protocol as P
 from chroma_triton.serving.repository import RenderSpec, render_repository
 from chroma_triton.serving.tritonserver import TritonServer
 
-from test_triton_server import Stream, user_turn
+from test_triton_server import Stream, set_instances, user_turn
 
 pytestmark = pytest.mark.triton
 
@@ -27,10 +27,7 @@ def server(request, triton_install, tmp_path_factory, tiny_checkpoint):
     repo = tmp_path_factory.mktemp("rendered") / "model_repository"
     render_repository(repo, RenderSpec(model_path=str(tiny_checkpoint),
                                        params={"chroma_lm": {"max_batch": "1", "relays": request.param}}))
-    config = repo / "chroma_lm" / "config.pbtxt"
-    text = config.read_text()
-    assert text.count("count: 1") == 1
-    config.write_text(text.replace("count: 1", "count: 2"))  # two engines, one row each
+    set_instances(repo, "chroma_lm", 2)  # two engines, one row each
     srv = TritonServer(repo, log_file=tmp_path_factory.mktemp("logs") / "tritonserver.log")
     srv.start(timeout=180)
     yield srv
